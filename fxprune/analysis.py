@@ -1,0 +1,435 @@
+"""Analysis: find the attention sites, the token stream, the blocks and the prefix tokens of a graph.
+
+The token stream is found with dominators: a node through which every path from the input to the
+output passes is a safe place to change the number of tokens, and the ``[B, N, C]``-shaped ones form
+the stream. Each global self-attention site on the stream defines one *block*: the stream node that
+enters it (``input``) and the stream node right after its residual addition (``mid``, where token
+selection goes, between attention and MLP).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from collections.abc import Sequence
+from typing import Any
+
+import networkx as nx
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from .capture import TraceInfo, trace
+from .errors import UnsupportedModelError
+
+__all__ = ["AttentionSite", "Block", "TokenProgram", "analyse", "SDPA_TARGETS"]
+
+SDPA_TARGETS = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
+_SOFTMAX_FUNCTIONS = (F.softmax, torch.softmax, torch.Tensor.softmax)
+_MATMUL_FUNCTIONS = (operator.matmul, torch.matmul, torch.bmm)
+_MATMUL_METHODS = ("matmul", "bmm", "__matmul__")
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+# ops between q @ k^T and softmax (scaling, masking, dtype casts) and between softmax and @ v
+_PASS_FUNCTIONS = (operator.mul, operator.truediv, operator.add, torch.mul, torch.div, torch.add, F.dropout)
+_PASS_METHODS = ("mul", "div", "add", "to", "float", "type", "type_as", "masked_fill", "__mul__", "__truediv__")
+_WEIGHT_CONSUMERS = (F.linear, F.layer_norm, F.group_norm, F.conv2d, F.conv1d, torch._C._nn.linear)
+_SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+@dataclasses.dataclass
+class AttentionSite:
+    """One attention computation in the graph.
+
+    ``node`` is the ``scaled_dot_product_attention`` call (``kind='sdpa'``) or the softmax of an explicit
+    ``softmax(q @ kᵀ) @ v`` (``kind='softmax'``); ``q``/``k``/``v`` are ``[B, H, N, d]`` nodes; ``output``
+    is the ``[B, H, Nq, d]`` result.
+    """
+
+    node: fx.Node
+    kind: str
+    module: str
+    q: fx.Node
+    k: fx.Node | None
+    v: fx.Node
+    output: fx.Node
+    num_heads: int
+    head_dim: int
+    batch: int
+    queries: int
+    keys: int
+    scale: float | None = None
+    mask: fx.Node | None = None
+
+    def argument(self, name: str) -> Any:
+        """An argument of the SDPA call by name (``'attn_mask'``, ``'scale'``, ...), or None."""
+        if self.kind != "sdpa":
+            return None
+        return sdpa_arguments(self.node).get(name)
+
+
+@dataclasses.dataclass
+class Block:
+    """A transformer block on the token stream, anchored on its attention site."""
+
+    index: int
+    name: str
+    attention: AttentionSite
+    input: fx.Node
+    mid: fx.Node | None
+    tokens: int
+    refusal: str | None = None
+    needs_all_tokens: bool = False
+
+    @property
+    def reducible(self) -> bool:
+        """Whether tokens can be selected in this block."""
+        return self.refusal is None
+
+
+@dataclasses.dataclass
+class TokenProgram:
+    """What the passes need to know about a captured model."""
+
+    gm: fx.GraphModule
+    blocks: list[Block]
+    prefix_tokens: int
+    class_token: bool
+    tokens: int
+    dim: int
+    batch: int
+    stream: list[fx.Node]
+    trace: TraceInfo
+    model_name: str
+    unrecognised: list[str] = dataclasses.field(default_factory=list)
+
+    def block(self, index: int) -> Block:
+        return self.blocks[index]
+
+    def __str__(self) -> str:
+        head = (
+            f"{self.model_name}: {len(self.blocks)} attention blocks, {self.tokens} tokens × {self.dim} channels "
+            f"({self.prefix_tokens} prefix token(s), class token: {'yes' if self.class_token else 'no'})"
+        )
+        lines = [head, str(self.trace)]
+        lines.extend(f"  not recognised as attention (left as is): {u}" for u in self.unrecognised)
+        lines.append(f"  {'#':>3}  {'block':<36} {'attention':<10} {'heads':>5} {'tokens':>6}  status")
+        for b in self.blocks:
+            status = "reducible" if b.reducible else f"not reducible: {b.refusal}"
+            lines.append(
+                f"  {b.index:>3}  {b.name:<36} {b.attention.kind:<10} {b.attention.num_heads:>5} {b.tokens:>6}  {status}"
+            )
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention sites
+
+
+def sdpa_arguments(node: fx.Node) -> dict[str, Any]:
+    """The arguments of a ``scaled_dot_product_attention`` node by parameter name (defaults filled in)."""
+    values: dict[str, Any] = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+    values.update(zip(_SDPA_PARAMS, node.args))
+    values.update(node.kwargs)
+    return values
+
+
+def _val(node: Any) -> Any:
+    return node.meta.get("val") if isinstance(node, fx.Node) else node
+
+
+def _shape(node: Any) -> tuple[int, ...] | None:
+    val = _val(node)
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _is_softmax(node: fx.Node, gm: fx.GraphModule) -> bool:
+    if node.op == "call_function" and node.target in _SOFTMAX_FUNCTIONS:
+        return True
+    if node.op == "call_method" and node.target == "softmax":
+        return True
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Softmax)
+
+
+def _is_matmul(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _MATMUL_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _MATMUL_METHODS
+    )
+
+
+def _passes_through(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether ``node`` only rescales, masks or casts attention scores (keeps the ``[B, H, N, N]`` shape)."""
+    if node.op == "call_function" and node.target in _PASS_FUNCTIONS:
+        return True
+    if node.op == "call_method" and node.target in _PASS_METHODS:
+        return True
+    if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Dropout):
+        return True
+    source = _tensor_input(node)
+    return node.op in ("call_function", "call_method") and source is not None and _shape(node) == _shape(source)
+
+
+def _tensor_input(node: fx.Node) -> fx.Node | None:
+    """The first tensor-valued node argument of ``node``."""
+    for arg in node.args:
+        if isinstance(arg, fx.Node) and isinstance(_val(arg), torch.Tensor):
+            return arg
+    return None
+
+
+def _untranspose(node: fx.Node) -> fx.Node | None:
+    """``k`` when ``node`` is ``k.transpose(-2, -1)`` (or an equivalent), else None."""
+    if node.op == "call_method" and node.target in ("transpose", "mT", "permute"):
+        return node.args[0]
+    if node.op == "call_function" and node.target in (torch.transpose, getattr) and node.args[1:] in ((-2, -1), (2, 3), ("mT",)):
+        return node.args[0]
+    return None
+
+
+def _explicit_site(node: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node] | None:
+    """(q, kᵀ, v, output) of an explicit ``softmax(q @ kᵀ) @ v`` anchored on the softmax ``node``."""
+    scores = _tensor_input(node)
+    while scores is not None and not _is_matmul(scores) and _passes_through(scores, gm):
+        scores = _tensor_input(scores)
+    if scores is None or not _is_matmul(scores):
+        return None
+    probs_users = list(node.users)
+    while len(probs_users) == 1 and _passes_through(probs_users[0], gm):
+        probs_users = list(probs_users[0].users)
+    for user in probs_users:
+        if _is_matmul(user) and isinstance(user.args[1], fx.Node):
+            return scores.args[0], scores.args[1], user.args[1], user
+    return None
+
+
+def _module_of(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.keys())[-1] if stack else ""
+
+
+def find_attention(gm: fx.GraphModule) -> tuple[list[AttentionSite], list[str]]:
+    """Every SDPA call and explicit ``softmax(q @ kᵀ) @ v`` of ``gm`` with a ``[B, H, N, d]`` query,
+    and a description of each softmax over a square map that does not fit that pattern."""
+    sites, unrecognised = [], []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in SDPA_TARGETS:
+            args = sdpa_arguments(node)
+            q, k, v = args["query"], args["key"], args["value"]
+            site = _make_site(node, "sdpa", q, k, v, node, args["scale"], args["attn_mask"])
+        elif _is_softmax(node, gm):
+            found = _explicit_site(node, gm)
+            shape = _shape(node)
+            if found is None:
+                if shape and len(shape) >= 3 and shape[-1] == shape[-2]:
+                    unrecognised.append(f"softmax {node.name} over {list(shape)} in {_module_of(node) or 'forward'}")
+                continue
+            q, kt, v, out = found
+            site = _make_site(node, "softmax", q, _untranspose(kt), v, out, None, None)
+        else:
+            continue
+        if site is not None:
+            sites.append(site)
+    return sites, unrecognised
+
+
+def _make_site(node, kind, q, k, v, out, scale, mask) -> AttentionSite | None:
+    qs, vs = _shape(q), _shape(v)
+    if qs is None or vs is None or len(qs) != 4:
+        return None
+    return AttentionSite(
+        node=node, kind=kind, module=_module_of(node), q=q, k=k, v=v, output=out,
+        num_heads=qs[1], head_dim=qs[3], batch=qs[0], queries=qs[2], keys=vs[2],
+        scale=scale if isinstance(scale, (int, float)) else None,
+        mask=mask if isinstance(mask, fx.Node) else None,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Token stream
+
+
+def _dataflow(gm: fx.GraphModule, start: fx.Node) -> nx.DiGraph:
+    graph = nx.DiGraph()
+    graph.add_node(start)
+    todo = [start]
+    while todo:
+        node = todo.pop()
+        for user in node.users:
+            if user not in graph:
+                todo.append(user)
+            graph.add_edge(node, user)
+    return graph
+
+
+def _stream(gm: fx.GraphModule) -> tuple[list[fx.Node], dict[fx.Node, fx.Node]]:
+    """Dominators of the output (input first), and the immediate-dominator map."""
+    start = next(iter(gm.graph.find_nodes(op="placeholder")))
+    output = next(iter(gm.graph.find_nodes(op="output")))
+    flow = _dataflow(gm, start)
+    idom = nx.immediate_dominators(flow, start)
+    chain = [output]
+    while chain[-1] is not start:
+        chain.append(idom[chain[-1]])
+    return chain[::-1], idom
+
+
+def _is_add(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (
+        node.op == "call_method" and node.target in ("add", "__add__", "add_")
+    )
+
+
+def _common_module(a: fx.Node, b: fx.Node) -> str:
+    sa = list((a.meta.get("nn_module_stack") or {}).keys())
+    sb = set((b.meta.get("nn_module_stack") or {}).keys())
+    common = [name for name in sa if name in sb]
+    return common[-1] if common else ""
+
+
+def _position_tables(site: AttentionSite, stop: set[fx.Node], sizes: set[int]) -> list[str]:
+    """Constant tensors that shape q, k or the mask of ``site`` and have a token-sized dimension."""
+    roots = [n for n in (site.q, site.k, site.mask) if isinstance(n, fx.Node)]
+    if site.kind == "softmax":
+        roots.append(site.node)
+    seen: set[fx.Node] = set()
+    found = []
+    while roots:
+        node = roots.pop()
+        if node in seen or node in stop:
+            continue
+        seen.add(node)
+        if node.op == "get_attr":
+            shape = _shape(node)
+            weight_only = all(u.op == "call_function" and u.target in _WEIGHT_CONSUMERS for u in node.users)
+            if shape and not weight_only and sizes & set(shape):
+                found.append(f"{node.target} {list(shape)}")
+            continue
+        roots.extend(n for n in node.all_input_nodes)
+    return found
+
+
+def _prefix_from_sequence(stream: Sequence[fx.Node], first_input: fx.Node) -> tuple[int, bool]:
+    """(prefix tokens, class token?) read from the ``cat`` that builds the token sequence."""
+    for node in reversed(stream[: stream.index(first_input) + 1]):
+        if node.op == "call_function" and node.target is torch.cat:
+            parts = node.args[0]
+            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+            if dim not in (1, -2):
+                continue
+            patch = next((i for i, p in enumerate(parts) if _reads_data(p)), None)
+            if patch is None:
+                continue
+            prefix = sum(_shape(p)[1] for p in parts[:patch])
+            return prefix, prefix > 0 and _is_class_token(parts[0])
+    return 0, False
+
+
+def _reads_data(node: fx.Node) -> bool:
+    """Whether ``node`` depends on the input's values, not only on its shape."""
+    todo, seen = [node], set()
+    while todo:
+        n = todo.pop()
+        if n in seen or _is_shape_read(n):
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            return True
+        todo.extend(n.all_input_nodes)
+    return False
+
+
+def _is_shape_read(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target is getattr and node.args[1] == "shape") or (
+        node.op == "call_method" and node.target in ("size", "dim")
+    )
+
+
+def _is_class_token(node: fx.Node) -> bool:
+    todo, seen = [node], set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "get_attr":
+            leaf = n.target.rsplit(".", 1)[-1].lower()
+            return "cls" in leaf or "class" in leaf
+        todo.extend(n.all_input_nodes)
+    return False
+
+
+def analyse(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = None) -> TokenProgram:
+    """Capture ``model`` (if needed) and describe its attention blocks, token stream and prefix tokens.
+
+    ``print(fxprune.analyse(model))`` gives a readable summary. Raises
+    :class:`~fxprune.UnsupportedModelError` when the model has no attention.
+    """
+    gm = trace(model, example_inputs)
+    info: TraceInfo = gm.meta["fxprune_trace"]
+    sites, unrecognised = find_attention(gm)
+    if not sites:
+        raise UnsupportedModelError(
+            f"found no attention in {info.model_class}: fxprune rewrites the attention blocks of vision "
+            "transformers (SDPA calls or softmax(q @ kᵀ) @ v)."
+            + (" Modules kept as leaves may hide it: " + ", ".join(n for n, _ in info.leaves) if info.leaves else "")
+        )
+    stream, idom = _stream(gm)
+    on_stream = set(stream)
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
+    blocks: list[Block] = []
+    for site in sites:
+        anchor = site.node
+        while anchor not in on_stream:
+            anchor = idom[anchor]
+        later = [n for n in stream if position[n] > position[site.output]]
+        mid = later[0] if later else None
+        blocks.append(Block(len(blocks), site.module or f"attention{len(blocks)}", site, anchor, mid, 0))
+    first = blocks[0].input
+    batch = _shape(first)[0] if _shape(first) else sites[0].batch
+    prefix, class_token = _prefix_from_sequence(stream, first)
+    if info.prefix_tokens_attr is not None:
+        prefix = info.prefix_tokens_attr
+    if info.class_token_attr is not None:
+        class_token = info.class_token_attr and prefix > 0
+    for block in blocks:
+        _describe_block(block, batch, prefix, on_stream)
+    shape = _shape(first) or (batch, 0, 0)
+    tokens, dim = (shape[1], shape[2]) if len(shape) == 3 else (0, 0)
+    return TokenProgram(
+        gm, blocks, prefix, class_token, tokens, dim, batch, stream, info, info.model_class, unrecognised
+    )
+
+
+def _describe_block(block: Block, batch: int, prefix: int, on_stream: set[fx.Node]) -> None:
+    site, shape = block.attention, _shape(block.input)
+    if block.mid is not None:
+        block.name = _common_module(site.node, block.mid) or block.name
+    if shape is None or len(shape) != 3 or shape[0] != batch:
+        block.refusal = f"the stream entering it is {shape}, not a [B, N, C] token sequence"
+        block.needs_all_tokens = True
+        return
+    block.tokens = shape[1]
+    if site.batch != batch:
+        block.refusal = (
+            f"attention runs over {site.batch} sequences for a batch of {batch} (windowed attention); "
+            "windows cannot lose tokens"
+        )
+        block.needs_all_tokens = True
+    elif site.queries != shape[1] or site.keys != shape[1]:
+        block.refusal = (
+            f"attention has {site.queries} queries and {site.keys} keys for {shape[1]} tokens "
+            "(class attention or cross-attention), not global self-attention over the stream"
+        )
+    elif block.mid is None or not _is_add(block.mid) or block.input not in block.mid.all_input_nodes:
+        block.refusal = "no residual addition of the block input after attention"
+    elif _shape(block.mid) != shape:
+        block.refusal = f"the stream after attention has shape {_shape(block.mid)}, expected {shape}"
+    else:
+        n, p = shape[1], shape[1] - prefix
+        tables = _position_tables(site, on_stream, {n, p, n * n, p * p} - {0, 1})
+        if tables:
+            block.refusal = (
+                f"its attention uses position-dependent table(s) {', '.join(tables)} laid out for all "
+                f"{shape[1]} tokens (relative position bias or rotary embedding)"
+            )
+            block.needs_all_tokens = True

@@ -1,0 +1,576 @@
+"""Capture: trace an ``nn.Module`` into a ``torch.fx.GraphModule`` whose nodes carry example values.
+
+The tracer is ``torch.fx`` symbolic tracing (shape reads such as ``B, N, C = x.shape`` stay runtime
+reads, so every layer after a token-selection node adapts to fewer tokens) with three additions:
+
+* every node gets ``node.meta['val']``: its value on the example inputs, computed with fake tensors
+  (no real compute, static shapes);
+* Python control flow on shapes, dtypes or other non-data values (``if x.dtype != w.dtype``,
+  ``q.shape[2] > 1 and ...``) is resolved with those values instead of failing; each resolution is
+  recorded as a *guard* and re-checked after every rewrite (a rewrite that would flip one is refused);
+* a module whose code still cannot be traced (data-dependent control flow, untraceable dispatch) is
+  made a leaf and the trace retried; the reason is recorded.
+
+``nn.MultiheadAttention`` leaves are then decomposed into ``linear -> SDPA -> linear`` nodes so that
+the attention passes see them like any other attention.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import operator
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from .errors import TraceError
+from .flops import MacCounter
+
+__all__ = ["trace", "TraceInfo", "Guard", "default_example_inputs", "propagate", "ValuePropagationError"]
+
+_MISSING = object()
+_MAX_LEAF_RETRIES = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class Guard:
+    """A Python condition resolved during capture with the example inputs' shapes and dtypes."""
+
+    node: str
+    value: Any
+    where: str
+
+
+@dataclasses.dataclass
+class TraceInfo:
+    """What capture did besides plain tracing: leaves it had to add, guards, decompositions."""
+
+    model_class: str
+    example_shapes: list[tuple[int, ...]]
+    leaves: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    guards: list[Guard] = dataclasses.field(default_factory=list)
+    decomposed: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+    prefix_tokens_attr: int | None = None
+    class_token_attr: bool | None = None
+
+    def __str__(self) -> str:
+        lines = [f"captured {self.model_class} on inputs {', '.join(map(str, self.example_shapes))}"]
+        for name, why in self.leaves:
+            lines.append(f"  kept as a leaf: {name} ({why})")
+        for name in self.decomposed:
+            lines.append(f"  decomposed: {name} (nn.MultiheadAttention -> linear, SDPA, linear)")
+        if self.guards:
+            lines.append(f"  {len(self.guards)} condition(s) resolved from example shapes, re-checked after rewrites")
+        lines.extend(f"  note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+
+def fake_mode() -> FakeTensorMode:
+    """A fake-tensor mode with static shapes that accepts real tensors (parameters) as constants."""
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def example_value(node: fx.Node) -> Any:
+    """The value ``node`` took on the example inputs (a fake tensor, an int, a dtype, ...)."""
+    return node.meta.get("val")
+
+
+def default_example_inputs(model: nn.Module, batch_size: int = 2) -> tuple[torch.Tensor]:
+    """An image batch ``[batch_size, C, H, W]`` of the size ``model`` declares (timm, torchvision, HF)."""
+    size = _declared_image_size(model)
+    chans = _declared_channels(model)
+    if size is None:
+        raise TraceError(
+            f"cannot tell which input size {type(model).__name__} expects: pass example_inputs, "
+            "e.g. fxprune.transform(model, policy, example_inputs=(torch.randn(2, 3, 224, 224),))"
+        )
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    device = param.device if param is not None else "cpu"
+    return (torch.randn(batch_size, chans, *size, dtype=dtype, device=device),)
+
+
+def _as_hw(value: Any) -> tuple[int, int] | None:
+    if isinstance(value, int):
+        return (value, value)
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return (int(value[0]), int(value[1]))
+    if isinstance(value, (tuple, list)) and len(value) == 3 and all(isinstance(v, int) for v in value):
+        return (int(value[1]), int(value[2]))
+    return None
+
+
+def _declared_image_size(model: nn.Module) -> tuple[int, int] | None:
+    pretrained_cfg = getattr(model, "pretrained_cfg", None)
+    candidates = [
+        getattr(getattr(model, "patch_embed", None), "img_size", None),
+        getattr(model, "image_size", None),
+        getattr(model, "img_size", None),
+        getattr(getattr(model, "config", None), "image_size", None),
+        pretrained_cfg.get("input_size") if isinstance(pretrained_cfg, dict) else None,
+    ]
+    for value in candidates:
+        hw = _as_hw(value)
+        if hw is not None:
+            return hw
+    return None
+
+
+def _declared_channels(model: nn.Module) -> int:
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            return module.in_channels
+    return 3
+
+
+# --------------------------------------------------------------------------------------------------
+# The tracer
+
+
+class _ValueProxy(fx.Proxy):
+    """A proxy that knows its example value, so ``len()`` of a shape works during tracing."""
+
+    def __len__(self) -> int:
+        val = self.node.meta.get("val", _MISSING)
+        if isinstance(val, (tuple, list, torch.Size)):
+            return len(val)
+        raise TraceError(f"len() of {self.node.name} depends on data or the batch size and cannot be traced")
+
+
+class _Tracer(fx.Tracer):
+    """``fx.Tracer`` that rebuilds dict-like dataclasses (Hugging Face ``ModelOutput``) instead of flattening them."""
+
+    def create_arg(self, a: Any) -> Any:
+        if isinstance(a, dict) and dataclasses.is_dataclass(a) and not isinstance(a, type):
+            kwargs = {f.name: self.create_arg(getattr(a, f.name)) for f in dataclasses.fields(a)}
+            return self.create_node("call_function", type(a), (), kwargs)
+        return super().create_arg(a)
+
+
+class ReloadTracer(_Tracer):
+    """Tracer ``torch.load`` uses to rebuild a saved fxprune graph: fxprune ops and timm's untraceable
+    functions stay single calls."""
+
+    def __init__(self) -> None:
+        from .ops import GRAPH_FUNCTIONS
+
+        super().__init__(autowrap_functions=GRAPH_FUNCTIONS + _timm_registries()[1])
+
+
+class _ValueTracer(_Tracer):
+    """``fx.Tracer`` that propagates fake example values and resolves shape/dtype control flow."""
+
+    def __init__(self, leaf_types: tuple[type, ...], leaf_names: set[str], autowrap: tuple[Callable, ...]):
+        super().__init__(autowrap_functions=autowrap, param_shapes_constant=False)
+        self.leaf_types = leaf_types
+        self.leaf_names = leaf_names
+        self.fake = fake_mode()
+        self.macs = MacCounter()
+        self.guards: list[Guard] = []
+        self.example_args: dict[str, Any] = {}
+        self._evaluating = False
+        self._scope: list[str] = []
+        self.failed_scope: list[str] | None = None
+
+    # -- leaves and scopes
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname in self.leaf_names or isinstance(m, self.leaf_types):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        if self._evaluating:
+            return forward(*args, **kwargs)
+        name = self.path_of_module(m)
+        self._scope.append(name)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_scope is None:
+                self.failed_scope = list(self._scope)
+            raise
+        finally:
+            self._scope.pop()
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
+        if self._evaluating:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    # -- example values
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ValueProxy(node, self)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        self.macs.total = 0
+        val = self._evaluate(kind, target, args, kwargs)
+        if val is not _MISSING:
+            proxy.node.meta["val"] = val
+        proxy.node.meta["macs"] = self.macs.total
+        return proxy
+
+    def _evaluate(self, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
+        if kind == "placeholder":
+            return self.example_args.get(target, _MISSING)
+        try:
+            a, kw = fx.node.map_aggregate((args, kwargs), _value_of)
+        except LookupError:
+            return _MISSING
+        self._evaluating = True
+        try:
+            if kind == "get_attr":
+                value = _fetch_attr(self.root, target)
+                return self.fake.from_tensor(value) if isinstance(value, torch.Tensor) else value
+            with self.fake, self.macs:
+                if kind == "call_function":
+                    return target(*a, **kw)
+                if kind == "call_method":
+                    return getattr(a[0], target)(*a[1:], **kw)
+                if kind == "call_module":
+                    return self.root.get_submodule(target)(*a, **kw)
+        except Exception:
+            return _MISSING
+        finally:
+            self._evaluating = False
+        return _MISSING
+
+    # -- control flow
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        val = obj.node.meta.get("val", _MISSING)
+        if val is _MISSING or isinstance(val, torch.Tensor):
+            raise TraceError(f"control flow depends on tensor data ({obj.node.name})")
+        self.guards.append(Guard(obj.node.name, bool(val), _user_frame()))
+        return bool(val)
+
+    def iter(self, obj: fx.Proxy):
+        val = obj.node.meta.get("val", _MISSING)
+        if isinstance(val, (tuple, list, torch.Size)):
+            return iter([obj[i] for i in range(len(val))])
+        return super().iter(obj)
+
+
+def _value_of(arg: Any) -> Any:
+    if isinstance(arg, fx.Proxy):
+        arg = arg.node
+    if isinstance(arg, fx.Node):
+        if "val" not in arg.meta:
+            raise LookupError(arg.name)
+        return arg.meta["val"]
+    return arg
+
+
+def _fetch_attr(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for atom in target.split("."):
+        obj = getattr(obj, atom)
+    return obj
+
+
+def _user_frame() -> str:
+    for frame in reversed(traceback.extract_stack()[:-2]):
+        if "/torch/" not in frame.filename and "/fxprune/" not in frame.filename:
+            return f"{frame.filename}:{frame.lineno} ({frame.line})"
+    return "?"
+
+
+def _timm_registries() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
+    try:
+        from timm.layers import get_notrace_functions, get_notrace_modules
+    except ImportError:
+        return (), ()
+    return tuple(get_notrace_modules()), tuple(get_notrace_functions())
+
+
+def _entry_class(cls: type, names: Sequence[str]) -> type:
+    """A subclass of ``cls`` whose ``forward`` takes exactly ``names``; every other argument keeps its default."""
+    params = ", ".join(names)
+    namespace: dict[str, Any] = {"_forward": cls.forward}
+    exec(f"def forward(self, {params}):\n    return _forward(self, {params})\n", namespace)
+    return type(cls.__name__, (cls,), {"forward": namespace["forward"], "__module__": cls.__module__})
+
+
+def _input_names(model: nn.Module, count: int) -> list[str]:
+    names = []
+    for p in inspect.signature(model.forward).parameters.values():
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            names.append(p.name)
+    names = names[:count]
+    names += [f"input_{i}" for i in range(len(names), count)]
+    return names
+
+
+# --------------------------------------------------------------------------------------------------
+# Example values after capture
+
+
+class _ValueInterpreter(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm, garbage_collect_values=False)
+        self.values: dict[fx.Node, Any] = {}
+        self.macs: dict[fx.Node, int] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        counter = MacCounter()
+        try:
+            with counter:
+                value = super().run_node(n)
+        except Exception as err:
+            raise ValuePropagationError(n, err) from err
+        self.values[n] = value
+        self.macs[n] = counter.total
+        return value
+
+
+class ValuePropagationError(RuntimeError):
+    """A node failed while computing example values; ``node`` names it."""
+
+    def __init__(self, node: fx.Node, err: Exception):
+        super().__init__(f"{node.format_node()}: {type(err).__name__}: {_first_line(err)}")
+        self.node = node
+        self.error = err
+
+
+def example_inputs_like(gm: fx.GraphModule, batch_size: int | None = None) -> list[torch.Tensor]:
+    """Fake inputs shaped like the captured example inputs, optionally with another batch size."""
+    mode = fake_mode()
+    inputs = []
+    for node in gm.graph.find_nodes(op="placeholder"):
+        val = node.meta["val"]
+        shape = list(val.shape)
+        if batch_size is not None:
+            shape[0] = batch_size
+        with mode:
+            inputs.append(torch.empty(shape, dtype=val.dtype, device=val.device))
+    return inputs
+
+
+def propagate(gm: fx.GraphModule, batch_size: int | None = None, store: bool = True) -> dict[fx.Node, Any]:
+    """Example values of every node of ``gm`` on fake inputs like the captured ones (no real compute).
+
+    With ``store`` the values replace ``node.meta['val']`` and each node's MACs ``node.meta['macs']``.
+    Raises :class:`ValuePropagationError` naming the first node that fails (e.g. a shape mismatch
+    after a rewrite).
+    """
+    inputs = example_inputs_like(gm, batch_size)
+    interp = _ValueInterpreter(gm)
+    with fake_mode(), torch.no_grad():
+        interp.run(*inputs)
+    if store:
+        for node, value in interp.values.items():
+            node.meta["val"] = value
+            node.meta["macs"] = interp.macs[node]
+    return interp.values
+
+
+# --------------------------------------------------------------------------------------------------
+# nn.MultiheadAttention decomposition
+
+
+def _mha_self_attention(x, in_w, in_b, out_w, out_b, num_heads: int, batch_first: bool):
+    """Self-attention of ``nn.MultiheadAttention`` as primitives: ``[B, N, C]`` (or ``[N, B, C]``) in and out."""
+    if not batch_first:
+        x = x.transpose(0, 1)
+    B, N, C = x.shape
+    qkv = F.linear(x, in_w, in_b).reshape(B, N, 3, num_heads, C // num_heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    o = F.scaled_dot_product_attention(q, k, v)
+    o = F.linear(o.transpose(1, 2).reshape(B, N, C), out_w, out_b)
+    if not batch_first:
+        o = o.transpose(0, 1)
+    return o
+
+
+def _mha_graph(num_heads: int, batch_first: bool) -> fx.Graph:
+    def self_attention(x, in_w, in_b, out_w, out_b):
+        return _mha_self_attention(x, in_w, in_b, out_w, out_b, num_heads, batch_first)
+
+    return fx.Tracer().trace(self_attention)
+
+
+def _mha_refusal(mha: nn.MultiheadAttention, node: fx.Node) -> str | None:
+    q, k, v = (node.args + (None, None, None))[:3]
+    extra_args = node.args[3:]
+    kw = dict(node.kwargs)
+    if not (q is k is v):
+        return "it is not self-attention (query, key and value differ)"
+    if extra_args or kw.get("key_padding_mask") is not None or kw.get("attn_mask") is not None:
+        return "it is called with a mask"
+    if kw.get("is_causal", False):
+        return "it is causal"
+    if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
+        return "it uses separate q/k/v projections, bias_k/bias_v or add_zero_attn"
+    return None
+
+
+def _decompose_multihead_attention(gm: fx.GraphModule, info: TraceInfo) -> None:
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), nn.MultiheadAttention):
+            continue
+        mha = gm.get_submodule(node.target)
+        why = _mha_refusal(mha, node)
+        if why is not None:
+            info.notes.append(f"{node.target} (nn.MultiheadAttention) left as a leaf: {why}")
+            continue
+        if mha.dropout > 0:
+            info.notes.append(
+                f"{node.target}: attention dropout p={mha.dropout} is not part of the decomposed graph "
+                "(inference is exact; training runs without attention dropout)"
+            )
+        sub = _mha_graph(mha.num_heads, mha.batch_first)
+        with gm.graph.inserting_before(node):
+            attrs = [
+                gm.graph.get_attr(f"{node.target}.{p}")
+                for p in ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
+            ]
+            placeholders = [n for n in sub.nodes if n.op == "placeholder"]
+            env = dict(zip(placeholders, [node.args[0], *attrs]))
+            out = gm.graph.graph_copy(sub, env)
+        _inherit_scope(env, node)
+        for user in list(node.users):
+            if user.target is operator.getitem and (user.args[1] == 0 or not user.users):
+                user.replace_all_uses_with(out)
+                gm.graph.erase_node(user)
+        if node.users:
+            raise TraceError(
+                f"{node.target}: the attention weights returned by nn.MultiheadAttention are used; "
+                "fxprune decomposes it with need_weights=False only"
+            )
+        gm.graph.erase_node(node)
+        info.decomposed.append(node.target)
+    if info.decomposed:
+        gm.graph.lint()
+        gm.recompile()
+        propagate(gm)
+
+
+def _inherit_scope(env: dict, node: fx.Node) -> None:
+    stack = dict(node.meta.get("nn_module_stack", {}))
+    for new in env.values():
+        cur = new
+        while cur is not None and cur.op != "output" and cur is not node:
+            if "nn_module_stack" not in cur.meta and cur.op != "placeholder":
+                cur.meta["nn_module_stack"] = stack
+            cur = cur.next
+
+
+# --------------------------------------------------------------------------------------------------
+# Public entry point
+
+
+def trace(
+    model: nn.Module,
+    example_inputs: Sequence[torch.Tensor] | None = None,
+    *,
+    copy_weights: bool = False,
+) -> fx.GraphModule:
+    """Capture ``model`` as a ``GraphModule`` with example values on every node.
+
+    ``model`` is never modified: its modules are deep-copied first, keeping the same parameter and
+    buffer tensors (``copy_weights=True`` copies those too). Returns a ``GraphModule`` with the original's module
+    names, in the original's train/eval mode; ``gm.meta['fxprune_trace']`` is a :class:`TraceInfo`.
+    Raises :class:`~fxprune.TraceError` when the model cannot be captured.
+    """
+    if not isinstance(model, nn.Module):
+        raise TraceError(f"expected an nn.Module, got {type(model).__name__}")
+    if isinstance(model, fx.GraphModule) and "fxprune_trace" in model.meta:
+        return model
+    example_inputs = tuple(example_inputs) if example_inputs is not None else default_example_inputs(model)
+    root = _copy_model(model, copy_weights)
+    leaf_types, autowrap = _timm_registries()
+    leaf_names: set[str] = set()
+    info = TraceInfo(type(model).__name__, [tuple(t.shape) for t in example_inputs])
+    info.prefix_tokens_attr = _int_attr(model, "num_prefix_tokens")
+    info.class_token_attr = _class_token_attr(model)
+    cls = type(root)
+    names = _input_names(root, len(example_inputs))
+    root.__class__ = _entry_class(cls, names)
+    try:
+        for _ in range(_MAX_LEAF_RETRIES):
+            tracer = _ValueTracer(leaf_types, leaf_names, autowrap)
+            tracer.example_args = {n: tracer.fake.from_tensor(t) for n, t in zip(names, example_inputs)}
+            try:
+                graph = tracer.trace(root)
+                break
+            except Exception as err:  # noqa: BLE001 - any failure inside user code leads to leafing
+                scope = [s for s in (tracer.failed_scope or []) if s and s not in leaf_names]
+                if not scope:
+                    raise TraceError(
+                        f"cannot trace {cls.__name__}: {type(err).__name__}: {err}. The failure is in the "
+                        "model's own forward, outside any submodule; fxprune cannot make it a leaf. "
+                        "Rewrite that control flow or pass a model whose forward is traceable."
+                    ) from err
+                leaf_names.add(scope[-1])
+                info.leaves.append((scope[-1], f"{type(err).__name__}: {_first_line(err)}"))
+        else:
+            raise TraceError(f"cannot trace {cls.__name__}: gave up after {_MAX_LEAF_RETRIES} leaf retries")
+    finally:
+        root.__class__ = cls
+    info.guards = tracer.guards
+    gm = fx.GraphModule(root, graph, class_name=cls.__name__)
+    gm._tracer_cls = ReloadTracer  # torch.load re-traces the generated code with it
+    for node in gm.graph.find_nodes(op="get_attr"):
+        if "val" not in node.meta:  # tensor constants created by the tracer
+            value = _fetch_attr(gm, node.target)
+            node.meta["val"] = tracer.fake.from_tensor(value) if isinstance(value, torch.Tensor) else value
+    gm.meta["fxprune_trace"] = info
+    _decompose_multihead_attention(gm, info)
+    _restore_state(gm, root)
+    gm.train(model.training)
+    return gm
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:160] if text else ""
+
+
+def _int_attr(model: nn.Module, name: str) -> int | None:
+    value = getattr(model, name, None)
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _class_token_attr(model: nn.Module) -> bool | None:
+    value = getattr(model, "has_class_token", None)
+    return value if isinstance(value, bool) else None
+
+
+def _copy_model(model: nn.Module, copy_weights: bool) -> nn.Module:
+    memo: dict[int, Any] = {}
+    if not copy_weights:
+        for t in [*model.parameters(), *model.buffers()]:
+            memo[id(t)] = t
+    return copy.deepcopy(model, memo)
+
+
+def _restore_state(gm: fx.GraphModule, root: nn.Module) -> None:
+    """Register parameters and buffers of ``root`` that the graph does not use, so state_dict keys match."""
+    have = set(gm.state_dict().keys())
+    for name, tensor in root.state_dict(keep_vars=True).items():
+        if name in have:
+            continue
+        owner_name, _, attr = name.rpartition(".")
+        owner = _ensure_module(gm, owner_name)
+        if isinstance(tensor, nn.Parameter):
+            owner.register_parameter(attr, tensor)
+        else:
+            owner.register_buffer(attr, tensor)
+
+
+def _ensure_module(gm: nn.Module, path: str) -> nn.Module:
+    module = gm
+    for atom in filter(None, path.split(".")):
+        if not hasattr(module, atom):
+            module.add_module(atom, nn.Module())
+        module = getattr(module, atom)
+    return module
+

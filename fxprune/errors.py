@@ -1,0 +1,17 @@
+"""Exceptions raised by fxprune. Every error names the model part at fault and what to do."""
+
+
+class FxPruneError(Exception):
+    """Base class of every error fxprune raises."""
+
+
+class TraceError(FxPruneError):
+    """The model could not be captured as a torch.fx graph."""
+
+
+class UnsupportedModelError(FxPruneError):
+    """The model, or one of its blocks, cannot be rewritten without computing wrong numbers."""
+
+
+class PolicyError(FxPruneError, ValueError):
+    """A policy is invalid for itself or for the model it is applied to."""

@@ -1,0 +1,68 @@
+"""Lowering: ``torch.compile`` with the whole graph in one piece and a dynamic batch dimension."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+from .errors import FxPruneError
+
+__all__ = ["lower", "LoweredModule"]
+
+
+class LoweredModule(nn.Module):
+    """A compiled module: marks dimension 0 of every input dynamic, then calls the compiled graph.
+
+    The wrapped module stays available as ``.module`` (its parameters are this module's parameters).
+    """
+
+    def __init__(self, module: nn.Module, compiled: Any):
+        super().__init__()
+        self.module = module
+        self._compiled = compiled
+
+    def forward(self, *args: Any) -> Any:
+        for arg in args:
+            if isinstance(arg, torch.Tensor) and arg.dim() > 0:
+                torch._dynamo.maybe_mark_dynamic(arg, 0)
+        return self._compiled(*args)
+
+
+def lower(
+    model: nn.Module,
+    *,
+    dynamic_batch: bool = True,
+    check_inputs: Sequence[torch.Tensor] | None = None,
+    atol: float = 1e-4,
+    **compile_kwargs: Any,
+) -> nn.Module:
+    """Compile ``model`` with ``torch.compile(fullgraph=True, **compile_kwargs)``.
+
+    The graph must compile in one piece (a graph break raises). With ``dynamic_batch`` the batch
+    dimension is compiled dynamic, so batches of any size ≥ 2 share one compiled graph (batch 1 is
+    specialised once by torch). With ``check_inputs`` the compiled outputs are compared with eager
+    ones (``atol``) and a mismatch raises :class:`~fxprune.FxPruneError`.
+    """
+    if compile_kwargs.pop("fullgraph", True) is not True:
+        raise FxPruneError("fxprune.lower always compiles with fullgraph=True")
+    compiled = torch.compile(model, fullgraph=True, **compile_kwargs)
+    lowered = LoweredModule(model, compiled) if dynamic_batch else compiled
+    if check_inputs is not None:
+        _check(model, lowered, tuple(check_inputs), atol)
+    return lowered
+
+
+def _check(model: nn.Module, lowered: Any, inputs: tuple, atol: float) -> None:
+    with torch.no_grad():
+        expected = pytree.tree_leaves(model(*inputs))
+        got = pytree.tree_leaves(lowered(*inputs))
+    for e, g in zip(expected, got):
+        if isinstance(e, torch.Tensor) and not torch.allclose(e, g, atol=atol, rtol=0):
+            raise FxPruneError(
+                f"compiled output differs from eager by {(e - g).abs().max().item():.3g} (atol {atol}); "
+                "ties in top-k scores can flip between backends, otherwise please report it"
+            )

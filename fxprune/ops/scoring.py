@@ -1,0 +1,33 @@
+"""Token scores computed beside attention."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _score_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def class_attention(q: Tensor, k: Tensor, scale: float | None = None, attn_mask: Tensor | None = None) -> Tensor:
+    """Attention of the class token (query 0) over every key, averaged over heads.
+
+    Computes ``mean_h softmax(q[:, h, 0] · k[:, h]ᵀ · scale + mask[0])`` from the same ``q`` ``[B, H, N, d]``,
+    ``k`` ``[B, Hkv, N, d]``, scale and mask as the SDPA call it sits beside, in O(B·H·N·d) instead of
+    materialising the ``[B, H, N, N]`` map. Returns ``[B, N]`` in at least float32.
+    """
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    dtype = _score_dtype(q.dtype)
+    logits = (q[:, :, :1].to(dtype) * scale) @ k.to(dtype).transpose(-2, -1)
+    if attn_mask is not None:
+        row = attn_mask[..., :1, :] if attn_mask.shape[-2] > 1 else attn_mask
+        logits = logits.masked_fill(~row, float("-inf")) if row.dtype == torch.bool else logits + row.to(dtype)
+    return logits.softmax(dim=-1).mean(dim=1)[:, 0]
+
+
+def class_attention_from_probs(probs: Tensor) -> Tensor:
+    """Class-token row of an explicit attention map ``[B, H, N, N]``, averaged over heads: ``[B, N]``."""
+    return probs[:, :, 0].to(_score_dtype(probs.dtype)).mean(dim=1)

@@ -1,0 +1,25 @@
+"""Graph rewrites, one per method. A pass is ``(GraphModule, TokenProgram, Plan, policy) -> GraphModule``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch.fx as fx
+
+from ..analysis import TokenProgram
+from ..plan import Plan
+from ..policies import EViT, Policy, TopK
+from .evit import evit_pass
+
+Pass = Callable[[fx.GraphModule, TokenProgram, Plan, Policy], fx.GraphModule]
+
+PASSES: dict[type[Policy], Pass] = {EViT: evit_pass, TopK: evit_pass}
+
+
+def apply_passes(gm: fx.GraphModule, program: TokenProgram, plan: Plan) -> fx.GraphModule:
+    """Run the pass of every policy in ``plan`` on ``gm`` (the program's graph module)."""
+    for policy in plan.policy.policies():
+        gm = PASSES[type(policy)](gm, program, plan, policy)
+    gm.graph.lint()
+    gm.recompile()
+    return gm

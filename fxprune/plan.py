@@ -1,0 +1,180 @@
+"""Plan: a policy checked against an analysed model, one row per block.
+
+The plan is made before any graph is changed: it validates the policy against the model (layer
+indices, reducible blocks, class token, blocks that need all tokens downstream) and predicts the
+tokens entering and leaving every block. MACs per block are filled in from shape-propagated graphs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch.fx as fx
+
+from .analysis import Block, TokenProgram
+from .errors import PolicyError, UnsupportedModelError
+from .policies import Compose, Policy
+
+__all__ = ["Plan", "PlanRow", "make_plan", "block_of", "fill_macs"]
+
+
+@dataclasses.dataclass
+class PlanRow:
+    """What happens to one block: its action and the tokens entering and leaving it."""
+
+    index: int
+    name: str
+    action: str
+    tokens_in: int
+    tokens_out: int
+    policy: Policy | None = None
+    macs_before: int = 0
+    macs_after: int = 0
+
+
+@dataclasses.dataclass
+class Plan:
+    """One row per attention block, plus the MACs outside blocks (patch embedding, head)."""
+
+    model_name: str
+    policy: Policy | Compose
+    rows: list[PlanRow]
+    prefix_tokens: int
+    input_shape: tuple[int, ...]
+    notes: list[str] = dataclasses.field(default_factory=list)
+    other_macs_before: int = 0
+    other_macs_after: int = 0
+
+    @property
+    def macs_before(self) -> int:
+        """Dense MACs per image."""
+        return self.other_macs_before + sum(r.macs_before for r in self.rows)
+
+    @property
+    def macs_after(self) -> int:
+        """MACs per image after the rewrite."""
+        return self.other_macs_after + sum(r.macs_after for r in self.rows)
+
+    def rows_for(self, policy: Policy) -> list[PlanRow]:
+        return [r for r in self.rows if r.policy is policy]
+
+    def __str__(self) -> str:
+        shape = "×".join(map(str, self.input_shape[1:]))
+        lines = [
+            f"fxprune plan for {self.model_name} (input {shape}, {self.prefix_tokens} prefix token(s)): "
+            f"{self.policy.describe()}",
+            f"  {'#':>3}  {'block':<32} {'tokens':>11}  {'MMACs':>15}  action",
+        ]
+        for r in self.rows:
+            tokens = f"{r.tokens_in:>4} → {r.tokens_out:<4}"
+            macs = f"{r.macs_before / 1e6:>7.1f} → {r.macs_after / 1e6:<7.1f}"
+            lines.append(f"  {r.index:>3}  {r.name:<32} {tokens:>11}  {macs}  {r.action}")
+        lines.append(
+            f"  {'':>3}  {'(outside blocks)':<32} {'':>11}  "
+            f"{self.other_macs_before / 1e6:>7.1f} → {self.other_macs_after / 1e6:<7.1f}"
+        )
+        ratio = self.macs_before / self.macs_after if self.macs_after else float("nan")
+        lines.append(
+            f"  MACs per image: {self.macs_before / 1e9:.2f} G → {self.macs_after / 1e9:.2f} G ({ratio:.2f}× fewer)"
+        )
+        lines.extend(f"  note: {note}" for note in self.notes)
+        return "\n".join(lines)
+
+
+def _owner(program: TokenProgram, policy: Policy | Compose) -> dict[int, Policy]:
+    owner: dict[int, Policy] = {}
+    count = len(program.blocks)
+    for part in policy.policies():
+        for layer in part.layers:
+            if layer >= count:
+                raise PolicyError(
+                    f"{type(part).__name__}.layers: block {layer} does not exist; {program.model_name} has "
+                    f"{count} attention blocks (0–{count - 1})"
+                )
+            owner[layer] = part
+    return owner
+
+
+def _check(program: TokenProgram, owner: dict[int, Policy]) -> None:
+    for index, part in sorted(owner.items()):
+        block = program.blocks[index]
+        if not block.reducible:
+            raise UnsupportedModelError(
+                f"cannot apply {part.describe()} to block {index} ({block.name}): {block.refusal}. "
+                "Choose other layers; fxprune.analyse(model) lists which blocks are reducible."
+            )
+        if part.needs_class_token and not program.class_token:
+            raise UnsupportedModelError(
+                f"{part.describe()} scores tokens by their class-token attention, but {program.model_name} has "
+                "no class token (e.g. global average pooling). Use a model with a class token or a method "
+                "that needs none."
+            )
+    if owner:
+        first = min(owner)
+        for block in program.blocks[first:]:
+            if block.needs_all_tokens:
+                raise UnsupportedModelError(
+                    f"block {block.index} ({block.name}) needs every token: {block.refusal}. Reducing tokens at "
+                    f"block {first} would break it; only blocks after {block.index} can be reduced."
+                )
+
+
+def make_plan(program: TokenProgram, policy: Policy | Compose) -> Plan:
+    """Validate ``policy`` against ``program`` and predict the tokens per block (MACs left at 0)."""
+    if not isinstance(policy, (Policy, Compose)):
+        raise PolicyError(f"expected an fxprune policy (e.g. fxprune.EViT(0.7, (3, 6, 9))), got {policy!r}")
+    owner = _owner(program, policy)
+    _check(program, owner)
+    rows = []
+    tokens = program.blocks[0].tokens
+    for block in program.blocks:
+        part = owner.get(block.index)
+        tokens_out = part.tokens_out(tokens, program.prefix_tokens) if part else tokens
+        if part is not None:
+            action = part.describe()
+        elif block.reducible:
+            action = "dense"
+        else:
+            action = f"dense (not reducible: {block.refusal})"
+        rows.append(PlanRow(block.index, block.name, action, tokens, tokens_out, part))
+        tokens = tokens_out
+    shape = tuple(program.gm.graph.find_nodes(op="placeholder")[0].meta["val"].shape)
+    notes = [f"not recognised as attention, left as is: {u}" for u in program.unrecognised]
+    notes += [f"kept as a leaf during capture: {name} ({why})" for name, why in program.trace.leaves]
+    return Plan(program.model_name, policy, rows, program.prefix_tokens, shape, notes)
+
+
+def block_of(node: fx.Node, blocks: list[Block]) -> int | None:
+    """Index of the block whose module contains ``node`` (inserted nodes carry theirs), or None."""
+    tag = node.meta.get("fxprune")
+    if tag is not None:
+        return tag["block"]
+    stack = node.meta.get("nn_module_stack") or {}
+    path = list(stack.keys())[-1] if stack else ""
+    for block in blocks:
+        if path == block.name or path.startswith(block.name + "."):
+            return block.index
+    return None
+
+
+def macs_per_block(gm: fx.GraphModule, blocks: list[Block], batch: int) -> dict[int | None, int]:
+    """MACs per image of each block (key None: outside blocks) from the nodes' recorded ``meta['macs']``."""
+    totals: dict[int | None, int] = {}
+    for node in gm.graph.nodes:
+        key = block_of(node, blocks)
+        totals[key] = totals.get(key, 0) + node.meta.get("macs", 0)
+    return {key: round(value / batch) for key, value in totals.items()}
+
+
+def fill_macs(plan: Plan, program: TokenProgram, gm: fx.GraphModule, *, after: bool) -> None:
+    """Record the MACs of ``gm`` per block in ``plan``: as the dense figures, or ``after`` the rewrite."""
+    per_block = macs_per_block(gm, program.blocks, program.batch)
+    for row in plan.rows:
+        if after:
+            row.macs_after = per_block.get(row.index, 0)
+        else:
+            row.macs_before = per_block.get(row.index, 0)
+    if after:
+        plan.other_macs_after = per_block.get(None, 0)
+    else:
+        plan.other_macs_before = per_block.get(None, 0)

@@ -1,0 +1,167 @@
+"""Policies: what to do to which blocks. Plain frozen dataclasses, validated on construction.
+
+``layers`` are 0-based indices of the model's attention blocks (as listed by ``fxprune.analyse``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from typing import ClassVar
+
+from .errors import PolicyError
+from .ops.selection import evit_kept_tokens
+
+__all__ = ["Policy", "EViT", "TopK", "Compose", "parse_policy"]
+
+
+def _layers(value: Iterable[int] | int, owner: str) -> tuple[int, ...]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value,)
+    try:
+        layers = tuple(value)
+    except TypeError:
+        raise PolicyError(f"{owner}.layers must be a sequence of block indices, got {value!r}") from None
+    if not layers:
+        raise PolicyError(f"{owner}.layers is empty: name at least one block index")
+    for layer in layers:
+        if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
+            raise PolicyError(f"{owner}.layers must hold non-negative block indices, got {layer!r}")
+    if len(set(layers)) != len(layers):
+        raise PolicyError(f"{owner}.layers repeats a block index: {layers}")
+    return tuple(sorted(layers))
+
+
+def _keep_rate(value: float, owner: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise PolicyError(f"{owner}.keep_rate must be in (0, 1], got {value!r}")
+    return float(value)
+
+
+class Policy:
+    """Base of all policies: a method applied at the blocks ``layers``."""
+
+    layers: tuple[int, ...]
+    method: ClassVar[str] = ""
+    needs_class_token: ClassVar[bool] = False
+
+    def tokens_out(self, tokens_in: int, prefix: int) -> int:
+        """Tokens leaving a chosen block that receives ``tokens_in`` (``prefix`` of them protected)."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """Short description for plan tables."""
+        raise NotImplementedError
+
+    def policies(self) -> tuple[Policy, ...]:
+        return (self,)
+
+
+@dataclasses.dataclass(frozen=True)
+class EViT(Policy):
+    """EViT (Liang et al., ICLR 2022): keep the tokens the class token attends to most, fuse the rest.
+
+    In each chosen block, between attention and MLP, keep ``ceil(keep_rate · (N − P))`` non-prefix
+    tokens with the largest head-averaged class attention; with ``fuse`` append one token, the
+    attention-weighted sum of the dropped ones.
+    """
+
+    keep_rate: float
+    layers: tuple[int, ...]
+    fuse: bool = True
+    method: ClassVar[str] = "evit"
+    needs_class_token: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        object.__setattr__(self, "keep_rate", _keep_rate(self.keep_rate, name))
+        object.__setattr__(self, "layers", _layers(self.layers, name))
+        if not isinstance(self.fuse, bool):
+            raise PolicyError(f"{name}.fuse must be True or False, got {self.fuse!r}")
+
+    def tokens_out(self, tokens_in: int, prefix: int) -> int:
+        candidates = tokens_in - prefix
+        keep = evit_kept_tokens(candidates, self.keep_rate)
+        return prefix + keep + (1 if self.fuse and keep < candidates else 0)
+
+    def describe(self) -> str:
+        return f"{self.method} keep {self.keep_rate:g}" + (" + fused token" if self.fuse else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class TopK(EViT):
+    """Top-K: EViT's class-attention selection without the fused token."""
+
+    keep_rate: float
+    layers: tuple[int, ...]
+    fuse: bool = dataclasses.field(default=False, init=False)
+    method: ClassVar[str] = "topk"
+
+
+@dataclasses.dataclass(frozen=True)
+class Compose:
+    """Several policies on disjoint sets of blocks, e.g. ``Compose([ToMe(8, layers=range(4)), EViT(0.7, (6, 9))])``."""
+
+    parts: tuple[Policy, ...]
+
+    def __init__(self, parts: Sequence[Policy]):
+        parts = tuple(parts)
+        if not parts:
+            raise PolicyError("Compose needs at least one policy")
+        seen: dict[int, Policy] = {}
+        for part in parts:
+            if not isinstance(part, Policy):
+                raise PolicyError(f"Compose takes policies, got {part!r}")
+            for layer in part.layers:
+                if layer in seen:
+                    raise PolicyError(
+                        f"Compose: block {layer} is claimed by both {seen[layer].describe()} and {part.describe()}"
+                    )
+                seen[layer] = part
+        object.__setattr__(self, "parts", parts)
+
+    def policies(self) -> tuple[Policy, ...]:
+        return self.parts
+
+    def describe(self) -> str:
+        return " | ".join(p.describe() for p in self.parts)
+
+
+_POLICIES: dict[str, type[Policy]] = {"evit": EViT, "topk": TopK}
+_KEYS = {"keep": "keep_rate", "keep_rate": "keep_rate", "layers": "layers", "fuse": "fuse"}
+
+
+def parse_policy(text: str) -> Policy | Compose:
+    """Parse ``"evit:keep=0.7,layers=3,6,9"``; several policies are joined by ``+``."""
+    parts = [p.strip() for p in text.split("+") if p.strip()]
+    if len(parts) > 1:
+        return Compose([parse_policy(p) for p in parts])
+    name, _, rest = text.strip().partition(":")
+    cls = _POLICIES.get(name.strip().lower())
+    if cls is None:
+        raise PolicyError(f"unknown policy {name!r}; known: {', '.join(_POLICIES)}")
+    fields: dict[str, list[str]] = {}
+    key = None
+    for item in filter(None, (i.strip() for i in rest.split(","))):
+        if "=" in item:
+            raw, _, value = item.partition("=")
+            key = _KEYS.get(raw.strip())
+            if key is None:
+                raise PolicyError(f"{name}: unknown option {raw.strip()!r}; known: {', '.join(_KEYS)}")
+            fields[key] = [value.strip()]
+        elif key is not None:
+            fields[key].append(item)
+        else:
+            raise PolicyError(f"{name}: expected key=value, got {item!r}")
+    kwargs: dict[str, object] = {}
+    for key, values in fields.items():
+        try:
+            if key == "layers":
+                kwargs[key] = tuple(int(v) for v in values)
+            elif key == "keep_rate":
+                kwargs[key] = float(values[0])
+            elif key == "fuse":
+                kwargs[key] = values[0].lower() in ("1", "true", "yes")
+        except ValueError:
+            raise PolicyError(f"{name}: bad value for {key}: {','.join(values)!r}") from None
+    return cls(**kwargs)

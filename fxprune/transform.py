@@ -1,0 +1,74 @@
+"""The one call: trace → analyse → plan → rewrite → verify."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .analysis import analyse
+from .capture import trace
+from .passes import apply_passes
+from .plan import Plan, fill_macs, make_plan
+from .policies import Compose, Policy
+from .verify import verify
+
+__all__ = ["transform", "plan"]
+
+
+def _compile(
+    model: nn.Module, policy: Policy | Compose, example_inputs: Sequence[torch.Tensor] | None, copy_weights: bool
+) -> tuple[fx.GraphModule, Plan]:
+    program = analyse(trace(model, example_inputs, copy_weights=copy_weights))
+    the_plan = make_plan(program, policy)
+    fill_macs(the_plan, program, program.gm, after=False)
+    gm = apply_passes(program.gm, program, the_plan)
+    verify(gm, program, the_plan)
+    fill_macs(the_plan, program, gm, after=True)
+    _finalize(gm, the_plan)
+    return gm, the_plan
+
+
+def _finalize(gm: fx.GraphModule, the_plan: Plan) -> None:
+    """Drop dead nodes (resolved guards) and the example values, which hold fake tensors."""
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    for node in gm.graph.nodes:
+        node.meta.pop("val", None)
+        node.meta.pop("macs", None)
+    gm.fxprune_plan = the_plan
+
+
+def plan(
+    model: nn.Module, policy: Policy | Compose, example_inputs: Sequence[torch.Tensor] | None = None
+) -> Plan:
+    """What :func:`transform` would do to ``model``: one row per block (action, tokens in → out, MACs).
+
+    Nothing of ``model`` changes; ``print(fxprune.plan(model, policy))`` shows the table.
+    """
+    return _compile(model, policy, example_inputs, copy_weights=False)[1]
+
+
+def transform(
+    model: nn.Module,
+    policy: Policy | Compose,
+    example_inputs: Sequence[torch.Tensor] | None = None,
+    *,
+    copy_weights: bool = False,
+    verbose: bool = False,
+) -> fx.GraphModule:
+    """Rewrite ``model`` with ``policy`` and return a new ``torch.fx.GraphModule``.
+
+    ``model`` is not modified: its modules are deep-copied before tracing. Parameters and buffers are
+    shared with ``model`` (as with ``torch.fx.symbolic_trace``), so training the result trains ``model``
+    too; ``copy_weights=True`` gives the result its own copy. ``example_inputs`` fixes the input size the plan
+    is made for (default: the size the model declares, batch 2). The result carries the plan as
+    ``.fxprune_plan``; ``verbose=True`` prints it. Raises :class:`~fxprune.PolicyError` for an invalid
+    policy and :class:`~fxprune.UnsupportedModelError` when a rewrite would compute wrong numbers.
+    """
+    gm, the_plan = _compile(model, policy, example_inputs, copy_weights)
+    if verbose:
+        print(the_plan)
+    return gm

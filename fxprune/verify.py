@@ -1,0 +1,129 @@
+"""Verify a rewritten graph before handing it out: lint, shapes at two batch sizes, guards, literal token counts.
+
+Any failure means the rewrite would compute wrong numbers (or crash) on this model, so it raises
+:class:`~fxprune.UnsupportedModelError` naming the node, its module and why.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from .analysis import TokenProgram
+from .capture import ValuePropagationError, propagate
+from .errors import FxPruneError, UnsupportedModelError
+from .plan import Plan
+
+__all__ = ["verify"]
+
+
+def _where(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    module = list(stack.keys())[-1] if stack else "the model's forward"
+    return f"node {node.name!r} in {module}"
+
+
+def _tokens(value: Any) -> int | None:
+    return value.shape[1] if isinstance(value, torch.Tensor) and value.dim() == 3 else None
+
+
+def _inserted(node: fx.Node) -> bool:
+    return "fxprune" in node.meta
+
+
+def _selection(program: TokenProgram, index: int) -> fx.Node | None:
+    mid = program.blocks[index].mid
+    return next((u for u in mid.users if _inserted(u) and u.args[0] is mid), None) if mid is not None else None
+
+
+def _check_batch(gm: fx.GraphModule, values: dict[fx.Node, Any], batch: int) -> None:
+    output = gm.graph.find_nodes(op="output")[0]
+    result = fx.node.map_arg(output.args[0], lambda n: values.get(n))
+    for leaf in pytree.tree_leaves(result):
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0 and leaf.shape[0] != batch:
+            raise UnsupportedModelError(f"after the rewrite an output has batch {leaf.shape[0]} for {batch} inputs")
+
+
+def _check_tokens(program: TokenProgram, plan: Plan, values: dict[fx.Node, Any]) -> None:
+    for row in plan.rows:
+        block = program.blocks[row.index]
+        got = _tokens(values.get(block.input))
+        if block.reducible and got != row.tokens_in:
+            raise FxPruneError(f"internal error: block {row.index} receives {got} tokens, the plan says {row.tokens_in}")
+        selection = _selection(program, row.index) if row.policy is not None else None
+        if selection is not None and _tokens(values[selection]) != row.tokens_out:
+            raise FxPruneError(
+                f"internal error: block {row.index} keeps {_tokens(values[selection])} tokens, the plan says {row.tokens_out}"
+            )
+
+
+def _check_guards(gm: fx.GraphModule, program: TokenProgram, values: dict[fx.Node, Any]) -> None:
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for guard in program.trace.guards:
+        node = nodes.get(guard.node)
+        if node is None or node not in values:
+            continue
+        if bool(values[node]) != guard.value:
+            raise UnsupportedModelError(
+                f"the model's code at {guard.where} took a branch on a shape at capture ({guard.node} was "
+                f"{guard.value}); after the rewrite it would take the other branch, which the captured graph does "
+                "not contain. Reduce tokens in later blocks only, or make that code independent of the token count."
+            )
+
+
+def _literals(value: Any, in_slice: bool = False):
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int):
+        yield value, in_slice
+    elif isinstance(value, slice):
+        for part in (value.start, value.stop, value.step):
+            yield from _literals(part, True)
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _literals(item, in_slice)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _literals(item, in_slice)
+
+
+def _check_literals(gm: fx.GraphModule, program: TokenProgram, plan: Plan) -> None:
+    reduced = [r for r in plan.rows if r.policy is not None]
+    if not reduced:
+        return
+    first = reduced[0]
+    start = _selection(program, first.index)
+    tokens, patches = first.tokens_in, first.tokens_in - program.prefix_tokens
+    downstream = False
+    for node in gm.graph.nodes:
+        downstream = downstream or node is start
+        if not downstream or _inserted(node) or node.op not in ("call_function", "call_method"):
+            continue
+        for value, in_slice in _literals((node.args, node.kwargs)):
+            if value == tokens or (in_slice and value == patches):
+                raise UnsupportedModelError(
+                    f"{_where(node)} uses the literal {value}, the token count before block {first.index} reduces "
+                    f"tokens ({node.format_node()}); it would compute wrong numbers. Reduce tokens only after it, "
+                    "or make the model read the token count from the tensor's shape."
+                )
+
+
+def verify(gm: fx.GraphModule, program: TokenProgram, plan: Plan) -> None:
+    """Check the rewritten ``gm`` at the captured batch size and one more; store the example values."""
+    gm.graph.lint()
+    for batch in (program.batch + 1, program.batch):
+        try:
+            values = propagate(gm, batch_size=batch, store=batch == program.batch)
+        except ValuePropagationError as err:
+            raise UnsupportedModelError(
+                f"after the rewrite ({plan.policy.describe()}), {_where(err.node)} fails on a batch of {batch}: "
+                f"{type(err.error).__name__}: {str(err.error).splitlines()[0] if str(err.error) else ''}. "
+                "That part of the model assumes the original token count; reduce tokens only after it."
+            ) from err
+        _check_batch(gm, values, batch)
+        _check_tokens(program, plan, values)
+        _check_guards(gm, program, values)
+    _check_literals(gm, program, plan)

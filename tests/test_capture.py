@@ -1,0 +1,141 @@
+import io
+
+import pytest
+import torch
+import torch.fx as fx
+import torchvision
+from torch import nn
+from vits import ALL_MODELS, hf_vit, image_batch, logits, timm_vit, torchvision_vit
+
+import fxprune
+from fxprune.capture import default_example_inputs
+from fxprune.errors import TraceError
+
+
+@pytest.mark.parametrize("name", sorted(ALL_MODELS))
+def test_traced_graph_reproduces_every_model_at_another_batch_size(name):
+    model = ALL_MODELS[name]()
+    gm = fxprune.trace(model)
+    x = image_batch(model, batch=3)  # captured at batch 2
+    torch.testing.assert_close(logits(gm(x)), logits(model(x)), atol=1e-5, rtol=0)
+
+
+def test_full_size_torchvision_vit_b_16_is_traced_with_attention_decomposed():
+    torch.manual_seed(0)
+    model = torchvision.models.vit_b_16(image_size=64).eval()
+    gm = fxprune.trace(model)
+    modules = [gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module"]
+    assert not any(isinstance(m, nn.MultiheadAttention) for m in modules)
+    sdpa = [n for n in gm.graph.nodes if n.target is torch._C._nn.scaled_dot_product_attention]
+    assert len(sdpa) == 12
+    assert len(gm.meta["fxprune_trace"].decomposed) == 12
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(gm(x), model(x), atol=1e-5, rtol=0)
+
+
+def test_hugging_face_output_type_is_kept():
+    model = hf_vit()
+    out = fxprune.trace(model)(image_batch(model))
+    assert type(out).__name__ == "ImageClassifierOutput"
+    assert out.logits.shape == (3, 10)
+
+
+def test_shape_conditions_resolved_during_capture_are_recorded_as_guards():
+    info = fxprune.trace(hf_vit()).meta["fxprune_trace"]
+    assert info.guards, "HF's dtype and sequence-length checks are resolved from example values"
+    assert all(isinstance(g.value, bool) for g in info.guards)
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, type(model), model.training, set(vars(model))
+
+
+@pytest.mark.parametrize("factory", [lambda: timm_vit("deit_small_patch16_224"), hf_vit, torchvision_vit])
+def test_trace_leaves_the_users_model_untouched(factory):
+    model = factory()
+    before = _snapshot(model)
+    ids = [id(p) for p in model.parameters()]
+    fxprune.trace(model)
+    after = _snapshot(model)
+    assert before[1:] == after[1:]
+    assert before[0].keys() == after[0].keys()
+    assert all(torch.equal(before[0][k], after[0][k]) for k in before[0])
+    assert ids == [id(p) for p in model.parameters()]
+
+
+def test_parameters_are_shared_by_default_and_copied_on_request():
+    model = timm_vit("deit_small_patch16_224")
+    shared = fxprune.trace(model)
+    copied = fxprune.trace(model, copy_weights=True)
+    weight = model.blocks[0].attn.qkv.weight
+    assert shared.get_parameter("blocks.0.attn.qkv.weight") is weight
+    assert copied.get_parameter("blocks.0.attn.qkv.weight") is not weight
+    assert torch.equal(copied.get_parameter("blocks.0.attn.qkv.weight"), weight)
+
+
+@pytest.mark.parametrize("name", sorted(ALL_MODELS))
+def test_state_dict_keys_load_into_the_original_and_back(name):
+    model = ALL_MODELS[name]()
+    gm = fxprune.trace(model)
+    assert set(gm.state_dict()) == set(model.state_dict())
+    gm.load_state_dict(model.state_dict(), strict=True)
+    model.load_state_dict(gm.state_dict(), strict=True)
+
+
+class _DataDependent(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent: cannot be traced
+            return x * 2
+        return x
+
+
+class _ModelWithUntraceablePart(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.gate = _DataDependent()
+
+    def forward(self, x):
+        return self.gate(self.proj(x)) + 1
+
+
+def test_untraceable_submodule_becomes_a_leaf_and_the_reason_is_recorded():
+    model = _ModelWithUntraceablePart()
+    x = torch.randn(2, 4)
+    gm = fxprune.trace(model, (x,))
+    info = gm.meta["fxprune_trace"]
+    assert [name for name, _ in info.leaves] == ["gate"]
+    assert "data" in info.leaves[0][1]
+    torch.testing.assert_close(gm(x), model(x))
+    torch.testing.assert_close(gm(-x.abs() - 10), model(-x.abs() - 10))
+
+
+class _UntraceableRoot(nn.Module):
+    def forward(self, x):
+        if x.mean() > 0:
+            return x
+        return -x
+
+
+def test_untraceable_root_raises_trace_error_naming_the_model():
+    with pytest.raises(TraceError, match="_UntraceableRoot"):
+        fxprune.trace(_UntraceableRoot(), (torch.randn(2, 3),))
+
+
+def test_example_inputs_follow_the_declared_image_size():
+    assert default_example_inputs(timm_vit("vit_small_patch14_reg4_dinov2"))[0].shape == (2, 3, 56, 56)
+    assert default_example_inputs(hf_vit())[0].shape == (2, 3, 32, 32)
+    with pytest.raises(TraceError, match="example_inputs"):
+        default_example_inputs(torchvision.models.resnet18())
+
+
+def test_traced_module_survives_save_and_load():
+    model = hf_vit()
+    gm = fxprune.trace(model)
+    buffer = io.BytesIO()
+    torch.save(gm, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert isinstance(loaded, fx.GraphModule)
+    x = image_batch(model)
+    torch.testing.assert_close(loaded(x).logits, model(x).logits)

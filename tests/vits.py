@@ -1,0 +1,134 @@
+"""Small ViTs for the tests: timm, torchvision, Hugging Face and a hand-written one, random weights."""
+
+from __future__ import annotations
+
+import math
+
+import timm
+import torch
+import torchvision
+from torch import nn
+
+# the timm models the issue names, at test size (their architecture, fewer blocks and pixels)
+TIMM_SMALL = {
+    "vit_tiny_patch16_224": dict(img_size=32, patch_size=8, depth=4),
+    "deit_small_patch16_224": dict(img_size=32, patch_size=8, depth=4),
+    "deit_small_distilled_patch16_224": dict(img_size=32, patch_size=8, depth=4),
+    "deit3_small_patch16_224": dict(img_size=32, patch_size=8, depth=4),
+    "vit_small_patch14_reg4_dinov2": dict(img_size=56, depth=4),
+}
+PREFIX_TOKENS = {
+    "vit_tiny_patch16_224": 1,
+    "deit_small_patch16_224": 1,
+    "deit_small_distilled_patch16_224": 2,
+    "deit3_small_patch16_224": 1,
+    "vit_small_patch14_reg4_dinov2": 5,
+}
+
+
+def timm_vit(name: str, **overrides) -> nn.Module:
+    torch.manual_seed(0)
+    kwargs = {**TIMM_SMALL.get(name, {}), **overrides}
+    return timm.create_model(name, pretrained=False, **kwargs).eval()
+
+
+def torchvision_vit(depth: int = 4) -> nn.Module:
+    """torchvision's ``VisionTransformer`` (the class behind ``vit_b_16``) at test size."""
+    torch.manual_seed(0)
+    return torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=depth, num_heads=4, hidden_dim=64, mlp_dim=128
+    ).eval()
+
+
+def hf_vit(depth: int = 4) -> nn.Module:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=depth, num_attention_heads=4,
+        intermediate_size=128, num_labels=10,
+    )
+    return ViTForImageClassification(config).eval()
+
+
+class TokenMixer(nn.Module):
+    """Multi-head self-attention written out: ``softmax(q @ kᵀ / √d) @ v``."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.to_qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        b, n, c = tokens.shape
+        q, k, v = self.to_qkv(tokens).chunk(3, dim=-1)
+        q, k, v = (t.view(b, n, self.heads, c // self.heads).transpose(1, 2) for t in (q, k, v))
+        weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(c // self.heads), dim=-1)
+        return self.out((weights @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class Stage(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.pre_mix = nn.LayerNorm(width)
+        self.mix = TokenMixer(width, heads)
+        self.pre_ffn = nn.LayerNorm(width)
+        self.ffn = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens + self.mix(self.pre_mix(tokens))
+        return tokens + self.ffn(self.pre_ffn(tokens))
+
+
+class HandWrittenViT(nn.Module):
+    """A ViT with explicit attention and none of timm's module names."""
+
+    image_size = 32
+
+    def __init__(self, width: int = 48, heads: int = 3, depth: int = 4, patch: int = 8, classes: int = 7):
+        super().__init__()
+        grid = (self.image_size // patch) ** 2
+        self.to_patches = nn.Conv2d(3, width, patch, stride=patch)
+        self.class_embedding = nn.Parameter(torch.randn(1, 1, width) * 0.02)
+        self.positions = nn.Parameter(torch.randn(1, grid + 1, width) * 0.02)
+        self.stages = nn.ModuleList(Stage(width, heads) for _ in range(depth))
+        self.final_norm = nn.LayerNorm(width)
+        self.classifier = nn.Linear(width, classes)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        patches = self.to_patches(images).flatten(2).transpose(1, 2)
+        summary = self.class_embedding.expand(patches.shape[0], -1, -1)
+        return torch.cat([summary, patches], dim=1) + self.positions
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(images)
+        for stage in self.stages:
+            tokens = stage(tokens)
+        return self.classifier(self.final_norm(tokens)[:, 0])
+
+
+def hand_written_vit() -> HandWrittenViT:
+    torch.manual_seed(0)
+    return HandWrittenViT().eval()
+
+
+def image_batch(model: nn.Module, batch: int = 3, seed: int = 1, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    from fxprune.capture import default_example_inputs
+
+    size = default_example_inputs(model)[0].shape[1:]
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, *size, generator=generator).to(dtype)
+
+
+def logits(output) -> torch.Tensor:
+    """The class scores of any of these models' outputs (HF returns a ModelOutput)."""
+    return output if isinstance(output, torch.Tensor) else output.logits
+
+
+ALL_MODELS = {
+    **{name: (lambda name=name: timm_vit(name)) for name in TIMM_SMALL},
+    "torchvision_vit": torchvision_vit,
+    "hf_vit": hf_vit,
+    "hand_written": hand_written_vit,
+}
