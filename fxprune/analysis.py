@@ -308,20 +308,40 @@ def _position_tables(site: AttentionSite, stop: set[fx.Node], sizes: set[int]) -
     return found
 
 
-def _prefix_from_sequence(stream: Sequence[fx.Node], first_input: fx.Node) -> tuple[int, bool]:
-    """(prefix tokens, class token?) read from the ``cat`` that builds the token sequence."""
-    for node in reversed(stream[: stream.index(first_input) + 1]):
-        if node.op == "call_function" and node.target is torch.cat:
-            parts = node.args[0]
+def _sequence_cat(first_input: fx.Node) -> fx.Node | None:
+    """The ``cat`` along the token axis that builds the token sequence entering the first block, if any."""
+    ancestors, todo = set(), [first_input]
+    while todo:
+        node = todo.pop()
+        if node not in ancestors:
+            ancestors.add(node)
+            todo.extend(node.all_input_nodes)
+    for node in reversed(first_input.graph.nodes):
+        if node in ancestors and node.op == "call_function" and node.target is torch.cat:
             dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
-            if dim not in (1, -2):
-                continue
-            patch = next((i for i, p in enumerate(parts) if _reads_data(p)), None)
-            if patch is None:
-                continue
-            prefix = sum(_shape(p)[1] for p in parts[:patch])
-            return prefix, prefix > 0 and _is_class_token(parts[0])
-    return 0, False
+            if dim in (1, -2) and any(_reads_data(p) for p in node.args[0]):
+                return node
+    return None
+
+
+def _prefix_tokens(cat: fx.Node | None, info: TraceInfo) -> tuple[int, bool]:
+    """(prefix tokens, class token?): the tokens concatenated before the patches.
+
+    timm's ``num_prefix_tokens``/``has_class_token`` are used when the model has them; otherwise the
+    count is read from the ``cat`` and the first prefix token is a class token if it comes from a
+    parameter named like one (``cls_token``, ``class_token``, ``class_embedding``).
+    """
+    if cat is None:
+        return 0, False
+    parts = cat.args[0]
+    patch = next(i for i, p in enumerate(parts) if _reads_data(p))
+    prefix = sum(_shape(p)[1] for p in parts[:patch])
+    class_token = prefix > 0 and _is_class_token(parts[0])
+    if info.prefix_tokens_attr is not None:
+        prefix = info.prefix_tokens_attr
+    if info.class_token_attr is not None:
+        class_token = info.class_token_attr and prefix > 0
+    return prefix, class_token
 
 
 def _reads_data(node: fx.Node) -> bool:
@@ -386,11 +406,7 @@ def analyse(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = No
         blocks.append(Block(len(blocks), site.module or f"attention{len(blocks)}", site, anchor, mid, 0))
     first = blocks[0].input
     batch = _shape(first)[0] if _shape(first) else sites[0].batch
-    prefix, class_token = _prefix_from_sequence(stream, first)
-    if info.prefix_tokens_attr is not None:
-        prefix = info.prefix_tokens_attr
-    if info.class_token_attr is not None:
-        class_token = info.class_token_attr and prefix > 0
+    prefix, class_token = _prefix_tokens(_sequence_cat(first), info)
     for block in blocks:
         _describe_block(block, batch, prefix, on_stream)
     shape = _shape(first) or (batch, 0, 0)

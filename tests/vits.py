@@ -86,20 +86,22 @@ class HandWrittenViT(nn.Module):
 
     image_size = 32
 
-    def __init__(self, width: int = 48, heads: int = 3, depth: int = 4, patch: int = 8, classes: int = 7):
+    def __init__(self, width: int = 48, heads: int = 3, depth: int = 4, patch: int = 8, registers: int = 0):
         super().__init__()
         grid = (self.image_size // patch) ** 2
         self.to_patches = nn.Conv2d(3, width, patch, stride=patch)
         self.class_embedding = nn.Parameter(torch.randn(1, 1, width) * 0.02)
-        self.positions = nn.Parameter(torch.randn(1, grid + 1, width) * 0.02)
+        self.memory = nn.Parameter(torch.randn(1, registers, width) * 0.02)
+        self.positions = nn.Parameter(torch.randn(1, grid + 1 + registers, width) * 0.02)
         self.stages = nn.ModuleList(Stage(width, heads) for _ in range(depth))
         self.final_norm = nn.LayerNorm(width)
-        self.classifier = nn.Linear(width, classes)
+        self.classifier = nn.Linear(width, 7)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         patches = self.to_patches(images).flatten(2).transpose(1, 2)
         summary = self.class_embedding.expand(patches.shape[0], -1, -1)
-        return torch.cat([summary, patches], dim=1) + self.positions
+        memory = self.memory.expand(patches.shape[0], -1, -1)
+        return torch.cat([summary, memory, patches], dim=1) + self.positions
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         tokens = self.embed(images)
@@ -108,9 +110,9 @@ class HandWrittenViT(nn.Module):
         return self.classifier(self.final_norm(tokens)[:, 0])
 
 
-def hand_written_vit() -> HandWrittenViT:
+def hand_written_vit(**kwargs) -> HandWrittenViT:
     torch.manual_seed(0)
-    return HandWrittenViT().eval()
+    return HandWrittenViT(**kwargs).eval()
 
 
 def image_batch(model: nn.Module, batch: int = 3, seed: int = 1, dtype: torch.dtype = torch.float32) -> torch.Tensor:

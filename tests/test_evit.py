@@ -1,0 +1,106 @@
+import pytest
+import torch
+import torch.fx as fx
+from reference import evit_vit
+from vits import ALL_MODELS, PREFIX_TOKENS, hand_written_vit, hf_vit, image_batch, logits, timm_vit, torchvision_vit
+
+import fxprune
+from fxprune import EViT, TopK
+from fxprune.analysis import SDPA_TARGETS
+from fxprune.ops import evit_select
+
+FAITHFUL_MODELS = [
+    "deit_small_patch16_224",  # DeiT-S-shaped
+    "deit3_small_patch16_224",  # LayerScale, class token added after positions
+    "deit_small_distilled_patch16_224",  # two prefix tokens
+    "vit_small_patch14_reg4_dinov2",  # LayerScale and four register tokens
+]
+
+
+@pytest.mark.parametrize("name", FAITHFUL_MODELS)
+@pytest.mark.parametrize("fuse", [True, False], ids=["evit", "topk"])
+def test_rewritten_graph_matches_independent_eager_implementation_in_float64(name, fuse):
+    model = timm_vit(name).double()
+    policy = EViT(0.5, (1, 2), fuse=fuse) if fuse else TopK(0.5, (1, 2))
+    gm = fxprune.transform(model, policy)
+    x = image_batch(model, batch=4, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), evit_vit(model, x, 0.5, (1, 2), fuse=fuse), atol=1e-6, rtol=0)
+
+
+def test_explicit_softmax_attention_matches_the_reference_too():
+    model = timm_vit("deit3_small_patch16_224").double()
+    for block in model.blocks:
+        block.attn.fused_attn = False
+    gm = fxprune.transform(model, EViT(0.7, (0, 2)))
+    x = image_batch(model, batch=4, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), evit_vit(model, x, 0.7, (0, 2)), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(ALL_MODELS))
+@pytest.mark.parametrize("policy", [EViT(1.0, (0, 1, 2, 3)), TopK(1.0, (1, 3))], ids=["evit", "topk"])
+def test_keep_rate_one_reproduces_every_supported_model(name, policy):
+    model = ALL_MODELS[name]()
+    gm = fxprune.transform(model, policy)
+    x = image_batch(model, batch=3)
+    with torch.no_grad():
+        torch.testing.assert_close(logits(gm(x)), logits(model(x)), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("factory", [torchvision_vit, hf_vit, hand_written_vit])
+def test_other_architectures_reduce_tokens_as_planned(factory):
+    model = factory()
+    gm = fxprune.transform(model, EViT(0.5, (1, 2)))
+    assert [r.tokens_out for r in gm.fxprune_plan.rows] == [17, 10, 7, 7]
+    out = logits(gm(image_batch(model, batch=3)))
+    assert out.shape[0] == 3 and torch.isfinite(out).all()
+
+
+def _sdpa_count(gm):
+    return sum(n.op == "call_function" and n.target in SDPA_TARGETS for n in gm.graph.nodes)
+
+
+@pytest.mark.parametrize("factory", [lambda: timm_vit("deit_small_patch16_224"), torchvision_vit, hf_vit])
+def test_every_fused_attention_call_is_kept(factory):
+    model = factory()
+    gm = fxprune.transform(model, EViT(0.5, (0, 1, 2, 3)))
+    assert _sdpa_count(gm) == _sdpa_count(fxprune.trace(model)) == 4
+    inserted = [n.target.__name__ for n in gm.graph.nodes if "fxprune" in n.meta]
+    assert inserted == ["class_attention", "evit_select"] * 4
+
+
+class _Recorder(fx.Interpreter):
+    """Records the inputs and outputs of fxprune's selection nodes."""
+
+    def __init__(self, gm):
+        super().__init__(gm)
+        self.selections = []
+
+    def call_function(self, target, args, kwargs):
+        out = super().call_function(target, args, kwargs)
+        if target is evit_select:
+            self.selections.append((args[0], out))
+        return out
+
+
+@pytest.mark.parametrize("name", ["deit_small_distilled_patch16_224", "vit_small_patch14_reg4_dinov2"])
+def test_prefix_tokens_are_never_dropped(name):
+    model = timm_vit(name)
+    gm = fxprune.transform(model, EViT(0.25, (0, 1, 2)))
+    recorder = _Recorder(gm)
+    with torch.no_grad():
+        recorder.run(image_batch(model))
+    prefix = PREFIX_TOKENS[name]
+    assert len(recorder.selections) == 3
+    for tokens_in, tokens_out in recorder.selections:
+        torch.testing.assert_close(tokens_out[:, :prefix], tokens_in[:, :prefix], atol=0, rtol=0)
+
+
+def test_training_mode_gradients_reach_the_backbone():
+    model = timm_vit("deit_small_patch16_224").train()
+    gm = fxprune.transform(model, EViT(0.5, (1,)))
+    assert gm.training
+    gm(image_batch(model)).logsumexp(-1).sum().backward()
+    for block in (0, 1, 3):
+        assert gm.get_parameter(f"blocks.{block}.attn.qkv.weight").grad.abs().sum() > 0

@@ -1,0 +1,57 @@
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+from vits import timm_vit
+
+import fxprune
+from fxprune import EViT
+from fxprune.flops import MacCounter
+
+
+@pytest.fixture(scope="module")
+def deit_small():
+    torch.manual_seed(0)
+    return timm.create_model("deit_small_patch16_224", pretrained=False).eval()
+
+
+def test_deit_small_is_4_6_gmacs(deit_small):
+    assert fxprune.flops(deit_small, torch.randn(1, 3, 224, 224)) / 1e9 == pytest.approx(4.6, abs=0.05)
+
+
+@pytest.mark.parametrize("keep_rate, gmacs", [(0.9, 4.0), (0.7, 3.0), (0.5, 2.3)])
+def test_evit_on_deit_small_gives_the_papers_macs(deit_small, keep_rate, gmacs):
+    gm = fxprune.transform(deit_small, EViT(keep_rate, (3, 6, 9)))
+    assert fxprune.flops(gm, torch.randn(1, 3, 224, 224)) / 1e9 == pytest.approx(gmacs, abs=0.05)
+    assert gm.fxprune_plan.macs_after / 1e9 == pytest.approx(gmacs, abs=0.05)
+
+
+def test_fused_attention_is_counted_on_the_cpu():
+    B, H, N, d = 2, 3, 10, 8
+    counter = MacCounter()
+    with counter:
+        F.scaled_dot_product_attention(*(torch.randn(B, H, N, d) for _ in range(3)))
+    assert counter.total == 2 * B * H * N * N * d
+
+
+def test_multihead_attention_fast_path_counts_like_its_decomposition():
+    mha = nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    x = torch.randn(2, 5, 16)
+    counter = MacCounter()
+    with torch.no_grad(), counter:
+        mha(x, x, x, need_weights=False)
+    assert counter.total == 2 * 5 * 16 * 16 * 4 + 2 * 4 * 5 * 5 * 4 * 2
+
+
+def test_flops_is_per_image_and_linear_counts_in_times_out():
+    linear = nn.Linear(3, 4)
+    assert fxprune.flops(linear, torch.randn(5, 7, 3)) == 7 * 3 * 4
+
+
+def test_plan_macs_match_measured_flops():
+    model = timm_vit("deit_small_patch16_224")
+    gm = fxprune.transform(model, EViT(0.5, (1, 2)))
+    x = torch.randn(1, 3, 32, 32)
+    assert gm.fxprune_plan.macs_before == fxprune.flops(model, x)
+    assert gm.fxprune_plan.macs_after == fxprune.flops(gm, x)

@@ -1,0 +1,50 @@
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounter
+from vits import hf_vit, image_batch, timm_vit
+
+import fxprune
+from fxprune import EViT, FxPruneError
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_whole_graph_compiles_once_for_repeated_and_varying_batches():
+    model = timm_vit("deit_small_patch16_224")
+    gm = fxprune.transform(model, EViT(0.5, (1, 2)))
+    counter = CompileCounter()
+    lowered = fxprune.lower(gm, backend=counter)
+    for batch in (4, 4, 4, 6, 3):
+        x = image_batch(model, batch=batch)
+        with torch.no_grad():
+            torch.testing.assert_close(lowered(x), gm(x), atol=1e-5, rtol=0)
+    assert counter.frame_count == 1  # one graph, no graph break, no recompile
+
+
+def test_hugging_face_model_compiles_as_one_graph():
+    model = hf_vit()
+    counter = CompileCounter()
+    lowered = fxprune.lower(fxprune.transform(model, EViT(0.5, (1,))), backend=counter)
+    for batch in (2, 5):
+        out = lowered(image_batch(model, batch=batch))
+        assert out.logits.shape == (batch, 10)
+    assert counter.frame_count == 1
+
+
+def test_inductor_output_matches_eager():
+    model = timm_vit("vit_tiny_patch16_224", depth=2)
+    gm = fxprune.transform(model, EViT(0.5, (0,)))
+    lowered = fxprune.lower(gm, check_inputs=(image_batch(model, batch=4),))
+    x = image_batch(model, batch=5, seed=7)
+    with torch.no_grad():
+        torch.testing.assert_close(lowered(x), gm(x), atol=1e-4, rtol=0)
+
+
+def test_lowering_always_uses_fullgraph():
+    with pytest.raises(FxPruneError, match="fullgraph=True"):
+        fxprune.lower(timm_vit("vit_tiny_patch16_224", depth=1), fullgraph=False)

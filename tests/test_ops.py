@@ -1,0 +1,89 @@
+import math
+
+import pytest
+import torch
+
+from fxprune.flops import MacCounter
+from fxprune.ops import class_attention, class_attention_from_probs, evit_kept_tokens, evit_select
+
+
+def _full_map(q, k, scale, mask=None):
+    logits = q @ k.transpose(-2, -1) * scale
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
+    return logits.softmax(-1)
+
+
+def test_class_attention_equals_the_first_row_of_the_full_map():
+    q, k = torch.randn(2, 4, 9, 8, dtype=torch.float64), torch.randn(2, 4, 9, 8, dtype=torch.float64)
+    expected = _full_map(q, k, 8**-0.5)[:, :, 0].mean(1)
+    torch.testing.assert_close(class_attention(q, k), expected)
+    torch.testing.assert_close(class_attention(q, k, scale=0.3), _full_map(q, k, 0.3)[:, :, 0].mean(1))
+
+
+@pytest.mark.parametrize("kind", ["float", "bool"])
+def test_class_attention_applies_the_masks_first_row(kind):
+    q, k = torch.randn(2, 4, 9, 8, dtype=torch.float64), torch.randn(2, 4, 9, 8, dtype=torch.float64)
+    mask = torch.randn(2, 1, 9, 9, dtype=torch.float64) if kind == "float" else torch.rand(2, 1, 9, 9) > 0.3
+    mask[..., 0] = 0 if kind == "float" else True
+    expected = _full_map(q, k, 8**-0.5, mask)[:, :, 0].mean(1)
+    torch.testing.assert_close(class_attention(q, k, attn_mask=mask), expected)
+
+
+def test_class_attention_handles_grouped_keys():
+    q, k = torch.randn(2, 4, 9, 8, dtype=torch.float64), torch.randn(2, 2, 9, 8, dtype=torch.float64)
+    expected = _full_map(q, k.repeat_interleave(2, dim=1), 8**-0.5)[:, :, 0].mean(1)
+    torch.testing.assert_close(class_attention(q, k), expected)
+
+
+def test_class_attention_costs_one_query_row_not_the_full_map():
+    B, H, N, d = 2, 6, 197, 64
+    counter = MacCounter()
+    with counter:
+        class_attention(torch.randn(B, H, N, d), torch.randn(B, H, N, d))
+    assert counter.total == B * H * N * d
+
+
+def test_class_attention_from_probs_averages_heads():
+    probs = torch.rand(2, 3, 5, 5)
+    torch.testing.assert_close(class_attention_from_probs(probs), probs[:, :, 0].mean(1))
+
+
+def test_kept_tokens_match_evit_counts_for_deit_small():
+    assert [evit_kept_tokens(196, r) for r in (0.9, 0.7, 0.5)] == [177, 138, 98]
+    assert evit_kept_tokens(196, 1.0) == 196
+
+
+def _example():
+    # one image, prefix token 0, five candidates with distinct scores
+    x = torch.arange(6, dtype=torch.float64).view(1, 6, 1).expand(1, 6, 2).clone()
+    scores = torch.tensor([[0.5, 0.05, 0.3, 0.1, 0.25, 0.2]], dtype=torch.float64)
+    return x, scores
+
+
+def test_evit_select_keeps_prefix_then_top_tokens_by_score_then_fuses_the_rest():
+    x, scores = _example()
+    out = evit_select(x, scores, keep_rate=0.6, num_prefix=1, fuse=True)  # keeps ceil(0.6 * 5) = 3
+    assert out.shape == (1, 5, 2)
+    assert out[0, :4, 0].tolist() == [0.0, 2.0, 4.0, 5.0]  # prefix, then scores 0.3, 0.25, 0.2
+    fused = 0.05 * 1 + 0.1 * 3  # raw class attention of the dropped tokens 1 and 3
+    assert out[0, 4, 0].item() == pytest.approx(fused)
+
+
+def test_topk_select_drops_without_fusing():
+    x, scores = _example()
+    out = evit_select(x, scores, keep_rate=0.6, num_prefix=1, fuse=False)
+    assert out[0, :, 0].tolist() == [0.0, 2.0, 4.0, 5.0]
+
+
+def test_two_prefix_tokens_are_kept_even_with_low_scores():
+    x, scores = _example()
+    scores[0, 1] = -1.0
+    out = evit_select(x, scores, keep_rate=0.25, num_prefix=2, fuse=False)
+    assert out[0, :, 0].tolist() == [0.0, 1.0, 2.0]
+
+
+def test_keeping_everything_returns_the_input():
+    x, scores = _example()
+    assert evit_select(x, scores, keep_rate=1.0, num_prefix=1, fuse=True) is x
+    assert math.ceil(0.99 * 5) == 5 and evit_select(x, scores, 0.99, 1, True) is x

@@ -1,0 +1,83 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+from vits import TokenMixer, hand_written_vit, timm_vit
+
+import fxprune
+from fxprune import EViT, PolicyError, TopK, UnsupportedModelError
+
+
+class _BiasedMixer(TokenMixer):
+    """Attention with a learned bias per (query, key) position, like a relative position bias."""
+
+    def __init__(self, width: int, heads: int, tokens: int):
+        super().__init__(width, heads)
+        self.bias = nn.Parameter(torch.zeros(heads, tokens, tokens))
+
+    def forward(self, tokens):
+        b, n, c = tokens.shape
+        q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2) for t in self.to_qkv(tokens).chunk(3, dim=-1))
+        weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(c // self.heads) + self.bias, dim=-1)
+        return self.out((weights @ v).transpose(1, 2).reshape(b, n, c))
+
+
+def _with_position_bias_in_block_3():
+    model = hand_written_vit()
+    model.stages[3].mix = _BiasedMixer(48, 3, 17)
+    return model
+
+
+def test_rows_give_tokens_in_and_out_of_every_block():
+    plan = fxprune.plan(timm_vit("deit_small_patch16_224"), EViT(0.5, (1, 2)))
+    assert [(r.tokens_in, r.tokens_out) for r in plan.rows] == [(17, 17), (17, 10), (10, 7), (7, 7)]
+    assert [r.action for r in plan.rows] == ["dense", "evit keep 0.5 + fused token", "evit keep 0.5 + fused token", "dense"]
+
+
+def test_rows_carry_macs_before_and_after():
+    plan = fxprune.plan(timm_vit("deit_small_patch16_224"), TopK(0.5, (1,)))
+    assert plan.rows[0].macs_after == plan.rows[0].macs_before
+    assert all(r.macs_after < r.macs_before for r in plan.rows[2:])
+    assert plan.macs_after < plan.macs_before
+
+
+def test_printed_plan_has_one_row_per_block_and_the_totals():
+    text = str(fxprune.plan(timm_vit("deit_small_patch16_224"), EViT(0.5, (1,))))
+    assert text.splitlines()[0].startswith("fxprune plan for VisionTransformer (input 3×32×32, 1 prefix token(s))")
+    assert "  1  blocks.1" in text and "17 → 10" in text
+    assert "MACs per image:" in text
+
+
+def test_layer_out_of_range_names_the_field_and_the_block_count():
+    with pytest.raises(PolicyError, match=r"EViT\.layers: block 4 does not exist; .* has 4 attention blocks \(0–3\)"):
+        fxprune.plan(timm_vit("deit_small_patch16_224"), EViT(0.5, (1, 4)))
+
+
+def test_non_policy_is_refused():
+    with pytest.raises(PolicyError, match="expected an fxprune policy"):
+        fxprune.plan(timm_vit("deit_small_patch16_224"), {"keep_rate": 0.5})
+
+
+def test_class_attention_methods_need_a_class_token():
+    model = timm_vit("vit_tiny_patch16_224", class_token=False, global_pool="avg")
+    with pytest.raises(UnsupportedModelError, match="has no class token"):
+        fxprune.transform(model, EViT(0.5, (1,)))
+
+
+def test_reducing_a_position_dependent_block_is_refused_naming_it():
+    with pytest.raises(UnsupportedModelError, match=r"block 3 \(stages\.3\): its attention uses position-dependent"):
+        fxprune.transform(_with_position_bias_in_block_3(), EViT(0.5, (3,)))
+
+
+def test_reducing_before_a_block_that_needs_every_token_is_refused():
+    with pytest.raises(UnsupportedModelError, match=r"block 3 \(stages\.3\) needs every token.*at block 1"):
+        fxprune.transform(_with_position_bias_in_block_3(), EViT(0.5, (1,)))
+
+
+def test_plan_leaves_the_model_unchanged():
+    model = timm_vit("deit_small_patch16_224")
+    x = torch.randn(2, 3, 32, 32)
+    before = model(x)
+    fxprune.plan(model, EViT(0.5, (1,)))
+    torch.testing.assert_close(model(x), before, atol=0, rtol=0)

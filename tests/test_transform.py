@@ -1,0 +1,60 @@
+import io
+
+import pytest
+import torch
+from vits import ALL_MODELS, hf_vit, image_batch, logits, timm_vit
+
+import fxprune
+from fxprune import EViT, TopK
+
+
+def test_transform_leaves_the_users_model_untouched():
+    model = timm_vit("deit3_small_patch16_224")
+    x = image_batch(model)
+    before_out = model(x)
+    before_state = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = [(n, type(m)) for n, m in model.named_modules()]
+    fxprune.transform(model, EViT(0.5, (1, 2)))
+    assert [(n, type(m)) for n, m in model.named_modules()] == modules
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before_state.items())
+    torch.testing.assert_close(model(x), before_out, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(ALL_MODELS))
+def test_state_dict_of_a_transformed_model_loads_into_the_original_and_back(name):
+    model = ALL_MODELS[name]()
+    gm = fxprune.transform(model, TopK(0.5, (1,)))
+    model.load_state_dict(gm.state_dict(), strict=True)
+    gm.load_state_dict(model.state_dict(), strict=True)
+
+
+def test_weights_are_shared_unless_copy_is_asked_for():
+    model = timm_vit("deit_small_patch16_224")
+    shared = fxprune.transform(model, EViT(0.5, (1,)))
+    copied = fxprune.transform(model, EViT(0.5, (1,)), copy_weights=True)
+    assert shared.get_parameter("head.weight") is model.head.weight
+    assert copied.get_parameter("head.weight") is not model.head.weight
+
+
+def test_verbose_prints_the_plan(capsys):
+    fxprune.transform(timm_vit("deit_small_patch16_224"), EViT(0.5, (1,)), verbose=True)
+    assert "fxprune plan for VisionTransformer" in capsys.readouterr().out
+
+
+def test_transformed_model_survives_save_and_load():
+    model = hf_vit()
+    gm = fxprune.transform(model, EViT(0.5, (1, 2)))
+    buffer = io.BytesIO()
+    torch.save(gm, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    x = image_batch(model)
+    torch.testing.assert_close(logits(loaded(x)), logits(gm(x)), atol=0, rtol=0)
+    assert str(loaded.fxprune_plan) == str(gm.fxprune_plan)
+
+
+def test_example_inputs_set_the_input_size_planned_for():
+    model = timm_vit("deit_small_patch16_224", dynamic_img_size=True)
+    gm = fxprune.transform(model, EViT(0.5, (1,)), example_inputs=(torch.randn(2, 3, 48, 48),))
+    assert gm.fxprune_plan.rows[0].tokens_in == 37
+    assert gm(torch.randn(2, 3, 48, 48)).shape == (2, 1000)

@@ -1,0 +1,58 @@
+import pytest
+import torch
+from vits import HandWrittenViT, Stage
+
+import fxprune
+from fxprune import EViT, UnsupportedModelError
+
+
+class _SlicesLiteralTokens(HandWrittenViT):
+    def forward(self, images):
+        tokens = self.embed(images)
+        for stage in self.stages:
+            tokens = stage(tokens)
+        return self.classifier(self.final_norm(tokens)[:, 1:17].mean(1))  # 16 patches, written as literals
+
+
+class _BranchesOnTokenCount(Stage):
+    def forward(self, tokens):
+        if tokens.shape[1] == 17:
+            tokens = tokens * 1.5
+        return super().forward(tokens)
+
+
+class _ReshapesToLiteralTokens(Stage):
+    def forward(self, tokens):
+        return super().forward(tokens.reshape(tokens.shape[0], 17, -1))
+
+
+def _model(cls=HandWrittenViT, stage=None):
+    torch.manual_seed(0)
+    model = cls().eval()
+    if stage is not None:
+        model.stages[2] = stage(48, 3)
+    return model
+
+
+def test_literal_token_count_downstream_is_refused_naming_the_node():
+    with pytest.raises(UnsupportedModelError, match=r"uses the literal 17, the token count before block 1"):
+        fxprune.transform(_model(_SlicesLiteralTokens), EViT(0.5, (1,)))
+
+
+def test_branch_taken_on_the_token_count_is_refused():
+    model = _model(stage=_BranchesOnTokenCount)
+    assert fxprune.trace(model).meta["fxprune_trace"].guards
+    with pytest.raises(UnsupportedModelError, match="took a branch on a shape at capture"):
+        fxprune.transform(model, EViT(0.5, (1,)))
+
+
+def test_shape_failure_after_rewrite_is_refused_naming_the_module():
+    with pytest.raises(UnsupportedModelError, match=r"in stages\.2 fails on a batch of 3: RuntimeError"):
+        fxprune.transform(_model(stage=_ReshapesToLiteralTokens), EViT(0.5, (1,)))
+
+
+def test_the_same_models_are_fine_when_reduction_comes_after_the_problem():
+    for model in (_model(stage=_BranchesOnTokenCount), _model(stage=_ReshapesToLiteralTokens)):
+        gm = fxprune.transform(model, EViT(0.5, (3,)))
+        x = torch.randn(2, 3, 32, 32)
+        assert gm(x).shape == (2, 7)
