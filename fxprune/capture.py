@@ -17,12 +17,13 @@ the attention passes see them like any other attention.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import inspect
 import operator
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.nn.utils.stateless import _reparametrize_module
 
 from .errors import TraceError
 from .flops import MacCounter
@@ -77,6 +79,18 @@ class TraceInfo:
 def fake_mode() -> FakeTensorMode:
     """A fake-tensor mode with static shapes that accepts real tensors (parameters) as constants."""
     return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+@contextlib.contextmanager
+def fake_weights(module: nn.Module, mode: FakeTensorMode) -> Iterator[None]:
+    """Within the block, ``module``'s parameters and buffers are fake tensors of ``mode``.
+
+    Ops on fake weights hit the fake-tensor dispatch cache; ops mixing in real weights convert them on
+    every call, several times slower.
+    """
+    state = {name: mode.from_tensor(t) for name, t in [*module.named_parameters(), *module.named_buffers()]}
+    with _reparametrize_module(module, state):
+        yield
 
 
 def example_value(node: fx.Node) -> Any:
@@ -237,7 +251,9 @@ class _ValueTracer(_Tracer):
                 if kind == "call_method":
                     return getattr(a[0], target)(*a[1:], **kw)
                 if kind == "call_module":
-                    return self.root.get_submodule(target)(*a, **kw)
+                    module = self.root.get_submodule(target)
+                    with fake_weights(module, self.fake):
+                        return module(*a, **kw)
         except Exception:
             return _MISSING
         finally:
@@ -363,7 +379,8 @@ def propagate(gm: fx.GraphModule, batch_size: int | None = None, store: bool = T
     """
     inputs = example_inputs_like(gm, batch_size)
     interp = _ValueInterpreter(gm)
-    with fake_mode(), torch.no_grad():
+    mode = fake_mode()
+    with fake_weights(gm, mode), mode, torch.no_grad():
         interp.run(*inputs)
     if store:
         for node, value in interp.values.items():
