@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", default="1,32", help="comma-separated batch sizes")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--compile-mode", default=None, help='torch.compile mode, e.g. "reduce-overhead" (CUDA graphs)')
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     batches = [int(b) for b in args.batches.split(",")]
@@ -58,7 +59,9 @@ def main(argv: list[str] | None = None) -> None:
     mac_ratio = fxprune.flops(dense, image) / fxprune.flops(evit, image)
     modes = {"eager": (dense, evit)}
     if not args.no_compile:
-        modes["compiled"] = (fxprune.lower(dense), fxprune.lower(evit))
+        kwargs = {"mode": args.compile_mode} if args.compile_mode else {}
+        label = f"compiled ({args.compile_mode})" if args.compile_mode else "compiled"
+        modes[label] = (fxprune.lower(dense, **kwargs), fxprune.lower(evit, **kwargs))
 
     rows = []
     for mode, (d, e) in modes.items():

@@ -379,12 +379,19 @@ def _is_class_token(node: fx.Node) -> bool:
 
 
 def analyse(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = None) -> TokenProgram:
-    """Capture ``model`` (if needed) and describe its attention blocks, token stream and prefix tokens.
+    """Describe the attention blocks, token stream and prefix tokens of ``model``.
 
-    ``print(fxprune.analyse(model))`` gives a readable summary. Raises
-    :class:`~fxprune.UnsupportedModelError` when the model has no attention.
+    ``model`` is captured with :func:`fxprune.trace` first, unless it is a ``GraphModule`` that
+    ``fxprune.trace`` returned (then it is analysed as it is; passes will change it). ``print(fxprune.analyse(model))`` gives a
+    readable summary. Raises :class:`~fxprune.UnsupportedModelError` when the model has no attention.
     """
-    gm = trace(model, example_inputs)
+    captured = (
+        isinstance(model, fx.GraphModule)
+        and "fxprune_trace" in model.meta
+        and not hasattr(model, "fxprune_plan")
+        and example_inputs is None
+    )
+    gm = model if captured else trace(model, example_inputs)
     info: TraceInfo = gm.meta["fxprune_trace"]
     sites, unrecognised = find_attention(gm)
     if not sites:
@@ -403,6 +410,8 @@ def analyse(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = No
             anchor = idom[anchor]
         later = [n for n in stream if position[n] > position[site.output]]
         mid = later[0] if later else None
+        while mid is not None and "fxprune" in mid.meta:  # a selection inserted earlier takes the stream as arg 0
+            mid = mid.args[0]
         blocks.append(Block(len(blocks), site.module or f"attention{len(blocks)}", site, anchor, mid, 0))
     first = blocks[0].input
     batch = _shape(first)[0] if _shape(first) else sites[0].batch

@@ -93,13 +93,15 @@ def fake_weights(module: nn.Module, mode: FakeTensorMode) -> Iterator[None]:
         yield
 
 
-def example_value(node: fx.Node) -> Any:
-    """The value ``node`` took on the example inputs (a fake tensor, an int, a dtype, ...)."""
-    return node.meta.get("val")
-
-
 def default_example_inputs(model: nn.Module, batch_size: int = 2) -> tuple[torch.Tensor]:
-    """An image batch ``[batch_size, C, H, W]`` of the size ``model`` declares (timm, torchvision, HF)."""
+    """An image batch ``[batch_size, C, H, W]`` of the size ``model`` declares (timm, torchvision, HF),
+    or of the size a graph returned by fxprune was captured with."""
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    device = param.device if param is not None else "cpu"
+    info = model.meta.get("fxprune_trace") if isinstance(model, fx.GraphModule) else None
+    if info is not None:
+        return tuple(torch.randn(batch_size, *shape[1:], dtype=dtype, device=device) for shape in info.example_shapes)
     size = _declared_image_size(model)
     chans = _declared_channels(model)
     if size is None:
@@ -107,9 +109,6 @@ def default_example_inputs(model: nn.Module, batch_size: int = 2) -> tuple[torch
             f"cannot tell which input size {type(model).__name__} expects: pass example_inputs, "
             "e.g. fxprune.transform(model, policy, example_inputs=(torch.randn(2, 3, 224, 224),))"
         )
-    param = next(model.parameters(), None)
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    device = param.device if param is not None else "cpu"
     return (torch.randn(batch_size, chans, *size, dtype=dtype, device=device),)
 
 
@@ -175,9 +174,7 @@ class ReloadTracer(_Tracer):
     functions stay single calls."""
 
     def __init__(self) -> None:
-        from .ops import GRAPH_FUNCTIONS
-
-        super().__init__(autowrap_functions=GRAPH_FUNCTIONS + _timm_registries()[1])
+        super().__init__(autowrap_functions=_registries()[1])
 
 
 class _ValueTracer(_Tracer):
@@ -299,12 +296,15 @@ def _user_frame() -> str:
     return "?"
 
 
-def _timm_registries() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
+def _registries() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
+    """Leaf module types and functions kept as single calls: timm's registries and fxprune's own ops."""
+    from .ops import GRAPH_FUNCTIONS
+
     try:
         from timm.layers import get_notrace_functions, get_notrace_modules
     except ImportError:
-        return (), ()
-    return tuple(get_notrace_modules()), tuple(get_notrace_functions())
+        return (), GRAPH_FUNCTIONS
+    return tuple(get_notrace_modules()), tuple(get_notrace_functions()) + GRAPH_FUNCTIONS
 
 
 def _entry_class(cls: type, names: Sequence[str]) -> type:
@@ -499,11 +499,11 @@ def trace(
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected an nn.Module, got {type(model).__name__}")
-    if isinstance(model, fx.GraphModule) and "fxprune_trace" in model.meta:
-        return model
     example_inputs = tuple(example_inputs) if example_inputs is not None else default_example_inputs(model)
+    if isinstance(model, fx.GraphModule) and "fxprune_trace" in model.meta:
+        return _recapture(model, example_inputs, copy_weights)
     root = _copy_model(model, copy_weights)
-    leaf_types, autowrap = _timm_registries()
+    leaf_types, autowrap = _registries()
     leaf_names: set[str] = set()
     info = TraceInfo(type(model).__name__, [tuple(t.shape) for t in example_inputs])
     info.prefix_tokens_attr = _int_attr(model, "num_prefix_tokens")
@@ -544,6 +544,20 @@ def trace(
     _restore_state(gm, root)
     gm.train(model.training)
     return gm
+
+
+def _recapture(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], copy_weights: bool) -> fx.GraphModule:
+    """A copy of a graph fxprune made (module names, guards and tags kept), with fresh example values."""
+    new = _copy_model(gm, copy_weights)
+    new.__dict__.pop("fxprune_plan", None)
+    mode = fake_mode()
+    for node, tensor in zip(new.graph.find_nodes(op="placeholder"), example_inputs):
+        node.meta["val"] = mode.from_tensor(tensor)
+    new.meta["fxprune_trace"] = dataclasses.replace(
+        new.meta["fxprune_trace"], example_shapes=[tuple(t.shape) for t in example_inputs]
+    )
+    propagate(new)
+    return new
 
 
 def _first_line(err: BaseException) -> str:

@@ -1,21 +1,23 @@
 """Plan: a policy checked against an analysed model, one row per block.
 
 The plan is made before any graph is changed: it validates the policy against the model (layer
-indices, reducible blocks, class token, blocks that need all tokens downstream) and predicts the
-tokens entering and leaving every block. MACs per block are filled in from shape-propagated graphs.
+indices, reducible blocks, class token, blocks that need all tokens downstream) and says what
+happens to each block. The tokens entering and leaving every block and the MACs per block are then
+read from the shape-propagated graphs, dense and rewritten.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import torch
 import torch.fx as fx
 
 from .analysis import Block, TokenProgram
 from .errors import PolicyError, UnsupportedModelError
 from .policies import Compose, Policy
 
-__all__ = ["Plan", "PlanRow", "make_plan", "block_of", "fill_macs"]
+__all__ = ["Plan", "PlanRow", "make_plan", "block_of", "fill_macs", "record_tokens", "selection_node"]
 
 
 @dataclasses.dataclass
@@ -25,9 +27,9 @@ class PlanRow:
     index: int
     name: str
     action: str
-    tokens_in: int
-    tokens_out: int
     policy: Policy | None = None
+    tokens_in: int | None = None
+    tokens_out: int | None = None
     macs_before: int = 0
     macs_after: int = 0
 
@@ -66,7 +68,7 @@ class Plan:
             f"  {'#':>3}  {'block':<32} {'tokens':>11}  {'MMACs':>15}  action",
         ]
         for r in self.rows:
-            tokens = f"{r.tokens_in:>4} → {r.tokens_out:<4}"
+            tokens = f"{_count(r.tokens_in):>4} → {_count(r.tokens_out):<4}"
             macs = f"{r.macs_before / 1e6:>7.1f} → {r.macs_after / 1e6:<7.1f}"
             lines.append(f"  {r.index:>3}  {r.name:<32} {tokens:>11}  {macs}  {r.action}")
         lines.append(
@@ -79,6 +81,10 @@ class Plan:
         )
         lines.extend(f"  note: {note}" for note in self.notes)
         return "\n".join(lines)
+
+
+def _count(tokens: int | None) -> str:
+    return "—" if tokens is None else str(tokens)
 
 
 def _owner(program: TokenProgram, policy: Policy | Compose) -> dict[int, Policy]:
@@ -120,24 +126,23 @@ def _check(program: TokenProgram, owner: dict[int, Policy]) -> None:
 
 
 def make_plan(program: TokenProgram, policy: Policy | Compose) -> Plan:
-    """Validate ``policy`` against ``program`` and predict the tokens per block (MACs left at 0)."""
+    """Validate ``policy`` against ``program`` and give each block its action (tokens and MACs come later)."""
     if not isinstance(policy, (Policy, Compose)):
         raise PolicyError(f"expected an fxprune policy (e.g. fxprune.EViT(0.7, (3, 6, 9))), got {policy!r}")
     owner = _owner(program, policy)
     _check(program, owner)
     rows = []
-    tokens = program.blocks[0].tokens
     for block in program.blocks:
         part = owner.get(block.index)
-        tokens_out = part.tokens_out(tokens, program.prefix_tokens) if part else tokens
         if part is not None:
             action = part.describe()
+        elif selection_node(program, block.index) is not None:
+            action = "unchanged (reduced by an earlier fxprune transform)"
         elif block.reducible:
             action = "dense"
         else:
             action = f"dense (not reducible: {block.refusal})"
-        rows.append(PlanRow(block.index, block.name, action, tokens, tokens_out, part))
-        tokens = tokens_out
+        rows.append(PlanRow(block.index, block.name, action, part))
     shape = tuple(program.gm.graph.find_nodes(op="placeholder")[0].meta["val"].shape)
     notes = [f"not recognised as attention, left as is: {u}" for u in program.unrecognised]
     notes += [f"kept as a leaf during capture: {name} ({why})" for name, why in program.trace.leaves]
@@ -155,6 +160,33 @@ def block_of(node: fx.Node, blocks: list[Block]) -> int | None:
         if path == block.name or path.startswith(block.name + "."):
             return block.index
     return None
+
+
+def _tokens(node: fx.Node | None) -> int | None:
+    val = node.meta.get("val") if node is not None else None
+    return val.shape[1] if isinstance(val, torch.Tensor) and val.dim() == 3 else None
+
+
+def selection_node(program: TokenProgram, index: int) -> fx.Node | None:
+    """The node a pass inserted to change the tokens of block ``index``, if any."""
+    mid = program.blocks[index].mid
+    if mid is None:
+        return None
+    return next((u for u in mid.users if "fxprune" in u.meta and u.args[0] is mid), None)
+
+
+def record_tokens(plan: Plan, program: TokenProgram) -> None:
+    """Fill the tokens entering and leaving each block from the rewritten graph's example values."""
+    entering = [_tokens(block.input) for block in program.blocks]
+    for row in plan.rows:
+        selection = selection_node(program, row.index) if row.policy is not None else None
+        row.tokens_in = entering[row.index]
+        if selection is not None:
+            row.tokens_out = _tokens(selection)
+        elif row.index + 1 < len(entering):
+            row.tokens_out = entering[row.index + 1]
+        else:
+            row.tokens_out = row.tokens_in
 
 
 def macs_per_block(gm: fx.GraphModule, blocks: list[Block], batch: int) -> dict[int | None, int]:

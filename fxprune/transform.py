@@ -11,7 +11,7 @@ from torch import nn
 from .analysis import analyse
 from .capture import trace
 from .passes import apply_passes
-from .plan import Plan, fill_macs, make_plan
+from .plan import Plan, fill_macs, make_plan, record_tokens
 from .policies import Compose, Policy
 from .verify import verify
 
@@ -26,6 +26,7 @@ def _compile(
     fill_macs(the_plan, program, program.gm, after=False)
     gm = apply_passes(program.gm, program, the_plan)
     verify(gm, program, the_plan)
+    record_tokens(the_plan, program)
     fill_macs(the_plan, program, gm, after=True)
     _finalize(gm, the_plan)
     return gm, the_plan

@@ -15,7 +15,7 @@ import torch.utils._pytree as pytree
 from .analysis import TokenProgram
 from .capture import ValuePropagationError, propagate
 from .errors import FxPruneError, UnsupportedModelError
-from .plan import Plan
+from .plan import Plan, selection_node
 
 __all__ = ["verify"]
 
@@ -34,11 +34,6 @@ def _inserted(node: fx.Node) -> bool:
     return "fxprune" in node.meta
 
 
-def _selection(program: TokenProgram, index: int) -> fx.Node | None:
-    mid = program.blocks[index].mid
-    return next((u for u in mid.users if _inserted(u) and u.args[0] is mid), None) if mid is not None else None
-
-
 def _check_batch(gm: fx.GraphModule, values: dict[fx.Node, Any], batch: int) -> None:
     output = gm.graph.find_nodes(op="output")[0]
     result = fx.node.map_arg(output.args[0], lambda n: values.get(n))
@@ -47,16 +42,18 @@ def _check_batch(gm: fx.GraphModule, values: dict[fx.Node, Any], batch: int) -> 
             raise UnsupportedModelError(f"after the rewrite an output has batch {leaf.shape[0]} for {batch} inputs")
 
 
-def _check_tokens(program: TokenProgram, plan: Plan, values: dict[fx.Node, Any]) -> None:
+def _check_selections(program: TokenProgram, plan: Plan, values: dict[fx.Node, Any]) -> None:
+    """Each selection keeps exactly the tokens its policy's formula gives for the tokens it receives."""
     for row in plan.rows:
-        block = program.blocks[row.index]
-        got = _tokens(values.get(block.input))
-        if block.reducible and got != row.tokens_in:
-            raise FxPruneError(f"internal error: block {row.index} receives {got} tokens, the plan says {row.tokens_in}")
-        selection = _selection(program, row.index) if row.policy is not None else None
-        if selection is not None and _tokens(values[selection]) != row.tokens_out:
+        selection = selection_node(program, row.index) if row.policy is not None else None
+        if selection is None:
+            continue
+        got, received = _tokens(values[selection]), _tokens(values[program.blocks[row.index].mid])
+        expected = row.policy.tokens_out(received, program.prefix_tokens)
+        if got != expected:
             raise FxPruneError(
-                f"internal error: block {row.index} keeps {_tokens(values[selection])} tokens, the plan says {row.tokens_out}"
+                f"internal error: block {row.index} keeps {got} of {received} tokens, {row.policy.describe()} "
+                f"should keep {expected}"
             )
 
 
@@ -95,8 +92,9 @@ def _check_literals(gm: fx.GraphModule, program: TokenProgram, plan: Plan) -> No
     if not reduced:
         return
     first = reduced[0]
-    start = _selection(program, first.index)
-    tokens, patches = first.tokens_in, first.tokens_in - program.prefix_tokens
+    start = selection_node(program, first.index)
+    tokens = program.blocks[first.index].tokens
+    patches = tokens - program.prefix_tokens
     downstream = False
     for node in gm.graph.nodes:
         downstream = downstream or node is start
@@ -124,6 +122,6 @@ def verify(gm: fx.GraphModule, program: TokenProgram, plan: Plan) -> None:
                 "That part of the model assumes the original token count; reduce tokens only after it."
             ) from err
         _check_batch(gm, values, batch)
-        _check_tokens(program, plan, values)
+        _check_selections(program, plan, values)
         _check_guards(gm, program, values)
     _check_literals(gm, program, plan)

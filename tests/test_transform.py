@@ -58,3 +58,15 @@ def test_example_inputs_set_the_input_size_planned_for():
     gm = fxprune.transform(model, EViT(0.5, (1,)), example_inputs=(torch.randn(2, 3, 48, 48),))
     assert gm.fxprune_plan.rows[0].tokens_in == 37
     assert gm(torch.randn(2, 3, 48, 48)).shape == (2, 1000)
+
+
+def test_transforming_a_transformed_model_equals_composing_the_policies():
+    model = timm_vit("deit_small_patch16_224")
+    stacked = fxprune.transform(fxprune.transform(model, EViT(0.7, (1,))), TopK(0.5, (2,)))
+    composed = fxprune.transform(model, fxprune.Compose([EViT(0.7, (1,)), TopK(0.5, (2,))]))
+    rows = stacked.fxprune_plan.rows
+    assert [(r.tokens_in, r.tokens_out) for r in rows] == [(17, 17), (17, 14), (14, 8), (8, 8)]
+    assert rows[1].action == "unchanged (reduced by an earlier fxprune transform)"
+    x = image_batch(model)
+    torch.testing.assert_close(stacked(x), composed(x), atol=0, rtol=0)
+    assert set(stacked.state_dict()) == set(model.state_dict())

@@ -15,13 +15,14 @@ def class_attention(q: Tensor, k: Tensor, scale: float | None = None, attn_mask:
 
     Computes ``mean_h softmax(q[:, h, 0] · k[:, h]ᵀ · scale + mask[0])`` from the same ``q`` ``[B, H, N, d]``,
     ``k`` ``[B, Hkv, N, d]``, scale and mask as the SDPA call it sits beside, in O(B·H·N·d) instead of
-    materialising the ``[B, H, N, N]`` map. Returns ``[B, N]`` in at least float32.
+    materialising the ``[B, H, N, N]`` map. The logits are computed in the inputs' dtype (as the SDPA
+    kernels do), the softmax in at least float32. Returns ``[B, N]`` in at least float32.
     """
     if k.shape[1] != q.shape[1]:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     dtype = _score_dtype(q.dtype)
-    logits = (q[:, :, :1].to(dtype) * scale) @ k.to(dtype).transpose(-2, -1)
+    logits = ((q[:, :, :1] * scale) @ k.transpose(-2, -1)).to(dtype)
     if attn_mask is not None:
         row = attn_mask[..., :1, :] if attn_mask.shape[-2] > 1 else attn_mask
         logits = logits.masked_fill(~row, float("-inf")) if row.dtype == torch.bool else logits + row.to(dtype)
