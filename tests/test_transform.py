@@ -1,7 +1,9 @@
 import io
 
 import pytest
+import timm
 import torch
+import torchvision
 from vits import ALL_MODELS, hf_vit, image_batch, logits, timm_vit
 
 import fxprune
@@ -70,3 +72,26 @@ def test_transforming_a_transformed_model_equals_composing_the_policies():
     x = image_batch(model)
     torch.testing.assert_close(stacked(x), composed(x), atol=0, rtol=0)
     assert set(stacked.state_dict()) == set(model.state_dict())
+
+
+@pytest.mark.parametrize(
+    "factory, inputs, message",
+    [
+        (
+            lambda: timm.create_model("beit_base_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=4),
+            None,
+            r"block 1 \(blocks\.1\): its attention uses position-dependent table",
+        ),
+        (
+            lambda: timm.create_model("swin_tiny_patch4_window7_224", img_size=56, embed_dim=24, depths=(1, 1), num_heads=(2, 4)),
+            None,
+            r"block 1 \(layers\.1\.blocks\.0\): the stream entering it is \(2, 7, 7, 48\), not a \[B, N, C\] token sequence",
+        ),
+        (lambda: torchvision.models.resnet18(), (torch.randn(2, 3, 64, 64),), "found no attention in ResNet"),
+        (lambda: timm_vit("vit_tiny_patch16_224", class_token=False, global_pool="avg"), None, "has no class token"),
+    ],
+    ids=["beit-relative-position-bias", "swin-windows", "resnet", "no-class-token"],
+)
+def test_models_it_would_compute_wrong_numbers_for_are_refused(factory, inputs, message):
+    with pytest.raises(fxprune.UnsupportedModelError, match=message):
+        fxprune.transform(factory().eval(), EViT(0.5, (1,)), example_inputs=inputs)
