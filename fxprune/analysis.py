@@ -23,16 +23,13 @@ from torch import nn
 from .capture import TraceInfo, trace
 from .errors import UnsupportedModelError
 
-__all__ = ["AttentionSite", "Block", "TokenProgram", "analyse", "SDPA_TARGETS"]
+__all__ = ["AttentionSite", "Block", "TokenProgram", "analyse", "module_path", "sdpa_arguments", "SDPA_TARGETS"]
 
 SDPA_TARGETS = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 _SOFTMAX_FUNCTIONS = (F.softmax, torch.softmax, torch.Tensor.softmax)
 _MATMUL_FUNCTIONS = (operator.matmul, torch.matmul, torch.bmm)
 _MATMUL_METHODS = ("matmul", "bmm", "__matmul__")
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
-# ops between q @ k^T and softmax (scaling, masking, dtype casts) and between softmax and @ v
-_PASS_FUNCTIONS = (operator.mul, operator.truediv, operator.add, torch.mul, torch.div, torch.add, F.dropout)
-_PASS_METHODS = ("mul", "div", "add", "to", "float", "type", "type_as", "masked_fill", "__mul__", "__truediv__")
 _WEIGHT_CONSUMERS = (F.linear, F.layer_norm, F.group_norm, F.conv2d, F.conv1d, torch._C._nn.linear)
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
@@ -60,12 +57,6 @@ class AttentionSite:
     keys: int
     scale: float | None = None
     mask: fx.Node | None = None
-
-    def argument(self, name: str) -> Any:
-        """An argument of the SDPA call by name (``'attn_mask'``, ``'scale'``, ...), or None."""
-        if self.kind != "sdpa":
-            return None
-        return sdpa_arguments(self.node).get(name)
 
 
 @dataclasses.dataclass
@@ -102,9 +93,6 @@ class TokenProgram:
     trace: TraceInfo
     model_name: str
     unrecognised: list[str] = dataclasses.field(default_factory=list)
-
-    def block(self, index: int) -> Block:
-        return self.blocks[index]
 
     def __str__(self) -> str:
         head = (
@@ -158,13 +146,10 @@ def _is_matmul(node: fx.Node) -> bool:
 
 
 def _passes_through(node: fx.Node, gm: fx.GraphModule) -> bool:
-    """Whether ``node`` only rescales, masks or casts attention scores (keeps the ``[B, H, N, N]`` shape)."""
-    if node.op == "call_function" and node.target in _PASS_FUNCTIONS:
-        return True
-    if node.op == "call_method" and node.target in _PASS_METHODS:
-        return True
-    if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Dropout):
-        return True
+    """Whether ``node`` can sit between ``q @ kᵀ``, softmax and ``@ v``: dropout, or an op that keeps the
+    ``[B, H, N, N]`` shape of its first tensor input (scaling, masking, bias, dtype casts)."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), nn.Dropout)
     source = _tensor_input(node)
     return node.op in ("call_function", "call_method") and source is not None and _shape(node) == _shape(source)
 
@@ -202,9 +187,10 @@ def _explicit_site(node: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, fx.Node,
     return None
 
 
-def _module_of(node: fx.Node) -> str:
+def module_path(node: fx.Node) -> str:
+    """Qualified name of the innermost module ``node`` was traced in (``''`` for the top-level forward)."""
     stack = node.meta.get("nn_module_stack") or {}
-    return list(stack.keys())[-1] if stack else ""
+    return next(reversed(stack)) if stack else ""
 
 
 def find_attention(gm: fx.GraphModule) -> tuple[list[AttentionSite], list[str]]:
@@ -221,7 +207,7 @@ def find_attention(gm: fx.GraphModule) -> tuple[list[AttentionSite], list[str]]:
             shape = _shape(node)
             if found is None:
                 if shape and len(shape) >= 3 and shape[-1] == shape[-2]:
-                    unrecognised.append(f"softmax {node.name} over {list(shape)} in {_module_of(node) or 'forward'}")
+                    unrecognised.append(f"softmax {node.name} over {list(shape)} in {module_path(node) or 'forward'}")
                 continue
             q, kt, v, out = found
             site = _make_site(node, "softmax", q, _untranspose(kt), v, out, None, None)
@@ -237,7 +223,7 @@ def _make_site(node, kind, q, k, v, out, scale, mask) -> AttentionSite | None:
     if qs is None or vs is None or len(qs) != 4:
         return None
     return AttentionSite(
-        node=node, kind=kind, module=_module_of(node), q=q, k=k, v=v, output=out,
+        node=node, kind=kind, module=module_path(node), q=q, k=k, v=v, output=out,
         num_heads=qs[1], head_dim=qs[3], batch=qs[0], queries=qs[2], keys=vs[2],
         scale=scale if isinstance(scale, (int, float)) else None,
         mask=mask if isinstance(mask, fx.Node) else None,
@@ -248,7 +234,7 @@ def _make_site(node, kind, q, k, v, out, scale, mask) -> AttentionSite | None:
 # Token stream
 
 
-def _dataflow(gm: fx.GraphModule, start: fx.Node) -> nx.DiGraph:
+def _dataflow(start: fx.Node) -> nx.DiGraph:
     graph = nx.DiGraph()
     graph.add_node(start)
     todo = [start]
@@ -265,7 +251,7 @@ def _stream(gm: fx.GraphModule) -> tuple[list[fx.Node], dict[fx.Node, fx.Node]]:
     """Dominators of the output (input first), and the immediate-dominator map."""
     start = next(iter(gm.graph.find_nodes(op="placeholder")))
     output = next(iter(gm.graph.find_nodes(op="output")))
-    flow = _dataflow(gm, start)
+    flow = _dataflow(start)
     idom = nx.immediate_dominators(flow, start)
     chain = [output]
     while chain[-1] is not start:
@@ -382,8 +368,9 @@ def analyse(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = No
     """Describe the attention blocks, token stream and prefix tokens of ``model``.
 
     ``model`` is captured with :func:`fxprune.trace` first, unless it is a ``GraphModule`` that
-    ``fxprune.trace`` returned (then it is analysed as it is; passes will change it). ``print(fxprune.analyse(model))`` gives a
-    readable summary. Raises :class:`~fxprune.UnsupportedModelError` when the model has no attention.
+    ``fxprune.trace`` returned (then it is analysed as it is; passes will change it).
+    ``print(fxprune.analyse(model))`` gives a readable summary. Raises
+    :class:`~fxprune.UnsupportedModelError` when the model has no attention.
     """
     captured = (
         isinstance(model, fx.GraphModule)

@@ -13,7 +13,7 @@ import dataclasses
 import torch
 import torch.fx as fx
 
-from .analysis import Block, TokenProgram
+from .analysis import Block, TokenProgram, module_path
 from .errors import PolicyError, UnsupportedModelError
 from .policies import Compose, Policy
 
@@ -154,8 +154,7 @@ def block_of(node: fx.Node, blocks: list[Block]) -> int | None:
     tag = node.meta.get("fxprune")
     if tag is not None:
         return tag["block"]
-    stack = node.meta.get("nn_module_stack") or {}
-    path = list(stack.keys())[-1] if stack else ""
+    path = module_path(node)
     for block in blocks:
         if path == block.name or path.startswith(block.name + "."):
             return block.index

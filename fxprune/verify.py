@@ -12,7 +12,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from .analysis import TokenProgram
+from .analysis import TokenProgram, module_path
 from .capture import ValuePropagationError, propagate
 from .errors import FxPruneError, UnsupportedModelError
 from .plan import Plan, selection_node
@@ -21,9 +21,7 @@ __all__ = ["verify"]
 
 
 def _where(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    module = list(stack.keys())[-1] if stack else "the model's forward"
-    return f"node {node.name!r} in {module}"
+    return f"node {node.name!r} in {module_path(node) or 'the top-level forward'}"
 
 
 def _tokens(value: Any) -> int | None:
