@@ -23,6 +23,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=25)
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
+    torch.backends.cudnn.benchmark = True  # as in benchmarks/speed.py
     torch.manual_seed(0)
     dense = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
     evit = fxprune.transform(dense, fxprune.EViT(0.7, (3, 6, 9)))

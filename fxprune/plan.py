@@ -17,7 +17,7 @@ from .analysis import Block, TokenProgram, module_path
 from .errors import PolicyError, UnsupportedModelError
 from .policies import Compose, Policy
 
-__all__ = ["Plan", "PlanRow", "make_plan", "block_of", "fill_macs", "record_tokens", "selection_node"]
+__all__ = ["Plan", "PlanRow", "make_plan", "block_of", "fill_macs", "record_tokens", "selection_node", "token_count"]
 
 
 @dataclasses.dataclass
@@ -161,9 +161,13 @@ def block_of(node: fx.Node, blocks: list[Block]) -> int | None:
     return None
 
 
-def _tokens(node: fx.Node | None) -> int | None:
-    val = node.meta.get("val") if node is not None else None
-    return val.shape[1] if isinstance(val, torch.Tensor) and val.dim() == 3 else None
+def token_count(value: object) -> int | None:
+    """N of a ``[B, N, C]`` tensor, else None."""
+    return value.shape[1] if isinstance(value, torch.Tensor) and value.dim() == 3 else None
+
+
+def _tokens(node: fx.Node) -> int | None:
+    return token_count(node.meta.get("val"))
 
 
 def selection_node(program: TokenProgram, index: int) -> fx.Node | None:

@@ -15,17 +15,13 @@ import torch.utils._pytree as pytree
 from .analysis import TokenProgram, module_path
 from .capture import ValuePropagationError, propagate
 from .errors import FxPruneError, UnsupportedModelError
-from .plan import Plan, selection_node
+from .plan import Plan, selection_node, token_count
 
 __all__ = ["verify"]
 
 
 def _where(node: fx.Node) -> str:
     return f"node {node.name!r} in {module_path(node) or 'the top-level forward'}"
-
-
-def _tokens(value: Any) -> int | None:
-    return value.shape[1] if isinstance(value, torch.Tensor) and value.dim() == 3 else None
 
 
 def _inserted(node: fx.Node) -> bool:
@@ -46,7 +42,7 @@ def _check_selections(program: TokenProgram, plan: Plan, values: dict[fx.Node, A
         selection = selection_node(program, row.index) if row.policy is not None else None
         if selection is None:
             continue
-        got, received = _tokens(values[selection]), _tokens(values[program.blocks[row.index].mid])
+        got, received = token_count(values[selection]), token_count(values[program.blocks[row.index].mid])
         expected = row.policy.tokens_out(received, program.prefix_tokens)
         if got != expected:
             raise FxPruneError(
