@@ -17,7 +17,7 @@ from .analysis import Block, TokenProgram, module_path
 from .errors import PolicyError, UnsupportedModelError
 from .policies import Compose, Policy
 
-__all__ = ["Plan", "PlanRow", "make_plan", "block_of", "fill_macs", "record_tokens", "selection_node", "token_count"]
+__all__ = ["Plan", "PlanRow", "make_plan", "block_of", "macs_per_block", "record_tokens", "selection_node", "token_count"]
 
 
 @dataclasses.dataclass
@@ -56,6 +56,12 @@ class Plan:
     def macs_after(self) -> int:
         """MACs per image after the rewrite."""
         return self.other_macs_after + sum(r.macs_after for r in self.rows)
+
+    def set_macs(self, before: dict[int | None, int], after: dict[int | None, int]) -> None:
+        """Record MACs per image by block index (key None: outside blocks), dense and rewritten."""
+        for row in self.rows:
+            row.macs_before, row.macs_after = before.get(row.index, 0), after.get(row.index, 0)
+        self.other_macs_before, self.other_macs_after = before.get(None, 0), after.get(None, 0)
 
     def rows_for(self, policy: Policy) -> list[PlanRow]:
         return [r for r in self.rows if r.policy is policy]
@@ -199,17 +205,3 @@ def macs_per_block(gm: fx.GraphModule, blocks: list[Block], batch: int) -> dict[
         key = block_of(node, blocks)
         totals[key] = totals.get(key, 0) + node.meta.get("macs", 0)
     return {key: round(value / batch) for key, value in totals.items()}
-
-
-def fill_macs(plan: Plan, program: TokenProgram, gm: fx.GraphModule, *, after: bool) -> None:
-    """Record the MACs of ``gm`` per block in ``plan``: as the dense figures, or ``after`` the rewrite."""
-    per_block = macs_per_block(gm, program.blocks, program.batch)
-    for row in plan.rows:
-        if after:
-            row.macs_after = per_block.get(row.index, 0)
-        else:
-            row.macs_before = per_block.get(row.index, 0)
-    if after:
-        plan.other_macs_after = per_block.get(None, 0)
-    else:
-        plan.other_macs_before = per_block.get(None, 0)

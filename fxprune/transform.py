@@ -11,7 +11,7 @@ from torch import nn
 from .analysis import analyse
 from .capture import trace
 from .passes import apply_passes
-from .plan import Plan, fill_macs, make_plan, record_tokens
+from .plan import Plan, macs_per_block, make_plan, record_tokens
 from .policies import Compose, Policy
 from .verify import verify
 
@@ -23,11 +23,11 @@ def _compile(
 ) -> tuple[fx.GraphModule, Plan]:
     program = analyse(trace(model, example_inputs, copy_weights=copy_weights))
     the_plan = make_plan(program, policy)
-    fill_macs(the_plan, program, program.gm, after=False)
+    dense_macs = macs_per_block(program.gm, program.blocks, program.batch)
     gm = apply_passes(program.gm, program, the_plan)
     verify(gm, program, the_plan)
     record_tokens(the_plan, program)
-    fill_macs(the_plan, program, gm, after=True)
+    the_plan.set_macs(dense_macs, macs_per_block(gm, program.blocks, program.batch))
     _finalize(gm, the_plan)
     return gm, the_plan
 
