@@ -83,10 +83,15 @@ class Plan:
         )
         ratio = self.macs_before / self.macs_after if self.macs_after else float("nan")
         lines.append(
-            f"  MACs per image: {self.macs_before / 1e9:.2f} G → {self.macs_after / 1e9:.2f} G ({ratio:.2f}× fewer)"
+            f"  MACs per image: {_amount(self.macs_before)} → {_amount(self.macs_after)} ({ratio:.2f}× fewer)"
         )
         lines.extend(f"  note: {note}" for note in self.notes)
         return "\n".join(lines)
+
+
+def _amount(macs: int) -> str:
+    """``4.61 G`` or, below a billion, ``23.5 M``."""
+    return f"{macs / 1e9:.2f} G" if macs >= 1e9 else f"{macs / 1e6:.1f} M"
 
 
 def _count(tokens: int | None) -> str:
@@ -121,6 +126,12 @@ def _check(program: TokenProgram, owner: dict[int, Policy]) -> None:
                 "no class token (e.g. global average pooling). Use a model with a class token or a method "
                 "that needs none."
             )
+        if part.needs_keys and block.attention.k is None:
+            raise UnsupportedModelError(
+                f"{part.describe()} matches tokens by their attention keys, but the keys of block {index} "
+                f"({block.name}) were not found in its attention ({block.attention.kind} at "
+                f"{block.attention.node.name}). Choose other layers."
+            )
     if owner:
         first = min(owner)
         for block in program.blocks[first:]:
@@ -135,6 +146,7 @@ def make_plan(program: TokenProgram, policy: Policy | Compose) -> Plan:
     """Validate ``policy`` against ``program`` and give each block its action (tokens and MACs come later)."""
     if not isinstance(policy, (Policy, Compose)):
         raise PolicyError(f"expected an fxprune policy (e.g. fxprune.EViT(0.7, (3, 6, 9))), got {policy!r}")
+    policy = policy.bind(len(program.blocks))
     owner = _owner(program, policy)
     _check(program, owner)
     rows = []
@@ -168,7 +180,9 @@ def block_of(node: fx.Node, blocks: list[Block]) -> int | None:
 
 
 def token_count(value: object) -> int | None:
-    """N of a ``[B, N, C]`` tensor, else None."""
+    """N of a ``[B, N, C]`` tensor (or of the first of a tuple, as ToMe's merge returns), else None."""
+    if isinstance(value, tuple) and value:
+        value = value[0]
     return value.shape[1] if isinstance(value, torch.Tensor) and value.dim() == 3 else None
 
 

@@ -10,9 +10,10 @@ from collections.abc import Iterable, Sequence
 from typing import ClassVar
 
 from .errors import PolicyError
+from .ops.merging import tome_merged_tokens
 from .ops.selection import evit_kept_tokens
 
-__all__ = ["Policy", "EViT", "TopK", "Compose", "parse_policy"]
+__all__ = ["Policy", "EViT", "TopK", "ToMe", "Compose", "parse_policy"]
 
 
 def _layers(value: Iterable[int] | int, owner: str) -> tuple[int, ...]:
@@ -44,10 +45,15 @@ class Policy:
     layers: tuple[int, ...]
     method: ClassVar[str] = ""
     needs_class_token: ClassVar[bool] = False
+    needs_keys: ClassVar[bool] = False
 
-    def tokens_out(self, tokens_in: int, prefix: int) -> int:
-        """Tokens leaving a chosen block that receives ``tokens_in`` (``prefix`` of them protected)."""
+    def tokens_out(self, tokens_in: int, prefix: int, layer: int) -> int:
+        """Tokens leaving block ``layer`` (one of ``layers``) when it receives ``tokens_in`` (``prefix`` protected)."""
         raise NotImplementedError
+
+    def bind(self, depth: int) -> Policy:
+        """This policy for a model of ``depth`` attention blocks (resolves defaults such as "every block")."""
+        return self
 
     def describe(self) -> str:
         """Short description for plan tables."""
@@ -79,7 +85,7 @@ class EViT(Policy):
         if not isinstance(self.fuse, bool):
             raise PolicyError(f"{name}.fuse must be True or False, got {self.fuse!r}")
 
-    def tokens_out(self, tokens_in: int, prefix: int) -> int:
+    def tokens_out(self, tokens_in: int, prefix: int, layer: int) -> int:
         candidates = tokens_in - prefix
         keep = evit_kept_tokens(candidates, self.keep_rate)
         return prefix + keep + (1 if self.fuse and keep < candidates else 0)
@@ -99,6 +105,62 @@ class TopK(EViT):
 
 
 @dataclasses.dataclass(frozen=True)
+class ToMe(Policy):
+    """ToMe (Bolya et al., ICLR 2023): merge the ``r`` most similar token pairs in each chosen block.
+
+    Between attention and MLP, bipartite soft matching on the keys averaged over heads merges
+    ``min(r, (N − P) // 2)`` pairs into size-weighted means; sizes are carried to later blocks and,
+    with ``prop_attn``, ``log(size)`` is added to every later attention's logits. ``r`` is one int for
+    every chosen block or one per block; ``layers=None`` means every block.
+    """
+
+    r: int | tuple[int, ...]
+    layers: tuple[int, ...] | None = None
+    prop_attn: bool = True
+    method: ClassVar[str] = "tome"
+    needs_keys: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        r = self.r
+        if isinstance(r, int) and not isinstance(r, bool):
+            r = (r,) if r >= 0 else None
+        else:
+            try:
+                r = tuple(r)
+            except TypeError:
+                r = None
+            if r is not None and (not r or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in r)):
+                r = None
+        if r is None:
+            raise PolicyError(f"ToMe.r must be a non-negative int or a list of them (one per layer), got {self.r!r}")
+        object.__setattr__(self, "r", r[0] if isinstance(self.r, int) else r)
+        if self.layers is not None:
+            object.__setattr__(self, "layers", _layers(self.layers, "ToMe"))
+            if isinstance(self.r, tuple) and len(self.r) != len(self.layers):
+                raise PolicyError(f"ToMe.r has {len(self.r)} values for {len(self.layers)} layers; give one per layer")
+        if not isinstance(self.prop_attn, bool):
+            raise PolicyError(f"ToMe.prop_attn must be True or False, got {self.prop_attn!r}")
+
+    def bind(self, depth: int) -> ToMe:
+        if self.layers is not None:
+            return self
+        if isinstance(self.r, tuple) and len(self.r) != depth:
+            raise PolicyError(f"ToMe.r has {len(self.r)} values for the model's {depth} blocks; give one per block")
+        return ToMe(self.r, tuple(range(depth)), self.prop_attn)
+
+    def r_at(self, layer: int) -> int:
+        """Pairs to merge in block ``layer``."""
+        return self.r[self.layers.index(layer)] if isinstance(self.r, tuple) else self.r
+
+    def tokens_out(self, tokens_in: int, prefix: int, layer: int) -> int:
+        return tokens_in - tome_merged_tokens(tokens_in, prefix, self.r_at(layer))
+
+    def describe(self) -> str:
+        r = ",".join(map(str, self.r)) if isinstance(self.r, tuple) else str(self.r)
+        return f"{self.method} r {r}" + ("" if self.prop_attn else " (no prop. attn)")
+
+
+@dataclasses.dataclass(frozen=True)
 class Compose:
     """Several policies on disjoint sets of blocks, e.g. ``Compose([ToMe(8, layers=range(4)), EViT(0.7, (6, 9))])``."""
 
@@ -112,6 +174,8 @@ class Compose:
         for part in parts:
             if not isinstance(part, Policy):
                 raise PolicyError(f"Compose takes policies, got {part!r}")
+            if part.layers is None:
+                raise PolicyError(f"Compose: {part.describe()} has layers=None (every block); name its layers")
             for layer in part.layers:
                 if layer in seen:
                     raise PolicyError(
@@ -123,12 +187,18 @@ class Compose:
     def policies(self) -> tuple[Policy, ...]:
         return self.parts
 
+    def bind(self, depth: int) -> Compose:
+        return self
+
     def describe(self) -> str:
         return " | ".join(p.describe() for p in self.parts)
 
 
-_POLICIES: dict[str, type[Policy]] = {"evit": EViT, "topk": TopK}
-_KEYS = {"keep": "keep_rate", "keep_rate": "keep_rate", "layers": "layers", "fuse": "fuse"}
+_POLICIES: dict[str, type[Policy]] = {"evit": EViT, "topk": TopK, "tome": ToMe}
+_KEYS = {
+    "keep": "keep_rate", "keep_rate": "keep_rate", "layers": "layers", "fuse": "fuse", "r": "r",
+    "prop_attn": "prop_attn",
+}
 
 
 def parse_policy(text: str) -> Policy | Compose:
@@ -160,8 +230,10 @@ def parse_policy(text: str) -> Policy | Compose:
                 kwargs[key] = tuple(int(v) for v in values)
             elif key == "keep_rate":
                 kwargs[key] = float(values[0])
-            elif key == "fuse":
+            elif key in ("fuse", "prop_attn"):
                 kwargs[key] = values[0].lower() in ("1", "true", "yes")
+            elif key == "r":
+                kwargs[key] = int(values[0]) if len(values) == 1 else tuple(int(v) for v in values)
         except ValueError:
             raise PolicyError(f"{name}: bad value for {key}: {','.join(values)!r}") from None
     return cls(**kwargs)

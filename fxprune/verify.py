@@ -43,7 +43,7 @@ def _check_selections(program: TokenProgram, plan: Plan, values: dict[fx.Node, A
         if selection is None:
             continue
         got, received = token_count(values[selection]), token_count(values[program.blocks[row.index].mid])
-        expected = row.policy.tokens_out(received, program.prefix_tokens)
+        expected = row.policy.tokens_out(received, program.prefix_tokens, row.index)
         if got != expected:
             raise FxPruneError(
                 f"internal error: block {row.index} keeps {got} of {received} tokens, {row.policy.describe()} "

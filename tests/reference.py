@@ -59,3 +59,81 @@ def evit_vit(model: nn.Module, images: torch.Tensor, keep_rate: float, layers, f
             x = _evit_tokens(x, probs, keep_rate, prefix, fuse)
         x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
     return model.forward_head(model.norm(x))
+
+
+def _tome_one_image(x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, r: int, prefix: int):
+    """ToMe on one image, written as the paper states it, token by token: x [N, C], size [N], keys [N, c]."""
+    n = x.shape[0]
+    r = min(r, (n - prefix) // 2)
+    if r <= 0:
+        return x, size
+    a_ids, b_ids = list(range(0, n, 2)), list(range(1, n, 2))
+    unit = keys / keys.norm(dim=-1, keepdim=True)
+    edges = []  # (similarity, a token, its most similar b token), protected tokens excluded
+    for i in a_ids:
+        if i < prefix:
+            continue
+        sims = [(float(unit[i] @ unit[j]), j) for j in b_ids if j >= prefix]
+        best, j = max(sims, key=lambda t: t[0])
+        edges.append((best, i, j))
+    edges.sort(key=lambda t: -t[0])
+    merged = {i: j for _, i, j in edges[:r]}
+    total = {j: x[j] * size[j] for j in b_ids}
+    mass = {j: size[j].clone() for j in b_ids}
+    for i, j in merged.items():
+        total[j] = total[j] + x[i] * size[i]
+        mass[j] = mass[j] + size[i]
+    kept_a = [i for i in a_ids if i not in merged]
+    rows = [(i, x[i], size[i]) for i in kept_a] + [(j, total[j] / mass[j], mass[j]) for j in b_ids]
+    # prefix tokens first in their original order, then unmerged A tokens, then B tokens
+    order = [t for t in rows if t[0] < prefix] + [t for t in rows if t[0] >= prefix]
+    return torch.stack([t[1] for t in order]), torch.stack([t[2] for t in order])
+
+
+def _attention_with_sizes(attn: nn.Module, x: torch.Tensor, size: torch.Tensor | None):
+    """timm ``Attention`` with ToMe's proportional attention (``+ log size`` on the logits): (output,
+    probabilities, keys)."""
+    B, N, C = x.shape
+    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, C // attn.num_heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    logits = (q * attn.scale) @ k.transpose(-2, -1)
+    if size is not None:
+        logits = logits + size.log()[:, None, None, :]
+    probs = logits.softmax(dim=-1)
+    out = (probs @ v).transpose(1, 2).reshape(B, N, C)
+    return attn.proj(attn.norm(out)), probs, k
+
+
+def _evit_sizes(size: torch.Tensor, probs: torch.Tensor, keep_rate: float, prefix: int) -> torch.Tensor:
+    """Sizes after EViT: kept tokens keep theirs, the fused token's is the dropped tokens' total."""
+    cls_attn = probs[:, :, 0, prefix:].mean(dim=1)
+    left = math.ceil(keep_rate * (size.shape[1] - prefix))
+    _, idx = torch.topk(cls_attn, left, dim=1, largest=True, sorted=True)
+    kept = torch.gather(size[:, prefix:], 1, idx)
+    fused = size[:, prefix:].sum(1, keepdim=True) - kept.sum(1, keepdim=True)
+    return torch.cat([size[:, :prefix], kept, fused], dim=1)
+
+
+def tome_vit(
+    model: nn.Module, images: torch.Tensor, r, layers, prop_attn: bool = True, evit: tuple | None = None
+) -> torch.Tensor:
+    """ToMe on a timm ``VisionTransformer``: logits. ``r`` an int or one value per layer; ``evit``:
+    optionally ``(keep_rate, layers)`` of EViT in other blocks, sizes carried through its selection."""
+    prefix = model.num_prefix_tokens
+    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+    size = None
+    for i, blk in enumerate(model.blocks):
+        out, probs, k = _attention_with_sizes(blk.attn, blk.norm1(x), size if prop_attn else None)
+        x = x + blk.drop_path1(blk.ls1(out))
+        if evit is not None and i in evit[1]:
+            if size is not None:
+                size = _evit_sizes(size, probs, evit[0], prefix)
+            x = _evit_tokens(x, probs, evit[0], prefix, fuse=True)
+        if i in layers:
+            r_i = r if isinstance(r, int) else r[list(layers).index(i)]
+            sizes = torch.ones(x.shape[:2], dtype=x.dtype) if size is None else size
+            pairs = [_tome_one_image(x[b], sizes[b], k[b].mean(0), r_i, prefix) for b in range(x.shape[0])]
+            x, size = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+    return model.forward_head(model.norm(x))

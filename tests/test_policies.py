@@ -1,6 +1,6 @@
 import pytest
 
-from fxprune import Compose, EViT, PolicyError, TopK, parse_policy
+from fxprune import Compose, EViT, PolicyError, ToMe, TopK, parse_policy
 
 
 def test_layers_are_sorted_tuples():
@@ -28,9 +28,13 @@ def test_topk_is_evit_without_fusion():
 
 def test_tokens_out_follow_the_paper_formula():
     # DeiT-S: 197 tokens, 1 class token; EViT keeps ceil(0.7 * 196) = 138 and adds the fused token
-    assert EViT(0.7, (3,)).tokens_out(197, 1) == 140
-    assert TopK(0.7, (3,)).tokens_out(197, 1) == 139
-    assert EViT(1.0, (3,)).tokens_out(197, 1) == 197
+    assert EViT(0.7, (3,)).tokens_out(197, 1, 3) == 140
+    assert TopK(0.7, (3,)).tokens_out(197, 1, 3) == 139
+    assert EViT(1.0, (3,)).tokens_out(197, 1, 3) == 197
+    # ToMe merges min(r, (N - P) // 2) pairs, r per layer when given as a list
+    assert ToMe(8).bind(12).tokens_out(197, 1, 0) == 189
+    assert ToMe(100).bind(12).tokens_out(197, 1, 5) == 99
+    assert ToMe((4, 2), (0, 1)).tokens_out(197, 1, 1) == 195
 
 
 def test_compose_refuses_overlapping_layers():
@@ -48,7 +52,7 @@ def test_policy_strings_parse_to_policies():
     )
 
 
-@pytest.mark.parametrize("text, message", [("tome:r=8", "unknown policy"), ("evit:speed=2", "unknown option"), ("evit:keep=x,layers=1", "bad value")])
+@pytest.mark.parametrize("text, message", [("ats:k=8", "unknown policy"), ("evit:speed=2", "unknown option"), ("evit:keep=x,layers=1", "bad value")])
 def test_bad_policy_strings_raise_policy_error(text, message):
     with pytest.raises(PolicyError, match=message):
         parse_policy(text)

@@ -18,6 +18,11 @@ def gather_tokens(tokens: Tensor, index: Tensor) -> Tensor:
     return tokens.gather(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
 
 
+def _top_index(token_scores: Tensor, keep: int) -> Tensor:
+    """Rows of the ``keep`` largest scores ``[B, N]``, largest first: ``[B, keep]``."""
+    return token_scores.topk(keep, dim=1, largest=True, sorted=True).indices
+
+
 def evit_select(x: Tensor, scores: Tensor, keep_rate: float, num_prefix: int, fuse: bool) -> Tensor:
     """EViT token selection: ``[B, N, C]`` → ``[B, P + K (+1), C]``.
 
@@ -30,9 +35,25 @@ def evit_select(x: Tensor, scores: Tensor, keep_rate: float, num_prefix: int, fu
     if keep == tokens.shape[1]:
         return x
     token_scores = scores[:, num_prefix:]
-    index = token_scores.topk(keep, dim=1, largest=True, sorted=True).indices
+    index = _top_index(token_scores, keep)
     parts = [prefix, gather_tokens(tokens, index)]
     if fuse:
         dropped = token_scores.scatter(1, index, 0.0).to(x.dtype)
         parts.append(torch.bmm(dropped.unsqueeze(1), tokens))
+    return torch.cat(parts, dim=1)
+
+
+def evit_select_sizes(size: Tensor, scores: Tensor, keep_rate: float, num_prefix: int, fuse: bool) -> Tensor:
+    """The sizes ``[B, N', 1]`` (patches each token stands for) after :func:`evit_select` with the same scores.
+
+    Kept tokens keep their size; the fused token stands for every dropped token, so its size is theirs summed.
+    """
+    prefix, sizes = size[:, :num_prefix], size[:, num_prefix:]
+    keep = evit_kept_tokens(sizes.shape[1], keep_rate)
+    if keep == sizes.shape[1]:
+        return size
+    kept = gather_tokens(sizes, _top_index(scores[:, num_prefix:], keep))
+    parts = [prefix, kept]
+    if fuse:
+        parts.append(sizes.sum(1, keepdim=True) - kept.sum(1, keepdim=True))
     return torch.cat(parts, dim=1)

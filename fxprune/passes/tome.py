@@ -1,0 +1,70 @@
+"""ToMe: merge similar tokens between a block's attention and its MLP, and carry token sizes onwards.
+
+Sizes (how many patches each token stands for) start at the first merge and follow the token stream
+through every later block: each ToMe merge sums them, an EViT/Top-K selection gathers them (its fused
+token stands for every dropped token), and with ``prop_attn`` every later attention adds ``log(size)``
+of its keys to the logits, as a float ``attn_mask`` to the kept SDPA call.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch.fx as fx
+
+from ..analysis import Block, TokenProgram, sdpa_arguments
+from ..ops import class_attention, evit_select, evit_select_sizes, size_bias, tome_merge
+from ..plan import Plan, selection_node
+from ..policies import ToMe
+from .common import insert_call
+
+
+def tome_pass(gm: fx.GraphModule, program: TokenProgram, plan: Plan, policy: ToMe) -> fx.GraphModule:
+    """At each block of ``policy``: merge ``r`` token pairs after the residual add (sizes: :func:`thread_sizes`)."""
+    for row in plan.rows_for(policy):
+        block = program.blocks[row.index]
+        args = (block.mid, None, block.attention.k, policy.r_at(row.index), program.prefix_tokens)
+        merge = insert_call(gm, block.mid, tome_merge, args, {}, block, policy.method)
+        tokens = insert_call(gm, merge, operator.getitem, (merge, 0), {}, block, "tome_tokens")
+        block.mid.replace_all_uses_with(tokens, delete_user_cb=lambda user: user is not merge)
+    return gm
+
+
+def thread_sizes(gm: fx.GraphModule, program: TokenProgram, plan: Plan) -> fx.GraphModule:
+    """Route token sizes from the first ToMe merge through every later block (run after all method passes)."""
+    size: fx.Node | None = None
+    proportional = False
+    for row in plan.rows:
+        block = program.blocks[row.index]
+        if size is not None and proportional:
+            _add_size_bias(gm, block, size)
+        selection = selection_node(program, row.index) if row.policy is not None else None
+        if selection is None:
+            continue
+        if selection.target is tome_merge:
+            selection.update_arg(1, size)
+            size = insert_call(gm, selection.next, operator.getitem, (selection, 1), {}, block, "tome_sizes")
+            proportional = row.policy.prop_attn
+        elif selection.target is evit_select and size is not None:
+            size = insert_call(gm, selection, evit_select_sizes, (size, *selection.args[1:]), {}, block, "sizes")
+    return gm
+
+
+def _add_size_bias(gm: fx.GraphModule, block: Block, size: fx.Node) -> None:
+    """Add ``log(size)`` of the keys to ``block``'s attention logits (and to its class-attention scores)."""
+    site = block.attention
+    if site.kind == "sdpa":
+        mask = sdpa_arguments(site.node)["attn_mask"]
+        bias = insert_call(gm, site.node.prev, size_bias, (size, mask, site.q), {}, block, "size_bias")
+        if len(site.node.args) > 3:
+            site.node.update_arg(3, bias)
+        else:
+            site.node.update_kwarg("attn_mask", bias)
+        for node in gm.graph.nodes:
+            if node.target is class_attention and node.meta["fxprune"]["block"] == block.index:
+                node.update_kwarg("attn_mask", bias)
+    else:
+        logits = site.node.args[0]
+        bias = insert_call(gm, logits, size_bias, (size, None, logits), {}, block, "size_bias")
+        biased = insert_call(gm, bias, operator.add, (logits, bias), {}, block, "biased_logits")
+        site.node.replace_input_with(logits, biased)
