@@ -1,10 +1,11 @@
-"""Speed of EViT-0.7 DeiT-S against dense DeiT-S, eager and compiled, and the time ``transform`` takes.
+"""Speed of token-reduced DeiT-S against dense DeiT-S, eager and compiled, and the time ``transform`` takes.
 
-    python benchmarks/speed.py                                  # CPU, float32, batches 1 and 32
+    python benchmarks/speed.py                                  # CPU, float32, batches 1 and 32, EViT 0.7
+    python benchmarks/speed.py --policy "tome:r=8" --policy "tome:r=13"
     python benchmarks/speed.py --device cuda --dtype bfloat16 --batches 1,256
 
-Each (mode, batch) pair is measured in one interleaved run (dense, EViT, dense, EViT, ...) and
-reported as the ratio of medians; absolute times are printed only for a GPU. Prints a Markdown
+Each (mode, batch) pair is measured in one interleaved run (dense, policy 1, policy 2, ..., dense, ...)
+and reported as ratios of medians; absolute times are printed only for a GPU. Prints a Markdown
 section for BENCHMARKS.md.
 """
 
@@ -21,28 +22,24 @@ import torch
 import fxprune
 from fxprune.speed import interleaved, machine
 
-
-def _models(device: str, dtype: torch.dtype):
-    torch.manual_seed(0)
-    dense = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
-    evit = fxprune.transform(dense, fxprune.EViT(0.7, (3, 6, 9)))
-    return dense.to(device, dtype), evit.to(device, dtype)
+DEFAULT_POLICY = "evit:keep=0.7,layers=3,6,9"
 
 
-def _transform_seconds(repeats: int) -> tuple[float, float]:
+def _transform_seconds(policy, repeats: int) -> tuple[float, float]:
     """(first call, median of the next ``repeats`` calls) of ``transform`` on ViT-B/16, in seconds."""
     torch.manual_seed(0)
     vit_b = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
     times = []
     for _ in range(repeats + 1):
         start = time.perf_counter()
-        fxprune.transform(vit_b, fxprune.EViT(0.7, (3, 6, 9)))
+        fxprune.transform(vit_b, policy)
         times.append(time.perf_counter() - start)
     return times[0], statistics.median(times[1:])
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--policy", action="append", help=f"repeatable (default: {DEFAULT_POLICY!r})")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--batches", default="1,32", help="comma-separated batch sizes")
@@ -56,39 +53,48 @@ def main(argv: list[str] | None = None) -> None:
     if gpu:
         torch.backends.cudnn.benchmark = True  # let cuDNN pick its fastest patch-embedding convolution
 
-    dense, evit = _models(args.device, dtype)
+    torch.manual_seed(0)
+    dense = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
+    policies = {text: fxprune.parse_policy(text) for text in args.policy or [DEFAULT_POLICY]}
+    models = {"dense": dense.to(args.device, dtype)}
+    models.update({text: fxprune.transform(dense, p).to(args.device, dtype) for text, p in policies.items()})
     image = torch.randn(1, 3, 224, 224, device=args.device, dtype=dtype)
-    mac_ratio = fxprune.flops(dense, image) / fxprune.flops(evit, image)
-    modes = {"eager": (dense, evit)}
+    macs = {name: fxprune.flops(m, image) for name, m in models.items()}
+    modes = {"eager": models}
     if not args.no_compile:
         kwargs = {"mode": args.compile_mode} if args.compile_mode else {}
         label = f"compiled ({args.compile_mode})" if args.compile_mode else "compiled"
-        modes[label] = (fxprune.lower(dense, **kwargs), fxprune.lower(evit, **kwargs))
+        modes[label] = {name: fxprune.lower(m, **kwargs) for name, m in models.items()}
 
     rows = []
-    for mode, (d, e) in modes.items():
+    for mode, compiled in modes.items():
         for batch in batches:
             x = torch.randn(batch, 3, 224, 224, device=args.device, dtype=dtype)
-            timing = interleaved({"dense": lambda: d(x), "evit": lambda: e(x)}, repeats=args.repeats, device=args.device)
-            absolute = ""
+            timing = interleaved({n: (lambda m=m: m(x)) for n, m in compiled.items()}, repeats=args.repeats,
+                                 device=args.device)
+            cells = [f"{timing.ratio('dense', name):.2f}×" for name in policies]
             if gpu:
-                absolute = (f" | {timing.median('dense') * 1e3:.2f} ms ({batch / timing.median('dense'):,.0f} img/s)"
-                            f" | {timing.median('evit') * 1e3:.2f} ms ({batch / timing.median('evit'):,.0f} img/s)")
-            rows.append(f"| {mode} | {batch} | {timing.ratio('dense', 'evit'):.2f}×{absolute} |")
+                cells += [f"{timing.median(n) * 1e3:.2f} ms ({batch / timing.median(n):,.0f} img/s)" for n in compiled]
+            rows.append(f"| {mode} | {batch} | " + " | ".join(cells) + " |")
             print(rows[-1], file=sys.stderr, flush=True)
-    first, warm = _transform_seconds(repeats=5)
+    first_policy = next(iter(policies.values()))
+    first, warm = _transform_seconds(first_policy, repeats=5)
 
     command = "python benchmarks/speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(f"### DeiT-S, EViT keep 0.7 at blocks 3, 6, 9 — {args.device}, {args.dtype}\n")
+    print(f"### DeiT-S: {'; '.join(p.describe() for p in policies.values())} — {args.device}, {args.dtype}\n")
     print(f"Command: `{command.strip()}`  ")
     print(f"Machine: {machine(args.device)}  ")
-    print(f"MAC ratio (dense / EViT, fxprune.flops): {mac_ratio:.2f}×; speed ratios are medians of "
-          f"{args.repeats} interleaved runs" + (" (cudnn.benchmark on)" if gpu else "") + ".\n")
-    header = "| mode | batch | speed ratio dense/EViT |" + (" dense | EViT |" if gpu else "")
+    mac_ratios = ", ".join(f"`{text}` {macs['dense'] / macs[text]:.2f}×" for text in policies)
+    print(f"MACs per image: dense {macs['dense'] / 1e9:.2f} G; MAC ratio dense / reduced (fxprune.flops): "
+          f"{mac_ratios}. Speed ratios are medians of {args.repeats} interleaved runs"
+          + (" (cudnn.benchmark on)" if gpu else "") + ".\n")
+    header = "| mode | batch | " + " | ".join(f"speed ratio `{t}`" for t in policies) + " |"
+    if gpu:
+        header += " " + " | ".join(["dense"] + [f"`{t}`" for t in policies]) + " |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     print("\n".join(rows))
-    print(f"\n`fxprune.transform` on ViT-B/16 (224², EViT 0.7 at 3, 6, 9): first call {first:.2f} s, "
+    print(f"\n`fxprune.transform` on ViT-B/16 (224², {first_policy.describe()}): first call {first:.2f} s, "
           f"then median {warm:.2f} s over 5 calls.")
 
 

@@ -1,10 +1,12 @@
-"""Command line: ``fxprune inspect MODEL --policy ...`` and ``fxprune demo``."""
+"""Command line: ``fxprune inspect | bench | show | demo``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
+
+import torch
 
 from .errors import FxPruneError
 
@@ -31,7 +33,70 @@ def _inspect(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from .demo import run
 
-    run(batch=args.batch, repeats=args.repeats)
+    run(scenes=args.scenes, picture=args.out, repeats=args.repeats)
+
+
+def _model_and_data(args: argparse.Namespace):
+    """The model and dataset a ``bench``/``show`` command names: the embedded default or timm + ImageFolder."""
+    from .bench import imagefolder
+    from .datasets import DigitScenes
+    from .models import digits_vit
+
+    if args.model == "digits":
+        return digits_vit(), DigitScenes("test", args.images, seed=1), "digits_vit", "DigitScenes test"
+    import timm
+
+    if args.data is None:
+        raise FxPruneError(f"--data DIR is needed for {args.model}: an ImageFolder in ImageNet-val layout")
+    model = timm.create_model(args.model, pretrained=args.pretrained).eval()
+    data = imagefolder(model, args.data)
+    if args.images < len(data):
+        data = torch.utils.data.Subset(data, range(args.images))
+    weights = "pretrained" if args.pretrained else "random weights"
+    return model, data, f"{args.model} ({weights})", f"ImageFolder {args.data}"
+
+
+def _policies(args: argparse.Namespace, model, data) -> list:
+    from .bench import default_layers, sweep_policies
+    from .policies import parse_policy
+
+    if args.policy:
+        return [parse_policy(p) for p in args.policy]
+    example = (torch.stack([data[i][0] for i in range(2)]),)
+    return sweep_policies(model, default_layers(model, example), example_inputs=example)
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from .bench import plot, run
+
+    model, data, model_name, data_name = _model_and_data(args)
+    result = run(model, _policies(args, model, data), data, batch_size=args.batch, speed_batch=args.speed_batch,
+                 repeats=args.repeats, model_name=model_name, data_name=data_name)
+    print(result.markdown())
+    if args.plot:
+        plot(result, args.plot)
+        print(f"\nwrote {args.plot}")
+
+
+def _show(args: argparse.Namespace) -> None:
+    from .bench import default_policy
+    from .policies import parse_policy
+    from .show import draw_kept_patches
+    from .transform import transform
+
+    model, data, _, _ = _model_and_data(args)
+    images = torch.stack([data[i][0] for i in range(args.scenes)])
+    labels = [str(data[i][1]) for i in range(args.scenes)]
+    policy = parse_policy(args.policy) if args.policy else default_policy(model, example_inputs=(images[:2],))
+    fast = transform(model, policy, example_inputs=(images[:2],))
+    print(f"wrote {draw_kept_patches(fast, images, args.out, labels=labels)}: {policy}")
+
+
+def _add_model_options(parser: argparse.ArgumentParser, images: int) -> None:
+    parser.add_argument("--model", default="digits", help="'digits' (embedded, default) or a timm model name")
+    parser.add_argument("--pretrained", action="store_true", help="load the timm model's pretrained weights")
+    parser.add_argument("--data", help="ImageFolder root in ImageNet-val layout (for a timm model)")
+    parser.add_argument("--images", type=int, default=images, help="how many images to use")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -43,9 +108,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     inspect.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
     inspect.add_argument("--code", action="store_true", help="also print the rewritten forward code")
     inspect.set_defaults(func=_inspect)
-    demo = sub.add_parser("demo", help="DeiT-S + EViT 0.7: plan, MACs and measured speed on this machine")
-    demo.add_argument("--batch", type=int, default=16)
+    bench = sub.add_parser("bench", help="accuracy, MACs and measured speed of policies against the dense model")
+    _add_model_options(bench, images=2000)
+    bench.add_argument("--policy", action="append", help="repeatable; default: EViT and Top-K sweeps")
+    bench.add_argument("--batch", type=int, default=100, help="evaluation batch size")
+    bench.add_argument("--speed-batch", type=int, default=64, help="batch size of the speed measurement")
+    bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--plot", help="write an accuracy-vs-MACs PNG here")
+    bench.set_defaults(func=_bench)
+    show = sub.add_parser("show", help="draw which patches each reduced block keeps")
+    _add_model_options(show, images=100)
+    show.add_argument("--policy", help="default: EViT leaving 70%% of the dense MACs")
+    show.add_argument("--scenes", type=int, default=6)
+    show.add_argument("--out", default="kept_tokens.png")
+    show.set_defaults(func=_show)
+    demo = sub.add_parser("demo", help="the embedded DigitScenes ViT with EViT: plan, accuracy, MACs, speed, picture")
+    demo.add_argument("--scenes", type=int, default=1000)
     demo.add_argument("--repeats", type=int, default=5)
+    demo.add_argument("--out", default="kept_tokens.png", help="where to write the picture")
     demo.set_defaults(func=_demo)
     args = parser.parse_args(argv)
     try:

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .errors import FxPruneError
+
 __all__ = ["flops", "count_macs", "MacCounter"]
 
 aten = torch.ops.aten
@@ -95,6 +97,11 @@ class MacCounter(TorchDispatchMode):
         self.total = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if torch.is_inference_mode_enabled():
+            raise FxPruneError(
+                "MACs cannot be counted under torch.inference_mode(): composite ops such as linear are not "
+                "decomposed there and would count as zero. Use torch.no_grad() instead."
+            )
         out = func(*args, **(kwargs or {}))
         counter = _COUNTERS.get(func)
         if counter is not None:

@@ -1,3 +1,6 @@
+import numpy as np
+from PIL import Image
+
 from fxprune.cli import main
 
 
@@ -22,9 +25,38 @@ def test_errors_are_reported_with_exit_code_2(capsys):
     assert "PolicyError: EViT.keep_rate must be in (0, 1]" in capsys.readouterr().err
 
 
-def test_demo_prints_plan_macs_and_measured_ratio(capsys):
-    assert main(["demo", "--batch", "1", "--repeats", "1"]) == 0
+def test_demo_prints_plan_accuracy_macs_speed_and_writes_the_picture(capsys, tmp_path):
+    assert main(["demo", "--scenes", "100", "--repeats", "1", "--out", str(tmp_path / "kept.png")]) == 0
     out = capsys.readouterr().out
-    assert "fxprune plan for VisionTransformer (input 3×224×224" in out
-    assert "MACs per image (measured by fxprune.flops): dense 4.61 G, EViT 3.04 G, ratio 1.52×" in out
-    assert "faster than dense" in out and "machine: CPU" in out
+    assert "fxprune plan for VisionTransformer (input 3×64×64, 1 prefix token(s))" in out
+    assert "| dense | " in out and "| evit keep " in out and "DigitScenes test (held-out digits) (100 images)" in out
+    assert "speed ratio" in out and "machine: CPU" in out
+    assert (tmp_path / "kept.png").exists()
+
+
+def test_bench_and_show_run_on_the_embedded_benchmark(capsys, tmp_path):
+    assert main(["bench", "--images", "100", "--policy", "topk:keep=0.5,layers=2", "--repeats", "1",
+                 "--speed-batch", "8", "--plot", str(tmp_path / "curve.png")]) == 0
+    out = capsys.readouterr().out
+    assert "| topk keep 0.5 @ 2 |" in out and (tmp_path / "curve.png").exists()
+    assert main(["show", "--scenes", "2", "--out", str(tmp_path / "kept.png")]) == 0
+    assert (tmp_path / "kept.png").exists()
+
+
+def test_bench_runs_a_timm_model_on_an_image_folder(capsys, tmp_path):
+    rng = np.random.default_rng(0)
+    for synset in ("n01440764", "n01443537"):
+        (tmp_path / synset).mkdir()
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(tmp_path / synset / f"{i}.png")
+    code = main(["bench", "--model", "vit_tiny_patch16_224", "--data", str(tmp_path), "--images", "4",
+                 "--policy", "evit:keep=0.7,layers=3,6,9", "--batch", "2", "--speed-batch", "2", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert f"Model: vit_tiny_patch16_224 (random weights); data: ImageFolder {tmp_path} (4 images)" in out
+    assert "| evit keep 0.7 + fused token @ 3,6,9 |" in out
+
+
+def test_bench_on_a_timm_model_needs_data(capsys):
+    assert main(["bench", "--model", "vit_tiny_patch16_224"]) == 2
+    assert "--data DIR is needed" in capsys.readouterr().err

@@ -55,3 +55,10 @@ def test_plan_macs_match_measured_flops():
     x = torch.randn(1, 3, 32, 32)
     assert gm.fxprune_plan.macs_before == fxprune.flops(model, x)
     assert gm.fxprune_plan.macs_after == fxprune.flops(gm, x)
+
+
+def test_counting_under_inference_mode_is_refused_rather_than_zero():
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1)
+    with pytest.raises(fxprune.FxPruneError, match="inference_mode"):
+        with torch.inference_mode(), MacCounter():
+            model(torch.zeros(1, 3, 32, 32))

@@ -1,0 +1,247 @@
+"""Evaluation harness: top-1 accuracy, mean MACs per image and measured speed ratio, for several policies.
+
+The embedded default is the DigitScenes ViT on DigitScenes test scenes (nothing to download). The same
+harness runs a timm model (``pretrained=True`` where weights can be downloaded) on an ImageFolder in
+ImageNet-val layout with timm's evaluation transforms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .analysis import analyse
+from .flops import MacCounter
+from .plan import Plan
+from .policies import Compose, EViT, Policy, ToMe, TopK
+from .speed import interleaved, machine
+from .transform import plan, transform
+
+__all__ = [
+    "BenchRow", "BenchResult", "evaluate", "run", "fit_policy", "keep_rate_for", "tome_r_for", "default_layers",
+    "default_policy", "sweep_policies", "imagefolder", "plot",
+]
+
+
+@dataclasses.dataclass
+class BenchRow:
+    """One model of a benchmark: accuracy, mean MACs per image and speed against the dense model."""
+
+    name: str
+    accuracy: float
+    macs: float
+    mac_fraction: float
+    speed_ratio: float
+    policy: Policy | Compose | None = None
+
+
+@dataclasses.dataclass
+class BenchResult:
+    """Rows for the dense model and each policy, with what was measured and where."""
+
+    model: str
+    data: str
+    images: int
+    speed_batch: int
+    repeats: int
+    machine: str
+    rows: list[BenchRow]
+
+    def markdown(self) -> str:
+        lines = [
+            f"Model: {self.model}; data: {self.data} ({self.images} images).  ",
+            f"Speed: eager, batch {self.speed_batch}, ratio of medians of {self.repeats} interleaved runs "
+            f"against the dense model; machine: {self.machine}.",
+            "",
+            "| method | top-1 (%) | Δ top-1 | MACs / image | % of dense MACs | speed ratio |",
+            "|---|---|---|---|---|---|",
+        ]
+        dense = self.rows[0].accuracy
+        for r in self.rows:
+            delta = "" if r.policy is None else f"{100 * (r.accuracy - dense):+.2f}"
+            lines.append(
+                f"| {r.name} | {100 * r.accuracy:.2f} | {delta} | {r.macs / 1e6:.1f} M | "
+                f"{100 * r.mac_fraction:.1f} | {r.speed_ratio:.2f}× |"
+            )
+        return "\n".join(lines)
+
+    __str__ = markdown
+
+
+def evaluate(model: nn.Module, loader: Iterable, progress: str | None = None) -> tuple[float, float]:
+    """(top-1 accuracy, mean MACs per image) of ``model`` over ``loader``'s ``(images, labels)`` batches."""
+    correct = seen = 0
+    counter = MacCounter()
+    batches = tqdm(loader, desc=progress, unit="batch", leave=False) if progress else loader
+    with torch.no_grad(), counter:  # not inference_mode: dispatch modes do not see its ops
+        for images, labels in batches:
+            output = model(images)
+            logits = output if isinstance(output, torch.Tensor) else output.logits
+            correct += (logits.argmax(-1) == labels).sum().item()
+            seen += len(labels)
+    return correct / seen, counter.total / seen
+
+
+def _describe(policy: Policy | Compose) -> str:
+    """``"<method> @ <blocks>"`` for each part of ``policy``."""
+
+    def one(part: Policy) -> str:
+        layers = "every block" if part.layers is None else ",".join(map(str, part.layers))
+        return f"{part.describe()} @ {layers}"
+
+    return " | ".join(one(part) for part in policy.policies())
+
+
+def run(
+    model: nn.Module,
+    policies: Sequence[Policy | Compose],
+    dataset: Dataset,
+    *,
+    batch_size: int = 100,
+    speed_batch: int = 32,
+    repeats: int = 5,
+    model_name: str | None = None,
+    data_name: str | None = None,
+    progress: bool = True,
+) -> BenchResult:
+    """Evaluate ``model`` dense and transformed by each policy on ``dataset``, and time them together."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    example = next(iter(loader))[0][:2]
+    models: dict[str, tuple[nn.Module, Policy | Compose | None]] = {"dense": (model, None)}
+    for policy in policies:
+        models[_describe(policy)] = (transform(model, policy, example_inputs=(example,)), policy)
+    rows = []
+    for name, (candidate, policy) in models.items():
+        accuracy, macs = evaluate(candidate, loader, progress=name if progress else None)
+        rows.append(BenchRow(name, accuracy, macs, 0.0, 0.0, policy))
+    for row in rows:
+        row.mac_fraction = row.macs / rows[0].macs
+    speed_images = torch.cat([x for x, _ in _take(loader, speed_batch)])[:speed_batch]
+    timing = interleaved({n: (lambda m=m: m(speed_images)) for n, (m, _) in models.items()}, repeats=repeats)
+    for row in rows:
+        row.speed_ratio = timing.ratio("dense", row.name)
+    return BenchResult(
+        model_name or type(model).__name__, data_name or type(dataset).__name__, len(dataset), speed_batch,
+        repeats, machine(), rows,
+    )
+
+
+def _take(loader: DataLoader, images: int):
+    seen = 0
+    for batch in loader:
+        yield batch
+        seen += len(batch[1])
+        if seen >= images:
+            return
+
+
+def fit_policy(
+    model: nn.Module,
+    family: Callable[[Any], Policy],
+    settings: Sequence[Any],
+    fraction: float,
+    example_inputs: Sequence[torch.Tensor] | None = None,
+) -> Policy:
+    """``family(s)`` for the setting ``s`` that leaves the most MACs not above ``fraction`` of the dense MACs.
+
+    ``settings`` must be ordered by increasing MACs (e.g. keep rates ascending, ToMe's ``r`` descending);
+    found by bisection, one plan per step. When every setting exceeds ``fraction`` the first is returned.
+    """
+
+    def fraction_at(i: int) -> float:
+        the_plan: Plan = plan(model, family(settings[i]), example_inputs)
+        return the_plan.macs_after / the_plan.macs_before
+
+    low, high = 0, len(settings) - 1  # invariant: the answer lies in [low, high]
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fraction_at(middle) <= fraction else (low, middle - 1)
+    return family(settings[low])
+
+
+def keep_rate_for(
+    model: nn.Module, method: type[EViT], layers: Sequence[int], fraction: float, example_inputs=None
+) -> float:
+    """The keep rate (a multiple of 0.01) at which ``method(keep_rate, layers)`` leaves at most ``fraction``
+    of the dense MACs, as close to it as possible."""
+    keep_rates = [k / 100 for k in range(1, 101)]
+    return fit_policy(model, lambda k: method(k, tuple(layers)), keep_rates, fraction, example_inputs).keep_rate
+
+
+def tome_r_for(model: nn.Module, fraction: float, example_inputs=None) -> int:
+    """The ``r`` at which ``ToMe(r)`` (every block) leaves at most ``fraction`` of the dense MACs, as close as possible."""
+    program = analyse(model, example_inputs)
+    largest = (program.tokens - program.prefix_tokens) // 2
+    return fit_policy(model, ToMe, list(range(largest, -1, -1)), fraction, example_inputs).r
+
+
+def default_layers(model: nn.Module, example_inputs=None) -> tuple[int, ...]:
+    """Blocks to reduce by default: a quarter, half and three quarters deep (3, 6, 9 for 12 blocks, as EViT)."""
+    depth = len(analyse(model, example_inputs).blocks)
+    return tuple(sorted({depth // 4, depth // 2, 3 * depth // 4}))
+
+
+def default_policy(model: nn.Module, fraction: float = 0.70, example_inputs=None) -> EViT:
+    """EViT at :func:`default_layers`, keeping the tokens that leave ``fraction`` of the dense MACs."""
+    layers = default_layers(model, example_inputs)
+    return EViT(keep_rate_for(model, EViT, layers, fraction, example_inputs), layers)
+
+
+def sweep_policies(
+    model: nn.Module,
+    layers: Sequence[int],
+    fractions: Sequence[float] = (0.85, 0.70, 0.55),
+    example_inputs=None,
+) -> list[Policy]:
+    """Every method at the settings that leave (at most, as close as possible) each of ``fractions`` of the
+    dense MACs: EViT and Top-K at ``layers``, ToMe with one ``r`` in every block (as in its paper)."""
+    policies: list[Policy] = [
+        method(keep_rate_for(model, method, layers, f, example_inputs), tuple(layers))
+        for method in (EViT, TopK)
+        for f in fractions
+    ]
+    policies += [ToMe(tome_r_for(model, f, example_inputs)) for f in fractions]
+    return policies
+
+
+def imagefolder(model: nn.Module, root: str | Path) -> Dataset:
+    """An ImageFolder (ImageNet-val layout: one folder per class) with timm's eval transforms for ``model``."""
+    from timm.data import create_transform, resolve_data_config
+    from torchvision.datasets import ImageFolder
+
+    config = resolve_data_config({}, model=model)
+    return ImageFolder(str(root), transform=create_transform(**config, is_training=False))
+
+
+def plot(result: BenchResult, path: str | Path) -> None:
+    """Accuracy against MACs (% of dense), one curve per method, written as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense = result.rows[0]
+    curves: dict[str, list[BenchRow]] = {}
+    for row in result.rows[1:]:
+        key = row.policy.method if isinstance(row.policy, Policy) else row.policy.describe()
+        curves.setdefault(key, []).append(row)
+    figure, axes = plt.subplots(figsize=(6, 4.2), dpi=120)
+    for key, rows in curves.items():
+        rows = sorted(rows, key=lambda r: r.mac_fraction) + [dense]
+        axes.plot([100 * r.mac_fraction for r in rows], [100 * r.accuracy for r in rows], marker="o", label=key)
+    axes.scatter([100], [100 * dense.accuracy], marker="*", s=160, color="black", zorder=3, label="dense")
+    axes.set_xlabel("MACs per image (% of dense)")
+    axes.set_ylabel("top-1 accuracy (%)")
+    axes.set_title(f"{result.model} on {result.data}", fontsize=9)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)

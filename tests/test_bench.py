@@ -1,0 +1,74 @@
+import pytest
+import torch
+from PIL import Image
+
+import fxprune
+from fxprune import EViT, ToMe, TopK
+from fxprune.bench import default_layers, evaluate, keep_rate_for, plot, run, sweep_policies, tome_r_for
+from fxprune.datasets import DigitScenes
+from fxprune.models import digits_vit
+
+
+@pytest.fixture(scope="module")
+def result():
+    data = DigitScenes("test", 200, seed=1)
+    return run(digits_vit(), [EViT(0.5, (1, 3)), TopK(0.5, (1, 3)), ToMe(4)], data, batch_size=100, speed_batch=16,
+               repeats=2, progress=False, model_name="digits_vit", data_name="DigitScenes test")
+
+
+def test_one_row_per_model_with_accuracy_macs_and_speed(result):
+    dense, evit, topk, tome = result.rows
+    assert dense.name == "dense" and dense.mac_fraction == 1.0 and dense.speed_ratio == 1.0
+    assert evit.name == "evit keep 0.5 + fused token @ 1,3" and topk.name == "topk keep 0.5 @ 1,3"
+    assert tome.name == "tome r 4 @ every block" and tome.mac_fraction < 1.0
+    assert all(0.0 <= r.accuracy <= 1.0 for r in result.rows)
+    assert topk.mac_fraction < evit.mac_fraction < 1.0
+    assert all(r.speed_ratio > 0 for r in result.rows)
+
+
+def test_rows_agree_with_separate_evaluation(result):
+    data = DigitScenes("test", 200, seed=1)
+    model = fxprune.transform(digits_vit(), EViT(0.5, (1, 3)))
+    accuracy, macs = evaluate(model, torch.utils.data.DataLoader(data, batch_size=50))
+    assert accuracy == result.rows[1].accuracy and macs == pytest.approx(result.rows[1].macs)
+
+
+def test_markdown_table_names_the_measurement(result):
+    text = result.markdown()
+    assert "| method | top-1 (%) | Δ top-1 | MACs / image | % of dense MACs | speed ratio |" in text
+    assert "interleaved runs" in text and "machine: CPU" in text
+    assert text.count("\n|") == 6
+
+
+def test_plot_is_written(result, tmp_path):
+    plot(result, tmp_path / "curve.png")
+    assert Image.open(tmp_path / "curve.png").size[0] > 300
+
+
+def _mac_fraction(model, policy):
+    the_plan = fxprune.plan(model, policy)
+    return the_plan.macs_after / the_plan.macs_before
+
+
+def test_settings_are_the_closest_to_a_mac_fraction_without_exceeding_it():
+    model = digits_vit()
+    keep = keep_rate_for(model, EViT, (1, 3), 0.7)
+    assert _mac_fraction(model, EViT(keep, (1, 3))) <= 0.7 < _mac_fraction(model, EViT(keep + 0.01, (1, 3)))
+    r = tome_r_for(model, 0.7)
+    assert _mac_fraction(model, ToMe(r)) <= 0.7 < _mac_fraction(model, ToMe(r - 1))
+
+
+def test_sweep_covers_every_method_at_each_fraction():
+    model = digits_vit()
+    policies = sweep_policies(model, (1, 3), fractions=(0.8, 0.6))
+    assert [type(p) for p in policies] == [EViT, EViT, TopK, TopK, ToMe, ToMe]
+    assert policies[0].keep_rate > policies[1].keep_rate and policies[4].r < policies[5].r
+    assert policies[4].layers is None  # ToMe merges in every block, as in its paper
+
+
+def test_default_layers_follow_evit_for_twelve_blocks():
+    import timm
+
+    deit = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8)
+    assert default_layers(deit) == (3, 6, 9)
+    assert default_layers(digits_vit()) == (1, 3, 4)

@@ -1,0 +1,30 @@
+from importlib import resources
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+import fxprune
+from fxprune.bench import evaluate
+from fxprune.datasets import DigitScenes
+from fxprune.models import DIGITS_VIT_WEIGHTS, digits_vit
+
+
+def test_shipped_digits_vit_is_a_timm_vit_with_class_token_and_64_patches():
+    model = digits_vit()
+    assert isinstance(model, VisionTransformer) and not model.training
+    assert model.has_class_token and model.patch_embed.num_patches >= 64 and len(model.blocks) >= 6
+    program = fxprune.analyse(model)
+    assert program.tokens == 65 and program.class_token and all(b.reducible for b in program.blocks)
+
+
+def test_shipped_weights_are_small():
+    assert len(resources.files("fxprune.weights").joinpath(DIGITS_VIT_WEIGHTS).read_bytes()) < 5e6
+
+
+def test_shipped_model_is_at_least_95_percent_accurate_on_held_out_digits():
+    data = DigitScenes("test", 500, seed=1)
+    loader = torch.utils.data.DataLoader(data, batch_size=250)
+    accuracy, macs = evaluate(digits_vit(), loader)
+    assert accuracy >= 0.95
+    assert macs == pytest.approx(fxprune.flops(digits_vit(), torch.zeros(1, 3, 64, 64)))

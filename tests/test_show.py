@@ -1,0 +1,48 @@
+import torch
+from PIL import Image
+
+import fxprune
+from fxprune import EViT, ToMe, TopK
+from fxprune.datasets import DigitScenes
+from fxprune.models import digits_vit
+from fxprune.show import draw_kept_patches, token_sources
+
+
+def _images(n=3):
+    data = DigitScenes("test", n, seed=1)
+    return torch.stack([data[i][0] for i in range(n)])
+
+
+def test_sources_follow_every_reduction():
+    gm = fxprune.transform(digits_vit(), EViT(0.5, (1, 3)))
+    steps = token_sources(gm, _images())
+    assert [s.block for s in steps] == [1, 3]
+    first, second = (s.patch_states(prefix=1) for s in steps)
+    # block 1 keeps ceil(0.5 * 64) = 32 patches and fuses the other 32; block 3 keeps 17 of 33 tokens
+    assert ((first == 2).sum(-1) == 32).all() and ((first == 1).sum(-1) == 32).all()
+    assert ((second == 2).sum(-1) <= 17).all()
+    assert ((second == 2) <= (first == 2)).all()  # a dropped patch never comes back
+
+
+def test_top_k_drops_without_merging():
+    gm = fxprune.transform(digits_vit(), TopK(0.25, (2,)))
+    states = token_sources(gm, _images())[0].patch_states(prefix=1)
+    assert ((states == 2).sum(-1) == 16).all() and (states == 1).sum() == 0
+
+
+def test_picture_has_one_row_per_image_and_one_panel_per_reduced_block(tmp_path):
+    gm = fxprune.transform(digits_vit(), EViT(0.5, (1, 3, 5)))
+    path = draw_kept_patches(gm, _images(4), tmp_path / "kept.png", labels=["a", "b", "c", "d"], scale=2)
+    width, height = Image.open(path).size
+    assert width >= 4 * 128 and height >= 4 * 128
+
+
+def test_tome_merges_are_tracked_to_the_patches_they_merge():
+    gm = fxprune.transform(digits_vit(), ToMe(8, (0, 1)))
+    first, second = (s.patch_states(prefix=1) for s in token_sources(gm, _images()))
+    for states in (first, second):
+        assert (states == 0).sum() == 0  # merging never drops a patch
+    # 8 patches merge into at most 8 others in block 0: 9 to 16 merged patches, the rest still alone
+    merged = (first == 1).sum(-1)
+    assert ((9 <= merged) & (merged <= 16)).all()
+    assert ((second == 1) >= (first == 1)).all()  # a merged patch stays merged
