@@ -8,6 +8,7 @@ ImageNet-val layout with timm's evaluation transforms.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,12 +21,12 @@ from tqdm import tqdm
 from .analysis import analyse
 from .flops import MacCounter
 from .plan import Plan
-from .policies import Compose, EViT, Policy, ToMe, TopK
+from .policies import ATS, Compose, EViT, Policy, ToMe, TopK
 from .speed import interleaved, machine
 from .transform import plan, transform
 
 __all__ = [
-    "BenchRow", "BenchResult", "evaluate", "run", "fit_policy", "keep_rate_for", "tome_r_for", "default_layers",
+    "BenchRow", "BenchResult", "evaluate", "run", "fit_policy", "keep_rate_for", "tome_r_for", "ats_budgets", "default_layers",
     "default_policy", "sweep_policies", "imagefolder", "plot",
 ]
 
@@ -182,6 +183,13 @@ def tome_r_for(model: nn.Module, fraction: float, example_inputs=None) -> int:
     return fit_policy(model, ToMe, list(range(largest, -1, -1)), fraction, example_inputs).r
 
 
+def ats_budgets(tokens: int, prefix: int, keep_rate: float, layers: Sequence[int]) -> ATS:
+    """ATS at ``layers`` with the token budgets EViT's ``keep_rate`` would leave there (compounding per block):
+    ``K_j = P + ceil(keep_rate^(j+1) · (N − P))``. ATS keeps at most that many, fewer where repeats collapse."""
+    budgets = (prefix + math.ceil(keep_rate ** (j + 1) * (tokens - prefix)) for j in range(len(layers)))
+    return ATS(tuple(max(2, prefix + 1, k) for k in budgets), tuple(layers))
+
+
 def default_layers(model: nn.Module, example_inputs=None) -> tuple[int, ...]:
     """Blocks to reduce by default: a quarter, half and three quarters deep (3, 6, 9 for 12 blocks, as EViT)."""
     depth = len(analyse(model, example_inputs).blocks)
@@ -201,13 +209,20 @@ def sweep_policies(
     example_inputs=None,
 ) -> list[Policy]:
     """Every method at the settings that leave (at most, as close as possible) each of ``fractions`` of the
-    dense MACs: EViT and Top-K at ``layers``, ToMe with one ``r`` in every block (as in its paper)."""
+    dense MACs: EViT and Top-K at ``layers``, ToMe with one ``r`` in every block (as in its paper), ATS at
+    ``layers`` with EViT-like token budgets (:func:`ats_budgets`; the fraction bounds its MACs, an image
+    that keeps fewer tokens costs less)."""
     policies: list[Policy] = [
         method(keep_rate_for(model, method, layers, f, example_inputs), tuple(layers))
         for method in (EViT, TopK)
         for f in fractions
     ]
     policies += [ToMe(tome_r_for(model, f, example_inputs)) for f in fractions]
+    program = analyse(model, example_inputs)
+    keep_rates = [k / 100 for k in range(1, 101)]
+    for f in fractions:
+        family = lambda k: ats_budgets(program.tokens, program.prefix_tokens, k, layers)  # noqa: E731
+        policies.append(fit_policy(model, family, keep_rates, f, example_inputs))
     return policies
 
 

@@ -81,7 +81,7 @@ def _bench(args: argparse.Namespace) -> None:
 def _show(args: argparse.Namespace) -> None:
     from .bench import default_policy
     from .policies import parse_policy
-    from .show import draw_kept_patches
+    from .show import draw_kept_patches, kept_counts
     from .transform import transform
 
     model, data, _, _ = _model_and_data(args)
@@ -90,6 +90,8 @@ def _show(args: argparse.Namespace) -> None:
     policy = parse_policy(args.policy) if args.policy else default_policy(model, example_inputs=(images[:2],))
     fast = transform(model, policy, example_inputs=(images[:2],))
     print(f"wrote {draw_kept_patches(fast, images, args.out, labels=labels)}: {policy}")
+    for block, mean, low, high in kept_counts(fast, images):
+        print(f"  block {block}: {mean:.1f} tokens kept per image (min {low}, max {high})")
 
 
 def _add_model_options(parser: argparse.ArgumentParser, images: int) -> None:

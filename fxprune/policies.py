@@ -13,7 +13,7 @@ from .errors import PolicyError
 from .ops.merging import tome_merged_tokens
 from .ops.selection import evit_kept_tokens
 
-__all__ = ["Policy", "EViT", "TopK", "ToMe", "Compose", "parse_policy"]
+__all__ = ["Policy", "EViT", "TopK", "ToMe", "ATS", "Compose", "parse_policy"]
 
 
 def _layers(value: Iterable[int] | int, owner: str) -> tuple[int, ...]:
@@ -161,6 +161,49 @@ class ToMe(Policy):
 
 
 @dataclasses.dataclass(frozen=True)
+class ATS(Policy):
+    """ATS (Fayyaz et al., ECCV 2022): sample at most ``max_tokens`` tokens (prefix tokens included) per image.
+
+    In each chosen block, significance = class attention × value norm; ``max_tokens − P`` evenly spaced
+    points on the inverse CDF of the sorted significances pick tokens, and repeats collapse, so the
+    number kept adapts to each image. ``max_tokens`` is one int for every chosen block or one per
+    block; a block receiving at most ``max_tokens`` tokens is unchanged.
+    """
+
+    max_tokens: int | tuple[int, ...]
+    layers: tuple[int, ...]
+    method: ClassVar[str] = "ats"
+    needs_class_token: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        values = self.max_tokens if isinstance(self.max_tokens, (tuple, list)) else (self.max_tokens,)
+        if not values or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 2 for k in values):
+            raise PolicyError(
+                f"ATS.max_tokens must be an int of at least 2 (prefix tokens included) or one per layer, "
+                f"got {self.max_tokens!r}"
+            )
+        object.__setattr__(self, "layers", _layers(self.layers, "ATS"))
+        if isinstance(self.max_tokens, (tuple, list)):
+            if len(values) != len(self.layers):
+                raise PolicyError(f"ATS.max_tokens has {len(values)} values for {len(self.layers)} layers")
+            object.__setattr__(self, "max_tokens", tuple(values))
+
+    def k_at(self, layer: int) -> int:
+        """Most tokens block ``layer`` keeps."""
+        return self.max_tokens[self.layers.index(layer)] if isinstance(self.max_tokens, tuple) else self.max_tokens
+
+    def tokens_out(self, tokens_in: int, prefix: int, layer: int) -> int:
+        k = self.k_at(layer)
+        if k <= prefix and k < tokens_in:
+            raise PolicyError(f"ATS.max_tokens={k} leaves no room beside the model's {prefix} prefix tokens")
+        return min(k, tokens_in)
+
+    def describe(self) -> str:
+        k = ",".join(map(str, self.max_tokens)) if isinstance(self.max_tokens, tuple) else str(self.max_tokens)
+        return f"{self.method} ≤ {k} tokens"
+
+
+@dataclasses.dataclass(frozen=True)
 class Compose:
     """Several policies on disjoint sets of blocks, e.g. ``Compose([ToMe(8, layers=range(4)), EViT(0.7, (6, 9))])``."""
 
@@ -194,10 +237,10 @@ class Compose:
         return " | ".join(p.describe() for p in self.parts)
 
 
-_POLICIES: dict[str, type[Policy]] = {"evit": EViT, "topk": TopK, "tome": ToMe}
+_POLICIES: dict[str, type[Policy]] = {"evit": EViT, "topk": TopK, "tome": ToMe, "ats": ATS}
 _KEYS = {
     "keep": "keep_rate", "keep_rate": "keep_rate", "layers": "layers", "fuse": "fuse", "r": "r",
-    "prop_attn": "prop_attn",
+    "prop_attn": "prop_attn", "k": "max_tokens", "max_tokens": "max_tokens",
 }
 
 
@@ -232,6 +275,8 @@ def parse_policy(text: str) -> Policy | Compose:
                 kwargs[key] = float(values[0])
             elif key in ("fuse", "prop_attn"):
                 kwargs[key] = values[0].lower() in ("1", "true", "yes")
+            elif key == "max_tokens":
+                kwargs[key] = int(values[0]) if len(values) == 1 else tuple(int(v) for v in values)
             elif key == "r":
                 kwargs[key] = int(values[0]) if len(values) == 1 else tuple(int(v) for v in values)
         except ValueError:

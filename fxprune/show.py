@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 from .errors import FxPruneError
 from .ops import STREAM_FUNCTIONS
 
-__all__ = ["TokenStep", "token_sources", "draw_kept_patches"]
+__all__ = ["TokenStep", "token_sources", "kept_counts", "draw_kept_patches"]
 
 
 @dataclasses.dataclass
@@ -71,6 +71,18 @@ def token_sources(gm: fx.GraphModule, images: torch.Tensor) -> list[TokenStep]:
     if not tracker.steps:
         raise FxPruneError("this model reduces no tokens: nothing to show")
     return tracker.steps
+
+
+def kept_counts(gm: fx.GraphModule, images: torch.Tensor) -> list[tuple[int, float, int, int]]:
+    """Per reduced block: (block, mean, min, max) over ``images`` of the tokens each image keeps.
+
+    Padding (ATS keeps a different number of tokens per image) is not counted; prefix tokens are.
+    """
+    counts = []
+    for step in token_sources(gm, images):
+        kept = (step.sources.abs().sum(-1) > 0).sum(-1)
+        counts.append((step.block, kept.float().mean().item(), int(kept.min()), int(kept.max())))
+    return counts
 
 
 def _tile(image: torch.Tensor, states: torch.Tensor | None, grid: int, scale: int) -> Image.Image:

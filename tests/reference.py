@@ -92,7 +92,7 @@ def _tome_one_image(x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, r: 
 
 def _attention_with_sizes(attn: nn.Module, x: torch.Tensor, size: torch.Tensor | None):
     """timm ``Attention`` with ToMe's proportional attention (``+ log size`` on the logits): (output,
-    probabilities, keys)."""
+    probabilities, keys, values)."""
     B, N, C = x.shape
     qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, C // attn.num_heads).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
@@ -102,7 +102,7 @@ def _attention_with_sizes(attn: nn.Module, x: torch.Tensor, size: torch.Tensor |
         logits = logits + size.log()[:, None, None, :]
     probs = logits.softmax(dim=-1)
     out = (probs @ v).transpose(1, 2).reshape(B, N, C)
-    return attn.proj(attn.norm(out)), probs, k
+    return attn.proj(attn.norm(out)), probs, k, v
 
 
 def _evit_sizes(size: torch.Tensor, probs: torch.Tensor, keep_rate: float, prefix: int) -> torch.Tensor:
@@ -124,7 +124,7 @@ def tome_vit(
     x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
     size = None
     for i, blk in enumerate(model.blocks):
-        out, probs, k = _attention_with_sizes(blk.attn, blk.norm1(x), size if prop_attn else None)
+        out, probs, k, _ = _attention_with_sizes(blk.attn, blk.norm1(x), size if prop_attn else None)
         x = x + blk.drop_path1(blk.ls1(out))
         if evit is not None and i in evit[1]:
             if size is not None:
@@ -137,3 +137,37 @@ def tome_vit(
             x, size = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
         x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
     return model.forward_head(model.norm(x))
+
+
+def _ats_tokens(x: torch.Tensor, probs: torch.Tensor, v: torch.Tensor, max_tokens: int, prefix: int) -> torch.Tensor:
+    """ATS on one image as the paper states it: x [1, N, C], probs [1, H, N, N], v [1, H, N, d]."""
+    n = x.shape[1]
+    if max_tokens >= n:
+        return x
+    significance = probs[0, :, 0, prefix:].sum(0) * v[0].transpose(0, 1).reshape(n, -1).norm(dim=-1)[prefix:]
+    significance = significance / significance.sum()
+    scores, order = significance.sort()
+    cdf = scores.cumsum(0)
+    cdf = (cdf - cdf.min()) / (cdf.max() - cdf.min())
+    start = cdf[cdf > 0].min()
+    points = max_tokens - prefix
+    ys = [start + (1 - start) * (i / (points - 1) if points > 1 else 0.0) for i in range(points)]
+    picked = sorted({int((cdf - y).abs().argmin()) for y in ys})
+    kept = [prefix + int(order[p]) for p in picked]
+    return torch.cat([x[:, :prefix], x[:, kept]], dim=1)
+
+
+def ats_vit(model: nn.Module, images: torch.Tensor, max_tokens: int, layers) -> torch.Tensor:
+    """ATS on a timm ``VisionTransformer``, one image at a time (each keeps its own number of tokens): logits."""
+    prefix = model.num_prefix_tokens
+    outputs = []
+    for image in images:
+        x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(image[None]))))
+        for i, blk in enumerate(model.blocks):
+            out, probs, _, v = _attention_with_sizes(blk.attn, blk.norm1(x), None)
+            x = x + blk.drop_path1(blk.ls1(out))
+            if i in layers:
+                x = _ats_tokens(x, probs, v, max_tokens, prefix)
+            x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+        outputs.append(model.forward_head(model.norm(x)))
+    return torch.cat(outputs)

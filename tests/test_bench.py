@@ -3,7 +3,7 @@ import torch
 from PIL import Image
 
 import fxprune
-from fxprune import EViT, ToMe, TopK
+from fxprune import ATS, EViT, ToMe, TopK
 from fxprune.bench import default_layers, evaluate, keep_rate_for, plot, run, sweep_policies, tome_r_for
 from fxprune.datasets import DigitScenes
 from fxprune.models import digits_vit
@@ -61,9 +61,12 @@ def test_settings_are_the_closest_to_a_mac_fraction_without_exceeding_it():
 def test_sweep_covers_every_method_at_each_fraction():
     model = digits_vit()
     policies = sweep_policies(model, (1, 3), fractions=(0.8, 0.6))
-    assert [type(p) for p in policies] == [EViT, EViT, TopK, TopK, ToMe, ToMe]
+    assert [type(p) for p in policies] == [EViT, EViT, TopK, TopK, ToMe, ToMe, ATS, ATS]
     assert policies[0].keep_rate > policies[1].keep_rate and policies[4].r < policies[5].r
     assert policies[4].layers is None  # ToMe merges in every block, as in its paper
+    assert all(a > b for a, b in zip(policies[6].max_tokens, policies[7].max_tokens))
+    for policy, fraction in zip(policies[6:], (0.8, 0.6)):
+        assert _mac_fraction(model, policy) <= fraction  # ATS's budget bounds its MACs
 
 
 def test_default_layers_follow_evit_for_twelve_blocks():

@@ -41,6 +41,8 @@ def test_bench_and_show_run_on_the_embedded_benchmark(capsys, tmp_path):
     assert "| topk keep 0.5 @ 2 |" in out and (tmp_path / "curve.png").exists()
     assert main(["show", "--scenes", "2", "--out", str(tmp_path / "kept.png")]) == 0
     assert (tmp_path / "kept.png").exists()
+    assert main(["show", "--scenes", "3", "--policy", "ats:k=40,layers=1", "--out", str(tmp_path / "ats.png")]) == 0
+    assert "block 1: " in capsys.readouterr().out
 
 
 def test_bench_runs_a_timm_model_on_an_image_folder(capsys, tmp_path):

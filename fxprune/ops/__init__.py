@@ -1,17 +1,23 @@
 """Tensor functions that rewritten graphs call. Each is a small pure function on ``[B, N, C]`` tokens."""
 
 from .merging import size_bias, tome_merge, tome_merged_tokens
+from .sampling import ats_sample, ats_select, ats_significance
 from .scoring import class_attention, class_attention_from_probs
 from .selection import evit_kept_tokens, evit_select, evit_select_sizes
 
 __all__ = [
     "class_attention", "class_attention_from_probs", "evit_kept_tokens", "evit_select", "evit_select_sizes",
-    "size_bias", "tome_merge", "tome_merged_tokens", "GRAPH_FUNCTIONS", "STREAM_FUNCTIONS",
+    "size_bias", "tome_merge", "tome_merged_tokens", "ats_sample", "ats_select", "ats_significance",
+    "GRAPH_FUNCTIONS", "STREAM_FUNCTIONS", "SIZED_STREAM_FUNCTIONS",
 ]
 
 # every function a pass inserts into a graph; re-tracing a saved graph keeps them as single calls
-GRAPH_FUNCTIONS = (class_attention, class_attention_from_probs, evit_select, evit_select_sizes, tome_merge, size_bias)
-# the ones that change the token stream ``f(tokens [B, N, C], *args) -> [B, N', C]`` (ToMe: the tokens are
-# the first of the returned pair); each combines token rows with weights that do not depend on
+GRAPH_FUNCTIONS = (
+    class_attention, class_attention_from_probs, evit_select, evit_select_sizes, tome_merge, size_bias, ats_select,
+)
+# the ones that change the token stream ``f(tokens [B, N, C], *args) -> [B, N', C]`` (ToMe, ATS: the tokens
+# are the first of the returned pair); each combines token rows with weights that do not depend on
 # ``tokens``' values, so ``f(sources, *args)`` tracks token origins
-STREAM_FUNCTIONS = (evit_select, tome_merge)
+STREAM_FUNCTIONS = (evit_select, tome_merge, ats_select)
+# the ones of those that take and return token sizes ``[B, N, 1]`` as their second argument and result
+SIZED_STREAM_FUNCTIONS = (tome_merge, ats_select)

@@ -8,20 +8,21 @@ import torch.fx as fx
 
 from ..analysis import TokenProgram
 from ..plan import Plan
-from ..policies import EViT, Policy, ToMe, TopK
+from ..policies import ATS, EViT, Policy, ToMe, TopK
+from .ats import ats_pass
 from .evit import evit_pass
 from .tome import thread_sizes, tome_pass
 
 Pass = Callable[[fx.GraphModule, TokenProgram, Plan, Policy], fx.GraphModule]
 
-PASSES: dict[type[Policy], Pass] = {EViT: evit_pass, TopK: evit_pass, ToMe: tome_pass}
+PASSES: dict[type[Policy], Pass] = {EViT: evit_pass, TopK: evit_pass, ToMe: tome_pass, ATS: ats_pass}
 
 
 def apply_passes(gm: fx.GraphModule, program: TokenProgram, plan: Plan) -> fx.GraphModule:
     """Run the pass of every policy in ``plan`` on ``gm`` (the program's graph module)."""
     for policy in plan.policy.policies():
         gm = PASSES[type(policy)](gm, program, plan, policy)
-    if any(isinstance(policy, ToMe) for policy in plan.policy.policies()):
+    if any(isinstance(policy, (ToMe, ATS)) for policy in plan.policy.policies()):
         gm = thread_sizes(gm, program, plan)
     gm.graph.lint()
     gm.recompile()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -37,4 +38,14 @@ def reroute_stream(gm: fx.GraphModule, block: Block, fn: Callable, args: tuple, 
     mid = block.mid
     node = insert_call(gm, mid, fn, (mid, *args), {}, block, role)
     mid.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
+    return node
+
+
+def reroute_sized_stream(gm: fx.GraphModule, block: Block, fn: Callable, args: tuple, role: str) -> fx.Node:
+    """Insert ``fn(mid, None, *args) -> (tokens, sizes)`` after ``block.mid`` and route the stream through its
+    tokens; the sizes argument (None) is wired later by :func:`fxprune.passes.tome.thread_sizes`."""
+    mid = block.mid
+    node = insert_call(gm, mid, fn, (mid, None, *args), {}, block, role)
+    tokens = insert_call(gm, node, operator.getitem, (node, 0), {}, block, f"{role}_tokens")
+    mid.replace_all_uses_with(tokens, delete_user_cb=lambda user: user is not node)
     return node

@@ -1,9 +1,11 @@
 """ToMe: merge similar tokens between a block's attention and its MLP, and carry token sizes onwards.
 
-Sizes (how many patches each token stands for) start at the first merge and follow the token stream
-through every later block: each ToMe merge sums them, an EViT/Top-K selection gathers them (its fused
-token stands for every dropped token), and with ``prop_attn`` every later attention adds ``log(size)``
-of its keys to the logits, as a float ``attn_mask`` to the kept SDPA call.
+Sizes (how many patches each token stands for) start at the first ToMe or ATS block and follow the
+token stream through every later block: each ToMe merge sums them, ATS gathers them (its padding
+slots have size 0), an EViT/Top-K selection gathers them (its fused token stands for every dropped
+token), and every later attention adds ``log(size)`` of its keys to the logits, as a float
+``attn_mask`` to the kept SDPA call: ToMe's proportional attention (unless ``prop_attn=False``), and
+−inf for ATS's padding.
 """
 
 from __future__ import annotations
@@ -13,20 +15,18 @@ import operator
 import torch.fx as fx
 
 from ..analysis import Block, TokenProgram, sdpa_arguments
-from ..ops import class_attention, evit_select, evit_select_sizes, size_bias, tome_merge
+from ..ops import SIZED_STREAM_FUNCTIONS, class_attention, evit_select, evit_select_sizes, size_bias, tome_merge
 from ..plan import Plan, selection_node
 from ..policies import ToMe
-from .common import insert_call
+from .common import insert_call, reroute_sized_stream
 
 
 def tome_pass(gm: fx.GraphModule, program: TokenProgram, plan: Plan, policy: ToMe) -> fx.GraphModule:
     """At each block of ``policy``: merge ``r`` token pairs after the residual add (sizes: :func:`thread_sizes`)."""
     for row in plan.rows_for(policy):
         block = program.blocks[row.index]
-        args = (block.mid, None, block.attention.k, policy.r_at(row.index), program.prefix_tokens)
-        merge = insert_call(gm, block.mid, tome_merge, args, {}, block, policy.method)
-        tokens = insert_call(gm, merge, operator.getitem, (merge, 0), {}, block, "tome_tokens")
-        block.mid.replace_all_uses_with(tokens, delete_user_cb=lambda user: user is not merge)
+        args = (block.attention.k, policy.r_at(row.index), program.prefix_tokens)
+        reroute_sized_stream(gm, block, tome_merge, args, policy.method)
     return gm
 
 
@@ -41,10 +41,10 @@ def thread_sizes(gm: fx.GraphModule, program: TokenProgram, plan: Plan) -> fx.Gr
         selection = selection_node(program, row.index) if row.policy is not None else None
         if selection is None:
             continue
-        if selection.target is tome_merge:
+        if selection.target in SIZED_STREAM_FUNCTIONS:
             selection.update_arg(1, size)
-            size = insert_call(gm, selection.next, operator.getitem, (selection, 1), {}, block, "tome_sizes")
-            proportional = row.policy.prop_attn
+            size = insert_call(gm, selection.next, operator.getitem, (selection, 1), {}, block, "sizes")
+            proportional = getattr(row.policy, "prop_attn", True)
         elif selection.target is evit_select and size is not None:
             size = insert_call(gm, selection, evit_select_sizes, (size, *selection.args[1:]), {}, block, "sizes")
     return gm
