@@ -126,6 +126,12 @@ def _check(program: TokenProgram, owner: dict[int, Policy]) -> None:
                 "no class token (e.g. global average pooling). Use a model with a class token or a method "
                 "that needs none."
             )
+        if part.pads_tokens and (pooling := _token_pooling(program)) is not None:
+            raise UnsupportedModelError(
+                f"{part.describe()} keeps a different number of tokens per image and pads the batch, but "
+                f"{program.model_name} pools over all tokens after its last block ({pooling}), which would "
+                "average the padding in. Use a model that reads its class token, or EViT, Top-K or ToMe."
+            )
         if part.needs_keys and block.attention.k is None:
             raise UnsupportedModelError(
                 f"{part.describe()} matches tokens by their attention keys, but the keys of block {index} "
@@ -140,6 +146,27 @@ def _check(program: TokenProgram, owner: dict[int, Policy]) -> None:
                     f"block {block.index} ({block.name}) needs every token: {block.refusal}. Reducing tokens at "
                     f"block {first} would break it; only blocks after {block.index} can be reduced."
                 )
+
+
+_REDUCTIONS = ("mean", "sum", "amax", "max", "logsumexp")
+
+
+def _token_pooling(program: TokenProgram) -> str | None:
+    """The first reduction over the token axis of a ``[B, N, C]`` value after the last block, if any."""
+    last = program.blocks[-1].mid or program.blocks[-1].input
+    after = False
+    for node in program.gm.graph.nodes:
+        after = after or node is last
+        if not after or node.op not in ("call_method", "call_function"):
+            continue
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        if name not in _REDUCTIONS or not node.args:
+            continue
+        source = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        if isinstance(source, torch.Tensor) and source.dim() == 3 and dim in (1, -2, (1,), (-2,)):
+            return f"{name} over dim {dim} at {node.name} in {module_path(node) or 'the top-level forward'}"
+    return None
 
 
 def make_plan(program: TokenProgram, policy: Policy | Compose) -> Plan:

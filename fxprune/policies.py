@@ -46,6 +46,7 @@ class Policy:
     method: ClassVar[str] = ""
     needs_class_token: ClassVar[bool] = False
     needs_keys: ClassVar[bool] = False
+    pads_tokens: ClassVar[bool] = False  # images keep different numbers of tokens, padded to a common length
 
     def tokens_out(self, tokens_in: int, prefix: int, layer: int) -> int:
         """Tokens leaving block ``layer`` (one of ``layers``) when it receives ``tokens_in`` (``prefix`` protected)."""
@@ -174,6 +175,7 @@ class ATS(Policy):
     layers: tuple[int, ...]
     method: ClassVar[str] = "ats"
     needs_class_token: ClassVar[bool] = True
+    pads_tokens: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         values = self.max_tokens if isinstance(self.max_tokens, (tuple, list)) else (self.max_tokens,)

@@ -118,3 +118,10 @@ def test_composes_with_tome_and_refuses_bad_settings():
         ATS((12, 9), (1, 2, 3))
     with pytest.raises(fxprune.UnsupportedModelError, match="class token"):
         fxprune.transform(timm_vit("vit_tiny_patch16_224", class_token=False, global_pool="avg"), ATS(9, (1,)))
+
+
+def test_models_that_average_all_tokens_are_refused_rather_than_averaging_padding():
+    model = timm_vit("vit_tiny_patch16_224", global_pool="avg")  # class token, but the head averages tokens
+    with pytest.raises(fxprune.UnsupportedModelError, match=r"pools over all tokens .*mean over dim 1"):
+        fxprune.transform(model, ATS(9, (1,)))
+    fxprune.transform(model, ToMe(2))  # methods without padding stay available
