@@ -58,8 +58,10 @@ class _SourceTracker(fx.Interpreter):
                 self.sources = eye.expand(tokens.shape[0], -1, -1)
             result = n.target(self.sources, *args[1:], **kwargs)
             self.sources = result[0] if isinstance(result, tuple) else result
-            tag = n.meta["fxprune"]
-            self.steps.append(TokenStep(tag["block"], n.name, self.sources))
+            block = n.meta["fxprune"]["block"]
+            if self.steps and self.steps[-1].block == block:  # one block's several stream steps: keep its last
+                self.steps.pop()
+            self.steps.append(TokenStep(block, n.name, self.sources))
         return out
 
 

@@ -55,27 +55,43 @@ def _static_shapes(x: Tensor) -> bool:
     return torch.compiler.is_compiling() or isinstance(x, torch._subclasses.FakeTensor)
 
 
+def ats_index(class_row: Tensor, v: Tensor, max_tokens: int, num_prefix: int) -> tuple[Tensor, Tensor]:
+    """The rows ATS keeps ``[B, K]``, prefix rows first, and whether each holds a token ``[B, K]``.
+
+    Samples ``max_tokens − P`` points (:func:`ats_sample`) from the significance of ``class_row`` ``[B, N]``
+    and ``v`` ``[B, H, N, d]``; each image keeps ``K' ≤ max_tokens − P`` distinct tokens. ``K`` is
+    ``max_tokens`` when compiling, else the batch's largest ``P + K'`` (a single image keeps exactly
+    ``P + K'``); every row is kept when ``max_tokens ≥ N``.
+    """
+    batch, tokens = class_row.shape
+    if max_tokens >= tokens:
+        rows = torch.arange(tokens, device=class_row.device).expand(batch, tokens)
+        return rows, torch.ones_like(rows, dtype=torch.bool)
+    index, valid = ats_sample(ats_significance(class_row, v, num_prefix), max_tokens - num_prefix)
+    if not _static_shapes(class_row):
+        used = int(valid.sum(dim=1).max())
+        index, valid = index[:, :used], valid[:, :used]
+    prefix = torch.arange(num_prefix, device=index.device).expand(batch, num_prefix)
+    return torch.cat([prefix, index + num_prefix], dim=1), torch.cat([prefix >= 0, valid], dim=1)
+
+
+def gather_queries(q: Tensor, index: Tensor) -> Tensor:
+    """The query rows ``index`` ``[B, K]`` of ``q`` ``[B, H, N, d]``: ``[B, H, K, d]``."""
+    return q.gather(2, index[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
+
+
+def ats_pad(x: Tensor, size: Tensor | None, index: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Zero the padding rows of the kept tokens ``x`` ``[B, K, C]`` and give them size 0; other rows keep
+    the ``size`` ``[B, N, 1]`` (None: all ones) of the token they came from. Returns (tokens, sizes)."""
+    keep = valid.unsqueeze(-1).to(x.dtype)
+    sizes = keep if size is None else gather_tokens(size, index) * keep
+    return x * keep, sizes
+
+
 def ats_select(
     x: Tensor, size: Tensor | None, class_row: Tensor, v: Tensor, max_tokens: int, num_prefix: int
 ) -> tuple[Tensor, Tensor]:
-    """ATS in one block: keep the prefix tokens and the tokens sampled from ``x`` ``[B, N, C]``.
-
-    Samples ``max_tokens − P`` points (:func:`ats_sample`) from the significance of ``class_row`` and
-    ``v``; each image keeps ``K' ≤ max_tokens − P`` distinct tokens. The result is padded to a common
-    length with zero rows of size 0 (so later attention masks them): ``max_tokens`` when compiling,
-    else the batch's largest ``P + K'`` (a single image keeps exactly ``P + K'``). ``size`` ``[B, N, 1]``
-    (None: all ones) is gathered alongside. Returns the tokens and their sizes.
-    """
-    if size is None:
-        size = x.new_ones(x.shape[0], x.shape[1], 1)
-    if max_tokens >= x.shape[1]:
-        return x, size
-    significance = ats_significance(class_row, v, num_prefix)
-    index, valid = ats_sample(significance, max_tokens - num_prefix)
-    if not _static_shapes(x):
-        used = int(valid.sum(dim=1).max())
-        index, valid = index[:, :used], valid[:, :used]
-    keep = valid.unsqueeze(-1).to(x.dtype)
-    tokens = gather_tokens(x[:, num_prefix:], index) * keep
-    sizes = gather_tokens(size[:, num_prefix:], index) * keep
-    return torch.cat([x[:, :num_prefix], tokens], dim=1), torch.cat([size[:, :num_prefix], sizes], dim=1)
+    """ATS in one block, selecting after the residual add: the rows :func:`ats_index` keeps of ``x``
+    ``[B, N, C]``, padding zeroed with size 0 (so later attention masks it). Returns (tokens, sizes)."""
+    index, valid = ats_index(class_row, v, max_tokens, num_prefix)
+    return ats_pad(gather_tokens(x, index), size, index, valid)

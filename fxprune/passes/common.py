@@ -23,13 +23,15 @@ def insert_call(
     return node
 
 
-def class_scores(gm: fx.GraphModule, block: Block) -> fx.Node:
-    """Insert the head-averaged class-attention row ``[B, N]`` of ``block``'s attention, beside it."""
+def class_scores(gm: fx.GraphModule, block: Block, before: bool = False) -> fx.Node:
+    """Insert the head-averaged class-attention row ``[B, N]`` of ``block``'s attention, beside it
+    (``before`` the SDPA call, for a pass that changes its inputs; SDPA sites only)."""
     site = block.attention
     if site.kind == "sdpa":
         args = sdpa_arguments(site.node)
         kwargs = {"scale": args["scale"], "attn_mask": args["attn_mask"]}
-        return insert_call(gm, site.node, class_attention, (site.q, site.k), kwargs, block, "class_attn")
+        after = site.node.prev if before else site.node
+        return insert_call(gm, after, class_attention, (site.q, site.k), kwargs, block, "class_attn")
     return insert_call(gm, site.node, class_attention_from_probs, (site.node,), {}, block, "class_attn")
 
 

@@ -55,14 +55,15 @@ def _add_size_bias(gm: fx.GraphModule, block: Block, size: fx.Node) -> None:
     site = block.attention
     if site.kind == "sdpa":
         mask = sdpa_arguments(site.node)["attn_mask"]
-        bias = insert_call(gm, site.node.prev, size_bias, (size, mask, site.q), {}, block, "size_bias")
+        scorers = [n for n in gm.graph.nodes if n.target is class_attention and n.meta["fxprune"]["block"] == block.index]
+        first = next(n for n in gm.graph.nodes if n is site.node or n in scorers)  # the mask's first reader
+        bias = insert_call(gm, first.prev, size_bias, (size, mask, site.q), {}, block, "size_bias")
         if len(site.node.args) > 3:
             site.node.update_arg(3, bias)
         else:
             site.node.update_kwarg("attn_mask", bias)
-        for node in gm.graph.nodes:
-            if node.target is class_attention and node.meta["fxprune"]["block"] == block.index:
-                node.update_kwarg("attn_mask", bias)
+        for node in scorers:
+            node.update_kwarg("attn_mask", bias)
     else:
         logits = site.node.args[0]
         bias = insert_call(gm, logits, size_bias, (size, None, logits), {}, block, "size_bias")
