@@ -43,8 +43,10 @@ def _gathers_queries(block: Block) -> bool:
     if site.kind != "sdpa":
         return False
     mask = sdpa_arguments(site.node)["attn_mask"]
-    shape = mask.meta.get("val").shape if isinstance(mask, fx.Node) else None
-    return shape is None or len(shape) < 2 or shape[-2] == 1
+    if mask is None:
+        return True
+    shape = getattr(mask.meta.get("val"), "shape", None) if isinstance(mask, fx.Node) else None
+    return shape is not None and (len(shape) < 2 or shape[-2] == 1)
 
 
 def _sample_queries(gm: fx.GraphModule, block: Block, max_tokens: int, prefix: int) -> None:
