@@ -20,12 +20,19 @@ def ats_significance(class_row: Tensor, v: Tensor, num_prefix: int) -> Tensor:
     return scores / scores.sum(dim=1, keepdim=True)
 
 
-def _unique_sorted(positions: Tensor, sentinel: int) -> Tensor:
-    """Sort each row of ``positions`` ``[B, K]``, replace repeats by ``sentinel`` and move them to the end."""
-    ordered = positions.sort(dim=1).values
+def _unique_sorted(ordered: Tensor, sentinel: int) -> Tensor:
+    """Replace repeats in the non-decreasing rows of ``ordered`` ``[B, K]`` by ``sentinel`` and move them to the end."""
     repeat = torch.zeros_like(ordered, dtype=torch.bool)
     repeat[:, :-1] = ordered[:, 1:] == ordered[:, :-1]
     return ordered.masked_fill(repeat, sentinel).sort(dim=1).values
+
+
+def _nearest(cdf: Tensor, ys: Tensor) -> Tensor:
+    """For each of the increasing values ``ys`` ``[B, K]``, the position of the nearest value of the
+    non-decreasing ``cdf`` ``[B, M]`` (the lower one on a tie): ``[B, K]``, non-decreasing."""
+    above = torch.searchsorted(cdf, ys).clamp(1, cdf.shape[1] - 1)
+    low, high = cdf.gather(1, above - 1), cdf.gather(1, above)
+    return torch.where(ys - low <= high - ys, above - 1, above)
 
 
 def ats_sample(significance: Tensor, points: int) -> tuple[Tensor, Tensor]:
@@ -43,8 +50,7 @@ def ats_sample(significance: Tensor, points: int) -> tuple[Tensor, Tensor]:
     start = cdf.masked_fill(cdf == 0, float("inf")).min(dim=1, keepdim=True).values
     steps = torch.linspace(0, 1, points, dtype=cdf.dtype, device=cdf.device)
     ys = start + (1 - start) * steps
-    nearest = (ys.unsqueeze(-1) - cdf.unsqueeze(1)).abs().argmin(dim=-1)
-    unique = _unique_sorted(nearest, sentinel=significance.shape[1])
+    unique = _unique_sorted(_nearest(cdf, ys), sentinel=significance.shape[1])
     valid = unique < significance.shape[1]
     index = order.gather(1, unique.clamp(max=significance.shape[1] - 1)).masked_fill(~valid, 0)
     return index, valid
