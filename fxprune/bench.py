@@ -26,8 +26,8 @@ from .speed import interleaved, machine
 from .transform import plan, transform
 
 __all__ = [
-    "BenchRow", "BenchResult", "evaluate", "run", "fit_policy", "keep_rate_for", "tome_r_for", "ats_budgets", "default_layers",
-    "default_policy", "sweep_policies", "imagefolder", "plot",
+    "BenchRow", "BenchResult", "evaluate", "run", "fit_policy", "keep_rate_for", "tome_r_for", "ats_budgets",
+    "default_layers", "default_policy", "sweep_policies", "imagefolder", "plot",
 ]
 
 
@@ -143,6 +143,9 @@ def _take(loader: DataLoader, images: int):
             return
 
 
+_KEEP_RATES = [k / 100 for k in range(1, 101)]  # the settings keep rates are fitted over
+
+
 def fit_policy(
     model: nn.Module,
     family: Callable[[Any], Policy],
@@ -172,8 +175,7 @@ def keep_rate_for(
 ) -> float:
     """The keep rate (a multiple of 0.01) at which ``method(keep_rate, layers)`` leaves at most ``fraction``
     of the dense MACs, as close to it as possible."""
-    keep_rates = [k / 100 for k in range(1, 101)]
-    return fit_policy(model, lambda k: method(k, tuple(layers)), keep_rates, fraction, example_inputs).keep_rate
+    return fit_policy(model, lambda k: method(k, tuple(layers)), _KEEP_RATES, fraction, example_inputs).keep_rate
 
 
 def tome_r_for(model: nn.Module, fraction: float, example_inputs=None) -> int:
@@ -219,10 +221,9 @@ def sweep_policies(
     ]
     policies += [ToMe(tome_r_for(model, f, example_inputs)) for f in fractions]
     program = analyse(model, example_inputs)
-    keep_rates = [k / 100 for k in range(1, 101)]
     for f in fractions:
         family = lambda k: ats_budgets(program.tokens, program.prefix_tokens, k, layers)  # noqa: E731
-        policies.append(fit_policy(model, family, keep_rates, f, example_inputs))
+        policies.append(fit_policy(model, family, _KEEP_RATES, f, example_inputs))
     return policies
 
 

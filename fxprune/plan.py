@@ -126,18 +126,19 @@ def _check(program: TokenProgram, owner: dict[int, Policy]) -> None:
                 "no class token (e.g. global average pooling). Use a model with a class token or a method "
                 "that needs none."
             )
-        if part.pads_tokens and (pooling := _token_pooling(program)) is not None:
-            raise UnsupportedModelError(
-                f"{part.describe()} keeps a different number of tokens per image and pads the batch, but "
-                f"{program.model_name} pools over all tokens after its last block ({pooling}), which would "
-                "average the padding in. Use a model that reads its class token, or EViT, Top-K or ToMe."
-            )
         if part.needs_keys and block.attention.k is None:
             raise UnsupportedModelError(
                 f"{part.describe()} matches tokens by their attention keys, but the keys of block {index} "
                 f"({block.name}) were not found in its attention ({block.attention.kind} at "
                 f"{block.attention.node.name}). Choose other layers."
             )
+    padding = next((part for part in owner.values() if part.pads_tokens), None)
+    if padding is not None and (pooling := _token_pooling(program)) is not None:
+        raise UnsupportedModelError(
+            f"{padding.describe()} keeps a different number of tokens per image and pads the batch, but "
+            f"{program.model_name} pools over all tokens after its last block ({pooling}), which would "
+            "average the padding in. Use a model that reads its class token, or EViT, Top-K or ToMe."
+        )
     if owner:
         first = min(owner)
         for block in program.blocks[first:]:

@@ -33,6 +33,33 @@ def _layers(value: Iterable[int] | int, owner: str) -> tuple[int, ...]:
     return tuple(sorted(layers))
 
 
+def _int_per_layer(value: int | Iterable[int], owner: str, minimum: int, meaning: str) -> int | tuple[int, ...]:
+    """``value`` as one int or a tuple of ints (one per layer), each at least ``minimum``."""
+    single = isinstance(value, int) and not isinstance(value, bool)
+    try:
+        values = (value,) if single else tuple(value)
+    except TypeError:
+        values = ()
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in values):
+        raise PolicyError(f"{owner} must be {meaning} or a list of them (one per layer), got {value!r}")
+    return values[0] if single else values
+
+
+def _check_per_layer(value: int | tuple[int, ...], count: int, owner: str, counted: str = "{} layers") -> None:
+    """Refuse a per-layer ``value`` that does not have ``count`` entries (``counted`` names them)."""
+    if isinstance(value, tuple) and len(value) != count:
+        raise PolicyError(f"{owner} has {len(value)} values for {counted.format(count)}; give one per layer")
+
+
+def _at_layer(value: int | tuple[int, ...], layers: tuple[int, ...], layer: int) -> int:
+    """The setting of block ``layer``: ``value`` itself, or its entry for ``layer`` when given per layer."""
+    return value[layers.index(layer)] if isinstance(value, tuple) else value
+
+
+def _text(value: int | tuple[int, ...]) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
 def _keep_rate(value: float, owner: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
         raise PolicyError(f"{owner}.keep_rate must be in (0, 1], got {value!r}")
@@ -122,43 +149,28 @@ class ToMe(Policy):
     needs_keys: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        r = self.r
-        if isinstance(r, int) and not isinstance(r, bool):
-            r = (r,) if r >= 0 else None
-        else:
-            try:
-                r = tuple(r)
-            except TypeError:
-                r = None
-            if r is not None and (not r or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in r)):
-                r = None
-        if r is None:
-            raise PolicyError(f"ToMe.r must be a non-negative int or a list of them (one per layer), got {self.r!r}")
-        object.__setattr__(self, "r", r[0] if isinstance(self.r, int) else r)
+        object.__setattr__(self, "r", _int_per_layer(self.r, "ToMe.r", 0, "a non-negative int"))
         if self.layers is not None:
             object.__setattr__(self, "layers", _layers(self.layers, "ToMe"))
-            if isinstance(self.r, tuple) and len(self.r) != len(self.layers):
-                raise PolicyError(f"ToMe.r has {len(self.r)} values for {len(self.layers)} layers; give one per layer")
+            _check_per_layer(self.r, len(self.layers), "ToMe.r")
         if not isinstance(self.prop_attn, bool):
             raise PolicyError(f"ToMe.prop_attn must be True or False, got {self.prop_attn!r}")
 
     def bind(self, depth: int) -> ToMe:
         if self.layers is not None:
             return self
-        if isinstance(self.r, tuple) and len(self.r) != depth:
-            raise PolicyError(f"ToMe.r has {len(self.r)} values for the model's {depth} blocks; give one per block")
+        _check_per_layer(self.r, depth, "ToMe.r", "the model's {} blocks")
         return ToMe(self.r, tuple(range(depth)), self.prop_attn)
 
     def r_at(self, layer: int) -> int:
         """Pairs to merge in block ``layer``."""
-        return self.r[self.layers.index(layer)] if isinstance(self.r, tuple) else self.r
+        return _at_layer(self.r, self.layers, layer)
 
     def tokens_out(self, tokens_in: int, prefix: int, layer: int) -> int:
         return tokens_in - tome_merged_tokens(tokens_in, prefix, self.r_at(layer))
 
     def describe(self) -> str:
-        r = ",".join(map(str, self.r)) if isinstance(self.r, tuple) else str(self.r)
-        return f"{self.method} r {r}" + ("" if self.prop_attn else " (no prop. attn)")
+        return f"{self.method} r {_text(self.r)}" + ("" if self.prop_attn else " (no prop. attn)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,21 +190,14 @@ class ATS(Policy):
     pads_tokens: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        values = self.max_tokens if isinstance(self.max_tokens, (tuple, list)) else (self.max_tokens,)
-        if not values or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 2 for k in values):
-            raise PolicyError(
-                f"ATS.max_tokens must be an int of at least 2 (prefix tokens included) or one per layer, "
-                f"got {self.max_tokens!r}"
-            )
+        meaning = "an int of at least 2 (prefix tokens included)"
+        object.__setattr__(self, "max_tokens", _int_per_layer(self.max_tokens, "ATS.max_tokens", 2, meaning))
         object.__setattr__(self, "layers", _layers(self.layers, "ATS"))
-        if isinstance(self.max_tokens, (tuple, list)):
-            if len(values) != len(self.layers):
-                raise PolicyError(f"ATS.max_tokens has {len(values)} values for {len(self.layers)} layers")
-            object.__setattr__(self, "max_tokens", tuple(values))
+        _check_per_layer(self.max_tokens, len(self.layers), "ATS.max_tokens")
 
     def k_at(self, layer: int) -> int:
         """Most tokens block ``layer`` keeps."""
-        return self.max_tokens[self.layers.index(layer)] if isinstance(self.max_tokens, tuple) else self.max_tokens
+        return _at_layer(self.max_tokens, self.layers, layer)
 
     def tokens_out(self, tokens_in: int, prefix: int, layer: int) -> int:
         k = self.k_at(layer)
@@ -201,8 +206,7 @@ class ATS(Policy):
         return min(k, tokens_in)
 
     def describe(self) -> str:
-        k = ",".join(map(str, self.max_tokens)) if isinstance(self.max_tokens, tuple) else str(self.max_tokens)
-        return f"{self.method} ≤ {k} tokens"
+        return f"{self.method} ≤ {_text(self.max_tokens)} tokens"
 
 
 @dataclasses.dataclass(frozen=True)

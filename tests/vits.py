@@ -128,6 +128,13 @@ def logits(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.logits
 
 
+def assert_same_outputs(rewritten: nn.Module, model: nn.Module, atol: float = 1e-5) -> None:
+    """``rewritten`` gives ``model``'s class scores, to ``atol``, on a batch of three images."""
+    x = image_batch(model, batch=3)
+    with torch.no_grad():
+        torch.testing.assert_close(logits(rewritten(x)), logits(model(x)), atol=atol, rtol=0)
+
+
 ALL_MODELS = {
     **{name: (lambda name=name: timm_vit(name)) for name in TIMM_SMALL},
     "torchvision_vit": torchvision_vit,

@@ -16,7 +16,8 @@ def tome_merged_tokens(tokens: int, prefix: int, r: int) -> int:
 
 
 def _output_order(unmerged: int, destinations: int, prefix: int) -> list[int]:
-    """Positions in ``cat([unmerged A, B])`` that put the prefix tokens back first, in their original order.
+    """Positions in ``cat([unmerged A, B])`` that put the prefix tokens back first, in their original order
+    (the identity for at most one prefix token, which is A's first row).
 
     Prefix token ``i`` sits at index ``i // 2`` of A (even ``i``) or of B (odd ``i``).
     """
@@ -54,8 +55,9 @@ def merge_sum(x: Tensor, unmerged: Tensor, merged: Tensor, destination: Tensor, 
     a, b = x[:, ::2], x[:, 1::2]
     kept_a = gather_tokens(a, unmerged)
     b = b.scatter_reduce(1, destination.unsqueeze(-1).expand(-1, -1, x.shape[-1]), gather_tokens(a, merged), "sum")
+    merged_tokens = torch.cat([kept_a, b], dim=1)
     order = _output_order(unmerged.shape[1], b.shape[1], prefix)
-    return torch.cat([kept_a, b], dim=1)[:, order]
+    return merged_tokens if order == list(range(len(order))) else merged_tokens[:, order]
 
 
 def tome_merge(x: Tensor, size: Tensor | None, keys: Tensor, r: int, prefix: int) -> tuple[Tensor, Tensor]:

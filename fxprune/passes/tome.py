@@ -31,7 +31,8 @@ def tome_pass(gm: fx.GraphModule, program: TokenProgram, plan: Plan, policy: ToM
 
 
 def thread_sizes(gm: fx.GraphModule, program: TokenProgram, plan: Plan) -> fx.GraphModule:
-    """Route token sizes from the first ToMe merge through every later block (run after all method passes)."""
+    """Route token sizes from the first ToMe or ATS block through every later block (run after all method
+    passes)."""
     size: fx.Node | None = None
     proportional = False
     for row in plan.rows:
