@@ -1,6 +1,7 @@
-"""Where the time goes: the top operators of dense DeiT-S and EViT-0.7 DeiT-S under torch.profiler.
+"""Where the time goes: the top operators of dense and token-reduced DeiT-S under torch.profiler.
 
     python benchmarks/op_profile.py --device cuda --dtype bfloat16 --batch 256
+    python benchmarks/op_profile.py --batch 1 --policy "ats:k=139,98,69,layers=3,6,9"
 """
 
 from __future__ import annotations
@@ -21,16 +22,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--policy", default="evit:keep=0.7,layers=3,6,9")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     torch.backends.cudnn.benchmark = True  # as in benchmarks/speed.py
     torch.manual_seed(0)
     dense = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
-    evit = fxprune.transform(dense, fxprune.EViT(0.7, (3, 6, 9)))
+    reduced = fxprune.transform(dense, fxprune.parse_policy(args.policy))
     x = torch.randn(args.batch, 3, 224, 224, device=args.device, dtype=dtype)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
     sort = "self_cuda_time_total" if args.device.startswith("cuda") else "self_cpu_time_total"
-    for name, model in (("dense", dense), ("evit", evit)):
+    for name, model in (("dense", dense), (args.policy, reduced)):
         model = model.to(args.device, dtype)
         with torch.inference_mode():
             for _ in range(3):
