@@ -6,12 +6,12 @@ from .errors import FxPruneError, PolicyError, TraceError, UnsupportedModelError
 from .flops import flops
 from .lower import lower
 from .plan import Plan
-from .policies import ATS, Compose, EViT, Policy, ToMe, TopK, parse_policy
+from .policies import ATS, ClusTR, Compose, EViT, Policy, ToMe, TopK, parse_policy
 from .report import Report, report
 from .transform import plan, transform
 
 __all__ = [
     "transform", "trace", "analyse", "plan", "flops", "lower", "report", "Report",
-    "EViT", "TopK", "ToMe", "ATS", "Compose", "Policy", "parse_policy", "Plan", "TokenProgram",
+    "EViT", "TopK", "ToMe", "ATS", "ClusTR", "Compose", "Policy", "parse_policy", "Plan", "TokenProgram",
     "FxPruneError", "TraceError", "UnsupportedModelError", "PolicyError",
 ]

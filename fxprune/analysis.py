@@ -187,6 +187,41 @@ def _explicit_site(node: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, fx.Node,
     return None
 
 
+def logits_path(site: AttentionSite) -> list[fx.Node]:
+    """For an explicit site: the nodes from ``q @ kᵀ`` (first) to the softmax's input (last)."""
+    path = [_tensor_input(site.node)]
+    while not _is_matmul(path[-1]):
+        path.append(_tensor_input(path[-1]))
+    return path[::-1]
+
+
+def _scalar(value: Any) -> bool:
+    val = _val(value)
+    return not isinstance(val, torch.Tensor) or val.dim() == 0
+
+
+def per_key_refusal(site: AttentionSite) -> str | None:
+    """Why ``site``'s logits are not ``q·k`` plus at most one bias per key (the same for every query and
+    head), or None. Attention over regrouped keys (clusters) needs that."""
+    if site.kind == "sdpa":
+        args = sdpa_arguments(site.node)
+        if args["is_causal"] is not False:
+            return "its attention is causal (is_causal=True)"
+        mask = args["attn_mask"]
+        shape = _shape(mask) if isinstance(mask, fx.Node) else None
+        if mask is not None and (shape is None or (len(shape) >= 2 and shape[-2] > 1) or (len(shape) == 4 and shape[1] > 1)):
+            return f"its attention mask {getattr(mask, 'name', mask)} {list(shape or ())} differs per query or head"
+        return None
+    for node in logits_path(site)[1:]:
+        extra = [a for a in node.all_input_nodes if a not in (_tensor_input(node),) and not _scalar(a)]
+        if extra:
+            return (
+                f"its logits read {extra[0].name} {list(_shape(extra[0]) or ())} (a mask or bias) between q @ kᵀ and "
+                f"the softmax {site.node.name}"
+            )
+    return None
+
+
 def module_path(node: fx.Node) -> str:
     """Qualified name of the innermost module ``node`` was traced in (``''`` for the top-level forward)."""
     stack = node.meta.get("nn_module_stack") or {}

@@ -14,26 +14,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .analysis import analyse
 from .flops import MacCounter
 from .plan import Plan
-from .policies import ATS, Compose, EViT, Policy, ToMe, TopK
+from .policies import ATS, ClusTR, Compose, EViT, Policy, ToMe, TopK
 from .speed import interleaved, machine
 from .transform import plan, transform
 
 __all__ = [
-    "BenchRow", "BenchResult", "evaluate", "run", "fit_policy", "keep_rate_for", "tome_r_for", "ats_budgets",
-    "default_layers", "default_policy", "sweep_policies", "imagefolder", "plot",
+    "BenchRow", "BenchResult", "predict", "top1", "evaluate", "run", "fit_policy", "keep_rate_for", "tome_r_for",
+    "ats_budgets", "clustr_settings", "default_layers", "default_policy", "sweep_policies", "imagefolder", "plot",
 ]
 
 
 @dataclasses.dataclass
 class BenchRow:
-    """One model of a benchmark: accuracy, mean MACs per image and speed against the dense model."""
+    """One model of a benchmark: accuracy, mean MACs per image, relative output error and speed against
+    the dense model (error: ``‖logits − dense logits‖ / ‖dense logits‖`` over all images)."""
 
     name: str
     accuracy: float
@@ -41,6 +42,7 @@ class BenchRow:
     mac_fraction: float
     speed_ratio: float
     policy: Policy | Compose | None = None
+    error: float = 0.0
 
 
 @dataclasses.dataclass
@@ -61,14 +63,15 @@ class BenchResult:
             f"Speed: eager, batch {self.speed_batch}, ratio of medians of {self.repeats} interleaved runs "
             f"against the dense model; machine: {self.machine}.",
             "",
-            "| method | top-1 (%) | Δ top-1 | MACs / image | % of dense MACs | speed ratio |",
-            "|---|---|---|---|---|---|",
+            "| method | top-1 (%) | Δ top-1 | output error | MACs / image | % of dense MACs | speed ratio |",
+            "|---|---|---|---|---|---|---|",
         ]
         dense = self.rows[0].accuracy
         for r in self.rows:
             delta = "" if r.policy is None else f"{100 * (r.accuracy - dense):+.2f}"
+            error = "" if r.policy is None else f"{r.error:.3f}"
             lines.append(
-                f"| {r.name} | {100 * r.accuracy:.2f} | {delta} | {r.macs / 1e6:.1f} M | "
+                f"| {r.name} | {100 * r.accuracy:.2f} | {delta} | {error} | {r.macs / 1e6:.1f} M | "
                 f"{100 * r.mac_fraction:.1f} | {r.speed_ratio:.2f}× |"
             )
         return "\n".join(lines)
@@ -76,18 +79,29 @@ class BenchResult:
     __str__ = markdown
 
 
-def evaluate(model: nn.Module, loader: Iterable, progress: str | None = None) -> tuple[float, float]:
-    """(top-1 accuracy, mean MACs per image) of ``model`` over ``loader``'s ``(images, labels)`` batches."""
-    correct = seen = 0
+def predict(model: nn.Module, loader: Iterable, progress: str | None = None) -> tuple[Tensor, Tensor, float]:
+    """(logits ``[images, classes]``, labels, mean MACs per image) of ``model`` over ``loader``."""
+    outputs, targets = [], []
     counter = MacCounter()
     batches = tqdm(loader, desc=progress, unit="batch", leave=False) if progress else loader
     with torch.no_grad(), counter:  # not inference_mode: dispatch modes do not see its ops
         for images, labels in batches:
             output = model(images)
-            logits = output if isinstance(output, torch.Tensor) else output.logits
-            correct += (logits.argmax(-1) == labels).sum().item()
-            seen += len(labels)
-    return correct / seen, counter.total / seen
+            outputs.append(output if isinstance(output, Tensor) else output.logits)
+            targets.append(labels)
+    logits, labels = torch.cat(outputs), torch.cat(targets)
+    return logits, labels, counter.total / len(labels)
+
+
+def top1(logits: Tensor, labels: Tensor) -> float:
+    """Fraction of rows of ``logits`` ``[images, classes]`` whose largest entry is the ``labels`` class."""
+    return (logits.argmax(-1) == labels).float().mean().item()
+
+
+def evaluate(model: nn.Module, loader: Iterable, progress: str | None = None) -> tuple[float, float]:
+    """(top-1 accuracy, mean MACs per image) of ``model`` over ``loader``'s ``(images, labels)`` batches."""
+    logits, labels, macs = predict(model, loader, progress)
+    return top1(logits, labels), macs
 
 
 def _describe(policy: Policy | Compose) -> str:
@@ -118,10 +132,12 @@ def run(
     models: dict[str, tuple[nn.Module, Policy | Compose | None]] = {"dense": (model, None)}
     for policy in policies:
         models[_describe(policy)] = (transform(model, policy, example_inputs=(example,)), policy)
-    rows = []
+    rows, dense = [], None
     for name, (candidate, policy) in models.items():
-        accuracy, macs = evaluate(candidate, loader, progress=name if progress else None)
-        rows.append(BenchRow(name, accuracy, macs, 0.0, 0.0, policy))
+        logits, labels, macs = predict(candidate, loader, progress=name if progress else None)
+        dense = logits if dense is None else dense
+        error = ((logits - dense).norm() / dense.norm()).item()
+        rows.append(BenchRow(name, top1(logits, labels), macs, 0.0, 0.0, policy, error))
     for row in rows:
         row.mac_fraction = row.macs / rows[0].macs
     speed_images = torch.cat([x for x, _ in _take(loader, speed_batch)])[:speed_batch]
@@ -192,6 +208,18 @@ def ats_budgets(tokens: int, prefix: int, keep_rate: float, layers: Sequence[int
     return ATS(tuple(max(2, prefix + 1, k) for k in budgets), tuple(layers))
 
 
+def clustr_settings(model: nn.Module, example_inputs=None) -> list[ClusTR]:
+    """ClusTR in every block with ``M`` = ½, ¼ and ⅛ of the patch tokens, and the multi-scale pair
+    (⅛, ½) across two head groups where the heads split in two. Its MACs cannot fall to a fixed
+    fraction (the MLPs and projections are untouched), so it is benchmarked at cluster counts."""
+    program = analyse(model, example_inputs)
+    patches = program.tokens - program.prefix_tokens
+    settings = [ClusTR(max(1, patches // d)) for d in (2, 4, 8)]
+    if program.blocks[0].attention.num_heads % 2 == 0:
+        settings.append(ClusTR((max(1, patches // 8), max(1, patches // 2))))
+    return settings
+
+
 def default_layers(model: nn.Module, example_inputs=None) -> tuple[int, ...]:
     """Blocks to reduce by default: a quarter, half and three quarters deep (3, 6, 9 for 12 blocks, as EViT)."""
     depth = len(analyse(model, example_inputs).blocks)
@@ -213,7 +241,7 @@ def sweep_policies(
     """Every method at the settings that leave (at most, as close as possible) each of ``fractions`` of the
     dense MACs: EViT and Top-K at ``layers``, ToMe with one ``r`` in every block (as in its paper), ATS at
     ``layers`` with EViT-like token budgets (:func:`ats_budgets`; the fraction bounds its MACs, an image
-    that keeps fewer tokens costs less)."""
+    that keeps fewer tokens costs less); then ClusTR at :func:`clustr_settings`."""
     policies: list[Policy] = [
         method(keep_rate_for(model, method, layers, f, example_inputs), tuple(layers))
         for method in (EViT, TopK)
@@ -224,7 +252,7 @@ def sweep_policies(
     for f in fractions:
         family = lambda k: ats_budgets(program.tokens, program.prefix_tokens, k, layers)  # noqa: E731
         policies.append(fit_policy(model, family, _KEEP_RATES, f, example_inputs))
-    return policies
+    return policies + clustr_settings(model, example_inputs)
 
 
 def imagefolder(model: nn.Module, root: str | Path) -> Dataset:
@@ -247,6 +275,8 @@ def plot(result: BenchResult, path: str | Path) -> None:
     curves: dict[str, list[BenchRow]] = {}
     for row in result.rows[1:]:
         key = row.policy.method if isinstance(row.policy, Policy) else row.policy.describe()
+        if isinstance(row.policy, ClusTR) and len(row.policy.scales) > 1:
+            key += " multi-scale"
         curves.setdefault(key, []).append(row)
     figure, axes = plt.subplots(figsize=(6, 4.2), dpi=120)
     for key, rows in curves.items():

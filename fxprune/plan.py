@@ -128,9 +128,13 @@ def _check(program: TokenProgram, owner: dict[int, Policy]) -> None:
             )
         if part.needs_keys and block.attention.k is None:
             raise UnsupportedModelError(
-                f"{part.describe()} matches tokens by their attention keys, but the keys of block {index} "
+                f"{part.describe()} works on the attention keys, but the keys of block {index} "
                 f"({block.name}) were not found in its attention ({block.attention.kind} at "
                 f"{block.attention.node.name}). Choose other layers."
+            )
+        if (refusal := part.block_refusal(block)) is not None:
+            raise UnsupportedModelError(
+                f"cannot apply {part.describe()} to block {index} ({block.name}): {refusal}. Choose other layers."
             )
     padding = next((part for part in owner.values() if part.pads_tokens), None)
     if padding is not None and (pooling := _token_pooling(program)) is not None:
@@ -139,8 +143,9 @@ def _check(program: TokenProgram, owner: dict[int, Policy]) -> None:
             f"{program.model_name} pools over all tokens after its last block ({pooling}), which would "
             "average the padding in. Use a model that reads its class token, or EViT, Top-K or ToMe."
         )
-    if owner:
-        first = min(owner)
+    reducing = [index for index, part in owner.items() if part.reduces_tokens]
+    if reducing:
+        first = min(reducing)
         for block in program.blocks[first:]:
             if block.needs_all_tokens:
                 raise UnsupportedModelError(

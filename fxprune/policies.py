@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Sequence
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
+from .analysis import per_key_refusal
 from .errors import PolicyError
 from .ops.merging import tome_merged_tokens
 from .ops.selection import evit_kept_tokens
 
-__all__ = ["Policy", "EViT", "TopK", "ToMe", "ATS", "Compose", "parse_policy"]
+if TYPE_CHECKING:
+    from .analysis import Block
+
+__all__ = ["Policy", "EViT", "TopK", "ToMe", "ATS", "ClusTR", "Compose", "parse_policy"]
 
 
 def _layers(value: Iterable[int] | int, owner: str) -> tuple[int, ...]:
@@ -74,6 +78,11 @@ class Policy:
     needs_class_token: ClassVar[bool] = False
     needs_keys: ClassVar[bool] = False
     pads_tokens: ClassVar[bool] = False  # images keep different numbers of tokens, padded to a common length
+    reduces_tokens: ClassVar[bool] = True  # False: the block's token count is unchanged (ClusTR)
+
+    def block_refusal(self, block: Block) -> str | None:
+        """Why this policy cannot rewrite ``block`` (beyond the model-wide checks of the plan), or None."""
+        return None
 
     def tokens_out(self, tokens_in: int, prefix: int, layer: int) -> int:
         """Tokens leaving block ``layer`` (one of ``layers``) when it receives ``tokens_in`` (``prefix`` protected)."""
@@ -210,6 +219,55 @@ class ATS(Policy):
 
 
 @dataclasses.dataclass(frozen=True)
+class ClusTR(Policy):
+    """ClusTR (Xie et al., 2022): every query attends to ``num_clusters`` clusters of keys and values.
+
+    In each chosen block the non-prefix keys are clustered per image (weighted k-means on the
+    head-averaged keys, ``iterations`` rounds from a fixed partition into cells of the token grid);
+    each cluster's key and value are its members' means and ``log(cluster size)`` is added to its
+    logit. Prefix tokens stay their own clusters; the token count is unchanged. A tuple of cluster
+    counts is the multi-scale variant: the heads are split into that many equal groups, group ``g``
+    attending to ``num_clusters[g]`` clusters. ``layers=None`` means every block.
+    """
+
+    num_clusters: int | tuple[int, ...]
+    layers: tuple[int, ...] | None = None
+    iterations: int = 3
+    method: ClassVar[str] = "clustr"
+    needs_keys: ClassVar[bool] = True
+    reduces_tokens: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        meaning = "a positive int (clusters per image; a tuple: one count per head group)"
+        object.__setattr__(self, "num_clusters", _int_per_layer(self.num_clusters, "ClusTR.num_clusters", 1, meaning))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", _layers(self.layers, "ClusTR"))
+        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 0:
+            raise PolicyError(f"ClusTR.iterations must be a non-negative int, got {self.iterations!r}")
+
+    @property
+    def scales(self) -> tuple[int, ...]:
+        """Cluster count of each head group (one group unless multi-scale)."""
+        return self.num_clusters if isinstance(self.num_clusters, tuple) else (self.num_clusters,)
+
+    def bind(self, depth: int) -> ClusTR:
+        return self if self.layers is not None else ClusTR(self.num_clusters, tuple(range(depth)), self.iterations)
+
+    def block_refusal(self, block: Block) -> str | None:
+        site, groups = block.attention, len(self.scales)
+        if site.num_heads % groups:
+            return f"its {site.num_heads} heads cannot be split into {groups} equal groups, one per cluster count"
+        return per_key_refusal(site)
+
+    def tokens_out(self, tokens_in: int, prefix: int, layer: int) -> int:
+        return tokens_in
+
+    def describe(self) -> str:
+        scales = f"{_text(self.num_clusters)} clusters" + (" per head group" if len(self.scales) > 1 else "")
+        return f"{self.method} {scales} ({self.iterations} k-means iterations)"
+
+
+@dataclasses.dataclass(frozen=True)
 class Compose:
     """Several policies on disjoint sets of blocks, e.g. ``Compose([ToMe(8, layers=range(4)), EViT(0.7, (6, 9))])``."""
 
@@ -243,10 +301,11 @@ class Compose:
         return " | ".join(p.describe() for p in self.parts)
 
 
-_POLICIES: dict[str, type[Policy]] = {"evit": EViT, "topk": TopK, "tome": ToMe, "ats": ATS}
+_POLICIES: dict[str, type[Policy]] = {"evit": EViT, "topk": TopK, "tome": ToMe, "ats": ATS, "clustr": ClusTR}
 _KEYS = {
     "keep": "keep_rate", "keep_rate": "keep_rate", "layers": "layers", "fuse": "fuse", "r": "r",
-    "prop_attn": "prop_attn", "k": "max_tokens", "max_tokens": "max_tokens",
+    "prop_attn": "prop_attn", "k": "max_tokens", "max_tokens": "max_tokens", "m": "num_clusters",
+    "num_clusters": "num_clusters", "iterations": "iterations",
 }
 
 
@@ -281,10 +340,10 @@ def parse_policy(text: str) -> Policy | Compose:
                 kwargs[key] = float(values[0])
             elif key in ("fuse", "prop_attn"):
                 kwargs[key] = values[0].lower() in ("1", "true", "yes")
-            elif key == "max_tokens":
+            elif key in ("max_tokens", "r", "num_clusters"):
                 kwargs[key] = int(values[0]) if len(values) == 1 else tuple(int(v) for v in values)
-            elif key == "r":
-                kwargs[key] = int(values[0]) if len(values) == 1 else tuple(int(v) for v in values)
+            elif key == "iterations":
+                kwargs[key] = int(values[0])
         except ValueError:
             raise PolicyError(f"{name}: bad value for {key}: {','.join(values)!r}") from None
     return cls(**kwargs)

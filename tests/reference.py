@@ -171,3 +171,88 @@ def ats_vit(model: nn.Module, images: torch.Tensor, max_tokens: int, layers) -> 
             x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
         outputs.append(model.forward_head(model.norm(x)))
     return torch.cat(outputs)
+
+
+def _grid_partition(tokens: int, clusters: int) -> list[int]:
+    """ClusTR's initial partition, written out: near-equal cells of the square token grid (rows × cols
+    with rows the largest divisor of ``clusters`` not above its square root and cols ≤ the grid side),
+    else near-equal runs of the sequence."""
+    side = math.isqrt(tokens)
+    divisors = [r for r in range(1, math.isqrt(clusters) + 1) if clusters % r == 0 and clusters // r <= side]
+    if side * side != tokens or not divisors:
+        return [math.floor(i * clusters / tokens) for i in range(tokens)]
+    rows = max(divisors)
+    cols = clusters // rows
+    return [math.floor((i // side) * rows / side) * cols + math.floor((i % side) * cols / side) for i in range(tokens)]
+
+
+def _kmeans(points: torch.Tensor, weights: torch.Tensor, labels: list[int], clusters: int, iterations: int) -> list[int]:
+    """Weighted Lloyd's algorithm on ``points`` [n, c]: centroid = weighted mean of its members (kept when
+    it has none), then each point to its nearest centroid (first on a tie)."""
+    centroids = torch.zeros(clusters, points.shape[1], dtype=points.dtype)
+    for _ in range(iterations):
+        for c in range(clusters):
+            members = [i for i, label in enumerate(labels) if label == c]
+            total = sum(float(weights[i]) for i in members)
+            if total > 0:
+                centroids[c] = sum(weights[i] * points[i] for i in members) / total
+        labels = [int(torch.cdist(points[i : i + 1], centroids)[0].argmin()) for i in range(points.shape[0])]
+    return labels
+
+
+def _clustered_head_group(q, k, v, scale, clusters: int, prefix: int, iterations: int, size):
+    """Clustered attention for one image and one group of heads: q, k, v [h, N, d]; size [N] or None."""
+    n = k.shape[1] - prefix
+    clusters = min(clusters, n)
+    weights = torch.ones(k.shape[1], dtype=k.dtype) if size is None else size
+    labels = _kmeans(k[:, prefix:].mean(0), weights[prefix:], _grid_partition(n, clusters), clusters, iterations)
+    keys, values, logw = [k[:, :prefix]], [v[:, :prefix]], [weights[:prefix].log()]
+    for c in range(clusters):
+        members = [prefix + i for i, label in enumerate(labels) if label == c]
+        total = weights[members].sum()
+        share = (weights[members] / total)[None, :, None] if members else None
+        keys.append((k[:, members] * share).sum(1, keepdim=True) if members else torch.zeros_like(k[:, :1]))
+        values.append((v[:, members] * share).sum(1, keepdim=True) if members else torch.zeros_like(v[:, :1]))
+        logw.append(total.log().reshape(1) if members else torch.full((1,), -math.inf, dtype=k.dtype))
+    keys, values, logw = torch.cat(keys, 1), torch.cat(values, 1), torch.cat(logw)
+    return (((q * scale) @ keys.transpose(-2, -1)) + logw).softmax(-1) @ values
+
+
+def clustr_attention(attn: nn.Module, x: torch.Tensor, scales, prefix: int, iterations: int, size=None):
+    """timm ``Attention`` with ClusTR, one image at a time; ``scales``: cluster count per head group; ``size``
+    [B, N] or None: token sizes (ToMe), the weights of the cluster means."""
+    B, N, C = x.shape
+    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, C // attn.num_heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    group = attn.num_heads // len(scales)
+    out = torch.stack([
+        torch.cat([
+            _clustered_head_group(q[b, g * group:(g + 1) * group], k[b, g * group:(g + 1) * group],
+                                  v[b, g * group:(g + 1) * group], attn.scale, m, prefix, iterations,
+                                  None if size is None else size[b])
+            for g, m in enumerate(scales)
+        ])
+        for b in range(B)
+    ])
+    return attn.proj(attn.norm(out.transpose(1, 2).reshape(B, N, C)))
+
+
+def clustr_vit(model: nn.Module, images: torch.Tensor, scales, layers, iterations: int, tome=None) -> torch.Tensor:
+    """ClusTR at ``layers`` of a timm ``VisionTransformer``: logits. ``tome=(r, layers)`` merges tokens
+    first (ToMe, token sizes carried into the clustering as weights)."""
+    prefix = model.num_prefix_tokens
+    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+    size = None
+    for i, blk in enumerate(model.blocks):
+        if i in layers:
+            out = clustr_attention(blk.attn, blk.norm1(x), scales, prefix, iterations, size)
+        else:
+            out, _, k, _ = _attention_with_sizes(blk.attn, blk.norm1(x), size)
+        x = x + blk.drop_path1(blk.ls1(out))
+        if tome is not None and i in tome[1]:
+            sizes = torch.ones(x.shape[:2], dtype=x.dtype) if size is None else size
+            pairs = [_tome_one_image(x[b], sizes[b], k[b].mean(0), tome[0], prefix) for b in range(x.shape[0])]
+            x, size = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+    return model.forward_head(model.norm(x))

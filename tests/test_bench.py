@@ -3,7 +3,7 @@ import torch
 from PIL import Image
 
 import fxprune
-from fxprune import ATS, EViT, ToMe, TopK
+from fxprune import ATS, ClusTR, EViT, ToMe, TopK
 from fxprune.bench import default_layers, evaluate, keep_rate_for, plot, run, sweep_policies, tome_r_for
 from fxprune.datasets import DigitScenes
 from fxprune.models import digits_vit
@@ -26,6 +26,17 @@ def test_one_row_per_model_with_accuracy_macs_and_speed(result):
     assert all(r.speed_ratio > 0 for r in result.rows)
 
 
+def test_output_error_is_relative_to_the_dense_logits(result):
+    data = DigitScenes("test", 200, seed=1)
+    loader = torch.utils.data.DataLoader(data, batch_size=100)
+    with torch.no_grad():
+        dense = torch.cat([digits_vit()(x) for x, _ in loader])
+        tome = torch.cat([fxprune.transform(digits_vit(), ToMe(4))(x) for x, _ in loader])
+    assert result.rows[0].error == 0.0
+    assert result.rows[3].error == pytest.approx(((tome - dense).norm() / dense.norm()).item(), rel=1e-4)
+    assert 0 < result.rows[3].error < 1
+
+
 def test_rows_agree_with_separate_evaluation(result):
     data = DigitScenes("test", 200, seed=1)
     model = fxprune.transform(digits_vit(), EViT(0.5, (1, 3)))
@@ -35,7 +46,7 @@ def test_rows_agree_with_separate_evaluation(result):
 
 def test_markdown_table_names_the_measurement(result):
     text = result.markdown()
-    assert "| method | top-1 (%) | Δ top-1 | MACs / image | % of dense MACs | speed ratio |" in text
+    assert "| method | top-1 (%) | Δ top-1 | output error | MACs / image | % of dense MACs | speed ratio |" in text
     assert "interleaved runs" in text and "machine: CPU" in text
     assert text.count("\n|") == 6
 
@@ -61,7 +72,8 @@ def test_settings_are_the_closest_to_a_mac_fraction_without_exceeding_it():
 def test_sweep_covers_every_method_at_each_fraction():
     model = digits_vit()
     policies = sweep_policies(model, (1, 3), fractions=(0.8, 0.6))
-    assert [type(p) for p in policies] == [EViT, EViT, TopK, TopK, ToMe, ToMe, ATS, ATS]
+    assert [type(p) for p in policies] == [EViT, EViT, TopK, TopK, ToMe, ToMe, ATS, ATS] + [ClusTR] * 4
+    assert [p.num_clusters for p in policies[8:]] == [32, 16, 8, (8, 32)]  # 64 patches, 2 heads
     assert policies[0].keep_rate > policies[1].keep_rate and policies[4].r < policies[5].r
     assert policies[4].layers is None  # ToMe merges in every block, as in its paper
     assert all(a > b for a, b in zip(policies[6].max_tokens, policies[7].max_tokens))

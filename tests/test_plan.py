@@ -1,33 +1,11 @@
-import math
 import re
 
 import pytest
 import torch
-from torch import nn
-from vits import TokenMixer, hand_written_vit, timm_vit
+from vits import timm_vit, with_position_bias_in_block_3
 
 import fxprune
 from fxprune import EViT, PolicyError, TopK, UnsupportedModelError
-
-
-class _BiasedMixer(TokenMixer):
-    """Attention with a learned bias per (query, key) position, like a relative position bias."""
-
-    def __init__(self, width: int, heads: int, tokens: int):
-        super().__init__(width, heads)
-        self.bias = nn.Parameter(torch.zeros(heads, tokens, tokens))
-
-    def forward(self, tokens):
-        b, n, c = tokens.shape
-        q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2) for t in self.to_qkv(tokens).chunk(3, dim=-1))
-        weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(c // self.heads) + self.bias, dim=-1)
-        return self.out((weights @ v).transpose(1, 2).reshape(b, n, c))
-
-
-def _with_position_bias_in_block_3():
-    model = hand_written_vit()
-    model.stages[3].mix = _BiasedMixer(48, 3, 17)
-    return model
 
 
 def test_rows_give_tokens_in_and_out_of_every_block():
@@ -68,12 +46,12 @@ def test_class_attention_methods_need_a_class_token():
 
 def test_reducing_a_position_dependent_block_is_refused_naming_it():
     with pytest.raises(UnsupportedModelError, match=r"block 3 \(stages\.3\): its attention uses position-dependent"):
-        fxprune.transform(_with_position_bias_in_block_3(), EViT(0.5, (3,)))
+        fxprune.transform(with_position_bias_in_block_3(), EViT(0.5, (3,)))
 
 
 def test_reducing_before_a_block_that_needs_every_token_is_refused():
     with pytest.raises(UnsupportedModelError, match=r"block 3 \(stages\.3\) needs every token.*at block 1"):
-        fxprune.transform(_with_position_bias_in_block_3(), EViT(0.5, (1,)))
+        fxprune.transform(with_position_bias_in_block_3(), EViT(0.5, (1,)))
 
 
 def test_plan_leaves_the_model_unchanged():

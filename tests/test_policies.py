@@ -52,7 +52,7 @@ def test_policy_strings_parse_to_policies():
     )
 
 
-@pytest.mark.parametrize("text, message", [("clustr:m=8", "unknown policy"), ("evit:speed=2", "unknown option"), ("evit:keep=x,layers=1", "bad value")])
+@pytest.mark.parametrize("text, message", [("dynamicvit:keep=0.7", "unknown policy"), ("evit:speed=2", "unknown option"), ("evit:keep=x,layers=1", "bad value")])
 def test_bad_policy_strings_raise_policy_error(text, message):
     with pytest.raises(PolicyError, match=message):
         parse_policy(text)

@@ -35,9 +35,11 @@ def timm_vit(name: str, **overrides) -> nn.Module:
 def torchvision_vit(depth: int = 4) -> nn.Module:
     """torchvision's ``VisionTransformer`` (the class behind ``vit_b_16``) at test size."""
     torch.manual_seed(0)
-    return torchvision.models.VisionTransformer(
+    model = torchvision.models.VisionTransformer(
         image_size=32, patch_size=8, num_layers=depth, num_heads=4, hidden_dim=64, mlp_dim=128
     ).eval()
+    nn.init.normal_(model.heads.head.weight, std=0.02)  # torchvision starts the head at zero: all logits 0
+    return model
 
 
 def hf_vit(depth: int = 4) -> nn.Module:
@@ -113,6 +115,26 @@ class HandWrittenViT(nn.Module):
 def hand_written_vit(**kwargs) -> HandWrittenViT:
     torch.manual_seed(0)
     return HandWrittenViT(**kwargs).eval()
+
+
+class BiasedMixer(TokenMixer):
+    """Attention with a learned bias per (query, key) position, like a relative position bias."""
+
+    def __init__(self, width: int, heads: int, tokens: int):
+        super().__init__(width, heads)
+        self.bias = nn.Parameter(torch.zeros(heads, tokens, tokens))
+
+    def forward(self, tokens):
+        b, n, c = tokens.shape
+        q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2) for t in self.to_qkv(tokens).chunk(3, dim=-1))
+        weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(c // self.heads) + self.bias, dim=-1)
+        return self.out((weights @ v).transpose(1, 2).reshape(b, n, c))
+
+
+def with_position_bias_in_block_3():
+    model = hand_written_vit()
+    model.stages[3].mix = BiasedMixer(48, 3, 17)
+    return model
 
 
 def image_batch(model: nn.Module, batch: int = 3, seed: int = 1, dtype: torch.dtype = torch.float32) -> torch.Tensor:

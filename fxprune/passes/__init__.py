@@ -8,14 +8,15 @@ import torch.fx as fx
 
 from ..analysis import TokenProgram
 from ..plan import Plan
-from ..policies import ATS, EViT, Policy, ToMe, TopK
+from ..policies import ATS, ClusTR, EViT, Policy, ToMe, TopK
 from .ats import ats_pass
+from .clustr import clustr_pass
 from .evit import evit_pass
 from .tome import thread_sizes, tome_pass
 
 Pass = Callable[[fx.GraphModule, TokenProgram, Plan, Policy], fx.GraphModule]
 
-PASSES: dict[type[Policy], Pass] = {EViT: evit_pass, TopK: evit_pass, ToMe: tome_pass, ATS: ats_pass}
+PASSES: dict[type[Policy], Pass] = {EViT: evit_pass, TopK: evit_pass, ToMe: tome_pass, ATS: ats_pass, ClusTR: clustr_pass}
 
 
 def apply_passes(gm: fx.GraphModule, program: TokenProgram, plan: Plan) -> fx.GraphModule:

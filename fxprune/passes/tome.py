@@ -15,10 +15,16 @@ import operator
 import torch.fx as fx
 
 from ..analysis import Block, TokenProgram, sdpa_arguments
-from ..ops import SIZED_STREAM_FUNCTIONS, class_attention, evit_select, evit_select_sizes, size_bias, tome_merge
+from ..ops import (
+    SIZED_STREAM_FUNCTIONS, class_attention, clustered_attention, evit_select, evit_select_sizes,
+    padded_cluster_keys_values, size_bias, tome_merge,
+)
 from ..plan import Plan, selection_node
 from ..policies import ToMe
 from .common import insert_call, reroute_sized_stream
+
+# the nodes a pass inserts beside an attention that read its mask (a per-key bias) as ``attn_mask``
+_MASK_READERS = (class_attention, clustered_attention, padded_cluster_keys_values)
 
 
 def tome_pass(gm: fx.GraphModule, program: TokenProgram, plan: Plan, policy: ToMe) -> fx.GraphModule:
@@ -52,21 +58,24 @@ def thread_sizes(gm: fx.GraphModule, program: TokenProgram, plan: Plan) -> fx.Gr
 
 
 def _add_size_bias(gm: fx.GraphModule, block: Block, size: fx.Node) -> None:
-    """Add ``log(size)`` of the keys to ``block``'s attention logits (and to its class-attention scores)."""
+    """Add ``log(size)`` of the keys to ``block``'s attention logits: as (part of) the attention mask of the
+    SDPA call, of the nodes that read that mask beside it (class-attention scores, ClusTR's clustering,
+    which turns it into key weights), or onto the logits of an explicit softmax."""
     site = block.attention
-    if site.kind == "sdpa":
-        mask = sdpa_arguments(site.node)["attn_mask"]
-        scorers = [n for n in gm.graph.nodes if n.target is class_attention and n.meta["fxprune"]["block"] == block.index]
-        first = next(n for n in gm.graph.nodes if n is site.node or n in scorers)  # the mask's first reader
-        bias = insert_call(gm, first.prev, size_bias, (size, mask, site.q), {}, block, "size_bias")
-        if len(site.node.args) > 3:
-            site.node.update_arg(3, bias)
-        else:
-            site.node.update_kwarg("attn_mask", bias)
-        for node in scorers:
-            node.update_kwarg("attn_mask", bias)
-    else:
+    readers = [n for n in gm.graph.nodes if n.target in _MASK_READERS and n.meta["fxprune"]["block"] == block.index]
+    if site.kind == "sdpa" and not any(n.target is clustered_attention for n in readers):
+        readers.append(site.node)
+    if not readers:
         logits = site.node.args[0]
         bias = insert_call(gm, logits, size_bias, (size, None, logits), {}, block, "size_bias")
         biased = insert_call(gm, bias, operator.add, (logits, bias), {}, block, "biased_logits")
         site.node.replace_input_with(logits, biased)
+        return
+    first = next(n for n in gm.graph.nodes if n in readers)
+    mask = sdpa_arguments(first)["attn_mask"] if first is site.node else first.kwargs.get("attn_mask")
+    bias = insert_call(gm, first.prev, size_bias, (size, mask, site.q), {}, block, "size_bias")
+    for node in readers:
+        if node is site.node and len(node.args) > 3:
+            node.update_arg(3, bias)
+        else:
+            node.update_kwarg("attn_mask", bias)

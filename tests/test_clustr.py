@@ -1,0 +1,213 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from reference import clustr_vit
+from vits import (
+    ALL_MODELS, TokenMixer, assert_same_outputs, hand_written_vit, image_batch, logits, timm_vit,
+    with_position_bias_in_block_3,
+)
+
+import fxprune
+from fxprune import ClusTR, Compose, EViT, PolicyError, ToMe, UnsupportedModelError, parse_policy
+from fxprune.analysis import SDPA_TARGETS
+from fxprune.ops import clustered_attention, padded_cluster_keys_values
+
+FAITHFUL_MODELS = {
+    "deit_small_patch16_224": {},  # DeiT-S-shaped
+    "deit3_small_patch16_224": {"init_values": 0.5},  # LayerScale (large enough that attention matters)
+    "deit_small_distilled_patch16_224": {},  # two prefix tokens
+    "vit_small_patch14_reg4_dinov2": {"init_values": 0.5},  # LayerScale and four register tokens
+}
+
+
+def _assert_matches_reference(gm, reference, model, batch=3):
+    x = image_batch(model, batch=batch, dtype=torch.float64)
+    with torch.no_grad():
+        out, expected, dense = gm(x), reference(x), model(x)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+    assert (out - dense).abs().max() > 1e-3  # clustering changed the outputs, so the match means something
+
+
+@pytest.mark.parametrize("scales", [5, (3, 8)], ids=["single-scale", "multi-scale"])
+@pytest.mark.parametrize("name", sorted(FAITHFUL_MODELS))
+def test_rewritten_graph_matches_independent_implementation_in_float64(name, scales):
+    model = timm_vit(name, **FAITHFUL_MODELS[name]).double()
+    gm = fxprune.transform(model, ClusTR(scales, (1, 2), iterations=2))
+    groups = scales if isinstance(scales, tuple) else (scales,)
+    _assert_matches_reference(gm, lambda x: clustr_vit(model, x, groups, (1, 2), 2), model)
+
+
+def test_explicit_softmax_attention_is_clustered_too():
+    model = timm_vit("deit_small_patch16_224").double()
+    for block in model.blocks:
+        block.attn.fused_attn = False
+    gm = fxprune.transform(model, ClusTR((3, 8), (0, 3)))
+    assert not any(n.target is clustered_attention for n in gm.graph.nodes)
+    assert sum(n.target is padded_cluster_keys_values for n in gm.graph.nodes) == 2
+    _assert_matches_reference(gm, lambda x: clustr_vit(model, x, (3, 8), (0, 3), 3), model)
+
+
+def test_after_tome_token_sizes_weight_the_clusters():
+    model = timm_vit("deit_small_patch16_224").double()
+    gm = fxprune.transform(model, parse_policy("tome:r=3,layers=0 + clustr:m=5,layers=1,2"))
+    _assert_matches_reference(gm, lambda x: clustr_vit(model, x, (5,), (1, 2), 3, tome=(3, (0,))), model)
+
+
+@pytest.mark.parametrize("name", sorted(ALL_MODELS))
+def test_each_token_its_own_cluster_reproduces_every_supported_model(name):
+    model = ALL_MODELS[name]()
+    tokens = fxprune.analyse(model).tokens
+    heads = fxprune.analyse(model).blocks[0].attention.num_heads
+    scales = tokens if heads % 2 else (tokens, tokens + 5)  # multi-scale where the heads split in two
+    gm = fxprune.transform(model, ClusTR(scales))
+    assert sum(n.target in (clustered_attention, padded_cluster_keys_values) for n in gm.graph.nodes) == 4
+    assert_same_outputs(gm, model)
+
+
+def test_fewer_clusters_than_tokens_change_every_architecture_a_little():
+    for name, factory in ALL_MODELS.items():
+        model = factory()
+        x = image_batch(model, batch=2)
+        with torch.no_grad():
+            dense, clustered = logits(model(x)), logits(fxprune.transform(model, ClusTR(4))(x))
+        error = (clustered - dense).norm() / dense.norm()
+        assert 0 < error < 0.5, name
+
+
+def test_fused_attention_is_kept_over_prefix_plus_cluster_keys():
+    model = timm_vit("deit_small_patch16_224")  # 16 patches + cls, 6 heads
+    gm = fxprune.transform(model, ClusTR((4, 9), (1,)))
+    seen = []
+
+    def spy(q, k, v, **kwargs):
+        seen.append((q.shape[1:3], k.shape[1:3]))
+        return original(q, k, v, **kwargs)
+
+    original = F.scaled_dot_product_attention
+    try:
+        F.scaled_dot_product_attention = spy
+        with torch.no_grad():
+            gm(image_batch(model))
+    finally:
+        F.scaled_dot_product_attention = original
+    assert (torch.Size([3, 17]), torch.Size([3, 5])) in seen and (torch.Size([3, 17]), torch.Size([3, 10])) in seen
+    assert sum(n.target in SDPA_TARGETS for n in gm.graph.nodes) == 3  # the other blocks keep theirs
+
+
+def test_macs_count_the_smaller_attention_and_the_clustering():
+    model = timm_vit("deit_small_patch16_224")  # 16 patches + cls, 6 heads of 64
+    x = image_batch(model, batch=1)
+    iterations, m, n, heads, d = 2, 4, 17, 6, 64
+    gm = fxprune.transform(model, ClusTR(m, (0, 2), iterations=iterations))
+    saved_attention = heads * n * (n - (1 + m)) * 2 * d
+    kmeans = iterations * (n - 1) * m * d  # distances of the head-averaged keys to the centroids
+    assert fxprune.flops(model, x) - fxprune.flops(gm, x) == 2 * (saved_attention - kmeans)
+
+
+def test_gradients_flow_through_the_cluster_means():
+    model = timm_vit("deit_small_patch16_224").train()
+    gm = fxprune.transform(model, ClusTR(4))
+    gm(image_batch(model)).logsumexp(-1).sum().backward()
+    width = 384
+    for block in range(4):
+        grad = gm.get_parameter(f"blocks.{block}.attn.qkv.weight").grad
+        assert grad[width : 2 * width].abs().sum() > 0 and grad[2 * width :].abs().sum() > 0  # keys, values
+
+
+def test_a_few_fine_tuning_steps_reduce_the_loss():
+    from fxprune.datasets import DigitScenes
+    from fxprune.models import digits_vit
+
+    data = DigitScenes("train", 32, seed=3)
+    images = torch.stack([data[i][0] for i in range(32)])
+    labels = torch.tensor([data[i][1] for i in range(32)])
+    gm = fxprune.transform(digits_vit(), ClusTR(4)).train()
+    optimizer = torch.optim.Adam(gm.parameters(), lr=3e-4)
+    losses = []
+    for _ in range(6):
+        loss = F.cross_entropy(gm(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_compiles_as_one_graph_without_recompiles():
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model = timm_vit("deit_small_patch16_224")
+    gm = fxprune.transform(model, Compose([ToMe(2, (0,)), ClusTR((4, 9), (1, 2))]))
+    counter = CompileCounter()
+    lowered = fxprune.lower(gm, backend=counter)
+    for batch in (4, 4, 6, 3):
+        x = image_batch(model, batch=batch)
+        with torch.no_grad():
+            torch.testing.assert_close(lowered(x), gm(x), atol=1e-5, rtol=0)
+    assert counter.frame_count == 1
+    torch._dynamo.reset()
+
+
+def test_composes_with_token_selection_and_the_plan_names_each_method():
+    model = timm_vit("deit_small_patch16_224")
+    gm = fxprune.transform(model, Compose([ClusTR(6, (0, 1)), EViT(0.5, (2,))]))
+    rows = gm.fxprune_plan.rows
+    assert [r.action.split()[0] for r in rows] == ["clustr", "clustr", "evit", "dense"]
+    assert [(r.tokens_in, r.tokens_out) for r in rows[:3]] == [(17, 17), (17, 17), (17, 10)]  # 8 kept + cls + fused
+    assert "clustr 6 clusters (3 k-means iterations)" in str(gm.fxprune_plan)
+
+
+def test_heads_that_do_not_split_into_the_groups_are_refused_naming_the_block():
+    model = timm_vit("vit_tiny_patch16_224")  # 3 heads
+    with pytest.raises(UnsupportedModelError, match=r"block 1 \(blocks\.1\): its 3 heads cannot be split into 2"):
+        fxprune.transform(model, ClusTR((4, 8), (1,)))
+
+
+class _CausalMixer(TokenMixer):
+    def forward(self, tokens):
+        b, n, c = tokens.shape
+        q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2) for t in self.to_qkv(tokens).chunk(3, dim=-1))
+        return self.out(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, n, c))
+
+
+class _KeyMaskedMixer(TokenMixer):
+    """Explicit attention whose logits get a per-key bias computed from the tokens."""
+
+    def forward(self, tokens):
+        b, n, c = tokens.shape
+        q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2) for t in self.to_qkv(tokens).chunk(3, dim=-1))
+        bias = tokens[..., :1].transpose(1, 2).unsqueeze(1).sigmoid().log()
+        weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(c // self.heads) + bias, dim=-1)
+        return self.out((weights @ v).transpose(1, 2).reshape(b, n, c))
+
+
+@pytest.mark.parametrize("mixer, message", [
+    (_CausalMixer, r"block 2 \(stages\.2\): its attention is causal"),
+    (_KeyMaskedMixer, r"block 2 \(stages\.2\): its logits read .* \(a mask or bias\) between q @ kᵀ and the softmax"),
+])
+def test_attention_that_clusters_cannot_reproduce_is_refused_naming_the_block(mixer, message):
+    model = hand_written_vit()
+    model.stages[2].mix = mixer(48, 3)
+    fxprune.transform(model, ClusTR(4, (1, 3)))  # the other blocks are fine
+    with pytest.raises(UnsupportedModelError, match=message):
+        fxprune.transform(model, ClusTR(4, (2,)))
+
+
+def test_position_dependent_blocks_are_refused_like_the_other_methods():
+    model = timm_vit("deit_small_patch16_224")
+    assert fxprune.transform(model, ClusTR(4, (1,))) is not None
+    with pytest.raises(UnsupportedModelError, match=r"cannot apply clustr .* to block 3 .* position-dependent"):
+        fxprune.transform(with_position_bias_in_block_3(), ClusTR(4, (3,)))
+
+
+def test_policy_is_validated_and_parses_from_text():
+    assert parse_policy("clustr:m=16,49,layers=0,1,iterations=2") == ClusTR((16, 49), (0, 1), iterations=2)
+    assert parse_policy("clustr:num_clusters=49") == ClusTR(49)
+    assert ClusTR(49).bind(3).layers == (0, 1, 2)
+    for bad in (dict(num_clusters=0), dict(num_clusters=(4, 0)), dict(num_clusters=4, iterations=-1)):
+        with pytest.raises(PolicyError, match="ClusTR"):
+            ClusTR(**bad)
+    assert ClusTR(8, (1,)).tokens_out(17, 1, 1) == 17
