@@ -17,6 +17,7 @@ import fxprune
 from fxprune.bench import predict, top1
 from fxprune.datasets import DigitScenes
 from fxprune.models import digits_vit
+from fxprune.speed import machine
 
 
 def main() -> None:
@@ -32,6 +33,7 @@ def main() -> None:
     dense, labels, _ = predict(model, loader)
     print(f"Command: `python benchmarks/clustr_error.py --clusters {args.clusters} --iterations {args.iterations} "
           f"--images {args.images}`  ")
+    print(f"Machine: {machine()}  ")
     print(f"digits_vit on {args.images} DigitScenes test scenes, ClusTR in every block; dense top-1 "
           f"{100 * top1(dense, labels):.2f}%. Each cell: output error / top-1 (%).\n")
     print("| clusters M | " + " | ".join(f"{i} iterations" for i in iterations) + " |")

@@ -3,6 +3,7 @@
     python benchmarks/speed.py                                  # CPU, float32, batches 1 and 32, EViT 0.7
     python benchmarks/speed.py --policy "tome:r=8" --policy "tome:r=13"
     python benchmarks/speed.py --device cuda --dtype bfloat16 --batches 1,256
+    python benchmarks/speed.py --policy "clustr:m=49" --img-size 448 --batches 1,8
 
 Each (mode, batch) pair is measured in one interleaved run (dense, policy 1, policy 2, ..., dense, ...)
 and reported as ratios of medians; absolute times are printed only for a GPU. Prints a Markdown
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--batches", default="1,32", help="comma-separated batch sizes")
+    parser.add_argument("--img-size", type=int, default=224, help="input resolution (position embedding resized)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--compile-mode", default=None, help='torch.compile mode, e.g. "reduce-overhead" (CUDA graphs)')
@@ -54,11 +56,11 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cudnn.benchmark = True  # let cuDNN pick its fastest patch-embedding convolution
 
     torch.manual_seed(0)
-    dense = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
+    dense = timm.create_model("deit_small_patch16_224", pretrained=False, img_size=args.img_size).eval()
     policies = {text: fxprune.parse_policy(text) for text in args.policy or [DEFAULT_POLICY]}
     models = {"dense": dense.to(args.device, dtype)}
     models.update({text: fxprune.transform(dense, p).to(args.device, dtype) for text, p in policies.items()})
-    image = torch.randn(1, 3, 224, 224, device=args.device, dtype=dtype)
+    image = torch.randn(1, 3, args.img_size, args.img_size, device=args.device, dtype=dtype)
     macs = {name: fxprune.flops(m, image) for name, m in models.items()}
     modes = {"eager": models}
     if not args.no_compile:
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for mode, compiled in modes.items():
         for batch in batches:
-            x = torch.randn(batch, 3, 224, 224, device=args.device, dtype=dtype)
+            x = torch.randn(batch, 3, args.img_size, args.img_size, device=args.device, dtype=dtype)
             timing = interleaved({n: (lambda m=m: m(x)) for n, m in compiled.items()}, repeats=args.repeats,
                                  device=args.device)
             cells = [f"{timing.ratio('dense', name):.2f}×" for name in policies]
@@ -81,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     first, warm = _transform_seconds(first_policy, repeats=5)
 
     command = "python benchmarks/speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(f"### DeiT-S: {'; '.join(p.describe() for p in policies.values())} — {args.device}, {args.dtype}\n")
+    resolution = "" if args.img_size == 224 else f" at {args.img_size}²"
+    print(f"### DeiT-S{resolution}: {'; '.join(p.describe() for p in policies.values())} — {args.device}, {args.dtype}\n")
     print(f"Command: `{command.strip()}`  ")
     print(f"Machine: {machine(args.device)}  ")
     mac_ratios = ", ".join(f"`{text}` {macs['dense'] / macs[text]:.2f}×" for text in policies)

@@ -81,7 +81,7 @@ def _bench(args: argparse.Namespace) -> None:
 def _show(args: argparse.Namespace) -> None:
     from .bench import default_policy
     from .policies import parse_policy
-    from .show import draw_kept_patches, kept_counts
+    from .show import draw_clusters, draw_kept_patches, kept_counts
     from .transform import transform
 
     model, data, _, _ = _model_and_data(args)
@@ -89,6 +89,9 @@ def _show(args: argparse.Namespace) -> None:
     labels = [str(data[i][1]) for i in range(args.scenes)]
     policy = parse_policy(args.policy) if args.policy else default_policy(model, example_inputs=(images[:2],))
     fast = transform(model, policy, example_inputs=(images[:2],))
+    if not any(part.reduces_tokens for part in policy.policies()):
+        print(f"wrote {draw_clusters(fast, images, args.out, labels=labels)}: {policy}")
+        return
     print(f"wrote {draw_kept_patches(fast, images, args.out, labels=labels)}: {policy}")
     for block, mean, low, high in kept_counts(fast, images):
         print(f"  block {block}: {mean:.1f} tokens kept per image (min {low}, max {high})")
@@ -118,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench.add_argument("--repeats", type=int, default=5)
     bench.add_argument("--plot", help="write an accuracy-vs-MACs PNG here")
     bench.set_defaults(func=_bench)
-    show = sub.add_parser("show", help="draw which patches each reduced block keeps")
+    show = sub.add_parser("show", help="draw which patches each reduced block keeps (ClusTR: its clusters)")
     _add_model_options(show, images=100)
     show.add_argument("--policy", help="default: EViT leaving 70%% of the dense MACs")
     show.add_argument("--scenes", type=int, default=6)

@@ -1,4 +1,5 @@
-"""Pictures of token reduction: for each reduced block, which image patches its tokens still stand for.
+"""Pictures of token reduction: for each reduced block, which image patches its tokens still stand for
+(and, for ClusTR, which patches share a cluster).
 
 Token sources are tracked the way ToMe's authors do it: a membership matrix ``[B, N, N0]`` (row i: the
 original tokens that token i stands for) goes through every stream operation next to the tokens.
@@ -9,6 +10,7 @@ token's sources: the non-zero entries of its row.
 
 from __future__ import annotations
 
+import colorsys
 import dataclasses
 import math
 from pathlib import Path
@@ -19,9 +21,10 @@ import torch.fx as fx
 from PIL import Image, ImageDraw
 
 from .errors import FxPruneError
-from .ops import STREAM_FUNCTIONS
+from .ops import STREAM_FUNCTIONS, clustered_attention, padded_cluster_keys_values
+from .ops.clustering import cluster_assignment, key_weights
 
-__all__ = ["TokenStep", "token_sources", "kept_counts", "draw_kept_patches"]
+__all__ = ["TokenStep", "token_sources", "kept_counts", "draw_kept_patches", "cluster_maps", "draw_clusters"]
 
 
 @dataclasses.dataclass
@@ -91,13 +94,59 @@ def _tile(image: torch.Tensor, states: torch.Tensor | None, grid: int, scale: in
     """``image`` [3, H, W] in [0, 1]; dropped patches dimmed, merged ones tinted red, kept ones as they are."""
     pixels = image.clamp(0, 1).float().clone()
     if states is not None:
-        side = pixels.shape[-1] // grid
-        per_pixel = states.view(grid, grid).repeat_interleave(side, 0).repeat_interleave(side, 1)
+        per_pixel = _per_pixel(states, grid, pixels.shape[-1])
         pixels = torch.where(per_pixel == 2, pixels, pixels * 0.2)
         pixels[0] = torch.where(per_pixel == 1, 0.35 + 0.65 * pixels[0], pixels[0])
+    return _image(pixels, scale)
+
+
+def _cluster_tile(image: torch.Tensor, clusters: torch.Tensor, grid: int, scale: int) -> Image.Image:
+    """``image`` [3, H, W] in [0, 1] tinted by the cluster of each patch (one colour per cluster)."""
+    pixels = image.clamp(0, 1).float()
+    palette = torch.tensor([colorsys.hsv_to_rgb((0.618 * c) % 1.0, 0.85, 1.0) for c in range(int(clusters.max()) + 1)])
+    colours = palette[_per_pixel(clusters, grid, pixels.shape[-1])].permute(2, 0, 1)
+    return _image(0.45 * pixels + 0.55 * colours, scale)
+
+
+def _per_pixel(values: torch.Tensor, grid: int, size: int) -> torch.Tensor:
+    """One value per patch ``[grid²]`` spread to ``[size, size]`` pixels."""
+    side = size // grid
+    return values.view(grid, grid).repeat_interleave(side, 0).repeat_interleave(side, 1)
+
+
+def _image(pixels: torch.Tensor, scale: int) -> Image.Image:
     array = (pixels.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
     tile = Image.fromarray(array)
     return tile.resize((tile.width * scale, tile.height * scale), Image.NEAREST)
+
+
+def _grid(patches: int) -> int:
+    grid = math.isqrt(patches)
+    if grid * grid != patches:
+        raise FxPruneError(f"cannot lay out {patches} patch tokens as a square grid")
+    return grid
+
+
+def _save_panels(
+    tiles: list[list[Image.Image]], titles: list[str], legend: str, path: str | Path, labels: list[str] | None
+) -> Path:
+    """Write the rows of ``tiles`` (one per image) under ``titles``, with ``legend`` below, as a PNG."""
+    width, height, gap, header, footer = tiles[0][0].width, tiles[0][0].height, 6, 28, 24
+    size = (len(tiles[0]) * (width + gap) + gap + 40, len(tiles) * (height + gap) + header + footer)
+    canvas = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(canvas)
+    for col, title in enumerate(titles):
+        draw.text((40 + gap + col * (width + gap), 8), title, fill="black")
+    draw.text((40 + gap, size[1] - footer + 4), legend, fill="black")
+    for row, row_tiles in enumerate(tiles):
+        top = header + row * (height + gap)
+        if labels is not None:
+            draw.text((6, top + height // 2 - 6), labels[row], fill="black")
+        for col, tile in enumerate(row_tiles):
+            canvas.paste(tile, (40 + gap + col * (width + gap), top))
+    path = Path(path)
+    canvas.save(path)
+    return path
 
 
 def draw_kept_patches(
@@ -111,29 +160,57 @@ def draw_kept_patches(
     """
     steps = token_sources(gm, images)
     prefix = gm.fxprune_plan.prefix_tokens
-    patches = steps[0].sources.shape[-1] - prefix
-    grid = math.isqrt(patches)
-    if grid * grid != patches:
-        raise FxPruneError(f"cannot lay out {patches} patch tokens as a square grid")
+    grid = _grid(steps[0].sources.shape[-1] - prefix)
     tiles = [[_tile(img, None, grid, scale)] for img in images]
     for step in steps:
-        states = step.patch_states(prefix)
-        for row, (img, state) in enumerate(zip(images, states)):
+        for row, (img, state) in enumerate(zip(images, step.patch_states(prefix))):
             tiles[row].append(_tile(img, state, grid, scale))
-    width, height, gap, header, footer = tiles[0][0].width, tiles[0][0].height, 6, 28, 24
-    size = (len(tiles[0]) * (width + gap) + gap + 40, len(tiles) * (height + gap) + header + footer)
-    canvas = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(canvas)
-    for col, title in enumerate(["input"] + [f"after block {s.block}" for s in steps]):
-        draw.text((40 + gap + col * (width + gap), 8), title, fill="black")
+    titles = ["input"] + [f"after block {s.block}" for s in steps]
     legend = "as is: kept as its own token   red: merged with other patches into one token   dim: dropped"
-    draw.text((40 + gap, size[1] - footer + 4), legend, fill="black")
-    for row, row_tiles in enumerate(tiles):
-        top = header + row * (height + gap)
-        if labels is not None:
-            draw.text((6, top + height // 2 - 6), labels[row], fill="black")
-        for col, tile in enumerate(row_tiles):
-            canvas.paste(tile, (40 + gap + col * (width + gap), top))
-    path = Path(path)
-    canvas.save(path)
-    return path
+    return _save_panels(tiles, titles, legend, path, labels)
+
+
+class _ClusterRecorder(fx.Interpreter):
+    """Records, at each ClusTR node, the clusters of the first head group's keys."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.maps: list[tuple[int, torch.Tensor]] = []
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.op == "call_function" and n.target in (clustered_attention, padded_cluster_keys_values):
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            offset = 1 if n.target is clustered_attention else 0  # its q comes first
+            k, _, scales, prefix, iterations = args[offset : offset + 5]
+            k = k.chunk(len(scales), 1)[0]
+            weights = key_weights(kwargs.get("attn_mask"), k.shape[0], k.shape[2], torch.float32, k.device)
+            clusters = min(scales[0], k.shape[2] - prefix)
+            self.maps.append((n.meta["fxprune"]["block"], cluster_assignment(k, clusters, prefix, iterations, weights)))
+        return super().run_node(n)
+
+
+def cluster_maps(gm: fx.GraphModule, images: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """Run ``gm`` (rewritten with ClusTR) on ``images``: per ClusTR block, (block, the cluster of each
+    non-prefix token ``[B, N − P]``) for the first head group (the only one unless multi-scale)."""
+    recorder = _ClusterRecorder(gm)
+    with torch.inference_mode():
+        recorder.run(images)
+    if not recorder.maps:
+        raise FxPruneError("this model has no ClusTR block: nothing to show")
+    return recorder.maps
+
+
+def draw_clusters(
+    gm: fx.GraphModule, images: torch.Tensor, path: str | Path, labels: list[str] | None = None, scale: int = 3
+) -> Path:
+    """Write a PNG: one row per image, the image and then, per ClusTR block whose tokens are still the
+    image's patches, the patches coloured by the cluster their keys fell in (first head group)."""
+    patches = gm.fxprune_plan.rows[0].tokens_in - gm.fxprune_plan.prefix_tokens
+    grid = _grid(patches)
+    maps = [(block, clusters) for block, clusters in cluster_maps(gm, images) if clusters.shape[1] == patches]
+    if not maps:
+        raise FxPruneError("every ClusTR block sees merged or dropped tokens: no patch grid to colour")
+    tiles = [[_tile(img, None, grid, scale)] + [_cluster_tile(img, c[row], grid, scale) for _, c in maps]
+             for row, img in enumerate(images)]
+    titles = ["input"] + [f"clusters, block {block}" for block, _ in maps]
+    return _save_panels(tiles, titles, "one colour per cluster of keys (first head group)", path, labels)

@@ -43,6 +43,8 @@ def test_bench_and_show_run_on_the_embedded_benchmark(capsys, tmp_path):
     assert (tmp_path / "kept.png").exists()
     assert main(["show", "--scenes", "3", "--policy", "ats:k=40,layers=1", "--out", str(tmp_path / "ats.png")]) == 0
     assert "block 1: " in capsys.readouterr().out
+    assert main(["show", "--scenes", "2", "--policy", "clustr:m=8,layers=1", "--out", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").exists()
 
 
 def test_bench_runs_a_timm_model_on_an_image_folder(capsys, tmp_path):

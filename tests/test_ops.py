@@ -2,9 +2,14 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fxprune.flops import MacCounter
-from fxprune.ops import class_attention, class_attention_from_probs, evit_kept_tokens, evit_select
+from fxprune.ops import (
+    class_attention, class_attention_from_probs, clustered_attention, evit_kept_tokens, evit_select,
+    padded_cluster_keys_values,
+)
+from fxprune.ops.clustering import grid_cells, kmeans
 
 
 def _full_map(q, k, scale, mask=None):
@@ -87,3 +92,37 @@ def test_keeping_everything_returns_the_input():
     x, scores = _example()
     assert evit_select(x, scores, keep_rate=1.0, num_prefix=1, fuse=True) is x
     assert math.ceil(0.99 * 5) == 5 and evit_select(x, scores, 0.99, 1, True) is x
+
+
+def test_grid_cells_cut_a_square_grid_into_near_equal_cells_else_runs():
+    assert grid_cells(16, 4).view(4, 4).tolist() == [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
+    assert grid_cells(64, 8).view(8, 8)[0].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]  # 2 × 4 cells of 4 × 2
+    assert grid_cells(10, 3).tolist() == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]  # not a square: runs
+    assert grid_cells(196, 49).bincount().tolist() == [4] * 49
+
+
+def test_kmeans_separates_two_groups_from_a_bad_start_and_keeps_empty_clusters_finite():
+    points = torch.tensor([[[0.0], [10.0], [0.1], [10.1], [0.2], [10.2]]])
+    weights = torch.ones(1, 6)
+    init = torch.tensor([0, 0, 0, 1, 1, 1])
+    assert kmeans(points, weights, init, 2, 0).tolist() == [init.tolist()]
+    assert kmeans(points, weights, init, 2, 2).tolist() == [[0, 1, 0, 1, 0, 1]]
+    assign = kmeans(points, weights, torch.tensor([0, 0, 0, 1, 1, 2]), 3, 3)
+    assert set(assign[0].tolist()) <= {0, 1, 2} and assign[0, 0] != assign[0, 1]
+
+
+def test_a_cluster_of_identical_keys_attends_exactly_as_its_members():
+    torch.manual_seed(0)
+    q = torch.randn(2, 2, 9, 4, dtype=torch.float64)
+    k = torch.randn(2, 2, 5, 4, dtype=torch.float64).repeat_interleave(2, dim=2)[:, :, 1:]  # prefix + 4 pairs
+    v = torch.randn(2, 2, 9, 4, dtype=torch.float64)
+    dense = F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(clustered_attention(q, k, v, (4,), 1, 3), dense, atol=1e-12, rtol=0)
+
+
+def test_padded_groups_in_an_explicit_softmax_equal_the_fused_multi_scale_attention():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 17, 8, dtype=torch.float64) for _ in range(3))
+    keys, values, bias = padded_cluster_keys_values(k, v, (3, 8), 1, 2)
+    explicit = ((q @ keys.transpose(-2, -1)) * 8**-0.5 + bias).softmax(-1) @ values
+    torch.testing.assert_close(explicit, clustered_attention(q, k, v, (3, 8), 1, 2), atol=1e-12, rtol=0)

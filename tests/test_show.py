@@ -1,11 +1,12 @@
+import pytest
 import torch
 from PIL import Image
 
 import fxprune
-from fxprune import EViT, ToMe, TopK
+from fxprune import ClusTR, EViT, FxPruneError, ToMe, TopK
 from fxprune.datasets import DigitScenes
 from fxprune.models import digits_vit
-from fxprune.show import draw_kept_patches, token_sources
+from fxprune.show import cluster_maps, draw_clusters, draw_kept_patches, token_sources
 
 
 def _images(n=3):
@@ -46,3 +47,20 @@ def test_tome_merges_are_tracked_to_the_patches_they_merge():
     merged = (first == 1).sum(-1)
     assert ((9 <= merged) & (merged <= 16)).all()
     assert ((second == 1) >= (first == 1)).all()  # a merged patch stays merged
+
+
+def test_cluster_maps_give_each_patch_the_cluster_its_key_fell_in():
+    gm = fxprune.transform(digits_vit(), ClusTR((4, 32), (0, 3)))
+    maps = cluster_maps(gm, _images())
+    assert [block for block, _ in maps] == [0, 3]
+    for _, clusters in maps:  # first head group: 4 clusters over the 64 patches
+        assert clusters.shape == (3, 64) and clusters.min() >= 0 and clusters.max() <= 3
+    assert not torch.equal(maps[0][1][0], maps[0][1][1])  # the clustering follows the image
+
+
+def test_cluster_picture_has_one_panel_per_clustr_block_and_needs_one(tmp_path):
+    gm = fxprune.transform(digits_vit(), ClusTR(8, (1, 4)))
+    width, _ = Image.open(draw_clusters(gm, _images(2), tmp_path / "c.png", scale=2)).size
+    assert width >= 3 * 128
+    with pytest.raises(FxPruneError, match="no ClusTR block"):
+        cluster_maps(fxprune.transform(digits_vit(), ToMe(4, (1,))), _images(2))

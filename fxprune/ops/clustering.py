@@ -51,10 +51,13 @@ def key_weights(attn_mask: Tensor | None, batch: int, keys: int, dtype: torch.dt
     return weights.expand(batch, keys)
 
 
-def cluster_sums(x: Tensor, assign: Tensor, clusters: int) -> Tensor:
-    """Sum of the rows of ``x`` ``[B, ..., N, c]`` per cluster, by ``assign`` ``[B, N]``: ``[B, ..., M, c]``."""
-    index = assign.reshape(assign.shape[0], *([1] * (x.dim() - 3)), assign.shape[1], 1).expand_as(x)
-    return x.new_zeros(*x.shape[:-2], clusters, x.shape[-1]).scatter_add(-2, index, x)
+def cluster_sums(rows: Tensor, assign: Tensor, clusters: int) -> Tensor:
+    """Sum of the rows of ``rows`` ``[B, N, c]`` per cluster, by ``assign`` ``[B, N]``: ``[B, M, c]``."""
+    batch, tokens, width = rows.shape
+    index = (assign + clusters * torch.arange(batch, device=assign.device).unsqueeze(1)).reshape(-1)
+    source = rows.reshape(batch * tokens, width).contiguous()  # index_add is much slower on strided rows
+    sums = rows.new_zeros(batch * clusters, width).index_add(0, index, source)
+    return sums.view(batch, clusters, width)
 
 
 def _inverse(sizes: Tensor) -> Tensor:
@@ -71,13 +74,32 @@ def kmeans(features: Tensor, weights: Tensor, init: Tensor, clusters: int, itera
     """
     assign = init.expand(features.shape[0], -1)
     centroids = features.new_zeros(features.shape[0], clusters, features.shape[-1])
-    weighted = features * weights.unsqueeze(-1)
+    weighted = torch.cat([features, features.new_ones(features.shape[:-1] + (1,))], dim=-1) * weights.unsqueeze(-1)
     for _ in range(iterations):
-        sizes = cluster_sums(weights.unsqueeze(-1), assign, clusters)
-        centroids = torch.where(sizes > 0, cluster_sums(weighted, assign, clusters) * _inverse(sizes), centroids)
+        sums = cluster_sums(weighted, assign, clusters)
+        sizes = sums[..., -1:]
+        centroids = torch.where(sizes > 0, sums[..., :-1] * _inverse(sizes), centroids)
         distances = centroids.pow(2).sum(-1).unsqueeze(1) - 2 * features @ centroids.transpose(1, 2)
         assign = distances.argmin(dim=-1)
     return assign
+
+
+def cluster_assignment(k: Tensor, clusters: int, num_prefix: int, iterations: int, weights: Tensor) -> Tensor:
+    """The cluster ``[B, N − P]`` of each non-prefix key of ``k`` ``[B, H, N, d]``: :func:`kmeans` on the keys
+    averaged over heads, weighted by ``weights`` ``[B, N]``, from :func:`grid_cells` (``clusters ≤ N − P``)."""
+    features = k[:, :, num_prefix:].mean(dim=1).to(weights.dtype)
+    init = grid_cells(k.shape[2] - num_prefix, clusters, k.device)
+    return kmeans(features, weights[:, num_prefix:], init, clusters, iterations)
+
+
+def _token_major(x: Tensor) -> Tensor:
+    """``[B, H, N, d]`` → ``[B, N, H·d]`` (a view where the heads of a token are adjacent in memory)."""
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], x.shape[1] * x.shape[3])
+
+
+def _head_major(x: Tensor, heads: int) -> Tensor:
+    """``[B, M, H·d]`` → ``[B, H, M, d]``."""
+    return x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
 
 
 def cluster_keys_values(
@@ -91,25 +113,23 @@ def cluster_keys_values(
     ``[B, H, P + M, d]``, values ``[B, H, P + M, dv]`` and the additive logit bias ``log(weight)`` of each
     ``[B, 1, 1, P + M]`` (−inf for an empty cluster), in ``k``'s dtype.
     """
-    batch, _, tokens, _ = k.shape
+    batch, heads, tokens, _ = k.shape
     clusters = min(clusters, tokens - num_prefix)
-    dtype = torch.promote_types(k.dtype, torch.float32)
-    weights = key_weights(attn_mask, batch, tokens, dtype, k.device)
-    token_weights = weights[:, num_prefix:]
+    weights = key_weights(attn_mask, batch, tokens, torch.promote_types(k.dtype, torch.float32), k.device)
     with torch.no_grad():
-        features = k[:, :, num_prefix:].mean(dim=1).to(dtype)
-        init = grid_cells(tokens - num_prefix, clusters, k.device)
-        assign = kmeans(features, token_weights, init, clusters, iterations)
-    sizes = cluster_sums(token_weights.unsqueeze(-1), assign, clusters)
-    member = token_weights[:, None, :, None].to(k.dtype)
-    inverse = _inverse(sizes).unsqueeze(1).to(k.dtype)
+        assign = cluster_assignment(k, clusters, num_prefix, iterations, weights)
+        prefix = torch.arange(num_prefix, device=k.device).expand(batch, num_prefix)
+        slots = torch.cat([prefix, assign + num_prefix], dim=1)  # each prefix token is its own cluster
+    sizes = cluster_sums(weights.unsqueeze(-1), slots, num_prefix + clusters)
+    inverse = _inverse(sizes).to(k.dtype)
 
     def means(x: Tensor) -> Tensor:
-        clustered = cluster_sums(x[:, :, num_prefix:] * member, assign, clusters) * inverse
-        return torch.cat([x[:, :, :num_prefix], clustered], dim=2)
+        rows = _token_major(x)
+        if attn_mask is not None:
+            rows = rows * weights.unsqueeze(-1).to(x.dtype)
+        return _head_major(cluster_sums(rows, slots, num_prefix + clusters) * inverse, heads)
 
-    bias = torch.cat([weights[:, :num_prefix], sizes[..., 0]], dim=1).log()
-    return means(k), means(v), bias[:, None, None, :].to(k.dtype)
+    return means(k), means(v), sizes[:, None, None, :, 0].log().to(k.dtype)
 
 
 def clustered_attention(
