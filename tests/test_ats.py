@@ -1,7 +1,17 @@
 import pytest
 import torch
 from reference import ats_vit
-from vits import ALL_MODELS, assert_same_outputs, hand_written_vit, hf_vit, image_batch, logits, timm_vit, torchvision_vit
+from vits import (
+    ALL_MODELS,
+    assert_compiles_once,
+    assert_same_outputs,
+    hand_written_vit,
+    hf_vit,
+    image_batch,
+    logits,
+    timm_vit,
+    torchvision_vit,
+)
 
 import fxprune
 from fxprune import ATS, Compose, PolicyError, ToMe, TopK
@@ -77,19 +87,8 @@ def test_other_architectures_sample_per_image(factory):
 
 
 def test_compiled_static_layout_matches_eager_and_compiles_once():
-    from torch._dynamo.testing import CompileCounter
-
-    torch._dynamo.reset()
     model = timm_vit("deit_small_patch16_224")
-    gm = fxprune.transform(model, ATS(9, (1, 2)))
-    counter = CompileCounter()
-    lowered = fxprune.lower(gm, backend=counter)
-    for batch in (4, 4, 6, 3):
-        x = image_batch(model, batch=batch)
-        with torch.no_grad():
-            torch.testing.assert_close(lowered(x), gm(x), atol=1e-5, rtol=0)  # padded to 9 vs compacted
-    assert counter.frame_count == 1  # one graph, no graph break, no recompile
-    torch._dynamo.reset()
+    assert_compiles_once(fxprune.transform(model, ATS(9, (1, 2))), model)  # padded static layout vs compacted
 
 
 def test_training_mode_gradients_reach_the_backbone():

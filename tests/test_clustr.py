@@ -5,12 +5,27 @@ import torch
 import torch.nn.functional as F
 from reference import clustr_vit
 from vits import (
-    ALL_MODELS, TokenMixer, assert_same_outputs, hand_written_vit, image_batch, logits, timm_vit,
+    ALL_MODELS,
+    TokenMixer,
+    assert_compiles_once,
+    assert_same_outputs,
+    hand_written_vit,
+    image_batch,
+    logits,
+    timm_vit,
     with_position_bias_in_block_3,
 )
 
 import fxprune
-from fxprune import ClusTR, Compose, EViT, PolicyError, ToMe, UnsupportedModelError, parse_policy
+from fxprune import (
+    ClusTR,
+    Compose,
+    EViT,
+    PolicyError,
+    ToMe,
+    UnsupportedModelError,
+    parse_policy,
+)
 from fxprune.analysis import SDPA_TARGETS
 from fxprune.ops import clustered_attention, padded_cluster_keys_values
 
@@ -136,19 +151,8 @@ def test_a_few_fine_tuning_steps_reduce_the_loss():
 
 
 def test_compiles_as_one_graph_without_recompiles():
-    from torch._dynamo.testing import CompileCounter
-
-    torch._dynamo.reset()
     model = timm_vit("deit_small_patch16_224")
-    gm = fxprune.transform(model, Compose([ToMe(2, (0,)), ClusTR((4, 9), (1, 2))]))
-    counter = CompileCounter()
-    lowered = fxprune.lower(gm, backend=counter)
-    for batch in (4, 4, 6, 3):
-        x = image_batch(model, batch=batch)
-        with torch.no_grad():
-            torch.testing.assert_close(lowered(x), gm(x), atol=1e-5, rtol=0)
-    assert counter.frame_count == 1
-    torch._dynamo.reset()
+    assert_compiles_once(fxprune.transform(model, Compose([ToMe(2, (0,)), ClusTR((4, 9), (1, 2))])), model)
 
 
 def test_composes_with_token_selection_and_the_plan_names_each_method():

@@ -1,7 +1,17 @@
 import pytest
 import torch
 from reference import tome_vit
-from vits import ALL_MODELS, assert_same_outputs, hand_written_vit, hf_vit, image_batch, logits, timm_vit, torchvision_vit
+from vits import (
+    ALL_MODELS,
+    assert_compiles_once,
+    assert_same_outputs,
+    hand_written_vit,
+    hf_vit,
+    image_batch,
+    logits,
+    timm_vit,
+    torchvision_vit,
+)
 
 import fxprune
 from fxprune import Compose, EViT, PolicyError, ToMe
@@ -145,16 +155,5 @@ def test_training_mode_gradients_reach_the_backbone():
 
 
 def test_compiles_as_one_graph_without_recompiles():
-    from torch._dynamo.testing import CompileCounter
-
-    torch._dynamo.reset()
     model = timm_vit("deit_small_patch16_224")
-    gm = fxprune.transform(model, Compose([ToMe(3, (0, 1)), EViT(0.5, (2,))]))
-    counter = CompileCounter()
-    lowered = fxprune.lower(gm, backend=counter)
-    for batch in (4, 4, 6, 3):
-        x = image_batch(model, batch=batch)
-        with torch.no_grad():
-            torch.testing.assert_close(lowered(x), gm(x), atol=1e-5, rtol=0)
-    assert counter.frame_count == 1
-    torch._dynamo.reset()
+    assert_compiles_once(fxprune.transform(model, Compose([ToMe(3, (0, 1)), EViT(0.5, (2,))])), model)

@@ -157,6 +157,24 @@ def assert_same_outputs(rewritten: nn.Module, model: nn.Module, atol: float = 1e
         torch.testing.assert_close(logits(rewritten(x)), logits(model(x)), atol=atol, rtol=0)
 
 
+def assert_compiles_once(gm: nn.Module, model: nn.Module) -> None:
+    """``fxprune.lower(gm)`` gives ``gm``'s outputs (to 1e-5) for batches 4, 4, 6 and 3 from one graph: no graph
+    break and no recompile."""
+    from torch._dynamo.testing import CompileCounter
+
+    import fxprune
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    lowered = fxprune.lower(gm, backend=counter)
+    for batch in (4, 4, 6, 3):
+        x = image_batch(model, batch=batch)
+        with torch.no_grad():
+            torch.testing.assert_close(lowered(x), gm(x), atol=1e-5, rtol=0)
+    assert counter.frame_count == 1
+    torch._dynamo.reset()
+
+
 ALL_MODELS = {
     **{name: (lambda name=name: timm_vit(name)) for name in TIMM_SMALL},
     "torchvision_vit": torchvision_vit,
