@@ -1,6 +1,7 @@
 """How fast this machine multiplies DeiT-S's block matrices for fewer token rows (batch 1).
 
     python benchmarks/gemm_rows.py --rows 197,139,98,69
+    python benchmarks/gemm_rows.py --rows 197,139,98,69 --threads 1
 
 A token-reduction method at batch 1 shrinks the row count of every Linear after the reduction. If the
 matrix library's throughput (MACs per second) drops for fewer rows, the speed ratio falls short of the
@@ -12,6 +13,7 @@ first row count.
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
@@ -25,7 +27,10 @@ def main() -> None:
     parser.add_argument("--rows", default="197,139,98,69")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--calls", type=int, default=100, help="block matrix products per timed sample")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = [int(r) for r in args.rows.split(",")]
     torch.manual_seed(0)
     layers = [torch.nn.Linear(i, o) for i, o in _SHAPES]
@@ -38,7 +43,7 @@ def main() -> None:
     fns = {n: (lambda x={i: torch.randn(n, i) for i in (384, 1536)}: block(x)) for n in rows}
     timing = interleaved(fns, repeats=args.repeats)
     base = rows[0]
-    print("Command: `python benchmarks/gemm_rows.py --rows " + args.rows + "`  ")
+    print("Command: `python benchmarks/gemm_rows.py " + " ".join(sys.argv[1:]) + "`  ")
     print(f"Machine: {machine()}  ")
     print(f"Medians of {args.repeats} interleaved samples of {args.calls} block products.\n")
     print(f"| rows | MAC ratio {base} / rows | time ratio {base} / rows | throughput vs {base} rows |")

@@ -4,6 +4,7 @@
     python benchmarks/speed.py --policy "tome:r=8" --policy "tome:r=13"
     python benchmarks/speed.py --device cuda --dtype bfloat16 --batches 1,256
     python benchmarks/speed.py --policy "clustr:m=49" --img-size 448 --batches 1,8
+    python benchmarks/speed.py --batches 1 --threads 1
 
 Each (mode, batch) pair is measured in one interleaved run (dense, policy 1, policy 2, ..., dense, ...)
 and reported as ratios of medians; absolute times are printed only for a GPU. Prints a Markdown
@@ -48,7 +49,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--compile-mode", default=None, help='torch.compile mode, e.g. "reduce-overhead" (CUDA graphs)')
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     batches = [int(b) for b in args.batches.split(",")]
     gpu = torch.device(args.device).type == "cuda"

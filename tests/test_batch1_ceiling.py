@@ -1,0 +1,37 @@
+import runpy
+from pathlib import Path
+
+import pytest
+import torch
+
+import fxprune
+
+from vits import image_batch, timm_vit
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "batch1_ceiling.py"
+
+
+@pytest.fixture(scope="module")
+def sliced_deit():
+    return runpy.run_path(str(SCRIPT))["SlicedDeiT"]
+
+
+@pytest.mark.parametrize("name", ["deit_small_patch16_224", "deit3_small_patch16_224"])
+def test_ceiling_model_keeping_every_token_reproduces_the_model(sliced_deit, name):
+    model = timm_vit(name)
+    x = image_batch(model)
+    with torch.no_grad():
+        torch.testing.assert_close(sliced_deit(model, {1: 17, 3: 17})(x), model(x), atol=1e-5, rtol=0)
+
+
+def test_ceiling_model_equals_the_full_blocks_truncated_to_their_first_tokens(sliced_deit):
+    model = timm_vit("deit_small_patch16_224")
+    x = image_batch(model)
+    keep = {1: 9, 3: 5}
+    with torch.no_grad():
+        tokens = model._pos_embed(model.patch_embed(x))
+        for i, block in enumerate(model.blocks):
+            tokens = block(tokens)[:, : keep.get(i, tokens.shape[1])]
+        expected = model.forward_head(model.norm(tokens))
+        torch.testing.assert_close(sliced_deit(model, keep)(x), expected, atol=1e-5, rtol=0)
+    assert fxprune.flops(sliced_deit(model, keep), x[:1]) < fxprune.flops(model, x[:1])
