@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .selection import add_rows
+
 
 def _grid_shape(clusters: int, side: int) -> tuple[int, int] | None:
     """The most square ``rows × cols = clusters`` with both at most ``side``, if any."""
@@ -53,11 +55,7 @@ def key_weights(attn_mask: Tensor | None, batch: int, keys: int, dtype: torch.dt
 
 def cluster_sums(rows: Tensor, assign: Tensor, clusters: int) -> Tensor:
     """Sum of the rows of ``rows`` ``[B, N, c]`` per cluster, by ``assign`` ``[B, N]``: ``[B, M, c]``."""
-    batch, tokens, width = rows.shape
-    index = (assign + clusters * torch.arange(batch, device=assign.device).unsqueeze(1)).reshape(-1)
-    source = rows.reshape(batch * tokens, width).contiguous()  # index_add is much slower on strided rows
-    sums = rows.new_zeros(batch * clusters, width).index_add(0, index, source)
-    return sums.view(batch, clusters, width)
+    return add_rows(rows.new_zeros(rows.shape[0], clusters, rows.shape[-1]), assign, rows)
 
 
 def _inverse(sizes: Tensor) -> Tensor:

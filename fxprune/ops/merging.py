@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from .selection import gather_tokens
+from .selection import add_rows, gather_tokens
 
 
 def tome_merged_tokens(tokens: int, prefix: int, r: int) -> int:
@@ -52,9 +52,8 @@ def bipartite_matching(metric: Tensor, r: int, prefix: int) -> tuple[Tensor, Ten
 
 def merge_sum(x: Tensor, unmerged: Tensor, merged: Tensor, destination: Tensor, prefix: int) -> Tensor:
     """Sum the merged A rows of ``x`` ``[B, N, c]`` into their B rows: ``[B, N − r, c]``, prefix rows first."""
-    a, b = x[:, ::2], x[:, 1::2]
-    kept_a = gather_tokens(a, unmerged)
-    b = b.scatter_reduce(1, destination.unsqueeze(-1).expand(-1, -1, x.shape[-1]), gather_tokens(a, merged), "sum")
+    kept_a = gather_tokens(x, 2 * unmerged)  # A row i is row 2i of x, B row j is row 2j + 1
+    b = add_rows(x[:, 1::2], destination, gather_tokens(x, 2 * merged))
     merged_tokens = torch.cat([kept_a, b], dim=1)
     order = _output_order(unmerged.shape[1], b.shape[1], prefix)
     return merged_tokens if order == list(range(len(order))) else merged_tokens[:, order]

@@ -15,7 +15,7 @@ def ats_significance(class_row: Tensor, v: Tensor, num_prefix: int) -> Tensor:
     head-averaged; the head sum of the paper differs by a constant that the normalisation removes) and
     ``V_j`` token ``j``'s values concatenated over heads (``v`` ``[B, H, N, d]``).
     """
-    norms = v.to(class_row.dtype).pow(2).sum(dim=(1, 3)).sqrt()
+    norms = torch.linalg.vector_norm(v.to(class_row.dtype), dim=(1, 3))
     scores = (class_row * norms)[:, num_prefix:]
     return scores / scores.sum(dim=1, keepdim=True)
 
@@ -83,7 +83,7 @@ def ats_index(class_row: Tensor, v: Tensor, max_tokens: int, num_prefix: int) ->
 
 def gather_queries(q: Tensor, index: Tensor) -> Tensor:
     """The query rows ``index`` ``[B, K]`` of ``q`` ``[B, H, N, d]``: ``[B, H, K, d]``."""
-    return q.gather(2, index[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
+    return gather_tokens(q.transpose(1, 2), index).transpose(1, 2)
 
 
 def ats_pad(x: Tensor, size: Tensor | None, index: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
