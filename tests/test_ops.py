@@ -10,6 +10,7 @@ from fxprune.ops import (
     padded_cluster_keys_values,
 )
 from fxprune.ops.clustering import grid_cells, kmeans
+from fxprune.ops.selection import add_rows, gather_tokens
 
 
 def _full_map(q, k, scale, mask=None):
@@ -52,6 +53,28 @@ def test_class_attention_costs_one_query_row_not_the_full_map():
 def test_class_attention_from_probs_averages_heads():
     probs = torch.rand(2, 3, 5, 5)
     torch.testing.assert_close(class_attention_from_probs(probs), probs[:, :, 0].mean(1))
+
+
+def test_gather_tokens_takes_each_images_rows_from_strided_tokens_with_gradients():
+    qkv = torch.randn(3, 7, 3, 2, 4, dtype=torch.float64, requires_grad=True)
+    q = qkv.permute(2, 0, 3, 1, 4)[0].transpose(1, 2)  # [B, N, H, d], not contiguous, as a model's queries
+    index = torch.tensor([[0, 6, 2], [5, 5, 1], [3, 0, 4]])
+    expected = torch.stack([q[b, index[b]] for b in range(3)])
+    torch.testing.assert_close(gather_tokens(q, index), expected, atol=0, rtol=0)
+    gather_tokens(q, index).sum().backward()
+    assert qkv.grad[1, 5, 0].eq(2).all() and qkv.grad[1, 0].eq(0).all() and qkv.grad[:, :, 1:].eq(0).all()
+
+
+def test_add_rows_sums_repeated_destinations_per_image_into_strided_targets():
+    x = torch.randn(2, 8, 5, dtype=torch.float64)
+    target, source = x[:, 1::2], torch.randn(2, 3, 5, dtype=torch.float64)
+    index = torch.tensor([[0, 0, 3], [2, 1, 2]])
+    expected = target.clone()
+    for b in range(2):
+        for k in range(3):
+            expected[b, index[b, k]] += source[b, k]
+    torch.testing.assert_close(add_rows(target, index, source), expected)
+    assert torch.equal(x[:, 1::2], target)  # the target is not changed in place
 
 
 def test_kept_tokens_match_evit_counts_for_deit_small():
