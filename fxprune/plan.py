@@ -224,11 +224,14 @@ def _tokens(node: fx.Node) -> int | None:
 
 
 def selection_node(program: TokenProgram, index: int) -> fx.Node | None:
-    """The node a pass inserted to change the tokens of block ``index``, if any."""
+    """The node a pass inserted to change the tokens of block ``index``, if any: a selection taking the
+    residual add's output as its first argument, else (rows kept inside the attention) the residual's row
+    gather feeding the add."""
     mid = program.blocks[index].mid
     if mid is None:
         return None
-    return next((u for u in mid.users if "fxprune" in u.meta and u.args[0] is mid), None)
+    after = next((u for u in mid.users if "fxprune" in u.meta and u.args[0] is mid), None)
+    return after or next((n for n in mid.all_input_nodes if n.meta.get("fxprune", {}).get("block") == index), None)
 
 
 def record_tokens(plan: Plan, program: TokenProgram) -> None:

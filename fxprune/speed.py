@@ -31,6 +31,13 @@ class Timing:
         """Speed-up of ``name`` over ``baseline`` (median time of baseline / median time of ``name``)."""
         return self.median(baseline) / self.median(name)
 
+    def ratio_quartiles(self, baseline: str, name: str) -> tuple[float, float]:
+        """Lower and upper quartiles of the per-round speed-ups ``baseline_i / name_i``: how far one round's
+        ratio strays on this machine (rounds are interleaved, so each pair ran under the same load)."""
+        rounds = [b / n for b, n in zip(self.samples[baseline], self.samples[name], strict=True)]
+        lower, _, upper = statistics.quantiles(rounds, n=4, method="inclusive")
+        return lower, upper
+
 
 def _sync(device: torch.device | str | None) -> None:
     if device is not None and torch.device(device).type == "cuda":

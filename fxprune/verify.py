@@ -42,7 +42,7 @@ def _check_selections(program: TokenProgram, plan: Plan, values: dict[fx.Node, A
         selection = selection_node(program, row.index) if row.policy is not None else None
         if selection is None:
             continue
-        got, received = token_count(values[selection]), token_count(values[program.blocks[row.index].mid])
+        got, received = token_count(values[selection]), token_count(values[program.blocks[row.index].input])
         expected = row.policy.tokens_out(received, program.prefix_tokens, row.index)
         if got != expected:
             raise FxPruneError(

@@ -105,21 +105,23 @@ def _attention_with_sizes(attn: nn.Module, x: torch.Tensor, size: torch.Tensor |
     return attn.proj(attn.norm(out)), probs, k, v
 
 
-def _evit_sizes(size: torch.Tensor, probs: torch.Tensor, keep_rate: float, prefix: int) -> torch.Tensor:
-    """Sizes after EViT: kept tokens keep theirs, the fused token's is the dropped tokens' total."""
+def _evit_sizes(size: torch.Tensor, probs: torch.Tensor, keep_rate: float, prefix: int, fuse: bool) -> torch.Tensor:
+    """Sizes after EViT: kept tokens keep theirs, the fused token's (``fuse``) is the dropped tokens' total."""
     cls_attn = probs[:, :, 0, prefix:].mean(dim=1)
     left = math.ceil(keep_rate * (size.shape[1] - prefix))
     _, idx = torch.topk(cls_attn, left, dim=1, largest=True, sorted=True)
     kept = torch.gather(size[:, prefix:], 1, idx)
     fused = size[:, prefix:].sum(1, keepdim=True) - kept.sum(1, keepdim=True)
-    return torch.cat([size[:, :prefix], kept, fused], dim=1)
+    return torch.cat([size[:, :prefix], kept, fused] if fuse else [size[:, :prefix], kept], dim=1)
 
 
 def tome_vit(
-    model: nn.Module, images: torch.Tensor, r, layers, prop_attn: bool = True, evit: tuple | None = None
+    model: nn.Module, images: torch.Tensor, r, layers, prop_attn: bool = True, evit: tuple | None = None,
+    fuse: bool = True,
 ) -> torch.Tensor:
     """ToMe on a timm ``VisionTransformer``: logits. ``r`` an int or one value per layer; ``evit``:
-    optionally ``(keep_rate, layers)`` of EViT in other blocks, sizes carried through its selection."""
+    optionally ``(keep_rate, layers)`` of EViT (Top-K without ``fuse``) in other blocks, sizes carried
+    through its selection."""
     prefix = model.num_prefix_tokens
     x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
     size = None
@@ -128,8 +130,8 @@ def tome_vit(
         x = x + blk.drop_path1(blk.ls1(out))
         if evit is not None and i in evit[1]:
             if size is not None:
-                size = _evit_sizes(size, probs, evit[0], prefix)
-            x = _evit_tokens(x, probs, evit[0], prefix, fuse=True)
+                size = _evit_sizes(size, probs, evit[0], prefix, fuse)
+            x = _evit_tokens(x, probs, evit[0], prefix, fuse=fuse)
         if i in layers:
             r_i = r if isinstance(r, int) else r[list(layers).index(i)]
             sizes = torch.ones(x.shape[:2], dtype=x.dtype) if size is None else size

@@ -46,10 +46,13 @@ def test_keep_rate_one_reproduces_every_supported_model(name, policy):
 
 
 @pytest.mark.parametrize("factory", [torchvision_vit, hf_vit, hand_written_vit])
-def test_other_architectures_reduce_tokens_as_planned(factory):
+@pytest.mark.parametrize(
+    "policy, tokens", [(EViT(0.5, (1, 2)), [17, 10, 7, 7]), (TopK(0.5, (1, 2)), [17, 9, 5, 5])], ids=["evit", "topk"]
+)
+def test_other_architectures_reduce_tokens_as_planned(factory, policy, tokens):
     model = factory()
-    gm = fxprune.transform(model, EViT(0.5, (1, 2)))
-    assert [r.tokens_out for r in gm.fxprune_plan.rows] == [17, 10, 7, 7]
+    gm = fxprune.transform(model, policy)
+    assert [r.tokens_out for r in gm.fxprune_plan.rows] == tokens
     out = logits(gm(image_batch(model, batch=3)))
     assert out.shape[0] == 3 and torch.isfinite(out).all()
 
@@ -59,12 +62,19 @@ def _sdpa_count(gm):
 
 
 @pytest.mark.parametrize("factory", [lambda: timm_vit("deit_small_patch16_224"), torchvision_vit, hf_vit])
-def test_every_fused_attention_call_is_kept(factory):
+@pytest.mark.parametrize(
+    "policy, inserted",
+    [
+        (EViT(0.5, (0, 1, 2, 3)), ["class_attention", "evit_select"]),  # selects after the residual add
+        (TopK(0.5, (0, 1, 2, 3)), ["class_attention", "topk_rows", "gather_queries", "gather_tokens"]),  # inside
+    ],
+    ids=["evit", "topk"],
+)
+def test_every_fused_attention_call_is_kept(factory, policy, inserted):
     model = factory()
-    gm = fxprune.transform(model, EViT(0.5, (0, 1, 2, 3)))
+    gm = fxprune.transform(model, policy)
     assert _sdpa_count(gm) == _sdpa_count(fxprune.trace(model)) == 4
-    inserted = [n.target.__name__ for n in gm.graph.nodes if "fxprune" in n.meta]
-    assert inserted == ["class_attention", "evit_select"] * 4
+    assert [n.target.__name__ for n in gm.graph.nodes if "fxprune" in n.meta] == inserted * 4
 
 
 class _Recorder(fx.Interpreter):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from fxprune.flops import MacCounter
 from fxprune.ops import (
     class_attention, class_attention_from_probs, clustered_attention, evit_kept_tokens, evit_select,
-    padded_cluster_keys_values,
+    padded_cluster_keys_values, topk_rows,
 )
 from fxprune.ops.clustering import grid_cells, kmeans
 from fxprune.ops.selection import add_rows, gather_tokens
@@ -115,6 +115,13 @@ def test_keeping_everything_returns_the_input():
     x, scores = _example()
     assert evit_select(x, scores, keep_rate=1.0, num_prefix=1, fuse=True) is x
     assert math.ceil(0.99 * 5) == 5 and evit_select(x, scores, 0.99, 1, True) is x
+
+
+def test_topk_rows_are_the_prefix_then_the_top_scores_or_every_row_in_order():
+    _, scores = _example()
+    assert topk_rows(scores, keep_rate=0.6, num_prefix=1).tolist() == [[0, 2, 4, 5]]
+    assert topk_rows(scores, keep_rate=0.25, num_prefix=2).tolist() == [[0, 1, 2]]
+    assert topk_rows(scores, keep_rate=1.0, num_prefix=1).tolist() == [[0, 1, 2, 3, 4, 5]]
 
 
 def test_grid_cells_cut_a_square_grid_into_near_equal_cells_else_runs():

@@ -14,7 +14,7 @@ from vits import (
 )
 
 import fxprune
-from fxprune import Compose, EViT, PolicyError, ToMe
+from fxprune import Compose, EViT, PolicyError, ToMe, TopK
 from fxprune.analysis import SDPA_TARGETS
 from fxprune.ops import size_bias, tome_merge
 
@@ -108,14 +108,14 @@ def test_sizes_count_the_patches_each_token_stands_for():
         assert (size[:, :2] == 1).all()  # class and distillation tokens are never merged
 
 
-def test_compose_tome_early_and_evit_late_matches_the_reference():
+@pytest.mark.parametrize("late", [EViT(0.5, (2,)), TopK(0.5, (2,))], ids=["evit", "topk"])
+def test_compose_tome_early_and_evit_late_matches_the_reference(late):
     model = timm_vit("deit_small_patch16_224").double()
-    policy = Compose([ToMe(2, (0, 1)), EViT(0.5, (2,))])
-    gm = fxprune.transform(model, policy)
-    _assert_matches(gm, lambda x: tome_vit(model, x, 2, (0, 1), evit=(0.5, (2,))), model)
+    gm = fxprune.transform(model, Compose([ToMe(2, (0, 1)), late]))
+    _assert_matches(gm, lambda x: tome_vit(model, x, 2, (0, 1), evit=(0.5, (2,)), fuse=late.fuse), model)
     actions = [r.action for r in gm.fxprune_plan.rows]
-    assert actions == ["tome r 2", "tome r 2", "evit keep 0.5 + fused token", "dense"]
-    assert "tome r 2 | evit keep 0.5 + fused token" in str(gm.fxprune_plan)
+    assert actions == ["tome r 2", "tome r 2", late.describe(), "dense"]
+    assert f"tome r 2 | {late.describe()}" in str(gm.fxprune_plan)
 
 
 def test_compose_order_does_not_matter():

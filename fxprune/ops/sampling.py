@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .selection import gather_tokens
+from .selection import after_prefix, gather_tokens
 
 
 def ats_significance(class_row: Tensor, v: Tensor, num_prefix: int) -> Tensor:
@@ -77,8 +77,7 @@ def ats_index(class_row: Tensor, v: Tensor, max_tokens: int, num_prefix: int) ->
     if not _static_shapes(class_row):
         used = int(valid.sum(dim=1).max())
         index, valid = index[:, :used], valid[:, :used]
-    prefix = torch.arange(num_prefix, device=index.device).expand(batch, num_prefix)
-    return torch.cat([prefix, index + num_prefix], dim=1), torch.cat([prefix >= 0, valid], dim=1)
+    return after_prefix(index, num_prefix), torch.cat([valid.new_ones(batch, num_prefix), valid], dim=1)
 
 
 def gather_queries(q: Tensor, index: Tensor) -> Tensor:

@@ -38,29 +38,43 @@ def add_rows(target: Tensor, index: Tensor, source: Tensor) -> Tensor:
     return summed.reshape(batch, rows, width)
 
 
-def _top_index(token_scores: Tensor, keep: int) -> Tensor:
-    """Rows of the ``keep`` largest scores ``[B, N]``, largest first: ``[B, keep]``."""
-    return token_scores.topk(keep, dim=1, largest=True, sorted=True).indices
+def after_prefix(rows: Tensor, num_prefix: int) -> Tensor:
+    """Rows ``[B, K]`` counted among the non-prefix tokens as rows of the whole sequence, after its
+    ``num_prefix`` prefix rows: ``[B, P + K]``."""
+    prefix = torch.arange(num_prefix, device=rows.device).expand(rows.shape[0], num_prefix)
+    return torch.cat([prefix, rows + num_prefix], dim=1)
+
+
+def topk_rows(scores: Tensor, keep_rate: float, num_prefix: int) -> Tensor:
+    """Rows Top-K keeps of the tokens scored ``scores`` ``[B, N]``: the prefix rows, then the
+    ``K = ceil(keep_rate · (N − P))`` other rows with the largest scores, largest first: ``[B, P + K]``.
+    Every row, in order, when none is dropped."""
+    batch, tokens = scores.shape
+    keep = evit_kept_tokens(tokens - num_prefix, keep_rate)
+    if keep == tokens - num_prefix:
+        return torch.arange(tokens, device=scores.device).expand(batch, tokens)
+    top = scores[:, num_prefix:].topk(keep, dim=1, largest=True, sorted=True).indices
+    return after_prefix(top, num_prefix)
+
+
+def _drops_tokens(tokens: int, keep_rate: float, num_prefix: int) -> bool:
+    return evit_kept_tokens(tokens - num_prefix, keep_rate) < tokens - num_prefix
 
 
 def evit_select(x: Tensor, scores: Tensor, keep_rate: float, num_prefix: int, fuse: bool) -> Tensor:
     """EViT token selection: ``[B, N, C]`` → ``[B, P + K (+1), C]``.
 
-    Keeps the ``num_prefix`` prefix tokens, then the ``K = ceil(keep_rate · (N − P))`` tokens with the
-    largest ``scores`` ``[B, N]`` (class attention, sorted by score), then, with ``fuse``, one token
-    ``Σ_{j dropped} score_j · x_j`` (raw weights). Returns ``x`` itself when no token is dropped.
+    Keeps the rows :func:`topk_rows` gives for ``scores`` ``[B, N]`` (class attention), then, with ``fuse``,
+    one token ``Σ_{j dropped} score_j · x_j`` (raw weights). Returns ``x`` itself when no token is dropped.
     """
-    prefix, tokens = x[:, :num_prefix], x[:, num_prefix:]
-    keep = evit_kept_tokens(tokens.shape[1], keep_rate)
-    if keep == tokens.shape[1]:
+    if not _drops_tokens(x.shape[1], keep_rate, num_prefix):
         return x
-    token_scores = scores[:, num_prefix:]
-    index = _top_index(token_scores, keep)
-    parts = [prefix, gather_tokens(tokens, index)]
-    if fuse:
-        dropped = token_scores.scatter(1, index, 0.0).to(x.dtype)
-        parts.append(torch.bmm(dropped.unsqueeze(1), tokens))
-    return torch.cat(parts, dim=1)
+    rows = topk_rows(scores, keep_rate, num_prefix)
+    kept = gather_tokens(x, rows)
+    if not fuse:
+        return kept
+    dropped = scores.scatter(1, rows, 0.0).to(x.dtype)  # the prefix rows are among ``rows``: weight 0
+    return torch.cat([kept, torch.bmm(dropped.unsqueeze(1), x)], dim=1)
 
 
 def evit_select_sizes(size: Tensor, scores: Tensor, keep_rate: float, num_prefix: int, fuse: bool) -> Tensor:
@@ -68,12 +82,9 @@ def evit_select_sizes(size: Tensor, scores: Tensor, keep_rate: float, num_prefix
 
     Kept tokens keep their size; the fused token stands for every dropped token, so its size is theirs summed.
     """
-    prefix, sizes = size[:, :num_prefix], size[:, num_prefix:]
-    keep = evit_kept_tokens(sizes.shape[1], keep_rate)
-    if keep == sizes.shape[1]:
+    if not _drops_tokens(size.shape[1], keep_rate, num_prefix):
         return size
-    kept = gather_tokens(sizes, _top_index(scores[:, num_prefix:], keep))
-    parts = [prefix, kept]
-    if fuse:
-        parts.append(sizes.sum(1, keepdim=True) - kept.sum(1, keepdim=True))
-    return torch.cat(parts, dim=1)
+    kept = gather_tokens(size, topk_rows(scores, keep_rate, num_prefix))
+    if not fuse:
+        return kept
+    return torch.cat([kept, size.sum(1, keepdim=True) - kept.sum(1, keepdim=True)], dim=1)

@@ -9,7 +9,9 @@ from typing import Any
 import torch.fx as fx
 
 from ..analysis import Block, sdpa_arguments
-from ..ops import class_attention, class_attention_from_probs
+from ..ops import class_attention, class_attention_from_probs, gather_queries, gather_tokens
+
+_RESHAPES = ("reshape", "view")
 
 
 def insert_call(
@@ -51,3 +53,58 @@ def reroute_sized_stream(gm: fx.GraphModule, block: Block, fn: Callable, args: t
     tokens = insert_call(gm, node, operator.getitem, (node, 0), {}, block, f"{role}_tokens")
     mid.replace_all_uses_with(tokens, delete_user_cb=lambda user: user is not node)
     return node
+
+
+def gathers_queries(block: Block) -> bool:
+    """Whether ``block``'s attention is an SDPA call whose mask (if any) has no per-query rows, so that a
+    selection known before it can attend with the kept queries only."""
+    site = block.attention
+    if site.kind != "sdpa":
+        return False
+    mask = sdpa_arguments(site.node)["attn_mask"]
+    if mask is None:
+        return True
+    shape = getattr(mask.meta.get("val"), "shape", None) if isinstance(mask, fx.Node) else None
+    return shape is not None and (len(shape) < 2 or shape[-2] == 1)
+
+
+def select_queries(gm: fx.GraphModule, block: Block, rows: fx.Node) -> fx.Node:
+    """Keep the token rows ``rows`` ``[B, K]`` inside ``block``'s attention (see :func:`gathers_queries`):
+    only those queries attend (keys and values stay all ``N``), the output projection runs on ``K`` rows
+    and the residual add gathers the same rows. Same outputs as selecting after the add, fewer MACs.
+    Returns the residual's row gather, whose output ``[B, K, C]`` is the block's new token stream."""
+    site = block.attention
+    queries = insert_call(gm, rows, gather_queries, (site.q, rows), {}, block, "kept_queries")
+    site.node.replace_input_with(site.q, queries)
+    with gm.graph.inserting_after(queries):
+        kept = gm.graph.call_method("size", (queries, 2))
+    _resize_token_axis(gm, site.node, block.mid, block.tokens, kept)
+    residual = insert_call(gm, block.mid.prev, gather_tokens, (block.input, rows), {}, block, "kept_residual")
+    block.mid.replace_input_with(block.input, residual)
+    return residual
+
+
+def _resize_token_axis(gm: fx.GraphModule, start: fx.Node, stop: fx.Node, tokens: int, kept: fx.Node) -> None:
+    """Make the reshapes between the attention ``start`` and ``stop`` that use a token count fixed before
+    the attention (a shape read or a literal equal to ``tokens``) use ``kept`` (the kept queries)."""
+    downstream, todo = set(), [start]
+    while todo:
+        node = todo.pop()
+        if node not in downstream and node is not stop:
+            downstream.add(node)
+            todo.extend(node.users)
+    for node in downstream:
+        if node.op != "call_method" or node.target not in _RESHAPES:
+            continue
+        packed = len(node.args) == 2 and isinstance(node.args[1], (tuple, list))
+        shape = list(node.args[1]) if packed else list(node.args[1:])
+        resized = [kept if _read_before(size, downstream) == tokens else size for size in shape]
+        if resized != shape:
+            node.args = (node.args[0], tuple(resized)) if packed else (node.args[0], *resized)
+
+
+def _read_before(size: object, downstream: set[fx.Node]) -> object:
+    """The value of a reshape's ``size`` argument when it was fixed before the attention, else None."""
+    if isinstance(size, fx.Node):
+        return None if size in downstream else size.meta.get("val")
+    return size

@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from ..analysis import Block, TokenProgram, sdpa_arguments
 from ..ops import (
-    SIZED_STREAM_FUNCTIONS, class_attention, clustered_attention, evit_select, evit_select_sizes,
+    SIZED_STREAM_FUNCTIONS, class_attention, clustered_attention, evit_select, evit_select_sizes, gather_tokens,
     padded_cluster_keys_values, size_bias, tome_merge,
 )
 from ..plan import Plan, selection_node
@@ -54,6 +54,9 @@ def thread_sizes(gm: fx.GraphModule, program: TokenProgram, plan: Plan) -> fx.Gr
             proportional = getattr(row.policy, "prop_attn", True)
         elif selection.target is evit_select and size is not None:
             size = insert_call(gm, selection, evit_select_sizes, (size, *selection.args[1:]), {}, block, "sizes")
+        elif selection.target is gather_tokens and size is not None:  # Top-K's rows, kept inside the attention
+            args = (size, *selection.args[1].args, False)
+            size = insert_call(gm, selection, evit_select_sizes, args, {}, block, "sizes")
     return gm
 
 
