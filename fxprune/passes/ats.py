@@ -3,8 +3,9 @@
 At an SDPA site the sampling runs before the attention, from the same ``q``, ``k``, ``v``, and only the
 sampled queries are attended with (:func:`~fxprune.passes.common.select_queries`) — the paper's
 placement, and fewer MACs than attending with every query and dropping rows afterwards. At an explicit
-``softmax(q @ kᵀ) @ v`` the rows are selected after the residual add instead (same outputs). Either way the padding slots get size 0, which
-:func:`~fxprune.passes.tome.thread_sizes` turns into masked keys in every later attention.
+``softmax(q @ kᵀ) @ v`` the rows are selected after the residual add instead (same outputs). Either way
+the padding slots get size 0, which :func:`~fxprune.passes.tome.thread_sizes` turns into masked keys in
+every later attention.
 """
 
 from __future__ import annotations
@@ -34,8 +35,10 @@ def ats_pass(gm: fx.GraphModule, program: TokenProgram, plan: Plan, policy: ATS)
 
 
 def _sample_queries(gm: fx.GraphModule, block: Block, max_tokens: int, prefix: int) -> None:
+    """Sample before ``block``'s SDPA call, attend with the sampled queries, then pad (size 0) the unused slots."""
     scores = class_scores(gm, block, before=True)
-    pair = insert_call(gm, scores, ats_index, (scores, block.attention.v, max_tokens, prefix), {}, block, "ats_index")
+    args = (scores, block.attention.v, max_tokens, prefix)
+    pair = insert_call(gm, scores, ats_index, args, {}, block, "ats_index")
     index = insert_call(gm, pair, operator.getitem, (pair, 0), {}, block, "ats_rows")
     valid = insert_call(gm, index, operator.getitem, (pair, 1), {}, block, "ats_valid")
     select_queries(gm, block, index)
