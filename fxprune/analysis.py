@@ -451,6 +451,14 @@ def _describe_block(block: Block, batch: int, prefix: int, on_stream: set[fx.Nod
     site, shape = block.attention, _shape(block.input)
     if block.mid is not None:
         block.name = _common_module(site.node, block.mid) or block.name
+    if shape is None and "fxprune" in block.input.meta:
+        block.refusal = (
+            f"it follows {block.input.name}, inserted by an earlier fxprune transform, which carries token "
+            "sizes (ToMe, ATS) to every later attention; rewrite the original model with all policies in one "
+            "transform (fxprune.Compose)"
+        )
+        block.needs_all_tokens = True
+        return
     if shape is None or len(shape) != 3 or shape[0] != batch:
         block.refusal = f"the stream entering it is {shape}, not a [B, N, C] token sequence"
         block.needs_all_tokens = True

@@ -7,7 +7,7 @@ import torchvision
 from vits import ALL_MODELS, hf_vit, image_batch, logits, timm_vit
 
 import fxprune
-from fxprune import EViT, TopK
+from fxprune import ATS, EViT, ToMe, TopK, UnsupportedModelError
 
 
 def test_transform_leaves_the_users_model_untouched():
@@ -62,16 +62,31 @@ def test_example_inputs_set_the_input_size_planned_for():
     assert gm(torch.randn(2, 3, 48, 48)).shape == (2, 1000)
 
 
-def test_transforming_a_transformed_model_equals_composing_the_policies():
+@pytest.mark.parametrize(
+    "first, tokens",
+    [
+        (EViT(0.7, (1,)), [(17, 17), (17, 14), (14, 8), (8, 8)]),  # selects after the residual add
+        (TopK(0.7, (1,)), [(17, 17), (17, 13), (13, 7), (7, 7)]),  # selects inside the attention
+    ],
+    ids=["evit", "topk"],
+)
+def test_transforming_a_transformed_model_equals_composing_the_policies(first, tokens):
     model = timm_vit("deit_small_patch16_224")
-    stacked = fxprune.transform(fxprune.transform(model, EViT(0.7, (1,))), TopK(0.5, (2,)))
-    composed = fxprune.transform(model, fxprune.Compose([EViT(0.7, (1,)), TopK(0.5, (2,))]))
+    stacked = fxprune.transform(fxprune.transform(model, first), TopK(0.5, (2,)))
+    composed = fxprune.transform(model, fxprune.Compose([first, TopK(0.5, (2,))]))
     rows = stacked.fxprune_plan.rows
-    assert [(r.tokens_in, r.tokens_out) for r in rows] == [(17, 17), (17, 14), (14, 8), (8, 8)]
+    assert [(r.tokens_in, r.tokens_out) for r in rows] == tokens
     assert rows[1].action == "unchanged (reduced by an earlier fxprune transform)"
     x = image_batch(model)
     torch.testing.assert_close(stacked(x), composed(x), atol=0, rtol=0)
     assert set(stacked.state_dict()) == set(model.state_dict())
+
+
+@pytest.mark.parametrize("first", [ATS(9, (1,)), ToMe(2, (1,))], ids=["ats", "tome"])
+def test_blocks_after_an_earlier_transforms_sized_stream_are_refused_with_the_way_out(first):
+    transformed = fxprune.transform(timm_vit("deit_small_patch16_224"), first)
+    with pytest.raises(UnsupportedModelError, match=r"block 3 .*earlier fxprune transform.*fxprune\.Compose"):
+        fxprune.transform(transformed, EViT(0.7, (3,)))
 
 
 @pytest.mark.parametrize(
