@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.fx as fx
 from reference import evit_vit
-from vits import ALL_MODELS, assert_same_outputs, PREFIX_TOKENS, hand_written_vit, hf_vit, image_batch, logits, timm_vit, torchvision_vit
+from vits import ALL_MODELS, assert_compiles_once, assert_same_outputs, PREFIX_TOKENS, hand_written_vit, hf_vit, image_batch, logits, timm_vit, torchvision_vit
 
 import fxprune
 from fxprune import EViT, TopK
@@ -104,10 +104,16 @@ def test_prefix_tokens_are_never_dropped(name):
         torch.testing.assert_close(tokens_out[:, :prefix], tokens_in[:, :prefix], atol=0, rtol=0)
 
 
-def test_training_mode_gradients_reach_the_backbone():
+@pytest.mark.parametrize("policy", [EViT(0.5, (1,)), TopK(0.5, (1,))], ids=["evit", "topk"])
+def test_training_mode_gradients_reach_the_backbone(policy):
     model = timm_vit("deit_small_patch16_224").train()
-    gm = fxprune.transform(model, EViT(0.5, (1,)))
+    gm = fxprune.transform(model, policy)
     assert gm.training
     gm(image_batch(model)).logsumexp(-1).sum().backward()
     for block in (0, 1, 3):
         assert gm.get_parameter(f"blocks.{block}.attn.qkv.weight").grad.abs().sum() > 0
+
+
+def test_topk_inside_the_attention_compiles_as_one_graph():
+    model = timm_vit("deit_small_patch16_224")
+    assert_compiles_once(fxprune.transform(model, TopK(0.5, (1, 2))), model)
