@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--freeze", action="store_true",
+                        help="compile with inductor's freezing (weights as constants, prepacked for CPU GEMMs)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -81,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     macs = {name: fxprune.flops(m, image) for name, m in models.items()}
     modes = {"eager": models}
     if not args.no_compile:
-        modes["compiled"] = {name: fxprune.lower(m) for name, m in models.items()}
+        options = {"options": {"freezing": True}} if args.freeze else {}
+        modes["compiled"] = {name: fxprune.lower(m, **options) for name, m in models.items()}
 
     names = ["ceiling", *texts]
     rows = []
