@@ -53,7 +53,7 @@ class _SourceTracker(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
-        if n.op == "call_function" and n.target in STREAM_FUNCTIONS:
+        if n.op == "call_function" and n.target in STREAM_FUNCTIONS and n.meta["fxprune"]["role"] != "sizes":
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             tokens = args[0]
             if self.sources is None:

@@ -3,7 +3,7 @@ import torch
 from PIL import Image
 
 import fxprune
-from fxprune import ClusTR, EViT, FxPruneError, ToMe, TopK
+from fxprune import ClusTR, Compose, EViT, FxPruneError, ToMe, TopK
 from fxprune.datasets import DigitScenes
 from fxprune.models import digits_vit
 from fxprune.show import cluster_maps, draw_clusters, draw_kept_patches, token_sources
@@ -47,6 +47,15 @@ def test_tome_merges_are_tracked_to_the_patches_they_merge():
     merged = (first == 1).sum(-1)
     assert ((9 <= merged) & (merged <= 16)).all()
     assert ((second == 1) >= (first == 1)).all()  # a merged patch stays merged
+
+
+def test_sizes_a_top_k_passes_on_are_not_taken_for_its_tokens():
+    gm = fxprune.transform(digits_vit(), Compose([ToMe(8, (0,)), TopK(0.5, (2,))]))
+    merged, kept = token_sources(gm, _images())
+    assert (merged.block, kept.block) == (0, 2)
+    assert kept.sources.shape[1] == 1 + 28  # class token and ceil(0.5 · (65 − 8 − 1)) of the merged tokens
+    rows_of_merged = (kept.sources.unsqueeze(2) == merged.sources.unsqueeze(1)).all(-1).any(-1)
+    assert rows_of_merged.all()  # each kept token stands for what one token after the merge stood for
 
 
 def test_cluster_maps_give_each_patch_the_cluster_its_key_fell_in():

@@ -55,8 +55,7 @@ def thread_sizes(gm: fx.GraphModule, program: TokenProgram, plan: Plan) -> fx.Gr
         elif selection.target is evit_select and size is not None:
             size = insert_call(gm, selection, evit_select_sizes, (size, *selection.args[1:]), {}, block, "sizes")
         elif selection.target is gather_tokens and size is not None:  # Top-K's rows, kept inside the attention
-            args = (size, *selection.args[1].args, False)
-            size = insert_call(gm, selection, evit_select_sizes, args, {}, block, "sizes")
+            size = insert_call(gm, selection, gather_tokens, (size, selection.args[1]), {}, block, "sizes")
     return gm
 
 
