@@ -172,11 +172,11 @@ def fit_policy(
     """``family(s)`` for the setting ``s`` that leaves the most MACs not above ``fraction`` of the dense MACs.
 
     ``settings`` must be ordered by increasing MACs (e.g. keep rates ascending, ToMe's ``r`` descending);
-    found by bisection, one plan per step. When every setting exceeds ``fraction`` the first is returned.
+    found by bisection, one fast plan per step (checked at one batch size). When every setting exceeds ``fraction`` the first is returned.
     """
 
     def fraction_at(i: int) -> float:
-        the_plan: Plan = plan(model, family(settings[i]), example_inputs)
+        the_plan: Plan = plan(model, family(settings[i]), example_inputs, fast=True)
         return the_plan.macs_after / the_plan.macs_before
 
     low, high = 0, len(settings) - 1  # invariant: the answer lies in [low, high]

@@ -19,13 +19,17 @@ __all__ = ["transform", "plan"]
 
 
 def _compile(
-    model: nn.Module, policy: Policy | Compose, example_inputs: Sequence[torch.Tensor] | None, copy_weights: bool
+    model: nn.Module,
+    policy: Policy | Compose,
+    example_inputs: Sequence[torch.Tensor] | None,
+    copy_weights: bool,
+    second_batch: bool = True,
 ) -> tuple[fx.GraphModule, Plan]:
     program = analyse(trace(model, example_inputs, copy_weights=copy_weights))
     the_plan = make_plan(program, policy)
     dense_macs = macs_per_block(program.gm, program.blocks, program.batch)
     gm = apply_passes(program.gm, program, the_plan)
-    verify(gm, program, the_plan)
+    verify(gm, program, the_plan, second_batch)
     record_tokens(the_plan, program)
     the_plan.set_macs(dense_macs, macs_per_block(gm, program.blocks, program.batch))
     _finalize(gm, the_plan)
@@ -43,13 +47,20 @@ def _finalize(gm: fx.GraphModule, the_plan: Plan) -> None:
 
 
 def plan(
-    model: nn.Module, policy: Policy | Compose, example_inputs: Sequence[torch.Tensor] | None = None
+    model: nn.Module,
+    policy: Policy | Compose,
+    example_inputs: Sequence[torch.Tensor] | None = None,
+    *,
+    fast: bool = False,
 ) -> Plan:
     """What :func:`transform` would do to ``model``: one row per block (action, tokens in → out, MACs).
 
-    Nothing of ``model`` changes; ``print(fxprune.plan(model, policy))`` shows the table.
+    Nothing of ``model`` changes; ``print(fxprune.plan(model, policy))`` shows the table. ``fast`` checks the
+    rewrite at the captured batch size only, not at a second one (where batch sizes fixed as literals show):
+    one fewer run of the graph on example values, for searching settings by their MACs; :func:`transform`
+    always checks both.
     """
-    return _compile(model, policy, example_inputs, copy_weights=False)[1]
+    return _compile(model, policy, example_inputs, copy_weights=False, second_batch=not fast)[1]
 
 
 def transform(

@@ -103,10 +103,12 @@ def _check_literals(gm: fx.GraphModule, program: TokenProgram, plan: Plan) -> No
                 )
 
 
-def verify(gm: fx.GraphModule, program: TokenProgram, plan: Plan) -> None:
-    """Check the rewritten ``gm`` at the captured batch size and one more; store the example values."""
+def verify(gm: fx.GraphModule, program: TokenProgram, plan: Plan, second_batch: bool = True) -> None:
+    """Check the rewritten ``gm`` at the captured batch size and (``second_batch``) one more, which shows
+    batch sizes fixed as literals; store the example values."""
     gm.graph.lint()
-    for batch in (program.batch + 1, program.batch):
+    batches = (program.batch + 1, program.batch) if second_batch else (program.batch,)
+    for batch in batches:
         try:
             values = propagate(gm, batch_size=batch, store=batch == program.batch)
         except ValuePropagationError as err:

@@ -5,7 +5,7 @@ import torch
 from vits import timm_vit, with_position_bias_in_block_3
 
 import fxprune
-from fxprune import EViT, PolicyError, TopK, UnsupportedModelError
+from fxprune import ATS, Compose, EViT, PolicyError, ToMe, TopK, UnsupportedModelError
 
 
 def test_rows_give_tokens_in_and_out_of_every_block():
@@ -19,6 +19,16 @@ def test_rows_carry_macs_before_and_after():
     assert plan.rows[0].macs_after == plan.rows[0].macs_before
     assert all(r.macs_after < r.macs_before for r in plan.rows[2:])
     assert plan.macs_after < plan.macs_before
+
+
+@pytest.mark.parametrize(
+    "policy", [EViT(0.5, (1, 2)), TopK(0.5, (1,)), ToMe(3), ATS(9, (1, 2)), Compose([ToMe(2, (0,)), TopK(0.5, (2,))])]
+)
+def test_fast_plan_has_the_rows_of_the_full_plan(policy):
+    model = timm_vit("deit_small_patch16_224")
+    full, fast = fxprune.plan(model, policy), fxprune.plan(model, policy, fast=True)
+    assert str(fast) == str(full)
+    assert [(r.macs_before, r.macs_after) for r in fast.rows] == [(r.macs_before, r.macs_after) for r in full.rows]
 
 
 def test_printed_plan_has_one_row_per_block_and_the_totals():

@@ -51,6 +51,11 @@ def test_shape_failure_after_rewrite_is_refused_naming_the_module():
         fxprune.transform(_model(stage=_ReshapesToLiteralTokens), EViT(0.5, (1,)))
 
 
+def test_a_fast_plan_still_checks_the_rewrite_at_the_captured_batch_size():
+    with pytest.raises(UnsupportedModelError, match=r"in stages\.2 fails on a batch of 2: RuntimeError"):
+        fxprune.plan(_model(stage=_ReshapesToLiteralTokens), EViT(0.5, (1,)), fast=True)
+
+
 def test_the_same_models_are_fine_when_reduction_comes_after_the_problem():
     for model in (_model(stage=_BranchesOnTokenCount), _model(stage=_ReshapesToLiteralTokens)):
         gm = fxprune.transform(model, EViT(0.5, (3,)))
