@@ -172,7 +172,8 @@ def fit_policy(
     """``family(s)`` for the setting ``s`` that leaves the most MACs not above ``fraction`` of the dense MACs.
 
     ``settings`` must be ordered by increasing MACs (e.g. keep rates ascending, ToMe's ``r`` descending);
-    found by bisection, one fast plan per step (checked at one batch size). When every setting exceeds ``fraction`` the first is returned.
+    found by bisection, one fast plan (checked at one batch size) per step. When every setting exceeds
+    ``fraction`` the first is returned.
     """
 
     def fraction_at(i: int) -> float:
