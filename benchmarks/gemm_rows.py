@@ -13,6 +13,7 @@ first row count.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 import torch
@@ -40,7 +41,7 @@ def main() -> None:
             for layer in layers:
                 layer(inputs[layer.in_features])
 
-    fns = {n: (lambda x={i: torch.randn(n, i) for i in (384, 1536)}: block(x)) for n in rows}
+    fns = {n: functools.partial(block, {i: torch.randn(n, i) for i in (384, 1536)}) for n in rows}
     timing = interleaved(fns, repeats=args.repeats)
     base = rows[0]
     print("Command: `python benchmarks/gemm_rows.py " + " ".join(sys.argv[1:]) + "`  ")

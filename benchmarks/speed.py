@@ -14,6 +14,7 @@ section for BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     for mode, compiled in modes.items():
         for batch in batches:
             x = torch.randn(batch, 3, args.img_size, args.img_size, device=args.device, dtype=dtype)
-            timing = interleaved({n: (lambda m=m: m(x)) for n, m in compiled.items()}, repeats=args.repeats,
+            timing = interleaved({n: functools.partial(m, x) for n, m in compiled.items()}, repeats=args.repeats,
                                  device=args.device)
             cells = [f"{timing.ratio('dense', name):.2f}×" for name in policies]
             if gpu:
@@ -88,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
 
     command = "python benchmarks/speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
     resolution = "" if args.img_size == 224 else f" at {args.img_size}²"
-    print(f"### DeiT-S{resolution}: {'; '.join(p.describe() for p in policies.values())} — {args.device}, {args.dtype}\n")
+    described = "; ".join(p.describe() for p in policies.values())
+    print(f"### DeiT-S{resolution}: {described} — {args.device}, {args.dtype}\n")
     print(f"Command: `{command.strip()}`  ")
     print(f"Machine: {machine(args.device)}  ")
     mac_ratios = ", ".join(f"`{text}` {macs['dense'] / macs[text]:.2f}×" for text in policies)

@@ -105,7 +105,8 @@ class TokenProgram:
         for b in self.blocks:
             status = "reducible" if b.reducible else f"not reducible: {b.refusal}"
             lines.append(
-                f"  {b.index:>3}  {b.name:<36} {b.attention.kind:<10} {b.attention.num_heads:>5} {b.tokens:>6}  {status}"
+                f"  {b.index:>3}  {b.name:<36} {b.attention.kind:<10} {b.attention.num_heads:>5} {b.tokens:>6}"
+                f"  {status}"
             )
         return "\n".join(lines)
 
@@ -116,7 +117,9 @@ class TokenProgram:
 
 def sdpa_arguments(node: fx.Node) -> dict[str, Any]:
     """The arguments of a ``scaled_dot_product_attention`` node by parameter name (defaults filled in)."""
-    values: dict[str, Any] = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+    values: dict[str, Any] = {
+        "attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False
+    }
     values.update(zip(_SDPA_PARAMS, node.args))
     values.update(node.kwargs)
     return values
@@ -166,7 +169,8 @@ def _untranspose(node: fx.Node) -> fx.Node | None:
     """``k`` when ``node`` is ``k.transpose(-2, -1)`` (or an equivalent), else None."""
     if node.op == "call_method" and node.target in ("transpose", "mT", "permute"):
         return node.args[0]
-    if node.op == "call_function" and node.target in (torch.transpose, getattr) and node.args[1:] in ((-2, -1), (2, 3), ("mT",)):
+    transposes = ((-2, -1), (2, 3), ("mT",))
+    if node.op == "call_function" and node.target in (torch.transpose, getattr) and node.args[1:] in transposes:
         return node.args[0]
     return None
 
@@ -209,7 +213,8 @@ def per_key_refusal(site: AttentionSite) -> str | None:
             return "its attention is causal (is_causal=True)"
         mask = args["attn_mask"]
         shape = _shape(mask) if isinstance(mask, fx.Node) else None
-        if mask is not None and (shape is None or (len(shape) >= 2 and shape[-2] > 1) or (len(shape) == 4 and shape[1] > 1)):
+        per_query = shape is None or (len(shape) >= 2 and shape[-2] > 1) or (len(shape) == 4 and shape[1] > 1)
+        if mask is not None and per_query:
             return f"its attention mask {getattr(mask, 'name', mask)} {list(shape or ())} differs per query or head"
         return None
     for node in logits_path(site)[1:]:

@@ -196,7 +196,8 @@ def keep_rate_for(
 
 
 def tome_r_for(model: nn.Module, fraction: float, example_inputs=None) -> int:
-    """The ``r`` at which ``ToMe(r)`` (every block) leaves at most ``fraction`` of the dense MACs, as close as possible."""
+    """The ``r`` at which ``ToMe(r)`` (every block) leaves at most ``fraction`` of the dense MACs, as close as
+    possible."""
     program = analyse(model, example_inputs)
     largest = (program.tokens - program.prefix_tokens) // 2
     return fit_policy(model, ToMe, list(range(largest, -1, -1)), fraction, example_inputs).r

@@ -2,10 +2,10 @@
 
 Each scene is a ``[3, S, S]`` image in ``[0, 1]`` holding one enlarged digit from scikit-learn's
 ``load_digits`` (1,797 real 8×8 handwritten digits) at a random place, scale, colour and slight
-slant, over noise and dimmer fragments of other digits. The label is that digit. Most patches are background or distractors, the
-setting adaptive token reduction is for. Train and test scenes use disjoint *source* digits (80/20
-split of the 1,797), so no test digit is seen in training. Scene ``i`` of a dataset depends only on
-``(seed, i)``.
+slant, over noise and dimmer fragments of other digits. The label is that digit. Most patches are
+background or distractors, the setting adaptive token reduction is for. Train and test scenes use
+disjoint *source* digits (80/20 split of the 1,797), so no test digit is seen in training. Scene ``i``
+of a dataset depends only on ``(seed, i)``.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ Counted at the ATen level while the model runs, so every op is seen whatever mod
 comes from: matrix products (``mm``, ``addmm``, ``bmm``, ``baddbmm``; biases not counted),
 convolutions (output elements × input channels per group × kernel size), fused attention
 (``B·H·Nq·Nk·(d + d_v)``, i.e. ``2·B·H·Nq·Nk·d`` for equal widths; ``FlopCounterMode`` counts 0 for the CPU
-kernel; ``nn.MultiheadAttention``'s fused inference kernel is counted too) and layer/group norms (5 ops per element with affine, 4 without, as fvcore). Element-wise ops,
-softmax and activations count 0.
+kernel; ``nn.MultiheadAttention``'s fused inference kernel is counted too) and layer/group norms (5 ops
+per element with affine, 4 without, as fvcore). Element-wise ops, softmax and activations count 0.
 """
 
 from __future__ import annotations

@@ -17,7 +17,9 @@ from .analysis import Block, TokenProgram, module_path
 from .errors import PolicyError, UnsupportedModelError
 from .policies import Compose, Policy
 
-__all__ = ["Plan", "PlanRow", "make_plan", "block_of", "macs_per_block", "record_tokens", "selection_node", "token_count"]
+__all__ = [
+    "Plan", "PlanRow", "make_plan", "block_of", "macs_per_block", "record_tokens", "selection_node", "token_count"
+]
 
 
 @dataclasses.dataclass

@@ -188,7 +188,9 @@ def _grid_partition(tokens: int, clusters: int) -> list[int]:
     return [math.floor((i // side) * rows / side) * cols + math.floor((i % side) * cols / side) for i in range(tokens)]
 
 
-def _kmeans(points: torch.Tensor, weights: torch.Tensor, labels: list[int], clusters: int, iterations: int) -> list[int]:
+def _kmeans(
+    points: torch.Tensor, weights: torch.Tensor, labels: list[int], clusters: int, iterations: int
+) -> list[int]:
     """Weighted Lloyd's algorithm on ``points`` [n, c]: centroid = weighted mean of its members (kept when
     it has none), then each point to its nearest centroid (first on a tie)."""
     centroids = torch.zeros(clusters, points.shape[1], dtype=points.dtype)

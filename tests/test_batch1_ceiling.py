@@ -3,10 +3,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from vits import image_batch, timm_vit
 
 import fxprune
-
-from vits import image_batch, timm_vit
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "batch1_ceiling.py"
 

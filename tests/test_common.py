@@ -1,13 +1,12 @@
 import pytest
 import torch
+from vits import hf_vit, image_batch, logits, timm_vit, torchvision_vit
 
 import fxprune
 from fxprune import ATS, TopK
 from fxprune.analysis import SDPA_TARGETS
 from fxprune.ops import gather_queries
 from fxprune.passes import ats, evit
-
-from vits import hf_vit, image_batch, logits, timm_vit, torchvision_vit
 
 
 def _explicit_softmax(model):

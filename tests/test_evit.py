@@ -2,7 +2,18 @@ import pytest
 import torch
 import torch.fx as fx
 from reference import evit_vit
-from vits import ALL_MODELS, assert_compiles_once, assert_same_outputs, PREFIX_TOKENS, hand_written_vit, hf_vit, image_batch, logits, timm_vit, torchvision_vit
+from vits import (
+    ALL_MODELS,
+    PREFIX_TOKENS,
+    assert_compiles_once,
+    assert_same_outputs,
+    hand_written_vit,
+    hf_vit,
+    image_batch,
+    logits,
+    timm_vit,
+    torchvision_vit,
+)
 
 import fxprune
 from fxprune import EViT, TopK

@@ -6,8 +6,13 @@ import torch.nn.functional as F
 
 from fxprune.flops import MacCounter
 from fxprune.ops import (
-    class_attention, class_attention_from_probs, clustered_attention, evit_kept_tokens, evit_select,
-    padded_cluster_keys_values, topk_rows,
+    class_attention,
+    class_attention_from_probs,
+    clustered_attention,
+    evit_kept_tokens,
+    evit_select,
+    padded_cluster_keys_values,
+    topk_rows,
 )
 from fxprune.ops.clustering import grid_cells, kmeans
 from fxprune.ops.selection import add_rows, gather_tokens

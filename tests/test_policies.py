@@ -14,7 +14,9 @@ def test_keep_rate_outside_zero_one_is_refused_naming_the_field(keep_rate):
         EViT(keep_rate, (1,))
 
 
-@pytest.mark.parametrize("layers, message", [((), "empty"), ((1, 1), "repeats"), ((-1,), "non-negative"), ("ab", "non-negative")])
+@pytest.mark.parametrize(
+    "layers, message", [((), "empty"), ((1, 1), "repeats"), ((-1,), "non-negative"), ("ab", "non-negative")]
+)
 def test_bad_layers_are_refused_naming_the_field(layers, message):
     with pytest.raises(PolicyError, match=rf"TopK\.layers.*{message}|{message}.*TopK"):
         TopK(0.5, layers)
@@ -52,7 +54,14 @@ def test_policy_strings_parse_to_policies():
     )
 
 
-@pytest.mark.parametrize("text, message", [("dynamicvit:keep=0.7", "unknown policy"), ("evit:speed=2", "unknown option"), ("evit:keep=x,layers=1", "bad value")])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("dynamicvit:keep=0.7", "unknown policy"),
+        ("evit:speed=2", "unknown option"),
+        ("evit:keep=x,layers=1", "bad value"),
+    ],
+)
 def test_bad_policy_strings_raise_policy_error(text, message):
     with pytest.raises(PolicyError, match=message):
         parse_policy(text)

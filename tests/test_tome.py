@@ -33,7 +33,9 @@ def _assert_matches(gm, expected_fn, model, atol=1e-6):
 
 
 @pytest.mark.parametrize("name", FAITHFUL_MODELS)
-@pytest.mark.parametrize("r, layers, prop_attn", [(3, (0, 1, 2, 3), True), ((2, 4), (1, 3), False)], ids=["r3", "per-layer"])
+@pytest.mark.parametrize(
+    "r, layers, prop_attn", [(3, (0, 1, 2, 3), True), ((2, 4), (1, 3), False)], ids=["r3", "per-layer"]
+)
 def test_rewritten_graph_matches_independent_eager_implementation_in_float64(name, r, layers, prop_attn):
     model = timm_vit(name).double()
     gm = fxprune.transform(model, ToMe(r, layers, prop_attn=prop_attn))

@@ -93,14 +93,19 @@ def test_blocks_after_an_earlier_transforms_sized_stream_are_refused_with_the_wa
     "factory, inputs, message",
     [
         (
-            lambda: timm.create_model("beit_base_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=4),
+            lambda: timm.create_model(
+                "beit_base_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=4
+            ),
             None,
             r"block 1 \(blocks\.1\): its attention uses position-dependent table",
         ),
         (
-            lambda: timm.create_model("swin_tiny_patch4_window7_224", img_size=56, embed_dim=24, depths=(1, 1), num_heads=(2, 4)),
+            lambda: timm.create_model(
+                "swin_tiny_patch4_window7_224", img_size=56, embed_dim=24, depths=(1, 1), num_heads=(2, 4)
+            ),
             None,
-            r"block 1 \(layers\.1\.blocks\.0\): the stream entering it is \(2, 7, 7, 48\), not a \[B, N, C\] token sequence",
+            r"block 1 \(layers\.1\.blocks\.0\): the stream entering it is \(2, 7, 7, 48\), "
+            r"not a \[B, N, C\] token sequence",
         ),
         (lambda: torchvision.models.resnet18(), (torch.randn(2, 3, 64, 64),), "found no attention in ResNet"),
         (lambda: timm_vit("vit_tiny_patch16_224", class_token=False, global_pool="avg"), None, "has no class token"),

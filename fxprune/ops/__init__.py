@@ -1,6 +1,6 @@
 """Tensor functions that rewritten graphs call. Each is a small pure function on ``[B, N, C]`` tokens."""
 
-from .clustering import clustered_attention, cluster_keys_values, padded_cluster_keys_values
+from .clustering import cluster_keys_values, clustered_attention, padded_cluster_keys_values
 from .merging import size_bias, tome_merge, tome_merged_tokens
 from .sampling import ats_index, ats_pad, ats_sample, ats_select, ats_significance, gather_queries
 from .scoring import class_attention, class_attention_from_probs

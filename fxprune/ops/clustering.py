@@ -156,7 +156,8 @@ def clustered_attention(
     outputs = []
     for qg, kg, vg, clusters in zip(q.chunk(groups, 1), k.chunk(groups, 1), v.chunk(groups, 1), num_clusters):
         keys, values, bias = cluster_keys_values(kg, vg, clusters, num_prefix, iterations, attn_mask)
-        outputs.append(F.scaled_dot_product_attention(qg, keys, values, attn_mask=bias, dropout_p=dropout_p, scale=scale))
+        attended = F.scaled_dot_product_attention(qg, keys, values, attn_mask=bias, dropout_p=dropout_p, scale=scale)
+        outputs.append(attended)
     return outputs[0] if groups == 1 else torch.cat(outputs, dim=1)
 
 

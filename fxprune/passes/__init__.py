@@ -16,7 +16,9 @@ from .tome import thread_sizes, tome_pass
 
 Pass = Callable[[fx.GraphModule, TokenProgram, Plan, Policy], fx.GraphModule]
 
-PASSES: dict[type[Policy], Pass] = {EViT: evit_pass, TopK: evit_pass, ToMe: tome_pass, ATS: ats_pass, ClusTR: clustr_pass}
+PASSES: dict[type[Policy], Pass] = {
+    EViT: evit_pass, TopK: evit_pass, ToMe: tome_pass, ATS: ats_pass, ClusTR: clustr_pass
+}
 
 
 def apply_passes(gm: fx.GraphModule, program: TokenProgram, plan: Plan) -> fx.GraphModule:

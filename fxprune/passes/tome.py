@@ -16,8 +16,15 @@ import torch.fx as fx
 
 from ..analysis import Block, TokenProgram, sdpa_arguments
 from ..ops import (
-    SIZED_STREAM_FUNCTIONS, class_attention, clustered_attention, evit_select, evit_select_sizes, gather_tokens,
-    padded_cluster_keys_values, size_bias, tome_merge,
+    SIZED_STREAM_FUNCTIONS,
+    class_attention,
+    clustered_attention,
+    evit_select,
+    evit_select_sizes,
+    gather_tokens,
+    padded_cluster_keys_values,
+    size_bias,
+    tome_merge,
 )
 from ..plan import Plan, selection_node
 from ..policies import ToMe
