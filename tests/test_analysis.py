@@ -2,7 +2,16 @@ import pytest
 import timm
 import torch
 import torchvision
-from vits import ALL_MODELS, PREFIX_TOKENS, TIMM_SMALL, hand_written_vit, hf_vit, timm_vit, torchvision_vit
+from vits import (
+    ALL_MODELS,
+    PREFIX_TOKENS,
+    TIMM_SMALL,
+    hand_written_vit,
+    hf_vit,
+    timm_vit,
+    torchvision_vit,
+    with_explicit_softmax,
+)
 
 import fxprune
 from fxprune.errors import UnsupportedModelError
@@ -53,9 +62,7 @@ def test_blocks_are_named_after_the_models_modules(factory, first_block):
 
 
 def test_explicit_softmax_attention_is_a_site_with_its_heads():
-    model = timm_vit("deit_small_patch16_224")
-    for block in model.blocks:
-        block.attn.fused_attn = False
+    model = with_explicit_softmax(timm_vit("deit_small_patch16_224"))
     for program in (fxprune.analyse(model), fxprune.analyse(hand_written_vit())):
         sites = [b.attention for b in program.blocks]
         assert {s.kind for s in sites} == {"softmax"}

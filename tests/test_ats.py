@@ -11,6 +11,7 @@ from vits import (
     logits,
     timm_vit,
     torchvision_vit,
+    with_explicit_softmax,
 )
 
 import fxprune
@@ -124,9 +125,7 @@ def test_models_that_average_all_tokens_are_refused_rather_than_averaging_paddin
 
 
 def test_explicit_softmax_attention_selects_after_the_residual_with_the_same_outputs():
-    model = timm_vit("deit3_small_patch16_224").double()
-    for block in model.blocks:
-        block.attn.fused_attn = False
+    model = with_explicit_softmax(timm_vit("deit3_small_patch16_224").double())
     gm = fxprune.transform(model, ATS(11, (0, 2)))
     x = image_batch(model, batch=4, dtype=torch.float64)
     with torch.no_grad():

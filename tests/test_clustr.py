@@ -13,6 +13,7 @@ from vits import (
     image_batch,
     logits,
     timm_vit,
+    with_explicit_softmax,
     with_position_bias_in_block_3,
 )
 
@@ -55,9 +56,7 @@ def test_rewritten_graph_matches_independent_implementation_in_float64(name, sca
 
 
 def test_explicit_softmax_attention_is_clustered_too():
-    model = timm_vit("deit_small_patch16_224").double()
-    for block in model.blocks:
-        block.attn.fused_attn = False
+    model = with_explicit_softmax(timm_vit("deit_small_patch16_224").double())
     gm = fxprune.transform(model, ClusTR((3, 8), (0, 3)))
     assert not any(n.target is clustered_attention for n in gm.graph.nodes)
     assert sum(n.target is padded_cluster_keys_values for n in gm.graph.nodes) == 2

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from vits import hf_vit, image_batch, logits, timm_vit, torchvision_vit
+from vits import hf_vit, image_batch, logits, timm_vit, torchvision_vit, with_explicit_softmax
 
 import fxprune
 from fxprune import ATS, TopK
@@ -9,19 +9,14 @@ from fxprune.ops import gather_queries
 from fxprune.passes import ats, evit
 
 
-def _explicit_softmax(model):
-    for block in model.blocks:
-        block.attn.fused_attn = False
-    return model
-
-
 @pytest.mark.parametrize("policy", [ATS(9, (1,)), TopK(0.5, (1,))], ids=["ats", "topk"])
 def test_fused_attention_attends_with_the_kept_queries_only(policy):
     model = timm_vit("deit_small_patch16_224")
     gm = fxprune.transform(model, policy)
     sdpa = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in SDPA_TARGETS]
     assert sdpa[1].args[0].target is gather_queries and sdpa[0].args[0].target is not gather_queries
-    after = fxprune.plan(_explicit_softmax(timm_vit("deit_small_patch16_224")), policy).rows[1]  # selects after the add
+    explicit = with_explicit_softmax(timm_vit("deit_small_patch16_224"))
+    after = fxprune.plan(explicit, policy).rows[1]  # selects after the residual add
     inside = gm.fxprune_plan.rows[1]
     assert inside.tokens_out == after.tokens_out == 9 and inside.macs_after < after.macs_after
 

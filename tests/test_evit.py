@@ -13,6 +13,7 @@ from vits import (
     logits,
     timm_vit,
     torchvision_vit,
+    with_explicit_softmax,
 )
 
 import fxprune
@@ -40,9 +41,7 @@ def test_rewritten_graph_matches_independent_eager_implementation_in_float64(nam
 
 
 def test_explicit_softmax_attention_matches_the_reference_too():
-    model = timm_vit("deit3_small_patch16_224").double()
-    for block in model.blocks:
-        block.attn.fused_attn = False
+    model = with_explicit_softmax(timm_vit("deit3_small_patch16_224").double())
     gm = fxprune.transform(model, EViT(0.7, (0, 2)))
     x = image_batch(model, batch=4, dtype=torch.float64)
     with torch.no_grad():

@@ -11,6 +11,7 @@ from vits import (
     logits,
     timm_vit,
     torchvision_vit,
+    with_explicit_softmax,
 )
 
 import fxprune
@@ -43,9 +44,7 @@ def test_rewritten_graph_matches_independent_eager_implementation_in_float64(nam
 
 
 def test_explicit_softmax_attention_gets_proportional_attention_too():
-    model = timm_vit("deit3_small_patch16_224").double()
-    for block in model.blocks:
-        block.attn.fused_attn = False
+    model = with_explicit_softmax(timm_vit("deit3_small_patch16_224").double())
     gm = fxprune.transform(model, ToMe(4, (0, 2)))
     _assert_matches(gm, lambda x: tome_vit(model, x, 4, (0, 2)), model)
 

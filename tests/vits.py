@@ -32,6 +32,13 @@ def timm_vit(name: str, **overrides) -> nn.Module:
     return timm.create_model(name, pretrained=False, **kwargs).eval()
 
 
+def with_explicit_softmax(model: nn.Module) -> nn.Module:
+    """``model`` (a timm ViT) with its blocks computing ``softmax(q @ kᵀ) @ v`` instead of fused SDPA."""
+    for block in model.blocks:
+        block.attn.fused_attn = False
+    return model
+
+
 def torchvision_vit(depth: int = 4) -> nn.Module:
     """torchvision's ``VisionTransformer`` (the class behind ``vit_b_16``) at test size."""
     torch.manual_seed(0)
