@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw
 from .errors import FxPruneError
 from .ops import STREAM_FUNCTIONS, clustered_attention, padded_cluster_keys_values
 from .ops.clustering import cluster_assignment, key_weights
+from .passes.common import SIZES_ROLE
 
 __all__ = ["TokenStep", "token_sources", "kept_counts", "draw_kept_patches", "cluster_maps", "draw_clusters"]
 
@@ -53,7 +54,7 @@ class _SourceTracker(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
-        if n.op == "call_function" and n.target in STREAM_FUNCTIONS and n.meta["fxprune"]["role"] != "sizes":
+        if n.op == "call_function" and n.target in STREAM_FUNCTIONS and n.meta["fxprune"]["role"] != SIZES_ROLE:
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             tokens = args[0]
             if self.sources is None:

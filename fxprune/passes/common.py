@@ -12,6 +12,7 @@ from ..analysis import Block, sdpa_arguments
 from ..ops import class_attention, class_attention_from_probs, gather_queries, gather_tokens
 
 _RESHAPES = ("reshape", "view")
+SIZES_ROLE = "sizes"  # the role of inserted nodes that carry token sizes beside the token stream
 
 
 def insert_call(

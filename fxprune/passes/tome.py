@@ -28,7 +28,7 @@ from ..ops import (
 )
 from ..plan import Plan, selection_node
 from ..policies import ToMe
-from .common import insert_call, reroute_sized_stream
+from .common import SIZES_ROLE, insert_call, reroute_sized_stream
 
 # the nodes a pass inserts beside an attention that read its mask (a per-key bias) as ``attn_mask``
 _MASK_READERS = (class_attention, clustered_attention, padded_cluster_keys_values)
@@ -57,12 +57,12 @@ def thread_sizes(gm: fx.GraphModule, program: TokenProgram, plan: Plan) -> fx.Gr
             continue
         if selection.target in SIZED_STREAM_FUNCTIONS:
             selection.update_arg(1, size)
-            size = insert_call(gm, selection.next, operator.getitem, (selection, 1), {}, block, "sizes")
+            size = insert_call(gm, selection.next, operator.getitem, (selection, 1), {}, block, SIZES_ROLE)
             proportional = getattr(row.policy, "prop_attn", True)
         elif selection.target is evit_select and size is not None:
-            size = insert_call(gm, selection, evit_select_sizes, (size, *selection.args[1:]), {}, block, "sizes")
+            size = insert_call(gm, selection, evit_select_sizes, (size, *selection.args[1:]), {}, block, SIZES_ROLE)
         elif selection.target is gather_tokens and size is not None:  # Top-K's rows, kept inside the attention
-            size = insert_call(gm, selection, gather_tokens, (size, selection.args[1]), {}, block, "sizes")
+            size = insert_call(gm, selection, gather_tokens, (size, selection.args[1]), {}, block, SIZES_ROLE)
     return gm
 
 
