@@ -188,7 +188,7 @@ def make_plan(program: TokenProgram, policy: Policy | Compose) -> Plan:
     for block in program.blocks:
         part = owner.get(block.index)
         if part is not None:
-            action = part.describe()
+            action = part.action(block.index)
         elif selection_node(program, block.index) is not None:
             action = "unchanged (reduced by an earlier fxprune transform)"
         elif block.reducible:
@@ -199,6 +199,7 @@ def make_plan(program: TokenProgram, policy: Policy | Compose) -> Plan:
     shape = tuple(program.gm.graph.find_nodes(op="placeholder")[0].meta["val"].shape)
     notes = [f"not recognised as attention, left as is: {u}" for u in program.unrecognised]
     notes += [f"kept as a leaf during capture: {name} ({why})" for name, why in program.trace.leaves]
+    notes += [note for part in policy.policies() for note in part.plan_notes()]
     return Plan(program.model_name, policy, rows, program.prefix_tokens, shape, notes)
 
 

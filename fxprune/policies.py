@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING, ClassVar
 
 from .analysis import per_key_refusal
 from .errors import PolicyError
+from .ops.clustering import SEEDINGS
 from .ops.merging import tome_merged_tokens
+from .ops.sampling import Cap, ats_budget
 from .ops.selection import evit_kept_tokens
 
 if TYPE_CHECKING:
@@ -95,6 +97,14 @@ class Policy:
     def describe(self) -> str:
         """Short description for plan tables."""
         raise NotImplementedError
+
+    def action(self, layer: int) -> str:
+        """What this policy does to block ``layer`` (one of ``layers``), for the plan table."""
+        return self.describe()
+
+    def plan_notes(self) -> list[str]:
+        """Notes for the plan table on what its figures mean for this policy."""
+        return []
 
     def policies(self) -> tuple[Policy, ...]:
         return (self,)
@@ -184,66 +194,130 @@ class ToMe(Policy):
 
 @dataclasses.dataclass(frozen=True)
 class ATS(Policy):
-    """ATS (Fayyaz et al., ECCV 2022): sample at most ``max_tokens`` tokens (prefix tokens included) per image.
+    """ATS (Fayyaz et al., ECCV 2022): sample tokens by significance; each image keeps its own number.
 
-    In each chosen block, significance = class attention × value norm; ``max_tokens − P`` evenly spaced
-    points on the inverse CDF of the sorted significances pick tokens, and repeats collapse, so the
-    number kept adapts to each image. ``max_tokens`` is one int for every chosen block or one per
-    block; a block receiving at most ``max_tokens`` tokens is unchanged.
+    In each chosen block, significance = class attention × value norm; ``N_ref − P`` evenly spaced points
+    on the inverse CDF of the sorted significances (``N_ref`` the tokens entering the model, as the
+    official code) each pick the nearest token and repeats collapse, so the number kept adapts to each
+    image. ``max_tokens`` caps it (prefix tokens included; the most significant picks stay): a count, a
+    ratio in (0, 1] of the image's incoming tokens (``round(ratio · N)``, at least 8), or None for no cap
+    (the paper's off-the-shelf setting, where all the reduction comes from the collapse); one value for
+    every chosen block or one per block. ``layers=None`` is the official DeiT-S setting: every block from
+    a quarter of the depth on (3–11 of 12).
     """
 
-    max_tokens: int | tuple[int, ...]
-    layers: tuple[int, ...]
+    max_tokens: Cap | tuple[Cap, ...] = None
+    layers: tuple[int, ...] | None = None
     method: ClassVar[str] = "ats"
     needs_class_token: ClassVar[bool] = True
     pads_tokens: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        meaning = "an int of at least 2 (prefix tokens included)"
-        object.__setattr__(self, "max_tokens", _int_per_layer(self.max_tokens, "ATS.max_tokens", 2, meaning))
-        object.__setattr__(self, "layers", _layers(self.layers, "ATS"))
-        _check_per_layer(self.max_tokens, len(self.layers), "ATS.max_tokens")
+        caps = self.max_tokens if isinstance(self.max_tokens, (tuple, list)) else (self.max_tokens,)
+        for cap in caps:
+            _check_cap(cap)
+        if isinstance(self.max_tokens, list):
+            object.__setattr__(self, "max_tokens", tuple(self.max_tokens))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", _layers(self.layers, "ATS"))
+            _check_per_layer(self.max_tokens, len(self.layers), "ATS.max_tokens")
 
-    def k_at(self, layer: int) -> int:
-        """Most tokens block ``layer`` keeps."""
+    def bind(self, depth: int) -> ATS:
+        if self.layers is not None:
+            return self
+        layers = tuple(range(depth // 4, depth))
+        _check_per_layer(self.max_tokens, len(layers), "ATS.max_tokens", "the {} blocks from a quarter of the depth on")
+        return ATS(self.max_tokens, layers)
+
+    def cap_at(self, layer: int) -> Cap:
+        """The cap of block ``layer``: a token count, a ratio of its incoming tokens, or None (no cap)."""
         return _at_layer(self.max_tokens, self.layers, layer)
 
     def tokens_out(self, tokens_in: int, prefix: int, layer: int) -> int:
-        k = self.k_at(layer)
-        if k <= prefix and k < tokens_in:
-            raise PolicyError(f"ATS.max_tokens={k} leaves no room beside the model's {prefix} prefix tokens")
-        return min(k, tokens_in)
+        kept = ats_budget(tokens_in, self.cap_at(layer))
+        if kept <= prefix and kept < tokens_in:
+            raise PolicyError(
+                f"ATS.max_tokens={self.cap_at(layer)} leaves no room beside the model's {prefix} prefix tokens"
+            )
+        return kept
+
+    def action(self, layer: int) -> str:
+        cap = self.cap_at(layer)
+        return f"{self.method} " + ("no cap" if cap is None else f"≤ {_cap_text(cap)} tokens")
+
+    def plan_notes(self) -> list[str]:
+        notes = [
+            "ats: each image keeps its own number of tokens. The tokens and MACs of its blocks above are the static "
+            "layout's (the most any image keeps), which torch.compile runs; eager runs compact each batch to its "
+            "largest count and one image runs exactly its own. fxprune.flops on single images gives what each costs."
+        ]
+        if any(self.cap_at(layer) is None for layer in self.layers):
+            notes.append(
+                "ats blocks without a cap keep all N rows in the static layout: nothing is saved there under "
+                "torch.compile; eager runs save what the collapsed picks leave out."
+            )
+        return notes
 
     def describe(self) -> str:
-        return f"{self.method} ≤ {_text(self.max_tokens)} tokens"
+        caps = self.max_tokens if isinstance(self.max_tokens, tuple) else (self.max_tokens,)
+        if all(cap is None for cap in caps):
+            return f"{self.method} no cap"
+        return f"{self.method} ≤ {','.join(_cap_text(cap) for cap in caps)} tokens"
+
+
+def _check_cap(cap: object) -> None:
+    """Refuse an ATS cap that is not a count of at least 2, a ratio in (0, 1] or None."""
+    if cap is None:
+        return
+    if isinstance(cap, float) and 0.0 < cap <= 1.0:
+        return
+    if isinstance(cap, int) and not isinstance(cap, bool) and cap >= 2:
+        return
+    raise PolicyError(
+        "ATS.max_tokens must be a token count of at least 2 (prefix tokens included), a ratio in (0, 1] of the "
+        f"incoming tokens, None (no cap), or a list of them (one per layer); got {cap!r}"
+    )
+
+
+def _cap_text(cap: Cap) -> str:
+    return "none" if cap is None else f"{cap:g}·N" if isinstance(cap, float) else str(cap)
 
 
 @dataclasses.dataclass(frozen=True)
 class ClusTR(Policy):
     """ClusTR (Xie et al., 2022): every query attends to ``num_clusters`` clusters of keys and values.
 
-    In each chosen block the non-prefix keys are clustered per image (weighted k-means on the
-    head-averaged keys, ``iterations`` rounds from a fixed partition into cells of the token grid);
-    each cluster's key and value are its members' means and ``log(cluster size)`` is added to its
-    logit. Prefix tokens stay their own clusters; the token count is unchanged. A tuple of cluster
-    counts is the multi-scale variant: the heads are split into that many equal groups, group ``g``
-    attending to ``num_clusters[g]`` clusters. ``layers=None`` means every block.
+    In each chosen block the non-prefix keys are clustered per image on the head-averaged keys, with
+    ``clustering`` ``"dpc"`` (DPC-KNN, the official code's one-pass density peaks clustering) or
+    ``"kmeans"`` (farthest-point seeds), then ``iterations`` weighted Lloyd steps (None: 0 for ``"dpc"``,
+    3 for ``"kmeans"``); each cluster's key and value are its members' means and ``log(cluster size)``
+    is added to its logit. Prefix tokens stay their own clusters; the token count is unchanged. A
+    tuple of cluster counts is the multi-scale variant: the heads are split into that many equal
+    groups, group ``g`` attending to ``num_clusters[g]`` clusters. ``layers=None`` means every block.
     """
 
     num_clusters: int | tuple[int, ...]
     layers: tuple[int, ...] | None = None
-    iterations: int = 3
+    iterations: int | None = None
+    clustering: str = "dpc"
     method: ClassVar[str] = "clustr"
     needs_keys: ClassVar[bool] = True
     reduces_tokens: ClassVar[bool] = False
+    default_iterations: ClassVar[dict[str, int]] = {"dpc": 0, "kmeans": 3}
 
     def __post_init__(self) -> None:
         meaning = "a positive int (clusters per image; a tuple: one count per head group)"
         object.__setattr__(self, "num_clusters", _int_per_layer(self.num_clusters, "ClusTR.num_clusters", 1, meaning))
         if self.layers is not None:
             object.__setattr__(self, "layers", _layers(self.layers, "ClusTR"))
+        if self.clustering not in SEEDINGS:
+            raise PolicyError(f"ClusTR.clustering must be one of {', '.join(map(repr, SEEDINGS))}, "
+                              f"got {self.clustering!r}")
+        if self.iterations is None:
+            object.__setattr__(self, "iterations", self.default_iterations[self.clustering])
         if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 0:
-            raise PolicyError(f"ClusTR.iterations must be a non-negative int, got {self.iterations!r}")
+            raise PolicyError(f"ClusTR.iterations must be a non-negative int (Lloyd steps after the clustering) "
+                              f"or None, got {self.iterations!r}")
 
     @property
     def scales(self) -> tuple[int, ...]:
@@ -251,7 +325,7 @@ class ClusTR(Policy):
         return self.num_clusters if isinstance(self.num_clusters, tuple) else (self.num_clusters,)
 
     def bind(self, depth: int) -> ClusTR:
-        return self if self.layers is not None else ClusTR(self.num_clusters, tuple(range(depth)), self.iterations)
+        return self if self.layers is not None else dataclasses.replace(self, layers=tuple(range(depth)))
 
     def block_refusal(self, block: Block) -> str | None:
         site, groups = block.attention, len(self.scales)
@@ -264,7 +338,9 @@ class ClusTR(Policy):
 
     def describe(self) -> str:
         scales = f"{_text(self.num_clusters)} clusters" + (" per head group" if len(self.scales) > 1 else "")
-        return f"{self.method} {scales} ({self.iterations} k-means iterations)"
+        clustering = {"dpc": "DPC-KNN", "kmeans": "farthest-point k-means"}[self.clustering]
+        steps = f", {self.iterations} Lloyd iterations" if self.iterations else ""
+        return f"{self.method} {scales} ({clustering}{steps})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,8 +381,24 @@ _POLICIES: dict[str, type[Policy]] = {"evit": EViT, "topk": TopK, "tome": ToMe, 
 _KEYS = {
     "keep": "keep_rate", "keep_rate": "keep_rate", "layers": "layers", "fuse": "fuse", "r": "r",
     "prop_attn": "prop_attn", "k": "max_tokens", "max_tokens": "max_tokens", "m": "num_clusters",
-    "num_clusters": "num_clusters", "iterations": "iterations",
+    "num_clusters": "num_clusters", "iterations": "iterations", "clustering": "clustering",
 }
+
+
+def _parse_layers(values: list[str]) -> tuple[int, ...]:
+    """Block indices from ``["3", "6", "9"]`` or ranges ``["3-11"]`` (both ends included), mixed freely."""
+    layers: list[int] = []
+    for value in values:
+        first, dash, last = value.partition("-")
+        layers.extend(range(int(first), int(last) + 1) if dash else [int(value)])
+    return tuple(layers)
+
+
+def _parse_cap(value: str) -> int | float | None:
+    """An ATS cap: ``none`` (no cap), a ratio such as ``0.7``, or a token count such as ``139``."""
+    if value.lower() == "none":
+        return None
+    return float(value) if "." in value else int(value)
 
 
 def parse_policy(text: str) -> Policy | Compose:
@@ -335,15 +427,19 @@ def parse_policy(text: str) -> Policy | Compose:
     for key, values in fields.items():
         try:
             if key == "layers":
-                kwargs[key] = tuple(int(v) for v in values)
+                kwargs[key] = _parse_layers(values)
             elif key == "keep_rate":
                 kwargs[key] = float(values[0])
             elif key in ("fuse", "prop_attn"):
                 kwargs[key] = values[0].lower() in ("1", "true", "yes")
-            elif key in ("max_tokens", "r", "num_clusters"):
+            elif key == "max_tokens":
+                kwargs[key] = _parse_cap(values[0]) if len(values) == 1 else tuple(_parse_cap(v) for v in values)
+            elif key in ("r", "num_clusters"):
                 kwargs[key] = int(values[0]) if len(values) == 1 else tuple(int(v) for v in values)
             elif key == "iterations":
                 kwargs[key] = int(values[0])
+            elif key == "clustering":
+                kwargs[key] = values[0].lower()
         except ValueError:
             raise PolicyError(f"{name}: bad value for {key}: {','.join(values)!r}") from None
     return cls(**kwargs)

@@ -182,11 +182,12 @@ class _ClusterRecorder(fx.Interpreter):
         if n.op == "call_function" and n.target in (clustered_attention, padded_cluster_keys_values):
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             offset = 1 if n.target is clustered_attention else 0  # its q comes first
-            k, _, scales, prefix, iterations = args[offset : offset + 5]
+            k, _, scales, prefix, clustering, iterations = args[offset : offset + 6]
             k = k.chunk(len(scales), 1)[0]
             weights = key_weights(kwargs.get("attn_mask"), k.shape[0], k.shape[2], torch.float32, k.device)
             clusters = min(scales[0], k.shape[2] - prefix)
-            self.maps.append((n.meta["fxprune"]["block"], cluster_assignment(k, clusters, prefix, iterations, weights)))
+            assign = cluster_assignment(k, clusters, prefix, clustering, iterations, weights)
+            self.maps.append((n.meta["fxprune"]["block"], assign))
         return super().run_node(n)
 
 

@@ -109,6 +109,8 @@ def _evit_sizes(size: torch.Tensor, probs: torch.Tensor, keep_rate: float, prefi
     """Sizes after EViT: kept tokens keep theirs, the fused token's (``fuse``) is the dropped tokens' total."""
     cls_attn = probs[:, :, 0, prefix:].mean(dim=1)
     left = math.ceil(keep_rate * (size.shape[1] - prefix))
+    if left >= size.shape[1] - prefix:
+        return size
     _, idx = torch.topk(cls_attn, left, dim=1, largest=True, sorted=True)
     kept = torch.gather(size[:, prefix:], 1, idx)
     fused = size[:, prefix:].sum(1, keepdim=True) - kept.sum(1, keepdim=True)
@@ -141,61 +143,140 @@ def tome_vit(
     return model.forward_head(model.norm(x))
 
 
-def _ats_tokens(x: torch.Tensor, probs: torch.Tensor, v: torch.Tensor, max_tokens: int, prefix: int) -> torch.Tensor:
-    """ATS on one image as the paper states it: x [1, N, C], probs [1, H, N, N], v [1, H, N, d]."""
+def _ats_budget(n: int, cap) -> int:
+    """Most tokens ATS keeps of ``n`` (the official rules: a count, a ratio with at least 8, or no cap)."""
+    if cap is None:
+        return n
+    if isinstance(cap, float):
+        return min(n, max(8, round(cap * n)))
+    return min(cap, n)
+
+
+def ats_one_image(x, size, probs, v, cap, prefix: int, ref_tokens: int):
+    """ATS on one image by the official code's rules: x [1, N, C], size [1, N] or None, probs [1, H, N, N],
+    v [1, H, N, d]; ``ref_tokens`` points minus the prefix, the ``budget − P`` most significant distinct picks."""
     n = x.shape[1]
-    if max_tokens >= n:
-        return x
     significance = probs[0, :, 0, prefix:].sum(0) * v[0].transpose(0, 1).reshape(n, -1).norm(dim=-1)[prefix:]
     significance = significance / significance.sum()
-    scores, order = significance.sort()
+    scores, order = significance.sort(stable=True)
     cdf = scores.cumsum(0)
     cdf = (cdf - cdf.min()) / (cdf.max() - cdf.min())
-    start = cdf[cdf > 0].min()
-    points = max_tokens - prefix
-    ys = [start + (1 - start) * (i / (points - 1) if points > 1 else 0.0) for i in range(points)]
-    picked = sorted({int((cdf - y).abs().argmin()) for y in ys})
-    kept = [prefix + int(order[p]) for p in picked]
-    return torch.cat([x[:, :prefix], x[:, kept]], dim=1)
+    start = float(cdf[cdf > 0].min())
+    points = ref_tokens - prefix
+    ys = [start + (i - start * i) / (points - 1) for i in range(points)]
+    picks = sorted({int((cdf - y).abs().argmin()) for y in ys})  # argmin: the first of equal distances
+    picks = picks[len(picks) - min(len(picks), _ats_budget(n, cap) - prefix):]
+    kept = list(range(prefix)) + [prefix + int(order[p]) for p in picks]
+    return x[:, kept], None if size is None else size[:, kept]
 
 
-def ats_vit(model: nn.Module, images: torch.Tensor, max_tokens: int, layers) -> torch.Tensor:
-    """ATS on a timm ``VisionTransformer``, one image at a time (each keeps its own number of tokens): logits."""
-    prefix = model.num_prefix_tokens
+def reduced_vit(
+    model: nn.Module, images: torch.Tensor, steps: dict, proportional_after: int | None = None
+) -> torch.Tensor:
+    """A timm ``VisionTransformer`` run one image at a time, with ``steps[i](x, size, probs, keys, values)``
+    ``-> (x, size)`` after the residual add of block ``i`` (sizes start as None; the attention of the blocks
+    after ``proportional_after``, ToMe's first block, adds ``log size``): logits. Each image keeps its own
+    number of tokens, so this is what each image gets alone."""
     outputs = []
     for image in images:
         x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(image[None]))))
+        size = None
         for i, blk in enumerate(model.blocks):
-            out, probs, _, v = _attention_with_sizes(blk.attn, blk.norm1(x), None)
+            proportional = proportional_after is not None and i > proportional_after
+            out, probs, k, v = _attention_with_sizes(blk.attn, blk.norm1(x), size if proportional else None)
             x = x + blk.drop_path1(blk.ls1(out))
-            if i in layers:
-                x = _ats_tokens(x, probs, v, max_tokens, prefix)
+            if i in steps:
+                x, size = steps[i](x, size, probs, k, v)
             x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
         outputs.append(model.forward_head(model.norm(x)))
     return torch.cat(outputs)
 
 
-def _grid_partition(tokens: int, clusters: int) -> list[int]:
-    """ClusTR's initial partition, written out: near-equal cells of the square token grid (rows × cols
-    with rows the largest divisor of ``clusters`` not above its square root and cols ≤ the grid side),
-    else near-equal runs of the sequence."""
-    side = math.isqrt(tokens)
-    divisors = [r for r in range(1, math.isqrt(clusters) + 1) if clusters % r == 0 and clusters // r <= side]
-    if side * side != tokens or not divisors:
-        return [math.floor(i * clusters / tokens) for i in range(tokens)]
-    rows = max(divisors)
-    cols = clusters // rows
-    return [math.floor((i // side) * rows / side) * cols + math.floor((i % side) * cols / side) for i in range(tokens)]
+def ats_step(model: nn.Module, cap, ref_tokens: int | None = None):
+    """An ATS step for :func:`reduced_vit` (sizes start at one per token)."""
+    prefix = model.num_prefix_tokens
+    ref_tokens = ref_tokens or model.patch_embed.num_patches + prefix
+
+    def step(x, size, probs, k, v):
+        size = torch.ones(x.shape[:2], dtype=x.dtype) if size is None else size
+        return ats_one_image(x, size, probs, v, cap, prefix, ref_tokens)
+
+    return step
 
 
-def _kmeans(
-    points: torch.Tensor, weights: torch.Tensor, labels: list[int], clusters: int, iterations: int
-) -> list[int]:
-    """Weighted Lloyd's algorithm on ``points`` [n, c]: centroid = weighted mean of its members (kept when
-    it has none), then each point to its nearest centroid (first on a tie)."""
-    centroids = torch.zeros(clusters, points.shape[1], dtype=points.dtype)
+def ats_vit(model: nn.Module, images: torch.Tensor, cap, layers) -> torch.Tensor:
+    """ATS on a timm ``VisionTransformer``, one image at a time (each keeps its own number of tokens): logits."""
+    caps = cap if isinstance(cap, tuple) else (cap,) * len(layers)
+    return reduced_vit(model, images, {layer: ats_step(model, c) for layer, c in zip(layers, caps)})
+
+
+def evit_step(model: nn.Module, keep_rate: float, fuse: bool = True):
+    """An EViT (Top-K without ``fuse``) step for :func:`reduced_vit`, sizes carried through its selection."""
+    prefix = model.num_prefix_tokens
+
+    def step(x, size, probs, k, v):
+        if size is not None:
+            size = _evit_sizes(size, probs, keep_rate, prefix, fuse)
+        return _evit_tokens(x, probs, keep_rate, prefix, fuse), size
+
+    return step
+
+
+def tome_step(model: nn.Module, r: int):
+    """A ToMe step for :func:`reduced_vit`."""
+    prefix = model.num_prefix_tokens
+
+    def step(x, size, probs, k, v):
+        sizes = torch.ones(x.shape[1], dtype=x.dtype) if size is None else size[0]
+        merged, merged_size = _tome_one_image(x[0], sizes, k[0].mean(0), r, prefix)
+        return merged[None], merged_size[None]
+
+    return step
+
+
+def _dpc_knn(points: torch.Tensor, clusters: int, neighbours: int = 5) -> tuple[list[int], list[int]]:
+    """DPC-KNN as ClusTR's official ``cluster_dpc_knn_ms`` states it, on one image's points [n, c], with
+    density ties broken by the lower index instead of random noise: (centres, label of each point)."""
+    n, c = points.shape
+    dist = torch.cdist(points, points) / math.sqrt(c)
+    density = [math.exp(-float((dist[i].sort().values[:neighbours] ** 2).mean())) for i in range(n)]
+
+    def denser(j: int, i: int) -> bool:
+        return density[j] > density[i] or (density[j] == density[i] and j < i)
+
+    largest = float(dist.max())
+    indicator = [min([float(dist[i, j]) for j in range(n) if denser(j, i)], default=largest) for i in range(n)]
+    score = [density[i] * indicator[i] for i in range(n)]
+    centres = sorted(range(n), key=lambda i: (-score[i], i))[:clusters]
+    labels = [min(range(clusters), key=lambda m: (float(dist[i, centres[m]]), m)) for i in range(n)]
+    for m, centre in enumerate(centres):
+        labels[centre] = m
+    return centres, labels
+
+
+def _farthest_points(points: torch.Tensor, weights: torch.Tensor, clusters: int) -> tuple[list[int], list[int]]:
+    """k-means seeds on points [n, c]: the point farthest from the weighted mean, then repeatedly the point
+    farthest from the seeds so far (the first on a tie); each point labelled by its nearest seed, each seed
+    by its own: (seeds, label of each point)."""
+    n = points.shape[0]
+    mean = (weights[:, None] * points).sum(0) / weights.sum()
+    seeds = [max(range(n), key=lambda i: (float((points[i] - mean).norm()), -i))]
+    while len(seeds) < clusters:
+        gap = [min(float((points[i] - points[s]).norm()) for s in seeds) for i in range(n)]
+        seeds.append(max((i for i in range(n) if i not in seeds), key=lambda i: (gap[i], -i)))
+    labels = [min(range(clusters), key=lambda m: (float((points[i] - points[seeds[m]]).norm()), m)) for i in range(n)]
+    for m, seed in enumerate(seeds):
+        labels[seed] = m
+    return seeds, labels
+
+
+def _lloyd(points: torch.Tensor, weights: torch.Tensor, centres: list[int], labels: list[int], iterations: int):
+    """Weighted Lloyd's algorithm on ``points`` [n, c] from the labels of the centre points ``centres``:
+    centroid = weighted mean of its members (kept when it has none), then each point to its nearest
+    centroid (first on a tie)."""
+    centroids = points[centres].clone()
     for _ in range(iterations):
-        for c in range(clusters):
+        for c in range(len(centres)):
             members = [i for i, label in enumerate(labels) if label == c]
             total = sum(float(weights[i]) for i in members)
             if total > 0:
@@ -204,12 +285,17 @@ def _kmeans(
     return labels
 
 
-def _clustered_head_group(q, k, v, scale, clusters: int, prefix: int, iterations: int, size):
+def _clustered_head_group(q, k, v, scale, clusters: int, prefix: int, clustering: str, iterations: int, size):
     """Clustered attention for one image and one group of heads: q, k, v [h, N, d]; size [N] or None."""
     n = k.shape[1] - prefix
     clusters = min(clusters, n)
     weights = torch.ones(k.shape[1], dtype=k.dtype) if size is None else size
-    labels = _kmeans(k[:, prefix:].mean(0), weights[prefix:], _grid_partition(n, clusters), clusters, iterations)
+    points = k[:, prefix:].mean(0)
+    if clustering == "dpc":
+        centres, labels = _dpc_knn(points, clusters)
+    else:
+        centres, labels = _farthest_points(points, weights[prefix:], clusters)
+    labels = _lloyd(points, weights[prefix:], centres, labels, iterations)
     keys, values, logw = [k[:, :prefix]], [v[:, :prefix]], [weights[:prefix].log()]
     for c in range(clusters):
         members = [prefix + i for i, label in enumerate(labels) if label == c]
@@ -222,9 +308,12 @@ def _clustered_head_group(q, k, v, scale, clusters: int, prefix: int, iterations
     return (((q * scale) @ keys.transpose(-2, -1)) + logw).softmax(-1) @ values
 
 
-def clustr_attention(attn: nn.Module, x: torch.Tensor, scales, prefix: int, iterations: int, size=None):
-    """timm ``Attention`` with ClusTR, one image at a time; ``scales``: cluster count per head group; ``size``
-    [B, N] or None: token sizes (ToMe), the weights of the cluster means."""
+def clustr_attention(
+    attn: nn.Module, x: torch.Tensor, scales, prefix: int, clustering: str, iterations: int, size=None
+):
+    """timm ``Attention`` with ClusTR, one image at a time; ``scales``: cluster count per head group;
+    ``clustering``: ``"dpc"`` or ``"kmeans"``, then ``iterations`` Lloyd steps; ``size`` [B, N] or None:
+    token sizes (ToMe), the weights of the cluster means."""
     B, N, C = x.shape
     qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, C // attn.num_heads).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
@@ -233,7 +322,7 @@ def clustr_attention(attn: nn.Module, x: torch.Tensor, scales, prefix: int, iter
     out = torch.stack([
         torch.cat([
             _clustered_head_group(q[b, g * group:(g + 1) * group], k[b, g * group:(g + 1) * group],
-                                  v[b, g * group:(g + 1) * group], attn.scale, m, prefix, iterations,
+                                  v[b, g * group:(g + 1) * group], attn.scale, m, prefix, clustering, iterations,
                                   None if size is None else size[b])
             for g, m in enumerate(scales)
         ])
@@ -242,7 +331,9 @@ def clustr_attention(attn: nn.Module, x: torch.Tensor, scales, prefix: int, iter
     return attn.proj(attn.norm(out.transpose(1, 2).reshape(B, N, C)))
 
 
-def clustr_vit(model: nn.Module, images: torch.Tensor, scales, layers, iterations: int, tome=None) -> torch.Tensor:
+def clustr_vit(
+    model: nn.Module, images: torch.Tensor, scales, layers, clustering: str, iterations: int, tome=None
+) -> torch.Tensor:
     """ClusTR at ``layers`` of a timm ``VisionTransformer``: logits. ``tome=(r, layers)`` merges tokens
     first (ToMe, token sizes carried into the clustering as weights)."""
     prefix = model.num_prefix_tokens
@@ -250,7 +341,7 @@ def clustr_vit(model: nn.Module, images: torch.Tensor, scales, layers, iteration
     size = None
     for i, blk in enumerate(model.blocks):
         if i in layers:
-            out = clustr_attention(blk.attn, blk.norm1(x), scales, prefix, iterations, size)
+            out = clustr_attention(blk.attn, blk.norm1(x), scales, prefix, clustering, iterations, size)
         else:
             out, _, k, _ = _attention_with_sizes(blk.attn, blk.norm1(x), size)
         x = x + blk.drop_path1(blk.ls1(out))

@@ -1,10 +1,9 @@
 import pytest
 import torch
-from reference import ats_vit
+from reference import ats_step, ats_vit, evit_step, reduced_vit, tome_step
 from vits import (
     ALL_MODELS,
     assert_compiles_once,
-    assert_same_outputs,
     hand_written_vit,
     hf_vit,
     image_batch,
@@ -15,8 +14,8 @@ from vits import (
 )
 
 import fxprune
-from fxprune import ATS, Compose, PolicyError, ToMe
-from fxprune.ops import ats_sample
+from fxprune import ATS, ClusTR, Compose, EViT, PolicyError, ToMe, TopK
+from fxprune.ops import ats_index, ats_picks
 from fxprune.show import kept_counts
 
 FAITHFUL_MODELS = [
@@ -25,60 +24,160 @@ FAITHFUL_MODELS = [
     "deit_small_distilled_patch16_224",  # two prefix tokens
     "vit_small_patch14_reg4_dinov2",  # LayerScale and four register tokens
 ]
+CAPS = {  # (max_tokens, layers): no cap (the paper's off-the-shelf setting); a count, no cap and a ratio per layer
+    "no-cap": (None, (1, 2, 3)),
+    "per-layer": ((9, None, 0.6), (0, 1, 3)),
+}
 
 
+@pytest.mark.parametrize("setting", sorted(CAPS))
 @pytest.mark.parametrize("name", FAITHFUL_MODELS)
-def test_rewritten_graph_matches_independent_per_image_implementation_in_float64(name):
+def test_rewritten_graph_matches_the_official_rules_per_image_in_float64(name, setting):
     model = timm_vit(name).double()
-    tokens = fxprune.analyse(model).tokens
-    max_tokens = tokens * 2 // 3
-    gm = fxprune.transform(model, ATS(max_tokens, (1, 2)))
+    cap, layers = CAPS[setting]
+    gm = fxprune.transform(model, ATS(cap, layers))
     x = image_batch(model, batch=4, dtype=torch.float64)
     with torch.no_grad():
-        torch.testing.assert_close(gm(x), ats_vit(model, x, max_tokens, (1, 2)), atol=1e-6, rtol=0)
+        torch.testing.assert_close(gm(x), ats_vit(model, x, cap, layers), atol=1e-6, rtol=0)
 
 
-def test_a_padded_batch_gives_each_image_what_it_gets_alone():
-    model = timm_vit("deit_small_patch16_224")
-    gm = fxprune.transform(model, ATS(9, (0, 2)))
-    x = image_batch(model, batch=6)
-    with torch.no_grad():
-        together = gm(x)
-        for i in range(6):
-            torch.testing.assert_close(gm(x[i : i + 1]), together[i : i + 1], atol=1e-5, rtol=0)
-
-
-def test_kept_counts_adapt_to_each_image_and_are_reported():
+def _digit_scenes(count: int) -> torch.Tensor:
     from fxprune.datasets import DigitScenes
+
+    data = DigitScenes("test", count, seed=1)
+    return torch.stack([data[i][0] for i in range(count)])
+
+
+def _digits_vit():
     from fxprune.models import digits_vit
 
-    data = DigitScenes("test", 16, seed=1)
-    images = torch.stack([data[i][0] for i in range(16)])
-    gm = fxprune.transform(digits_vit(), ATS(40, (1, 3)))  # trained weights: attention is peaked
-    (first, mean, low, high), (second, *_) = kept_counts(gm, images)
-    assert (first, second) == (1, 3) and low < high <= 40 and low <= mean <= high
+    return digits_vit()  # trained weights: peaked class attention, so the kept counts differ between images
+
+
+def test_no_cap_on_a_trained_model_collapses_repeats_as_the_official_rules_in_float64():
+    model = _digits_vit().double()
+    gm = fxprune.transform(model, ATS(None, (1, 2, 3, 4, 5)))
+    x = _digit_scenes(6).double()
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), ats_vit(model, x, None, (1, 2, 3, 4, 5)), atol=1e-6, rtol=0)
+    (_, mean, low, high), *_ = kept_counts(gm, x)
+    assert high < 45 and high - low >= 4  # of 65 tokens: the collapse alone reduces, differently per image
+
+
+def _assert_each_image_gets_what_it_gets_alone(gm, x, atol=1e-4):
+    """``gm`` on the batch ``x`` gives each image what it gives that image alone, eager and compiled (the
+    static layout; dynamo's graph run by its eager backend)."""
+    lowered = fxprune.lower(gm, backend="eager")
+    with torch.no_grad():
+        alone = torch.cat([logits(gm(x[i : i + 1])) for i in range(len(x))])
+        torch.testing.assert_close(logits(gm(x)), alone, atol=atol, rtol=0)
+        torch.testing.assert_close(logits(lowered(x)), alone, atol=atol, rtol=0)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    "policy", [ATS((41, 25, 16), (1, 3, 4)), ATS(None, (1, 2, 3, 4, 5))], ids=["budgets", "no-cap"]
+)
+def test_a_padded_batch_gives_each_image_what_it_gets_alone(policy):
+    gm = fxprune.transform(_digits_vit(), policy)
+    x = _digit_scenes(8)
+    (_, _, low, high), *later = kept_counts(gm, x)
+    assert high - low >= 5 and all(high - low >= 2 for _, _, low, high in later)  # padding reaches every later block
+    _assert_each_image_gets_what_it_gets_alone(gm, x)
+
+
+AFTER_ATS = {  # a reduction after ATS: per image, from that image's own tokens
+    "ats": Compose([ATS(None, (1,)), ATS(0.6, (3,))]),
+    "tome": Compose([ATS(30, (1,)), ToMe(6, (2, 3))]),
+    "evit": Compose([ATS(None, (1,)), EViT(0.6, (2, 4))]),
+    "topk": Compose([ATS(None, (1,)), TopK(0.6, (2, 4))]),
+    "chain": Compose([ATS(None, (0,)), ToMe(3, (1,)), EViT(0.5, (2,)), ATS(0.7, (3,)), TopK(0.7, (4,)), ToMe(2, (5,))]),
+    "clustr": Compose([ATS(None, (1,)), ClusTR(16, (2,)), ATS(0.7, (3,)), ClusTR(8, (4,), clustering="kmeans")]),
+}
+
+
+@pytest.mark.parametrize(
+    "name, explicit", [(name, False) for name in sorted(AFTER_ATS)] + [("chain", True)],
+    ids=[*sorted(AFTER_ATS), "chain-explicit-softmax"],
+)
+def test_reductions_after_ats_reduce_each_image_from_its_own_tokens(name, explicit):
+    model = with_explicit_softmax(_digits_vit()) if explicit else _digits_vit()
+    gm = fxprune.transform(model, AFTER_ATS[name])
+    x = _digit_scenes(8)
+    _, _, low, high = kept_counts(gm, x)[1]
+    assert high - low >= 2  # the images differ after the second reducing block too
+    _assert_each_image_gets_what_it_gets_alone(gm, x)
+
+
+@pytest.mark.parametrize(
+    "policy, steps",
+    [
+        (Compose([ATS(30, (1,)), ToMe(6, (2, 3))]),
+         lambda m: {1: ats_step(m, 30), 2: tome_step(m, 6), 3: tome_step(m, 6)}),
+        (Compose([ATS(None, (1,)), EViT(0.6, (2, 4))]),
+         lambda m: {1: ats_step(m, None), 2: evit_step(m, 0.6), 4: evit_step(m, 0.6)}),
+        (Compose([ATS(None, (1,)), TopK(0.6, (2, 4))]),
+         lambda m: {1: ats_step(m, None), 2: evit_step(m, 0.6, fuse=False), 4: evit_step(m, 0.6, fuse=False)}),
+    ],
+    ids=["tome", "evit", "topk"],
+)
+def test_a_padded_composition_matches_each_method_run_on_each_image_alone_in_float64(policy, steps):
+    model = _digits_vit().double()
+    gm = fxprune.transform(model, policy)
+    x = _digit_scenes(6).double()
+    proportional_after = 2 if any(isinstance(part, ToMe) for part in policy.policies()) else None
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), reduced_vit(model, x, steps(model), proportional_after), atol=1e-6, rtol=0)
 
 
 def test_sampling_picks_evenly_on_the_inverse_cdf_and_collapses_repeats():
     significance = torch.tensor([[0.70, 0.05, 0.15, 0.10], [0.26, 0.22, 0.28, 0.24]], dtype=torch.float64)
-    index, valid = ats_sample(significance, 4)
+    order, picked = ats_picks(significance, 4, torch.ones(2, 4, dtype=torch.bool))
     # row 0: normalised CDF of the ascending scores [0, .105, .263, 1]; points .105, .404, .702, 1 pick
     # sorted positions 1, 2, 3, 3. Row 1: CDF [0, .308, .641, 1]; points .308, .538, .769, 1 pick 1, 2, 2, 3.
-    assert valid.tolist() == [[True, True, True, False]] * 2
-    assert index[:, :3].tolist() == [[3, 2, 0], [3, 0, 2]]  # token ids, ascending significance
+    assert order.tolist() == [[1, 3, 2, 0], [1, 3, 0, 2]]  # token ids, ascending significance
+    assert picked.tolist() == [[False, True, True, True]] * 2
+
+
+def test_a_cap_keeps_the_most_significant_picks_and_a_ratio_at_least_eight():
+    torch.manual_seed(0)
+    class_row, v = torch.rand(2, 31).softmax(-1), torch.randn(2, 2, 31, 4)
+    rows, valid = ats_index(class_row, v, None, 1, 31)
+    capped, capped_valid = ats_index(class_row, v, 6, 1, 31)
+    for image in range(2):
+        picks = rows[image][valid[image]].tolist()
+        assert capped[image][capped_valid[image]].tolist() == [0] + picks[len(picks) - 5:]  # class, 5 most significant
+    ratio, _ = ats_index(class_row, v, 0.1, 1, 31)  # round(0.1 · 31) = 3 tokens, raised to 8
+    assert ratio.shape[1] == 8
+
+
+def test_padding_is_never_scored_counted_or_picked():
+    torch.manual_seed(0)
+    class_row, v = torch.rand(1, 12).softmax(-1), torch.randn(1, 2, 12, 4)
+    alone = ats_index(class_row, v, 0.5, 1, 20)  # half of its 12 tokens
+    padded_row = torch.cat([class_row, torch.zeros(1, 8)], dim=1)  # 8 slots of padding (size 0) after its own
+    padded_v = torch.cat([v, torch.randn(1, 2, 8, 4)], dim=2)
+    size = torch.cat([torch.ones(1, 12, 1), torch.zeros(1, 8, 1)], dim=1)
+    padded = ats_index(padded_row, padded_v, 0.5, 1, 20, size)
+    assert [t.tolist() for t in padded] == [t.tolist() for t in alone]
 
 
 @pytest.mark.parametrize("name", sorted(ALL_MODELS))
-def test_max_tokens_at_least_the_sequence_reproduces_every_supported_model(name):
+def test_every_supported_model_samples_each_image_as_alone(name):
     model = ALL_MODELS[name]()
-    tokens = fxprune.analyse(model).tokens
-    assert_same_outputs(fxprune.transform(model, ATS(tokens, (0, 1, 2))), model)
+    gm = fxprune.transform(model, ATS(None, (0, 1, 2)))
+    x = image_batch(model, batch=3)
+    with torch.no_grad():
+        together = logits(gm(x))
+        alone = torch.cat([logits(gm(x[i : i + 1])) for i in range(3)])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("factory", [torchvision_vit, hf_vit, hand_written_vit])
-def test_other_architectures_sample_per_image(factory):
+def test_other_architectures_sample_under_a_cap(factory):
     model = factory()
     gm = fxprune.transform(model, ATS(9, (1, 2)))
+    assert [r.tokens_out for r in gm.fxprune_plan.rows][1:3] == [9, 9]
     x = image_batch(model, batch=3)
     with torch.no_grad():
         together = logits(gm(x))
@@ -99,18 +198,20 @@ def test_training_mode_gradients_reach_the_backbone():
         assert gm.get_parameter(f"blocks.{block}.attn.qkv.weight").grad.abs().sum() > 0
 
 
-def test_composes_with_tome_and_refuses_bad_settings():
+def test_policy_caps_layers_and_plan():
     model = timm_vit("deit_small_patch16_224")
-    gm = fxprune.transform(model, Compose([ToMe(2, (0,)), ATS(9, (2,))]))
-    assert [r.action for r in gm.fxprune_plan.rows] == ["tome r 2", "dense", "ats ≤ 9 tokens", "dense"]
-    x = image_batch(model, batch=3)
-    with torch.no_grad():
-        torch.testing.assert_close(gm(x)[1:2], gm(x[1:2]), atol=1e-5, rtol=0)
-    with pytest.raises(PolicyError, match="at least 2"):
-        ATS(1, (0,))
     assert fxprune.parse_policy("ats:k=50,layers=3,6,9") == ATS(50, (3, 6, 9))
     assert fxprune.parse_policy("ats:k=12,9,layers=1,2") == ATS((12, 9), (1, 2))
-    assert [r.tokens_out for r in fxprune.plan(model, ATS((12, 9), (1, 2))).rows] == [17, 12, 9, 9]
+    assert fxprune.parse_policy("ats:layers=3-11") == ATS(None, tuple(range(3, 12)))
+    assert fxprune.parse_policy("ats:k=0.7,none,layers=1-2") == ATS((0.7, None), (1, 2))
+    assert ATS().bind(12) == ATS(None, tuple(range(3, 12)))  # the official DeiT-S setting
+    plan = fxprune.plan(model, ATS((12, None, 0.5), (0, 1, 2)))
+    assert [r.tokens_out for r in plan.rows] == [12, 12, 8, 8]  # a ratio keeps at least 8
+    assert [r.action for r in plan.rows] == ["ats ≤ 12 tokens", "ats no cap", "ats ≤ 0.5·N tokens", "dense"]
+    assert any("without a cap keep all N rows" in note for note in plan.notes)
+    for bad in (1, 0.0, 1.5, True, "9"):
+        with pytest.raises(PolicyError, match="ATS.max_tokens"):
+            ATS(bad, (0,))
     with pytest.raises(PolicyError, match="2 values for 3 layers"):
         ATS((12, 9), (1, 2, 3))
     with pytest.raises(fxprune.UnsupportedModelError, match="class token"):

@@ -1,4 +1,5 @@
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -29,6 +30,7 @@ from fxprune import (
 )
 from fxprune.analysis import SDPA_TARGETS
 from fxprune.ops import clustered_attention, padded_cluster_keys_values
+from fxprune.ops.clustering import cluster_assignment
 
 FAITHFUL_MODELS = {
     "deit_small_patch16_224": {},  # DeiT-S-shaped
@@ -50,32 +52,48 @@ def _assert_matches_reference(gm, reference, model, batch=3):
 @pytest.mark.parametrize("name", sorted(FAITHFUL_MODELS))
 def test_rewritten_graph_matches_independent_implementation_in_float64(name, scales):
     model = timm_vit(name, **FAITHFUL_MODELS[name]).double()
-    gm = fxprune.transform(model, ClusTR(scales, (1, 2), iterations=2))
+    gm = fxprune.transform(model, ClusTR(scales, (1, 2)))  # DPC-KNN, one pass
     groups = scales if isinstance(scales, tuple) else (scales,)
-    _assert_matches_reference(gm, lambda x: clustr_vit(model, x, groups, (1, 2), 2), model)
+    _assert_matches_reference(gm, lambda x: clustr_vit(model, x, groups, (1, 2), "dpc", 0), model)
 
 
-def test_explicit_softmax_attention_is_clustered_too():
+@pytest.mark.parametrize("clustering, iterations", [("dpc", 2), ("kmeans", 0), ("kmeans", 3)])
+@pytest.mark.parametrize("name", ["deit_small_distilled_patch16_224", "vit_small_patch14_reg4_dinov2"])
+def test_lloyd_steps_and_farthest_point_kmeans_match_independent_implementation(name, clustering, iterations):
+    model = timm_vit(name, **FAITHFUL_MODELS[name]).double()
+    gm = fxprune.transform(model, ClusTR((3, 8), (1, 2), iterations=iterations, clustering=clustering))
+    reference = partial(clustr_vit, model, scales=(3, 8), layers=(1, 2), clustering=clustering, iterations=iterations)
+    _assert_matches_reference(gm, reference, model)
+
+
+@pytest.mark.parametrize("clustering, iterations", [("dpc", 0), ("kmeans", 3)])  # the defaults
+def test_explicit_softmax_attention_is_clustered_too(clustering, iterations):
     model = with_explicit_softmax(timm_vit("deit_small_patch16_224").double())
-    gm = fxprune.transform(model, ClusTR((3, 8), (0, 3)))
+    gm = fxprune.transform(model, ClusTR((3, 8), (0, 3), clustering=clustering))
     assert not any(n.target is clustered_attention for n in gm.graph.nodes)
     assert sum(n.target is padded_cluster_keys_values for n in gm.graph.nodes) == 2
-    _assert_matches_reference(gm, lambda x: clustr_vit(model, x, (3, 8), (0, 3), 3), model)
+    _assert_matches_reference(gm, lambda x: clustr_vit(model, x, (3, 8), (0, 3), clustering, iterations), model)
 
 
-def test_after_tome_token_sizes_weight_the_clusters():
+@pytest.mark.parametrize("clustering, iterations", [("dpc", 2), ("kmeans", 3)])
+def test_after_tome_token_sizes_weight_the_clusters(clustering, iterations):
     model = timm_vit("deit_small_patch16_224").double()
-    gm = fxprune.transform(model, parse_policy("tome:r=3,layers=0 + clustr:m=5,layers=1,2"))
-    _assert_matches_reference(gm, lambda x: clustr_vit(model, x, (5,), (1, 2), 3, tome=(3, (0,))), model)
+    text = f"tome:r=3,layers=0 + clustr:m=5,layers=1,2,clustering={clustering},iterations={iterations}"
+    gm = fxprune.transform(model, parse_policy(text))
+    reference = partial(clustr_vit, model, scales=(5,), layers=(1, 2), clustering=clustering, iterations=iterations,
+                        tome=(3, (0,)))
+    _assert_matches_reference(gm, reference, model)
 
 
-@pytest.mark.parametrize("name", sorted(ALL_MODELS))
-def test_each_token_its_own_cluster_reproduces_every_supported_model(name):
+@pytest.mark.parametrize("name, clustering", [(name, "dpc") for name in sorted(ALL_MODELS)] + [
+    ("deit_small_patch16_224", "kmeans"), ("hand_written", "kmeans"),  # fused and explicit attention
+])
+def test_each_token_its_own_cluster_reproduces_every_supported_model(name, clustering):
     model = ALL_MODELS[name]()
     tokens = fxprune.analyse(model).tokens
     heads = fxprune.analyse(model).blocks[0].attention.num_heads
     scales = tokens if heads % 2 else (tokens, tokens + 5)  # multi-scale where the heads split in two
-    gm = fxprune.transform(model, ClusTR(scales))
+    gm = fxprune.transform(model, ClusTR(scales, clustering=clustering))
     assert sum(n.target in (clustered_attention, padded_cluster_keys_values) for n in gm.graph.nodes) == 4
     assert_same_outputs(gm, model)
 
@@ -85,7 +103,7 @@ def test_fewer_clusters_than_tokens_change_every_architecture_a_little():
         model = factory()
         x = image_batch(model, batch=2)
         with torch.no_grad():
-            dense, clustered = logits(model(x)), logits(fxprune.transform(model, ClusTR(4))(x))
+            dense, clustered = logits(model(x)), logits(fxprune.transform(model, ClusTR(8))(x))
         error = (clustered - dense).norm() / dense.norm()
         assert 0 < error < 0.5, name
 
@@ -110,14 +128,17 @@ def test_fused_attention_is_kept_over_prefix_plus_cluster_keys():
     assert sum(n.target in SDPA_TARGETS for n in gm.graph.nodes) == 3  # the other blocks keep theirs
 
 
-def test_macs_count_the_smaller_attention_and_the_clustering():
+@pytest.mark.parametrize("clustering, iterations", [("dpc", 0), ("dpc", 2), ("kmeans", 3)])
+def test_macs_count_the_smaller_attention_and_the_clustering(clustering, iterations):
     model = timm_vit("deit_small_patch16_224")  # 16 patches + cls, 6 heads of 64
     x = image_batch(model, batch=1)
-    iterations, m, n, heads, d = 2, 4, 17, 6, 64
-    gm = fxprune.transform(model, ClusTR(m, (0, 2), iterations=iterations))
+    m, n, heads, d = 4, 17, 6, 64
+    gm = fxprune.transform(model, ClusTR(m, (0, 2), iterations=iterations, clustering=clustering))
     saved_attention = heads * n * (n - (1 + m)) * 2 * d
-    kmeans = iterations * (n - 1) * m * d  # distances of the head-averaged keys to the centroids
-    assert fxprune.flops(model, x) - fxprune.flops(gm, x) == 2 * (saved_attention - kmeans)
+    # of the head-averaged keys: DPC's pairwise distances, or the distances to the mean and to each seed
+    seeding = (n - 1) * (n - 1) * d if clustering == "dpc" else (m + 1) * (n - 1) * d
+    lloyd = iterations * (n - 1) * m * d  # distances to the centroids
+    assert fxprune.flops(model, x) - fxprune.flops(gm, x) == 2 * (saved_attention - seeding - lloyd)
 
 
 def test_gradients_flow_through_the_cluster_means():
@@ -151,7 +172,8 @@ def test_a_few_fine_tuning_steps_reduce_the_loss():
 
 def test_compiles_as_one_graph_without_recompiles():
     model = timm_vit("deit_small_patch16_224")
-    assert_compiles_once(fxprune.transform(model, Compose([ToMe(2, (0,)), ClusTR((4, 9), (1, 2))])), model)
+    policy = Compose([ToMe(2, (0,)), ClusTR((4, 9), (1,)), ClusTR(5, (2,), clustering="kmeans")])
+    assert_compiles_once(fxprune.transform(model, policy), model)
 
 
 def test_composes_with_token_selection_and_the_plan_names_each_method():
@@ -160,7 +182,7 @@ def test_composes_with_token_selection_and_the_plan_names_each_method():
     rows = gm.fxprune_plan.rows
     assert [r.action.split()[0] for r in rows] == ["clustr", "clustr", "evit", "dense"]
     assert [(r.tokens_in, r.tokens_out) for r in rows[:3]] == [(17, 17), (17, 17), (17, 10)]  # 8 kept + cls + fused
-    assert "clustr 6 clusters (3 k-means iterations)" in str(gm.fxprune_plan)
+    assert "clustr 6 clusters (DPC-KNN)" in str(gm.fxprune_plan)
 
 
 def test_heads_that_do_not_split_into_the_groups_are_refused_naming_the_block():
@@ -208,9 +230,78 @@ def test_position_dependent_blocks_are_refused_like_the_other_methods():
 
 def test_policy_is_validated_and_parses_from_text():
     assert parse_policy("clustr:m=16,49,layers=0,1,iterations=2") == ClusTR((16, 49), (0, 1), iterations=2)
-    assert parse_policy("clustr:num_clusters=49") == ClusTR(49)
-    assert ClusTR(49).bind(3).layers == (0, 1, 2)
-    for bad in (dict(num_clusters=0), dict(num_clusters=(4, 0)), dict(num_clusters=4, iterations=-1)):
-        with pytest.raises(PolicyError, match="ClusTR"):
+    assert parse_policy("clustr:num_clusters=49") == ClusTR(49) == ClusTR(49, iterations=0, clustering="dpc")
+    assert parse_policy("clustr:m=16,clustering=KMeans") == ClusTR(16, iterations=3, clustering="kmeans")
+    assert ClusTR(49, clustering="kmeans", iterations=1).bind(3) == ClusTR(49, (0, 1, 2), 1, "kmeans")
+    bad_values = [
+        (dict(num_clusters=0), "num_clusters"), (dict(num_clusters=(4, 0)), "num_clusters"),
+        (dict(num_clusters=4, iterations=-1), "iterations"), (dict(num_clusters=4, iterations=1.5), "iterations"),
+        (dict(num_clusters=4, clustering="grid"), "clustering"), (dict(num_clusters=4, clustering=None), "clustering"),
+    ]
+    for bad, field in bad_values:
+        with pytest.raises(PolicyError, match=rf"ClusTR\.{field}"):
             ClusTR(**bad)
     assert ClusTR(8, (1,)).tokens_out(17, 1, 1) == 17
+
+
+def test_description_names_the_clustering_and_any_lloyd_iterations():
+    assert ClusTR(16).describe() == "clustr 16 clusters (DPC-KNN)"
+    assert ClusTR(16, iterations=2).describe() == "clustr 16 clusters (DPC-KNN, 2 Lloyd iterations)"
+    assert ClusTR((4, 16), clustering="kmeans").describe() == (
+        "clustr 4,16 clusters per head group (farthest-point k-means, 3 Lloyd iterations)"
+    )
+    assert ClusTR(16, iterations=0, clustering="kmeans").describe() == "clustr 16 clusters (farthest-point k-means)"
+
+
+def _image_keys(tokens: int, generator: torch.Generator, heads: int = 2, width: int = 8) -> tuple:
+    """Keys and values ``[1, heads, tokens, width]`` of one image, float64."""
+    return tuple(torch.randn(1, heads, tokens, width, generator=generator, dtype=torch.float64) for _ in range(2))
+
+
+def _padded_batch(images: list[tuple], length: int) -> tuple:
+    """The images' keys and values padded to ``length`` tokens with rows of weight 0 (mask −inf), batched.
+
+    The padding rows are all the same point far from the keys: a cluster of high density and the
+    farthest points, so any padding that entered the clustering would change it."""
+    keys, values, masks = [], [], []
+    for k, v in images:
+        extra = length - k.shape[2]
+        keys.append(torch.cat([k, torch.full((1, k.shape[1], extra, k.shape[3]), 30.0, dtype=k.dtype)], dim=2))
+        values.append(torch.cat([v, torch.full((1, v.shape[1], extra, v.shape[3]), 7.0, dtype=v.dtype)], dim=2))
+        masks.append(torch.cat([torch.zeros(k.shape[2]), torch.full((extra,), -math.inf)]).to(k.dtype))
+    return torch.cat(keys), torch.cat(values), torch.stack(masks)[:, None, None, :]
+
+
+@pytest.mark.parametrize("clustering, iterations", [("dpc", 0), ("dpc", 2), ("kmeans", 0), ("kmeans", 3)])
+def test_padding_rows_of_weight_zero_leave_each_image_clustered_as_alone(clustering, iterations):
+    generator = torch.Generator().manual_seed(0)
+    prefix, clusters = 1, 6
+    # more real tokens than clusters; a few more; fewer than clusters and than DPC's 5 neighbours
+    images = [_image_keys(tokens, generator) for tokens in (20, 9, 4)]
+    k, v, mask = _padded_batch(images, 24)
+    q = torch.randn(3, 2, 5, 8, generator=generator, dtype=torch.float64)
+    cluster = ((clusters,), prefix, clustering, iterations)
+    batched = clustered_attention(q, k, v, *cluster, attn_mask=mask)
+    weights = mask[:, 0, 0].exp()
+    labels = cluster_assignment(k, clusters, prefix, clustering, iterations, weights)
+    for i, (ki, vi) in enumerate(images):
+        alone = clustered_attention(q[i : i + 1], ki, vi, *cluster)
+        torch.testing.assert_close(batched[i : i + 1], alone, atol=1e-12, rtol=0)
+        real = ki.shape[2] - prefix
+        ones = torch.ones(1, ki.shape[2], dtype=ki.dtype)
+        alone_labels = cluster_assignment(ki, min(clusters, real), prefix, clustering, iterations, ones)
+        assert torch.equal(labels[i, :real], alone_labels[0])  # the same clusters, in the same order
+
+
+@pytest.mark.parametrize("clustering, iterations", [("dpc", 0), ("dpc", 2), ("kmeans", 3)])
+def test_more_clusters_than_real_tokens_give_each_real_token_its_own_cluster(clustering, iterations):
+    generator = torch.Generator().manual_seed(1)
+    k, v = _image_keys(5, generator)  # the prefix token and 4 patches
+    padded_k, padded_v, mask = _padded_batch([(k, v)], 12)
+    q = torch.randn(1, 2, 5, 8, generator=generator, dtype=torch.float64)
+    out = clustered_attention(q, padded_k, padded_v, (7,), 1, clustering, iterations, attn_mask=mask)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), atol=1e-12, rtol=0)
+    labels = cluster_assignment(padded_k, 7, 1, clustering, iterations, mask[:, 0, 0].exp())
+    assert sorted(labels[0, :4].tolist()) == [0, 1, 2, 3]  # the real tokens take the first clusters, one each
+    keys, _, bias = padded_cluster_keys_values(padded_k, padded_v, (7,), 1, clustering, iterations, attn_mask=mask)
+    assert keys.shape[2] == 8 and bias[0, 0, 0, 5:].eq(-math.inf).all()  # the other clusters are empty

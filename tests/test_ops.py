@@ -11,10 +11,13 @@ from fxprune.ops import (
     clustered_attention,
     evit_kept_tokens,
     evit_select,
+    evit_select_sizes,
     padded_cluster_keys_values,
+    size_bias,
+    tome_merge,
     topk_rows,
 )
-from fxprune.ops.clustering import grid_cells, kmeans
+from fxprune.ops.clustering import dpc_knn, farthest_point_seeds, lloyd
 from fxprune.ops.selection import add_rows, gather_tokens
 
 
@@ -129,35 +132,88 @@ def test_topk_rows_are_the_prefix_then_the_top_scores_or_every_row_in_order():
     assert topk_rows(scores, keep_rate=1.0, num_prefix=1).tolist() == [[0, 1, 2, 3, 4, 5]]
 
 
-def test_grid_cells_cut_a_square_grid_into_near_equal_cells_else_runs():
-    assert grid_cells(16, 4).view(4, 4).tolist() == [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
-    assert grid_cells(64, 8).view(8, 8)[0].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]  # 2 × 4 cells of 4 × 2
-    assert grid_cells(10, 3).tolist() == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]  # not a square: runs
-    assert grid_cells(196, 49).bincount().tolist() == [4] * 49
+def _two_groups_and_an_outlier() -> torch.Tensor:
+    """Points ``[1, 15, 1]``: a group around 0, a tighter one around 10, and one point at 30."""
+    offsets = [0.0, 0.1, -0.1, 0.3, -0.3, 0.6, -0.6]
+    return torch.tensor(offsets + [10 + o / 2 for o in offsets] + [30.0], dtype=torch.float64).view(1, -1, 1)
 
 
-def test_kmeans_separates_two_groups_from_a_bad_start_and_keeps_empty_clusters_finite():
-    points = torch.tensor([[[0.0], [10.0], [0.1], [10.1], [0.2], [10.2]]])
-    weights = torch.ones(1, 6)
-    init = torch.tensor([0, 0, 0, 1, 1, 1])
-    assert kmeans(points, weights, init, 2, 0).tolist() == [init.tolist()]
-    assert kmeans(points, weights, init, 2, 2).tolist() == [[0, 1, 0, 1, 0, 1]]
-    assign = kmeans(points, weights, torch.tensor([0, 0, 0, 1, 1, 2]), 3, 3)
-    assert set(assign[0].tolist()) <= {0, 1, 2} and assign[0, 0] != assign[0, 1]
+def test_dpc_knn_centres_are_the_density_peaks_where_farthest_points_take_the_outlier():
+    points = _two_groups_and_an_outlier()
+    weights = torch.ones(1, 15, dtype=torch.float64)
+    centres, assign = dpc_knn(points, weights, 2)
+    assert centres.tolist() == [[7, 0]]  # the tighter group's peak (the densest point) first, then the other's
+    assert assign.tolist() == [[1] * 7 + [0] * 8]  # the outlier joins its nearest centre
+    seeds, assign = farthest_point_seeds(points, weights, 2)
+    assert seeds.tolist() == [[14, 6]]  # the point farthest from the mean, then the one farthest from it
+    assert assign.tolist() == [[1] * 14 + [0]]
 
 
-def test_a_cluster_of_identical_keys_attends_exactly_as_its_members():
+def test_lloyd_steps_move_centroids_to_their_members_and_padding_centres_take_no_rows():
+    points = torch.tensor([[[0.0], [10.0], [0.1], [10.1], [0.2], [10.2], [4.0], [5.0]]])
+    weights = torch.tensor([[1.0] * 7 + [0.0]])  # the last row is padding, and the third centre
+    centres, start = torch.tensor([[0, 2, 7]]), torch.tensor([[0, 1, 1, 1, 1, 1, 1, 2]])
+    assert lloyd(points, weights, centres, start, 0).tolist() == start.tolist()
+    assign = lloyd(points, weights, centres, start, 2)
+    assert assign[0, :7].tolist() == [0, 1, 0, 1, 0, 1, 0]  # 4.0 never joins the padding centre at 5.0
+
+
+@pytest.mark.parametrize("clustering", ["dpc", "kmeans"])
+def test_a_cluster_of_identical_keys_attends_exactly_as_its_members(clustering):
     torch.manual_seed(0)
     q = torch.randn(2, 2, 9, 4, dtype=torch.float64)
     k = torch.randn(2, 2, 5, 4, dtype=torch.float64).repeat_interleave(2, dim=2)[:, :, 1:]  # prefix + 4 pairs
     v = torch.randn(2, 2, 9, 4, dtype=torch.float64)
     dense = F.scaled_dot_product_attention(q, k, v)
-    torch.testing.assert_close(clustered_attention(q, k, v, (4,), 1, 3), dense, atol=1e-12, rtol=0)
+    torch.testing.assert_close(clustered_attention(q, k, v, (4,), 1, clustering, 0), dense, atol=1e-12, rtol=0)
 
 
-def test_padded_groups_in_an_explicit_softmax_equal_the_fused_multi_scale_attention():
+@pytest.mark.parametrize("clustering", ["dpc", "kmeans"])
+def test_padded_groups_in_an_explicit_softmax_equal_the_fused_multi_scale_attention(clustering):
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 4, 17, 8, dtype=torch.float64) for _ in range(3))
-    keys, values, bias = padded_cluster_keys_values(k, v, (3, 8), 1, 2)
+    keys, values, bias = padded_cluster_keys_values(k, v, (3, 8), 1, clustering, 2)
     explicit = ((q @ keys.transpose(-2, -1)) * 8**-0.5 + bias).softmax(-1) @ values
-    torch.testing.assert_close(explicit, clustered_attention(q, k, v, (3, 8), 1, 2), atol=1e-12, rtol=0)
+    torch.testing.assert_close(explicit, clustered_attention(q, k, v, (3, 8), 1, clustering, 2), atol=1e-12, rtol=0)
+
+
+def _padded(real: list[int], tokens: int) -> torch.Tensor:
+    """Sizes ``[B, tokens, 1]``: image ``b`` has ``real[b]`` tokens of its own (size 1), then padding (size 0)."""
+    return (torch.arange(tokens) < torch.tensor(real).unsqueeze(1)).to(torch.float64).unsqueeze(-1)
+
+
+def test_topk_rows_keep_each_images_own_share_then_its_padding_rows():
+    scores = torch.tensor([[1.0, 0.1, 0.9, 0.3, 0.8, 0.2, 0.7], [1.0, 0.1, 0.9, 0.3, 0.8, 0.2, 0.7]])
+    rows = topk_rows(scores, keep_rate=0.5, num_prefix=1, size=_padded([7, 4], 7))
+    # image 0: ceil(0.5 · 6) = 3 of its 6 tokens; image 1: ceil(0.5 · 3) = 2 of its 3 (rows 1-3), then padding row 4
+    assert rows.tolist() == [[0, 2, 4, 6], [0, 2, 3, 4]]
+
+
+def test_evit_select_puts_each_images_fused_token_right_after_its_own_kept_tokens():
+    x = torch.randn(2, 7, 3, dtype=torch.float64)
+    scores = torch.tensor([[0.3, 0.1, 0.2, 0.05, 0.15, 0.12, 0.08]] * 2, dtype=torch.float64)
+    size = _padded([7, 4], 7)
+    out = evit_select(x, scores, 0.5, 1, True, size)
+    assert out.shape == (2, 5, 3)
+    alone = evit_select(x[1:, :4], scores[1:, :4], 0.5, 1, True)  # image 1 alone: class, 2 kept, fused
+    torch.testing.assert_close(out[1, :4], alone[0])
+    sizes = evit_select_sizes(size, scores, 0.5, 1, True, padded=True)
+    assert sizes[:, :, 0].tolist() == [[1, 1, 1, 1, 3], [1, 1, 1, 1, 0]]
+
+
+def test_padded_tome_merge_gives_each_image_its_own_merge_then_padding():
+    x, keys = torch.randn(1, 9, 4, dtype=torch.float64), torch.randn(1, 2, 9, 5, dtype=torch.float64)
+    alone, alone_size = tome_merge(x, None, keys, 3, 1)
+    padded_x = torch.cat([x, torch.randn(1, 4, 4, dtype=torch.float64)], dim=1)
+    padded_keys = torch.cat([keys, torch.randn(1, 2, 4, 5, dtype=torch.float64)], dim=2)
+    merged, size = tome_merge(padded_x, _padded([9], 13), padded_keys, 3, 1, padded=True)
+    assert merged.shape == (1, 10, 4)  # 13 − min(3, 12 // 2) rows: its own 9 − 3 = 6, then padding
+    torch.testing.assert_close(merged[:, :6], alone)
+    torch.testing.assert_close(size[:, :6], alone_size)
+    assert size[0, 6:].abs().sum() == 0 and merged[0, 6:].abs().sum() == 0
+
+
+def test_size_bias_without_proportional_attention_only_masks_padding():
+    size = torch.tensor([[[1.0], [3.0], [0.0]]], dtype=torch.float64)
+    assert size_bias(size, None, size).flatten().tolist() == [0.0, math.log(3.0), -math.inf]
+    assert size_bias(size, None, size, proportional=False).flatten().tolist() == [0.0, 0.0, -math.inf]

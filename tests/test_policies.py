@@ -54,12 +54,19 @@ def test_policy_strings_parse_to_policies():
     )
 
 
+@pytest.mark.parametrize("name", ["evit:keep=0.7", "topk:keep=0.7", "tome:r=2", "ats:k=9", "clustr:m=4"])
+def test_every_policy_takes_ranges_of_layers(name):
+    assert parse_policy(f"{name},layers=1-3,7,9-10").layers == (1, 2, 3, 7, 9, 10)
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
         ("dynamicvit:keep=0.7", "unknown policy"),
         ("evit:speed=2", "unknown option"),
         ("evit:keep=x,layers=1", "bad value"),
+        ("evit:keep=0.5,layers=1-x", "bad value"),
+        ("ats:k=many,layers=1", "bad value"),
     ],
 )
 def test_bad_policy_strings_raise_policy_error(text, message):

@@ -2,14 +2,14 @@
 
 from .clustering import cluster_keys_values, clustered_attention, padded_cluster_keys_values
 from .merging import size_bias, tome_merge, tome_merged_tokens
-from .sampling import ats_index, ats_pad, ats_sample, ats_select, ats_significance, gather_queries
+from .sampling import ats_budget, ats_index, ats_pad, ats_picks, ats_select, ats_significance, gather_queries
 from .scoring import class_attention, class_attention_from_probs
 from .selection import evit_kept_tokens, evit_select, evit_select_sizes, gather_tokens, topk_rows
 
 __all__ = [
     "class_attention", "class_attention_from_probs", "evit_kept_tokens", "evit_select", "evit_select_sizes",
-    "topk_rows", "size_bias", "tome_merge", "tome_merged_tokens", "ats_index", "ats_pad", "ats_sample", "ats_select",
-    "ats_significance", "gather_queries", "gather_tokens", "clustered_attention", "cluster_keys_values",
+    "topk_rows", "size_bias", "tome_merge", "tome_merged_tokens", "ats_budget", "ats_index", "ats_pad", "ats_picks",
+    "ats_select", "ats_significance", "gather_queries", "gather_tokens", "clustered_attention", "cluster_keys_values",
     "padded_cluster_keys_values",
     "GRAPH_FUNCTIONS", "STREAM_FUNCTIONS", "SIZED_STREAM_FUNCTIONS",
 ]

@@ -1,16 +1,22 @@
 """Clustered attention (ClusTR): attend with every query to a few cluster tokens of keys and values.
 
-Keys are clustered per image by a few weighted Lloyd (k-means) iterations on the keys averaged over
-the heads of a group, from a fixed initial partition: cells of the token grid. Each cluster's key and
-value are the weighted means of its members' and ``log(cluster weight)`` is added to its logit, so a
-cluster of identical keys attends exactly as its members would. Token weights come from the
-attention's key mask (1 by default; ``exp`` of a float mask, so ToMe's ``log(size)`` gives weights
-``size``; 0 where a boolean mask is False). Prefix tokens stay their own clusters.
+Keys are clustered per image on the keys averaged over the heads of a group: by DPC-KNN, the density
+peaks clustering of the official ClusTR code (one pass, no iterations), or by k-means from
+farthest-point seeds; either can be refined by weighted Lloyd iterations. Every step is
+deterministic (ties go to the lower token or cluster index). Each cluster's key and value are the
+weighted means of its members' and ``log(cluster weight)`` is added to its logit, so a cluster of
+identical keys attends exactly as its members would. Token weights come from the attention's key
+mask (1 by default; ``exp`` of a float mask, so ToMe's ``log(size)`` gives weights ``size``; 0 where a
+boolean mask is False). Tokens of weight 0 are padding (ATS pads each image to the batch's longest):
+they enter no per-image statistic and are never chosen as a centre before a real token, so a padded
+image is clustered as it is alone. Prefix tokens stay their own clusters. Pairwise and centre
+distances are matrix products, so :func:`fxprune.flops` counts the clustering.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,29 +24,7 @@ from torch import Tensor
 
 from .selection import add_rows
 
-
-def _grid_shape(clusters: int, side: int) -> tuple[int, int] | None:
-    """The most square ``rows × cols = clusters`` with both at most ``side``, if any."""
-    for rows in range(math.isqrt(clusters), 0, -1):
-        if clusters % rows == 0 and clusters // rows <= side:
-            return rows, clusters // rows
-    return None
-
-
-def grid_cells(tokens: int, clusters: int, device: torch.device | None = None) -> Tensor:
-    """Initial cluster of each of ``tokens`` tokens in sequence order ``[tokens]`` (``clusters ≤ tokens``).
-
-    When ``tokens`` is a square ``s × s`` grid (row-major) and ``clusters`` factors as ``rows × cols``
-    with both at most ``s``, the grid is cut into ``rows × cols`` near-equal cells; otherwise the
-    sequence is cut into ``clusters`` near-equal runs.
-    """
-    index = torch.arange(tokens, device=device)
-    side = math.isqrt(tokens)
-    shape = _grid_shape(clusters, side) if side * side == tokens else None
-    if shape is None:
-        return index * clusters // tokens
-    rows, cols = shape
-    return (index // side * rows // side) * cols + index % side * cols // side
+NEIGHBOURS = 5  # DPC-KNN's k: a token's density is read from its 5 nearest tokens, itself included (official)
 
 
 def key_weights(attn_mask: Tensor | None, batch: int, keys: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -63,31 +47,127 @@ def _inverse(sizes: Tensor) -> Tensor:
     return torch.where(sizes > 0, sizes.reciprocal(), torch.zeros_like(sizes))
 
 
-def kmeans(features: Tensor, weights: Tensor, init: Tensor, clusters: int, iterations: int) -> Tensor:
-    """Weighted Lloyd iterations on ``features`` ``[B, N, c]`` from the partition ``init`` ``[N]``.
+def squared_distances(x: Tensor, y: Tensor, padding: Tensor | None = None) -> Tensor:
+    """Squared Euclidean distances ``[B, N, M]`` between the rows of ``x`` ``[B, N, c]`` and ``y`` ``[B, M, c]``,
+    as ``‖x‖² + ‖y‖² − 2 x yᵀ`` (one matrix product), clamped at 0; +inf to the rows of ``y`` where
+    ``padding`` ``[B, M]`` is True."""
+    y_norms = y.pow(2).sum(-1)
+    if padding is not None:
+        y_norms = y_norms.masked_fill(padding, math.inf)
+    products = torch.baddbmm(x.pow(2).sum(-1).unsqueeze(-1), x, y.transpose(1, 2), alpha=-2)
+    return products.add_(y_norms.unsqueeze(-2)).clamp_min_(0)
 
-    Each iteration moves every centroid to the ``weights``-weighted (``[B, N]``) mean of its members (an
-    empty cluster keeps its centroid) and assigns every row to its nearest centroid (Euclidean; the
-    lowest cluster index on a tie). Returns the cluster of each row ``[B, N]`` (``init`` for 0 iterations).
+
+def _rows(x: Tensor, index: Tensor) -> Tensor:
+    """The rows ``index`` ``[B, M]`` of ``x`` ``[B, N, c]``: ``[B, M, c]``."""
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def _descending(values: Tensor) -> Tensor:
+    """The order ``[B, N]`` that sorts ``values`` ``[B, N]`` from largest to smallest, ties by lower index."""
+    return torch.sort(values, dim=-1, descending=True, stable=True).indices
+
+
+def _own_clusters(assign: Tensor, centres: Tensor) -> Tensor:
+    """``assign`` ``[B, N]`` with centre ``centres[:, m]`` (``[B, M]``, distinct) put in cluster ``m``."""
+    return assign.scatter(1, centres, torch.arange(centres.shape[1], device=centres.device).expand_as(centres))
+
+
+def dpc_knn(features: Tensor, weights: Tensor, clusters: int) -> tuple[Tensor, Tensor]:
+    """DPC-KNN (density peaks with k nearest neighbours, as ClusTR's official code) of the rows of
+    ``features`` ``[B, N, c]``, one pass. Rows of weight 0 (``weights`` ``[B, N]``) are padding.
+
+    Distances are Euclidean divided by ``√c``. A real row's density is ``exp(−mean squared distance to
+    its NEIGHBOURS nearest real rows)``, itself included (all real rows when the image has fewer); its
+    indicator is its distance to the nearest denser real row (equal densities: the lower index is the
+    denser), and for the densest row the largest distance between two real rows, which makes it the
+    first centre. The ``clusters`` rows of highest density × indicator are the centres (real rows
+    before padding; ties by lower index); each row joins its nearest centre (the first on a tie) and
+    each centre its own cluster. Returns the centres ``[B, M]`` in score order (cluster ``m``'s centre
+    is row ``centres[:, m]``) and the cluster of each row ``[B, N]``.
     """
-    assign = init.expand(features.shape[0], -1)
-    centroids = features.new_zeros(features.shape[0], clusters, features.shape[-1])
-    weighted = torch.cat([features, features.new_ones(features.shape[:-1] + (1,))], dim=-1) * weights.unsqueeze(-1)
+    tokens = features.shape[1]
+    real = weights > 0
+    scaled = features / math.sqrt(features.shape[-1])
+    squared = squared_distances(scaled, scaled, padding=~real)  # [B, N, N], +inf to padding
+    squared.diagonal(dim1=1, dim2=2).zero_()
+    nearest = squared.topk(min(NEIGHBOURS, tokens), dim=-1, largest=False).values  # [B, N, k]
+    counted = torch.arange(nearest.shape[-1], device=features.device) < real.sum(-1)[:, None, None]
+    mean = torch.where(counted, nearest, 0).sum(-1) / counted.sum(-1).clamp_min(1)
+    log_density = torch.where(real, -mean, -math.inf)
+    rank = _descending(log_density).argsort(dim=-1)  # 0 = densest; padding after every real row
+    not_denser = rank.unsqueeze(1) >= rank.unsqueeze(2)  # [B, i, j]: j is not denser than i
+    indicator = squared.masked_fill(not_denser, math.inf).amin(-1)  # squared; +inf for the densest: first centre
+    log_score = log_density + 0.5 * indicator.log()
+    lowest = torch.finfo(log_score.dtype).min  # a real row scoring log 0 still comes before padding
+    centres = _descending(torch.where(real, log_score.clamp_min(lowest), -math.inf))[:, :clusters]
+    assign = squared.gather(2, centres.unsqueeze(1).expand(-1, tokens, -1)).argmin(-1)
+    return centres, _own_clusters(assign, centres)
+
+
+def farthest_point_seeds(features: Tensor, weights: Tensor, clusters: int) -> tuple[Tensor, Tensor]:
+    """Farthest-point seeds for k-means of the rows of ``features`` ``[B, N, c]``. Rows of weight 0
+    (``weights`` ``[B, N]``) are padding.
+
+    The first seed is the real row farthest from the ``weights``-weighted mean; each next one the real
+    row farthest from the seeds chosen so far (ties by lower index; padding only once every real row
+    is a seed). Each row joins its nearest seed (the first on a tie) and each seed its own cluster.
+    Returns the seeds ``[B, M]`` in the order chosen and the cluster of each row ``[B, N]``.
+    """
+    real = weights > 0
+    total = weights.sum(-1)[:, None, None]
+    mean = (features * weights.unsqueeze(-1)).sum(1, keepdim=True) * _inverse(total)
+    priority = squared_distances(features, mean).squeeze(-1)
+    taken = torch.zeros_like(real)
+    seeds, columns = [], []
+    for m in range(clusters):
+        candidates = torch.where(real, priority, -1.0).masked_fill(taken, -math.inf)
+        seed = candidates.argmax(-1, keepdim=True)
+        column = squared_distances(features, _rows(features, seed)).squeeze(-1)
+        taken = taken.scatter(1, seed, True)
+        priority = column if m == 0 else priority.minimum(column)
+        seeds.append(seed)
+        columns.append(column)
+    chosen = torch.cat(seeds, dim=1)
+    return chosen, _own_clusters(torch.stack(columns, dim=-1).argmin(-1), chosen)
+
+
+def lloyd(features: Tensor, weights: Tensor, centres: Tensor, assign: Tensor, iterations: int) -> Tensor:
+    """Weighted Lloyd (k-means) iterations on ``features`` ``[B, N, c]`` from the clusters ``assign`` ``[B, N]``
+    of the centres ``centres`` ``[B, M]``.
+
+    Centroids start at the centres' rows. Each iteration moves every centroid to the ``weights``-weighted
+    (``[B, N]``) mean of its members (an empty cluster keeps its centroid) and assigns every row to its
+    nearest centroid (the lowest cluster index on a tie); a cluster whose centre is padding (weight 0)
+    takes no rows. Returns the cluster of each row ``[B, N]`` (``assign`` for 0 iterations).
+    """
+    clusters = centres.shape[1]
+    centroids = _rows(features, centres)
+    dead = weights.gather(1, centres) <= 0
+    weighted = torch.cat([features, torch.ones_like(features[..., :1])], dim=-1) * weights.unsqueeze(-1)
     for _ in range(iterations):
         sums = cluster_sums(weighted, assign, clusters)
         sizes = sums[..., -1:]
         centroids = torch.where(sizes > 0, sums[..., :-1] * _inverse(sizes), centroids)
-        distances = centroids.pow(2).sum(-1).unsqueeze(1) - 2 * features @ centroids.transpose(1, 2)
-        assign = distances.argmin(dim=-1)
+        assign = squared_distances(features, centroids, padding=dead).argmin(-1)
     return assign
 
 
-def cluster_assignment(k: Tensor, clusters: int, num_prefix: int, iterations: int, weights: Tensor) -> Tensor:
-    """The cluster ``[B, N − P]`` of each non-prefix key of ``k`` ``[B, H, N, d]``: :func:`kmeans` on the keys
-    averaged over heads, weighted by ``weights`` ``[B, N]``, from :func:`grid_cells` (``clusters ≤ N − P``)."""
+SEEDINGS: dict[str, Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]]] = {
+    "dpc": dpc_knn, "kmeans": farthest_point_seeds,
+}
+
+
+def cluster_assignment(
+    k: Tensor, clusters: int, num_prefix: int, clustering: str, iterations: int, weights: Tensor
+) -> Tensor:
+    """The cluster ``[B, N − P]`` of each non-prefix key of ``k`` ``[B, H, N, d]`` (``clusters ≤ N − P``):
+    ``clustering`` (``"dpc"``: :func:`dpc_knn`; ``"kmeans"``: :func:`farthest_point_seeds`) on the keys
+    averaged over heads, then ``iterations`` :func:`lloyd` steps, weighted by ``weights`` ``[B, N]``."""
     features = k[:, :, num_prefix:].mean(dim=1).to(weights.dtype)
-    init = grid_cells(k.shape[2] - num_prefix, clusters, k.device)
-    return kmeans(features, weights[:, num_prefix:], init, clusters, iterations)
+    weights = weights[:, num_prefix:]
+    centres, assign = SEEDINGS[clustering](features, weights, clusters)
+    return lloyd(features, weights, centres, assign, iterations)
 
 
 def _token_major(x: Tensor) -> Tensor:
@@ -101,12 +181,13 @@ def _head_major(x: Tensor, heads: int) -> Tensor:
 
 
 def cluster_keys_values(
-    k: Tensor, v: Tensor, clusters: int, num_prefix: int, iterations: int, attn_mask: Tensor | None = None
+    k: Tensor, v: Tensor, clusters: int, num_prefix: int, clustering: str, iterations: int,
+    attn_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """ClusTR's keys and values: the prefix tokens' own, then ``M`` cluster means.
 
-    Clusters the non-prefix keys of ``k`` ``[B, H, N, d]`` (:func:`kmeans` on the head-averaged keys
-    from :func:`grid_cells`, ``M = min(clusters, N − P)``) and averages keys and values ``v``
+    Clusters the non-prefix keys of ``k`` ``[B, H, N, d]`` (:func:`cluster_assignment`,
+    ``M = min(clusters, N − P)``) and averages keys and values ``v``
     ``[B, H, N, dv]`` per cluster, weighted by :func:`key_weights` of ``attn_mask``. Returns keys
     ``[B, H, P + M, d]``, values ``[B, H, P + M, dv]`` and the additive logit bias ``log(weight)`` of each
     ``[B, 1, 1, P + M]`` (−inf for an empty cluster), in ``k``'s dtype.
@@ -115,7 +196,7 @@ def cluster_keys_values(
     clusters = min(clusters, tokens - num_prefix)
     weights = key_weights(attn_mask, batch, tokens, torch.promote_types(k.dtype, torch.float32), k.device)
     with torch.no_grad():
-        assign = cluster_assignment(k, clusters, num_prefix, iterations, weights)
+        assign = cluster_assignment(k, clusters, num_prefix, clustering, iterations, weights)
         prefix = torch.arange(num_prefix, device=k.device).expand(batch, num_prefix)
         slots = torch.cat([prefix, assign + num_prefix], dim=1)  # each prefix token is its own cluster
     sizes = cluster_sums(weights.unsqueeze(-1), slots, num_prefix + clusters)
@@ -136,6 +217,7 @@ def clustered_attention(
     v: Tensor,
     num_clusters: tuple[int, ...],
     num_prefix: int,
+    clustering: str,
     iterations: int,
     attn_mask: Tensor | None = None,
     dropout_p: float = 0.0,
@@ -155,14 +237,14 @@ def clustered_attention(
     groups = len(num_clusters)
     outputs = []
     for qg, kg, vg, clusters in zip(q.chunk(groups, 1), k.chunk(groups, 1), v.chunk(groups, 1), num_clusters):
-        keys, values, bias = cluster_keys_values(kg, vg, clusters, num_prefix, iterations, attn_mask)
+        keys, values, bias = cluster_keys_values(kg, vg, clusters, num_prefix, clustering, iterations, attn_mask)
         attended = F.scaled_dot_product_attention(qg, keys, values, attn_mask=bias, dropout_p=dropout_p, scale=scale)
         outputs.append(attended)
     return outputs[0] if groups == 1 else torch.cat(outputs, dim=1)
 
 
 def padded_cluster_keys_values(
-    k: Tensor, v: Tensor, num_clusters: tuple[int, ...], num_prefix: int, iterations: int,
+    k: Tensor, v: Tensor, num_clusters: tuple[int, ...], num_prefix: int, clustering: str, iterations: int,
     attn_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`cluster_keys_values` for each head group of ``k`` ``[B, H, N, d]`` and ``v`` (as in
@@ -171,7 +253,7 @@ def padded_cluster_keys_values(
     ``[B, H, P + M, dv]`` and the bias ``[B, 1, 1, P + M]`` (one group) or ``[B, H, 1, P + M]``, with
     ``M = max(num_clusters)``."""
     groups = len(num_clusters)
-    parts = [cluster_keys_values(kg, vg, m, num_prefix, iterations, attn_mask)
+    parts = [cluster_keys_values(kg, vg, m, num_prefix, clustering, iterations, attn_mask)
              for kg, vg, m in zip(k.chunk(groups, 1), v.chunk(groups, 1), num_clusters)]
     if groups == 1:
         return parts[0]

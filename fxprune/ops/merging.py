@@ -27,6 +27,21 @@ def _output_order(unmerged: int, destinations: int, prefix: int) -> list[int]:
     return prefix_rows + list(a_rest) + list(b_rest)
 
 
+def _edge_scores(metric: Tensor, prefix: int, real: Tensor | None = None) -> Tensor:
+    """Cosine similarity ``[B, Na, Nb]`` of the A tokens (even positions) of ``metric`` ``[B, N, c]`` to its B
+    tokens (odd positions); −inf where either is a prefix token or (``real`` ``[B, N]`` False) padding."""
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
+    protected_a, protected_b = (prefix + 1) // 2, prefix // 2
+    if protected_a:
+        scores[:, :protected_a] = -math.inf
+    if protected_b:
+        scores[:, :, :protected_b] = -math.inf
+    if real is not None:
+        scores = scores.masked_fill(~real[:, ::2, None] | ~real[:, None, 1::2], -math.inf)
+    return scores
+
+
 def bipartite_matching(metric: Tensor, r: int, prefix: int) -> tuple[Tensor, Tensor, Tensor]:
     """ToMe's bipartite soft matching of ``metric`` ``[B, N, c]`` (keys averaged over heads).
 
@@ -35,19 +50,35 @@ def bipartite_matching(metric: Tensor, r: int, prefix: int) -> tuple[Tensor, Ten
     ``prefix``) neither merge nor receive merges. Returns, for A, the unmerged rows ascending ``[B, Na − r]``,
     the merged rows ``[B, r]`` and, for those, the B rows they merge into ``[B, r]``.
     """
-    metric = metric / metric.norm(dim=-1, keepdim=True)
-    a, b = metric[:, ::2], metric[:, 1::2]
-    scores = a @ b.transpose(-1, -2)
-    protected_a, protected_b = (prefix + 1) // 2, prefix // 2
-    if protected_a:
-        scores[:, :protected_a] = -math.inf
-    if protected_b:
-        scores[:, :, :protected_b] = -math.inf
-    best, best_b = scores.max(dim=-1)
+    best, best_b = _edge_scores(metric, prefix).max(dim=-1)
     edges = best.argsort(dim=-1, descending=True)
     merged = edges[:, :r]
     unmerged = edges[:, r:].sort(dim=-1).values
     return unmerged, merged, best_b.gather(1, merged)
+
+
+def padded_merge_rows(metric: Tensor, r: int, prefix: int, real: Tensor, width: int) -> Tensor:
+    """ToMe's matching of :func:`bipartite_matching` per image of a padded batch: the output row ``[B, N]`` of
+    each token of ``metric`` ``[B, N, c]``, of ``width`` rows.
+
+    Each image merges its own ``min(r, (n − P) // 2)`` best edges among its own ``n`` tokens (``real``
+    ``[B, N]``, padding last) and lays them out as alone: prefix rows in their order, its unmerged A tokens,
+    its B tokens, then padding; a merged A token goes to its B token's row, padding to the last row.
+    """
+    best, best_b = _edge_scores(metric, prefix, real).max(dim=-1)
+    rank = best.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
+    own = real.sum(dim=1, keepdim=True)
+    merges = torch.clamp(torch.div(own - prefix, 2, rounding_mode="floor"), max=r)
+    position = torch.arange(metric.shape[1], device=metric.device)
+    patch = real & (position >= prefix)
+    a_kept = patch[:, ::2] & (rank >= merges)
+    a_rows = prefix + a_kept.cumsum(dim=1) - 1
+    b_rows = prefix + a_kept.sum(dim=1, keepdim=True) + patch[:, 1::2].cumsum(dim=1) - 1
+    a_rows = torch.where(a_kept, a_rows, b_rows.gather(1, best_b.clamp(max=b_rows.shape[1] - 1)))
+    rows = torch.empty_like(patch, dtype=torch.long)
+    rows[:, ::2], rows[:, 1::2] = a_rows, b_rows
+    rows = torch.where(position < prefix, position, rows)
+    return torch.where(real, rows, width - 1)
 
 
 def merge_sum(x: Tensor, unmerged: Tensor, merged: Tensor, destination: Tensor, prefix: int) -> Tensor:
@@ -59,18 +90,28 @@ def merge_sum(x: Tensor, unmerged: Tensor, merged: Tensor, destination: Tensor, 
     return merged_tokens if order == list(range(len(order))) else merged_tokens[:, order]
 
 
-def tome_merge(x: Tensor, size: Tensor | None, keys: Tensor, r: int, prefix: int) -> tuple[Tensor, Tensor]:
+def tome_merge(
+    x: Tensor, size: Tensor | None, keys: Tensor, r: int, prefix: int, padded: bool = False
+) -> tuple[Tensor, Tensor]:
     """ToMe in one block: merge ``r`` token pairs of ``x`` ``[B, N, C]``, matched by the attention's
     ``keys`` ``[B, H, N, d]`` averaged over heads.
 
     Merged tokens are size-weighted means; ``size`` ``[B, N, 1]`` (None: every token stands for one
     patch) is summed alongside. Returns the tokens ``[B, N − r, C]`` and their sizes ``[B, N − r, 1]``.
+    ``padded``: the batch holds padding (size 0, after each image's own tokens) and each image merges its own
+    tokens as alone (:func:`padded_merge_rows`), padded to the widest result.
     """
     if size is None:
         size = x.new_ones(x.shape[0], x.shape[1], 1)
     r = tome_merged_tokens(x.shape[1], prefix, r)
     if r == 0:
         return x, size
+    if padded:
+        with torch.no_grad():
+            rows = padded_merge_rows(keys.mean(dim=1), r, prefix, size[..., 0] > 0, x.shape[1] - r)
+        size_out = _sum_rows(size, rows, x.shape[1] - r)
+        merged = _sum_rows(x * size, rows, x.shape[1] - r)
+        return torch.where(size_out > 0, merged / size_out.clamp(min=torch.finfo(size.dtype).tiny), 0.0), size_out
     with torch.no_grad():
         unmerged, merged, destination = bipartite_matching(keys.mean(dim=1), r, prefix)
     size_out = merge_sum(size, unmerged, merged, destination, prefix)
@@ -78,12 +119,19 @@ def tome_merge(x: Tensor, size: Tensor | None, keys: Tensor, r: int, prefix: int
     return x_out, size_out
 
 
-def size_bias(size: Tensor, attn_mask: Tensor | None, like: Tensor) -> Tensor:
-    """ToMe's proportional attention: ``log(size)`` per key as an additive SDPA mask ``[B, 1, 1, N]``.
+def _sum_rows(x: Tensor, rows: Tensor, width: int) -> Tensor:
+    """The rows of ``x`` ``[B, N, c]`` summed into ``width`` output rows by ``rows`` ``[B, N]``: ``[B, width, c]``."""
+    return add_rows(x.new_zeros(x.shape[0], width, x.shape[-1]), rows, x)
+
+
+def size_bias(size: Tensor, attn_mask: Tensor | None, like: Tensor, proportional: bool = True) -> Tensor:
+    """ToMe's proportional attention: ``log(size)`` per key as an additive SDPA mask ``[B, 1, 1, N]`` (not
+    ``proportional``: 0, and −inf for padding, size 0).
 
     Combined with an existing ``attn_mask`` (boolean: False → −inf; float: added); in ``like``'s dtype.
     """
-    bias = size.log()[:, None, None, :, 0].to(like.dtype)
+    weights = size if proportional else (size > 0).to(size.dtype)
+    bias = weights.log()[:, None, None, :, 0].to(like.dtype)
     if attn_mask is None:
         return bias
     if attn_mask.dtype == torch.bool:

@@ -45,46 +45,90 @@ def after_prefix(rows: Tensor, num_prefix: int) -> Tensor:
     return torch.cat([prefix, rows + num_prefix], dim=1)
 
 
-def topk_rows(scores: Tensor, keep_rate: float, num_prefix: int) -> Tensor:
+def own_counts(size: Tensor, num_prefix: int) -> Tensor:
+    """Each image's own non-prefix tokens ``[B]``: those of non-zero ``size`` ``[B, N, 1]`` (padding, size 0,
+    always comes after them)."""
+    return (size[:, num_prefix:, 0] > 0).sum(dim=1)
+
+
+def _kept_counts(own: Tensor, keep_rate: float) -> Tensor:
+    """:func:`evit_kept_tokens` of each image's own non-prefix tokens ``own`` ``[B]``: ``[B]``."""
+    return torch.minimum(own, (own.to(torch.float64) * keep_rate).ceil().to(own.dtype))
+
+
+def topk_rows(scores: Tensor, keep_rate: float, num_prefix: int, size: Tensor | None = None) -> Tensor:
     """Rows Top-K keeps of the tokens scored ``scores`` ``[B, N]``: the prefix rows, then the
     ``K = ceil(keep_rate · (N − P))`` other rows with the largest scores, largest first: ``[B, P + K]``.
-    Every row, in order, when none is dropped."""
+    Every row, in order, when none is dropped.
+
+    With ``size`` ``[B, N, 1]`` (a padded batch: padding has size 0 and comes last) each image keeps
+    ``ceil(keep_rate · its own tokens)`` of its own tokens, and its remaining slots take its padding rows.
+    """
     batch, tokens = scores.shape
     keep = evit_kept_tokens(tokens - num_prefix, keep_rate)
     if keep == tokens - num_prefix:
         return torch.arange(tokens, device=scores.device).expand(batch, tokens)
-    top = scores[:, num_prefix:].topk(keep, dim=1, largest=True, sorted=True).indices
-    return after_prefix(top, num_prefix)
+    candidates = scores[:, num_prefix:]
+    if size is None:
+        return after_prefix(candidates.topk(keep, dim=1, largest=True, sorted=True).indices, num_prefix)
+    own = own_counts(size, num_prefix).unsqueeze(1)
+    real = torch.arange(tokens - num_prefix, device=scores.device) < own
+    top = candidates.masked_fill(~real, float("-inf")).topk(keep, dim=1, largest=True, sorted=True).indices
+    slot = torch.arange(keep, device=scores.device)
+    kept = _kept_counts(own, keep_rate)
+    return after_prefix(torch.where(slot < kept, top, own + slot - kept), num_prefix)
 
 
 def _drops_tokens(tokens: int, keep_rate: float, num_prefix: int) -> bool:
     return evit_kept_tokens(tokens - num_prefix, keep_rate) < tokens - num_prefix
 
 
-def evit_select(x: Tensor, scores: Tensor, keep_rate: float, num_prefix: int, fuse: bool) -> Tensor:
+def _with_fused(kept: Tensor, fused: Tensor, size: Tensor | None, keep_rate: float, num_prefix: int) -> Tensor:
+    """``kept`` ``[B, P + K, c]`` followed by the fused token ``fused`` ``[B, 1, c]``: ``[B, P + K + 1, c]``. In a
+    padded batch (``size`` given) each image's fused token goes right after its own kept tokens (its padding
+    follows), where it is alone."""
+    if size is None:
+        return torch.cat([kept, fused], dim=1)
+    out = torch.cat([kept, torch.zeros_like(fused)], dim=1)
+    at = num_prefix + _kept_counts(own_counts(size, num_prefix), keep_rate)
+    here = (torch.arange(out.shape[1], device=out.device) == at.unsqueeze(1)).unsqueeze(-1)
+    return torch.where(here, fused, out)
+
+
+def evit_select(
+    x: Tensor, scores: Tensor, keep_rate: float, num_prefix: int, fuse: bool, size: Tensor | None = None
+) -> Tensor:
     """EViT token selection: ``[B, N, C]`` → ``[B, P + K (+1), C]``.
 
     Keeps the rows :func:`topk_rows` gives for ``scores`` ``[B, N]`` (class attention), then, with ``fuse``,
     one token ``Σ_{j dropped} score_j · x_j`` (raw weights). Returns ``x`` itself when no token is dropped.
+    With ``size`` ``[B, N, 1]`` (a padded batch) each image keeps and fuses its own tokens, as alone.
     """
     if not _drops_tokens(x.shape[1], keep_rate, num_prefix):
         return x
-    rows = topk_rows(scores, keep_rate, num_prefix)
+    rows = topk_rows(scores, keep_rate, num_prefix, size)
     kept = gather_tokens(x, rows)
     if not fuse:
         return kept
     dropped = scores.scatter(1, rows, 0.0).to(x.dtype)  # the prefix rows are among ``rows``: weight 0
-    return torch.cat([kept, torch.bmm(dropped.unsqueeze(1), x)], dim=1)
+    if size is not None:
+        dropped = dropped * (size[..., 0] > 0).to(x.dtype)
+    return _with_fused(kept, torch.bmm(dropped.unsqueeze(1), x), size, keep_rate, num_prefix)
 
 
-def evit_select_sizes(size: Tensor, scores: Tensor, keep_rate: float, num_prefix: int, fuse: bool) -> Tensor:
-    """The sizes ``[B, N', 1]`` (patches each token stands for) after :func:`evit_select` with the same scores.
+def evit_select_sizes(
+    size: Tensor, scores: Tensor, keep_rate: float, num_prefix: int, fuse: bool, padded: bool = False
+) -> Tensor:
+    """The sizes ``[B, N', 1]`` (patches each token stands for) after :func:`evit_select` with the same scores
+    (``padded``: as it selects in a padded batch, where padding has size 0).
 
     Kept tokens keep their size; the fused token stands for every dropped token, so its size is theirs summed.
     """
     if not _drops_tokens(size.shape[1], keep_rate, num_prefix):
         return size
-    kept = gather_tokens(size, topk_rows(scores, keep_rate, num_prefix))
+    layout = size if padded else None
+    kept = gather_tokens(size, topk_rows(scores, keep_rate, num_prefix, layout))
     if not fuse:
         return kept
-    return torch.cat([kept, size.sum(1, keepdim=True) - kept.sum(1, keepdim=True)], dim=1)
+    fused = size.sum(1, keepdim=True) - kept.sum(1, keepdim=True)
+    return _with_fused(kept, fused, layout, keep_rate, num_prefix)

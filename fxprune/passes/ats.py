@@ -5,7 +5,9 @@ sampled queries are attended with (:func:`~fxprune.passes.common.select_queries`
 placement, and fewer MACs than attending with every query and dropping rows afterwards. At an explicit
 ``softmax(q @ kᵀ) @ v`` the rows are selected after the residual add instead (same outputs). Either way
 the padding slots get size 0, which :func:`~fxprune.passes.tome.thread_sizes` turns into masked keys in
-every later attention.
+every later attention, and :func:`~fxprune.passes.tome.thread_sizes` hands every later ATS block the sizes,
+so that its statistics cover each image's own tokens only. Every block places as many points as the
+model has tokens at its input (a shape read of the first block's input), as the official code.
 """
 
 from __future__ import annotations
@@ -16,29 +18,32 @@ import torch.fx as fx
 
 from ..analysis import Block, TokenProgram
 from ..ops import ats_index, ats_pad, ats_select
+from ..ops.sampling import Cap
 from ..plan import Plan
 from ..policies import ATS
-from .common import class_scores, gathers_queries, insert_call, reroute_sized_stream, select_queries
+from .common import class_scores, gathers_queries, insert_call, model_tokens, reroute_sized_stream, select_queries
 
 
 def ats_pass(gm: fx.GraphModule, program: TokenProgram, plan: Plan, policy: ATS) -> fx.GraphModule:
     """At each block of ``policy``: sample inside the attention (SDPA) or after the residual add."""
+    ref_tokens = model_tokens(gm, program)
     for row in plan.rows_for(policy):
         block = program.blocks[row.index]
-        k, prefix = policy.k_at(row.index), program.prefix_tokens
+        cap, prefix = policy.cap_at(row.index), program.prefix_tokens
         if gathers_queries(block):
-            _sample_queries(gm, block, k, prefix)
+            _sample_queries(gm, block, cap, prefix, ref_tokens)
         else:
-            args = (class_scores(gm, block), block.attention.v, k, prefix)
+            args = (class_scores(gm, block), block.attention.v, cap, prefix, ref_tokens)
             reroute_sized_stream(gm, block, ats_select, args, policy.method)
     return gm
 
 
-def _sample_queries(gm: fx.GraphModule, block: Block, max_tokens: int, prefix: int) -> None:
-    """Sample before ``block``'s SDPA call, attend with the sampled queries, then pad (size 0) the unused slots."""
+def _sample_queries(gm: fx.GraphModule, block: Block, cap: Cap, prefix: int, ref_tokens: fx.Node) -> None:
+    """Sample before ``block``'s SDPA call, attend with the sampled queries, then pad (size 0) the unused slots;
+    the sizes entering the block (``size``, which marks padding) are wired by :func:`thread_sizes`."""
     scores = class_scores(gm, block, before=True)
-    args = (scores, block.attention.v, max_tokens, prefix)
-    pair = insert_call(gm, scores, ats_index, args, {}, block, "ats_index")
+    args = (scores, block.attention.v, cap, prefix, ref_tokens)
+    pair = insert_call(gm, scores, ats_index, args, {"size": None}, block, "ats_index")
     index = insert_call(gm, pair, operator.getitem, (pair, 0), {}, block, "ats_rows")
     valid = insert_call(gm, index, operator.getitem, (pair, 1), {}, block, "ats_valid")
     select_queries(gm, block, index)

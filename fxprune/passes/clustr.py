@@ -25,7 +25,7 @@ def clustr_pass(gm: fx.GraphModule, program: TokenProgram, plan: Plan, policy: C
     """At each block of ``policy``: attend to clustered keys and values instead of every token."""
     for row in plan.rows_for(policy):
         block = program.blocks[row.index]
-        cluster = (policy.scales, program.prefix_tokens, policy.iterations)
+        cluster = (policy.scales, program.prefix_tokens, policy.clustering, policy.iterations)
         if block.attention.kind == "sdpa":
             _replace_sdpa(gm, block, cluster)
         else:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch.fx as fx
 
-from ..analysis import Block, sdpa_arguments
+from ..analysis import Block, TokenProgram, sdpa_arguments
 from ..ops import class_attention, class_attention_from_probs, gather_queries, gather_tokens
 
 _RESHAPES = ("reshape", "view")
@@ -16,14 +16,32 @@ SIZES_ROLE = "sizes"  # the role of inserted nodes that carry token sizes beside
 
 
 def insert_call(
-    gm: fx.GraphModule, after: fx.Node, fn: Callable, args: tuple, kwargs: dict[str, Any], block: Block, role: str
+    gm: fx.GraphModule,
+    after: fx.Node,
+    fn: Callable | str,
+    args: tuple,
+    kwargs: dict[str, Any],
+    block: Block,
+    role: str,
+    op: str = "call_function",
 ) -> fx.Node:
-    """Insert ``fn(*args, **kwargs)`` after ``after``, tagged as fxprune's node ``role`` of ``block``."""
+    """Insert ``fn(*args, **kwargs)`` (``op="call_method"``: the method named ``fn`` of ``args[0]``) after
+    ``after``, tagged as fxprune's node ``role`` of ``block``."""
     with gm.graph.inserting_after(after):
-        node = gm.graph.create_node("call_function", fn, args, kwargs, name=f"{block.name.replace('.', '_')}_{role}")
+        node = gm.graph.create_node(op, fn, args, kwargs, name=f"{block.name.replace('.', '_')}_{role}")
     node.meta["nn_module_stack"] = dict(block.mid.meta.get("nn_module_stack") or {})
     node.meta["fxprune"] = {"block": block.index, "role": role}
     return node
+
+
+def model_tokens(gm: fx.GraphModule, program: TokenProgram) -> fx.Node:
+    """A node reading the number of tokens entering the model's first block (``N`` of its ``[B, N, C]``
+    input), inserted once and shared."""
+    first = program.blocks[0].input
+    existing = [n for n in first.users if n.meta.get("fxprune", {}).get("role") == "model_tokens"]
+    if existing:
+        return existing[0]
+    return insert_call(gm, first, "size", (first, 1), {}, program.blocks[0], "model_tokens", op="call_method")
 
 
 def class_scores(gm: fx.GraphModule, block: Block, before: bool = False) -> fx.Node:
