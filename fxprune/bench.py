@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,11 @@ from .flops import MacCounter
 from .plan import Plan
 from .policies import ATS, ClusTR, Compose, EViT, Policy, ToMe, TopK
 from .speed import interleaved, machine
-from .transform import plan, transform
+from .transform import plan, rewrite, transform
 
 __all__ = [
-    "BenchRow", "BenchResult", "predict", "top1", "evaluate", "run", "fit_policy", "keep_rate_for", "tome_r_for",
+    "BenchRow", "BenchResult", "predict", "top1", "evaluate", "per_image_macs", "run", "fit_policy", "mac_fraction",
+    "keep_rate_for", "tome_r_for",
     "ats_budgets", "clustr_settings", "default_layers", "default_policy", "sweep_policies", "imagefolder", "plot",
 ]
 
@@ -104,6 +106,22 @@ def evaluate(model: nn.Module, loader: Iterable, progress: str | None = None) ->
     return top1(logits, labels), macs
 
 
+def per_image_macs(model: nn.Module, images: Tensor, progress: str | None = None) -> float:
+    """Mean MACs of ``model`` over ``images`` ``[M, ...]``, each image run alone: what each costs by itself
+    (a method that keeps a different number of tokens per image pads a batch to its largest count)."""
+    counter = MacCounter()
+    rows = tqdm(images, desc=progress, unit="image", leave=False) if progress else images
+    with torch.no_grad(), counter:
+        for image in rows:
+            model(image[None])
+    return counter.total / len(images)
+
+
+def _pads(policy: Policy | Compose | None) -> bool:
+    """Whether ``policy`` keeps a different number of tokens per image (its batches hold padding)."""
+    return policy is not None and any(part.pads_tokens for part in policy.policies())
+
+
 def _describe(policy: Policy | Compose) -> str:
     """``"<method> @ <blocks>"`` for each part of ``policy``."""
 
@@ -135,6 +153,9 @@ def run(
     rows, dense = [], None
     for name, (candidate, policy) in models.items():
         logits, labels, macs = predict(candidate, loader, progress=name if progress else None)
+        if _pads(policy):
+            images = torch.cat([x for x, _ in loader])
+            macs = per_image_macs(candidate, images, progress=f"{name}: MACs per image" if progress else None)
         dense = logits if dense is None else dense
         error = ((logits - dense).norm() / dense.norm()).item()
         rows.append(BenchRow(name, top1(logits, labels), macs, 0.0, 0.0, policy, error))
@@ -168,15 +189,20 @@ def fit_policy(
     settings: Sequence[Any],
     fraction: float,
     example_inputs: Sequence[torch.Tensor] | None = None,
+    calibration: Tensor | None = None,
 ) -> Policy:
     """``family(s)`` for the setting ``s`` that leaves the most MACs not above ``fraction`` of the dense MACs.
 
     ``settings`` must be ordered by increasing MACs (e.g. keep rates ascending, ToMe's ``r`` descending);
-    found by bisection, one fast plan (checked at one batch size) per step. When every setting exceeds
-    ``fraction`` the first is returned.
+    found by bisection. The MACs are the plan's (one fast plan, checked at one batch size, per step), or,
+    with ``calibration`` images ``[M, ...]``, their mean per image, each image run alone (for methods that
+    keep a different number of tokens per image). When every setting exceeds ``fraction`` the first is
+    returned, when none does the last.
     """
 
     def fraction_at(i: int) -> float:
+        if calibration is not None:
+            return mac_fraction(model, family(settings[i]), calibration, example_inputs)
         the_plan: Plan = plan(model, family(settings[i]), example_inputs, fast=True)
         return the_plan.macs_after / the_plan.macs_before
 
@@ -187,12 +213,27 @@ def fit_policy(
     return family(settings[low])
 
 
+def mac_fraction(
+    model: nn.Module, policy: Policy | Compose, images: Tensor, example_inputs: Sequence[torch.Tensor] | None = None
+) -> float:
+    """Mean MACs per image of ``model`` transformed by ``policy`` over ``images`` ``[M, ...]`` (each run alone), as
+    a fraction of the dense model's."""
+    dense = per_image_macs(model, images[:1])
+    checked_once = rewrite(model, policy, example_inputs, copy_weights=False, second_batch=False)[0]
+    return per_image_macs(checked_once, images) / dense
+
+
 def keep_rate_for(
     model: nn.Module, method: type[EViT], layers: Sequence[int], fraction: float, example_inputs=None
 ) -> float:
     """The keep rate (a multiple of 0.01) at which ``method(keep_rate, layers)`` leaves at most ``fraction``
     of the dense MACs, as close to it as possible."""
-    return fit_policy(model, lambda k: method(k, tuple(layers)), _KEEP_RATES, fraction, example_inputs).keep_rate
+    return fit_policy(model, partial(_keep_rate_policy, method, tuple(layers)), _KEEP_RATES, fraction,
+                      example_inputs).keep_rate
+
+
+def _keep_rate_policy(method: type[EViT], layers: tuple[int, ...], keep_rate: float) -> EViT:
+    return method(keep_rate, layers)
 
 
 def tome_r_for(model: nn.Module, fraction: float, example_inputs=None) -> int:
@@ -203,7 +244,7 @@ def tome_r_for(model: nn.Module, fraction: float, example_inputs=None) -> int:
     return fit_policy(model, ToMe, list(range(largest, -1, -1)), fraction, example_inputs).r
 
 
-def ats_budgets(tokens: int, prefix: int, keep_rate: float, layers: Sequence[int]) -> ATS:
+def ats_budgets(tokens: int, prefix: int, layers: Sequence[int], keep_rate: float) -> ATS:
     """ATS at ``layers`` with the token budgets EViT's ``keep_rate`` would leave there (compounding per block):
     ``K_j = P + ceil(keep_rate^(j+1) · (N − P))``. ATS keeps at most that many, fewer where repeats collapse."""
     budgets = (prefix + math.ceil(keep_rate ** (j + 1) * (tokens - prefix)) for j in range(len(layers)))
@@ -239,11 +280,15 @@ def sweep_policies(
     layers: Sequence[int],
     fractions: Sequence[float] = (0.85, 0.70, 0.55),
     example_inputs=None,
+    *,
+    calibration: Tensor,
 ) -> list[Policy]:
     """Every method at the settings that leave (at most, as close as possible) each of ``fractions`` of the
-    dense MACs: EViT and Top-K at ``layers``, ToMe with one ``r`` in every block (as in its paper), ATS at
-    ``layers`` with EViT-like token budgets (:func:`ats_budgets`; the fraction bounds its MACs, an image
-    that keeps fewer tokens costs less); then ClusTR at :func:`clustr_settings`."""
+    dense MACs: EViT and Top-K at ``layers``, ToMe with one ``r`` in every block (as in its paper); ATS at
+    ``layers`` with EViT-like token budgets (:func:`ats_budgets`) fitted by its mean MACs per image on the
+    ``calibration`` images, and ATS without a cap from a quarter of the depth on (the official setting),
+    each followed by EViT and Top-K at the same MACs per image (settings that reach no lower fraction are
+    kept once); then ClusTR at :func:`clustr_settings`."""
     policies: list[Policy] = [
         method(keep_rate_for(model, method, layers, f, example_inputs), tuple(layers))
         for method in (EViT, TopK)
@@ -251,9 +296,14 @@ def sweep_policies(
     ]
     policies += [ToMe(tome_r_for(model, f, example_inputs)) for f in fractions]
     program = analyse(model, example_inputs)
-    for f in fractions:
-        family = lambda k: ats_budgets(program.tokens, program.prefix_tokens, k, layers)  # noqa: E731
-        policies.append(fit_policy(model, family, _KEEP_RATES, f, example_inputs))
+    family = partial(ats_budgets, program.tokens, program.prefix_tokens, tuple(layers))
+    samplers = [fit_policy(model, family, _KEEP_RATES, f, example_inputs, calibration) for f in fractions]
+    for ats in dict.fromkeys([*samplers, ATS().bind(len(program.blocks))]):
+        fraction = mac_fraction(model, ats, calibration, example_inputs)
+        policies += [ats] + [
+            method(keep_rate_for(model, method, layers, fraction, example_inputs), tuple(layers))
+            for method in (EViT, TopK)
+        ]
     return policies + clustr_settings(model, example_inputs)
 
 

@@ -44,16 +44,36 @@ def _model_and_data(args: argparse.Namespace):
 
     if args.model == "digits":
         return digits_vit(), DigitScenes("test", args.images, seed=1), "digits_vit", "DigitScenes test"
-    import timm
-
     if args.data is None:
         raise FxPruneError(f"--data DIR is needed for {args.model}: an ImageFolder in ImageNet-val layout")
+    import timm
+
     model = timm.create_model(args.model, pretrained=args.pretrained).eval()
     data = imagefolder(model, args.data)
     if args.images < len(data):
         data = torch.utils.data.Subset(data, range(args.images))
     weights = "pretrained" if args.pretrained else "random weights"
     return model, data, f"{args.model} ({weights})", f"ImageFolder {args.data}"
+
+
+CALIBRATION_IMAGES = 256  # images the sweep fits ATS's settings on, by their mean MACs each run alone
+
+
+def _calibration(args: argparse.Namespace, model) -> torch.Tensor:
+    """Images to fit adaptive settings on, apart from the evaluated ones: DigitScenes training scenes for the
+    embedded model; for an ImageFolder, the images after the evaluated ones (or, if there are none, the first)."""
+    from .datasets import DigitScenes
+
+    if args.model == "digits":
+        data = DigitScenes("train", CALIBRATION_IMAGES, seed=0)
+        return torch.stack([data[i][0] for i in range(len(data))])
+    from .bench import imagefolder
+
+    data = imagefolder(model, args.data)
+    start = args.images if len(data) > args.images else 0
+    if start == 0:
+        print(f"note: no images beyond the first {args.images} to calibrate on; calibrating on evaluated images")
+    return torch.stack([data[i][0] for i in range(start, min(len(data), start + CALIBRATION_IMAGES))])
 
 
 def _policies(args: argparse.Namespace, model, data) -> list:
@@ -63,7 +83,8 @@ def _policies(args: argparse.Namespace, model, data) -> list:
     if args.policy:
         return [parse_policy(p) for p in args.policy]
     example = (torch.stack([data[i][0] for i in range(2)]),)
-    return sweep_policies(model, default_layers(model, example), example_inputs=example)
+    layers = default_layers(model, example)
+    return sweep_policies(model, layers, example_inputs=example, calibration=_calibration(args, model))
 
 
 def _bench(args: argparse.Namespace) -> None:

@@ -18,13 +18,15 @@ from .verify import verify
 __all__ = ["transform", "plan"]
 
 
-def _compile(
+def rewrite(
     model: nn.Module,
     policy: Policy | Compose,
     example_inputs: Sequence[torch.Tensor] | None,
     copy_weights: bool,
     second_batch: bool = True,
 ) -> tuple[fx.GraphModule, Plan]:
+    """The rewritten module and its plan: what :func:`transform` returns (``second_batch=False``: checked at the
+    captured batch size only, as :func:`plan` with ``fast``) and :func:`plan` reports."""
     program = analyse(trace(model, example_inputs, copy_weights=copy_weights))
     the_plan = make_plan(program, policy)
     dense_macs = macs_per_block(program.gm, program.blocks, program.batch)
@@ -60,7 +62,7 @@ def plan(
     one fewer run of the graph on example values, for searching settings by their MACs; :func:`transform`
     always checks both.
     """
-    return _compile(model, policy, example_inputs, copy_weights=False, second_batch=not fast)[1]
+    return rewrite(model, policy, example_inputs, copy_weights=False, second_batch=not fast)[1]
 
 
 def transform(
@@ -80,7 +82,7 @@ def transform(
     ``.fxprune_plan``; ``verbose=True`` prints it. Raises :class:`~fxprune.PolicyError` for an invalid
     policy and :class:`~fxprune.UnsupportedModelError` when a rewrite would compute wrong numbers.
     """
-    gm, the_plan = _compile(model, policy, example_inputs, copy_weights)
+    gm, the_plan = rewrite(model, policy, example_inputs, copy_weights)
     if verbose:
         print(the_plan)
     return gm

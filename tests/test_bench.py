@@ -1,10 +1,24 @@
+from functools import partial
+
 import pytest
 import torch
 from PIL import Image
 
 import fxprune
 from fxprune import ATS, ClusTR, EViT, ToMe, TopK
-from fxprune.bench import default_layers, evaluate, keep_rate_for, plot, run, sweep_policies, tome_r_for
+from fxprune.bench import (
+    ats_budgets,
+    default_layers,
+    evaluate,
+    fit_policy,
+    keep_rate_for,
+    mac_fraction,
+    per_image_macs,
+    plot,
+    run,
+    sweep_policies,
+    tome_r_for,
+)
 from fxprune.datasets import DigitScenes
 from fxprune.models import digits_vit
 
@@ -69,16 +83,46 @@ def test_settings_are_the_closest_to_a_mac_fraction_without_exceeding_it():
     assert _mac_fraction(model, ToMe(r)) <= 0.7 < _mac_fraction(model, ToMe(r - 1))
 
 
+def _scenes(split: str, count: int) -> torch.Tensor:
+    data = DigitScenes(split, count, seed=0)
+    return torch.stack([data[i][0] for i in range(count)])
+
+
 def test_sweep_covers_every_method_at_each_fraction():
-    model = digits_vit()
-    policies = sweep_policies(model, (1, 3), fractions=(0.8, 0.6))
-    assert [type(p) for p in policies] == [EViT, EViT, TopK, TopK, ToMe, ToMe, ATS, ATS] + [ClusTR] * 4
-    assert [p.num_clusters for p in policies[8:]] == [32, 16, 8, (8, 32)]  # 64 patches, 2 heads
+    model, calibration = digits_vit(), _scenes("train", 12)
+    policies = sweep_policies(model, (1, 3), fractions=(0.8, 0.4), calibration=calibration)
+    assert [type(p) for p in policies[:6]] == [EViT, EViT, TopK, TopK, ToMe, ToMe]
+    assert [type(p) for p in policies[-4:]] == [ClusTR] * 4
     assert policies[0].keep_rate > policies[1].keep_rate and policies[4].r < policies[5].r
     assert policies[4].layers is None  # ToMe merges in every block, as in its paper
-    assert all(a > b for a, b in zip(policies[6].max_tokens, policies[7].max_tokens))
-    for policy, fraction in zip(policies[6:], (0.8, 0.6)):
-        assert _mac_fraction(model, policy) <= fraction  # ATS's budget bounds its MACs
+    samplers = policies[6:-4]  # each ATS setting, then EViT and Top-K at its MACs per image
+    assert [type(p) for p in samplers] == [ATS, EViT, TopK] * (len(samplers) // 3)
+    assert samplers[-3] == ATS(None, (1, 2, 3, 4, 5))  # no cap from a quarter of the depth on, as the official code
+    fitted = samplers[3] if len(samplers) == 9 else samplers[0]  # the fit for 0.4 (0.8 is out of ATS's reach)
+    assert fitted.layers == (1, 3) and mac_fraction(model, fitted, calibration) <= 0.4
+    for ats, evit, topk in zip(samplers[::3], samplers[1::3], samplers[2::3]):
+        fraction = mac_fraction(model, ats, calibration)
+        assert _mac_fraction(model, evit) <= fraction < _mac_fraction(model, EViT(evit.keep_rate + 0.01, (1, 3)))
+        assert _mac_fraction(model, topk) <= fraction
+
+
+def test_adaptive_settings_are_fitted_by_their_mean_macs_per_image_on_calibration_images():
+    model, calibration = digits_vit(), _scenes("train", 12)
+    family, rates = partial(ats_budgets, 65, 1, (1, 3)), [k / 100 for k in range(1, 101)]
+    policy = fit_policy(model, family, rates, 0.4, calibration=calibration)
+    chosen = max(i for i, rate in enumerate(rates) if family(rate) == policy)
+    assert mac_fraction(model, policy, calibration) <= 0.4 < mac_fraction(model, family(rates[chosen + 1]), calibration)
+
+
+def test_macs_of_a_method_that_pads_are_what_each_image_costs_alone():
+    data = DigitScenes("test", 24, seed=1)
+    images = torch.stack([data[i][0] for i in range(24)])
+    policy = ATS(None, (1, 2, 3))
+    result = run(digits_vit(), [policy], data, batch_size=24, speed_batch=4, repeats=1, progress=False)
+    fast = fxprune.transform(digits_vit(), policy)
+    alone = per_image_macs(fast, images)
+    assert result.rows[1].macs == pytest.approx(alone)
+    assert alone < fxprune.flops(fast, images)  # the padded batch would count its padding
 
 
 def test_default_layers_follow_evit_for_twelve_blocks():
