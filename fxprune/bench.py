@@ -8,7 +8,6 @@ ImageNet-val layout with timm's evaluation transforms.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from pathlib import Path
@@ -29,7 +28,7 @@ from .transform import plan, rewrite, transform
 __all__ = [
     "BenchRow", "BenchResult", "predict", "top1", "evaluate", "per_image_macs", "run", "fit_policy", "mac_fraction",
     "keep_rate_for", "tome_r_for",
-    "ats_budgets", "clustr_settings", "default_layers", "default_policy", "sweep_policies", "imagefolder", "plot",
+    "ats_from", "clustr_settings", "default_layers", "default_policy", "sweep_policies", "imagefolder", "plot",
 ]
 
 
@@ -244,11 +243,10 @@ def tome_r_for(model: nn.Module, fraction: float, example_inputs=None) -> int:
     return fit_policy(model, ToMe, list(range(largest, -1, -1)), fraction, example_inputs).r
 
 
-def ats_budgets(tokens: int, prefix: int, layers: Sequence[int], keep_rate: float) -> ATS:
-    """ATS at ``layers`` with the token budgets EViT's ``keep_rate`` would leave there (compounding per block):
-    ``K_j = P + ceil(keep_rate^(j+1) · (N − P))``. ATS keeps at most that many, fewer where repeats collapse."""
-    budgets = (prefix + math.ceil(keep_rate ** (j + 1) * (tokens - prefix)) for j in range(len(layers)))
-    return ATS(tuple(max(2, prefix + 1, k) for k in budgets), tuple(layers))
+def ats_from(depth: int, start: int) -> ATS:
+    """ATS without a cap in every block from ``start`` on, of ``depth`` blocks: the official off-the-shelf form
+    (``start = depth // 4`` is its DeiT-S setting), with where it starts as the knob."""
+    return ATS(None, tuple(range(start, depth)))
 
 
 def clustr_settings(model: nn.Module, example_inputs=None) -> list[ClusTR]:
@@ -284,21 +282,20 @@ def sweep_policies(
     calibration: Tensor,
 ) -> list[Policy]:
     """Every method at the settings that leave (at most, as close as possible) each of ``fractions`` of the
-    dense MACs: EViT and Top-K at ``layers``, ToMe with one ``r`` in every block (as in its paper); ATS at
-    ``layers`` with EViT-like token budgets (:func:`ats_budgets`) fitted by its mean MACs per image on the
-    ``calibration`` images, and ATS without a cap from a quarter of the depth on (the official setting),
-    each followed by EViT and Top-K at the same MACs per image (settings that reach no lower fraction are
-    kept once); then ClusTR at :func:`clustr_settings`."""
+    dense MACs: EViT and Top-K at ``layers``, ToMe with one ``r`` in every block (as in its paper); ATS without
+    a cap from the block (:func:`ats_from`) fitted by its mean MACs per image on the ``calibration`` images,
+    and from a quarter of the depth on (the official setting), each ATS setting once, followed by EViT and
+    Top-K at its MACs per image; then ClusTR at :func:`clustr_settings`."""
     policies: list[Policy] = [
         method(keep_rate_for(model, method, layers, f, example_inputs), tuple(layers))
         for method in (EViT, TopK)
         for f in fractions
     ]
     policies += [ToMe(tome_r_for(model, f, example_inputs)) for f in fractions]
-    program = analyse(model, example_inputs)
-    family = partial(ats_budgets, program.tokens, program.prefix_tokens, tuple(layers))
-    samplers = [fit_policy(model, family, _KEEP_RATES, f, example_inputs, calibration) for f in fractions]
-    for ats in dict.fromkeys([*samplers, ATS().bind(len(program.blocks))]):
+    depth = len(analyse(model, example_inputs).blocks)
+    family = partial(ats_from, depth)
+    samplers = [fit_policy(model, family, range(depth), f, example_inputs, calibration) for f in fractions]
+    for ats in dict.fromkeys([*samplers, ATS().bind(depth)]):
         fraction = mac_fraction(model, ats, calibration, example_inputs)
         policies += [ats] + [
             method(keep_rate_for(model, method, layers, fraction, example_inputs), tuple(layers))

@@ -7,7 +7,7 @@ from PIL import Image
 import fxprune
 from fxprune import ATS, ClusTR, EViT, ToMe, TopK
 from fxprune.bench import (
-    ats_budgets,
+    ats_from,
     default_layers,
     evaluate,
     fit_policy,
@@ -90,16 +90,16 @@ def _scenes(split: str, count: int) -> torch.Tensor:
 
 def test_sweep_covers_every_method_at_each_fraction():
     model, calibration = digits_vit(), _scenes("train", 12)
-    policies = sweep_policies(model, (1, 3), fractions=(0.8, 0.4), calibration=calibration)
+    policies = sweep_policies(model, (1, 3), fractions=(0.8, 0.6), calibration=calibration)
     assert [type(p) for p in policies[:6]] == [EViT, EViT, TopK, TopK, ToMe, ToMe]
     assert [type(p) for p in policies[-4:]] == [ClusTR] * 4
     assert policies[0].keep_rate > policies[1].keep_rate and policies[4].r < policies[5].r
     assert policies[4].layers is None  # ToMe merges in every block, as in its paper
     samplers = policies[6:-4]  # each ATS setting, then EViT and Top-K at its MACs per image
-    assert [type(p) for p in samplers] == [ATS, EViT, TopK] * (len(samplers) // 3)
-    assert samplers[-3] == ATS(None, (1, 2, 3, 4, 5))  # no cap from a quarter of the depth on, as the official code
-    fitted = samplers[3] if len(samplers) == 9 else samplers[0]  # the fit for 0.4 (0.8 is out of ATS's reach)
-    assert fitted.layers == (1, 3) and mac_fraction(model, fitted, calibration) <= 0.4
+    assert [type(p) for p in samplers] == [ATS, EViT, TopK] * 3
+    starts = [p.layers[0] for p in samplers[::3]]
+    assert samplers[::3] == [ats_from(6, start) for start in starts] and starts[-1] == 1  # the last: official
+    assert starts[0] > starts[1]  # 80% of the MACs start later than 60%
     for ats, evit, topk in zip(samplers[::3], samplers[1::3], samplers[2::3]):
         fraction = mac_fraction(model, ats, calibration)
         assert _mac_fraction(model, evit) <= fraction < _mac_fraction(model, EViT(evit.keep_rate + 0.01, (1, 3)))
@@ -108,10 +108,10 @@ def test_sweep_covers_every_method_at_each_fraction():
 
 def test_adaptive_settings_are_fitted_by_their_mean_macs_per_image_on_calibration_images():
     model, calibration = digits_vit(), _scenes("train", 12)
-    family, rates = partial(ats_budgets, 65, 1, (1, 3)), [k / 100 for k in range(1, 101)]
-    policy = fit_policy(model, family, rates, 0.4, calibration=calibration)
-    chosen = max(i for i, rate in enumerate(rates) if family(rate) == policy)
-    assert mac_fraction(model, policy, calibration) <= 0.4 < mac_fraction(model, family(rates[chosen + 1]), calibration)
+    policy = fit_policy(model, partial(ats_from, 6), range(6), 0.7, calibration=calibration)
+    start = policy.layers[0]
+    assert mac_fraction(model, policy, calibration) <= 0.7 < mac_fraction(model, ats_from(6, start + 1), calibration)
+    assert _mac_fraction(model, policy) > 0.7  # the static layout's MACs would have chosen a later start
 
 
 def test_macs_of_a_method_that_pads_are_what_each_image_costs_alone():
