@@ -109,6 +109,16 @@ def test_reductions_after_ats_reduce_each_image_from_its_own_tokens(name, explic
     _assert_each_image_gets_what_it_gets_alone(gm, x)
 
 
+def test_inductor_runs_a_padded_chain_as_each_image_alone():
+    gm = fxprune.transform(_digits_vit(), AFTER_ATS["chain"])
+    x = _digit_scenes(8)
+    lowered = fxprune.lower(gm)  # inductor: the static layout, compiled
+    with torch.no_grad():
+        alone = torch.cat([gm(x[i : i + 1]) for i in range(len(x))])
+        torch.testing.assert_close(lowered(x), alone, atol=1e-4, rtol=0)
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize(
     "policy, steps",
     [
