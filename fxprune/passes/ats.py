@@ -5,9 +5,9 @@ sampled queries are attended with (:func:`~fxprune.passes.common.select_queries`
 placement, and fewer MACs than attending with every query and dropping rows afterwards. At an explicit
 ``softmax(q @ kᵀ) @ v`` the rows are selected after the residual add instead (same outputs). Either way
 the padding slots get size 0, which :func:`~fxprune.passes.tome.thread_sizes` turns into masked keys in
-every later attention, and :func:`~fxprune.passes.tome.thread_sizes` hands every later ATS block the sizes,
-so that its statistics cover each image's own tokens only. Every block places as many points as the
-model has tokens at its input (a shape read of the first block's input), as the official code.
+every later attention; it also hands the sizes to every later reduction (ATS included), so that each image
+is reduced from its own tokens. Every block places as many points as the model has tokens at its input (a
+shape read of the first block's input), as the official code does.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ token stream through every later block: each ToMe merge sums them, ATS gathers t
 slots have size 0), an EViT/Top-K selection gathers them (its fused token stands for every dropped
 token), and every later attention adds ``log(size)`` of its keys to the logits, as a float
 ``attn_mask`` to the kept SDPA call: ToMe's proportional attention (unless ``prop_attn=False``), and
-−inf for ATS's padding.
+−inf for ATS's padding. After ATS the batch is padded (size 0, after each image's own tokens), and every
+later reduction also reads the sizes, to reduce each image from its own tokens as it would alone.
 """
 
 from __future__ import annotations
