@@ -150,10 +150,11 @@ def run(
     for policy in policies:
         models[_describe(policy)] = (transform(model, policy, example_inputs=(example,)), policy)
     rows, dense = [], None
+    padding = any(_pads(policy) for _, policy in models.values())
+    images = torch.cat([x for x, _ in loader]) if padding else None  # run one by one for their MACs
     for name, (candidate, policy) in models.items():
         logits, labels, macs = predict(candidate, loader, progress=name if progress else None)
         if _pads(policy):
-            images = torch.cat([x for x, _ in loader])
             macs = per_image_macs(candidate, images, progress=f"{name}: MACs per image" if progress else None)
         dense = logits if dense is None else dense
         error = ((logits - dense).norm() / dense.norm()).item()
@@ -227,12 +228,7 @@ def keep_rate_for(
 ) -> float:
     """The keep rate (a multiple of 0.01) at which ``method(keep_rate, layers)`` leaves at most ``fraction``
     of the dense MACs, as close to it as possible."""
-    return fit_policy(model, partial(_keep_rate_policy, method, tuple(layers)), _KEEP_RATES, fraction,
-                      example_inputs).keep_rate
-
-
-def _keep_rate_policy(method: type[EViT], layers: tuple[int, ...], keep_rate: float) -> EViT:
-    return method(keep_rate, layers)
+    return fit_policy(model, lambda k: method(k, tuple(layers)), _KEEP_RATES, fraction, example_inputs).keep_rate
 
 
 def tome_r_for(model: nn.Module, fraction: float, example_inputs=None) -> int:

@@ -44,10 +44,10 @@ def _model_and_data(args: argparse.Namespace):
 
     if args.model == "digits":
         return digits_vit(), DigitScenes("test", args.images, seed=1), "digits_vit", "DigitScenes test"
-    if args.data is None:
-        raise FxPruneError(f"--data DIR is needed for {args.model}: an ImageFolder in ImageNet-val layout")
     import timm
 
+    if args.data is None:
+        raise FxPruneError(f"--data DIR is needed for {args.model}: an ImageFolder in ImageNet-val layout")
     model = timm.create_model(args.model, pretrained=args.pretrained).eval()
     data = imagefolder(model, args.data)
     if args.images < len(data):
