@@ -20,15 +20,18 @@ from tqdm import tqdm
 
 from .analysis import analyse
 from .flops import MacCounter
-from .plan import Plan
-from .policies import ATS, ClusTR, Compose, EViT, Policy, ToMe, TopK
+from .methods import Method, SweepContext, method_of, methods
+from .methods.evit import EViT
+from .methods.tome import ToMe
+from .planning import Plan
+from .policies import Compose, Policy
 from .speed import interleaved, machine
 from .transform import plan, rewrite, transform
 
 __all__ = [
     "BenchRow", "BenchResult", "predict", "top1", "evaluate", "per_image_macs", "run", "fit_policy", "mac_fraction",
-    "keep_rate_for", "tome_r_for",
-    "ats_from", "clustr_settings", "default_layers", "default_policy", "sweep_policies", "imagefolder", "plot",
+    "sweep_context", "fit_method", "keep_rate_for", "tome_r_for", "default_layers", "default_policy",
+    "sweep_policies", "imagefolder", "plot",
 ]
 
 
@@ -118,7 +121,7 @@ def per_image_macs(model: nn.Module, images: Tensor, progress: str | None = None
 
 def _pads(policy: Policy | Compose | None) -> bool:
     """Whether ``policy`` keeps a different number of tokens per image (its batches hold padding)."""
-    return policy is not None and any(part.pads_tokens for part in policy.policies())
+    return policy is not None and any(method_of(part).pads_tokens for part in policy.policies())
 
 
 def _describe(policy: Policy | Compose) -> str:
@@ -180,9 +183,6 @@ def _take(loader: DataLoader, images: int):
             return
 
 
-_KEEP_RATES = [k / 100 for k in range(1, 101)]  # the settings keep rates are fitted over
-
-
 def fit_policy(
     model: nn.Module,
     family: Callable[[Any], Policy],
@@ -223,38 +223,38 @@ def mac_fraction(
     return per_image_macs(checked_once, images) / dense
 
 
+def sweep_context(
+    model: nn.Module, layers: Sequence[int], example_inputs=None, calibration: Tensor | None = None
+) -> SweepContext:
+    """What the methods' bench settings are chosen from (:class:`~fxprune.methods.SweepContext`)."""
+    program = analyse(model, example_inputs)
+    return SweepContext(
+        model, tuple(layers), len(program.blocks), program.tokens, program.prefix_tokens,
+        program.blocks[0].attention.num_heads, example_inputs, calibration,
+    )
+
+
+def fit_method(method: Method, ctx: SweepContext, fraction: float, adaptive: bool = False) -> Policy:
+    """``method``'s knob fitted to leave at most ``fraction`` of the dense MACs (``adaptive``: by the mean MACs per
+    image on ``ctx.calibration``, for a method whose images keep different numbers of tokens)."""
+    family = partial(method.knob.family, ctx)
+    calibration = ctx.calibration if adaptive else None
+    return fit_policy(ctx.model, family, method.knob.values(ctx), fraction, ctx.example_inputs, calibration)
+
+
 def keep_rate_for(
     model: nn.Module, method: type[EViT], layers: Sequence[int], fraction: float, example_inputs=None
 ) -> float:
     """The keep rate (a multiple of 0.01) at which ``method(keep_rate, layers)`` leaves at most ``fraction``
     of the dense MACs, as close to it as possible."""
-    return fit_policy(model, lambda k: method(k, tuple(layers)), _KEEP_RATES, fraction, example_inputs).keep_rate
+    ctx = sweep_context(model, layers, example_inputs)
+    return fit_method(method_of(method), ctx, fraction).keep_rate
 
 
 def tome_r_for(model: nn.Module, fraction: float, example_inputs=None) -> int:
     """The ``r`` at which ``ToMe(r)`` (every block) leaves at most ``fraction`` of the dense MACs, as close as
     possible."""
-    program = analyse(model, example_inputs)
-    largest = (program.tokens - program.prefix_tokens) // 2
-    return fit_policy(model, ToMe, list(range(largest, -1, -1)), fraction, example_inputs).r
-
-
-def ats_from(depth: int, start: int) -> ATS:
-    """ATS without a cap in every block from ``start`` on, of ``depth`` blocks: the official off-the-shelf form
-    (``start = depth // 4`` is its DeiT-S setting), with where it starts as the knob."""
-    return ATS(None, tuple(range(start, depth)))
-
-
-def clustr_settings(model: nn.Module, example_inputs=None) -> list[ClusTR]:
-    """ClusTR in every block with ``M`` = ½, ¼ and ⅛ of the patch tokens, and the multi-scale pair
-    (⅛, ½) across two head groups where the heads split in two. Its MACs cannot fall to a fixed
-    fraction (the MLPs and projections are untouched), so it is benchmarked at cluster counts."""
-    program = analyse(model, example_inputs)
-    patches = program.tokens - program.prefix_tokens
-    settings = [ClusTR(max(1, patches // d)) for d in (2, 4, 8)]
-    if program.blocks[0].attention.num_heads % 2 == 0:
-        settings.append(ClusTR((max(1, patches // 8), max(1, patches // 2))))
-    return settings
+    return fit_method(method_of(ToMe), sweep_context(model, (), example_inputs), fraction).r
 
 
 def default_layers(model: nn.Module, example_inputs=None) -> tuple[int, ...]:
@@ -277,27 +277,26 @@ def sweep_policies(
     *,
     calibration: Tensor,
 ) -> list[Policy]:
-    """Every method at the settings that leave (at most, as close as possible) each of ``fractions`` of the
-    dense MACs: EViT and Top-K at ``layers``, ToMe with one ``r`` in every block (as in its paper); ATS without
-    a cap from the block (:func:`ats_from`) fitted by its mean MACs per image on the ``calibration`` images,
-    and from a quarter of the depth on (the official setting), each ATS setting once, followed by EViT and
-    Top-K at its MACs per image; then ClusTR at :func:`clustr_settings`."""
-    policies: list[Policy] = [
-        method(keep_rate_for(model, method, layers, f, example_inputs), tuple(layers))
-        for method in (EViT, TopK)
-        for f in fractions
-    ]
-    policies += [ToMe(tome_r_for(model, f, example_inputs)) for f in fractions]
-    depth = len(analyse(model, example_inputs).blocks)
-    family = partial(ats_from, depth)
-    samplers = [fit_policy(model, family, range(depth), f, example_inputs, calibration) for f in fractions]
-    for ats in dict.fromkeys([*samplers, ATS().bind(depth)]):
-        fraction = mac_fraction(model, ats, calibration, example_inputs)
-        policies += [ats] + [
-            method(keep_rate_for(model, method, layers, fraction, example_inputs), tuple(layers))
-            for method in (EViT, TopK)
-        ]
-    return policies + clustr_settings(model, example_inputs)
+    """Every registered method at the settings its spec gives ``fxprune bench``, in three groups:
+
+    1. each method with a knob, fitted to leave (at most, as close as possible) each of ``fractions`` of the
+       dense MACs (methods placed at a few blocks, at ``layers``);
+    2. each adaptive method (images keep different numbers of tokens) fitted by its mean MACs per image on the
+       ``calibration`` images, plus its extra settings, each setting once and followed by the methods of group
+       1 placed at ``layers``, fitted to its MACs per image;
+    3. each method's fixed settings.
+    """
+    ctx = sweep_context(model, layers, example_inputs, calibration)
+    fitted = [m for m in methods() if m.knob is not None and not m.pads_tokens]
+    adaptive = [m for m in methods() if m.knob is not None and m.pads_tokens]
+    policies = [fit_method(method, ctx, f) for method in fitted for f in fractions]
+    for method in adaptive:
+        settings = [fit_method(method, ctx, f, adaptive=True) for f in fractions]
+        settings += method.knob.extra(ctx) if method.knob.extra is not None else []
+        for setting in dict.fromkeys(settings):
+            fraction = mac_fraction(model, setting, calibration, example_inputs)
+            policies += [setting] + [fit_method(m, ctx, fraction) for m in fitted if m.knob.at_layers]
+    return policies + [policy for method in methods() if method.settings is not None for policy in method.settings(ctx)]
 
 
 def imagefolder(model: nn.Module, root: str | Path) -> Dataset:
@@ -319,9 +318,7 @@ def plot(result: BenchResult, path: str | Path) -> None:
     dense = result.rows[0]
     curves: dict[str, list[BenchRow]] = {}
     for row in result.rows[1:]:
-        key = row.policy.method if isinstance(row.policy, Policy) else row.policy.describe()
-        if isinstance(row.policy, ClusTR) and len(row.policy.scales) > 1:
-            key += " multi-scale"
+        key = row.policy.curve() if isinstance(row.policy, Policy) else row.policy.describe()
         curves.setdefault(key, []).append(row)
     figure, axes = plt.subplots(figsize=(6, 4.2), dpi=120)
     for key, rows in curves.items():

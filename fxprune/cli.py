@@ -101,6 +101,7 @@ def _bench(args: argparse.Namespace) -> None:
 
 def _show(args: argparse.Namespace) -> None:
     from .bench import default_policy
+    from .methods import method_of
     from .policies import parse_policy
     from .show import draw_clusters, draw_kept_patches, kept_counts
     from .transform import transform
@@ -109,12 +110,12 @@ def _show(args: argparse.Namespace) -> None:
     images = torch.stack([data[i][0] for i in range(args.scenes)])
     labels = [str(data[i][1]) for i in range(args.scenes)]
     policy = parse_policy(args.policy) if args.policy else default_policy(model, example_inputs=(images[:2],))
-    fast = transform(model, policy, example_inputs=(images[:2],))
-    if not any(part.reduces_tokens for part in policy.policies()):
-        print(f"wrote {draw_clusters(fast, images, args.out, labels=labels)}: {policy}")
+    reduced = transform(model, policy, example_inputs=(images[:2],))
+    if not any(method_of(part).reduces_tokens for part in policy.policies()):
+        print(f"wrote {draw_clusters(reduced, images, args.out, labels=labels)}: {policy}")
         return
-    print(f"wrote {draw_kept_patches(fast, images, args.out, labels=labels)}: {policy}")
-    for block, mean, low, high in kept_counts(fast, images):
+    print(f"wrote {draw_kept_patches(reduced, images, args.out, labels=labels)}: {policy}")
+    for block, mean, low, high in kept_counts(reduced, images):
         print(f"  block {block}: {mean:.1f} tokens kept per image (min {low}, max {high})")
 
 

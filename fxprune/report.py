@@ -8,7 +8,7 @@ import torch.fx as fx
 
 from .capture import TraceInfo
 from .errors import FxPruneError
-from .plan import Plan
+from .planning import Plan
 
 __all__ = ["Report", "report"]
 

@@ -21,9 +21,9 @@ import torch.fx as fx
 from PIL import Image, ImageDraw
 
 from .errors import FxPruneError
-from .ops import STREAM_FUNCTIONS, clustered_attention, padded_cluster_keys_values
+from .ops import clustered_attention, op_of, padded_cluster_keys_values
 from .ops.clustering import cluster_assignment, key_weights
-from .passes.common import SIZES_ROLE
+from .passes.common import Role, tag_of
 
 __all__ = ["TokenStep", "token_sources", "kept_counts", "draw_kept_patches", "cluster_maps", "draw_clusters"]
 
@@ -54,7 +54,8 @@ class _SourceTracker(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
-        if n.op == "call_function" and n.target in STREAM_FUNCTIONS and n.meta["fxprune"]["role"] != SIZES_ROLE:
+        op, tag = op_of(n.target), tag_of(n)
+        if op is not None and op.stream and tag is not None and tag.role is not Role.STATE:
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             tokens = args[0]
             if self.sources is None:
@@ -62,7 +63,7 @@ class _SourceTracker(fx.Interpreter):
                 self.sources = eye.expand(tokens.shape[0], -1, -1)
             result = n.target(self.sources, *args[1:], **kwargs)
             self.sources = result[0] if isinstance(result, tuple) else result
-            block = n.meta["fxprune"]["block"]
+            block = tag.block
             if self.steps and self.steps[-1].block == block:  # one block's several stream steps: keep its last
                 self.steps.pop()
             self.steps.append(TokenStep(block, n.name, self.sources))
@@ -187,7 +188,7 @@ class _ClusterRecorder(fx.Interpreter):
             weights = key_weights(kwargs.get("attn_mask"), k.shape[0], k.shape[2], torch.float32, k.device)
             clusters = min(scales[0], k.shape[2] - prefix)
             assign = cluster_assignment(k, clusters, prefix, clustering, iterations, weights)
-            self.maps.append((n.meta["fxprune"]["block"], assign))
+            self.maps.append((tag_of(n).block, assign))
         return super().run_node(n)
 
 

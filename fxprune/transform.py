@@ -11,7 +11,7 @@ from torch import nn
 from .analysis import analyse
 from .capture import trace
 from .passes import apply_passes
-from .plan import Plan, macs_per_block, make_plan, record_tokens
+from .planning import Plan, macs_per_block, make_plan, measure_tokens
 from .policies import Compose, Policy
 from .verify import verify
 
@@ -28,14 +28,15 @@ def rewrite(
     """The rewritten module and its plan: what :func:`transform` returns (``second_batch=False``: checked at the
     captured batch size only, as :func:`plan` with ``fast``) and :func:`plan` reports."""
     program = analyse(trace(model, example_inputs, copy_weights=copy_weights))
-    the_plan = make_plan(program, policy)
+    planned = make_plan(program, policy)
     dense_macs = macs_per_block(program.gm, program.blocks, program.batch)
-    gm = apply_passes(program.gm, program, the_plan)
-    verify(gm, program, the_plan, second_batch)
-    record_tokens(the_plan, program)
-    the_plan.set_macs(dense_macs, macs_per_block(gm, program.blocks, program.batch))
-    _finalize(gm, the_plan)
-    return gm, the_plan
+    gm = apply_passes(program.gm, program, list(planned.rows))
+    verify(gm, program, planned, second_batch)
+    measured = planned.measured(
+        measure_tokens(program, planned), dense_macs, macs_per_block(gm, program.blocks, program.batch)
+    )
+    _finalize(gm, measured)
+    return gm, measured
 
 
 def _finalize(gm: fx.GraphModule, the_plan: Plan) -> None:

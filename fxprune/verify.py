@@ -15,17 +15,14 @@ import torch.utils._pytree as pytree
 from .analysis import TokenProgram, module_path
 from .capture import ValuePropagationError, propagate
 from .errors import FxPruneError, UnsupportedModelError
-from .plan import Plan, selection_node, token_count
+from .passes.common import stream_node, tag_of
+from .planning import Plan, token_count
 
 __all__ = ["verify"]
 
 
 def _where(node: fx.Node) -> str:
     return f"node {node.name!r} in {module_path(node) or 'the top-level forward'}"
-
-
-def _inserted(node: fx.Node) -> bool:
-    return "fxprune" in node.meta
 
 
 def _check_batch(gm: fx.GraphModule, values: dict[fx.Node, Any], batch: int) -> None:
@@ -37,12 +34,12 @@ def _check_batch(gm: fx.GraphModule, values: dict[fx.Node, Any], batch: int) -> 
 
 
 def _check_selections(program: TokenProgram, plan: Plan, values: dict[fx.Node, Any]) -> None:
-    """Each selection keeps exactly the tokens its policy's formula gives for the tokens it receives."""
+    """Each block's new stream has exactly the tokens its policy's formula gives for the tokens it receives."""
     for row in plan.rows:
-        selection = selection_node(program, row.index) if row.policy is not None else None
-        if selection is None:
+        stream = stream_node(program.gm, row.index) if row.policy is not None else None
+        if stream is None:
             continue
-        got, received = token_count(values[selection]), token_count(values[program.blocks[row.index].input])
+        got, received = token_count(values[stream]), token_count(values[program.blocks[row.index].input])
         expected = row.policy.tokens_out(received, program.prefix_tokens, row.index)
         if got != expected:
             raise FxPruneError(
@@ -86,13 +83,13 @@ def _check_literals(gm: fx.GraphModule, program: TokenProgram, plan: Plan) -> No
     if not reduced:
         return
     first = reduced[0]
-    start = selection_node(program, first.index)
+    start = stream_node(program.gm, first.index)
     tokens = program.blocks[first.index].tokens
     patches = tokens - program.prefix_tokens
     downstream = False
     for node in gm.graph.nodes:
         downstream = downstream or node is start
-        if not downstream or _inserted(node) or node.op not in ("call_function", "call_method"):
+        if not downstream or tag_of(node) is not None or node.op not in ("call_function", "call_method"):
             continue
         for value, in_slice in _literals((node.args, node.kwargs)):
             if value == tokens or (in_slice and value == patches):

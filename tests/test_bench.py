@@ -7,7 +7,6 @@ from PIL import Image
 import fxprune
 from fxprune import ATS, ClusTR, EViT, ToMe, TopK
 from fxprune.bench import (
-    ats_from,
     default_layers,
     evaluate,
     fit_policy,
@@ -20,6 +19,7 @@ from fxprune.bench import (
     tome_r_for,
 )
 from fxprune.datasets import DigitScenes
+from fxprune.methods.ats import ats_from
 from fxprune.models import digits_vit
 
 

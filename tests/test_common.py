@@ -5,8 +5,8 @@ from vits import hf_vit, image_batch, logits, timm_vit, torchvision_vit, with_ex
 import fxprune
 from fxprune import ATS, TopK
 from fxprune.analysis import SDPA_TARGETS
+from fxprune.methods import ats, evit
 from fxprune.ops import gather_queries
-from fxprune.passes import ats, evit
 
 
 @pytest.mark.parametrize("policy", [ATS(9, (1,)), TopK(0.5, (1,))], ids=["ats", "topk"])
@@ -33,7 +33,7 @@ def test_keeping_rows_inside_the_attention_gives_the_outputs_of_selecting_after_
     inside = fxprune.transform(model, policy)
     assert any(n.target is gather_queries for n in inside.graph.nodes)
     for module in (ats, evit):
-        monkeypatch.setattr(module, "gathers_queries", lambda block: False)
+        monkeypatch.setattr(module, "can_select_queries", lambda block: False)
     after = fxprune.transform(model, policy)
     assert not any(n.target is gather_queries for n in after.graph.nodes)
     x = image_batch(model, batch=4, dtype=torch.float64)

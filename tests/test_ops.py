@@ -197,7 +197,7 @@ def test_evit_select_puts_each_images_fused_token_right_after_its_own_kept_token
     assert out.shape == (2, 5, 3)
     alone = evit_select(x[1:, :4], scores[1:, :4], 0.5, 1, True)  # image 1 alone: class, 2 kept, fused
     torch.testing.assert_close(out[1, :4], alone[0])
-    sizes = evit_select_sizes(size, scores, 0.5, 1, True, padded=True)
+    sizes = evit_select_sizes(size, scores, 0.5, 1, True, size=size)
     assert sizes[:, :, 0].tolist() == [[1, 1, 1, 1, 3], [1, 1, 1, 1, 0]]
 
 

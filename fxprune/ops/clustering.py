@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .registry import graph_op
 from .selection import add_rows
 
 NEIGHBOURS = 5  # DPC-KNN's k: a token's density is read from its 5 nearest tokens, itself included (official)
@@ -211,6 +212,7 @@ def cluster_keys_values(
     return means(k), means(v), sizes[:, None, None, :, 0].log().to(k.dtype)
 
 
+@graph_op(reads_mask=True)
 def clustered_attention(
     q: Tensor,
     k: Tensor,
@@ -243,6 +245,7 @@ def clustered_attention(
     return outputs[0] if groups == 1 else torch.cat(outputs, dim=1)
 
 
+@graph_op(reads_mask=True)
 def padded_cluster_keys_values(
     k: Tensor, v: Tensor, num_clusters: tuple[int, ...], num_prefix: int, clustering: str, iterations: int,
     attn_mask: Tensor | None = None,

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor
 
+from .registry import POSITIONS, follows, graph_op
 from .selection import add_rows, gather_tokens
 
 
@@ -90,6 +91,7 @@ def merge_sum(x: Tensor, unmerged: Tensor, merged: Tensor, destination: Tensor, 
     return merged_tokens if order == list(range(len(order))) else merged_tokens[:, order]
 
 
+@graph_op(stream=True, sized=True, padding="padded")
 def tome_merge(
     x: Tensor, size: Tensor | None, keys: Tensor, r: int, prefix: int, padded: bool = False
 ) -> tuple[Tensor, Tensor]:
@@ -119,11 +121,35 @@ def tome_merge(
     return x_out, size_out
 
 
+@follows(tome_merge, POSITIONS)
+def tome_merge_positions(
+    positions: Tensor, size: Tensor | None, keys: Tensor, r: int, prefix: int, padded: bool = False
+) -> Tensor:
+    """The positions ``[B, N − r, 1]`` of the tokens :func:`tome_merge` gives with the same arguments, from those
+    of its input ``[B, N, 1]``: a token that merged nothing keeps its position; a merged token (and padding)
+    gets −1. Repeats the matching (a cheap part of the merge) rather than change the merge's results."""
+    r = tome_merged_tokens(positions.shape[1], prefix, r)
+    if r == 0:
+        return positions
+    real = torch.ones_like(positions) if size is None else (size > 0).to(positions.dtype)
+    with torch.no_grad():
+        if padded:
+            width = positions.shape[1] - r
+            rows = padded_merge_rows(keys.mean(dim=1), r, prefix, real[..., 0] > 0, width)
+            count, summed = _sum_rows(real, rows, width), _sum_rows(positions * real, rows, width)
+        else:
+            unmerged, merged, destination = bipartite_matching(keys.mean(dim=1), r, prefix)
+            count = merge_sum(real, unmerged, merged, destination, prefix)
+            summed = merge_sum(positions, unmerged, merged, destination, prefix)
+    return torch.where(count == 1, summed, -1)
+
+
 def _sum_rows(x: Tensor, rows: Tensor, width: int) -> Tensor:
     """The rows of ``x`` ``[B, N, c]`` summed into ``width`` output rows by ``rows`` ``[B, N]``: ``[B, width, c]``."""
     return add_rows(x.new_zeros(x.shape[0], width, x.shape[-1]), rows, x)
 
 
+@graph_op()
 def size_bias(size: Tensor, attn_mask: Tensor | None, like: Tensor, proportional: bool = True) -> Tensor:
     """ToMe's proportional attention: ``log(size)`` per key as an additive SDPA mask ``[B, 1, 1, N]`` (not
     ``proportional``: 0, and −inf for padding, size 0).

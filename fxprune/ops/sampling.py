@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .registry import POSITIONS, follows, graph_op
 from .selection import after_prefix, gather_tokens
 
 # an ATS cap: a token count (prefix tokens included), a ratio of the incoming tokens, or None (no cap)
@@ -106,6 +107,7 @@ def _static_shapes(x: Tensor) -> bool:
     return torch.compiler.is_compiling() or isinstance(x, torch._subclasses.FakeTensor)
 
 
+@graph_op(padding="size")
 def ats_index(
     class_row: Tensor, v: Tensor, cap: Cap, num_prefix: int, ref_tokens: int, size: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -133,11 +135,13 @@ def ats_index(
     return after_prefix(index, num_prefix), torch.cat([valid.new_ones(batch, num_prefix), valid], dim=1)
 
 
+@graph_op()
 def gather_queries(q: Tensor, index: Tensor) -> Tensor:
     """The query rows ``index`` ``[B, K]`` of ``q`` ``[B, H, N, d]``: ``[B, H, K, d]``."""
     return gather_tokens(q.transpose(1, 2), index).transpose(1, 2)
 
 
+@graph_op(stream=True, sized=True)
 def ats_pad(x: Tensor, size: Tensor | None, index: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
     """Zero the padding rows of the kept tokens ``x`` ``[B, K, C]`` and give them size 0; other rows keep
     the ``size`` ``[B, N, 1]`` (None: all ones) of the token they came from. Returns (tokens, sizes)."""
@@ -146,10 +150,8 @@ def ats_pad(x: Tensor, size: Tensor | None, index: Tensor, valid: Tensor) -> tup
     return x * keep, sizes
 
 
-def ats_select(
-    x: Tensor, size: Tensor | None, class_row: Tensor, v: Tensor, cap: Cap, num_prefix: int, ref_tokens: int
-) -> tuple[Tensor, Tensor]:
-    """ATS in one block, selecting after the residual add: the rows :func:`ats_index` keeps of ``x``
-    ``[B, N, C]``, padding zeroed with size 0 (so later attention masks it). Returns (tokens, sizes)."""
-    index, valid = ats_index(class_row, v, cap, num_prefix, ref_tokens, size)
-    return ats_pad(gather_tokens(x, index), size, index, valid)
+@follows(ats_pad, POSITIONS)
+def ats_pad_positions(positions: Tensor, size: Tensor | None, index: Tensor, valid: Tensor) -> Tensor:
+    """The positions ``[B, K, 1]`` of the rows :func:`ats_pad` gives, from those of the block's input ``[B, N, 1]``
+    (the rows ``index`` ``[B, K]`` were kept): a kept token keeps its position, padding gets −1."""
+    return gather_tokens(positions, index).masked_fill(~valid.unsqueeze(-1), -1)

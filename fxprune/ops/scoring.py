@@ -5,11 +5,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .registry import graph_op
+
 
 def _score_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+@graph_op(reads_mask=True)
 def class_attention(q: Tensor, k: Tensor, scale: float | None = None, attn_mask: Tensor | None = None) -> Tensor:
     """Attention of the class token (query 0) over every key, averaged over heads.
 
@@ -29,6 +32,7 @@ def class_attention(q: Tensor, k: Tensor, scale: float | None = None, attn_mask:
     return logits.softmax(dim=-1).mean(dim=1)[:, 0]
 
 
+@graph_op()
 def class_attention_from_probs(probs: Tensor) -> Tensor:
     """Class-token row of an explicit attention map ``[B, H, N, N]``, averaged over heads: ``[B, N]``."""
     return probs[:, :, 0].to(_score_dtype(probs.dtype)).mean(dim=1)

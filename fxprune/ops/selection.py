@@ -12,6 +12,8 @@ import math
 import torch
 from torch import Tensor
 
+from .registry import POSITIONS, SIZES, follows, graph_op
+
 
 def evit_kept_tokens(candidates: int, keep_rate: float) -> int:
     """Tokens EViT keeps out of ``candidates`` non-prefix tokens: ``ceil(keep_rate · candidates)``."""
@@ -23,6 +25,20 @@ def _flat_index(index: Tensor, rows: int) -> Tensor:
     return (index + rows * torch.arange(index.shape[0], device=index.device).unsqueeze(1)).reshape(-1)
 
 
+@graph_op()
+def initial_state(tokens: Tensor, channel: str) -> Tensor:
+    """Token state ``[B, N, 1]`` of the rows of ``tokens`` ``[B, N, C]`` as they enter the model's first block:
+    ``"sizes"`` 1 (each row one patch), ``"positions"`` 0…N−1 (int64). A rewrite reads a channel through this
+    call; token-state threading replaces it by the threaded state where an earlier block changed the rows."""
+    batch, rows = tokens.shape[0], tokens.shape[1]
+    if channel == POSITIONS:
+        return torch.arange(rows, device=tokens.device).view(1, rows, 1).expand(batch, rows, 1)
+    if channel == SIZES:
+        return tokens.new_ones(batch, rows, 1)
+    raise ValueError(f"unknown token-state channel {channel!r}")
+
+
+@graph_op(stream=True, carries=(SIZES, POSITIONS))
 def gather_tokens(tokens: Tensor, index: Tensor) -> Tensor:
     """Rows ``index`` ``[B, K]`` of ``tokens`` ``[B, N, …]``: ``[B, K, …]``."""
     batch, rows, rest = tokens.shape[0], tokens.shape[1], tokens.shape[2:]
@@ -56,6 +72,7 @@ def _kept_counts(own: Tensor, keep_rate: float) -> Tensor:
     return torch.minimum(own, (own.to(torch.float64) * keep_rate).ceil().to(own.dtype))
 
 
+@graph_op(padding="size")
 def topk_rows(scores: Tensor, keep_rate: float, num_prefix: int, size: Tensor | None = None) -> Tensor:
     """Rows Top-K keeps of the tokens scored ``scores`` ``[B, N]``: the prefix rows, then the
     ``K = ceil(keep_rate · (N − P))`` other rows with the largest scores, largest first: ``[B, P + K]``.
@@ -83,18 +100,21 @@ def _drops_tokens(tokens: int, keep_rate: float, num_prefix: int) -> bool:
     return evit_kept_tokens(tokens - num_prefix, keep_rate) < tokens - num_prefix
 
 
-def _with_fused(kept: Tensor, fused: Tensor, size: Tensor | None, keep_rate: float, num_prefix: int) -> Tensor:
+def _with_fused(
+    kept: Tensor, fused: Tensor, size: Tensor | None, keep_rate: float, num_prefix: int, blank: float = 0.0
+) -> Tensor:
     """``kept`` ``[B, P + K, c]`` followed by the fused token ``fused`` ``[B, 1, c]``: ``[B, P + K + 1, c]``. In a
-    padded batch (``size`` given) each image's fused token goes right after its own kept tokens (its padding
-    follows), where it is alone."""
+    padded batch (``size`` given) each image's fused token goes right after its own kept tokens (its padding,
+    whose last row is ``blank``, follows), where it is alone."""
     if size is None:
         return torch.cat([kept, fused], dim=1)
-    out = torch.cat([kept, torch.zeros_like(fused)], dim=1)
+    out = torch.cat([kept, torch.full_like(fused, blank)], dim=1)
     at = num_prefix + _kept_counts(own_counts(size, num_prefix), keep_rate)
     here = (torch.arange(out.shape[1], device=out.device) == at.unsqueeze(1)).unsqueeze(-1)
     return torch.where(here, fused, out)
 
 
+@graph_op(stream=True, padding="size")
 def evit_select(
     x: Tensor, scores: Tensor, keep_rate: float, num_prefix: int, fuse: bool, size: Tensor | None = None
 ) -> Tensor:
@@ -116,19 +136,33 @@ def evit_select(
     return _with_fused(kept, torch.bmm(dropped.unsqueeze(1), x), size, keep_rate, num_prefix)
 
 
+@follows(evit_select, SIZES)
 def evit_select_sizes(
-    size: Tensor, scores: Tensor, keep_rate: float, num_prefix: int, fuse: bool, padded: bool = False
+    sizes: Tensor, scores: Tensor, keep_rate: float, num_prefix: int, fuse: bool, size: Tensor | None = None
 ) -> Tensor:
-    """The sizes ``[B, N', 1]`` (patches each token stands for) after :func:`evit_select` with the same scores
-    (``padded``: as it selects in a padded batch, where padding has size 0).
+    """The sizes ``[B, N', 1]`` (patches each token stands for) of the tokens :func:`evit_select` gives with the
+    same arguments, from the sizes ``[B, N, 1]`` of its input (``size``, as there: the sizes of a padded batch).
 
     Kept tokens keep their size; the fused token stands for every dropped token, so its size is theirs summed.
     """
-    if not _drops_tokens(size.shape[1], keep_rate, num_prefix):
-        return size
-    layout = size if padded else None
-    kept = gather_tokens(size, topk_rows(scores, keep_rate, num_prefix, layout))
+    if not _drops_tokens(sizes.shape[1], keep_rate, num_prefix):
+        return sizes
+    kept = gather_tokens(sizes, topk_rows(scores, keep_rate, num_prefix, size))
     if not fuse:
         return kept
-    fused = size.sum(1, keepdim=True) - kept.sum(1, keepdim=True)
-    return _with_fused(kept, fused, layout, keep_rate, num_prefix)
+    fused = sizes.sum(1, keepdim=True) - kept.sum(1, keepdim=True)
+    return _with_fused(kept, fused, size, keep_rate, num_prefix)
+
+
+@follows(evit_select, POSITIONS)
+def evit_select_positions(
+    positions: Tensor, scores: Tensor, keep_rate: float, num_prefix: int, fuse: bool, size: Tensor | None = None
+) -> Tensor:
+    """The positions ``[B, N', 1]`` of the tokens :func:`evit_select` gives with the same arguments, from those of
+    its input ``[B, N, 1]``: a kept token keeps its position, the fused token (and padding) gets −1."""
+    if not _drops_tokens(positions.shape[1], keep_rate, num_prefix):
+        return positions
+    kept = gather_tokens(positions, topk_rows(scores, keep_rate, num_prefix, size))
+    if not fuse:
+        return kept
+    return _with_fused(kept, torch.full_like(kept[:, :1], -1), size, keep_rate, num_prefix, blank=-1)

@@ -1,32 +1,63 @@
-"""Graph rewrites, one per method. A pass is ``(GraphModule, TokenProgram, Plan, policy) -> GraphModule``."""
+"""Shared graph surgery: the block-rewrite loop, insertion helpers (:mod:`.common`), token-state threading
+(:mod:`.state`) and learned submodules (:mod:`.learned`). Each method's own rewrite is in :mod:`fxprune.methods`."""
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch.fx as fx
 
 from ..analysis import TokenProgram
-from ..plan import Plan
-from ..policies import ATS, ClusTR, EViT, Policy, ToMe, TopK
-from .ats import ats_pass
-from .clustr import clustr_pass
-from .evit import evit_pass
-from .tome import thread_sizes, tome_pass
+from ..errors import FxPruneError
+from ..ops import op_of
+from .common import Rewrite, Role, tag
+from .state import thread_state
 
-Pass = Callable[[fx.GraphModule, TokenProgram, Plan, Policy], fx.GraphModule]
-
-PASSES: dict[type[Policy], Pass] = {
-    EViT: evit_pass, TopK: evit_pass, ToMe: tome_pass, ATS: ats_pass, ClusTR: clustr_pass
-}
+__all__ = ["apply_passes", "rewrite_blocks"]
 
 
-def apply_passes(gm: fx.GraphModule, program: TokenProgram, plan: Plan) -> fx.GraphModule:
-    """Run the pass of every policy in ``plan`` on ``gm`` (the program's graph module)."""
-    for policy in plan.policy.policies():
-        gm = PASSES[type(policy)](gm, program, plan, policy)
-    if any(isinstance(policy, (ToMe, ATS)) for policy in plan.policy.policies()):
-        gm = thread_sizes(gm, program, plan)
+def rewrite_blocks(gm: fx.GraphModule, program: TokenProgram, rows: list, train: bool = False) -> None:
+    """Run each planned block's rewrite on ``gm`` (the program's graph module) and tag the node that carries its
+    new token stream; ``train``: the training rewrite of learned methods. Raises when a rewrite breaks the
+    contract (a reducing method whose rewrite names no stream node, or one whose function declares no role)."""
+    for row in rows:
+        if row.method is None:
+            continue
+        rewrite = row.method.rewrite
+        if train and row.method.learned is not None:
+            rewrite = row.method.learned.train_rewrite
+        result = rewrite(gm, program, program.blocks[row.index], row.policy)
+        if not isinstance(result, Rewrite):
+            raise FxPruneError(f"the rewrite of method {row.method.name!r} returned {result!r}, not a Rewrite")
+        _check_stream(row, result)
+        if result.stream is not None:
+            tag(result.stream, row.index, Role.STREAM)
+
+
+def _check_stream(row, result: Rewrite) -> None:
+    method = row.method
+    if result.stream is None:
+        if method.reduces_tokens:
+            raise FxPruneError(
+                f"the rewrite of method {method.name!r} at block {row.index} changes the token rows but names no "
+                "stream node: return Rewrite(stream=node)"
+            )
+        return
+    op = op_of(result.stream.target)
+    if op is None or not op.stream:
+        raise FxPruneError(
+            f"method {method.name!r}: its stream node {result.stream.name} calls a function not declared as a "
+            "stream function: decorate it with fxprune.ops.graph_op(stream=True)"
+        )
+    if op.sized != method.carries_sizes:
+        raise FxPruneError(
+            f"method {method.name!r} declares carries_sizes={method.carries_sizes}, but its stream function "
+            f"{result.stream.target.__name__} is {'' if op.sized else 'not '}sized"
+        )
+
+
+def apply_passes(gm: fx.GraphModule, program: TokenProgram, rows: list, train: bool = False) -> fx.GraphModule:
+    """Rewrite every planned block of ``gm``, then thread token state through the blocks (sizes, positions)."""
+    rewrite_blocks(gm, program, rows, train)
+    thread_state(gm, program, rows)
     gm.graph.lint()
     gm.recompile()
     return gm

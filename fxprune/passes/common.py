@@ -1,7 +1,15 @@
-"""Graph surgery shared by the passes: inserting nodes for a block and rerouting the token stream."""
+"""Graph surgery shared by the block rewrites: inserting nodes for a block, tagging them, rerouting the stream.
+
+Every node a rewrite inserts carries a :class:`Tag` in ``node.meta["fxprune"]``: the block it belongs to and its
+:class:`Role`. One node per reducing block has the role ``STREAM``: the node whose value (or, for a pair, its
+first element) is the block's new token stream. Plan, verify, ``show`` and token-state threading read that tag;
+the graph function the node calls declares how token state follows it (:mod:`fxprune.ops.registry`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -12,7 +20,58 @@ from ..analysis import Block, TokenProgram, sdpa_arguments
 from ..ops import class_attention, class_attention_from_probs, gather_queries, gather_tokens
 
 _RESHAPES = ("reshape", "view")
-SIZES_ROLE = "sizes"  # the role of inserted nodes that carry token sizes beside the token stream
+
+
+class Role(enum.Enum):
+    """What an inserted node is to the rest of fxprune."""
+
+    STREAM = "stream"  # carries the block's new token stream ``[B, N', C]`` (of a pair: element 0)
+    ROWS = "rows"  # the rows the block keeps ``[B, K]``
+    STATE = "state"  # a token-state channel ``[B, N, 1]`` beside the stream (``Tag.channel`` names it)
+    SCORE = "score"  # token scores, e.g. the class-attention row ``[B, N]``
+    BIAS = "bias"  # an additive attention bias made from token state
+    ATTENTION = "attention"  # an attention computed another way (ClusTR)
+    MODULE = "module"  # a call of a learned submodule the rewrite added
+    AUX = "aux"  # anything else: indexing, shape reads, intermediate values
+
+
+@dataclasses.dataclass(frozen=True)
+class Tag:
+    """``node.meta["fxprune"]`` of an inserted node: its block, its role and (state) its channel."""
+
+    block: int
+    role: Role
+    channel: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Rewrite:
+    """What a block rewrite did: ``stream``, the node carrying the block's new token stream (None: the token
+    rows are unchanged, e.g. ClusTR), and ``rows``, the rows it keeps ``[B, K]`` where it has them."""
+
+    stream: fx.Node | None = None
+    rows: fx.Node | None = None
+
+
+def tag_of(node: fx.Node) -> Tag | None:
+    """The tag of a node fxprune inserted, else None."""
+    return node.meta.get("fxprune")
+
+
+def tag(node: fx.Node, block: Block | int, role: Role, channel: str | None = None) -> fx.Node:
+    """Tag ``node`` as fxprune's node ``role`` of ``block``; returns it."""
+    node.meta["fxprune"] = Tag(block if isinstance(block, int) else block.index, role, channel)
+    return node
+
+
+def inserted(gm: fx.GraphModule, index: int, role: Role | None = None) -> list[fx.Node]:
+    """The nodes inserted for block ``index`` (only those of ``role`` when given), in graph order."""
+    return [n for n in gm.graph.nodes if (t := tag_of(n)) is not None and t.block == index and role in (None, t.role)]
+
+
+def stream_node(gm: fx.GraphModule, index: int) -> fx.Node | None:
+    """The node carrying block ``index``'s new token stream, or None when its token rows are unchanged."""
+    return next(iter(inserted(gm, index, Role.STREAM)), None)
 
 
 def insert_call(
@@ -22,23 +81,23 @@ def insert_call(
     args: tuple,
     kwargs: dict[str, Any],
     block: Block,
-    role: str,
+    name: str,
+    role: Role = Role.AUX,
     op: str = "call_function",
 ) -> fx.Node:
     """Insert ``fn(*args, **kwargs)`` (``op="call_method"``: the method named ``fn`` of ``args[0]``) after
-    ``after``, tagged as fxprune's node ``role`` of ``block``."""
+    ``after``, named for ``block`` and ``name`` and tagged with ``role``."""
     with gm.graph.inserting_after(after):
-        node = gm.graph.create_node(op, fn, args, kwargs, name=f"{block.name.replace('.', '_')}_{role}")
+        node = gm.graph.create_node(op, fn, args, kwargs, name=f"{block.name.replace('.', '_')}_{name}")
     node.meta["nn_module_stack"] = dict(block.mid.meta.get("nn_module_stack") or {})
-    node.meta["fxprune"] = {"block": block.index, "role": role}
-    return node
+    return tag(node, block, role)
 
 
 def model_tokens(gm: fx.GraphModule, program: TokenProgram) -> fx.Node:
     """A node reading the number of tokens entering the model's first block (``N`` of its ``[B, N, C]``
     input), inserted once and shared."""
     first = program.blocks[0].input
-    existing = [n for n in first.users if n.meta.get("fxprune", {}).get("role") == "model_tokens"]
+    existing = [n for n in first.users if n.name.endswith("_model_tokens") and tag_of(n) is not None]
     if existing:
         return existing[0]
     return insert_call(gm, first, "size", (first, 1), {}, program.blocks[0], "model_tokens", op="call_method")
@@ -52,29 +111,29 @@ def class_scores(gm: fx.GraphModule, block: Block, before: bool = False) -> fx.N
         args = sdpa_arguments(site.node)
         kwargs = {"scale": args["scale"], "attn_mask": args["attn_mask"]}
         after = site.node.prev if before else site.node
-        return insert_call(gm, after, class_attention, (site.q, site.k), kwargs, block, "class_attn")
-    return insert_call(gm, site.node, class_attention_from_probs, (site.node,), {}, block, "class_attn")
+        return insert_call(gm, after, class_attention, (site.q, site.k), kwargs, block, "class_attn", Role.SCORE)
+    return insert_call(gm, site.node, class_attention_from_probs, (site.node,), {}, block, "class_attn", Role.SCORE)
 
 
-def reroute_stream(gm: fx.GraphModule, block: Block, fn: Callable, args: tuple, role: str) -> fx.Node:
-    """Insert ``fn(mid, *args)`` right after ``block.mid`` and make every later use of ``mid`` use it."""
-    mid = block.mid
-    node = insert_call(gm, mid, fn, (mid, *args), {}, block, role)
-    mid.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
+def reroute_stream(
+    gm: fx.GraphModule, block: Block, fn: Callable, args: tuple, name: str, kwargs: dict[str, Any] | None = None,
+    source: fx.Node | None = None,
+) -> fx.Node:
+    """Insert ``fn(source, *args, **kwargs)`` (``source``: ``block.mid`` unless given, a node computed from it)
+    after ``source`` and make every later use of ``block.mid`` use its result. A sized stream function
+    (``(tokens, sizes)``; its sizes argument, None here, is wired by :func:`fxprune.passes.state.thread_state`)
+    is rerouted through its tokens. Returns the inserted call."""
+    from ..ops import op_of
+
+    mid, source = block.mid, block.mid if source is None else source
+    sized = getattr(op_of(fn), "sized", False)
+    node = insert_call(gm, source, fn, (source, None, *args) if sized else (source, *args), kwargs or {}, block, name)
+    tokens = insert_call(gm, node, operator.getitem, (node, 0), {}, block, f"{name}_tokens") if sized else node
+    mid.replace_all_uses_with(tokens, delete_user_cb=lambda user: user is not node and user is not source)
     return node
 
 
-def reroute_sized_stream(gm: fx.GraphModule, block: Block, fn: Callable, args: tuple, role: str) -> fx.Node:
-    """Insert ``fn(mid, None, *args) -> (tokens, sizes)`` after ``block.mid`` and route the stream through its
-    tokens; the sizes argument (None) is wired later by :func:`fxprune.passes.tome.thread_sizes`."""
-    mid = block.mid
-    node = insert_call(gm, mid, fn, (mid, None, *args), {}, block, role)
-    tokens = insert_call(gm, node, operator.getitem, (node, 0), {}, block, f"{role}_tokens")
-    mid.replace_all_uses_with(tokens, delete_user_cb=lambda user: user is not node)
-    return node
-
-
-def gathers_queries(block: Block) -> bool:
+def can_select_queries(block: Block) -> bool:
     """Whether ``block``'s attention is an SDPA call whose mask (if any) has no per-query rows, so that a
     selection known before it can attend with the kept queries only."""
     site = block.attention
@@ -88,7 +147,7 @@ def gathers_queries(block: Block) -> bool:
 
 
 def select_queries(gm: fx.GraphModule, block: Block, rows: fx.Node) -> fx.Node:
-    """Keep the token rows ``rows`` ``[B, K]`` inside ``block``'s attention (see :func:`gathers_queries`):
+    """Keep the token rows ``rows`` ``[B, K]`` inside ``block``'s attention (see :func:`can_select_queries`):
     only those queries attend (keys and values stay all ``N``), the output projection runs on ``K`` rows
     and the residual add gathers the same rows. Same outputs as selecting after the add, fewer MACs.
     Returns the residual's row gather, whose output ``[B, K, C]`` is the block's new token stream."""

@@ -1,42 +1,23 @@
-"""Capture: trace an ``nn.Module`` into a ``torch.fx.GraphModule`` whose nodes carry example values.
-
-The tracer is ``torch.fx`` symbolic tracing (shape reads such as ``B, N, C = x.shape`` stay runtime
-reads, so every layer after a token-selection node adapts to fewer tokens) with three additions:
-
-* every node gets ``node.meta['val']``: its value on the example inputs, computed with fake tensors
-  (no real compute, static shapes);
-* Python control flow on shapes, dtypes or other non-data values (``if x.dtype != w.dtype``,
-  ``q.shape[2] > 1 and ...``) is resolved with those values instead of failing; each resolution is
-  recorded as a *guard* and re-checked after every rewrite (a rewrite that would flip one is refused);
-* a module whose code still cannot be traced (data-dependent control flow, untraceable dispatch) is
-  made a leaf and the trace retried; the reason is recorded.
-
-``nn.MultiheadAttention`` leaves are then decomposed into ``linear -> SDPA -> linear`` nodes so that
-the attention passes see them like any other attention.
-"""
+"""Building the ``GraphModule``: the value-propagating ``torch.fx`` tracer, the guards and notes it records
+(:class:`TraceInfo`), example-input guessing, and :func:`trace`, the entry point of capture."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import inspect
-import operator
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.nn.utils.stateless import _reparametrize_module
 
-from .errors import TraceError
-from .flops import MacCounter
-
-__all__ = ["trace", "TraceInfo", "Guard", "default_example_inputs", "propagate", "ValuePropagationError"]
+from ..errors import TraceError
+from ..flops import MacCounter
+from .mha import decompose_multihead_attention
+from .values import _first_line, fake_mode, fake_weights, propagate
 
 _MISSING = object()
 _MAX_LEAF_RETRIES = 32
@@ -74,23 +55,6 @@ class TraceInfo:
             lines.append(f"  {len(self.guards)} condition(s) resolved from example shapes, re-checked after rewrites")
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
-
-
-def fake_mode() -> FakeTensorMode:
-    """A fake-tensor mode with static shapes that accepts real tensors (parameters) as constants."""
-    return FakeTensorMode(allow_non_fake_inputs=True)
-
-
-@contextlib.contextmanager
-def fake_weights(module: nn.Module, mode: FakeTensorMode) -> Iterator[None]:
-    """Within the block, ``module``'s parameters and buffers are fake tensors of ``mode``.
-
-    Ops on fake weights hit the fake-tensor dispatch cache; ops mixing in real weights convert them on
-    every call, several times slower.
-    """
-    state = {name: mode.from_tensor(t) for name, t in [*module.named_parameters(), *module.named_buffers()]}
-    with _reparametrize_module(module, state):
-        yield
 
 
 def default_example_inputs(model: nn.Module, batch_size: int = 2) -> tuple[torch.Tensor]:
@@ -298,13 +262,13 @@ def _user_frame() -> str:
 
 def _registries() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
     """Leaf module types and functions kept as single calls: timm's registries and fxprune's own ops."""
-    from .ops import GRAPH_FUNCTIONS
+    from ..ops import graph_functions
 
     try:
         from timm.layers import get_notrace_functions, get_notrace_modules
     except ImportError:
-        return (), GRAPH_FUNCTIONS
-    return tuple(get_notrace_modules()), tuple(get_notrace_functions()) + GRAPH_FUNCTIONS
+        return (), graph_functions()
+    return tuple(get_notrace_modules()), tuple(get_notrace_functions()) + graph_functions()
 
 
 def _entry_class(cls: type, names: Sequence[str]) -> type:
@@ -323,161 +287,6 @@ def _input_names(model: nn.Module, count: int) -> list[str]:
     names = names[:count]
     names += [f"input_{i}" for i in range(len(names), count)]
     return names
-
-
-# --------------------------------------------------------------------------------------------------
-# Example values after capture
-
-
-class _ValueInterpreter(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule):
-        super().__init__(gm, garbage_collect_values=False)
-        self.values: dict[fx.Node, Any] = {}
-        self.macs: dict[fx.Node, int] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        counter = MacCounter()
-        try:
-            with counter:
-                value = super().run_node(n)
-        except Exception as err:
-            raise ValuePropagationError(n, err) from err
-        self.values[n] = value
-        self.macs[n] = counter.total
-        return value
-
-
-class ValuePropagationError(RuntimeError):
-    """A node failed while computing example values; ``node`` names it."""
-
-    def __init__(self, node: fx.Node, err: Exception):
-        super().__init__(f"{node.format_node()}: {type(err).__name__}: {_first_line(err)}")
-        self.node = node
-        self.error = err
-
-
-def example_inputs_like(gm: fx.GraphModule, batch_size: int | None = None) -> list[torch.Tensor]:
-    """Fake inputs shaped like the captured example inputs, optionally with another batch size."""
-    mode = fake_mode()
-    inputs = []
-    for node in gm.graph.find_nodes(op="placeholder"):
-        val = node.meta["val"]
-        shape = list(val.shape)
-        if batch_size is not None:
-            shape[0] = batch_size
-        with mode:
-            inputs.append(torch.empty(shape, dtype=val.dtype, device=val.device))
-    return inputs
-
-
-def propagate(gm: fx.GraphModule, batch_size: int | None = None, store: bool = True) -> dict[fx.Node, Any]:
-    """Example values of every node of ``gm`` on fake inputs like the captured ones (no real compute).
-
-    With ``store`` the values replace ``node.meta['val']`` and each node's MACs ``node.meta['macs']``.
-    Raises :class:`ValuePropagationError` naming the first node that fails (e.g. a shape mismatch
-    after a rewrite).
-    """
-    inputs = example_inputs_like(gm, batch_size)
-    interp = _ValueInterpreter(gm)
-    mode = fake_mode()
-    with fake_weights(gm, mode), mode, torch.no_grad():
-        interp.run(*inputs)
-    if store:
-        for node, value in interp.values.items():
-            node.meta["val"] = value
-            node.meta["macs"] = interp.macs[node]
-    return interp.values
-
-
-# --------------------------------------------------------------------------------------------------
-# nn.MultiheadAttention decomposition
-
-
-def _mha_self_attention(x, in_w, in_b, out_w, out_b, num_heads: int, batch_first: bool):
-    """Self-attention of ``nn.MultiheadAttention`` as primitives: ``[B, N, C]`` (or ``[N, B, C]``) in and out."""
-    if not batch_first:
-        x = x.transpose(0, 1)
-    B, N, C = x.shape
-    qkv = F.linear(x, in_w, in_b).reshape(B, N, 3, num_heads, C // num_heads).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    o = F.scaled_dot_product_attention(q, k, v)
-    o = F.linear(o.transpose(1, 2).reshape(B, N, C), out_w, out_b)
-    if not batch_first:
-        o = o.transpose(0, 1)
-    return o
-
-
-def _mha_graph(num_heads: int, batch_first: bool) -> fx.Graph:
-    def self_attention(x, in_w, in_b, out_w, out_b):
-        return _mha_self_attention(x, in_w, in_b, out_w, out_b, num_heads, batch_first)
-
-    return fx.Tracer().trace(self_attention)
-
-
-def _mha_refusal(mha: nn.MultiheadAttention, node: fx.Node) -> str | None:
-    q, k, v = (node.args + (None, None, None))[:3]
-    extra_args = node.args[3:]
-    kw = dict(node.kwargs)
-    if not (q is k is v):
-        return "it is not self-attention (query, key and value differ)"
-    if extra_args or kw.get("key_padding_mask") is not None or kw.get("attn_mask") is not None:
-        return "it is called with a mask"
-    if kw.get("is_causal", False):
-        return "it is causal"
-    if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
-        return "it uses separate q/k/v projections, bias_k/bias_v or add_zero_attn"
-    return None
-
-
-def _decompose_multihead_attention(gm: fx.GraphModule, info: TraceInfo) -> None:
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), nn.MultiheadAttention):
-            continue
-        mha = gm.get_submodule(node.target)
-        why = _mha_refusal(mha, node)
-        if why is not None:
-            info.notes.append(f"{node.target} (nn.MultiheadAttention) left as a leaf: {why}")
-            continue
-        if mha.dropout > 0:
-            info.notes.append(
-                f"{node.target}: attention dropout p={mha.dropout} is not part of the decomposed graph "
-                "(inference is exact; training runs without attention dropout)"
-            )
-        sub = _mha_graph(mha.num_heads, mha.batch_first)
-        with gm.graph.inserting_before(node):
-            attrs = [
-                gm.graph.get_attr(f"{node.target}.{p}")
-                for p in ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
-            ]
-            placeholders = [n for n in sub.nodes if n.op == "placeholder"]
-            env = dict(zip(placeholders, [node.args[0], *attrs]))
-            out = gm.graph.graph_copy(sub, env)
-        _inherit_scope(env, node)
-        for user in list(node.users):
-            if user.target is operator.getitem and (user.args[1] == 0 or not user.users):
-                user.replace_all_uses_with(out)
-                gm.graph.erase_node(user)
-        if node.users:
-            raise TraceError(
-                f"{node.target}: the attention weights returned by nn.MultiheadAttention are used; "
-                "fxprune decomposes it with need_weights=False only"
-            )
-        gm.graph.erase_node(node)
-        info.decomposed.append(node.target)
-    if info.decomposed:
-        gm.graph.lint()
-        gm.recompile()
-        propagate(gm)
-
-
-def _inherit_scope(env: dict, node: fx.Node) -> None:
-    stack = dict(node.meta.get("nn_module_stack", {}))
-    for new in env.values():
-        cur = new
-        while cur is not None and cur.op != "output" and cur is not node:
-            if "nn_module_stack" not in cur.meta and cur.op != "placeholder":
-                cur.meta["nn_module_stack"] = stack
-            cur = cur.next
 
 
 # --------------------------------------------------------------------------------------------------
@@ -503,11 +312,35 @@ def trace(
     if isinstance(model, fx.GraphModule) and "fxprune_trace" in model.meta:
         return _recapture(model, example_inputs, copy_weights)
     root = _copy_model(model, copy_weights)
-    leaf_types, autowrap = _registries()
-    leaf_names: set[str] = set()
     info = TraceInfo(type(model).__name__, [tuple(t.shape) for t in example_inputs])
     info.prefix_tokens_attr = _int_attr(model, "num_prefix_tokens")
     info.class_token_attr = _class_token_attr(model)
+    graph, tracer = _trace_with_leaf_retries(root, example_inputs, info)
+    info.guards = tracer.guards
+    gm = fx.GraphModule(root, graph, class_name=type(root).__name__)
+    gm._tracer_cls = ReloadTracer  # torch.load re-traces the generated code with it
+    for node in gm.graph.find_nodes(op="get_attr"):
+        if "val" not in node.meta:  # tensor constants created by the tracer
+            value = _fetch_attr(gm, node.target)
+            node.meta["val"] = tracer.fake.from_tensor(value) if isinstance(value, torch.Tensor) else value
+    gm.meta["fxprune_trace"] = info
+    decompose_multihead_attention(gm, info)
+    _restore_state(gm, root)
+    gm.train(model.training)
+    return gm
+
+
+def _trace_with_leaf_retries(
+    root: nn.Module, example_inputs: tuple[torch.Tensor, ...], info: TraceInfo
+) -> tuple[fx.Graph, _ValueTracer]:
+    """Trace ``root`` on ``example_inputs``; when a submodule's code fails, make it a leaf and retry.
+
+    Each leaf added is recorded in ``info.leaves``. During tracing ``root``'s forward takes exactly one argument
+    per example input. Returns the graph and the tracer that made it (its guards and fake mode).
+    Raises :class:`~fxprune.TraceError` when the failure is outside any submodule or after too many retries.
+    """
+    leaf_types, autowrap = _registries()
+    leaf_names: set[str] = set()
     cls = type(root)
     names = _input_names(root, len(example_inputs))
     root.__class__ = _entry_class(cls, names)
@@ -532,18 +365,7 @@ def trace(
             raise TraceError(f"cannot trace {cls.__name__}: gave up after {_MAX_LEAF_RETRIES} leaf retries")
     finally:
         root.__class__ = cls
-    info.guards = tracer.guards
-    gm = fx.GraphModule(root, graph, class_name=cls.__name__)
-    gm._tracer_cls = ReloadTracer  # torch.load re-traces the generated code with it
-    for node in gm.graph.find_nodes(op="get_attr"):
-        if "val" not in node.meta:  # tensor constants created by the tracer
-            value = _fetch_attr(gm, node.target)
-            node.meta["val"] = tracer.fake.from_tensor(value) if isinstance(value, torch.Tensor) else value
-    gm.meta["fxprune_trace"] = info
-    _decompose_multihead_attention(gm, info)
-    _restore_state(gm, root)
-    gm.train(model.training)
-    return gm
+    return graph, tracer
 
 
 def _recapture(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], copy_weights: bool) -> fx.GraphModule:
@@ -558,11 +380,6 @@ def _recapture(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], cop
     )
     propagate(new)
     return new
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0][:160] if text else ""
 
 
 def _int_attr(model: nn.Module, name: str) -> int | None:
@@ -604,4 +421,3 @@ def _ensure_module(gm: nn.Module, path: str) -> nn.Module:
             module.add_module(atom, nn.Module())
         module = getattr(module, atom)
     return module
-

@@ -2,8 +2,9 @@
 
 The plan is made before any graph is changed: it validates the policy against the model (layer
 indices, reducible blocks, class token, blocks that need all tokens downstream) and says what
-happens to each block. The tokens entering and leaving every block and the MACs per block are then
-read from the shape-propagated graphs, dense and rewritten.
+happens to each block. It is immutable: the tokens entering and leaving every block and the MACs per
+block, read from the shape-propagated graphs (dense and rewritten), give a new, measured plan
+(:meth:`Plan.measured`), which is what ``fxprune.plan`` returns and the transformed model carries.
 """
 
 from __future__ import annotations
@@ -15,16 +16,17 @@ import torch.fx as fx
 
 from .analysis import Block, TokenProgram, module_path
 from .errors import PolicyError, UnsupportedModelError
+from .methods import Method, method_of
+from .passes.common import stream_node, tag_of
 from .policies import Compose, Policy
 
-__all__ = [
-    "Plan", "PlanRow", "make_plan", "block_of", "macs_per_block", "record_tokens", "selection_node", "token_count"
-]
+__all__ = ["Plan", "PlanRow", "make_plan", "block_of", "macs_per_block", "measure_tokens", "token_count"]
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class PlanRow:
-    """What happens to one block: its action and the tokens entering and leaving it."""
+    """What happens to one block: its action (and ``policy``, None when left dense) and, once
+    measured, the tokens entering and leaving it and its MACs per image, dense and rewritten."""
 
     index: int
     name: str
@@ -35,17 +37,22 @@ class PlanRow:
     macs_before: int = 0
     macs_after: int = 0
 
+    @property
+    def method(self) -> Method | None:
+        """The registered method of the row's policy (None: the block is left dense)."""
+        return None if self.policy is None else method_of(self.policy)
 
-@dataclasses.dataclass
+
+@dataclasses.dataclass(frozen=True)
 class Plan:
     """One row per attention block, plus the MACs outside blocks (patch embedding, head)."""
 
     model_name: str
     policy: Policy | Compose
-    rows: list[PlanRow]
+    rows: tuple[PlanRow, ...]
     prefix_tokens: int
     input_shape: tuple[int, ...]
-    notes: list[str] = dataclasses.field(default_factory=list)
+    notes: tuple[str, ...] = ()
     other_macs_before: int = 0
     other_macs_after: int = 0
 
@@ -59,11 +66,22 @@ class Plan:
         """MACs per image after the rewrite."""
         return self.other_macs_after + sum(r.macs_after for r in self.rows)
 
-    def set_macs(self, before: dict[int | None, int], after: dict[int | None, int]) -> None:
-        """Record MACs per image by block index (key None: outside blocks), dense and rewritten."""
-        for row in self.rows:
-            row.macs_before, row.macs_after = before.get(row.index, 0), after.get(row.index, 0)
-        self.other_macs_before, self.other_macs_after = before.get(None, 0), after.get(None, 0)
+    def measured(
+        self, tokens: dict[int, tuple[int | None, int | None]], before: dict[int | None, int],
+        after: dict[int | None, int],
+    ) -> Plan:
+        """This plan with the tokens (in, out) of each block and the MACs per image by block index (key None:
+        outside blocks), dense and rewritten."""
+        rows = tuple(
+            dataclasses.replace(
+                row, tokens_in=tokens[row.index][0], tokens_out=tokens[row.index][1],
+                macs_before=before.get(row.index, 0), macs_after=after.get(row.index, 0),
+            )
+            for row in self.rows
+        )
+        return dataclasses.replace(
+            self, rows=rows, other_macs_before=before.get(None, 0), other_macs_after=after.get(None, 0)
+        )
 
     def rows_for(self, policy: Policy) -> list[PlanRow]:
         return [r for r in self.rows if r.policy is policy]
@@ -114,38 +132,43 @@ def _owner(program: TokenProgram, policy: Policy | Compose) -> dict[int, Policy]
     return owner
 
 
-def _check(program: TokenProgram, owner: dict[int, Policy]) -> None:
+def _check_blocks(program: TokenProgram, owner: dict[int, Policy]) -> None:
+    """Refuse a block its policy cannot rewrite."""
     for index, part in sorted(owner.items()):
-        block = program.blocks[index]
+        block, method = program.blocks[index], method_of(part)
         if not block.reducible:
             raise UnsupportedModelError(
                 f"cannot apply {part.describe()} to block {index} ({block.name}): {block.refusal}. "
                 "Choose other layers; fxprune.analyse(model) lists which blocks are reducible."
             )
-        if part.needs_class_token and not program.class_token:
+        if method.needs_class_token and not program.class_token:
             raise UnsupportedModelError(
                 f"{part.describe()} scores tokens by their class-token attention, but {program.model_name} has "
                 "no class token (e.g. global average pooling). Use a model with a class token or a method "
                 "that needs none."
             )
-        if part.needs_keys and block.attention.k is None:
+        if method.needs_keys and block.attention.k is None:
             raise UnsupportedModelError(
                 f"{part.describe()} works on the attention keys, but the keys of block {index} "
                 f"({block.name}) were not found in its attention ({block.attention.kind} at "
                 f"{block.attention.node.name}). Choose other layers."
             )
-        if (refusal := part.block_refusal(block)) is not None:
+        if method.refuse is not None and (refusal := method.refuse(part, block)) is not None:
             raise UnsupportedModelError(
                 f"cannot apply {part.describe()} to block {index} ({block.name}): {refusal}. Choose other layers."
             )
-    padding = next((part for part in owner.values() if part.pads_tokens), None)
+
+
+def _check_model(program: TokenProgram, owner: dict[int, Policy]) -> None:
+    """Refuse a plan the model's blocks or output cannot take as a whole."""
+    padding = next((part for part in owner.values() if method_of(part).pads_tokens), None)
     if padding is not None and (pooling := _token_pooling(program)) is not None:
         raise UnsupportedModelError(
             f"{padding.describe()} keeps a different number of tokens per image and pads the batch, but "
             f"{program.model_name} pools over all tokens after its last block ({pooling}), which would "
             "average the padding in. Use a model that reads its class token, or EViT, Top-K or ToMe."
         )
-    reducing = [index for index, part in owner.items() if part.reduces_tokens]
+    reducing = [index for index, part in owner.items() if method_of(part).reduces_tokens]
     if reducing:
         first = min(reducing)
         for block in program.blocks[first:]:
@@ -183,13 +206,14 @@ def make_plan(program: TokenProgram, policy: Policy | Compose) -> Plan:
         raise PolicyError(f"expected an fxprune policy (e.g. fxprune.EViT(0.7, (3, 6, 9))), got {policy!r}")
     policy = policy.bind(len(program.blocks))
     owner = _owner(program, policy)
-    _check(program, owner)
+    _check_blocks(program, owner)
+    _check_model(program, owner)
     rows = []
     for block in program.blocks:
         part = owner.get(block.index)
         if part is not None:
             action = part.action(block.index)
-        elif selection_node(program, block.index) is not None:
+        elif stream_node(program.gm, block.index) is not None:
             action = "unchanged (reduced by an earlier fxprune transform)"
         elif block.reducible:
             action = "dense"
@@ -200,14 +224,14 @@ def make_plan(program: TokenProgram, policy: Policy | Compose) -> Plan:
     notes = [f"not recognised as attention, left as is: {u}" for u in program.unrecognised]
     notes += [f"kept as a leaf during capture: {name} ({why})" for name, why in program.trace.leaves]
     notes += [note for part in policy.policies() for note in part.plan_notes()]
-    return Plan(program.model_name, policy, rows, program.prefix_tokens, shape, notes)
+    return Plan(program.model_name, policy, tuple(rows), program.prefix_tokens, shape, tuple(notes))
 
 
 def block_of(node: fx.Node, blocks: list[Block]) -> int | None:
     """Index of the block whose module contains ``node`` (inserted nodes carry theirs), or None."""
-    tag = node.meta.get("fxprune")
+    tag = tag_of(node)
     if tag is not None:
-        return tag["block"]
+        return tag.block
     path = module_path(node)
     for block in blocks:
         if path == block.name or path.startswith(block.name + "."):
@@ -226,29 +250,20 @@ def _tokens(node: fx.Node) -> int | None:
     return token_count(node.meta.get("val"))
 
 
-def selection_node(program: TokenProgram, index: int) -> fx.Node | None:
-    """The node a pass inserted to change the tokens of block ``index``, if any: a selection taking the
-    residual add's output as its first argument, else (rows kept inside the attention) the residual's row
-    gather feeding the add."""
-    mid = program.blocks[index].mid
-    if mid is None:
-        return None
-    after = next((u for u in mid.users if "fxprune" in u.meta and u.args[0] is mid), None)
-    return after or next((n for n in mid.all_input_nodes if n.meta.get("fxprune", {}).get("block") == index), None)
-
-
-def record_tokens(plan: Plan, program: TokenProgram) -> None:
-    """Fill the tokens entering and leaving each block from the rewritten graph's example values."""
+def measure_tokens(program: TokenProgram, plan: Plan) -> dict[int, tuple[int | None, int | None]]:
+    """The tokens entering and leaving each block of ``plan``, read from the rewritten graph's example values."""
     entering = [_tokens(block.input) for block in program.blocks]
+    tokens = {}
     for row in plan.rows:
-        selection = selection_node(program, row.index) if row.policy is not None else None
-        row.tokens_in = entering[row.index]
-        if selection is not None:
-            row.tokens_out = _tokens(selection)
+        stream = stream_node(program.gm, row.index) if row.policy is not None else None
+        if stream is not None:
+            out = _tokens(stream)
         elif row.index + 1 < len(entering):
-            row.tokens_out = entering[row.index + 1]
+            out = entering[row.index + 1]
         else:
-            row.tokens_out = row.tokens_in
+            out = entering[row.index]
+        tokens[row.index] = (entering[row.index], out)
+    return tokens
 
 
 def macs_per_block(gm: fx.GraphModule, blocks: list[Block], batch: int) -> dict[int | None, int]:

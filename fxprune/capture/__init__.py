@@ -1,0 +1,29 @@
+"""Capture: trace an ``nn.Module`` into a ``torch.fx.GraphModule`` whose nodes carry example values.
+
+The tracer is ``torch.fx`` symbolic tracing (shape reads such as ``B, N, C = x.shape`` stay runtime
+reads, so every layer after a token-selection node adapts to fewer tokens) with three additions:
+
+* every node gets ``node.meta['val']``: its value on the example inputs, computed with fake tensors
+  (no real compute, static shapes);
+* Python control flow on shapes, dtypes or other non-data values (``if x.dtype != w.dtype``,
+  ``q.shape[2] > 1 and ...``) is resolved with those values instead of failing; each resolution is
+  recorded as a *guard* and re-checked after every rewrite (a rewrite that would flip one is refused);
+* a module whose code still cannot be traced (data-dependent control flow, untraceable dispatch) is
+  made a leaf and the trace retried; the reason is recorded.
+
+``nn.MultiheadAttention`` leaves are then decomposed into ``linear -> SDPA -> linear`` nodes so that
+the attention passes see them like any other attention.
+
+Modules: :mod:`.tracer` builds the ``GraphModule`` (:func:`trace`), :mod:`.values` propagates example
+values on fake tensors (:func:`propagate`), :mod:`.mha` decomposes ``nn.MultiheadAttention``.
+"""
+
+from .mha import decompose_multihead_attention as decompose_multihead_attention
+from .tracer import Guard, TraceInfo, default_example_inputs, trace
+from .tracer import ReloadTracer as ReloadTracer  # graphs saved before the split name fxprune.capture.ReloadTracer
+from .values import ValuePropagationError, propagate
+from .values import example_inputs_like as example_inputs_like
+from .values import fake_mode as fake_mode
+from .values import fake_weights as fake_weights
+
+__all__ = ["trace", "TraceInfo", "Guard", "default_example_inputs", "propagate", "ValuePropagationError"]

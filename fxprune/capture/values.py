@@ -1,0 +1,102 @@
+"""Example values on fake tensors: the fake-tensor mode and weights, and propagation of example values
+through a captured graph (``node.meta['val']`` and ``node.meta['macs']``) after capture or a rewrite."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.nn.utils.stateless import _reparametrize_module
+
+from ..flops import MacCounter
+
+
+def fake_mode() -> FakeTensorMode:
+    """A fake-tensor mode with static shapes that accepts real tensors (parameters) as constants."""
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+@contextlib.contextmanager
+def fake_weights(module: nn.Module, mode: FakeTensorMode) -> Iterator[None]:
+    """Within the block, ``module``'s parameters and buffers are fake tensors of ``mode``.
+
+    Ops on fake weights hit the fake-tensor dispatch cache; ops mixing in real weights convert them on
+    every call, several times slower.
+    """
+    state = {name: mode.from_tensor(t) for name, t in [*module.named_parameters(), *module.named_buffers()]}
+    with _reparametrize_module(module, state):
+        yield
+
+
+# --------------------------------------------------------------------------------------------------
+# Example values after capture
+
+
+class _ValueInterpreter(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm, garbage_collect_values=False)
+        self.values: dict[fx.Node, Any] = {}
+        self.macs: dict[fx.Node, int] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        counter = MacCounter()
+        try:
+            with counter:
+                value = super().run_node(n)
+        except Exception as err:
+            raise ValuePropagationError(n, err) from err
+        self.values[n] = value
+        self.macs[n] = counter.total
+        return value
+
+
+class ValuePropagationError(RuntimeError):
+    """A node failed while computing example values; ``node`` names it."""
+
+    def __init__(self, node: fx.Node, err: Exception):
+        super().__init__(f"{node.format_node()}: {type(err).__name__}: {_first_line(err)}")
+        self.node = node
+        self.error = err
+
+
+def example_inputs_like(gm: fx.GraphModule, batch_size: int | None = None) -> list[torch.Tensor]:
+    """Fake inputs shaped like the captured example inputs, optionally with another batch size."""
+    mode = fake_mode()
+    inputs = []
+    for node in gm.graph.find_nodes(op="placeholder"):
+        val = node.meta["val"]
+        shape = list(val.shape)
+        if batch_size is not None:
+            shape[0] = batch_size
+        with mode:
+            inputs.append(torch.empty(shape, dtype=val.dtype, device=val.device))
+    return inputs
+
+
+def propagate(gm: fx.GraphModule, batch_size: int | None = None, store: bool = True) -> dict[fx.Node, Any]:
+    """Example values of every node of ``gm`` on fake inputs like the captured ones (no real compute).
+
+    With ``store`` the values replace ``node.meta['val']`` and each node's MACs ``node.meta['macs']``.
+    Raises :class:`ValuePropagationError` naming the first node that fails (e.g. a shape mismatch
+    after a rewrite).
+    """
+    inputs = example_inputs_like(gm, batch_size)
+    interp = _ValueInterpreter(gm)
+    mode = fake_mode()
+    with fake_weights(gm, mode), mode, torch.no_grad():
+        interp.run(*inputs)
+    if store:
+        for node, value in interp.values.items():
+            node.meta["val"] = value
+            node.meta["macs"] = interp.macs[node]
+    return interp.values
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:160] if text else ""

@@ -1,0 +1,154 @@
+"""The method registry: one :class:`Method` spec per token-reduction method, registered with its block rewrite.
+
+A method module (``fxprune/methods/<name>.py``, or a user's own module) holds a policy dataclass, the function
+that rewrites one block, and registers that function::
+
+    @register_method("evit", EViT, needs_class_token=True, options={"keep": "keep_rate"})
+    def rewrite_block(gm, program, block, policy) -> Rewrite: ...
+
+Everything the rest of fxprune needs to know about a method is in its spec: the command-line name, what it
+needs from the model, what it does to the token rows, which blocks it refuses, and how ``fxprune bench`` picks
+its settings. The rewrite says which node carries the block's new token stream (a
+:class:`~fxprune.passes.common.Rewrite`); the graph functions it inserts declare how token state follows them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ..errors import PolicyError
+from ..policies import Policy
+
+if TYPE_CHECKING:
+    import torch
+    import torch.fx as fx
+    from torch import nn
+
+    from ..analysis import Block, TokenProgram
+    from ..passes.common import Rewrite
+
+__all__ = ["Method", "Knob", "SweepContext", "Learned", "register_method", "method_of", "methods", "get_method"]
+
+BlockRewrite = Callable[["fx.GraphModule", "TokenProgram", "Block", Policy], "Rewrite"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepContext:
+    """What ``fxprune bench`` knows when it picks settings: the model, the blocks to reduce at (``layers``,
+    for methods placed at a few blocks), its depth, example inputs and images to calibrate adaptive methods on."""
+
+    model: nn.Module
+    layers: tuple[int, ...]
+    depth: int
+    tokens: int
+    prefix_tokens: int
+    num_heads: int
+    example_inputs: Sequence[torch.Tensor] | None
+    calibration: torch.Tensor | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Knob:
+    """The setting ``fxprune bench`` fits to a share of the dense MACs: the policy ``family(ctx, value)`` for
+    ``values(ctx)``, in order of growing MACs. ``at_layers``: the family places the method at ``ctx.layers``
+    (then it is also fitted to the MACs per image of every adaptive method's settings, for comparison).
+    ``extra``: settings benchmarked besides the fitted ones (e.g. the paper's own)."""
+
+    family: Callable[[SweepContext, Any], Policy]
+    values: Callable[[SweepContext], Sequence[Any]]
+    at_layers: bool = False
+    extra: Callable[[SweepContext], list[Policy]] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Learned:
+    """A method with trained parts. ``modules(policy, block, program)`` builds the submodules of one block
+    (created once; the train and eval graphs share them); ``train_rewrite`` rewrites a block for training
+    (differentiable, static shapes), the spec's ``rewrite`` for evaluation; ``weights(policy)`` is the file of
+    trained weights named by the policy (None: untrained)."""
+
+    modules: Callable[[Policy, Block, TokenProgram], dict[str, nn.Module]]
+    train_rewrite: BlockRewrite
+    weights: Callable[[Policy], Any] = lambda policy: getattr(policy, "weights", None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A registered method (see the module docstring).
+
+    ``options`` maps extra command-line option names to policy fields (a field's own name always works).
+    ``needs_class_token``: it scores tokens by class attention. ``needs_keys``: it reads the attention keys.
+    ``reduces_tokens``: it changes the token rows (False: ClusTR, which changes the attention only).
+    ``pads_tokens``: images keep different numbers of rows, padded to a common length (size 0).
+    ``carries_sizes``: its stream function is sized (``(tokens, sizes)``), which starts the sizes channel.
+    ``proportional(policy)``: whether the sizes it carries weight later attention by ``log(size)``.
+    ``refuse(policy, block)``: why it cannot rewrite a block (beyond the plan's model-wide checks), or None.
+    ``knob`` / ``settings(ctx)``: what ``fxprune bench`` benchmarks (a fitted knob, or fixed settings).
+    ``learned``: its trained parts, for a method with a predictor.
+    """
+
+    name: str
+    policy: type[Policy]
+    rewrite: BlockRewrite
+    options: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    needs_class_token: bool = False
+    needs_keys: bool = False
+    reduces_tokens: bool = True
+    pads_tokens: bool = False
+    carries_sizes: bool = False
+    proportional: Callable[[Policy], bool] | None = None
+    refuse: Callable[[Policy, Block], str | None] | None = None
+    knob: Knob | None = None
+    settings: Callable[[SweepContext], list[Policy]] | None = None
+    learned: Learned | None = None
+
+
+_METHODS: dict[str, Method] = {}
+_BY_POLICY: dict[type, Method] = {}
+
+
+def register_method(name: str, policy: type[Policy], **spec: Any) -> Callable[[BlockRewrite], BlockRewrite]:
+    """Register the decorated block rewrite as method ``name`` for policies of type ``policy`` (``spec``: the
+    other :class:`Method` fields). Registering a name twice replaces the earlier method (reloading a module)."""
+    if not (isinstance(policy, type) and issubclass(policy, Policy) and dataclasses.is_dataclass(policy)):
+        raise PolicyError(f"register_method({name!r}): {policy!r} is not a Policy dataclass")
+
+    def register(rewrite: BlockRewrite) -> BlockRewrite:
+        method = Method(name, policy, rewrite, **spec)
+        earlier = _METHODS.pop(name, None)
+        if earlier is not None:
+            _BY_POLICY.pop(earlier.policy, None)
+        if policy in _BY_POLICY:
+            raise PolicyError(f"{policy.__name__} is already registered as method {_BY_POLICY[policy].name!r}")
+        _METHODS[name] = method
+        _BY_POLICY[policy] = method
+        return rewrite
+
+    return register
+
+
+def methods() -> tuple[Method, ...]:
+    """Every registered method, fxprune's own in the order of their modules' names, then users' in order."""
+    return tuple(_METHODS.values())
+
+
+def get_method(name: str) -> Method:
+    """The method registered as ``name`` (case-insensitive); :class:`~fxprune.PolicyError` if none is."""
+    method = _METHODS.get(name.strip().lower())
+    if method is None:
+        raise PolicyError(f"unknown policy {name!r}; known: {', '.join(_METHODS)}")
+    return method
+
+
+def method_of(policy: Policy | type[Policy]) -> Method:
+    """The method of ``policy`` (an instance or a class)."""
+    cls = policy if isinstance(policy, type) else type(policy)
+    method = _BY_POLICY.get(cls)
+    if method is None:
+        raise PolicyError(
+            f"{cls.__name__} is not a registered method: decorate its block rewrite with "
+            "fxprune.methods.register_method"
+        )
+    return method

@@ -1,0 +1,95 @@
+"""Graph roles of the tensor functions: how each one behaves as a node of a rewritten graph.
+
+A function that a pass inserts into a graph is declared where it is defined, with :func:`graph_op`. The
+declaration says what later stages need to know without looking at the function:
+
+* ``stream``: it changes the token stream, ``f(tokens [B, N, C], *args) -> [B, N', C]`` (``sized``: it also
+  takes the sizes ``[B, N, 1]`` as its second argument and returns ``(tokens, sizes)``). Each new row combines
+  input rows with weights that do not depend on the tokens' values, so ``f(sources, *args)`` tracks origins
+  (what ``fxprune.show`` draws).
+* ``carries``: the token-state channels (``"sizes"``, ``"positions"``, per-row ``[B, N, 1]`` tensors) that follow
+  it by applying the function itself to the state: ``f(state, *args)`` (a row gather). Other channels follow by a
+  function declared with :func:`follows`, called as ``g(state, *args[1:], **kwargs)`` with the stream call's
+  arguments. A sized op carries ``"sizes"`` itself.
+* ``reads_mask``: it reads the attention's per-key bias as its ``attn_mask`` keyword (scores, clustering),
+  so a bias added to that attention later must reach it too.
+* ``padding``: the keyword that, in a padded batch (padding has size 0 and comes after each image's own rows),
+  tells it each image's own tokens: a sized op receives True (it has the sizes already), any other the sizes.
+
+Every declared function is kept as one call when a saved graph is traced again (:func:`graph_functions`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import TypeVar
+
+__all__ = ["GraphOp", "graph_op", "follows", "op_of", "graph_functions", "SIZES", "POSITIONS"]
+
+SIZES = "sizes"  # patches each row stands for; 0 marks padding
+POSITIONS = "positions"  # the index of each row in the first block's input; -1 for a row made of several
+
+F = TypeVar("F", bound=Callable)
+
+
+@dataclasses.dataclass
+class GraphOp:
+    """What a graph function declares about itself (see the module docstring)."""
+
+    fn: Callable
+    stream: bool = False
+    sized: bool = False
+    reads_mask: bool = False
+    padding: str | None = None
+    follow: dict[str, Callable] = dataclasses.field(default_factory=dict)
+
+    def follows_with(self, channel: str) -> Callable | None:
+        """The function that gives ``channel`` of this op's output rows from the channel of its input rows."""
+        return self.follow.get(channel)
+
+
+_OPS: dict[Callable, GraphOp] = {}
+
+
+def graph_op(
+    *,
+    stream: bool = False,
+    sized: bool = False,
+    carries: tuple[str, ...] = (),
+    reads_mask: bool = False,
+    padding: str | None = None,
+) -> Callable[[F], F]:
+    """Declare the decorated function a graph function with these roles; it is returned unchanged."""
+
+    def declare(fn: F) -> F:
+        op = _OPS.setdefault(fn, GraphOp(fn))
+        op.stream, op.sized, op.reads_mask, op.padding = stream, sized, reads_mask, padding
+        op.follow.update({channel: fn for channel in carries})
+        return fn
+
+    return declare
+
+
+def follows(op: Callable, *channels: str) -> Callable[[F], F]:
+    """Declare the decorated function the rule by which ``channels`` follow the stream function ``op``."""
+
+    def declare(fn: F) -> F:
+        graph_op()(fn)
+        _OPS.setdefault(op, GraphOp(op)).follow.update({channel: fn for channel in channels})
+        return fn
+
+    return declare
+
+
+def op_of(fn: object) -> GraphOp | None:
+    """The declaration of graph function ``fn``, or None when it is not one."""
+    try:
+        return _OPS.get(fn)  # type: ignore[arg-type]
+    except TypeError:  # an unhashable node target
+        return None
+
+
+def graph_functions() -> tuple[Callable, ...]:
+    """Every declared graph function (``fxprune.ops`` declares its own on import)."""
+    return tuple(_OPS)

@@ -1,0 +1,144 @@
+"""Token state: per-row values that travel beside the token stream into every later block.
+
+A channel is a ``[B, N, 1]`` tensor with one value per row of the stream:
+
+* ``"sizes"``: how many patches each row stands for. A sized stream function (ToMe's merge, ATS's padding)
+  starts it; 0 marks padding (ATS: each image keeps its own number of rows, padding after them).
+* ``"positions"``: the index of each row in the first block's input; −1 for a row that stands for several
+  (EViT's fused token, a ToMe merge) and for padding. Threaded only where a rewrite reads it.
+
+Each channel follows every later block's stream node by the rule its graph function declares
+(:mod:`fxprune.ops.registry`); a sized function carries the sizes itself. What a channel does to the
+attention of later blocks is the channel's: the sizes become an additive bias (``log(size)`` with
+proportional attention, −inf for padding), and in a padded batch every reduction is told the sizes so that it
+reduces each image from its own rows. A channel with a multiplicative rule (a training keep mask) or
+per-block query/key masks is a new channel here, not a change of the sizes.
+
+A rewrite reads a channel with :func:`read_state`: a call of :func:`~fxprune.ops.initial_state` (correct
+when no earlier block changed the rows), which :func:`thread_state` replaces by the threaded state.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch.fx as fx
+
+from ..analysis import Block, TokenProgram, sdpa_arguments
+from ..errors import FxPruneError
+from ..ops import SIZES, clustered_attention, initial_state, op_of, size_bias
+from .common import Role, insert_call, inserted, stream_node, tag
+
+__all__ = ["read_state", "thread_state"]
+
+
+def read_state(gm: fx.GraphModule, block: Block, channel: str) -> fx.Node:
+    """A node holding ``channel`` ``[B, N, 1]`` of the rows entering ``block`` (wired by :func:`thread_state`)."""
+    node = insert_call(gm, block.input, initial_state, (block.input, channel), {}, block, f"read_{channel}")
+    return tag(node, block, Role.STATE, channel)
+
+
+def _readers(gm: fx.GraphModule, index: int, channel: str) -> list[fx.Node]:
+    return [n for n in inserted(gm, index, Role.STATE) if n.target is initial_state and n.args[1] == channel]
+
+
+def _follow(gm: fx.GraphModule, block: Block, stream: fx.Node, channel: str, state: fx.Node) -> fx.Node:
+    """``channel`` of the rows ``stream`` gives, from ``state``, the channel of the rows it received."""
+    op = op_of(stream.target)
+    if channel == SIZES and op.sized:
+        stream.update_arg(1, state)
+        after = next(n for n in stream.users if n.target is operator.getitem) if stream.users else stream
+        node = insert_call(gm, after, operator.getitem, (stream, 1), {}, block, channel)
+        return tag(node, block, Role.STATE, channel)
+    rule = op.follows_with(channel)
+    if rule is None:
+        raise FxPruneError(
+            f"{stream.name} ({getattr(stream.target, '__name__', stream.target)}) declares no rule for the token "
+            f"state {channel!r}: declare one with fxprune.ops.follows"
+        )
+    node = insert_call(gm, stream, rule, (state, *stream.args[1:]), dict(stream.kwargs), block, channel)
+    return tag(node, block, Role.STATE, channel)
+
+
+def _thread_sizes(gm: fx.GraphModule, program: TokenProgram, rows: list) -> None:
+    """Route the sizes from the first sized stream through every later block (see the module docstring)."""
+    size: fx.Node | None = None
+    proportional = padded = False
+    for row in rows:
+        block = program.blocks[row.index]
+        if size is not None and (proportional or padded):
+            _add_size_bias(gm, block, size, proportional)
+        for reader in _readers(gm, row.index, SIZES):
+            if size is not None:
+                reader.replace_all_uses_with(size)
+        if padded:
+            for node in inserted(gm, row.index):
+                op = op_of(node.target)
+                if op is not None and op.padding is not None:
+                    node.update_kwarg(op.padding, True if op.sized else size)
+        stream = stream_node(gm, row.index) if row.method is not None else None
+        if stream is None:
+            continue
+        if op_of(stream.target).sized:
+            size = _follow(gm, block, stream, SIZES, size)
+            if row.method.proportional is not None:
+                proportional = row.method.proportional(row.policy)
+            padded = padded or row.method.pads_tokens
+        elif size is not None:
+            size = _follow(gm, block, stream, SIZES, size)
+
+
+def _thread(gm: fx.GraphModule, program: TokenProgram, rows: list, channel: str) -> None:
+    """Route ``channel`` from the model's first block through every stream to the rewrites that read it."""
+    state: fx.Node | None = None
+    for row in rows:
+        block = program.blocks[row.index]
+        for reader in _readers(gm, row.index, channel):
+            if state is None:  # no earlier block changed the rows: the reader's own initial state is right
+                state = reader
+            else:
+                reader.replace_all_uses_with(state)
+        stream = stream_node(gm, row.index) if row.method is not None else None
+        if stream is not None:
+            if state is None:
+                first = program.blocks[0]
+                state = tag(insert_call(gm, first.input, initial_state, (first.input, channel), {}, first, channel),
+                            first, Role.STATE, channel)
+            state = _follow(gm, block, stream, channel, state)
+
+
+def thread_state(gm: fx.GraphModule, program: TokenProgram, rows: list) -> None:
+    """Thread every channel that is started or read in ``gm`` through the blocks of the plan ``rows`` (run after
+    every block rewrite): the sizes when a sized stream starts them, any other channel a rewrite reads."""
+    streams = [stream_node(gm, row.index) for row in rows if row.method is not None]
+    if any(node is not None and op_of(node.target).sized for node in streams):
+        _thread_sizes(gm, program, rows)
+    read = {n.args[1] for n in gm.graph.nodes if n.target is initial_state and n.args[1] != SIZES}
+    for channel in sorted(read):
+        _thread(gm, program, rows, channel)
+
+
+def _add_size_bias(gm: fx.GraphModule, block: Block, size: fx.Node, proportional: bool) -> None:
+    """Add ``log(size)`` of the keys (not ``proportional``: only −inf for padding, size 0) to ``block``'s
+    attention logits: as (part of) the attention mask of the SDPA call, of the nodes that read that mask
+    beside it (scores, ClusTR's clustering, which turns it into key weights), or onto the logits of an explicit
+    softmax."""
+    site = block.attention
+    readers = [n for n in inserted(gm, block.index) if getattr(op_of(n.target), "reads_mask", False)]
+    if site.kind == "sdpa" and not any(n.target is clustered_attention for n in readers):
+        readers.append(site.node)
+    if not readers:
+        logits = site.node.args[0]
+        bias = insert_call(gm, logits, size_bias, (size, None, logits, proportional), {}, block, "size_bias", Role.BIAS)
+        biased = insert_call(gm, bias, operator.add, (logits, bias), {}, block, "biased_logits")
+        site.node.replace_input_with(logits, biased)
+        return
+    first = next(n for n in gm.graph.nodes if n in readers)
+    mask = sdpa_arguments(first)["attn_mask"] if first is site.node else first.kwargs.get("attn_mask")
+    bias = insert_call(gm, first.prev, size_bias, (size, mask, site.q, proportional), {}, block, "size_bias", Role.BIAS)
+    for node in readers:
+        if node is site.node and len(node.args) > 3:
+            node.update_arg(3, bias)
+        else:
+            node.update_kwarg("attn_mask", bias)
+
