@@ -7,13 +7,16 @@ from collections.abc import Sequence
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
-from .analysis import analyse
+from .analysis import TokenProgram, analyse
 from .capture import trace
+from .methods import method_of
 from .passes import apply_passes
+from .passes.learned import LEARNED_PREFIX, TrainEvalGraphModule, add_modules, load_weights, module_path_for
 from .planning import Plan, macs_per_block, make_plan, measure_tokens
 from .policies import Compose, Policy
-from .verify import verify
+from .verify import verify, verify_training
 
 __all__ = ["transform", "plan"]
 
@@ -26,27 +29,76 @@ def rewrite(
     second_batch: bool = True,
 ) -> tuple[fx.GraphModule, Plan]:
     """The rewritten module and its plan: what :func:`transform` returns (``second_batch=False``: checked at the
-    captured batch size only, as :func:`plan` with ``fast``) and :func:`plan` reports."""
+    captured batch size only, as :func:`plan` with ``fast``) and :func:`plan` reports. A plan with learned methods
+    also gets a training graph (:class:`~fxprune.passes.learned.TrainEvalGraphModule`), from a second capture."""
     program = analyse(trace(model, example_inputs, copy_weights=copy_weights))
     planned = make_plan(program, policy)
+    rows = list(planned.rows)
+    learned = _learned_modules(model, program, rows)
     dense_macs = macs_per_block(program.gm, program.blocks, program.batch)
-    gm = apply_passes(program.gm, program, list(planned.rows))
+    gm = apply_passes(_with_modules(program, learned), program, rows)
     verify(gm, program, planned, second_batch)
     measured = planned.measured(
         measure_tokens(program, planned), dense_macs, macs_per_block(gm, program.blocks, program.batch)
     )
+    if learned:
+        training = analyse(trace(model, example_inputs, copy_weights=False))
+        train_gm = apply_passes(_with_modules(training, learned), training, rows, train=True)
+        verify_training(train_gm, training, planned)
+        gm = _with_training_graph(gm, train_gm)
     _finalize(gm, measured)
     return gm, measured
 
 
+def _learned_modules(model: nn.Module, program: TokenProgram, rows: list) -> dict[int, dict[str, nn.Module]]:
+    """The submodules of each block of a learned method (block index → name → module), made once for the training
+    and evaluation graphs, on the model's device and dtype, with the policy's trained weights where it names them."""
+    reference = next((p for p in model.parameters() if p.is_floating_point()), None)
+    modules: dict[int, dict[str, nn.Module]] = {}
+    for row in rows:
+        if row.method is None or row.method.learned is None:
+            continue
+        made = row.method.learned.modules(row.policy, program.blocks[row.index], program)
+        if reference is not None:
+            made = {name: m.to(reference.device, reference.dtype) for name, m in made.items()}
+        modules[row.index] = made
+    for policy in {row.policy for row in rows if row.index in modules}:
+        weights = method_of(policy).learned.weights(policy)
+        if weights is not None:
+            owned = {
+                module_path_for(program.blocks[row.index], name)[len(LEARNED_PREFIX) + 1:]: module
+                for row in rows if row.policy is policy for name, module in modules[row.index].items()
+            }
+            load_weights(owned, weights, policy.describe())
+    return modules
+
+
+def _with_modules(program: TokenProgram, modules: dict[int, dict[str, nn.Module]]) -> fx.GraphModule:
+    """``program``'s graph module with the learned submodules registered."""
+    for index, made in modules.items():
+        add_modules(program.gm, program.blocks[index], made)
+    return program.gm
+
+
+def _with_training_graph(gm: fx.GraphModule, train_gm: fx.GraphModule) -> TrainEvalGraphModule:
+    """One module running ``gm``'s graph in evaluation mode and ``train_gm``'s in training mode."""
+    both = TrainEvalGraphModule(gm, gm.graph, train_gm.graph, type(gm).__name__)
+    both.meta.update(gm.meta)
+    both._tracer_cls = gm._tracer_cls
+    return both.train(gm.training)
+
+
 def _finalize(gm: fx.GraphModule, the_plan: Plan) -> None:
     """Drop dead nodes (resolved guards) and the example values, which hold fake tensors."""
-    gm.graph.eliminate_dead_code()
+    graphs = [gm.graph] + ([gm.train_graph] if isinstance(gm, TrainEvalGraphModule) else [])
+    for graph in graphs:
+        graph.eliminate_dead_code()
+        for node in graph.nodes:
+            node.meta.pop("val", None)
+            node.meta.pop("macs", None)
     gm.recompile()
-    for node in gm.graph.nodes:
-        node.meta.pop("val", None)
-        node.meta.pop("macs", None)
     gm.fxprune_plan = the_plan
+    gm.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})["fxprune_plan"] = the_plan  # kept by copy.deepcopy
 
 
 def plan(

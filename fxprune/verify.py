@@ -18,7 +18,7 @@ from .errors import FxPruneError, UnsupportedModelError
 from .passes.common import stream_node, tag_of
 from .planning import Plan, token_count
 
-__all__ = ["verify"]
+__all__ = ["verify", "verify_training"]
 
 
 def _where(node: fx.Node) -> str:
@@ -118,3 +118,17 @@ def verify(gm: fx.GraphModule, program: TokenProgram, plan: Plan, second_batch: 
         _check_selections(program, plan, values)
         _check_guards(gm, program, values)
     _check_literals(gm, program, plan)
+
+
+def verify_training(gm: fx.GraphModule, program: TokenProgram, plan: Plan) -> None:
+    """Check the training graph of a learned plan at the captured batch size: it runs on example values and its
+    outputs keep the batch."""
+    gm.graph.lint()
+    try:
+        values = propagate(gm, batch_size=program.batch, store=True)
+    except ValuePropagationError as err:
+        raise UnsupportedModelError(
+            f"the training graph of {plan.policy.describe()} fails at {_where(err.node)}: "
+            f"{type(err.error).__name__}: {str(err.error).splitlines()[0] if str(err.error) else ''}"
+        ) from err
+    _check_batch(gm, values, program.batch)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
 from ..errors import TraceError
 from ..flops import MacCounter
@@ -372,6 +373,7 @@ def _recapture(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], cop
     """A copy of a graph fxprune made (module names, guards and tags kept), with fresh example values."""
     new = _copy_model(gm, copy_weights)
     new.__dict__.pop("fxprune_plan", None)
+    new.meta.get(_USER_PRESERVED_ATTRIBUTES_KEY, {}).pop("fxprune_plan", None)
     mode = fake_mode()
     for node, tensor in zip(new.graph.find_nodes(op="placeholder"), example_inputs):
         node.meta["val"] = mode.from_tensor(tensor)

@@ -11,9 +11,22 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .registry import Knob, Learned, Method, SweepContext, get_method, method_of, methods, register_method
+from .registry import (
+    Knob,
+    Learned,
+    Method,
+    SweepContext,
+    get_method,
+    method_of,
+    methods,
+    register_method,
+    unregister_method,
+)
 
-__all__ = ["Method", "Knob", "Learned", "SweepContext", "register_method", "method_of", "methods", "get_method"]
+__all__ = [
+    "Method", "Knob", "Learned", "SweepContext", "register_method",
+    "unregister_method", "method_of", "methods", "get_method",
+]
 
 
 def _discover() -> None:

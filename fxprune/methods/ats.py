@@ -154,6 +154,7 @@ def _official(ctx: SweepContext) -> list[ATS]:
 @register_method(
     "ats", ATS, needs_class_token=True, pads_tokens=True, carries_sizes=True,
     knob=Knob(lambda ctx, start: ats_from(ctx.depth, start), _starts, extra=_official),
+    example=lambda layers: ATS(0.7, layers),
 )
 def sample_tokens(gm: fx.GraphModule, program: TokenProgram, block: Block, policy: ATS) -> Rewrite:
     """Sample ``block``'s tokens inside its attention (SDPA) or after its residual add; pad (size 0) the slots

@@ -86,8 +86,10 @@ def _keep_rates(ctx: SweepContext) -> list[float]:
 register_method(
     "evit", EViT, needs_class_token=True,
     knob=Knob(lambda ctx, keep: EViT(keep, ctx.layers), _keep_rates, at_layers=True),
+    identity=lambda layers: EViT(1.0, layers), example=lambda layers: EViT(0.6, layers),
 )(select_by_class_attention)
 register_method(
     "topk", TopK, needs_class_token=True,
     knob=Knob(lambda ctx, keep: TopK(keep, ctx.layers), _keep_rates, at_layers=True),
+    identity=lambda layers: TopK(1.0, layers), example=lambda layers: TopK(0.6, layers),
 )(select_by_class_attention)

@@ -29,7 +29,10 @@ if TYPE_CHECKING:
     from ..analysis import Block, TokenProgram
     from ..passes.common import Rewrite
 
-__all__ = ["Method", "Knob", "SweepContext", "Learned", "register_method", "method_of", "methods", "get_method"]
+__all__ = [
+    "Method", "Knob", "SweepContext", "Learned", "register_method",
+    "unregister_method", "method_of", "methods", "get_method",
+]
 
 BlockRewrite = Callable[["fx.GraphModule", "TokenProgram", "Block", Policy], "Rewrite"]
 
@@ -87,6 +90,8 @@ class Method:
     ``refuse(policy, block)``: why it cannot rewrite a block (beyond the plan's model-wide checks), or None.
     ``knob`` / ``settings(ctx)``: what ``fxprune bench`` benchmarks (a fitted knob, or fixed settings).
     ``learned``: its trained parts, for a method with a predictor.
+    ``identity(layers)``: a setting at ``layers`` that changes nothing (keep rate 1, r = 0); ``example(layers)``:
+    a setting at ``layers`` that reduces; both for the contract tests every method passes, and for the docs.
     """
 
     name: str
@@ -103,6 +108,8 @@ class Method:
     knob: Knob | None = None
     settings: Callable[[SweepContext], list[Policy]] | None = None
     learned: Learned | None = None
+    identity: Callable[[tuple[int, ...]], Policy] | None = None
+    example: Callable[[tuple[int, ...]], Policy] | None = None
 
 
 _METHODS: dict[str, Method] = {}
@@ -127,6 +134,14 @@ def register_method(name: str, policy: type[Policy], **spec: Any) -> Callable[[B
         return rewrite
 
     return register
+
+
+def unregister_method(name: str) -> Method:
+    """Remove method ``name`` from the registry (e.g. a method registered for one experiment); returns it."""
+    method = get_method(name)
+    del _METHODS[method.name]
+    del _BY_POLICY[method.policy]
+    return method
 
 
 def methods() -> tuple[Method, ...]:

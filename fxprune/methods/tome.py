@@ -77,6 +77,7 @@ def _largest_r_first(ctx: SweepContext) -> list[int]:
 @register_method(
     "tome", ToMe, needs_keys=True, carries_sizes=True, proportional=lambda policy: policy.prop_attn,
     knob=Knob(lambda ctx, r: ToMe(r), _largest_r_first),
+    identity=lambda layers: ToMe(0, layers), example=lambda layers: ToMe(3, layers),
 )
 def merge_tokens(gm: fx.GraphModule, program: TokenProgram, block: Block, policy: ToMe) -> Rewrite:
     """Merge ``r`` token pairs of ``block`` after its residual add."""

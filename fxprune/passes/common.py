@@ -120,17 +120,28 @@ def reroute_stream(
     source: fx.Node | None = None,
 ) -> fx.Node:
     """Insert ``fn(source, *args, **kwargs)`` (``source``: ``block.mid`` unless given, a node computed from it)
-    after ``source`` and make every later use of ``block.mid`` use its result. A sized stream function
+    after its last input and make every later use of ``block.mid`` use its result. A sized stream function
     (``(tokens, sizes)``; its sizes argument, None here, is wired by :func:`fxprune.passes.state.thread_state`)
     is rerouted through its tokens. Returns the inserted call."""
     from ..ops import op_of
 
     mid, source = block.mid, block.mid if source is None else source
+    kwargs = kwargs or {}
     sized = getattr(op_of(fn), "sized", False)
-    node = insert_call(gm, source, fn, (source, None, *args) if sized else (source, *args), kwargs or {}, block, name)
+    args = (source, None, *args) if sized else (source, *args)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    last = max(_nodes_in((args, kwargs)), key=order.__getitem__)
+    node = insert_call(gm, last, fn, args, kwargs, block, name)
     tokens = insert_call(gm, node, operator.getitem, (node, 0), {}, block, f"{name}_tokens") if sized else node
-    mid.replace_all_uses_with(tokens, delete_user_cb=lambda user: user is not node and user is not source)
+    mid.replace_all_uses_with(tokens, delete_user_cb=lambda user: order.get(user, -1) > order[last])
     return node
+
+
+def _nodes_in(value: Any) -> list[fx.Node]:
+    """The graph nodes in a nested argument structure."""
+    found: list[fx.Node] = []
+    fx.node.map_arg(value, found.append)
+    return found
 
 
 def can_select_queries(block: Block) -> bool:

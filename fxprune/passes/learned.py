@@ -1,0 +1,201 @@
+"""Learned passes: submodules a rewrite adds to the graph, a training graph beside the evaluation graph, trained
+weights, and auxiliary values for losses.
+
+* **Submodules** live under stable names, ``fxprune.<block path, dots as underscores>.<name>`` (e.g.
+  ``fxprune.blocks_3.predictor``), so they travel in the transformed module's ``state_dict``. Those keys are the
+  only ones the original model does not have: ``original.load_state_dict(sd, strict=False)`` skips them.
+* **Two graphs.** fx bakes one branch of ``self.training`` into a graph, and a learned method needs two: for
+  training (differentiable masks, static shapes) and for evaluation (tokens really removed). A
+  :class:`TrainEvalGraphModule` holds both over the same parameters and submodules; ``.train()`` / ``.eval()``
+  choose which one runs. Its ``graph`` and ``code`` are the evaluation graph's; ``train_graph`` is the other.
+* **Auxiliary values** (keep ratios, predictor scores) reach a training loop without changing the model's
+  outputs: the training graph calls :func:`emit`, which hands them to the innermost :func:`collect` context.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+from torch.fx.graph_module import _format_import_block, _forward_from_src, reduce_graph_module
+from torch.package import sys_importer
+
+from ..analysis import Block
+from ..errors import PolicyError
+from ..ops import graph_op
+from .common import Role, insert_call
+
+__all__ = [
+    "LEARNED_PREFIX", "module_path_for", "add_modules", "insert_module", "TrainEvalGraphModule", "emit", "collect",
+    "learned_state_dict", "save_weights", "load_weights",
+]
+
+LEARNED_PREFIX = "fxprune"  # the submodule every learned part lives under
+
+
+def module_path_for(block: Block, name: str) -> str:
+    """The stable name of ``block``'s learned submodule ``name``: ``fxprune.blocks_3.predictor``."""
+    return f"{LEARNED_PREFIX}.{block.name.replace('.', '_')}.{name}"
+
+
+def add_modules(gm: fx.GraphModule, block: Block, modules: dict[str, nn.Module]) -> None:
+    """Register ``modules`` (name → module) as ``block``'s learned submodules of ``gm``."""
+    for name, module in modules.items():
+        gm.add_submodule(module_path_for(block, name), module)
+
+
+def insert_module(
+    gm: fx.GraphModule, after: fx.Node, block: Block, name: str, args: tuple, module: nn.Module | None = None
+) -> fx.Node:
+    """Insert a call of ``block``'s learned submodule ``name`` on ``args`` after ``after``. ``module`` is added under
+    the stable name first; without it the submodule must be registered already (:func:`add_modules`, which the
+    pipeline runs for a learned method so that its training and evaluation graphs share one module)."""
+    path = module_path_for(block, name)
+    if module is not None:
+        gm.add_submodule(path, module)
+    else:
+        try:
+            gm.get_submodule(path)
+        except AttributeError:
+            raise PolicyError(f"no learned submodule {path!r}: pass the module or register it first") from None
+    return insert_call(gm, after, path, args, {}, block, name, Role.MODULE, op="call_module")
+
+
+class TrainEvalGraphModule(fx.GraphModule):
+    """A ``GraphModule`` with a second graph, run in training mode, over the same parameters (see the module
+    docstring). ``graph``/``code`` are the evaluation graph's; ``train_graph``/``train_code`` the training one's."""
+
+    def __init__(self, root: nn.Module, graph: fx.Graph, train_graph: fx.Graph, class_name: str = "GraphModule"):
+        self.__dict__["_train_graph"] = train_graph
+        super().__init__(root, graph, class_name)
+
+    @property
+    def train_graph(self) -> fx.Graph:
+        return self.__dict__["_train_graph"]
+
+    @property
+    def train_code(self) -> str:
+        return self.train_graph.python_code(root_module="self").src
+
+    def recompile(self):
+        code = super().recompile()
+        cls = type(self)
+        cls._eval_forward = cls.forward
+        train = self.train_graph.python_code(root_module="self")
+        cls._train_forward = _forward_from_src(train.src, train.globals)
+        cls.forward = _forward_by_mode
+        return code
+
+    def __reduce__(self):
+        body = {k: v for k, v in self.__dict__.items() if k not in ("_graph", "_train_graph")}
+        codes = [graph.python_code(root_module="self") for graph in (self.graph, self.train_graph)]
+        sources = [(code.src, _format_import_block(code.globals, sys_importer)) for code in codes]
+        return (_two_modes, (body, *sources))
+
+    def _deepcopy_init(self):
+        def init(copied: TrainEvalGraphModule, root: nn.Module, graph: fx.Graph) -> None:
+            copied.__dict__["_train_graph"] = root.__dict__["_train_graph"]
+            fx.GraphModule.__init__(copied, root, graph)
+
+        return init
+
+
+def _forward_by_mode(self: TrainEvalGraphModule, *args: Any, **kwargs: Any) -> Any:
+    forward = type(self)._train_forward if self.training else type(self)._eval_forward
+    return forward(self, *args, **kwargs)
+
+
+def _two_modes(body: dict[str, Any], evaluation: tuple[str, str], training: tuple[str, str]) -> TrainEvalGraphModule:
+    """Rebuild a pickled :class:`TrainEvalGraphModule`: each graph is traced again from its code (as ``torch.load``
+    rebuilds a ``GraphModule``), over the one set of modules in ``body``."""
+    eval_module, train_module = (reduce_graph_module({**body, "_code": src}, imports) for src, imports in
+                                 (evaluation, training))
+    result = TrainEvalGraphModule(eval_module, eval_module.graph, train_module.graph, type(eval_module).__name__)
+    for key, value in body.items():
+        if not hasattr(result, key):
+            setattr(result, key, value)
+    result.meta.update(body.get("meta", {}))
+    return result.train(body.get("training", False))
+
+
+_COLLECTORS: list[dict[str, list[Tensor]]] = []
+
+
+@graph_op()
+def emit(value: Tensor, key: str) -> Tensor:
+    """Hand ``value`` to the innermost :func:`collect` context under ``key`` (nothing happens outside one); returns
+    ``value``. The graph keeps the call even though nothing reads its result."""
+    if _COLLECTORS:
+        _COLLECTORS[-1].setdefault(key, []).append(value)
+    return value
+
+
+fx.node._side_effectful_functions.add(emit)
+
+
+@contextlib.contextmanager
+def collect() -> Iterator[dict[str, list[Tensor]]]:
+    """Collect the auxiliary values a learned graph emits while the ``with`` body runs it: key → values, in the
+    order they were emitted (one per call of the model)::
+
+        with fxprune.collect() as aux:
+            logits = model(images)
+        loss = criterion(logits, labels) + penalty(aux["blocks.3/keep"])
+    """
+    values: dict[str, list[Tensor]] = {}
+    _COLLECTORS.append(values)
+    try:
+        yield values
+    finally:
+        _COLLECTORS.remove(values)
+
+
+def learned_state_dict(gm: nn.Module) -> dict[str, Tensor]:
+    """The parameters and buffers of ``gm``'s learned submodules, keyed relative to ``fxprune.``."""
+    prefix = LEARNED_PREFIX + "."
+    return {k[len(prefix):]: v.detach().cpu() for k, v in gm.state_dict().items() if k.startswith(prefix)}
+
+
+def save_weights(gm: nn.Module, path: str | Path) -> Path:
+    """Write the trained weights of ``gm``'s learned submodules, with the plan's policy, to ``path`` (a file
+    ``fxprune.transform(model, Policy(..., weights=path))`` loads)."""
+    state = learned_state_dict(gm)
+    if not state:
+        raise PolicyError("this model has no learned submodules: nothing to save")
+    plan = getattr(gm, "fxprune_plan", None)
+    path = Path(path)
+    torch.save({"policy": None if plan is None else plan.policy.describe(), "state_dict": state}, path)
+    return path
+
+
+def load_weights(modules: dict[str, nn.Module], path: str | Path, what: str) -> None:
+    """Load the trained weights in ``path`` into ``modules`` (stable name relative to ``fxprune.`` → module);
+    :class:`~fxprune.PolicyError` naming the difference when the file does not fit them (``what``: the policy)."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError) as err:
+        raise PolicyError(f"{what}: cannot read weights {str(path)!r}: {err}") from None
+    state = saved.get("state_dict") if isinstance(saved, dict) else None
+    if state is None:
+        raise PolicyError(f"{what}: {str(path)!r} is not an fxprune weights file (fxprune.save_weights writes one)")
+    expected = {f"{name}.{key}": value
+                for name, module in modules.items() for key, value in module.state_dict().items()}
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    shapes = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        detail = "; ".join(filter(None, [
+            missing and f"missing {', '.join(missing[:4])}", unexpected and f"unexpected {', '.join(unexpected[:4])}",
+            shapes and ", ".join(f"{k} is {tuple(state[k].shape)}, not {tuple(expected[k].shape)}" for k in shapes[:4]),
+        ]))
+        raise PolicyError(
+            f"{what}: the weights in {str(path)!r} (for {saved.get('policy')}) do not fit this model and policy: "
+            f"{detail}. Use weights trained for the same model, blocks and method."
+        )
+    for name, module in modules.items():
+        own = {key[len(name) + 1:]: value for key, value in state.items() if key.startswith(name + ".")}
+        module.load_state_dict(own)
