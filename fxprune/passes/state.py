@@ -60,9 +60,18 @@ def _follow(gm: fx.GraphModule, block: Block, stream: fx.Node, channel: str, sta
     return tag(node, block, Role.STATE, channel)
 
 
+def _start(gm: fx.GraphModule, program: TokenProgram, channel: str) -> fx.Node:
+    """``channel`` of the rows entering the model's first block."""
+    first = program.blocks[0]
+    node = insert_call(gm, first.input, initial_state, (first.input, channel), {}, first, channel)
+    return tag(node, first, Role.STATE, channel)
+
+
 def _thread_sizes(gm: fx.GraphModule, program: TokenProgram, rows: list) -> None:
-    """Route the sizes from the first sized stream through every later block (see the module docstring)."""
-    size: fx.Node | None = None
+    """Route the sizes from the first sized stream (or, where a rewrite reads them, from the first block) through
+    every later block (see the module docstring)."""
+    read = any(_readers(gm, row.index, SIZES) for row in rows)
+    size: fx.Node | None = _start(gm, program, SIZES) if read else None
     proportional = padded = False
     for row in rows:
         block = program.blocks[row.index]
@@ -100,18 +109,16 @@ def _thread(gm: fx.GraphModule, program: TokenProgram, rows: list, channel: str)
                 reader.replace_all_uses_with(state)
         stream = stream_node(gm, row.index) if row.method is not None else None
         if stream is not None:
-            if state is None:
-                first = program.blocks[0]
-                state = tag(insert_call(gm, first.input, initial_state, (first.input, channel), {}, first, channel),
-                            first, Role.STATE, channel)
-            state = _follow(gm, block, stream, channel, state)
+            state = _follow(gm, block, stream, channel, _start(gm, program, channel) if state is None else state)
 
 
 def thread_state(gm: fx.GraphModule, program: TokenProgram, rows: list) -> None:
     """Thread every channel that is started or read in ``gm`` through the blocks of the plan ``rows`` (run after
     every block rewrite): the sizes when a sized stream starts them, any other channel a rewrite reads."""
     streams = [stream_node(gm, row.index) for row in rows if row.method is not None]
-    if any(node is not None and op_of(node.target).sized for node in streams):
+    if any(node is not None and op_of(node.target).sized for node in streams) or any(
+        _readers(gm, row.index, SIZES) for row in rows
+    ):
         _thread_sizes(gm, program, rows)
     read = {n.args[1] for n in gm.graph.nodes if n.target is initial_state and n.args[1] != SIZES}
     for channel in sorted(read):
