@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxprune
-from fxprune.speed import interleaved, machine
+from fxprune.tools.speed import interleaved, machine
 
 DEFAULT_POLICIES = ("ats:k=139,98,69,layers=3,6,9", "topk:keep=0.7,layers=3,6,9")
 

@@ -22,10 +22,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 import fxprune
-from fxprune.bench import predict, top1
-from fxprune.datasets import DigitScenes
-from fxprune.models import digits_vit
-from fxprune.speed import machine
+from fxprune.tools.bench import predict, top1
+from fxprune.tools.datasets import DigitScenes
+from fxprune.tools.models import digits_vit
+from fxprune.tools.speed import machine
 
 MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])  # ImageNet's
 

@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from fxprune.speed import interleaved, machine
+from fxprune.tools.speed import interleaved, machine
 
 _SHAPES = ((384, 1152), (384, 384), (384, 1536), (1536, 384))
 

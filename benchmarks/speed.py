@@ -23,7 +23,7 @@ import timm
 import torch
 
 import fxprune
-from fxprune.speed import interleaved, machine
+from fxprune.tools.speed import interleaved, machine
 
 DEFAULT_POLICY = "evit:keep=0.7,layers=3,6,9"
 

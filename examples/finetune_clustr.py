@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import fxprune
-from fxprune.datasets import DigitScenes
-from fxprune.models import digits_vit
-from fxprune.speed import machine
+from fxprune.tools.datasets import DigitScenes
+from fxprune.tools.models import digits_vit
+from fxprune.tools.speed import machine
 
 
 def scenes(split: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from fxprune.datasets import DigitScenes
-from fxprune.models import DIGITS_VIT, DIGITS_VIT_WEIGHTS, digits_vit
+from fxprune.tools.datasets import DigitScenes
+from fxprune.tools.models import DIGITS_VIT, DIGITS_VIT_WEIGHTS, digits_vit
 
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "fxprune" / "weights" / DIGITS_VIT_WEIGHTS
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "fxprune" / "tools" / "weights" / DIGITS_VIT_WEIGHTS
 
 
 def scene_pool(split: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

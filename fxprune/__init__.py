@@ -1,33 +1,65 @@
-"""fxprune: token reduction for Vision Transformers by rewriting their torch.fx graph."""
+"""fxprune: token reduction for Vision Transformers by rewriting their torch.fx graph.
+
+The compiler stages are modules of this package (capture → analysis → planning → methods and passes → verify →
+lowering); the tooling (bench, speed, datasets, models, show, demo, cli) is in :mod:`fxprune.tools`, and each
+tool module is also reachable as ``fxprune.<name>`` (``from fxprune.datasets import DigitScenes``).
+"""
 
 import importlib
+import importlib.abc
+import importlib.util
+import sys
 
 from . import methods
 from .analysis import TokenProgram, analyse
 from .capture import trace
+from .counting import flops
 from .errors import FxPruneError, PolicyError, TraceError, UnsupportedModelError
-from .flops import flops
-from .lower import lower
+from .lowering import lower
 from .methods.ats import ATS
 from .methods.clustr import ClusTR
 from .methods.evit import EViT, TopK
+from .methods.stride import Stride
 from .methods.tome import ToMe
+from .passes.learned import collect, save_weights
+from .pipeline import plan, transform
 from .planning import Plan
 from .policies import Compose, Policy, parse_policy
-from .report import Report, report
-from .transform import plan, transform
+from .reporting import Report, report
 
 __all__ = [
     "transform", "trace", "analyse", "plan", "flops", "lower", "report", "Report",
-    "EViT", "TopK", "ToMe", "ATS", "ClusTR", "Compose", "Policy", "parse_policy", "Plan", "TokenProgram",
-    "FxPruneError", "TraceError", "UnsupportedModelError", "PolicyError", "methods",
+    "EViT", "TopK", "ToMe", "ATS", "ClusTR", "Stride", "Compose", "Policy", "parse_policy", "Plan", "TokenProgram",
+    "collect", "save_weights", "methods",
+    "FxPruneError", "TraceError", "UnsupportedModelError", "PolicyError",
 ]
 
-# second-tier modules, imported on first use: ``import fxprune; fxprune.models.digits_vit()`` works
-_SUBMODULES = ("bench", "cli", "datasets", "demo", "models", "ops", "passes", "show", "speed")
+_TOOLS = ("bench", "cli", "datasets", "demo", "models", "show", "speed")
+
+
+class _ToolAlias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Makes ``import fxprune.<tool>`` give the module ``fxprune.tools.<tool>`` itself."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        package, _, name = fullname.partition(".")
+        if package == __name__ and name in _TOOLS:
+            return importlib.util.spec_from_loader(fullname, self)
+        return None
+
+    def create_module(self, spec):
+        return importlib.import_module(f"{__name__}.tools.{spec.name.partition('.')[2]}")
+
+    def exec_module(self, module):
+        pass
+
+
+sys.meta_path.append(_ToolAlias())
 
 
 def __getattr__(name: str):
-    if name in _SUBMODULES:
+    """``fxprune.models``, ``fxprune.datasets``, … (and ``fxprune.ops``, ``fxprune.passes``) on first use."""
+    if name in _TOOLS:
+        return importlib.import_module(f".tools.{name}", __name__)
+    if name in ("ops", "passes", "tools"):
         return importlib.import_module(f".{name}", __name__)
-    raise AttributeError(f"module 'fxprune' has no attribute {name!r}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

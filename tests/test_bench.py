@@ -6,21 +6,11 @@ from PIL import Image
 
 import fxprune
 from fxprune import ATS, ClusTR, EViT, ToMe, TopK
-from fxprune.bench import (
-    default_layers,
-    evaluate,
-    fit_policy,
-    keep_rate_for,
-    mac_fraction,
-    per_image_macs,
-    plot,
-    run,
-    sweep_policies,
-    tome_r_for,
-)
-from fxprune.datasets import DigitScenes
 from fxprune.methods.ats import ats_from
-from fxprune.models import digits_vit
+from fxprune.tools.bench import evaluate, per_image_macs, plot, run
+from fxprune.tools.datasets import DigitScenes
+from fxprune.tools.models import digits_vit
+from fxprune.tools.search import default_layers, fit_policy, keep_rate_for, mac_fraction, sweep_policies, tome_r_for
 
 
 @pytest.fixture(scope="module")

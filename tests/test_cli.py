@@ -1,7 +1,7 @@
 import numpy as np
 from PIL import Image
 
-from fxprune.cli import main
+from fxprune.tools.cli import main
 
 
 def test_inspect_prints_analysis_plan_and_inserted_nodes(capsys):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from fxprune.datasets import DigitScenes, source_digits
+from fxprune.tools.datasets import DigitScenes, source_digits
 
 
 def test_train_and_test_scenes_draw_on_disjoint_source_digits():

@@ -7,7 +7,7 @@ from vits import timm_vit
 
 import fxprune
 from fxprune import EViT
-from fxprune.flops import MacCounter
+from fxprune.counting import MacCounter
 
 
 @pytest.fixture(scope="module")

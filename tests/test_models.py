@@ -5,9 +5,9 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 import fxprune
-from fxprune.bench import evaluate
-from fxprune.datasets import DigitScenes
-from fxprune.models import DIGITS_VIT_WEIGHTS, digits_vit
+from fxprune.tools.bench import evaluate
+from fxprune.tools.datasets import DigitScenes
+from fxprune.tools.models import DIGITS_VIT_WEIGHTS, digits_vit
 
 
 def test_shipped_digits_vit_is_a_timm_vit_with_class_token_and_64_patches():
@@ -19,7 +19,7 @@ def test_shipped_digits_vit_is_a_timm_vit_with_class_token_and_64_patches():
 
 
 def test_shipped_weights_are_small():
-    assert len(resources.files("fxprune.weights").joinpath(DIGITS_VIT_WEIGHTS).read_bytes()) < 5e6
+    assert len(resources.files("fxprune.tools.weights").joinpath(DIGITS_VIT_WEIGHTS).read_bytes()) < 5e6
 
 
 def test_shipped_model_is_at_least_95_percent_accurate_on_held_out_digits():

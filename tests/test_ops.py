@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fxprune.flops import MacCounter
+from fxprune.counting import MacCounter
 from fxprune.ops import (
     class_attention,
     class_attention_from_probs,

@@ -4,9 +4,9 @@ from PIL import Image
 
 import fxprune
 from fxprune import ClusTR, Compose, EViT, FxPruneError, ToMe, TopK
-from fxprune.datasets import DigitScenes
-from fxprune.models import digits_vit
-from fxprune.show import cluster_maps, draw_clusters, draw_kept_patches, token_sources
+from fxprune.tools.datasets import DigitScenes
+from fxprune.tools.models import digits_vit
+from fxprune.tools.show import cluster_maps, draw_clusters, draw_kept_patches, token_sources
 
 
 def _images(n=3):

@@ -1,6 +1,6 @@
 import time
 
-from fxprune.speed import Timing, interleaved, machine
+from fxprune.tools.speed import Timing, interleaved, machine
 
 
 def test_interleaved_timing_gives_medians_and_ratios():

@@ -16,7 +16,7 @@ from fxprune.passes.common import Rewrite
 from fxprune.passes.learned import collect, emit
 from fxprune.passes.state import read_state
 from fxprune.policies import Policy, check_layers
-from fxprune.show import token_sources
+from fxprune.tools.show import token_sources
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from fxprune.models import digits_vit
+from fxprune.tools.models import digits_vit
 
 SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "train_digits_vit.py"
 

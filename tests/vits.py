@@ -182,6 +182,34 @@ def assert_compiles_once(gm: nn.Module, model: nn.Module) -> None:
     torch._dynamo.reset()
 
 
+def assert_each_image_gets_what_it_gets_alone(gm: nn.Module, x: torch.Tensor, atol: float = 1e-4) -> None:
+    """``gm`` on the batch ``x`` gives each image what it gives that image alone, eager and compiled (the
+    static layout; dynamo's graph run by its eager backend)."""
+    import fxprune
+
+    lowered = fxprune.lower(gm, backend="eager")
+    with torch.no_grad():
+        alone = torch.cat([logits(gm(x[i : i + 1])) for i in range(len(x))])
+        torch.testing.assert_close(logits(gm(x)), alone, atol=atol, rtol=0)
+        torch.testing.assert_close(logits(lowered(x)), alone, atol=atol, rtol=0)
+    torch._dynamo.reset()
+
+
+def digits_vit() -> nn.Module:
+    """fxprune's trained digits ViT: peaked class attention, so ATS keeps different counts for different images."""
+    from fxprune.tools.models import digits_vit
+
+    return digits_vit()
+
+
+def digit_scenes(count: int) -> torch.Tensor:
+    """``count`` held-out digit scenes for :func:`digits_vit`."""
+    from fxprune.tools.datasets import DigitScenes
+
+    data = DigitScenes("test", count, seed=1)
+    return torch.stack([data[i][0] for i in range(count)])
+
+
 ALL_MODELS = {
     **{name: (lambda name=name: timm_vit(name)) for name in TIMM_SMALL},
     "torchvision_vit": torchvision_vit,

@@ -15,8 +15,8 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
+from ..counting import MacCounter
 from ..errors import TraceError
-from ..flops import MacCounter
 from .mha import decompose_multihead_attention
 from .values import _first_line, fake_mode, fake_weights, propagate
 

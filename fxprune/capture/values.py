@@ -13,7 +13,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.nn.utils.stateless import _reparametrize_module
 
-from ..flops import MacCounter
+from ..counting import MacCounter
 
 
 def fake_mode() -> FakeTensorMode:

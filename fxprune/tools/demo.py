@@ -10,13 +10,13 @@ from pathlib import Path
 
 import torch
 
-from .bench import default_policy
+from ..pipeline import transform
+from ..policies import Policy
 from .bench import run as run_bench
 from .datasets import DigitScenes
 from .models import digits_vit
-from .policies import Policy
+from .search import default_policy
 from .show import draw_kept_patches
-from .transform import transform
 
 
 def run(

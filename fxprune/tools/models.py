@@ -24,7 +24,7 @@ def digits_vit(pretrained: bool = True, **overrides) -> nn.Module:
     """
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **{**DIGITS_VIT, **overrides})
     if pretrained:
-        with resources.files("fxprune.weights").joinpath(DIGITS_VIT_WEIGHTS).open("rb") as f:
+        with resources.files("fxprune.tools.weights").joinpath(DIGITS_VIT_WEIGHTS).open("rb") as f:
             state = torch.load(f, map_location="cpu", weights_only=True)
         model.load_state_dict({k: v.float() for k, v in state["model"].items()})
     return model.eval()

@@ -20,10 +20,10 @@ import torch
 import torch.fx as fx
 from PIL import Image, ImageDraw
 
-from .errors import FxPruneError
-from .ops import clustered_attention, op_of, padded_cluster_keys_values
-from .ops.clustering import cluster_assignment, key_weights
-from .passes.common import Role, tag_of
+from ..errors import FxPruneError
+from ..ops import clustered_attention, op_of, padded_cluster_keys_values
+from ..ops.clustering import cluster_assignment, key_weights
+from ..passes.common import Role, tag_of
 
 __all__ = ["TokenStep", "token_sources", "kept_counts", "draw_kept_patches", "cluster_maps", "draw_clusters"]
 

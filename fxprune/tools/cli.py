@@ -8,16 +8,16 @@ from collections.abc import Sequence
 
 import torch
 
-from .errors import FxPruneError
+from ..errors import FxPruneError
 
 
 def _inspect(args: argparse.Namespace) -> None:
     import timm
 
-    from .analysis import analyse
-    from .policies import parse_policy
-    from .report import report
-    from .transform import transform
+    from ..analysis import analyse
+    from ..pipeline import transform
+    from ..policies import parse_policy
+    from ..reporting import report
 
     kwargs = {"img_size": args.img_size} if args.img_size else {}
     model = timm.create_model(args.model, pretrained=False, **kwargs).eval()
@@ -77,8 +77,8 @@ def _calibration(args: argparse.Namespace, model) -> torch.Tensor:
 
 
 def _policies(args: argparse.Namespace, model, data) -> list:
-    from .bench import default_layers, sweep_policies
-    from .policies import parse_policy
+    from ..policies import parse_policy
+    from .search import default_layers, sweep_policies
 
     if args.policy:
         return [parse_policy(p) for p in args.policy]
@@ -100,11 +100,11 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def _show(args: argparse.Namespace) -> None:
-    from .bench import default_policy
-    from .methods import method_of
-    from .policies import parse_policy
+    from ..methods import method_of
+    from ..pipeline import transform
+    from ..policies import parse_policy
+    from .search import default_policy
     from .show import draw_clusters, draw_kept_patches, kept_counts
-    from .transform import transform
 
     model, data, _, _ = _model_and_data(args)
     images = torch.stack([data[i][0] for i in range(args.scenes)])

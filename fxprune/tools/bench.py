@@ -1,4 +1,5 @@
-"""Evaluation harness: top-1 accuracy, mean MACs per image and measured speed ratio, for several policies.
+"""Evaluation harness: top-1 accuracy, mean MACs per image and measured speed ratio, for several policies
+(their settings are chosen by :mod:`fxprune.tools.search`).
 
 The embedded default is the DigitScenes ViT on DigitScenes test scenes (nothing to download). The same
 harness runs a timm model (``pretrained=True`` where weights can be downloaded) on an ImageFolder in
@@ -8,31 +9,21 @@ ImageNet-val layout with timm's evaluation transforms.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Sequence
-from functools import partial
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .analysis import analyse
-from .flops import MacCounter
-from .methods import Method, SweepContext, method_of, methods
-from .methods.evit import EViT
-from .methods.tome import ToMe
-from .planning import Plan
-from .policies import Compose, Policy
+from ..counting import MacCounter
+from ..methods import method_of
+from ..pipeline import transform
+from ..policies import Compose, Policy
 from .speed import interleaved, machine
-from .transform import plan, rewrite, transform
 
-__all__ = [
-    "BenchRow", "BenchResult", "predict", "top1", "evaluate", "per_image_macs", "run", "fit_policy", "mac_fraction",
-    "sweep_context", "fit_method", "keep_rate_for", "tome_r_for", "default_layers", "default_policy",
-    "sweep_policies", "imagefolder", "plot",
-]
+__all__ = ["BenchRow", "BenchResult", "predict", "top1", "evaluate", "per_image_macs", "run", "imagefolder", "plot"]
 
 
 @dataclasses.dataclass
@@ -181,122 +172,6 @@ def _take(loader: DataLoader, images: int):
         seen += len(batch[1])
         if seen >= images:
             return
-
-
-def fit_policy(
-    model: nn.Module,
-    family: Callable[[Any], Policy],
-    settings: Sequence[Any],
-    fraction: float,
-    example_inputs: Sequence[torch.Tensor] | None = None,
-    calibration: Tensor | None = None,
-) -> Policy:
-    """``family(s)`` for the setting ``s`` that leaves the most MACs not above ``fraction`` of the dense MACs.
-
-    ``settings`` must be ordered by increasing MACs (e.g. keep rates ascending, ToMe's ``r`` descending);
-    found by bisection. The MACs are the plan's (one fast plan, checked at one batch size, per step), or,
-    with ``calibration`` images ``[M, ...]``, their mean per image, each image run alone (for methods that
-    keep a different number of tokens per image). When every setting exceeds ``fraction`` the first is
-    returned, when none does the last.
-    """
-
-    def fraction_at(i: int) -> float:
-        if calibration is not None:
-            return mac_fraction(model, family(settings[i]), calibration, example_inputs)
-        the_plan: Plan = plan(model, family(settings[i]), example_inputs, fast=True)
-        return the_plan.macs_after / the_plan.macs_before
-
-    low, high = 0, len(settings) - 1  # invariant: the answer lies in [low, high]
-    while low < high:
-        middle = (low + high + 1) // 2
-        low, high = (middle, high) if fraction_at(middle) <= fraction else (low, middle - 1)
-    return family(settings[low])
-
-
-def mac_fraction(
-    model: nn.Module, policy: Policy | Compose, images: Tensor, example_inputs: Sequence[torch.Tensor] | None = None
-) -> float:
-    """Mean MACs per image of ``model`` transformed by ``policy`` over ``images`` ``[M, ...]`` (each run alone), as
-    a fraction of the dense model's."""
-    dense = per_image_macs(model, images[:1])
-    checked_once = rewrite(model, policy, example_inputs, copy_weights=False, second_batch=False)[0]
-    return per_image_macs(checked_once, images) / dense
-
-
-def sweep_context(
-    model: nn.Module, layers: Sequence[int], example_inputs=None, calibration: Tensor | None = None
-) -> SweepContext:
-    """What the methods' bench settings are chosen from (:class:`~fxprune.methods.SweepContext`)."""
-    program = analyse(model, example_inputs)
-    return SweepContext(
-        model, tuple(layers), len(program.blocks), program.tokens, program.prefix_tokens,
-        program.blocks[0].attention.num_heads, example_inputs, calibration,
-    )
-
-
-def fit_method(method: Method, ctx: SweepContext, fraction: float, adaptive: bool = False) -> Policy:
-    """``method``'s knob fitted to leave at most ``fraction`` of the dense MACs (``adaptive``: by the mean MACs per
-    image on ``ctx.calibration``, for a method whose images keep different numbers of tokens)."""
-    family = partial(method.knob.family, ctx)
-    calibration = ctx.calibration if adaptive else None
-    return fit_policy(ctx.model, family, method.knob.values(ctx), fraction, ctx.example_inputs, calibration)
-
-
-def keep_rate_for(
-    model: nn.Module, method: type[EViT], layers: Sequence[int], fraction: float, example_inputs=None
-) -> float:
-    """The keep rate (a multiple of 0.01) at which ``method(keep_rate, layers)`` leaves at most ``fraction``
-    of the dense MACs, as close to it as possible."""
-    ctx = sweep_context(model, layers, example_inputs)
-    return fit_method(method_of(method), ctx, fraction).keep_rate
-
-
-def tome_r_for(model: nn.Module, fraction: float, example_inputs=None) -> int:
-    """The ``r`` at which ``ToMe(r)`` (every block) leaves at most ``fraction`` of the dense MACs, as close as
-    possible."""
-    return fit_method(method_of(ToMe), sweep_context(model, (), example_inputs), fraction).r
-
-
-def default_layers(model: nn.Module, example_inputs=None) -> tuple[int, ...]:
-    """Blocks to reduce by default: a quarter, half and three quarters deep (3, 6, 9 for 12 blocks, as EViT)."""
-    depth = len(analyse(model, example_inputs).blocks)
-    return tuple(sorted({depth // 4, depth // 2, 3 * depth // 4}))
-
-
-def default_policy(model: nn.Module, fraction: float = 0.70, example_inputs=None) -> EViT:
-    """EViT at :func:`default_layers`, keeping the tokens that leave ``fraction`` of the dense MACs."""
-    layers = default_layers(model, example_inputs)
-    return EViT(keep_rate_for(model, EViT, layers, fraction, example_inputs), layers)
-
-
-def sweep_policies(
-    model: nn.Module,
-    layers: Sequence[int],
-    fractions: Sequence[float] = (0.85, 0.70, 0.55),
-    example_inputs=None,
-    *,
-    calibration: Tensor,
-) -> list[Policy]:
-    """Every registered method at the settings its spec gives ``fxprune bench``, in three groups:
-
-    1. each method with a knob, fitted to leave (at most, as close as possible) each of ``fractions`` of the
-       dense MACs (methods placed at a few blocks, at ``layers``);
-    2. each adaptive method (images keep different numbers of tokens) fitted by its mean MACs per image on the
-       ``calibration`` images, plus its extra settings, each setting once and followed by the methods of group
-       1 placed at ``layers``, fitted to its MACs per image;
-    3. each method's fixed settings.
-    """
-    ctx = sweep_context(model, layers, example_inputs, calibration)
-    fitted = [m for m in methods() if m.knob is not None and not m.pads_tokens]
-    adaptive = [m for m in methods() if m.knob is not None and m.pads_tokens]
-    policies = [fit_method(method, ctx, f) for method in fitted for f in fractions]
-    for method in adaptive:
-        settings = [fit_method(method, ctx, f, adaptive=True) for f in fractions]
-        settings += method.knob.extra(ctx) if method.knob.extra is not None else []
-        for setting in dict.fromkeys(settings):
-            fraction = mac_fraction(model, setting, calibration, example_inputs)
-            policies += [setting] + [fit_method(m, ctx, fraction) for m in fitted if m.knob.at_layers]
-    return policies + [policy for method in methods() if method.settings is not None for policy in method.settings(ctx)]
 
 
 def imagefolder(model: nn.Module, root: str | Path) -> Dataset:
