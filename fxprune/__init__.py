@@ -11,19 +11,19 @@ import importlib.util
 import sys
 
 from . import methods
-from .analysis import TokenProgram, analyse
-from .capture import trace
+from .analysis import AttentionSite, Block, TokenProgram, analyse
+from .capture import TraceInfo, trace
 from .counting import flops
 from .errors import FxPruneError, PolicyError, TraceError, UnsupportedModelError
-from .lowering import lower
+from .lowering import LoweredModule, lower
 from .methods.ats import ATS
 from .methods.clustr import ClusTR
 from .methods.evit import EViT, TopK
 from .methods.stride import Stride
 from .methods.tome import ToMe
-from .passes.learned import collect, save_weights
+from .passes.learned import TrainEvalGraphModule, collect, save_weights
 from .pipeline import plan, transform
-from .planning import Plan
+from .planning import Plan, PlanRow
 from .policies import Compose, Policy, parse_policy
 from .reporting import Report, report
 
@@ -31,6 +31,7 @@ __all__ = [
     "transform", "trace", "analyse", "plan", "flops", "lower", "report", "Report",
     "EViT", "TopK", "ToMe", "ATS", "ClusTR", "Stride", "Compose", "Policy", "parse_policy", "Plan", "TokenProgram",
     "collect", "save_weights", "methods",
+    "PlanRow", "Block", "AttentionSite", "TraceInfo", "LoweredModule", "TrainEvalGraphModule",
     "FxPruneError", "TraceError", "UnsupportedModelError", "PolicyError",
 ]
 

@@ -34,7 +34,7 @@ _WEIGHT_CONSUMERS = (F.linear, F.layer_norm, F.group_norm, F.conv2d, F.conv1d, t
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class AttentionSite:
     """One attention computation in the graph.
 
@@ -59,9 +59,16 @@ class AttentionSite:
     mask: fx.Node | None = None
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Block:
-    """A transformer block on the token stream, anchored on its attention site."""
+    """A transformer block on the token stream, anchored on its attention site.
+
+    ``input`` is the stream node entering the block, ``mid`` the residual add after its attention (where a
+    selection goes), ``tokens`` the tokens entering it. ``refusal`` says why its tokens cannot be reduced (None:
+    they can); ``needs_all_tokens`` is set when the block would also compute wrong numbers if an *earlier* block
+    reduced tokens (windowed attention, position tables laid out for every token, a stream that is not a token
+    sequence), which the plan checks for every block after the first reducing one.
+    """
 
     index: int
     name: str
@@ -78,12 +85,12 @@ class Block:
         return self.refusal is None
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class TokenProgram:
     """What the passes need to know about a captured model."""
 
     gm: fx.GraphModule
-    blocks: list[Block]
+    blocks: tuple[Block, ...]
     prefix_tokens: int
     class_token: bool
     tokens: int
@@ -430,7 +437,7 @@ def analyse(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = No
     stream, idom = _stream(gm)
     on_stream = set(stream)
     position = {n: i for i, n in enumerate(gm.graph.nodes)}
-    blocks: list[Block] = []
+    anchors = []
     for site in sites:
         anchor = site.node
         while anchor not in on_stream:
@@ -439,12 +446,14 @@ def analyse(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = No
         mid = later[0] if later else None
         while mid is not None and "fxprune" in mid.meta:  # a selection inserted earlier takes the stream as arg 0
             mid = mid.args[0]
-        blocks.append(Block(len(blocks), site.module or f"attention{len(blocks)}", site, anchor, mid, 0))
-    first = blocks[0].input
+        anchors.append((anchor, mid))
+    first = anchors[0][0]
     batch = _shape(first)[0] if _shape(first) else sites[0].batch
     prefix, class_token = _prefix_tokens(_sequence_cat(first), info)
-    for block in blocks:
-        _describe_block(block, batch, prefix, on_stream)
+    blocks = tuple(
+        _block(index, site, anchor, mid, batch, prefix, on_stream)
+        for index, (site, (anchor, mid)) in enumerate(zip(sites, anchors))
+    )
     shape = _shape(first) or (batch, 0, 0)
     tokens, dim = (shape[1], shape[2]) if len(shape) == 3 else (0, 0)
     return TokenProgram(
@@ -452,44 +461,53 @@ def analyse(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = No
     )
 
 
-def _describe_block(block: Block, batch: int, prefix: int, on_stream: set[fx.Node]) -> None:
-    site, shape = block.attention, _shape(block.input)
-    if block.mid is not None:
-        block.name = _common_module(site.node, block.mid) or block.name
-    if shape is None and "fxprune" in block.input.meta:
-        block.refusal = (
-            f"it follows {block.input.name}, inserted by an earlier fxprune transform, which carries token "
+def _block(
+    index: int, site: AttentionSite, anchor: fx.Node, mid: fx.Node | None, batch: int, prefix: int,
+    on_stream: set[fx.Node],
+) -> Block:
+    """Block ``index``: its attention ``site``, the stream node ``anchor`` entering it and the residual add ``mid``."""
+    name = site.module or f"attention{index}"
+    if mid is not None:
+        name = _common_module(site.node, mid) or name
+    shape = _shape(anchor)
+    refusal, needs_all_tokens = _refusal(site, anchor, mid, shape, batch, prefix, on_stream)
+    tokens = shape[1] if shape is not None and len(shape) == 3 and shape[0] == batch else 0
+    return Block(index, name, site, anchor, mid, tokens, refusal, needs_all_tokens)
+
+
+def _refusal(
+    site: AttentionSite, anchor: fx.Node, mid: fx.Node | None, shape: tuple[int, ...] | None, batch: int,
+    prefix: int, on_stream: set[fx.Node],
+) -> tuple[str | None, bool]:
+    """Why a block's tokens cannot be reduced (None: they can), and whether it also needs every token (see
+    :class:`Block`)."""
+    if shape is None and "fxprune" in anchor.meta:
+        return (
+            f"it follows {anchor.name}, inserted by an earlier fxprune transform, which carries token "
             "sizes (ToMe, ATS) to every later attention; rewrite the original model with all policies in one "
             "transform (fxprune.Compose)"
-        )
-        block.needs_all_tokens = True
-        return
+        ), True
     if shape is None or len(shape) != 3 or shape[0] != batch:
-        block.refusal = f"the stream entering it is {shape}, not a [B, N, C] token sequence"
-        block.needs_all_tokens = True
-        return
-    block.tokens = shape[1]
+        return f"the stream entering it is {shape}, not a [B, N, C] token sequence", True
     if site.batch != batch:
-        block.refusal = (
+        return (
             f"attention runs over {site.batch} sequences for a batch of {batch} (windowed attention); "
             "windows cannot lose tokens"
-        )
-        block.needs_all_tokens = True
-    elif site.queries != shape[1] or site.keys != shape[1]:
-        block.refusal = (
+        ), True
+    if site.queries != shape[1] or site.keys != shape[1]:
+        return (
             f"attention has {site.queries} queries and {site.keys} keys for {shape[1]} tokens "
             "(class attention or cross-attention), not global self-attention over the stream"
-        )
-    elif block.mid is None or not _is_add(block.mid) or block.input not in block.mid.all_input_nodes:
-        block.refusal = "no residual addition of the block input after attention"
-    elif _shape(block.mid) != shape:
-        block.refusal = f"the stream after attention has shape {_shape(block.mid)}, expected {shape}"
-    else:
-        n, p = shape[1], shape[1] - prefix
-        tables = _position_tables(site, on_stream, {n, p, n * n, p * p} - {0, 1})
-        if tables:
-            block.refusal = (
-                f"its attention uses position-dependent table(s) {', '.join(tables)} laid out for all "
-                f"{shape[1]} tokens (relative position bias or rotary embedding)"
-            )
-            block.needs_all_tokens = True
+        ), False
+    if mid is None or not _is_add(mid) or anchor not in mid.all_input_nodes:
+        return "no residual addition of the block input after attention", False
+    if _shape(mid) != shape:
+        return f"the stream after attention has shape {_shape(mid)}, expected {shape}", False
+    n, p = shape[1], shape[1] - prefix
+    tables = _position_tables(site, on_stream, {n, p, n * n, p * p} - {0, 1})
+    if tables:
+        return (
+            f"its attention uses position-dependent table(s) {', '.join(tables)} laid out for all "
+            f"{shape[1]} tokens (relative position bias or rotary embedding)"
+        ), True
+    return None, False

@@ -10,6 +10,7 @@ block, read from the shape-propagated graphs (dense and rewritten), give a new, 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import torch
 import torch.fx as fx
@@ -227,7 +228,7 @@ def make_plan(program: TokenProgram, policy: Policy | Compose) -> Plan:
     return Plan(program.model_name, policy, tuple(rows), program.prefix_tokens, shape, tuple(notes))
 
 
-def block_of(node: fx.Node, blocks: list[Block]) -> int | None:
+def block_of(node: fx.Node, blocks: Sequence[Block]) -> int | None:
     """Index of the block whose module contains ``node`` (inserted nodes carry theirs), or None."""
     tag = tag_of(node)
     if tag is not None:
@@ -266,7 +267,7 @@ def measure_tokens(program: TokenProgram, plan: Plan) -> dict[int, tuple[int | N
     return tokens
 
 
-def macs_per_block(gm: fx.GraphModule, blocks: list[Block], batch: int) -> dict[int | None, int]:
+def macs_per_block(gm: fx.GraphModule, blocks: Sequence[Block], batch: int) -> dict[int | None, int]:
     """MACs per image of each block (key None: outside blocks) from the nodes' recorded ``meta['macs']``."""
     totals: dict[int | None, int] = {}
     for node in gm.graph.nodes:

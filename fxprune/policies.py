@@ -231,3 +231,15 @@ def parse_policy(text: str) -> Policy | Compose:
         except ValueError:
             raise PolicyError(f"{name}: bad value for {key}: {','.join(strings)!r}") from None
     return cls(**kwargs)
+
+
+_MOVED = {"EViT": "evit", "TopK": "evit", "ToMe": "tome", "ATS": "ats", "ClusTR": "clustr"}
+
+
+def __getattr__(name: str):
+    """The built-in policies, which live in their methods' modules, are also importable from here."""
+    if name in _MOVED:
+        import importlib
+
+        return getattr(importlib.import_module(f".methods.{_MOVED[name]}", __package__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
