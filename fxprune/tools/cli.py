@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import FxPruneError
+from ..methods import methods
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -131,13 +132,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     inspect = sub.add_parser("inspect", help="analyse a timm model and show what a policy does to it")
     inspect.add_argument("model", help="timm model name, e.g. deit_small_patch16_224 (random weights)")
-    inspect.add_argument("--policy", help='e.g. "evit:keep=0.7,layers=3,6,9" or "topk:keep=0.5,layers=4"')
+    known = f"methods: {', '.join(method.name for method in methods())}"
+    inspect.add_argument("--policy", help=f'e.g. "evit:keep=0.7,layers=3,6,9" or "topk:keep=0.5,layers=4" ({known})')
     inspect.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
     inspect.add_argument("--code", action="store_true", help="also print the rewritten forward code")
     inspect.set_defaults(func=_inspect)
     bench = sub.add_parser("bench", help="accuracy, MACs and measured speed of policies against the dense model")
     _add_model_options(bench, images=2000)
-    bench.add_argument("--policy", action="append", help="repeatable; default: EViT and Top-K sweeps")
+    bench.add_argument("--policy", action="append", help=f"repeatable ({known}); default: every method's sweep")
     bench.add_argument("--batch", type=int, default=100, help="evaluation batch size")
     bench.add_argument("--speed-batch", type=int, default=64, help="batch size of the speed measurement")
     bench.add_argument("--repeats", type=int, default=5)
@@ -145,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench.set_defaults(func=_bench)
     show = sub.add_parser("show", help="draw which patches each reduced block keeps (ClusTR: its clusters)")
     _add_model_options(show, images=100)
-    show.add_argument("--policy", help="default: EViT leaving 70%% of the dense MACs")
+    show.add_argument("--policy", help=f"{known}; default: EViT leaving 70%% of the dense MACs")
     show.add_argument("--scenes", type=int, default=6)
     show.add_argument("--out", default="kept_tokens.png")
     show.set_defaults(func=_show)
