@@ -33,7 +33,7 @@ def rewrite(
     also gets a training graph (:class:`~fxprune.passes.learned.TrainEvalGraphModule`), from a second capture."""
     program = analyse(trace(model, example_inputs, copy_weights=copy_weights))
     planned = make_plan(program, policy)
-    rows = list(planned.rows)
+    rows = planned.rows
     learned = _learned_modules(model, program, rows)
     dense_macs = macs_per_block(program.gm, program.blocks, program.batch)
     gm = apply_passes(_with_modules(program, learned), program, rows)

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import torch.fx as fx
 
 from ..analysis import TokenProgram
@@ -11,10 +14,13 @@ from ..ops import op_of
 from .common import Rewrite, Role, tag
 from .state import thread_state
 
+if TYPE_CHECKING:
+    from ..planning import PlanRow
+
 __all__ = ["apply_passes", "rewrite_blocks"]
 
 
-def rewrite_blocks(gm: fx.GraphModule, program: TokenProgram, rows: list, train: bool = False) -> None:
+def rewrite_blocks(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[PlanRow], train: bool = False) -> None:
     """Run each planned block's rewrite on ``gm`` (the program's graph module) and tag the node that carries its
     new token stream; ``train``: the training rewrite of learned methods. Raises when an evaluation rewrite breaks
     the contract (a reducing method whose rewrite names no stream node, or one whose function declares no role)."""
@@ -33,7 +39,7 @@ def rewrite_blocks(gm: fx.GraphModule, program: TokenProgram, rows: list, train:
             tag(result.stream, row.index, Role.STREAM)
 
 
-def _check_stream(row, result: Rewrite) -> None:
+def _check_stream(row: PlanRow, result: Rewrite) -> None:
     method = row.method
     if result.stream is None:
         if method.reduces_tokens:
@@ -55,7 +61,9 @@ def _check_stream(row, result: Rewrite) -> None:
         )
 
 
-def apply_passes(gm: fx.GraphModule, program: TokenProgram, rows: list, train: bool = False) -> fx.GraphModule:
+def apply_passes(
+    gm: fx.GraphModule, program: TokenProgram, rows: Sequence[PlanRow], train: bool = False
+) -> fx.GraphModule:
     """Rewrite every planned block of ``gm``, then thread token state through the blocks (sizes, positions)."""
     rewrite_blocks(gm, program, rows, train)
     thread_state(gm, program, rows)

@@ -17,7 +17,7 @@ from typing import Any
 import torch.fx as fx
 
 from ..analysis import Block, TokenProgram, sdpa_arguments
-from ..ops import class_attention, class_attention_from_probs, gather_queries, gather_tokens
+from ..ops import class_attention, class_attention_from_probs, gather_queries, gather_tokens, op_of
 
 _RESHAPES = ("reshape", "view")
 
@@ -123,8 +123,6 @@ def reroute_stream(
     after its last input and make every later use of ``block.mid`` use its result. A sized stream function
     (``(tokens, sizes)``; its sizes argument, None here, is wired by :func:`fxprune.passes.state.thread_state`)
     is rerouted through its tokens. Returns the inserted call."""
-    from ..ops import op_of
-
     mid, source = block.mid, block.mid if source is None else source
     kwargs = kwargs or {}
     sized = getattr(op_of(fn), "sized", False)

@@ -21,6 +21,8 @@ when no earlier block changed the rows), which :func:`thread_state` replaces by 
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch.fx as fx
 
@@ -28,6 +30,9 @@ from ..analysis import Block, TokenProgram, sdpa_arguments
 from ..errors import FxPruneError
 from ..ops import SIZES, clustered_attention, initial_state, op_of, size_bias
 from .common import Role, insert_call, inserted, stream_node, tag
+
+if TYPE_CHECKING:
+    from ..planning import PlanRow
 
 __all__ = ["read_state", "thread_state"]
 
@@ -67,7 +72,7 @@ def _start(gm: fx.GraphModule, program: TokenProgram, channel: str) -> fx.Node:
     return tag(node, first, Role.STATE, channel)
 
 
-def _thread_sizes(gm: fx.GraphModule, program: TokenProgram, rows: list) -> None:
+def _thread_sizes(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[PlanRow]) -> None:
     """Route the sizes from the first sized stream (or, where a rewrite reads them, from the first block) through
     every later block (see the module docstring)."""
     read = any(_readers(gm, row.index, SIZES) for row in rows)
@@ -78,7 +83,7 @@ def _thread_sizes(gm: fx.GraphModule, program: TokenProgram, rows: list) -> None
         if size is not None and (proportional or padded):
             _add_size_bias(gm, block, size, proportional)
         for reader in _readers(gm, row.index, SIZES):
-            if size is not None:
+            if size is not None and reader is not size:
                 reader.replace_all_uses_with(size)
         if padded:
             for node in inserted(gm, row.index):
@@ -97,7 +102,7 @@ def _thread_sizes(gm: fx.GraphModule, program: TokenProgram, rows: list) -> None
             size = _follow(gm, block, stream, SIZES, size)
 
 
-def _thread(gm: fx.GraphModule, program: TokenProgram, rows: list, channel: str) -> None:
+def _thread(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[PlanRow], channel: str) -> None:
     """Route ``channel`` from the model's first block through every stream to the rewrites that read it."""
     state: fx.Node | None = None
     for row in rows:
@@ -112,7 +117,7 @@ def _thread(gm: fx.GraphModule, program: TokenProgram, rows: list, channel: str)
             state = _follow(gm, block, stream, channel, _start(gm, program, channel) if state is None else state)
 
 
-def thread_state(gm: fx.GraphModule, program: TokenProgram, rows: list) -> None:
+def thread_state(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[PlanRow]) -> None:
     """Thread every channel that is started or read in ``gm`` through the blocks of the plan ``rows`` (run after
     every block rewrite): the sizes when a sized stream starts them, any other channel a rewrite reads."""
     streams = [stream_node(gm, row.index) for row in rows if row.method is not None]
