@@ -195,11 +195,15 @@ def assert_each_image_gets_what_it_gets_alone(gm: nn.Module, x: torch.Tensor, at
     torch._dynamo.reset()
 
 
-def digits_vit() -> nn.Module:
-    """fxprune's trained digits ViT: peaked class attention, so ATS keeps different counts for different images."""
+def digits_vit(depth: int | None = None) -> nn.Module:
+    """fxprune's trained digits ViT: peaked class attention, so ATS keeps different counts for different images.
+    ``depth``: only its first blocks (a smaller graph to compile; the head reads what the last one gives)."""
     from fxprune.tools.models import digits_vit
 
-    return digits_vit()
+    model = digits_vit()
+    if depth is not None:
+        model.blocks = model.blocks[:depth]
+    return model
 
 
 def digit_scenes(count: int) -> torch.Tensor:
