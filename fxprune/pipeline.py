@@ -14,7 +14,7 @@ from .capture import trace
 from .methods import method_of
 from .passes import apply_passes
 from .passes.learned import LEARNED_PREFIX, TrainEvalGraphModule, add_modules, load_weights, module_path_for
-from .planning import Plan, macs_per_block, make_plan, measure_tokens
+from .planning import Plan, PlanRow, macs_per_block, make_plan, measure_tokens
 from .policies import Compose, Policy
 from .verify import verify, verify_training
 
@@ -50,7 +50,9 @@ def rewrite(
     return gm, measured
 
 
-def _learned_modules(model: nn.Module, program: TokenProgram, rows: list) -> dict[int, dict[str, nn.Module]]:
+def _learned_modules(
+    model: nn.Module, program: TokenProgram, rows: Sequence[PlanRow]
+) -> dict[int, dict[str, nn.Module]]:
     """The submodules of each block of a learned method (block index → name → module), made once for the training
     and evaluation graphs, on the model's device and dtype, with the policy's trained weights where it names them."""
     reference = next((p for p in model.parameters() if p.is_floating_point()), None)
