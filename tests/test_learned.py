@@ -159,10 +159,14 @@ def test_both_graphs_survive_save_load_and_deepcopy(copy):
             torch.testing.assert_close(restored.train(mode)(x), gm.train(mode)(x), atol=0, rtol=0)
 
 
-def test_evaluation_graph_compiles_as_one_graph():
+def test_both_graphs_compile_as_one_graph_and_the_training_graph_still_emits():
     model = timm_vit("deit_small_patch16_224")
     gm = fxprune.transform(model, Gate((1,)))
     compiled = torch.compile(gm, backend="eager", fullgraph=True)
     x = image_batch(model)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), gm(x), atol=1e-6, rtol=0)
+        gm.train()
+        with collect() as aux:
+            torch.testing.assert_close(compiled(x), gm(x), atol=1e-6, rtol=0)
+    assert len(aux["gate"]) == 2  # once compiled, once eager
