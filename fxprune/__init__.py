@@ -18,6 +18,7 @@ from .errors import FxPruneError, PolicyError, TraceError, UnsupportedModelError
 from .lowering import LoweredModule, lower
 from .methods.ats import ATS
 from .methods.clustr import ClusTR
+from .methods.dynamicvit import DynamicViT
 from .methods.evit import EViT, TopK
 from .methods.stride import Stride
 from .methods.tome import ToMe
@@ -29,7 +30,8 @@ from .reporting import Report, report
 
 __all__ = [
     "transform", "trace", "analyse", "plan", "flops", "lower", "report", "Report",
-    "EViT", "TopK", "ToMe", "ATS", "ClusTR", "Stride", "Compose", "Policy", "parse_policy", "Plan", "TokenProgram",
+    "EViT", "TopK", "ToMe", "ATS", "ClusTR", "Stride", "DynamicViT", "Compose", "Policy", "parse_policy", "Plan",
+    "TokenProgram",
     "collect", "save_weights", "methods",
     "PlanRow", "Block", "AttentionSite", "TraceInfo", "LoweredModule", "TrainEvalGraphModule",
     "FxPruneError", "TraceError", "UnsupportedModelError", "PolicyError",

@@ -205,7 +205,7 @@ def make_plan(program: TokenProgram, policy: Policy | Compose) -> Plan:
     """Validate ``policy`` against ``program`` and give each block its action (tokens and MACs come later)."""
     if not isinstance(policy, (Policy, Compose)):
         raise PolicyError(f"expected an fxprune policy (e.g. fxprune.EViT(0.7, (3, 6, 9))), got {policy!r}")
-    policy = policy.bind(len(program.blocks))
+    policy = policy.bind(len(program.blocks), program.tokens - program.prefix_tokens)
     owner = _owner(program, policy)
     _check_blocks(program, owner)
     _check_model(program, owner)

@@ -131,8 +131,9 @@ class Policy:
         """Tokens leaving block ``layer`` (one of ``layers``) when it receives ``tokens_in`` (``prefix`` protected)."""
         raise NotImplementedError
 
-    def bind(self, depth: int) -> Policy:
-        """This policy for a model of ``depth`` attention blocks (resolves defaults such as "every block")."""
+    def bind(self, depth: int, patches: int | None = None) -> Policy:
+        """This policy for a model of ``depth`` attention blocks and ``patches`` non-prefix tokens entering its first
+        block (resolves defaults such as "every block", and counts relative to the model's tokens)."""
         return self
 
     def describe(self) -> str:
@@ -182,8 +183,8 @@ class Compose:
     def policies(self) -> tuple[Policy, ...]:
         return self.parts
 
-    def bind(self, depth: int) -> Compose:
-        return self
+    def bind(self, depth: int, patches: int | None = None) -> Compose:
+        return Compose([part.bind(depth, patches) for part in self.parts])
 
     def describe(self) -> str:
         return " | ".join(p.describe() for p in self.parts)
@@ -230,7 +231,14 @@ def parse_policy(text: str) -> Policy | Compose:
             kwargs[key] = parsers[key](strings)
         except ValueError:
             raise PolicyError(f"{name}: bad value for {key}: {','.join(strings)!r}") from None
+    required = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in kwargs and _required(f)]
+    if required:
+        raise PolicyError(f"{name} needs {', '.join(f'{field}=' for field in required)}")
     return cls(**kwargs)
+
+
+def _required(field: dataclasses.Field) -> bool:
+    return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
 
 
 _MOVED = {"EViT": "evit", "TopK": "evit", "ToMe": "tome", "ATS": "ats", "ClusTR": "clustr"}

@@ -351,3 +351,69 @@ def clustr_vit(
             x, size = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
         x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
     return model.forward_head(model.norm(x))
+
+
+def _predictor_lg(predictor: nn.Module, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
+    """DynamicViT's ``PredictorLG.forward`` on patch tokens ``x`` [B, N, C] and the keep policy [B, N, 1], written
+    from the official code with the weights of ``predictor`` (a module with ``in_conv``/``out_conv`` layers)."""
+    norm, first = predictor.in_conv[0], predictor.in_conv[1]
+    x = torch.nn.functional.gelu(first(torch.nn.functional.layer_norm(x, norm.normalized_shape, norm.weight,
+                                                                       norm.bias, norm.eps)))
+    B, N, C = x.shape
+    local_x = x[:, :, : C // 2]
+    global_x = (x[:, :, C // 2 :] * policy).sum(dim=1, keepdim=True) / torch.sum(policy, dim=1, keepdim=True)
+    x = torch.cat([local_x, global_x.expand(B, N, C // 2)], dim=-1)
+    linears = [m for m in predictor.out_conv if isinstance(m, nn.Linear)]
+    for linear in linears[:-1]:
+        x = torch.nn.functional.gelu(linear(x))
+    return torch.log_softmax(linears[-1](x), dim=-1)
+
+
+def _policy_attention(attn: nn.Module, x: torch.Tensor, policy: torch.Tensor | None) -> torch.Tensor:
+    """timm ``Attention`` with DynamicViT's ``softmax_with_policy`` (eps 1e-6) when ``policy`` [B, N, 1] is given."""
+    B, N, C = x.shape
+    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, C // attn.num_heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    logits = (q * attn.scale) @ k.transpose(-2, -1)
+    if policy is None:
+        probs = logits.softmax(dim=-1)
+    else:
+        eps = 1e-6
+        gate = policy.reshape(B, 1, 1, N)
+        eye = torch.eye(N, dtype=gate.dtype).view(1, 1, N, N)
+        gate = gate + (1.0 - gate) * eye
+        weights = (logits - logits.max(dim=-1, keepdim=True)[0]).to(torch.float32).exp() * gate.to(torch.float32)
+        probs = ((weights + eps / N) / (weights.sum(dim=-1, keepdim=True) + eps)).to(logits.dtype)
+    out = (probs @ v).transpose(1, 2).reshape(B, N, C)
+    return attn.proj(attn.norm(out))
+
+
+def dynamicvit_vit(model: nn.Module, predictors, images: torch.Tensor, keep_rate: float, layers, training: bool):
+    """DynamicViT on a timm ``VisionTransformer`` as the official ``VisionTransformerDiffPruning.forward`` runs it
+    (``predictors``: one per stage): logits. In training, decisions are hard Gumbel-softmax samples (the caller
+    seeds the generator) and tokens are masked, from the first stage on; in evaluation the top
+    ``int(N0 · keep_rate^s)`` patch tokens by keep score are kept."""
+    prefix = model.num_prefix_tokens
+    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+    B, init_n = x.shape[0], x.shape[1] - prefix
+    prev_decision = torch.ones(B, init_n, 1, dtype=x.dtype)
+    policy = None
+    for i, blk in enumerate(model.blocks):
+        if i in layers:
+            stage = layers.index(i)
+            pred_score = _predictor_lg(predictors[stage], x[:, prefix:], prev_decision)
+            if training:
+                hard_keep_decision = torch.nn.functional.gumbel_softmax(pred_score, hard=True)[:, :, 0:1]
+                hard_keep_decision = hard_keep_decision * prev_decision
+                policy = torch.cat([torch.ones(B, prefix, 1, dtype=x.dtype), hard_keep_decision], dim=1)
+                prev_decision = hard_keep_decision
+            else:
+                num_keep_node = int(init_n * keep_rate ** (stage + 1))
+                keep_policy = torch.argsort(pred_score[:, :, 0], dim=1, descending=True)[:, :num_keep_node]
+                kept = torch.gather(x[:, prefix:], 1, keep_policy.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+                x = torch.cat([x[:, :prefix], kept], dim=1)
+                prev_decision = torch.gather(prev_decision, 1, keep_policy.unsqueeze(-1))
+        x = x + blk.drop_path1(blk.ls1(_policy_attention(blk.attn, blk.norm1(x), policy)))
+        x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+    return model.forward_head(model.norm(x))

@@ -110,6 +110,7 @@ def test_explicit_softmax_matches_fused_attention(method):
     policy = method.example(LAYERS)
     fused = fxprune.transform(model, policy)
     explicit = fxprune.transform(with_explicit_softmax(model), policy)
+    explicit.load_state_dict(fused.state_dict())  # the same learned parts, if any (made anew by each transform)
     assert any(n.target in SDPA_TARGETS for n in fused.graph.nodes)
     assert not any(n.target in SDPA_TARGETS for n in explicit.graph.nodes)
     x = image_batch(model, batch=4, dtype=torch.float64)

@@ -76,7 +76,7 @@ class ATS(Policy):
             object.__setattr__(self, "layers", check_layers(self.layers, "ATS"))
             check_per_layer(self.max_tokens, len(self.layers), "ATS.max_tokens")
 
-    def bind(self, depth: int) -> ATS:
+    def bind(self, depth: int, patches: int | None = None) -> ATS:
         if self.layers is not None:
             return self
         layers = tuple(range(depth // 4, depth))

@@ -74,7 +74,7 @@ class ClusTR(Policy):
         """Cluster count of each head group (one group unless multi-scale)."""
         return self.num_clusters if isinstance(self.num_clusters, tuple) else (self.num_clusters,)
 
-    def bind(self, depth: int) -> ClusTR:
+    def bind(self, depth: int, patches: int | None = None) -> ClusTR:
         return self if self.layers is not None else dataclasses.replace(self, layers=tuple(range(depth)))
 
     def tokens_out(self, tokens_in: int, prefix: int, layer: int) -> int:

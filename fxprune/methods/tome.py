@@ -53,7 +53,7 @@ class ToMe(Policy):
             check_per_layer(self.r, len(self.layers), "ToMe.r")
         check_flag(self.prop_attn, "ToMe.prop_attn")
 
-    def bind(self, depth: int) -> ToMe:
+    def bind(self, depth: int, patches: int | None = None) -> ToMe:
         if self.layers is not None:
             return self
         check_per_layer(self.r, depth, "ToMe.r", "the model's {} blocks")

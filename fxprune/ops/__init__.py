@@ -3,7 +3,8 @@ declares its graph role where it is defined (:mod:`fxprune.ops.registry`)."""
 
 from .clustering import cluster_keys_values, clustered_attention, padded_cluster_keys_values
 from .merging import size_bias, tome_merge, tome_merge_positions, tome_merged_tokens
-from .registry import POSITIONS, SIZES, GraphOp, follows, graph_functions, graph_op, op_of
+from .pruning import gumbel_keep, keep_rows, policy_attention, softmax_with_policy, with_prefix
+from .registry import KEEP, POSITIONS, SIZES, GraphOp, follows, graph_functions, graph_op, op_of
 from .sampling import ats_budget, ats_index, ats_pad, ats_pad_positions, ats_picks, ats_significance, gather_queries
 from .scoring import class_attention, class_attention_from_probs
 from .selection import (
@@ -21,5 +22,6 @@ __all__ = [
     "evit_select_positions", "topk_rows", "size_bias", "tome_merge", "tome_merge_positions", "tome_merged_tokens",
     "ats_budget", "ats_index", "ats_pad", "ats_pad_positions", "ats_picks", "ats_significance", "gather_queries",
     "gather_tokens", "initial_state", "clustered_attention", "cluster_keys_values", "padded_cluster_keys_values",
-    "GraphOp", "graph_op", "follows", "op_of", "graph_functions", "SIZES", "POSITIONS",
+    "keep_rows", "gumbel_keep", "with_prefix", "softmax_with_policy", "policy_attention",
+    "GraphOp", "graph_op", "follows", "op_of", "graph_functions", "SIZES", "POSITIONS", "KEEP",
 ]

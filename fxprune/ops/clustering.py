@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .registry import graph_op
+from .scoring import match_heads
 from .selection import add_rows
 
 NEIGHBOURS = 5  # DPC-KNN's k: a token's density is read from its 5 nearest tokens, itself included (official)
@@ -233,9 +234,7 @@ def clustered_attention(
     heads than ``q`` (grouped-query attention). ``attn_mask`` holds one value per key (broadcastable to
     ``[B, 1, 1, N]``). Returns ``[B, H, N, dv]``, as the SDPA call it replaces.
     """
-    if k.shape[1] != q.shape[1]:
-        repeats = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+    k, v = match_heads(k, q.shape[1]), match_heads(v, q.shape[1])
     groups = len(num_clusters)
     outputs = []
     for qg, kg, vg, clusters in zip(q.chunk(groups, 1), k.chunk(groups, 1), v.chunk(groups, 1), num_clusters):

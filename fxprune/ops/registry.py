@@ -25,10 +25,11 @@ import dataclasses
 from collections.abc import Callable
 from typing import TypeVar
 
-__all__ = ["GraphOp", "graph_op", "follows", "op_of", "graph_functions", "SIZES", "POSITIONS"]
+__all__ = ["GraphOp", "graph_op", "follows", "op_of", "graph_functions", "SIZES", "POSITIONS", "KEEP"]
 
 SIZES = "sizes"  # patches each row stands for; 0 marks padding
 POSITIONS = "positions"  # the index of each row in the first block's input; -1 for a row made of several
+KEEP = "keep"  # a training graph's keep policy: 1 kept, 0 dropped but not removed (attention ignores it as a key)
 
 F = TypeVar("F", bound=Callable)
 

@@ -8,6 +8,11 @@ from torch import Tensor
 from .registry import graph_op
 
 
+def match_heads(kv: Tensor, heads: int) -> Tensor:
+    """Keys or values ``[B, Hkv, N, d]`` repeated to ``heads`` heads (grouped-query attention): ``[B, heads, N, d]``."""
+    return kv if kv.shape[1] == heads else kv.repeat_interleave(heads // kv.shape[1], dim=1)
+
+
 def _score_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
@@ -21,8 +26,7 @@ def class_attention(q: Tensor, k: Tensor, scale: float | None = None, attn_mask:
     materialising the ``[B, H, N, N]`` map. The logits are computed in the inputs' dtype (as the SDPA
     kernels do), the softmax in at least float32. Returns ``[B, N]`` in at least float32.
     """
-    if k.shape[1] != q.shape[1]:
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    k = match_heads(k, q.shape[1])
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     dtype = _score_dtype(q.dtype)
     logits = ((q[:, :, :1] * scale) @ k.transpose(-2, -1)).to(dtype)

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from .registry import POSITIONS, SIZES, follows, graph_op
+from .registry import KEEP, POSITIONS, SIZES, follows, graph_op
 
 
 def evit_kept_tokens(candidates: int, keep_rate: float) -> int:
@@ -28,12 +28,13 @@ def _flat_index(index: Tensor, rows: int) -> Tensor:
 @graph_op()
 def initial_state(tokens: Tensor, channel: str) -> Tensor:
     """Token state ``[B, N, 1]`` of the rows of ``tokens`` ``[B, N, C]`` as they enter the model's first block:
-    ``"sizes"`` 1 (each row one patch), ``"positions"`` 0…N−1 (int64). A rewrite reads a channel through this
-    call; token-state threading replaces it by the threaded state where an earlier block changed the rows."""
+    ``"sizes"`` 1 (each row one patch), ``"positions"`` 0…N−1 (int64), ``"keep"`` 1 (every row kept). A rewrite
+    reads a channel through this call; token-state threading replaces it by the threaded state where an earlier
+    block changed the rows or the channel."""
     batch, rows = tokens.shape[0], tokens.shape[1]
     if channel == POSITIONS:
         return torch.arange(rows, device=tokens.device).view(1, rows, 1).expand(batch, rows, 1)
-    if channel == SIZES:
+    if channel in (SIZES, KEEP):
         return tokens.new_ones(batch, rows, 1)
     raise ValueError(f"unknown token-state channel {channel!r}")
 

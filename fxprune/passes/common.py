@@ -117,13 +117,15 @@ def class_scores(gm: fx.GraphModule, block: Block, before: bool = False) -> fx.N
 
 def reroute_stream(
     gm: fx.GraphModule, block: Block, fn: Callable, args: tuple, name: str, kwargs: dict[str, Any] | None = None,
-    source: fx.Node | None = None,
+    source: fx.Node | None = None, at: fx.Node | None = None,
 ) -> fx.Node:
-    """Insert ``fn(source, *args, **kwargs)`` (``source``: ``block.mid`` unless given, a node computed from it)
-    after its last input and make every later use of ``block.mid`` use its result. A sized stream function
+    """Insert ``fn(source, *args, **kwargs)`` after its last input and make every later use of the stream node
+    ``at`` use its result: ``at`` is ``block.mid`` (after the block's attention) unless given (``block.input``:
+    before it), ``source`` is ``at`` unless given (a node computed from it). A sized stream function
     (``(tokens, sizes)``; its sizes argument, None here, is wired by :func:`fxprune.passes.state.thread_state`)
     is rerouted through its tokens. Returns the inserted call."""
-    mid, source = block.mid, block.mid if source is None else source
+    mid = block.mid if at is None else at
+    source = mid if source is None else source
     kwargs = kwargs or {}
     sized = getattr(op_of(fn), "sized", False)
     args = (source, None, *args) if sized else (source, *args)

@@ -6,13 +6,16 @@ A channel is a ``[B, N, 1]`` tensor with one value per row of the stream:
   starts it; 0 marks padding (ATS: each image keeps its own number of rows, padding after them).
 * ``"positions"``: the index of each row in the first block's input; −1 for a row that stands for several
   (EViT's fused token, a ToMe merge) and for padding. Threaded only where a rewrite reads it.
+* ``"keep"``: a training graph's keep policy (DynamicViT): 1 for a kept row, 0 for one dropped but not removed.
+  A rewrite sets it (:func:`write_state`); from that block on every attention renormalises over the kept keys
+  (:func:`~fxprune.ops.softmax_with_policy`, a multiplicative rule, not a bias).
 
 Each channel follows every later block's stream node by the rule its graph function declares
 (:mod:`fxprune.ops.registry`); a sized function carries the sizes itself. What a channel does to the
 attention of later blocks is the channel's: the sizes become an additive bias (``log(size)`` with
 proportional attention, −inf for padding), and in a padded batch every reduction is told the sizes so that it
 reduces each image from its own rows. A channel with a multiplicative rule (a training keep mask) or
-per-block query/key masks is a new channel here, not a change of the sizes.
+per-block query/key masks is a channel of its own, not a change of the sizes.
 
 A rewrite reads a channel with :func:`read_state`: a call of :func:`~fxprune.ops.initial_state` (correct
 when no earlier block changed the rows), which :func:`thread_state` replaces by the threaded state.
@@ -27,14 +30,23 @@ from typing import TYPE_CHECKING
 import torch.fx as fx
 
 from ..analysis import Block, TokenProgram, sdpa_arguments
-from ..errors import FxPruneError
-from ..ops import SIZES, clustered_attention, initial_state, op_of, size_bias
+from ..errors import FxPruneError, UnsupportedModelError
+from ..ops import (
+    KEEP,
+    SIZES,
+    clustered_attention,
+    initial_state,
+    op_of,
+    policy_attention,
+    size_bias,
+    softmax_with_policy,
+)
 from .common import Role, insert_call, inserted, stream_node, tag
 
 if TYPE_CHECKING:
     from ..planning import PlanRow
 
-__all__ = ["read_state", "thread_state"]
+__all__ = ["read_state", "write_state", "thread_state"]
 
 
 def read_state(gm: fx.GraphModule, block: Block, channel: str) -> fx.Node:
@@ -43,8 +55,19 @@ def read_state(gm: fx.GraphModule, block: Block, channel: str) -> fx.Node:
     return tag(node, block, Role.STATE, channel)
 
 
+def write_state(gm: fx.GraphModule, block: Block, channel: str, node: fx.Node) -> fx.Node:
+    """Make ``node`` ``channel`` ``[B, N, 1]`` of the rows leaving ``block``'s rewrite (it applies to ``block``'s
+    own attention and every later one); returns it."""
+    return tag(node, block, Role.STATE, channel)
+
+
 def _readers(gm: fx.GraphModule, index: int, channel: str) -> list[fx.Node]:
     return [n for n in inserted(gm, index, Role.STATE) if n.target is initial_state and n.args[1] == channel]
+
+
+def _written(gm: fx.GraphModule, index: int, channel: str) -> list[fx.Node]:
+    return [n for n in inserted(gm, index, Role.STATE) if n.meta["fxprune"].channel == channel
+            and n.target is not initial_state]
 
 
 def _follow(gm: fx.GraphModule, block: Block, stream: fx.Node, channel: str, state: fx.Node) -> fx.Node:
@@ -78,10 +101,11 @@ def _thread_sizes(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[Plan
     read = any(_readers(gm, row.index, SIZES) for row in rows)
     size: fx.Node | None = _start(gm, program, SIZES) if read else None
     proportional = padded = False
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for row in rows:
         block = program.blocks[row.index]
-        if size is not None and (proportional or padded):
-            _add_size_bias(gm, block, size, proportional)
+        stream = stream_node(gm, row.index) if row.method is not None else None
+        before = stream is not None and order[stream] < order[block.attention.node]  # reduces the block's input
         for reader in _readers(gm, row.index, SIZES):
             if size is not None and reader is not size:
                 reader.replace_all_uses_with(size)
@@ -90,7 +114,8 @@ def _thread_sizes(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[Plan
                 op = op_of(node.target)
                 if op is not None and op.padding is not None:
                     node.update_kwarg(op.padding, True if op.sized else size)
-        stream = stream_node(gm, row.index) if row.method is not None else None
+        if size is not None and (proportional or padded) and not before:
+            _add_size_bias(gm, block, size, proportional)
         if stream is None:
             continue
         if op_of(stream.target).sized:
@@ -100,6 +125,8 @@ def _thread_sizes(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[Plan
             padded = padded or row.method.pads_tokens
         elif size is not None:
             size = _follow(gm, block, stream, SIZES, size)
+        if size is not None and (proportional or padded) and before:
+            _add_size_bias(gm, block, size, proportional)
 
 
 def _thread(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[PlanRow], channel: str) -> None:
@@ -117,17 +144,56 @@ def _thread(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[PlanRow], 
             state = _follow(gm, block, stream, channel, _start(gm, program, channel) if state is None else state)
 
 
+def _thread_keep(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[PlanRow]) -> None:
+    """Route the keep policy from the first block that sets it through every later block, each attention
+    renormalising over the kept keys."""
+    policy: fx.Node | None = None
+    for row in rows:
+        block = program.blocks[row.index]
+        for reader in _readers(gm, row.index, KEEP):
+            if policy is not None:
+                reader.replace_all_uses_with(policy)
+        policy = next(reversed(_written(gm, row.index, KEEP)), policy)
+        if policy is not None:
+            _attend_with_policy(gm, block, policy)
+
+
 def thread_state(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[PlanRow]) -> None:
-    """Thread every channel that is started or read in ``gm`` through the blocks of the plan ``rows`` (run after
-    every block rewrite): the sizes when a sized stream starts them, any other channel a rewrite reads."""
+    """Thread every channel that is started, set or read in ``gm`` through the blocks of the plan ``rows`` (run
+    after every block rewrite): the sizes when a sized stream starts them, the keep policy where a rewrite sets
+    it, any other channel a rewrite reads."""
     streams = [stream_node(gm, row.index) for row in rows if row.method is not None]
     if any(node is not None and op_of(node.target).sized for node in streams) or any(
         _readers(gm, row.index, SIZES) for row in rows
     ):
         _thread_sizes(gm, program, rows)
-    read = {n.args[1] for n in gm.graph.nodes if n.target is initial_state and n.args[1] != SIZES}
+    if any(_written(gm, row.index, KEEP) or _readers(gm, row.index, KEEP) for row in rows):
+        _thread_keep(gm, program, rows)
+    read = {n.args[1] for n in gm.graph.nodes if n.target is initial_state and n.args[1] not in (SIZES, KEEP)}
     for channel in sorted(read):
         _thread(gm, program, rows, channel)
+
+
+def _attend_with_policy(gm: fx.GraphModule, block: Block, policy: fx.Node) -> None:
+    """Make ``block``'s attention renormalise over the keys ``policy`` ``[B, N, 1]`` keeps: its SDPA call becomes
+    :func:`~fxprune.ops.policy_attention`, an explicit softmax :func:`~fxprune.ops.softmax_with_policy`."""
+    site = block.attention
+    if site.kind == "sdpa":
+        args = sdpa_arguments(site.node)
+        if args["is_causal"] is not False:
+            raise UnsupportedModelError(
+                f"block {block.index} ({block.name}) has causal attention, which a keep policy cannot mask"
+            )
+        kwargs = {name: args[name] for name in ("attn_mask", "dropout_p", "scale")}
+        node = insert_call(gm, site.node, policy_attention, (site.q, site.k, site.v, policy), kwargs, block,
+                           "kept_attention", Role.ATTENTION)
+        site.node.replace_all_uses_with(node)
+        gm.graph.erase_node(site.node)
+        return
+    logits = site.node.args[0]
+    node = insert_call(gm, site.node, softmax_with_policy, (logits, policy), {}, block, "kept_softmax", Role.ATTENTION)
+    site.node.replace_all_uses_with(node)
+    gm.graph.erase_node(site.node)
 
 
 def _add_size_bias(gm: fx.GraphModule, block: Block, size: fx.Node, proportional: bool) -> None:

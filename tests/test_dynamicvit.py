@@ -1,0 +1,94 @@
+"""DynamicViT: both graphs against an eager implementation of the official forward, in float64."""
+
+import pytest
+import torch
+from reference import dynamicvit_vit
+from torch import nn
+from vits import image_batch, timm_vit
+
+import fxprune
+from fxprune.methods.dynamicvit import DynamicViT
+
+LAYERS = (1, 3, 4)
+
+
+def _predictors(gm, model):
+    return [gm.get_submodule(f"fxprune.blocks_{i}.predictor") for i in LAYERS]
+
+
+@pytest.mark.parametrize("name", ["deit_small_patch16_224", "deit_small_distilled_patch16_224"])
+def test_evaluation_graph_matches_the_official_forward_in_float64(name):
+    model = timm_vit(name, depth=6).double()
+    gm = fxprune.transform(model, DynamicViT(0.7, LAYERS))
+    x = image_batch(model, batch=3, dtype=torch.float64)
+    with torch.no_grad():
+        expected = dynamicvit_vit(model, _predictors(gm, model), x, 0.7, LAYERS, training=False)
+        torch.testing.assert_close(gm(x), expected, atol=1e-8, rtol=0)
+    prefix = model.num_prefix_tokens
+    assert [r.tokens_out for r in gm.fxprune_plan.rows if r.policy] == [prefix + int(16 * 0.7**s) for s in (1, 2, 3)]
+
+
+def test_training_graph_matches_the_official_forward_with_the_same_gumbel_noise_in_float64():
+    model = timm_vit("deit_small_patch16_224", depth=6, img_size=64).double()  # 64 patches: some kept at stage 3
+    gm = fxprune.transform(model, DynamicViT(0.7, LAYERS)).train()
+    model.train()
+    x = image_batch(model, batch=3, dtype=torch.float64)
+    torch.manual_seed(5)
+    got = gm(x)
+    torch.manual_seed(5)
+    expected = dynamicvit_vit(model, _predictors(gm, model), x, 0.7, LAYERS, training=True)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, expected, atol=1e-8, rtol=0)
+
+
+class _KeepFirst(nn.Module):
+    """A stand-in predictor that keeps the first ``keep`` patch tokens (by their input order) with certainty."""
+
+    def __init__(self, keep: int):
+        super().__init__()
+        self.keep = keep
+
+    def forward(self, x, policy=None):
+        first = torch.arange(x.shape[1]) < self.keep
+        keep = torch.where(first, 0.0, -1e4).to(x.dtype)
+        return torch.stack([keep, torch.where(first, -1e4, 0.0).to(x.dtype)], dim=-1).expand(x.shape[0], -1, -1)
+
+
+def test_training_and_evaluation_graphs_agree_when_the_decisions_are_the_same():
+    model = timm_vit("deit_small_patch16_224", depth=4).double()
+    gm = fxprune.transform(model, DynamicViT(0.5, (1,)))
+    gm.get_submodule("fxprune.blocks_1").predictor = _KeepFirst(8)  # what evaluation keeps: int(16 · 0.5)
+    x = image_batch(model, batch=3, dtype=torch.float64)
+    with torch.no_grad():
+        evaluated, trained = gm.eval()(x), gm.train()(x)
+    torch.testing.assert_close(trained, evaluated, atol=1e-5, rtol=0)  # masked keys weigh ε/N, not 0
+    assert (evaluated - model(x)).abs().max() > 1e-3
+
+
+def test_training_gradients_reach_every_predictor_and_the_backbone():
+    model = timm_vit("deit_small_patch16_224", depth=6, img_size=64)
+    gm = fxprune.transform(model, DynamicViT(0.7, LAYERS), copy_weights=True).train()
+    with fxprune.collect() as aux:
+        gm(image_batch(model)).logsumexp(-1).sum().backward()
+    assert sorted(aux) == [f"blocks.{i}/keep" for i in LAYERS]
+    for i in LAYERS:
+        assert gm.get_submodule(f"fxprune.blocks_{i}.predictor").in_conv[1].weight.grad.abs().sum() > 0
+    assert gm.get_parameter("patch_embed.proj.weight").grad.abs().sum() > 0
+
+
+def test_policy_parses_plans_its_counts_and_says_when_its_predictors_are_untrained(tmp_path):
+    policy = fxprune.parse_policy("dynamicvit:keep=0.5,layers=1,3,4")
+    assert policy == DynamicViT(0.5, LAYERS)
+    model = timm_vit("deit_small_patch16_224", depth=6)
+    planned = fxprune.plan(model, policy)
+    assert [r.tokens_out for r in planned.rows if r.policy] == [1 + 8, 1 + 4, 1 + 2]
+    assert any("untrained" in note for note in planned.notes)
+    gm = fxprune.transform(model, policy)
+    path = fxprune.save_weights(gm, tmp_path / "predictors.pt")
+    trained = fxprune.transform(model, DynamicViT(0.5, LAYERS, weights=str(path)))
+    assert not any("untrained" in note for note in trained.fxprune_plan.notes)
+    x = image_batch(model)
+    with torch.no_grad():
+        torch.testing.assert_close(trained(x), gm(x), atol=0, rtol=0)
+    with pytest.raises(fxprune.PolicyError, match="do not fit"):
+        fxprune.transform(model, DynamicViT(0.5, (1, 3), weights=str(path)))
