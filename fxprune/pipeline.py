@@ -65,13 +65,14 @@ def _learned_modules(
             made = {name: m.to(reference.device, reference.dtype) for name, m in made.items()}
         modules[row.index] = made
     for policy in {row.policy for row in rows if row.index in modules}:
-        weights = method_of(policy).learned.weights(policy)
+        learned = method_of(policy).learned
+        weights = learned.weights(policy)
         if weights is not None:
             owned = {
                 module_path_for(program.blocks[row.index], name)[len(LEARNED_PREFIX) + 1:]: module
                 for row in rows if row.policy is policy for name, module in modules[row.index].items()
             }
-            load_weights(owned, weights, policy.describe())
+            load_weights(owned, weights, policy.describe(), learned.translate)
     return modules
 
 

@@ -92,3 +92,25 @@ def test_policy_parses_plans_its_counts_and_says_when_its_predictors_are_untrain
         torch.testing.assert_close(trained(x), gm(x), atol=0, rtol=0)
     with pytest.raises(fxprune.PolicyError, match="do not fit"):
         fxprune.transform(model, DynamicViT(0.5, (1, 3), weights=str(path)))
+
+
+def test_an_official_checkpoint_loads_its_backbone_into_the_model_and_its_predictors_into_the_policy(tmp_path):
+    model = timm_vit("deit_small_patch16_224", depth=6)
+    gm = fxprune.transform(model, DynamicViT(0.7, LAYERS), copy_weights=True)
+    with torch.no_grad():
+        for parameter in gm.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))  # a "trained" backbone and predictors
+    official = {k: v for k, v in gm.state_dict().items() if not k.startswith("fxprune.")}
+    for stage, layer in enumerate(LAYERS):  # the official code's names: one score_predictor per stage
+        for key, value in gm.get_submodule(f"fxprune.blocks_{layer}.predictor").state_dict().items():
+            official[f"score_predictor.{stage}.{key}"] = value
+    torch.save({"model": official}, tmp_path / "dynamicvit_official.pth")
+    fresh = timm_vit("deit_small_patch16_224", depth=6)
+    result = fresh.load_state_dict(official, strict=False)
+    assert not result.missing_keys and all(k.startswith("score_predictor.") for k in result.unexpected_keys)
+    switched = fxprune.transform(fresh, DynamicViT(0.7, LAYERS, weights=str(tmp_path / "dynamicvit_official.pth")))
+    x = image_batch(model)
+    with torch.no_grad():
+        torch.testing.assert_close(switched(x), gm(x), atol=0, rtol=0)
+    with pytest.raises(fxprune.PolicyError, match="unexpected stage_2"):
+        fxprune.transform(fresh, DynamicViT(0.7, (1, 3), weights=str(tmp_path / "dynamicvit_official.pth")))

@@ -12,7 +12,7 @@ As the official code (``raoyongming/DynamicViT``, ``models/dyvit.py``): stage ``
   ratio loss (``fxprune.collect``).
 
 The predictors are submodules ``fxprune.<block>.predictor`` shared by both graphs; ``weights`` names a file of
-trained ones (``fxprune.save_weights``).
+trained ones (``fxprune.save_weights``), or an official DynamicViT checkpoint (its ``score_predictor.*``).
 """
 
 from __future__ import annotations
@@ -142,7 +142,24 @@ def _predictors(policy: DynamicViT, block: Block, program: TokenProgram) -> dict
     return {"predictor": PredictorLG(program.dim)}
 
 
+def official_predictors(saved: dict, names: list[str]) -> dict[str, Tensor] | None:
+    """The predictors of an official DynamicViT checkpoint (``{"model": state}`` or the state itself, whose
+    ``score_predictor.<stage>.*`` keys hold one ``PredictorLG`` per stage) under ``names`` (one per stage, in
+    order); None when it has none. Its backbone keys are timm's: load them into the model itself."""
+    state = saved.get("model", saved)
+    prefix = "score_predictor."
+    found = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+    if not found:
+        return None
+    translated = {}
+    for key, value in found.items():
+        stage, _, rest = key.partition(".")
+        name = names[int(stage)] if int(stage) < len(names) else f"stage_{stage}"  # a stage this policy lacks
+        translated[f"{name}.{rest}"] = value
+    return translated
+
+
 register_method(
-    "dynamicvit", DynamicViT, learned=Learned(_predictors, mask_tokens),
+    "dynamicvit", DynamicViT, learned=Learned(_predictors, mask_tokens, translate=official_predictors),
     identity=lambda layers: DynamicViT(1.0, layers), example=lambda layers: DynamicViT(0.6, layers),
 )(prune_tokens)

@@ -70,11 +70,13 @@ class Learned:
     """A method with trained parts. ``modules(policy, block, program)`` builds the submodules of one block
     (created once; the train and eval graphs share them); ``train_rewrite`` rewrites a block for training
     (differentiable, static shapes), the spec's ``rewrite`` for evaluation; ``weights(policy)`` is the file of
-    trained weights named by the policy (None: untrained)."""
+    trained weights named by the policy (None: untrained); ``translate(saved, names)`` reads a checkpoint fxprune
+    did not write (e.g. the official code's) into the names of the policy's submodules, given in stage order."""
 
     modules: Callable[[Policy, Block, TokenProgram], dict[str, nn.Module]]
     train_rewrite: BlockRewrite
     weights: Callable[[Policy], Any] = lambda policy: getattr(policy, "weights", None)
+    translate: Callable[[dict, list[str]], dict[str, Any] | None] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,7 +15,7 @@ weights, and auxiliary values for losses.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -173,14 +173,21 @@ def save_weights(gm: nn.Module, path: str | Path) -> Path:
     return path
 
 
-def load_weights(modules: dict[str, nn.Module], path: str | Path, what: str) -> None:
+def load_weights(
+    modules: dict[str, nn.Module], path: str | Path, what: str,
+    translate: Callable[[dict, list[str]], dict[str, Tensor] | None] | None = None,
+) -> None:
     """Load the trained weights in ``path`` into ``modules`` (stable name relative to ``fxprune.`` → module);
-    :class:`~fxprune.PolicyError` naming the difference when the file does not fit them (``what``: the policy)."""
+    :class:`~fxprune.PolicyError` naming the difference when the file does not fit them (``what``: the policy).
+    A file fxprune did not write is read by ``translate(saved, names)`` (the method's, for its official
+    checkpoints), which returns its state under the names of ``modules``, in their order, or None."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError) as err:
         raise PolicyError(f"{what}: cannot read weights {str(path)!r}: {err}") from None
     state = saved.get("state_dict") if isinstance(saved, dict) else None
+    if state is None and translate is not None and isinstance(saved, dict):
+        state = translate(saved, list(modules))
     if state is None:
         raise PolicyError(f"{what}: {str(path)!r} is not an fxprune weights file (fxprune.save_weights writes one)")
     expected = {f"{name}.{key}": value
@@ -193,8 +200,8 @@ def load_weights(modules: dict[str, nn.Module], path: str | Path, what: str) -> 
             shapes and ", ".join(f"{k} is {tuple(state[k].shape)}, not {tuple(expected[k].shape)}" for k in shapes[:4]),
         ]))
         raise PolicyError(
-            f"{what}: the weights in {str(path)!r} (for {saved.get('policy')}) do not fit this model and policy: "
-            f"{detail}. Use weights trained for the same model, blocks and method."
+            f"{what}: the weights in {str(path)!r} (for {saved.get('policy', 'another model')}) do not fit this "
+            f"model and policy: {detail}. Use weights trained for the same model, blocks and method."
         )
     for name, module in modules.items():
         own = {key[len(name) + 1:]: value for key, value in state.items() if key.startswith(name + ".")}
