@@ -60,9 +60,10 @@ sys.meta_path.append(_ToolAlias())
 
 
 def __getattr__(name: str):
-    """``fxprune.models``, ``fxprune.datasets``, … (and ``fxprune.ops``, ``fxprune.passes``) on first use."""
+    """``fxprune.models``, ``fxprune.datasets``, … (and ``fxprune.losses``, ``fxprune.ops``, ``fxprune.passes``) on
+    first use."""
     if name in _TOOLS:
         return importlib.import_module(f".tools.{name}", __name__)
-    if name in ("ops", "passes", "tools"):
+    if name in ("losses", "ops", "passes", "tools"):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -461,6 +461,17 @@ def analyse(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = No
     )
 
 
+def final_tokens(program: TokenProgram) -> fx.Node | None:
+    """The last ``[B, N, C]`` value of the token stream (after the last block and any final norm, before pooling
+    or the class token's row is read): the model's output tokens, or None when the stream has none after its
+    last block."""
+    last = program.blocks[-1].mid or program.blocks[-1].input
+    after = program.stream[program.stream.index(last):] if last in program.stream else []
+    tokens = [n for n in after if (shape := _shape(n)) is not None and len(shape) == 3 and shape[0] == program.batch
+              and shape[2] == program.dim]
+    return tokens[-1] if tokens else None
+
+
 def _block(
     index: int, site: AttentionSite, anchor: fx.Node, mid: fx.Node | None, batch: int, prefix: int,
     on_stream: set[fx.Node],

@@ -70,7 +70,8 @@ def test_training_gradients_reach_every_predictor_and_the_backbone():
     gm = fxprune.transform(model, DynamicViT(0.7, LAYERS), copy_weights=True).train()
     with fxprune.collect() as aux:
         gm(image_batch(model)).logsumexp(-1).sum().backward()
-    assert sorted(aux) == [f"blocks.{i}/keep" for i in LAYERS]
+    assert sorted(aux) == ["dynamicvit/keep/blocks.1", "dynamicvit/keep/blocks.3", "dynamicvit/keep/blocks.4",
+                           "dynamicvit/tokens"]
     for i in LAYERS:
         assert gm.get_submodule(f"fxprune.blocks_{i}.predictor").in_conv[1].weight.grad.abs().sum() > 0
     assert gm.get_parameter("patch_embed.proj.weight").grad.abs().sum() > 0
@@ -114,3 +115,39 @@ def test_an_official_checkpoint_loads_its_backbone_into_the_model_and_its_predic
         torch.testing.assert_close(switched(x), gm(x), atol=0, rtol=0)
     with pytest.raises(fxprune.PolicyError, match="unexpected stage_2"):
         fxprune.transform(fresh, DynamicViT(0.7, (1, 3), weights=str(tmp_path / "dynamicvit_official.pth")))
+
+
+def _official_loss(pred, token_pred, mask, out_pred_score, cls_t, token_t, labels, keep_ratio):
+    """``DistillDiffPruningLoss_dynamic.forward`` of the official losses.py (clf 1, ratio 2, distill 0.5,
+    mse_token=True), on its own inputs: scores [B, N0] per stage, the last decisions ``mask`` [B, N0, 1]."""
+    pred_loss = 0.0
+    for i, score in enumerate(out_pred_score):
+        pred_loss = pred_loss + ((score.mean(1) - keep_ratio[i]) ** 2).mean()
+    cls_loss = torch.nn.functional.cross_entropy(pred, labels)
+    cls_kl_loss = torch.nn.functional.kl_div(torch.log_softmax(pred, dim=-1), torch.log_softmax(cls_t, dim=-1),
+                                             reduction="batchmean", log_target=True)
+    B, N, C = token_pred.size()
+    bool_mask = mask.reshape(B * N) > 0.5
+    token_kl_loss = torch.pow(token_pred.reshape(B * N, C)[bool_mask] - token_t.reshape(B * N, C)[bool_mask], 2).mean()
+    return 1.0 * cls_loss + 2.0 * pred_loss / len(out_pred_score) + 0.5 * cls_kl_loss + 0.5 * token_kl_loss
+
+
+def test_loss_is_the_official_distillation_loss_with_the_teachers_final_tokens():
+    from fxprune.losses import DynamicViTLoss
+
+    model = timm_vit("deit_small_patch16_224", depth=6, img_size=64).double()
+    policy = DynamicViT(0.7, LAYERS)
+    gm = fxprune.transform(model, policy, copy_weights=True).train()
+    criterion = DynamicViTLoss(model, policy)
+    x, labels = image_batch(model, batch=4, dtype=torch.float64), torch.tensor([1, 2, 3, 4])
+    with fxprune.collect() as aux:
+        out = gm(x)
+    loss, parts = criterion(x, out, aux, labels)
+    decisions = [aux[f"dynamicvit/keep/blocks.{i}"][0] for i in LAYERS]
+    with torch.no_grad():  # timm's forward_features: the tokens after the final norm
+        expected = _official_loss(out, aux["dynamicvit/tokens"][0], decisions[-1], [d[..., 0] for d in decisions],
+                                  model(x), model.forward_features(x)[:, 1:], labels, [0.7, 0.49, 0.343])
+    torch.testing.assert_close(loss, expected, atol=1e-10, rtol=0)
+    assert set(parts) == {"cls", "ratio", "cls_kl", "token_mse"} and parts["token_mse"] > 0
+    loss.backward()
+    assert gm.get_submodule("fxprune.blocks_1.predictor").in_conv[1].weight.grad.abs().sum() > 0

@@ -8,8 +8,8 @@ As the official code (``raoyongming/DynamicViT``, ``models/dyvit.py``): stage ``
   removed, before the block, so its attention and MLP run on fewer tokens (fused SDPA kept).
 * Training graph: no row is removed. Hard Gumbel-softmax decisions, times the previous stage's, become the
   ``"keep"`` token-state channel, and every attention from the first stage on renormalises over the kept keys
-  (``softmax_with_policy``). Each stage's decisions ``[B, N₀, 1]`` are emitted as ``"<block>/keep"`` for the
-  ratio loss (``fxprune.collect``).
+  (``softmax_with_policy``). Each stage's decisions ``[B, N₀, 1]`` and the final patch tokens are emitted
+  (:data:`KEEP_KEY`, :data:`TOKENS_KEY`) for :class:`fxprune.losses.DynamicViTLoss` (``fxprune.collect``).
 
 The predictors are submodules ``fxprune.<block>.predictor`` shared by both graphs; ``weights`` names a file of
 trained ones (``fxprune.save_weights``), or an official DynamicViT checkpoint (its ``score_predictor.*``).
@@ -25,8 +25,8 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from ..analysis import Block, TokenProgram
-from ..errors import PolicyError
+from ..analysis import Block, TokenProgram, final_tokens
+from ..errors import PolicyError, UnsupportedModelError
 from ..ops import KEEP, gather_tokens, gumbel_keep, keep_rows, with_prefix
 from ..passes.common import Rewrite, Role, insert_call, reroute_stream
 from ..passes.learned import emit, insert_module
@@ -34,7 +34,10 @@ from ..passes.state import read_state, write_state
 from ..policies import Policy, check_keep_rate, check_layers, option, parse_layers, parse_number
 from .registry import Learned, register_method
 
-__all__ = ["DynamicViT", "PredictorLG"]
+__all__ = ["DynamicViT", "PredictorLG", "KEEP_KEY", "TOKENS_KEY"]
+
+KEEP_KEY = "dynamicvit/keep/"  # + block name: a stage's training decisions [B, N₀, 1], emitted in stage order
+TOKENS_KEY = "dynamicvit/tokens"  # the final patch tokens [B, N₀, C] of the training graph
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,10 +135,25 @@ def mask_tokens(gm: fx.GraphModule, program: TokenProgram, block: Block, policy:
     scores = insert_module(gm, patches, block, "predictor", (patches, earlier))
     decisions = insert_call(gm, scores, gumbel_keep, (scores, earlier), {}, block, "decisions")
     with gm.graph.inserting_after(decisions):
-        gm.graph.call_function(emit, (decisions, f"{block.name}/keep"))
+        gm.graph.call_function(emit, (decisions, f"{KEEP_KEY}{block.name}"))
     keep = insert_call(gm, decisions.next, with_prefix, (decisions, prefix), {}, block, "keep")
     write_state(gm, block, KEEP, keep)
+    if block.index == policy.layers[-1]:
+        _emit_final_tokens(gm, program, block)
     return Rewrite()
+
+
+def _emit_final_tokens(gm: fx.GraphModule, program: TokenProgram, block: Block) -> None:
+    """Emit the model's final patch tokens (after its last block and final norm) as :data:`TOKENS_KEY`."""
+    tokens = final_tokens(program)
+    if tokens is None:
+        raise UnsupportedModelError(
+            f"DynamicViT's token distillation needs the model's final tokens, but {program.model_name} has no "
+            "[B, N, C] token stream after its last block"
+        )
+    patches = _patch_tokens(gm, block, tokens, program.prefix_tokens, "final_patches")
+    with gm.graph.inserting_after(patches):
+        gm.graph.call_function(emit, (patches, TOKENS_KEY))
 
 
 def _predictors(policy: DynamicViT, block: Block, program: TokenProgram) -> dict[str, Any]:
