@@ -27,12 +27,13 @@ from .pipeline import plan, transform
 from .planning import Plan, PlanRow
 from .policies import Compose, Policy, parse_policy
 from .reporting import Report, report
+from .tools.train import TrainConfig, train
 
 __all__ = [
     "transform", "trace", "analyse", "plan", "flops", "lower", "report", "Report",
     "EViT", "TopK", "ToMe", "ATS", "ClusTR", "Stride", "DynamicViT", "Compose", "Policy", "parse_policy", "Plan",
     "TokenProgram",
-    "collect", "save_weights", "methods",
+    "collect", "save_weights", "methods", "train", "TrainConfig",
     "PlanRow", "Block", "AttentionSite", "TraceInfo", "LoweredModule", "TrainEvalGraphModule",
     "FxPruneError", "TraceError", "UnsupportedModelError", "PolicyError",
 ]

@@ -64,3 +64,19 @@ def test_bench_runs_a_timm_model_on_an_image_folder(capsys, tmp_path):
 def test_bench_on_a_timm_model_needs_data(capsys):
     assert main(["bench", "--model", "vit_tiny_patch16_224"]) == 2
     assert "--data DIR is needed" in capsys.readouterr().err
+
+
+def test_train_fine_tunes_and_writes_a_checkpoint_and_the_learned_weights(capsys, tmp_path):
+    import torch
+
+    import fxprune
+    from fxprune.tools.models import digits_vit
+
+    out, weights = tmp_path / "ckpt.pt", tmp_path / "predictors.pt"
+    code = main(["train", "--policy", "dynamicvit:keep=0.7,layers=1,3,4", "--steps", "2", "--batch", "8",
+                 "--train-images", "32", "--images", "16", "--out", str(out), "--weights-out", str(weights)])
+    printed = capsys.readouterr().out
+    assert code == 0 and "2 steps of batch 8" in printed and "step 2: top-1" in printed
+    assert torch.load(out, weights_only=False)["step"] == 2
+    loaded = fxprune.transform(digits_vit(), fxprune.DynamicViT(0.7, (1, 3, 4), weights=str(weights)))
+    assert not loaded.fxprune_plan.notes  # trained predictors: the plan no longer warns

@@ -1,8 +1,9 @@
-"""Command line: ``fxprune inspect | bench | show | demo``."""
+"""Command line: ``fxprune inspect | bench | show | train | demo``."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -120,6 +121,28 @@ def _show(args: argparse.Namespace) -> None:
         print(f"  block {block}: {mean:.1f} tokens kept per image (min {low}, max {high})")
 
 
+def _train(args: argparse.Namespace) -> None:
+    from ..passes.learned import learned_state_dict, save_weights
+    from ..policies import parse_policy
+    from .datasets import DigitScenes
+    from .train import TrainConfig, train
+
+    model, data, model_name, _ = _model_and_data(args)
+    train_data = DigitScenes("train", args.train_images, seed=11) if args.model == "digits" else data
+    config = TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, warmup=args.warmup,
+                         freeze_backbone=args.freeze_backbone, eval_every=args.eval_every, seed=args.seed)
+    policy = parse_policy(args.policy)
+    result = train(model, policy, train_data, config, eval_data=data, checkpoint=args.out, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    print(f"{policy.describe()} on {model_name}: {config.steps} steps of batch {config.batch_size}; "
+          f"loss {result.losses[0]:.3f} → {result.losses[-1]:.3f}")
+    for step, accuracy in result.evaluations:
+        print(f"  step {step}: top-1 {100 * accuracy:.2f}% on {len(data)} evaluation images")
+    if learned_state_dict(result.model) and args.weights_out:
+        print(f"wrote {save_weights(result.model, args.weights_out)} (load with weights=…)")
+
+
 def _add_model_options(parser: argparse.ArgumentParser, images: int) -> None:
     parser.add_argument("--model", default="digits", help="'digits' (embedded, default) or a timm model name")
     parser.add_argument("--pretrained", action="store_true", help="load the timm model's pretrained weights")
@@ -151,6 +174,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     show.add_argument("--scenes", type=int, default=6)
     show.add_argument("--out", default="kept_tokens.png")
     show.set_defaults(func=_show)
+    training = sub.add_parser("train", help="fine-tune a transformed model, distilling from the original "
+                                             "(torchrun --nproc_per_node=N -m fxprune train … runs DDP)")
+    _add_model_options(training, images=1000)
+    training.add_argument("--policy", required=True, help=f"{known}, e.g. dynamicvit:keep=0.7,layers=1,3,4")
+    training.add_argument("--train-images", type=int, default=6000, help="DigitScenes training scenes (digits)")
+    training.add_argument("--steps", type=int, default=300)
+    training.add_argument("--batch", type=int, default=64, help="global batch, over every process")
+    training.add_argument("--lr", type=float, default=3e-4)
+    training.add_argument("--warmup", type=int, default=20)
+    training.add_argument("--freeze-backbone", type=int, default=0, help="steps with the backbone frozen")
+    training.add_argument("--eval-every", type=int, default=0)
+    training.add_argument("--seed", type=int, default=0)
+    training.add_argument("--out", default="fxprune_train.pt", help="checkpoint (model, optimiser, step)")
+    training.add_argument("--resume", action="store_true", help="continue from --out")
+    training.add_argument("--weights-out", help="also write the learned parts, for a policy's weights=")
+    training.set_defaults(func=_train)
     demo = sub.add_parser("demo", help="the embedded DigitScenes ViT with EViT: plan, accuracy, MACs, speed, picture")
     demo.add_argument("--scenes", type=int, default=1000)
     demo.add_argument("--repeats", type=int, default=5)

@@ -1,0 +1,207 @@
+"""Fine-tuning a transformed model with distillation from the original: one process, or many under ``torchrun``.
+
+``fxprune.train(model, policy, data)`` transforms ``model`` with its own copy of the weights, then trains it:
+AdamW with a linear warm-up and a cosine decay per step, two parameter groups (the learned parts a method adds,
+``fxprune.*``, at ``lr``; the backbone at ``lr · backbone_lr_scale``, frozen for its first ``freeze_backbone``
+steps), gradient clipping, a seeded data order, periodic evaluation, checkpoints and resuming. The loss is the
+method's when it has one (DynamicViT: :class:`~fxprune.losses.DynamicViTLoss`), otherwise cross-entropy plus
+``distill_weight`` · KL(original ‖ transformed) on the logits.
+
+Under ``torchrun --nproc_per_node=N`` (``WORLD_SIZE`` set) it runs distributed data parallel (gloo on the CPU,
+nccl on GPUs): each process takes ``batch_size / N`` images of every global batch through a
+``DistributedSampler``, gradients are averaged, only rank 0 logs and writes checkpoints, and metrics are averaged
+over the processes. The same global batch gives the same steps as one process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+
+from ..losses import DynamicViTLoss, logits_of
+from ..methods.dynamicvit import DynamicViT
+from ..passes.learned import LEARNED_PREFIX, collect
+from ..pipeline import transform
+from ..policies import Compose, Policy
+
+__all__ = ["TrainConfig", "TrainResult", "train"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The recipe: ``steps`` optimiser steps of ``batch_size`` images (the global batch, over every process)."""
+
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 3e-4
+    backbone_lr_scale: float | None = None  # None: 0.01 with learned parts (the DynamicViT recipe), else 1
+    freeze_backbone: int = 0  # steps at the start with the backbone frozen
+    warmup: int = 20
+    weight_decay: float = 0.05
+    clip: float | None = 1.0
+    distill_weight: float = 0.5
+    eval_every: int = 0  # 0: only at the end
+    seed: int = 0
+    workers: int = 0
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """The trained module, its loss per step and its evaluations ``(step, top-1)``."""
+
+    model: nn.Module
+    losses: list[float]
+    evaluations: list[tuple[int, float]]
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size), starting the process group when ``torchrun`` launched this process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def _mean(value: float, world: int) -> float:
+    """``value`` averaged over the processes."""
+    if world == 1:
+        return value
+    total = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(total)
+    return total.item() / world
+
+
+def _batches(data: Dataset, batch: int, rank: int, world: int, seed: int, workers: int) -> Iterator:
+    """Endless batches of ``batch`` images of this process's share, reshuffled every pass (seeded)."""
+    sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    loader = DataLoader(data, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=True)
+    epoch = 0
+    while True:
+        sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def _groups(model: nn.Module, config: TrainConfig) -> tuple[list[dict], float]:
+    """Optimiser groups (learned parts, backbone) and the backbone's lr scale."""
+    learned = [p for name, p in model.named_parameters() if name.startswith(LEARNED_PREFIX + ".")]
+    backbone = [p for name, p in model.named_parameters() if not name.startswith(LEARNED_PREFIX + ".")]
+    scale = config.backbone_lr_scale if config.backbone_lr_scale is not None else (0.01 if learned else 1.0)
+    groups = [{"params": backbone, "lr_scale": scale}]
+    if learned:
+        groups.append({"params": learned, "lr_scale": 1.0})
+    return groups, scale
+
+
+def _lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``steps``."""
+    if step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _criterion(model: nn.Module, policy: Policy | Compose, config: TrainConfig, example: Tensor) -> Callable:
+    """``loss(images, output, aux, labels) -> (loss, parts)``: the method's loss, or CE + KL to the original."""
+    parts = policy.policies()
+    dynamic = [p for p in parts if isinstance(p, DynamicViT)]
+    if dynamic:
+        return DynamicViTLoss(model, dynamic[0], distill_weight=config.distill_weight, example_inputs=(example,))
+    teacher = model
+
+    def distilled(images: Tensor, output: object, aux: dict, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        logits = logits_of(output)
+        with torch.no_grad():
+            target = logits_of(teacher(images)).log_softmax(-1)
+        kl = F.kl_div(logits.log_softmax(-1), target, log_target=True, reduction="batchmean")
+        ce = F.cross_entropy(logits, labels)
+        return ce + config.distill_weight * kl, {"cls": ce, "cls_kl": kl}
+
+    return distilled
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, data: Dataset, rank: int, world: int, batch: int = 250) -> float:
+    """Top-1 of ``model`` on ``data``, the images shared out over the processes."""
+    model.eval()
+    sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=False, drop_last=False)
+    hits = seen = 0
+    for images, labels in DataLoader(data, batch_size=batch, sampler=sampler):
+        hits += (logits_of(model(images)).argmax(-1) == labels).sum().item()
+        seen += len(labels)
+    model.train()
+    return _mean(hits, world) / max(1e-9, _mean(seen, world))
+
+
+def train(
+    model: nn.Module,
+    policy: Policy | Compose,
+    data: Dataset,
+    config: TrainConfig = TrainConfig(),
+    *,
+    eval_data: Dataset | None = None,
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Fine-tune ``model`` transformed by ``policy`` on ``data`` (``(image, label)`` pairs), distilling from
+    ``model`` itself, which is not changed (see the module docstring). ``checkpoint``: a file written at every
+    evaluation and at the end (rank 0), from which ``resume=True`` continues."""
+    rank, world = _distributed()
+    if config.batch_size % world:
+        raise ValueError(f"batch_size {config.batch_size} does not split over {world} processes")
+    local = config.batch_size // world
+    torch.manual_seed(config.seed)
+    example = torch.stack([data[i][0] for i in range(2)])
+    model = model.eval()
+    student = transform(model, policy, example_inputs=(example,), copy_weights=True).train()
+    criterion = _criterion(model, policy, config, example)
+    groups, scale = _groups(student, config)
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    start, losses, evaluations = 0, [], []
+    if resume and checkpoint is not None and Path(checkpoint).exists():
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        student.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        start, losses, evaluations = saved["step"], saved["losses"], saved["evaluations"]
+        torch.set_rng_state(saved["rng"])
+    wrapped = nn.parallel.DistributedDataParallel(student) if world > 1 else student
+    batches = _batches(data, local, rank, world, config.seed, config.workers)
+    for _ in range(start):  # the data order of the steps done before resuming
+        next(batches)
+    steps = tqdm(range(start, config.steps), desc="training", unit="step", disable=not progress or rank != 0)
+    for step in steps:
+        images, labels = next(batches)
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, config) * group["lr_scale"]
+        with collect() as aux:
+            output = wrapped(images)
+        loss, _ = criterion(images, output, aux, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if step < config.freeze_backbone:  # no gradient, so AdamW leaves the backbone (and its moments) as they are
+            for parameter in optimizer.param_groups[0]["params"]:
+                parameter.grad = None
+        if config.clip is not None:
+            nn.utils.clip_grad_norm_(student.parameters(), config.clip)
+        optimizer.step()
+        losses.append(_mean(loss.item(), world))
+        steps.set_postfix(loss=f"{losses[-1]:.3f}")
+        last = step + 1 == config.steps
+        if eval_data is not None and (last or (config.eval_every and (step + 1) % config.eval_every == 0)):
+            evaluations.append((step + 1, _accuracy(student, eval_data, rank, world)))
+        if checkpoint is not None and rank == 0 and (last or evaluations and evaluations[-1][0] == step + 1):
+            torch.save({"model": student.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1,
+                        "losses": losses, "evaluations": evaluations, "rng": torch.get_rng_state(),
+                        "policy": policy.describe(), "backbone_lr_scale": scale}, checkpoint)
+    return TrainResult(student.eval(), losses, evaluations)

@@ -1,0 +1,72 @@
+"""The trainer: it lowers the loss, resumes where it stopped, and under torchrun (2 CPU processes, gloo) takes
+the same steps as one process with the same global batch."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fxprune
+from fxprune.tools.datasets import DigitScenes
+from fxprune.tools.models import digits_vit
+from fxprune.tools.train import TrainConfig, train
+
+HERE = Path(__file__).parent
+DATA = DigitScenes("train", 64, seed=0)
+SMALL = TrainConfig(steps=3, batch_size=8, warmup=1, lr=1e-3)
+
+
+def test_training_steps_change_the_weights_and_resume_where_they_stopped(tmp_path):
+    policy = fxprune.EViT(0.7, (1, 3, 4))
+    whole = train(digits_vit(), policy, DATA, SMALL, progress=False)
+    first = train(digits_vit(), policy, DATA, TrainConfig(**{**SMALL.__dict__, "steps": 2}), progress=False,
+                  checkpoint=tmp_path / "ckpt.pt")
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] == 2
+    resumed = train(digits_vit(), policy, DATA, SMALL, progress=False, checkpoint=tmp_path / "ckpt.pt", resume=True)
+    assert resumed.losses[:2] == first.losses and len(resumed.losses) == 3
+    for key, value in whole.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, atol=1e-6, rtol=0)
+    moved = [k for k, v in whole.model.state_dict().items() if not torch.equal(v, digits_vit().state_dict()[k])]
+    assert moved  # the steps trained it
+
+
+def test_a_frozen_backbone_trains_only_the_learned_parts():
+    policy = fxprune.DynamicViT(0.7, (1, 3, 4))
+    result = train(digits_vit(), policy, DATA, TrainConfig(**{**SMALL.__dict__, "freeze_backbone": 3}),
+                   progress=False)
+    original = digits_vit().state_dict()
+    state = result.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in original.items())
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def _torchrun(tmp_path: Path, policy: str) -> list[dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(HERE / "ddp_train.py"), str(tmp_path), policy]
+    subprocess.run(command, check=True, env=env, cwd=HERE, timeout=300, capture_output=True)
+    return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+
+
+def _without_keys(qkv_bias: torch.Tensor) -> torch.Tensor:
+    """The query and value parts of a fused ``qkv`` bias ``[3C]``."""
+    q, _, v = qkv_bias.chunk(3)
+    return torch.cat([q, v])
+
+
+@pytest.mark.parametrize("policy", ["evit:keep=0.7,layers=1,3,4", "dynamicvit:keep=0.7,layers=1,3,4"])
+def test_two_processes_end_with_identical_weights(tmp_path, policy):
+    ranks = _torchrun(tmp_path, policy)
+    for key, value in ranks[0]["state"].items():
+        torch.testing.assert_close(ranks[1]["state"][key], value, atol=0, rtol=0)
+    if policy.startswith("evit"):  # deterministic: the same steps as one process with the same global batch
+        alone = train(digits_vit(), fxprune.parse_policy(policy), DATA, SMALL, progress=False)
+        for key, value in alone.model.state_dict().items():
+            got = ranks[0]["state"][key]
+            if key.endswith("attn.qkv.bias"):  # a key bias gets no gradient (the softmax ignores it), only rounding
+                got, value = _without_keys(got), _without_keys(value)  # noise, which AdamW scales up to ±lr
+            torch.testing.assert_close(got, value, atol=1e-5, rtol=0)
+        torch.testing.assert_close(torch.tensor(ranks[0]["losses"]), torch.tensor(alone.losses), atol=1e-5, rtol=0)
