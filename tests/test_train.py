@@ -70,3 +70,14 @@ def test_two_processes_end_with_identical_weights(tmp_path, policy):
                 got, value = _without_keys(got), _without_keys(value)  # noise, which AdamW scales up to ±lr
             torch.testing.assert_close(got, value, atol=1e-5, rtol=0)
         torch.testing.assert_close(torch.tensor(ranks[0]["losses"]), torch.tensor(alone.losses), atol=1e-5, rtol=0)
+
+
+def test_the_keep_rate_warms_up_from_one_along_a_cosine_through_a_few_graphs():
+    from fxprune.tools.train import _keep_rate_at
+
+    config = TrainConfig(**{**SMALL.__dict__, "steps": 6, "keep_warmup": 4, "keep_levels": 2})
+    assert [_keep_rate_at(step, 0.5, config) for step in range(6)] == [1.0, 1.0, 0.75, 0.75, 0.5, 0.5]
+    result = train(digits_vit(), fxprune.EViT(0.5, (1, 3, 4)), DATA, config, progress=False)
+    assert len(result.losses) == 6 and all(torch.isfinite(torch.tensor(result.losses)))
+    with pytest.raises(ValueError, match="keep_warmup applies to EViT and Top-K"):
+        train(digits_vit(), fxprune.ToMe(2), DATA, config, progress=False)

@@ -7,14 +7,19 @@ steps), gradient clipping, a seeded data order, periodic evaluation, checkpoints
 method's when it has one (DynamicViT: :class:`~fxprune.losses.DynamicViTLoss`), otherwise cross-entropy plus
 ``distill_weight`` · KL(original ‖ transformed) on the logits.
 
+EViT and Top-K can warm their keep rate up as the EViT paper does (``keep_warmup``): from 1 down to the policy's
+along a cosine, stepping through ``keep_levels`` graphs that share the weights.
+
 Under ``torchrun --nproc_per_node=N`` (``WORLD_SIZE`` set) it runs distributed data parallel (gloo on the CPU,
 nccl on GPUs): each process takes ``batch_size / N`` images of every global batch through a
-``DistributedSampler``, gradients are averaged, only rank 0 logs and writes checkpoints, and metrics are averaged
-over the processes. The same global batch gives the same steps as one process.
+``DistributedSampler``, starts from rank 0's weights, and averages the gradients over the processes after every
+backward pass (an all-reduce, so any of the graphs can run); only rank 0 logs and writes checkpoints, and
+metrics are averaged over the processes. The same global batch gives the same steps as one process.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -30,6 +35,7 @@ from tqdm import tqdm
 
 from ..losses import DynamicViTLoss, logits_of
 from ..methods.dynamicvit import DynamicViT
+from ..methods.evit import EViT
 from ..passes.learned import LEARNED_PREFIX, collect
 from ..pipeline import transform
 from ..policies import Compose, Policy
@@ -50,6 +56,8 @@ class TrainConfig:
     weight_decay: float = 0.05
     clip: float | None = 1.0
     distill_weight: float = 0.5
+    keep_warmup: int = 0  # EViT/Top-K: steps over which the keep rate falls from 1 to the policy's (cosine)
+    keep_levels: int = 4  # graphs the keep-rate warm-up steps through (each a transform sharing the weights)
     eval_every: int = 0  # 0: only at the end
     seed: int = 0
     workers: int = 0
@@ -112,12 +120,13 @@ def _lr_at(step: int, config: TrainConfig) -> float:
 
 
 def _criterion(model: nn.Module, policy: Policy | Compose, config: TrainConfig, example: Tensor) -> Callable:
-    """``loss(images, output, aux, labels) -> (loss, parts)``: the method's loss, or CE + KL to the original."""
+    """``loss(images, output, aux, labels) -> (loss, parts)``: the method's loss, or CE + KL to the original (a
+    frozen copy of ``model``, which is left as it is)."""
     parts = policy.policies()
     dynamic = [p for p in parts if isinstance(p, DynamicViT)]
     if dynamic:
         return DynamicViTLoss(model, dynamic[0], distill_weight=config.distill_weight, example_inputs=(example,))
-    teacher = model
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
 
     def distilled(images: Tensor, output: object, aux: dict, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         logits = logits_of(output)
@@ -128,6 +137,40 @@ def _criterion(model: nn.Module, policy: Policy | Compose, config: TrainConfig, 
         return ce + config.distill_weight * kl, {"cls": ce, "cls_kl": kl}
 
     return distilled
+
+
+def _keep_rate_at(step: int, target: float, config: TrainConfig) -> float:
+    """The EViT warm-up's keep rate at ``step``: from 1 to ``target`` along a cosine over ``keep_warmup`` steps,
+    rounded up to one of ``keep_levels`` evenly spaced rates (the last is ``target``)."""
+    if step >= config.keep_warmup:
+        return target
+    rate = target + (1.0 - target) * (math.cos(math.pi * step / config.keep_warmup) + 1.0) / 2.0
+    levels = [target + (1.0 - target) * i / config.keep_levels for i in range(config.keep_levels + 1)]
+    return min(level for level in levels if level >= rate - 1e-12)
+
+
+def _warmup_graphs(base: nn.Module, policy: Policy | Compose, config: TrainConfig, example: Tensor) -> dict:
+    """keep rate → ``base`` transformed with its EViT/Top-K parts at that rate (or their own, if higher), sharing
+    ``base``'s weights, for the rates the keep-rate warm-up of the lowest target visits; empty without one."""
+    if not config.keep_warmup:
+        return {}
+    parts = policy.policies()
+    targets = [p.keep_rate for p in parts if isinstance(p, EViT)]
+    if not targets:
+        raise ValueError("keep_warmup applies to EViT and Top-K policies")
+    graphs = {}
+    for rate in dict.fromkeys(_keep_rate_at(step, min(targets), config) for step in range(config.keep_warmup)):
+        warm = [dataclasses.replace(p, keep_rate=max(rate, p.keep_rate)) if isinstance(p, EViT) else p for p in parts]
+        graphs[rate] = transform(base, warm[0] if len(warm) == 1 else Compose(warm), example_inputs=(example,))
+    return graphs
+
+
+def _average_gradients(model: nn.Module, world: int) -> None:
+    """Average the gradients over the processes (what DistributedDataParallel does, without its hooks)."""
+    for parameter in model.parameters():
+        if parameter.grad is not None:
+            dist.all_reduce(parameter.grad)
+            parameter.grad /= world
 
 
 @torch.no_grad()
@@ -163,8 +206,10 @@ def train(
     local = config.batch_size // world
     torch.manual_seed(config.seed)
     example = torch.stack([data[i][0] for i in range(2)])
-    model = model.eval()
-    student = transform(model, policy, example_inputs=(example,), copy_weights=True).train()
+    base = copy.deepcopy(model)  # the weights every graph of the student shares; ``model`` stays as it is
+    student = transform(base, policy, example_inputs=(example,)).train()
+    warm = _warmup_graphs(base, policy, config, example)
+    lowest = min((p.keep_rate for p in policy.policies() if isinstance(p, EViT)), default=1.0)
     criterion = _criterion(model, policy, config, example)
     groups, scale = _groups(student, config)
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
@@ -175,7 +220,9 @@ def train(
         optimizer.load_state_dict(saved["optimizer"])
         start, losses, evaluations = saved["step"], saved["losses"], saved["evaluations"]
         torch.set_rng_state(saved["rng"])
-    wrapped = nn.parallel.DistributedDataParallel(student) if world > 1 else student
+    if world > 1:
+        for tensor in student.state_dict().values():
+            dist.broadcast(tensor, src=0)
     batches = _batches(data, local, rank, world, config.seed, config.workers)
     for _ in range(start):  # the data order of the steps done before resuming
         next(batches)
@@ -184,11 +231,14 @@ def train(
         images, labels = next(batches)
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, config) * group["lr_scale"]
+        graph = warm.get(_keep_rate_at(step, lowest, config), student).train()
         with collect() as aux:
-            output = wrapped(images)
+            output = graph(images)
         loss, _ = criterion(images, output, aux, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if world > 1:
+            _average_gradients(student, world)
         if step < config.freeze_backbone:  # no gradient, so AdamW leaves the backbone (and its moments) as they are
             for parameter in optimizer.param_groups[0]["params"]:
                 parameter.grad = None
