@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -11,9 +12,17 @@ from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
 from .analysis import TokenProgram, analyse
 from .capture import trace
+from .errors import PolicyError
 from .methods import method_of
 from .passes import apply_passes
-from .passes.learned import LEARNED_PREFIX, TrainEvalGraphModule, add_modules, load_weights, module_path_for
+from .passes.learned import (
+    LEARNED_PREFIX,
+    TrainEvalGraphModule,
+    add_modules,
+    load_weights,
+    module_path_for,
+    saved_backbone,
+)
 from .planning import Plan, PlanRow, macs_per_block, make_plan, measure_tokens
 from .policies import Compose, Policy
 from .verify import verify, verify_training
@@ -31,10 +40,13 @@ def rewrite(
     """The rewritten module and its plan: what :func:`transform` returns (``second_batch=False``: checked at the
     captured batch size only, as :func:`plan` with ``fast``) and :func:`plan` reports. A plan with learned methods
     also gets a training graph (:class:`~fxprune.passes.learned.TrainEvalGraphModule`), from a second capture."""
-    program = analyse(trace(model, example_inputs, copy_weights=copy_weights))
+    backbone = _backbone_weights(policy)
+    program = analyse(trace(model, example_inputs, copy_weights=copy_weights or backbone is not None))
     planned = make_plan(program, policy)
     rows = planned.rows
     learned = _learned_modules(model, program, rows)
+    if backbone is not None:
+        planned = _load_backbone(program, planned, *backbone)
     dense_macs = macs_per_block(program.gm, program.blocks, program.batch)
     gm = apply_passes(_with_modules(program, learned), program, rows)
     verify(gm, program, planned, second_batch)
@@ -74,6 +86,33 @@ def _learned_modules(
             }
             load_weights(owned, weights, policy.describe(), learned.translate)
     return modules
+
+
+def _backbone_weights(policy: Policy | Compose) -> tuple[str, dict] | None:
+    """(file, state) of the backbone weights that a learned policy's weights file carries, if any."""
+    for part in policy.policies():
+        learned = method_of(part).learned
+        path = learned.weights(part) if learned is not None else None
+        state = saved_backbone(path) if path is not None else None
+        if state is not None:
+            return str(path), state
+    return None
+
+
+def _load_backbone(program: TokenProgram, planned: Plan, path: str, state: dict) -> Plan:
+    """Load ``state`` (the fine-tuned backbone from ``path``) into ``program``'s own copy of the model's weights;
+    the plan says so."""
+    own = {k for k in program.gm.state_dict() if not k.startswith(LEARNED_PREFIX + ".")}
+    missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
+    if missing or unexpected:
+        raise PolicyError(
+            f"the backbone weights in {path!r} do not fit {program.model_name}: "
+            + "; ".join(filter(None, [missing and f"missing {', '.join(missing[:4])}",
+                                      unexpected and f"unexpected {', '.join(unexpected[:4])}"]))
+        )
+    program.gm.load_state_dict(state, strict=False)
+    note = f"backbone weights loaded from {path} into the transformed model's own copy (the model is unchanged)"
+    return dataclasses.replace(planned, notes=(*planned.notes, note))
 
 
 def _with_modules(program: TokenProgram, modules: dict[int, dict[str, nn.Module]]) -> fx.GraphModule:

@@ -151,3 +151,32 @@ def test_loss_is_the_official_distillation_loss_with_the_teachers_final_tokens()
     assert set(parts) == {"cls", "ratio", "cls_kl", "token_mse"} and parts["token_mse"] > 0
     loss.backward()
     assert gm.get_submodule("fxprune.blocks_1.predictor").in_conv[1].weight.grad.abs().sum() > 0
+
+
+def test_a_weights_file_with_a_fine_tuned_backbone_loads_into_a_copy_and_leaves_the_model_alone(tmp_path):
+    model = timm_vit("deit_small_patch16_224", depth=6)
+    gm = fxprune.transform(model, DynamicViT(0.7, LAYERS), copy_weights=True)
+    with torch.no_grad():
+        gm.get_parameter("blocks.0.attn.qkv.weight").add_(0.1)  # a "fine-tuned" backbone
+    path = fxprune.save_weights(gm, tmp_path / "tuned.pt", backbone=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loaded = fxprune.transform(model, DynamicViT(0.7, LAYERS, weights=str(path)))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert any("backbone weights loaded from" in note for note in loaded.fxprune_plan.notes)
+    x = image_batch(model)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), gm(x), atol=0, rtol=0)
+    with pytest.raises(fxprune.PolicyError, match="backbone weights .* do not fit"):
+        fxprune.transform(timm_vit("deit_small_patch16_224", depth=5), DynamicViT(0.7, LAYERS, weights=str(path)))
+
+
+def test_the_shipped_digits_states_load_for_their_keep_rates_only():
+    from fxprune.tools.models import digits_vit
+
+    model = digits_vit()
+    for keep in (0.7, 0.5):
+        policy = fxprune.parse_policy(f"dynamicvit:keep={keep},layers=1,3,4,weights=digits")
+        notes = fxprune.plan(model, policy, fast=True).notes
+        assert any("backbone weights loaded" in note for note in notes) and not any("untrained" in n for n in notes)
+    with pytest.raises(fxprune.PolicyError, match="ships for keep rates 0.7, 0.5"):
+        fxprune.transform(model, DynamicViT(0.6, LAYERS, weights="digits"))

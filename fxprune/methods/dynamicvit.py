@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+from importlib import resources
 from typing import Any
 
 import torch
@@ -177,7 +178,27 @@ def official_predictors(saved: dict, names: list[str]) -> dict[str, Tensor] | No
     return translated
 
 
+SHIPPED = "digits"  # weights="digits": the fine-tuned states that ship for the embedded digits ViT
+SHIPPED_LAYERS = (1, 3, 4)
+SHIPPED_KEEP_RATES = (0.7, 0.5)
+
+
+def weights_file(policy: DynamicViT) -> str | None:
+    """The file ``policy.weights`` names: a path, or, for ``"digits"``, the shipped state for its keep rate (the
+    digits ViT's backbone fine-tuned with predictors at blocks 1, 3, 4)."""
+    if policy.weights != SHIPPED:
+        return policy.weights
+    if policy.layers != SHIPPED_LAYERS or policy.keep_rate not in SHIPPED_KEEP_RATES:
+        raise PolicyError(
+            f"weights='digits' ships for keep rates {', '.join(map(str, SHIPPED_KEEP_RATES))} at layers "
+            f"{SHIPPED_LAYERS} of the digits ViT, not for {policy.describe()} at {policy.layers}"
+        )
+    name = f"dynamicvit_digits_keep{round(100 * policy.keep_rate)}.pt"
+    return str(resources.files("fxprune.tools.weights").joinpath(name))
+
+
 register_method(
-    "dynamicvit", DynamicViT, learned=Learned(_predictors, mask_tokens, translate=official_predictors),
+    "dynamicvit", DynamicViT,
+    learned=Learned(_predictors, mask_tokens, weights=weights_file, translate=official_predictors),
     identity=lambda layers: DynamicViT(1.0, layers), example=lambda layers: DynamicViT(0.6, layers),
 )(prune_tokens)

@@ -32,7 +32,7 @@ from .common import Role, insert_call
 
 __all__ = [
     "LEARNED_PREFIX", "module_path_for", "add_modules", "insert_module", "TrainEvalGraphModule", "emit", "collect",
-    "learned_state_dict", "save_weights", "load_weights",
+    "learned_state_dict", "save_weights", "saved_backbone", "load_weights",
 ]
 
 LEARNED_PREFIX = "fxprune"  # the submodule every learned part lives under
@@ -161,16 +161,30 @@ def learned_state_dict(gm: nn.Module) -> dict[str, Tensor]:
     return {k[len(prefix):]: v.detach().cpu() for k, v in gm.state_dict().items() if k.startswith(prefix)}
 
 
-def save_weights(gm: nn.Module, path: str | Path) -> Path:
+def save_weights(gm: nn.Module, path: str | Path, backbone: bool = False) -> Path:
     """Write the trained weights of ``gm``'s learned submodules, with the plan's policy, to ``path`` (a file
-    ``fxprune.transform(model, Policy(..., weights=path))`` loads)."""
+    ``fxprune.transform(model, Policy(..., weights=path))`` loads); ``backbone``: the rest of its weights too (a
+    fine-tuned backbone, which the transform then loads into its own copy of the model's weights)."""
     state = learned_state_dict(gm)
     if not state:
         raise PolicyError("this model has no learned submodules: nothing to save")
     plan = getattr(gm, "fxprune_plan", None)
+    saved = {"policy": None if plan is None else plan.policy.describe(), "state_dict": state}
+    if backbone:
+        prefix = LEARNED_PREFIX + "."
+        saved["backbone"] = {k: v.detach().cpu() for k, v in gm.state_dict().items() if not k.startswith(prefix)}
     path = Path(path)
-    torch.save({"policy": None if plan is None else plan.policy.describe(), "state_dict": state}, path)
+    torch.save(saved, path)
     return path
+
+
+def saved_backbone(path: str | Path) -> dict[str, Tensor] | None:
+    """The backbone weights a weights file carries (:func:`save_weights` with ``backbone``), else None."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError):
+        return None  # load_weights says what is wrong with the file
+    return saved.get("backbone") if isinstance(saved, dict) else None
 
 
 def load_weights(

@@ -140,7 +140,8 @@ def _train(args: argparse.Namespace) -> None:
     for step, accuracy in result.evaluations:
         print(f"  step {step}: top-1 {100 * accuracy:.2f}% on {len(data)} evaluation images")
     if learned_state_dict(result.model) and args.weights_out:
-        print(f"wrote {save_weights(result.model, args.weights_out)} (load with weights=…)")
+        path = save_weights(result.model, args.weights_out, backbone=True)
+        print(f"wrote {path}: the learned parts and the fine-tuned backbone (load with the policy's weights=)")
 
 
 def _add_model_options(parser: argparse.ArgumentParser, images: int) -> None:
@@ -188,7 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     training.add_argument("--seed", type=int, default=0)
     training.add_argument("--out", default="fxprune_train.pt", help="checkpoint (model, optimiser, step)")
     training.add_argument("--resume", action="store_true", help="continue from --out")
-    training.add_argument("--weights-out", help="also write the learned parts, for a policy's weights=")
+    training.add_argument("--weights-out", help="also write the learned parts and the fine-tuned backbone, for a "
+                                                "policy's weights=")
     training.set_defaults(func=_train)
     demo = sub.add_parser("demo", help="the embedded DigitScenes ViT with EViT: plan, accuracy, MACs, speed, picture")
     demo.add_argument("--scenes", type=int, default=1000)
