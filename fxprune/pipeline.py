@@ -89,7 +89,10 @@ def _learned_modules(
 
 
 def _backbone_weights(policy: Policy | Compose) -> tuple[str, dict] | None:
-    """(file, state) of the backbone weights that a learned policy's weights file carries, if any."""
+    """(file, state) of the backbone weights that a learned policy's weights file carries, if any (a value that is
+    not a policy is refused by the plan)."""
+    if not isinstance(policy, (Policy, Compose)):
+        return None
     for part in policy.policies():
         learned = method_of(part).learned
         path = learned.weights(part) if learned is not None else None
