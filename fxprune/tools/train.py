@@ -23,6 +23,7 @@ import copy
 import dataclasses
 import math
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -65,11 +66,13 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class TrainResult:
-    """The trained module, its loss per step and its evaluations ``(step, top-1)``."""
+    """The trained module, its loss per step, its evaluations ``(step, top-1)`` and the seconds its steps took
+    (this run's, evaluations included, set-up not)."""
 
     model: nn.Module
     losses: list[float]
     evaluations: list[tuple[int, float]]
+    seconds: float = 0.0
 
 
 def _distributed() -> tuple[int, int]:
@@ -227,6 +230,7 @@ def train(
     for _ in range(start):  # the data order of the steps done before resuming
         next(batches)
     steps = tqdm(range(start, config.steps), desc="training", unit="step", disable=not progress or rank != 0)
+    began = time.perf_counter()
     for step in steps:
         images, labels = next(batches)
         for group in optimizer.param_groups:
@@ -254,4 +258,4 @@ def train(
             torch.save({"model": student.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1,
                         "losses": losses, "evaluations": evaluations, "rng": torch.get_rng_state(),
                         "policy": policy.describe(), "backbone_lr_scale": scale}, checkpoint)
-    return TrainResult(student.eval(), losses, evaluations)
+    return TrainResult(student.eval(), losses, evaluations, time.perf_counter() - began)
