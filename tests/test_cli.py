@@ -81,3 +81,23 @@ def test_train_fine_tunes_and_writes_a_checkpoint_and_the_learned_weights(capsys
     loaded = fxprune.transform(digits_vit(), fxprune.DynamicViT(0.7, (1, 3, 4), weights=str(weights)))
     notes = loaded.fxprune_plan.notes  # trained predictors and the fine-tuned backbone, loaded into a copy
     assert not any("untrained" in note for note in notes) and any("backbone weights loaded" in n for n in notes)
+
+
+def test_bench_under_torchrun_shares_the_images_and_reports_what_one_process_does(capsys, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    args = ["bench", "--policy", "evit:keep=0.7,layers=1,3,4", "--policy", "ats:layers=2-5", "--images", "30",
+            "--batch", "10", "--speed-batch", "4", "--repeats", "1"]
+    assert main(args) == 0
+    alone = capsys.readouterr().out
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fxprune",
+               *args]
+    shared = subprocess.run(command, check=True, capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
+
+    def columns(table: str) -> list[list[str]]:  # method, top-1, Δ, error, MACs, % of dense: not the speed
+        return [line.split("|")[1:7] for line in table.splitlines() if line.startswith("| ") and "method" not in line]
+
+    assert columns(shared) == columns(alone) and len(columns(alone)) == 3

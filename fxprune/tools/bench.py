@@ -14,13 +14,14 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from ..counting import MacCounter
 from ..methods import method_of
 from ..pipeline import transform
 from ..policies import Compose, Policy
+from .distributed import gather_over_processes, process_group
 from .speed import interleaved, machine
 
 __all__ = ["BenchRow", "BenchResult", "predict", "top1", "evaluate", "per_image_macs", "run", "imagefolder", "plot"]
@@ -137,8 +138,12 @@ def run(
     data_name: str | None = None,
     progress: bool = True,
 ) -> BenchResult:
-    """Evaluate ``model`` dense and transformed by each policy on ``dataset``, and time them together."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    """Evaluate ``model`` dense and transformed by each policy on ``dataset``, and time them together. Under
+    ``torchrun`` each process evaluates its share of the images (contiguous, in order) and the results are
+    combined; rank 0 measures the speed."""
+    rank, world = process_group()
+    share = Subset(dataset, range(rank * len(dataset) // world, (rank + 1) * len(dataset) // world))
+    loader = DataLoader(share if world > 1 else dataset, batch_size=batch_size, shuffle=False)
     example = next(iter(loader))[0][:2]
     models: dict[str, tuple[nn.Module, Policy | Compose | None]] = {"dense": (model, None)}
     for policy in policies:
@@ -147,18 +152,24 @@ def run(
     padding = any(_pads(policy) for _, policy in models.values())
     images = torch.cat([x for x, _ in loader]) if padding else None  # run one by one for their MACs
     for name, (candidate, policy) in models.items():
-        logits, labels, macs = predict(candidate, loader, progress=name if progress else None)
+        logits, labels, macs = predict(candidate, loader, progress=name if progress and rank == 0 else None)
         if _pads(policy):
             macs = per_image_macs(candidate, images, progress=f"{name}: MACs per image" if progress else None)
+        shares = gather_over_processes((logits, labels, macs * len(labels)), world)
+        logits, labels = torch.cat([s[0] for s in shares]), torch.cat([s[1] for s in shares])
+        macs = sum(s[2] for s in shares) / len(labels)
         dense = logits if dense is None else dense
         error = ((logits - dense).norm() / dense.norm()).item()
         rows.append(BenchRow(name, top1(logits, labels), macs, 0.0, 0.0, policy, error))
     for row in rows:
         row.mac_fraction = row.macs / rows[0].macs
-    speed_images = torch.cat([x for x, _ in _take(loader, speed_batch)])[:speed_batch]
-    timing = interleaved({n: (lambda m=m: m(speed_images)) for n, (m, _) in models.items()}, repeats=repeats)
-    for row in rows:
-        row.speed_ratio = timing.ratio("dense", row.name)
+    if rank == 0:
+        speed_images = torch.cat([x for x, _ in _take(loader, speed_batch)])[:speed_batch]
+        timing = interleaved({n: (lambda m=m: m(speed_images)) for n, (m, _) in models.items()}, repeats=repeats)
+        for row in rows:
+            row.speed_ratio = timing.ratio("dense", row.name)
+    if world > 1:
+        torch.distributed.barrier()
     return BenchResult(
         model_name or type(model).__name__, data_name or type(dataset).__name__, len(dataset), speed_batch,
         repeats, machine(), rows,

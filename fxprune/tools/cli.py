@@ -95,6 +95,8 @@ def _bench(args: argparse.Namespace) -> None:
     model, data, model_name, data_name = _model_and_data(args)
     result = run(model, _policies(args, model, data), data, batch_size=args.batch, speed_batch=args.speed_batch,
                  repeats=args.repeats, model_name=model_name, data_name=data_name)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        return
     print(result.markdown())
     if args.plot:
         plot(result, args.plot)

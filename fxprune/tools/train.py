@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,6 +39,7 @@ from ..methods.evit import EViT
 from ..passes.learned import LEARNED_PREFIX, collect
 from ..pipeline import transform
 from ..policies import Compose, Policy
+from .distributed import mean_over_processes, process_group
 
 __all__ = ["TrainConfig", "TrainResult", "train"]
 
@@ -73,23 +73,6 @@ class TrainResult:
     losses: list[float]
     evaluations: list[tuple[int, float]]
     seconds: float = 0.0
-
-
-def _distributed() -> tuple[int, int]:
-    """(rank, world size), starting the process group when ``torchrun`` launched this process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
-
-
-def _mean(value: float, world: int) -> float:
-    """``value`` averaged over the processes."""
-    if world == 1:
-        return value
-    total = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(total)
-    return total.item() / world
 
 
 def _batches(data: Dataset, batch: int, rank: int, world: int, seed: int, workers: int) -> Iterator:
@@ -186,7 +169,7 @@ def _accuracy(model: nn.Module, data: Dataset, rank: int, world: int, batch: int
         hits += (logits_of(model(images)).argmax(-1) == labels).sum().item()
         seen += len(labels)
     model.train()
-    return _mean(hits, world) / max(1e-9, _mean(seen, world))
+    return mean_over_processes(hits, world) / max(1e-9, mean_over_processes(seen, world))
 
 
 def train(
@@ -203,7 +186,7 @@ def train(
     """Fine-tune ``model`` transformed by ``policy`` on ``data`` (``(image, label)`` pairs), distilling from
     ``model`` itself, which is not changed (see the module docstring). ``checkpoint``: a file written at every
     evaluation and at the end (rank 0), from which ``resume=True`` continues."""
-    rank, world = _distributed()
+    rank, world = process_group()
     if config.batch_size % world:
         raise ValueError(f"batch_size {config.batch_size} does not split over {world} processes")
     local = config.batch_size // world
@@ -249,7 +232,7 @@ def train(
         if config.clip is not None:
             nn.utils.clip_grad_norm_(student.parameters(), config.clip)
         optimizer.step()
-        losses.append(_mean(loss.item(), world))
+        losses.append(mean_over_processes(loss.item(), world))
         steps.set_postfix(loss=f"{losses[-1]:.3f}")
         last = step + 1 == config.steps
         if eval_data is not None and (last or (config.eval_every and (step + 1) % config.eval_every == 0)):
