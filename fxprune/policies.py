@@ -105,6 +105,11 @@ def parse_word(values: list[str]) -> str:
     return values[0].lower()
 
 
+def parse_text(values: list[str]) -> str:
+    """A value as written (a path, say)."""
+    return values[0]
+
+
 def parse_count(values: list[str]) -> int:
     return int(values[0])
 

@@ -32,7 +32,7 @@ from ..ops import KEEP, gather_tokens, gumbel_keep, keep_rows, with_prefix
 from ..passes.common import Rewrite, Role, insert_call, reroute_stream
 from ..passes.learned import emit, insert_module
 from ..passes.state import read_state, write_state
-from ..policies import Policy, check_keep_rate, check_layers, option, parse_layers, parse_number
+from ..policies import Policy, check_keep_rate, check_layers, option, parse_layers, parse_number, parse_text
 from .registry import Learned, register_method
 
 __all__ = ["DynamicViT", "PredictorLG", "KEEP_KEY", "TOKENS_KEY"]
@@ -47,12 +47,14 @@ class DynamicViT(Policy):
 
     Stage ``s`` keeps ``int(N₀ · keep_rate^s)`` of the model's ``N₀`` patch tokens (prefix tokens always stay; in
     a padded batch, after ATS, an image with fewer tokens keeps them all).
-    ``weights``: a file of trained predictors (None: untrained, which the plan says).
+    ``weights``: a file of trained predictors (``fxprune.save_weights``; with a fine-tuned backbone too), an official
+    DynamicViT checkpoint, or ``"digits"`` (the states shipped for the digits ViT); None: untrained, which the
+    plan says.
     """
 
     keep_rate: float = option(parse_number, "keep")
     layers: tuple[int, ...] = option(parse_layers)
-    weights: str | None = option(lambda values: values[0], default=None)
+    weights: str | None = option(parse_text, default=None)
     patches: int | None = dataclasses.field(default=None, repr=False)  # N₀, set by bind
 
     def __post_init__(self) -> None:
