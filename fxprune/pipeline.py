@@ -19,9 +19,10 @@ from .passes.learned import (
     LEARNED_PREFIX,
     TrainEvalGraphModule,
     add_modules,
+    key_mismatch,
     load_weights,
     module_path_for,
-    saved_backbone,
+    read_weights,
 )
 from .planning import Plan, PlanRow, macs_per_block, make_plan, measure_tokens
 from .policies import Compose, Policy
@@ -40,11 +41,12 @@ def rewrite(
     """The rewritten module and its plan: what :func:`transform` returns (``second_batch=False``: checked at the
     captured batch size only, as :func:`plan` with ``fast``) and :func:`plan` reports. A plan with learned methods
     also gets a training graph (:class:`~fxprune.passes.learned.TrainEvalGraphModule`), from a second capture."""
-    backbone = _backbone_weights(policy)
+    files = _weights_files(policy)
+    backbone = next(((path, saved["backbone"]) for path, saved in files.items() if "backbone" in saved), None)
     program = analyse(trace(model, example_inputs, copy_weights=copy_weights or backbone is not None))
     planned = make_plan(program, policy)
     rows = planned.rows
-    learned = _learned_modules(model, program, rows)
+    learned = _learned_modules(model, program, rows, files)
     if backbone is not None:
         planned = _load_backbone(program, planned, *backbone)
     dense_macs = macs_per_block(program.gm, program.blocks, program.batch)
@@ -62,11 +64,26 @@ def rewrite(
     return gm, measured
 
 
+def _weights_files(policy: Policy | Compose) -> dict[str, dict]:
+    """The contents of every weights file the learned parts of ``policy`` name, by path, each read once (a value
+    that is not a policy is refused by the plan)."""
+    if not isinstance(policy, (Policy, Compose)):
+        return {}
+    files = {}
+    for part in policy.policies():
+        learned = method_of(part).learned
+        path = learned.weights(part) if learned is not None else None
+        if path is not None and str(path) not in files:
+            files[str(path)] = read_weights(path, part.describe())
+    return files
+
+
 def _learned_modules(
-    model: nn.Module, program: TokenProgram, rows: Sequence[PlanRow]
+    model: nn.Module, program: TokenProgram, rows: Sequence[PlanRow], files: dict[str, dict]
 ) -> dict[int, dict[str, nn.Module]]:
     """The submodules of each block of a learned method (block index → name → module), made once for the training
-    and evaluation graphs, on the model's device and dtype, with the policy's trained weights where it names them."""
+    and evaluation graphs, on the model's device and dtype, with the trained weights in ``files`` (path → contents)
+    where the policy names them."""
     reference = next((p for p in model.parameters() if p.is_floating_point()), None)
     modules: dict[int, dict[str, nn.Module]] = {}
     for row in rows:
@@ -84,35 +101,17 @@ def _learned_modules(
                 module_path_for(program.blocks[row.index], name)[len(LEARNED_PREFIX) + 1:]: module
                 for row in rows if row.policy is policy for name, module in modules[row.index].items()
             }
-            load_weights(owned, weights, policy.describe(), learned.translate)
+            load_weights(owned, files[str(weights)], weights, policy.describe(), learned.translate)
     return modules
-
-
-def _backbone_weights(policy: Policy | Compose) -> tuple[str, dict] | None:
-    """(file, state) of the backbone weights that a learned policy's weights file carries, if any (a value that is
-    not a policy is refused by the plan)."""
-    if not isinstance(policy, (Policy, Compose)):
-        return None
-    for part in policy.policies():
-        learned = method_of(part).learned
-        path = learned.weights(part) if learned is not None else None
-        state = saved_backbone(path) if path is not None else None
-        if state is not None:
-            return str(path), state
-    return None
 
 
 def _load_backbone(program: TokenProgram, planned: Plan, path: str, state: dict) -> Plan:
     """Load ``state`` (the fine-tuned backbone from ``path``) into ``program``'s own copy of the model's weights;
     the plan says so."""
-    own = {k for k in program.gm.state_dict() if not k.startswith(LEARNED_PREFIX + ".")}
-    missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
-    if missing or unexpected:
-        raise PolicyError(
-            f"the backbone weights in {path!r} do not fit {program.model_name}: "
-            + "; ".join(filter(None, [missing and f"missing {', '.join(missing[:4])}",
-                                      unexpected and f"unexpected {', '.join(unexpected[:4])}"]))
-        )
+    own = {k: v for k, v in program.gm.state_dict().items() if not k.startswith(LEARNED_PREFIX + ".")}
+    detail = key_mismatch(own, state)
+    if detail is not None:
+        raise PolicyError(f"the backbone weights in {path!r} do not fit {program.model_name}: {detail}")
     program.gm.load_state_dict(state, strict=False)
     note = f"backbone weights loaded from {path} into the transformed model's own copy (the model is unchanged)"
     return dataclasses.replace(planned, notes=(*planned.notes, note))

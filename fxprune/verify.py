@@ -100,20 +100,28 @@ def _check_literals(gm: fx.GraphModule, program: TokenProgram, plan: Plan) -> No
                 )
 
 
+def _propagated(gm: fx.GraphModule, batch: int, store: bool, failure: str, advice: str = "") -> dict[fx.Node, Any]:
+    """``gm``'s values on example inputs of ``batch`` (``store``: kept in its nodes' meta), or
+    :class:`~fxprune.UnsupportedModelError` saying ``failure`` (what failed), where, why, and ``advice``."""
+    try:
+        return propagate(gm, batch_size=batch, store=store)
+    except ValuePropagationError as err:
+        reason = str(err.error).splitlines()[0] if str(err.error) else ""
+        raise UnsupportedModelError(
+            f"{failure}, {_where(err.node)} fails on a batch of {batch}: {type(err.error).__name__}: {reason}.{advice}"
+        ) from err
+
+
 def verify(gm: fx.GraphModule, program: TokenProgram, plan: Plan, second_batch: bool = True) -> None:
     """Check the rewritten ``gm`` at the captured batch size and (``second_batch``) one more, which shows
     batch sizes fixed as literals; store the example values."""
     gm.graph.lint()
     batches = (program.batch + 1, program.batch) if second_batch else (program.batch,)
     for batch in batches:
-        try:
-            values = propagate(gm, batch_size=batch, store=batch == program.batch)
-        except ValuePropagationError as err:
-            raise UnsupportedModelError(
-                f"after the rewrite ({plan.policy.describe()}), {_where(err.node)} fails on a batch of {batch}: "
-                f"{type(err.error).__name__}: {str(err.error).splitlines()[0] if str(err.error) else ''}. "
-                "That part of the model assumes the original token count; reduce tokens only after it."
-            ) from err
+        values = _propagated(
+            gm, batch, batch == program.batch, f"after the rewrite ({plan.policy.describe()})",
+            " That part of the model assumes the original token count; reduce tokens only after it.",
+        )
         _check_batch(gm, values, batch)
         _check_selections(program, plan, values)
         _check_guards(gm, program, values)
@@ -124,11 +132,5 @@ def verify_training(gm: fx.GraphModule, program: TokenProgram, plan: Plan) -> No
     """Check the training graph of a learned plan at the captured batch size: it runs on example values and its
     outputs keep the batch."""
     gm.graph.lint()
-    try:
-        values = propagate(gm, batch_size=program.batch, store=True)
-    except ValuePropagationError as err:
-        raise UnsupportedModelError(
-            f"the training graph of {plan.policy.describe()} fails at {_where(err.node)}: "
-            f"{type(err.error).__name__}: {str(err.error).splitlines()[0] if str(err.error) else ''}"
-        ) from err
+    values = _propagated(gm, program.batch, True, f"in the training graph of {plan.policy.describe()}")
     _check_batch(gm, values, program.batch)

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .registry import POSITIONS, follows, graph_op
+from .scoring import with_attn_mask
 from .selection import add_rows, gather_tokens
 
 
@@ -158,8 +159,4 @@ def size_bias(size: Tensor, attn_mask: Tensor | None, like: Tensor, proportional
     """
     weights = size if proportional else (size > 0).to(size.dtype)
     bias = weights.log()[:, None, None, :, 0].to(like.dtype)
-    if attn_mask is None:
-        return bias
-    if attn_mask.dtype == torch.bool:
-        return bias.masked_fill(~attn_mask, -math.inf)
-    return bias + attn_mask
+    return bias if attn_mask is None else with_attn_mask(bias, attn_mask)

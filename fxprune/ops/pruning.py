@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .registry import graph_op
-from .scoring import match_heads
+from .scoring import match_heads, with_attn_mask
 from .selection import after_prefix
 
 
@@ -75,6 +75,6 @@ def policy_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     logits = (q @ k.transpose(-2, -1)) * scale
     if attn_mask is not None:
-        logits = logits.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else logits + attn_mask
+        logits = with_attn_mask(logits, attn_mask)
     probs = F.dropout(softmax_with_policy(logits, policy), p=dropout_p, training=dropout_p > 0)
     return probs @ v

@@ -13,6 +13,13 @@ def match_heads(kv: Tensor, heads: int) -> Tensor:
     return kv if kv.shape[1] == heads else kv.repeat_interleave(heads // kv.shape[1], dim=1)
 
 
+def with_attn_mask(logits: Tensor, attn_mask: Tensor) -> Tensor:
+    """``logits`` with an SDPA-style ``attn_mask`` applied: boolean (False → −inf) or added (in ``logits``' dtype)."""
+    if attn_mask.dtype == torch.bool:
+        return logits.masked_fill(~attn_mask, float("-inf"))
+    return logits + attn_mask.to(logits.dtype)
+
+
 def _score_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
@@ -32,7 +39,7 @@ def class_attention(q: Tensor, k: Tensor, scale: float | None = None, attn_mask:
     logits = ((q[:, :, :1] * scale) @ k.transpose(-2, -1)).to(dtype)
     if attn_mask is not None:
         row = attn_mask[..., :1, :] if attn_mask.shape[-2] > 1 else attn_mask
-        logits = logits.masked_fill(~row, float("-inf")) if row.dtype == torch.bool else logits + row.to(dtype)
+        logits = with_attn_mask(logits, row)
     return logits.softmax(dim=-1).mean(dim=1)[:, 0]
 
 

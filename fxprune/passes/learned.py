@@ -32,7 +32,7 @@ from .common import Role, insert_call
 
 __all__ = [
     "LEARNED_PREFIX", "module_path_for", "add_modules", "insert_module", "TrainEvalGraphModule", "emit", "collect",
-    "learned_state_dict", "save_weights", "saved_backbone", "load_weights",
+    "learned_state_dict", "save_weights", "read_weights", "key_mismatch", "load_weights",
 ]
 
 LEARNED_PREFIX = "fxprune"  # the submodule every learned part lives under
@@ -178,41 +178,46 @@ def save_weights(gm: nn.Module, path: str | Path, backbone: bool = False) -> Pat
     return path
 
 
-def saved_backbone(path: str | Path) -> dict[str, Tensor] | None:
-    """The backbone weights a weights file carries (:func:`save_weights` with ``backbone``), else None."""
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError):
-        return None  # load_weights says what is wrong with the file
-    return saved.get("backbone") if isinstance(saved, dict) else None
-
-
-def load_weights(
-    modules: dict[str, nn.Module], path: str | Path, what: str,
-    translate: Callable[[dict, list[str]], dict[str, Tensor] | None] | None = None,
-) -> None:
-    """Load the trained weights in ``path`` into ``modules`` (stable name relative to ``fxprune.`` → module);
-    :class:`~fxprune.PolicyError` naming the difference when the file does not fit them (``what``: the policy).
-    A file fxprune did not write is read by ``translate(saved, names)`` (the method's, for its official
-    checkpoints), which returns its state under the names of ``modules``, in their order, or None."""
+def read_weights(path: str | Path, what: str) -> dict:
+    """The contents of the weights file ``path`` (``what``: the policy naming it, for the error)."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError) as err:
         raise PolicyError(f"{what}: cannot read weights {str(path)!r}: {err}") from None
-    state = saved.get("state_dict") if isinstance(saved, dict) else None
-    if state is None and translate is not None and isinstance(saved, dict):
+    if not isinstance(saved, dict):
+        raise PolicyError(f"{what}: {str(path)!r} is not an fxprune weights file (fxprune.save_weights writes one)")
+    return saved
+
+
+def key_mismatch(expected: dict[str, Tensor], found: dict[str, Tensor]) -> str | None:
+    """What keeps the state dict ``found`` from loading where ``expected`` is (missing, unexpected and reshaped
+    keys, the first few of each), or None when it fits."""
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    shapes = [k for k in expected if k in found and found[k].shape != expected[k].shape]
+    detail = "; ".join(filter(None, [
+        missing and f"missing {', '.join(missing[:4])}", unexpected and f"unexpected {', '.join(unexpected[:4])}",
+        shapes and ", ".join(f"{k} is {tuple(found[k].shape)}, not {tuple(expected[k].shape)}" for k in shapes[:4]),
+    ]))
+    return detail or None
+
+
+def load_weights(
+    modules: dict[str, nn.Module], saved: dict, path: str | Path, what: str,
+    translate: Callable[[dict, list[str]], dict[str, Tensor] | None] | None = None,
+) -> None:
+    """Load the trained weights ``saved`` (read from ``path`` by :func:`read_weights`) into ``modules`` (stable name
+    relative to ``fxprune.`` → module); :class:`~fxprune.PolicyError` naming the difference when they do not fit
+    (``what``: the policy). A file fxprune did not write is read by ``translate(saved, names)`` (the method's, for
+    its official checkpoints), which returns its state under the names of ``modules``, in their order, or None."""
+    state = saved.get("state_dict")
+    if state is None and translate is not None:
         state = translate(saved, list(modules))
     if state is None:
         raise PolicyError(f"{what}: {str(path)!r} is not an fxprune weights file (fxprune.save_weights writes one)")
     expected = {f"{name}.{key}": value
                 for name, module in modules.items() for key, value in module.state_dict().items()}
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    shapes = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or shapes:
-        detail = "; ".join(filter(None, [
-            missing and f"missing {', '.join(missing[:4])}", unexpected and f"unexpected {', '.join(unexpected[:4])}",
-            shapes and ", ".join(f"{k} is {tuple(state[k].shape)}, not {tuple(expected[k].shape)}" for k in shapes[:4]),
-        ]))
+    detail = key_mismatch(expected, state)
+    if detail is not None:
         raise PolicyError(
             f"{what}: the weights in {str(path)!r} (for {saved.get('policy', 'another model')}) do not fit this "
             f"model and policy: {detail}. Use weights trained for the same model, blocks and method."

@@ -88,18 +88,11 @@ def _follow(gm: fx.GraphModule, block: Block, stream: fx.Node, channel: str, sta
     return tag(node, block, Role.STATE, channel)
 
 
-def _start(gm: fx.GraphModule, program: TokenProgram, channel: str) -> fx.Node:
-    """``channel`` of the rows entering the model's first block."""
-    first = program.blocks[0]
-    node = insert_call(gm, first.input, initial_state, (first.input, channel), {}, first, channel)
-    return tag(node, first, Role.STATE, channel)
-
-
 def _thread_sizes(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[PlanRow]) -> None:
     """Route the sizes from the first sized stream (or, where a rewrite reads them, from the first block) through
     every later block (see the module docstring)."""
     read = any(_readers(gm, row.index, SIZES) for row in rows)
-    size: fx.Node | None = _start(gm, program, SIZES) if read else None
+    size: fx.Node | None = read_state(gm, program.blocks[0], SIZES) if read else None
     proportional = padded = False
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for row in rows:
@@ -141,7 +134,8 @@ def _thread(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[PlanRow], 
                 reader.replace_all_uses_with(state)
         stream = stream_node(gm, row.index) if row.method is not None else None
         if stream is not None:
-            state = _follow(gm, block, stream, channel, _start(gm, program, channel) if state is None else state)
+            start = read_state(gm, program.blocks[0], channel) if state is None else state  # rows as the model had them
+            state = _follow(gm, block, stream, channel, start)
 
 
 def _thread_keep(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[PlanRow]) -> None:

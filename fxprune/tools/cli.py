@@ -80,13 +80,12 @@ def _calibration(args: argparse.Namespace, model) -> torch.Tensor:
 
 def _policies(args: argparse.Namespace, model, data) -> list:
     from ..policies import parse_policy
-    from .search import default_layers, sweep_policies
+    from .search import sweep_policies
 
     if args.policy:
         return [parse_policy(p) for p in args.policy]
     example = (torch.stack([data[i][0] for i in range(2)]),)
-    layers = default_layers(model, example)
-    return sweep_policies(model, layers, example_inputs=example, calibration=_calibration(args, model))
+    return sweep_policies(model, None, example_inputs=example, calibration=_calibration(args, model))
 
 
 def _bench(args: argparse.Namespace) -> None:

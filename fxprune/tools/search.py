@@ -69,12 +69,14 @@ def mac_fraction(
 
 
 def sweep_context(
-    model: nn.Module, layers: Sequence[int], example_inputs=None, calibration: Tensor | None = None
+    model: nn.Module, layers: Sequence[int] | None, example_inputs=None, calibration: Tensor | None = None
 ) -> SweepContext:
-    """What the methods' bench settings are chosen from (:class:`~fxprune.methods.SweepContext`)."""
+    """What the methods' bench settings are chosen from (:class:`~fxprune.methods.SweepContext`); ``layers=None``:
+    the default blocks for the model's depth (:func:`default_layers`)."""
     program = analyse(model, example_inputs)
+    depth = len(program.blocks)
     return SweepContext(
-        model, tuple(layers), len(program.blocks), program.tokens, program.prefix_tokens,
+        model, _quarters(depth) if layers is None else tuple(layers), depth, program.tokens, program.prefix_tokens,
         program.blocks[0].attention.num_heads, example_inputs, calibration,
     )
 
@@ -102,21 +104,23 @@ def tome_r_for(model: nn.Module, fraction: float, example_inputs=None) -> int:
     return fit_method(method_of(ToMe), sweep_context(model, (), example_inputs), fraction).r
 
 
+def _quarters(depth: int) -> tuple[int, ...]:
+    return tuple(sorted({depth // 4, depth // 2, 3 * depth // 4}))
+
+
 def default_layers(model: nn.Module, example_inputs=None) -> tuple[int, ...]:
     """Blocks to reduce by default: a quarter, half and three quarters deep (3, 6, 9 for 12 blocks, as EViT)."""
-    depth = len(analyse(model, example_inputs).blocks)
-    return tuple(sorted({depth // 4, depth // 2, 3 * depth // 4}))
+    return _quarters(len(analyse(model, example_inputs).blocks))
 
 
 def default_policy(model: nn.Module, fraction: float = 0.70, example_inputs=None) -> EViT:
     """EViT at :func:`default_layers`, keeping the tokens that leave ``fraction`` of the dense MACs."""
-    layers = default_layers(model, example_inputs)
-    return EViT(keep_rate_for(model, EViT, layers, fraction, example_inputs), layers)
+    return fit_method(method_of(EViT), sweep_context(model, None, example_inputs), fraction)
 
 
 def sweep_policies(
     model: nn.Module,
-    layers: Sequence[int],
+    layers: Sequence[int] | None,
     fractions: Sequence[float] = (0.85, 0.70, 0.55),
     example_inputs=None,
     *,
@@ -125,7 +129,7 @@ def sweep_policies(
     """Every registered method at the settings its spec gives ``fxprune bench``, in three groups:
 
     1. each method with a knob, fitted to leave (at most, as close as possible) each of ``fractions`` of the
-       dense MACs (methods placed at a few blocks, at ``layers``);
+       dense MACs (methods placed at a few blocks, at ``layers``; None: :func:`default_layers`);
     2. each adaptive method (images keep different numbers of tokens) fitted by its mean MACs per image on the
        ``calibration`` images, plus its extra settings, each setting once and followed by the methods of group
        1 placed at ``layers``, fitted to its MACs per image;
