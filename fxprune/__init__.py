@@ -20,6 +20,7 @@ from .methods.ats import ATS
 from .methods.clustr import ClusTR
 from .methods.dynamicvit import DynamicViT
 from .methods.evit import EViT, TopK
+from .methods.random_keep import RandomKeep
 from .methods.stride import Stride
 from .methods.tome import ToMe
 from .passes.learned import TrainEvalGraphModule, collect, save_weights
@@ -31,8 +32,8 @@ from .tools.train import TrainConfig, train
 
 __all__ = [
     "transform", "trace", "analyse", "plan", "flops", "lower", "report", "Report",
-    "EViT", "TopK", "ToMe", "ATS", "ClusTR", "Stride", "DynamicViT", "Compose", "Policy", "parse_policy", "Plan",
-    "TokenProgram",
+    "EViT", "TopK", "ToMe", "ATS", "ClusTR", "Stride", "RandomKeep", "DynamicViT", "Compose", "Policy",
+    "parse_policy", "Plan", "TokenProgram",
     "collect", "save_weights", "methods", "train", "TrainConfig",
     "PlanRow", "Block", "AttentionSite", "TraceInfo", "LoweredModule", "TrainEvalGraphModule",
     "FxPruneError", "TraceError", "UnsupportedModelError", "PolicyError",
