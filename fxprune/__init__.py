@@ -16,6 +16,7 @@ from .capture import TraceInfo, trace
 from .counting import flops
 from .errors import FxPruneError, PolicyError, TraceError, UnsupportedModelError
 from .lowering import LoweredModule, lower
+from .methods.adavit import AdaViT
 from .methods.ats import ATS
 from .methods.clustr import ClusTR
 from .methods.dynamicvit import DynamicViT
@@ -32,7 +33,7 @@ from .tools.train import TrainConfig, train
 
 __all__ = [
     "transform", "trace", "analyse", "plan", "flops", "lower", "report", "Report",
-    "EViT", "TopK", "ToMe", "ATS", "ClusTR", "Stride", "RandomKeep", "DynamicViT", "Compose", "Policy",
+    "EViT", "TopK", "ToMe", "ATS", "ClusTR", "Stride", "RandomKeep", "DynamicViT", "AdaViT", "Compose", "Policy",
     "parse_policy", "Plan", "TokenProgram",
     "collect", "save_weights", "methods", "train", "TrainConfig",
     "PlanRow", "Block", "AttentionSite", "TraceInfo", "LoweredModule", "TrainEvalGraphModule",

@@ -1,4 +1,5 @@
-"""Training losses for reduced models: a frozen teacher that also gives its final tokens, and DynamicViT's loss.
+"""Training losses for reduced models: a frozen teacher that also gives its final tokens, DynamicViT's loss and
+AdaViT's.
 
 :class:`DynamicViTLoss` is the official ``DistillDiffPruningLoss_dynamic`` (``losses.py`` of
 ``raoyongming/DynamicViT``) with the settings its DeiT recipe uses (``mse_token=True``)::
@@ -9,10 +10,17 @@
          + distill · MSE(student tokens, teacher tokens) over the tokens the last stage keeps
 
 with ``clf = 1``, ``ratio = 2``, ``distill = 0.5``; the teacher is the original model, frozen.
+
+:class:`AdaViTLoss` is the official ``AdaLoss`` (``models/losses.py`` of ``MengLcool/AdaViT``) with its released
+settings::
+
+    loss = CE(logits, labels) + 2 · |head usage − γ| + 2 · |sub-layer usage − γ| + 2 · (token usage − γ)²
+         [+ distill · KL(teacher ‖ student) on the logits; the official default is 0, without a teacher]
 """
 
 from __future__ import annotations
 
+import copy
 import operator
 from collections.abc import Sequence
 
@@ -23,9 +31,10 @@ from torch import Tensor, nn
 from .analysis import analyse, final_tokens
 from .capture import trace
 from .errors import UnsupportedModelError
+from .methods import adavit
 from .methods.dynamicvit import KEEP_KEY, TOKENS_KEY, DynamicViT
 
-__all__ = ["TokenTeacher", "DynamicViTLoss", "logits_of"]
+__all__ = ["TokenTeacher", "DynamicViTLoss", "AdaViTLoss", "logits_of", "distillation"]
 
 
 def logits_of(output: object) -> Tensor:
@@ -35,6 +44,17 @@ def logits_of(output: object) -> Tensor:
     if hasattr(output, "logits"):
         return output.logits
     return output[0]
+
+
+def distillation(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """KL(teacher ‖ student) of the two models' class distributions ``[B, classes]``, averaged over the batch."""
+    return F.kl_div(F.log_softmax(student_logits, dim=-1), F.log_softmax(teacher_logits, dim=-1),
+                    reduction="batchmean", log_target=True)
+
+
+def _last(aux: dict[str, list[Tensor]], prefix: str) -> list[Tensor]:
+    """The last value emitted under each key of ``aux`` that starts with ``prefix``, in emission order."""
+    return [values[-1] for key, values in aux.items() if key.startswith(prefix)]
 
 
 class TokenTeacher(nn.Module):
@@ -84,7 +104,7 @@ class DynamicViTLoss(nn.Module):
         self, images: Tensor, output: object, aux: dict[str, list[Tensor]], labels: Tensor
     ) -> tuple[Tensor, dict[str, Tensor]]:
         logits = logits_of(output)
-        decisions = [values[-1] for key, values in aux.items() if key.startswith(KEEP_KEY)]
+        decisions = _last(aux, KEEP_KEY)
         if len(decisions) != len(self.targets) or TOKENS_KEY not in aux:
             raise ValueError(
                 f"DynamicViTLoss needs the {len(self.targets)} stages' decisions and the final tokens: run the model "
@@ -92,12 +112,57 @@ class DynamicViTLoss(nn.Module):
             )
         ratio = sum(((d[..., 0].mean(dim=1) - target) ** 2).mean() for d, target in zip(decisions, self.targets))
         teacher_output, teacher_tokens = self.teacher(images)
-        kl = F.kl_div(F.log_softmax(logits, dim=-1), F.log_softmax(logits_of(teacher_output), dim=-1),
-                      reduction="batchmean", log_target=True)
+        kl = distillation(logits, logits_of(teacher_output))
         tokens, kept = aux[TOKENS_KEY][-1], decisions[-1][..., 0].detach() > 0.5
         token = ((tokens - teacher_tokens) ** 2)[kept].mean() if kept.sum() >= 0.1 else tokens.new_zeros(())
         parts = {"cls": F.cross_entropy(logits, labels), "ratio": ratio / len(self.targets), "cls_kl": kl,
                  "token_mse": token}
         loss = (self.clf_weight * parts["cls"] + self.ratio_weight * parts["ratio"]
                 + self.distill_weight * (parts["cls_kl"] + parts["token_mse"]))
+        return loss, parts
+
+
+class AdaViTLoss(nn.Module):
+    """AdaViT's training loss (see the module docstring) for a model transformed with ``policy`` (γ = its
+    ``usage``). Head usage is the mean head decision over the images and the blocks that use at least one of their
+    sub-layers; sub-layer usage the mean over images, blocks and the two sub-layers; token usage the mean over
+    images, blocks and rows (prefix rows included, always used). ``distill_weight > 0`` adds KL(teacher ‖ student)
+    with the frozen ``teacher`` (the original model). Called as :class:`DynamicViTLoss`."""
+
+    def __init__(
+        self, teacher: nn.Module | None, policy: adavit.AdaViT, *, head_weight: float = 2.0,
+        sublayer_weight: float = 2.0, token_weight: float = 2.0, distill_weight: float = 0.0,
+    ):
+        super().__init__()
+        if distill_weight > 0 and teacher is None:
+            raise ValueError("AdaViTLoss: distill_weight > 0 needs the teacher (the original model)")
+        self.teacher = copy.deepcopy(teacher).eval().requires_grad_(False) if distill_weight > 0 else None
+        self.target = policy.usage
+        self.head_weight, self.sublayer_weight, self.token_weight = head_weight, sublayer_weight, token_weight
+        self.distill_weight = distill_weight
+
+    def forward(
+        self, images: Tensor, output: object, aux: dict[str, list[Tensor]], labels: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        logits = logits_of(output)
+        keys = (adavit.HEADS_KEY, adavit.SUBLAYERS_KEY, adavit.TOKENS_KEY)
+        heads, sublayers, rows = (_last(aux, key) for key in keys)
+        if not rows:
+            raise ValueError("AdaViTLoss needs the blocks' decisions: run the model in training mode inside "
+                             "`with fxprune.collect() as aux:` and pass aux")
+        parts = {"cls": F.cross_entropy(logits, labels)}
+        parts["tokens"] = (torch.stack([r.mean() for r in rows]).mean() - self.target) ** 2
+        if heads:
+            head, sublayer = torch.stack(heads, dim=1), torch.stack(sublayers, dim=1)  # [B, blocks, H], [B, blocks, 2]
+            in_use = (sublayer.detach().sum(-1, keepdim=True) > 0).to(head.dtype).expand_as(head)
+            parts["heads"] = ((head * in_use).sum() / (in_use.sum() + 1e-6) - self.target).abs()
+            parts["sublayers"] = (sublayer.mean() - self.target).abs()
+        loss = parts["cls"] + self.token_weight * parts["tokens"]
+        if heads:
+            loss = loss + self.head_weight * parts["heads"] + self.sublayer_weight * parts["sublayers"]
+        if self.teacher is not None:
+            with torch.no_grad():
+                target = logits_of(self.teacher(images))
+            parts["cls_kl"] = distillation(logits, target)
+            loss = loss + self.distill_weight * parts["cls_kl"]
         return loss, parts

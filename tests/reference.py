@@ -417,3 +417,57 @@ def dynamicvit_vit(model: nn.Module, predictors, images: torch.Tensor, keep_rate
         x = x + blk.drop_path1(blk.ls1(_policy_attention(blk.attn, blk.norm1(x), policy)))
         x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
     return model.forward_head(model.norm(x))
+
+
+def _usage_decision(logits: torch.Tensor, threshold: float, training: bool) -> torch.Tensor:
+    """AdaViT's ``_gumbel_sigmoid`` (hard): Gumbel noise and τ = 5 in training (two Exp(1) draws, in order),
+    neither at evaluation."""
+    if training:
+        g1 = -torch.empty_like(logits).exponential_().log()
+        g2 = -torch.empty_like(logits).exponential_().log()
+        soft = torch.sigmoid((logits + g1 - g2) / 5.0)
+    else:
+        soft = torch.sigmoid(logits)
+    return (soft > threshold).to(soft.dtype) - soft.detach() + soft
+
+
+def adavit_vit(model: nn.Module, gates: dict, images: torch.Tensor, token_only=(), training: bool = False):
+    """AdaViT on a timm ``VisionTransformer`` as the official ``StepAdaBlock.forward`` runs it with
+    ``--ada-head --ada-layer --ada-token-with-mlp``: logits. ``gates``: block index → its decision heads (``heads``,
+    ``sublayers``, ``tokens``; blocks in ``token_only`` have ``tokens`` only)."""
+    prefix = model.num_prefix_tokens
+    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+    B, N, C = x.shape
+    for i, blk in enumerate(model.blocks):
+        if i not in gates:
+            x = x + blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x))))
+            x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+            continue
+        full = i not in token_only
+        if full:
+            head = _usage_decision(gates[i]["heads"](x[:, 0]), 0.5, training)
+            layer = _usage_decision(gates[i]["sublayers"](x[:, 0]), 0.5, training)
+        xn = blk.norm1(x)
+        token = _usage_decision(gates[i]["tokens"](xn[:, prefix:]), 0.6, training)
+        token = torch.cat([torch.ones(B, prefix, 1, dtype=x.dtype), token], dim=1)
+        attn = blk.attn
+        hd = C // attn.num_heads
+        q, k, v = attn.qkv(xn).reshape(B, N, 3, attn.num_heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        if full:
+            q, k, v = (t * head[:, :, None, None] for t in (q, k, v))
+        logits = q @ k.transpose(-2, -1) * attn.scale
+        pair = (token @ token.transpose(1, 2)).detach()[:, None]
+        logits = torch.where(pair + torch.eye(N, dtype=x.dtype) > 0, logits * pair, float("-inf"))
+        out = logits.softmax(dim=-1) @ v
+        out = out.transpose(1, 2).reshape(B, N, C)
+        if full:
+            out = out * head.repeat_interleave(hd, dim=1)[:, None]
+        out = attn.proj(out) * token
+        x = x + (out * layer[:, 0, None, None] if full else out)
+        mlp_in = blk.norm2(x)
+        if full:
+            mlp_in = mlp_in * head.repeat_interleave(hd, dim=1)[:, None]
+        out = blk.mlp(mlp_in) * token
+        x = x + (out * layer[:, 1, None, None] if full else out)
+    return model.forward_head(model.norm(x))

@@ -199,8 +199,15 @@ def weights_file(policy: DynamicViT) -> str | None:
     return str(resources.files("fxprune.tools.weights").joinpath(name))
 
 
+def _loss(teacher: nn.Module, policy: DynamicViT, distill_weight: float | None, example_inputs) -> nn.Module:
+    from ..losses import DynamicViTLoss
+
+    weight = 0.5 if distill_weight is None else distill_weight
+    return DynamicViTLoss(teacher, policy, distill_weight=weight, example_inputs=example_inputs)
+
+
 register_method(
     "dynamicvit", DynamicViT,
-    learned=Learned(_predictors, mask_tokens, weights=weights_file, translate=official_predictors),
+    learned=Learned(_predictors, mask_tokens, weights=weights_file, translate=official_predictors, loss=_loss),
     identity=lambda layers: DynamicViT(1.0, layers), example=lambda layers: DynamicViT(0.6, layers),
 )(prune_tokens)

@@ -71,12 +71,18 @@ class Learned:
     (created once; the train and eval graphs share them); ``train_rewrite`` rewrites a block for training
     (differentiable, static shapes), the spec's ``rewrite`` for evaluation; ``weights(policy)`` is the file of
     trained weights named by the policy (None: untrained); ``translate(saved, names)`` reads a checkpoint fxprune
-    did not write (e.g. the official code's) into the names of the policy's submodules, given in stage order."""
+    did not write (e.g. the official code's) into the names of the policy's submodules, given in stage order.
+    ``loss(teacher, policy, distill_weight, example_inputs)``: the method's training loss, a callable
+    ``(images, output, aux, labels) -> (loss, parts)`` (``distill_weight`` None: the method's default); None: the
+    trainer's cross-entropy plus distillation. ``backbone_lr_scale``: the backbone's learning rate relative to the
+    learned parts' in the method's recipe."""
 
     modules: Callable[[Policy, Block, TokenProgram], dict[str, nn.Module]]
     train_rewrite: BlockRewrite
     weights: Callable[[Policy], Any] = lambda policy: getattr(policy, "weights", None)
     translate: Callable[[dict, list[str]], dict[str, Any] | None] | None = None
+    loss: Callable[..., Callable] | None = None
+    backbone_lr_scale: float = 0.01
 
 
 @dataclasses.dataclass(frozen=True)

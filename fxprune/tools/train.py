@@ -2,10 +2,12 @@
 
 ``fxprune.train(model, policy, data)`` transforms ``model`` with its own copy of the weights, then trains it:
 AdamW with a linear warm-up and a cosine decay per step, two parameter groups (the learned parts a method adds,
-``fxprune.*``, at ``lr``; the backbone at ``lr · backbone_lr_scale``, frozen for its first ``freeze_backbone``
-steps), gradient clipping, a seeded data order, periodic evaluation, checkpoints and resuming. The loss is the
-method's when it has one (DynamicViT: :class:`~fxprune.losses.DynamicViTLoss`), otherwise cross-entropy plus
-``distill_weight`` · KL(original ‖ transformed) on the logits.
+``fxprune.*``, at ``lr``; the backbone at ``lr · backbone_lr_scale``, by default the method's recipe (DynamicViT
+1/100, AdaViT 1), frozen for its first ``freeze_backbone`` steps), gradient clipping, a seeded data order,
+periodic evaluation, checkpoints and resuming. The loss is the method's when it has one (DynamicViT:
+:class:`~fxprune.losses.DynamicViTLoss`, AdaViT: :class:`~fxprune.losses.AdaViTLoss`), otherwise cross-entropy
+plus ``distill_weight`` · KL(original ‖ transformed) on the logits (``distill_weight`` None: the method's default,
+0.5 for that loss and DynamicViT's, 0 for AdaViT's).
 
 EViT and Top-K can warm their keep rate up as the EViT paper does (``keep_warmup``): from 1 down to the policy's
 along a cosine, stepping through ``keep_levels`` graphs that share the weights.
@@ -33,8 +35,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from ..losses import DynamicViTLoss, logits_of
-from ..methods.dynamicvit import DynamicViT
+from ..losses import distillation, logits_of
+from ..methods import method_of
 from ..methods.evit import EViT
 from ..passes.learned import LEARNED_PREFIX, collect
 from ..pipeline import transform
@@ -51,12 +53,12 @@ class TrainConfig:
     steps: int = 300
     batch_size: int = 64
     lr: float = 3e-4
-    backbone_lr_scale: float | None = None  # None: 0.01 with learned parts (the DynamicViT recipe), else 1
+    backbone_lr_scale: float | None = None  # None: the learned method's recipe (DynamicViT 0.01, AdaViT 1), else 1
     freeze_backbone: int = 0  # steps at the start with the backbone frozen
     warmup: int = 20
     weight_decay: float = 0.05
     clip: float | None = 1.0
-    distill_weight: float = 0.5
+    distill_weight: float | None = None  # None: the method's default (see the module docstring)
     keep_warmup: int = 0  # EViT/Top-K: steps over which the keep rate falls from 1 to the policy's (cosine)
     keep_levels: int = 4  # graphs the keep-rate warm-up steps through (each a transform sharing the weights)
     eval_every: int = 0  # 0: only at the end
@@ -86,11 +88,12 @@ def _batches(data: Dataset, batch: int, rank: int, world: int, seed: int, worker
         epoch += 1
 
 
-def _groups(model: nn.Module, config: TrainConfig) -> tuple[list[dict], float]:
+def _groups(model: nn.Module, policy: Policy | Compose, config: TrainConfig) -> tuple[list[dict], float]:
     """Optimiser groups (learned parts, backbone) and the backbone's lr scale."""
     learned = [p for name, p in model.named_parameters() if name.startswith(LEARNED_PREFIX + ".")]
     backbone = [p for name, p in model.named_parameters() if not name.startswith(LEARNED_PREFIX + ".")]
-    scale = config.backbone_lr_scale if config.backbone_lr_scale is not None else (0.01 if learned else 1.0)
+    recipes = [method_of(part).learned.backbone_lr_scale for part in policy.policies() if method_of(part).learned]
+    scale = config.backbone_lr_scale if config.backbone_lr_scale is not None else min(recipes, default=1.0)
     groups = [{"params": backbone, "lr_scale": scale}]
     if learned:
         groups.append({"params": learned, "lr_scale": 1.0})
@@ -108,19 +111,23 @@ def _lr_at(step: int, config: TrainConfig) -> float:
 def _criterion(model: nn.Module, policy: Policy | Compose, config: TrainConfig, example: Tensor) -> Callable:
     """``loss(images, output, aux, labels) -> (loss, parts)``: the method's loss, or CE + KL to the original (a
     frozen copy of ``model``, which is left as it is)."""
-    parts = policy.policies()
-    dynamic = [p for p in parts if isinstance(p, DynamicViT)]
-    if dynamic:
-        return DynamicViTLoss(model, dynamic[0], distill_weight=config.distill_weight, example_inputs=(example,))
+    own = [(part, method_of(part).learned.loss) for part in policy.policies()
+           if method_of(part).learned is not None and method_of(part).learned.loss is not None]
+    if len(own) > 1:
+        raise ValueError(f"{policy.describe()}: more than one method with its own training loss")
+    if own:
+        part, loss = own[0]
+        return loss(model, part, config.distill_weight, (example,))
+    weight = 0.5 if config.distill_weight is None else config.distill_weight
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
 
     def distilled(images: Tensor, output: object, aux: dict, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         logits = logits_of(output)
         with torch.no_grad():
-            target = logits_of(teacher(images)).log_softmax(-1)
-        kl = F.kl_div(logits.log_softmax(-1), target, log_target=True, reduction="batchmean")
+            target = logits_of(teacher(images))
+        kl = distillation(logits, target)
         ce = F.cross_entropy(logits, labels)
-        return ce + config.distill_weight * kl, {"cls": ce, "cls_kl": kl}
+        return ce + weight * kl, {"cls": ce, "cls_kl": kl}
 
     return distilled
 
@@ -197,7 +204,7 @@ def train(
     warm = _warmup_graphs(base, policy, config, example)
     lowest = min((p.keep_rate for p in policy.policies() if isinstance(p, EViT)), default=1.0)
     criterion = _criterion(model, policy, config, example)
-    groups, scale = _groups(student, config)
+    groups, scale = _groups(student, policy, config)
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     start, losses, evaluations = 0, [], []
     if resume and checkpoint is not None and Path(checkpoint).exists():

@@ -1,0 +1,132 @@
+"""AdaViT: the masked training and evaluation graphs against an eager float64 implementation of the official
+block, decisions per image, gradients, and the policy."""
+
+import pytest
+import torch
+from reference import adavit_vit
+from vits import image_batch, timm_vit
+
+import fxprune
+from fxprune.methods.adavit import HEADS_KEY, SUBLAYERS_KEY, TOKENS_KEY, AdaViT
+
+
+def _gates(gm, depth):
+    gates = {}
+    for i in range(depth):
+        try:
+            block = gm.get_submodule(f"fxprune.blocks_{i}")
+        except AttributeError:
+            continue
+        gates[i] = dict(block.named_children())
+    return gates
+
+
+def _model():
+    return timm_vit("deit_small_patch16_224").double()
+
+
+def test_evaluation_graph_matches_the_official_block_in_float64():
+    model = _model()
+    gm = fxprune.transform(model, AdaViT(0.5))
+    x = image_batch(model, batch=4, dtype=torch.float64)
+    gates = _gates(gm, len(model.blocks))
+    assert sorted(gates) == list(range(len(model.blocks))) and set(gates[0]) == {"tokens"}
+    with torch.no_grad(), fxprune.collect() as aux:
+        out = gm(x)
+    torch.testing.assert_close(out, adavit_vit(model, gates, x, token_only=(0,)), atol=1e-10, rtol=0)
+    heads = torch.cat([v[-1] for k, v in aux.items() if k.startswith(HEADS_KEY)])
+    tokens = torch.cat([v[-1] for k, v in aux.items() if k.startswith(TOKENS_KEY)])
+    assert 0 < heads.mean() < 1 and 0 < tokens.mean() < 1  # untrained heads: a mix of used and unused
+
+
+def test_training_graph_matches_the_official_block_with_the_same_noise():
+    model = _model()
+    gm = fxprune.transform(model, AdaViT(0.5, layers=(1, 2))).train()
+    x = image_batch(model, batch=3, dtype=torch.float64)
+    gates = _gates(gm, len(model.blocks))
+    torch.manual_seed(5)
+    out = gm(x)
+    torch.manual_seed(5)
+    reference = adavit_vit(model.train(), gates, x, training=True)
+    torch.testing.assert_close(out, reference, atol=1e-10, rtol=0)
+
+
+def test_gradients_reach_every_decision_head_and_the_backbone():
+    model = timm_vit("deit_small_patch16_224")
+    gm = fxprune.transform(model, AdaViT(0.5, layers=(1, 2))).train()
+    with fxprune.collect() as aux:
+        logits = gm(image_batch(model, batch=4))
+    usage = sum(v[-1].mean() for k, v in aux.items() if k.startswith((HEADS_KEY, SUBLAYERS_KEY, TOKENS_KEY)))
+    (logits.square().mean() + usage).backward()
+    for name in ("heads", "sublayers", "tokens"):
+        grad = gm.get_submodule(f"fxprune.blocks_1.{name}").weight.grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    assert gm.get_parameter("blocks.1.attn.qkv.weight").grad.abs().sum() > 0
+
+
+def test_decisions_are_per_image():
+    model = _model()
+    gm = fxprune.transform(model, AdaViT(0.5))
+    x = image_batch(model, batch=4, dtype=torch.float64)
+    with torch.no_grad():
+        alone = torch.cat([gm(x[i : i + 1]) for i in range(4)])
+        torch.testing.assert_close(gm(x), alone, atol=1e-12, rtol=0)
+
+
+def test_policy_parses_binds_the_official_blocks_and_says_it_is_untrained():
+    policy = fxprune.parse_policy("adavit:usage=0.5")
+    assert policy == AdaViT(0.5)
+    bound = policy.bind(6)
+    assert bound.layers == tuple(range(6)) and bound.token_only == (0,)
+    text = str(fxprune.plan(timm_vit("deit_small_patch16_224"), policy))
+    assert "untrained" in text and "heads, sub-layers, patches decided per image" in text
+    with pytest.raises(fxprune.PolicyError, match="usage must be in"):
+        AdaViT(0.0)
+
+
+def _official_usage_loss(heads, layers, tokens, target):
+    """``AdaLoss`` of the official code without its classification term: heads ``[B, L, H]``, layers ``[B, L, 2]``,
+    tokens ``[B, L', N]``."""
+    mask = (layers.sum(-1, keepdim=True) > 0).float().expand(-1, -1, heads.shape[-1])
+    head_loss = ((heads * mask).sum() / (mask.sum() + 1e-6) - target).abs()
+    layer_loss = (layers.mean() - target).abs()
+    token_loss = (tokens.mean() - target) ** 2
+    return 2 * head_loss + 2 * layer_loss + 2 * token_loss
+
+
+def test_loss_is_the_official_usage_loss_plus_cross_entropy():
+    torch.manual_seed(0)
+    heads = (torch.rand(4, 3, 6) > 0.4).float()
+    layers = (torch.rand(4, 3, 2) > 0.5).float()
+    layers[0, 1] = 0  # a block using neither sub-layer: its heads do not count
+    tokens = (torch.rand(4, 4, 17) > 0.3).float()
+    tokens[..., 0] = 1
+    aux = {f"{HEADS_KEY}blocks.{i + 1}": [heads[:, i]] for i in range(3)}
+    aux.update({f"{SUBLAYERS_KEY}blocks.{i + 1}": [layers[:, i]] for i in range(3)})
+    aux.update({f"{TOKENS_KEY}blocks.{i}": [tokens[:, i]] for i in range(4)})
+    logits, labels = torch.randn(4, 10), torch.tensor([1, 2, 3, 4])
+    loss, parts = fxprune.losses.AdaViTLoss(None, AdaViT(0.5))(None, logits, aux, labels)
+    expected = torch.nn.functional.cross_entropy(logits, labels) + _official_usage_loss(heads, layers, tokens, 0.5)
+    torch.testing.assert_close(loss, expected)
+    assert set(parts) == {"cls", "heads", "sublayers", "tokens"}
+
+
+def test_trainer_moves_the_decisions_towards_the_target_usage():
+    from fxprune.tools.datasets import DigitScenes
+    from fxprune.tools.models import digits_vit
+
+    model, data = digits_vit(), DigitScenes("train", 64, seed=0)
+    policy = AdaViT(0.3, layers=(1, 2, 3, 4), init_logit=3.0)  # starts using almost everything
+    config = fxprune.TrainConfig(steps=8, batch_size=16, warmup=1, lr=2e-2)
+    result = fxprune.train(model, policy, data, config, progress=False)
+    images = torch.stack([data[i][0] for i in range(16)])
+
+    def usage(gm):
+        with torch.no_grad(), fxprune.collect() as aux:
+            gm.train()(images)
+        return torch.cat([v[-1].flatten() for k, v in aux.items() if k.startswith(HEADS_KEY)]).mean()
+
+    torch.manual_seed(0)
+    before = usage(fxprune.transform(model, policy))
+    torch.manual_seed(0)
+    assert usage(result.model) < before - 0.1
