@@ -6,10 +6,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
 
 from .errors import FxPruneError
+from .ops.registry import op_of
 
 __all__ = ["lower", "LoweredModule"]
 
@@ -49,11 +51,25 @@ def lower(
     """
     if compile_kwargs.pop("fullgraph", True) is not True:
         raise FxPruneError("fxprune.lower always compiles with fullgraph=True")
+    _refuse_data_dependent(model)
     compiled = torch.compile(model, fullgraph=True, **compile_kwargs)
     lowered = LoweredModule(model, compiled) if dynamic_batch else compiled
     if check_inputs is not None:
         _check(model, lowered, tuple(check_inputs), atol)
     return lowered
+
+
+def _refuse_data_dependent(model: nn.Module) -> None:
+    """Raise when ``model``'s graph runs ops whose shapes depend on the data (they have no static graph)."""
+    graph = model.graph if isinstance(model, fx.GraphModule) else None
+    found = sorted({node.target.__name__ for node in graph.nodes if node.op == "call_function"
+                    and getattr(op_of(node.target), "worst_case", None) is not None}) if graph is not None else []
+    if found:
+        raise FxPruneError(
+            f"the model runs ops whose shapes depend on the data ({', '.join(found)}: it skips what each image "
+            "does not use), which torch.compile(fullgraph=True) cannot compile; transform it with the method's "
+            "static setting for compiling and export (AdaViT: skip=False, which masks instead)"
+        )
 
 
 def _check(model: nn.Module, lowered: Any, inputs: tuple, atol: float) -> None:

@@ -4,7 +4,7 @@ block, decisions per image, gradients, and the policy."""
 import pytest
 import torch
 from reference import adavit_vit
-from vits import image_batch, timm_vit
+from vits import hf_vit, image_batch, logits, timm_vit, with_explicit_softmax
 
 import fxprune
 from fxprune.methods.adavit import HEADS_KEY, SUBLAYERS_KEY, TOKENS_KEY, AdaViT
@@ -130,3 +130,58 @@ def test_trainer_moves_the_decisions_towards_the_target_usage():
     before = usage(fxprune.transform(model, policy))
     torch.manual_seed(0)
     assert usage(result.model) < before - 0.1
+
+
+def _masked_and_skipping(model, **options):
+    masked = fxprune.transform(model, AdaViT(0.5, skip=False, **options))
+    if "init_logit" not in options:
+        with torch.no_grad():  # token logits spread around the threshold, sigmoid(0.405) = 0.6: a mix of rows
+            for name, head in masked.named_modules():
+                if name.endswith(".tokens"):
+                    head.weight.mul_(20.0)
+                    head.bias.fill_(0.405)
+    skipping = fxprune.transform(model, AdaViT(0.5, **options))
+    skipping.load_state_dict(masked.state_dict())  # the same decision heads
+    return masked, skipping
+
+
+def _usage(gm, x):
+    with torch.no_grad(), fxprune.collect() as aux:
+        gm(x)
+    return {key: values[-1] for key, values in aux.items()}
+
+
+@pytest.mark.parametrize("build", [_model, lambda: with_explicit_softmax(_model()), lambda: hf_vit().double()],
+                         ids=["timm", "explicit-softmax", "hf"])
+def test_skipping_graph_equals_the_masked_graph_batched_and_alone(build):
+    model = build()
+    masked, skipping = _masked_and_skipping(model)
+    x = image_batch(model, batch=6, dtype=torch.float64)
+    usage = _usage(masked, x)
+    sublayers = torch.stack([v for k, v in usage.items() if k.startswith(SUBLAYERS_KEY)])  # [blocks, B, 2]
+    rows = torch.stack([v for k, v in usage.items() if k.startswith(TOKENS_KEY)]).sum(-1)  # [blocks, B]
+    assert (sublayers == 0).any() and (sublayers == 1).any()  # some images skip a sub-layer that others run
+    assert (rows.amax(1) - rows.amin(1)).max() >= 4  # and use different numbers of rows
+    with torch.no_grad():
+        expected = logits(masked(x))
+        torch.testing.assert_close(logits(skipping(x)), expected, atol=1e-10, rtol=0)
+        alone = torch.cat([logits(skipping(x[i : i + 1])) for i in range(len(x))])
+        torch.testing.assert_close(alone, expected, atol=1e-10, rtol=0)
+
+
+def test_skipping_saves_the_macs_of_what_an_image_does_not_use():
+    model = _model()
+    masked, skipping = _masked_and_skipping(model)
+    x = image_batch(model, batch=3, dtype=torch.float64)
+    for i in range(3):
+        assert fxprune.flops(skipping, x[i : i + 1]) < 0.8 * fxprune.flops(masked, x[i : i + 1])
+    dense_masked, dense_skipping = _masked_and_skipping(model, init_logit=20.0)  # every part used
+    assert fxprune.flops(dense_skipping, x[:1]) == fxprune.flops(dense_masked, x[:1])
+
+
+def test_skipping_after_merged_tokens_is_refused_and_lower_asks_for_the_masked_graph():
+    model = timm_vit("deit_small_patch16_224")
+    with pytest.raises(fxprune.UnsupportedModelError, match="skip=False"):
+        fxprune.transform(model, fxprune.Compose([fxprune.ToMe(2, layers=(0,)), AdaViT(0.5, layers=(2, 3))]))
+    with pytest.raises(fxprune.FxPruneError, match="skip=False"):
+        fxprune.lower(fxprune.transform(model, AdaViT(0.5)))

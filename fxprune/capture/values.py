@@ -14,6 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.nn.utils.stateless import _reparametrize_module
 
 from ..counting import MacCounter
+from ..ops.registry import op_of
 
 
 def fake_mode() -> FakeTensorMode:
@@ -45,9 +46,14 @@ class _ValueInterpreter(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         counter = MacCounter()
+        declared = op_of(n.target) if n.op == "call_function" else None
         try:
             with counter:
-                value = super().run_node(n)
+                if declared is not None and declared.worst_case is not None:
+                    args, kwargs = self.fetch_args_kwargs_from_env(n)
+                    value = declared.worst_case(*args, **kwargs)
+                else:
+                    value = super().run_node(n)
         except Exception as err:
             raise ValuePropagationError(n, err) from err
         self.values[n] = value
@@ -79,7 +85,8 @@ def example_inputs_like(gm: fx.GraphModule, batch_size: int | None = None) -> li
 
 
 def propagate(gm: fx.GraphModule, batch_size: int | None = None, store: bool = True) -> dict[fx.Node, Any]:
-    """Example values of every node of ``gm`` on fake inputs like the captured ones (no real compute).
+    """Example values of every node of ``gm`` on fake inputs like the captured ones (no real compute; an op whose
+    shapes depend on the data gives its worst case, :func:`~fxprune.ops.graph_op`).
 
     With ``store`` the values replace ``node.meta['val']`` and each node's MACs ``node.meta['macs']``.
     Raises :class:`ValuePropagationError` naming the first node that fails (e.g. a shape mismatch

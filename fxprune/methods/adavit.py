@@ -36,20 +36,27 @@ from torch import nn
 
 from ..analysis import Block, TokenProgram, sdpa_arguments
 from ..errors import PolicyError, UnsupportedModelError
+from ..ops import op_of
 from ..ops.gating import (
     channel_gate,
     combine_masks,
     gumbel_gate,
     head_gate,
+    place_heads,
+    select_heads,
     sublayer_gate,
     threshold_gate,
     token_gate,
     usage_mask,
+    used_heads,
+    used_layout,
+    valid_keys,
 )
 from ..ops.scoring import with_attn_mask
-from ..passes.common import Rewrite, insert_call
+from ..passes.common import Rewrite, Role, insert_call, tag_of
 from ..passes.learned import emit, insert_module
-from ..policies import Policy, check_layers, option, parse_layers, parse_number, parse_text
+from ..passes.skipping import ancestors, run_on_used, sublayer_nodes, unpack
+from ..policies import Policy, check_flag, check_layers, option, parse_flag, parse_layers, parse_number, parse_text
 from .registry import Learned, register_method
 
 __all__ = ["AdaViT", "HEADS_KEY", "SUBLAYERS_KEY", "TOKENS_KEY", "BlockParts", "block_parts"]
@@ -76,6 +83,7 @@ class AdaViT(Policy):
     layers: tuple[int, ...] | None = option(parse_layers, default=None)
     weights: str | None = option(parse_text, default=None)
     init_logit: float | None = option(parse_number, "init", default=None)
+    skip: bool = option(parse_flag, default=True)
     token_only: tuple[int, ...] = dataclasses.field(default=(), repr=False)  # blocks with token decisions only
 
     def __post_init__(self) -> None:
@@ -83,6 +91,7 @@ class AdaViT(Policy):
             raise PolicyError(f"AdaViT.usage must be in (0, 1], got {self.usage!r}")
         if self.layers is not None:
             object.__setattr__(self, "layers", check_layers(self.layers, "AdaViT"))
+        check_flag(self.skip, "AdaViT.skip")
 
     def bind(self, depth: int, patches: int | None = None) -> AdaViT:
         if self.layers is not None:
@@ -191,10 +200,56 @@ def _emit(gm: fx.GraphModule, value: fx.Node, key: str) -> fx.Node:
         return gm.graph.call_function(emit, (value, key))
 
 
-def _mask_attention(gm: fx.GraphModule, block: Block, rows: fx.Node) -> None:
-    """Let a row that is not used be no key for the others and attend to itself only."""
+@dataclasses.dataclass(frozen=True)
+class Decisions:
+    """The nodes of one block's decisions: every row's ``[B, N, 1]``; with head and sub-layer decisions, the heads'
+    ``[B, H]``, the sub-layers' ``[B, 2]`` and the heads' factors on head tensors ``[B, H, 1, 1]`` and on channels
+    ``[B, 1, C]``."""
+
+    rows: fx.Node
+    heads: fx.Node | None = None
+    sublayers: fx.Node | None = None
+    per_head: fx.Node | None = None
+    channels: fx.Node | None = None
+
+
+def decide(gm: fx.GraphModule, program: TokenProgram, block: Block, policy: AdaViT, parts: BlockParts,
+           train: bool) -> Decisions:
+    """Insert ``block``'s decision heads and decisions, and emit them."""
+    prefix = program.prefix_tokens
+    patches = insert_call(gm, parts.attention_input, operator.getitem,
+                          (parts.attention_input, (slice(None), slice(prefix, None))), {}, block, "patches")
+    token_logits = insert_module(gm, patches, block, "tokens", (patches,))
+    decided = _decide(gm, block, token_logits, TOKEN_THRESHOLD, train, "token_decisions")
+    rows = insert_call(gm, decided, token_gate, (decided, prefix), {}, block, "row_decisions")
+    _emit(gm, insert_call(gm, rows, operator.getitem, (rows, (Ellipsis, 0)), {}, block, "row_usage"),
+          f"{TOKENS_KEY}{block.name}")
+    if block.index in policy.token_only:
+        return Decisions(rows)
+    token = insert_call(gm, block.input, operator.getitem, (block.input, (slice(None), 0)), {}, block, "class_token")
+    head_logits = insert_module(gm, token, block, "heads", (token,))
+    heads = _decide(gm, block, head_logits, HEAD_THRESHOLD, train, "head_decisions")
+    sublayer_logits = insert_module(gm, heads, block, "sublayers", (token,))
+    sublayers = _decide(gm, block, sublayer_logits, SUBLAYER_THRESHOLD, train, "sublayer_decisions")
+    _emit(gm, heads, f"{HEADS_KEY}{block.name}")
+    _emit(gm, sublayers, f"{SUBLAYERS_KEY}{block.name}")
+    per_head = insert_call(gm, sublayers, head_gate, (heads,), {}, block, "head_factor")
+    channels = insert_call(gm, per_head, channel_gate, (heads, block.attention.head_dim), {}, block, "channel_factor")
+    return Decisions(rows, heads, sublayers, per_head, channels)
+
+
+def _gate_heads(gm: fx.GraphModule, block: Block, parts: BlockParts, decisions: Decisions) -> None:
+    """Zero the q, k, v and output channels of the heads an image does not use, and their MLP-input channels."""
     site = block.attention
-    mask = insert_call(gm, rows, usage_mask, (rows,), {}, block, "usage_mask")
+    for name, node in (("q", site.q), ("k", site.k), ("v", site.v), ("heads", site.output)):
+        _multiply(gm, block, node, decisions.per_head, f"gated_{name}")
+    _multiply(gm, block, parts.mlp_input, decisions.channels, "gated_mlp_input",
+              users=lambda u: _is_linear(gm, u) and u.args[0] is parts.mlp_input)
+
+
+def _set_attention_mask(gm: fx.GraphModule, block: Block, mask: fx.Node) -> None:
+    """Apply the boolean ``mask`` ``[B, 1, N, N]`` to ``block``'s attention, beside the mask it has."""
+    site = block.attention
     if site.kind == "sdpa":
         existing = sdpa_arguments(site.node)["attn_mask"]
         combined = insert_call(gm, mask, combine_masks, (existing, mask), {}, block, "attn_mask")
@@ -204,54 +259,109 @@ def _mask_attention(gm: fx.GraphModule, block: Block, rows: fx.Node) -> None:
             site.node.update_kwarg("attn_mask", combined)
         return
     logits = site.node.args[0]
-    after = max(logits, mask, key=_order(gm))
-    masked = insert_call(gm, after, with_attn_mask, (logits, mask), {}, block, "masked_logits")
+    masked = insert_call(gm, max(logits, mask, key=_order(gm)), with_attn_mask, (logits, mask), {}, block,
+                         "masked_logits")
     site.node.replace_input_with(logits, masked)
 
 
-def gate_block(gm: fx.GraphModule, program: TokenProgram, block: Block, policy: AdaViT, train: bool) -> Rewrite:
-    """Decide and apply the usage of ``block``'s heads, sub-layers and patch tokens (see the module docstring)."""
-    parts = block_parts(gm, program, block, policy.method)
-    prefix, site = program.prefix_tokens, block.attention
-    patches = insert_call(gm, parts.attention_input, operator.getitem,
-                          (parts.attention_input, (slice(None), slice(prefix, None))), {}, block, "patches")
-    token_logits = insert_module(gm, patches, block, "tokens", (patches,))
-    decided = _decide(gm, block, token_logits, TOKEN_THRESHOLD, train, "token_decisions")
-    rows = insert_call(gm, decided, token_gate, (decided, prefix), {}, block, "row_decisions")
-    _emit(gm, insert_call(gm, rows, operator.getitem, (rows, (Ellipsis, 0)), {}, block, "row_usage"),
-          f"{TOKENS_KEY}{block.name}")
-    _mask_attention(gm, block, rows)
+def mask_unused(gm: fx.GraphModule, block: Block, parts: BlockParts, decisions: Decisions) -> None:
+    """The official semantics: every head, row and sub-layer is computed and the unused ones are masked."""
+    rows = decisions.rows
+    _set_attention_mask(gm, block, insert_call(gm, rows, usage_mask, (rows,), {}, block, "usage_mask"))
     attention_factor, mlp_factor = rows, rows
-    if block.index not in policy.token_only:
-        token = insert_call(gm, block.input, operator.getitem, (block.input, (slice(None), 0)), {}, block,
-                            "class_token")
-        head_logits = insert_module(gm, token, block, "heads", (token,))
-        heads = _decide(gm, block, head_logits, HEAD_THRESHOLD, train, "head_decisions")
-        layer_logits = insert_module(gm, heads, block, "sublayers", (token,))
-        sublayers = _decide(gm, block, layer_logits, SUBLAYER_THRESHOLD, train, "sublayer_decisions")
-        _emit(gm, heads, f"{HEADS_KEY}{block.name}")
-        _emit(gm, sublayers, f"{SUBLAYERS_KEY}{block.name}")
-        per_head = insert_call(gm, sublayers, head_gate, (heads,), {}, block, "head_factor")
-        for name, node in (("q", site.q), ("k", site.k), ("v", site.v), ("heads", site.output)):
-            _multiply(gm, block, node, per_head, f"gated_{name}")
-        channels = insert_call(gm, per_head, channel_gate, (heads, site.head_dim), {}, block, "channel_factor")
-        _multiply(gm, block, parts.mlp_input, channels, "gated_mlp_input",
-                  users=lambda u: _is_linear(gm, u) and u.args[0] is parts.mlp_input)
-        attention_factor = insert_call(gm, rows, sublayer_gate, (rows, sublayers, 0), {}, block, "attention_factor")
-        mlp_factor = insert_call(gm, attention_factor, sublayer_gate, (rows, sublayers, 1), {}, block, "mlp_factor")
-    _multiply(gm, block, parts.attention_branch, attention_factor, "gated_attention",
-              users=lambda u: u is block.mid)
+    if decisions.heads is not None:
+        _gate_heads(gm, block, parts, decisions)
+        attention_factor = insert_call(gm, rows, sublayer_gate, (rows, decisions.sublayers, 0), {}, block,
+                                       "attention_factor")
+        mlp_factor = insert_call(gm, attention_factor, sublayer_gate, (rows, decisions.sublayers, 1), {}, block,
+                                 "mlp_factor")
+    _multiply(gm, block, parts.attention_branch, attention_factor, "gated_attention", users=lambda u: u is block.mid)
     _multiply(gm, block, parts.mlp_branch, mlp_factor, "gated_mlp", users=lambda u: u is parts.mlp_add)
+
+
+def _used_layout(gm: fx.GraphModule, block: Block, decisions: Decisions, which: int,
+                 name: str) -> tuple[fx.Node, fx.Node, fx.Node]:
+    """(images, index, valid) of the rows that use sub-layer ``which`` (0: attention, 1: MLP)."""
+    after = max(decisions.rows, decisions.sublayers or decisions.rows, key=_order(gm))
+    layout = insert_call(gm, after, used_layout, (decisions.rows, decisions.sublayers, which), {}, block,
+                         f"{name}_layout")
+    return unpack(gm, layout, block, (f"{name}_images", f"{name}_index", f"{name}_valid"))
+
+
+def _select_used_heads(gm: fx.GraphModule, block: Block, per_head: fx.Node) -> fx.Node:
+    """Let ``block``'s SDPA call compute only the heads some image uses (the others' outputs are zeros)."""
+    site = block.attention
+    heads = insert_call(gm, per_head, used_heads, (per_head,), {}, block, "used_heads")
+    for name, node in zip("qkv", site.node.args[:3]):  # the gated q, k, v
+        selected = insert_call(gm, max(node, heads, key=_order(gm)), select_heads, (node, heads), {}, block,
+                               f"used_{name}")
+        site.node.replace_input_with(node, selected)
+    placed = insert_call(gm, site.node, place_heads, (site.node, heads, site.num_heads), {}, block, "placed_heads")
+    site.node.replace_all_uses_with(placed, delete_user_cb=lambda user: user is not placed)
+    return heads
+
+
+def _after_sized_stream(gm: fx.GraphModule, block: Block) -> bool:
+    """Whether a block before ``block`` gives rows sizes (merges or pads tokens)."""
+    return any(
+        (found := tag_of(node)) is not None and found.role is Role.STREAM and found.block < block.index
+        and getattr(op_of(node.target), "sized", False) for node in gm.graph.nodes
+    )
+
+
+def skip_unused(gm: fx.GraphModule, program: TokenProgram, block: Block, parts: BlockParts,
+                decisions: Decisions) -> None:
+    """Compute only what is used: each sub-layer on the images that use it and, in each, on its used rows; the
+    attention on the heads some image of the batch uses (the others' outputs are zeros)."""
+    if _after_sized_stream(gm, block):
+        raise UnsupportedModelError(
+            f"{program.model_name}: AdaViT cannot skip the unused parts of {block.name}: an earlier block merges or "
+            "pads tokens, and their sizes weight its attention; use AdaViT(..., skip=False), which masks them"
+        )
+    site = block.attention
+    original_mask = sdpa_arguments(site.node)["attn_mask"] if site.kind == "sdpa" else None
+    per_image = {original_mask: (2, 3)} if isinstance(original_mask, fx.Node) else {}
+    ready: set[fx.Node] = set()
+    head_inputs: dict[fx.Node, tuple[int, ...]] = {}
+    images, index, valid = _used_layout(gm, block, decisions, 0, "attention")
+    decided = [images, index, valid]
+    if decisions.heads is not None:
+        _gate_heads(gm, block, parts, decisions)
+        if site.kind == "sdpa":
+            ready.add(_select_used_heads(gm, block, decisions.per_head))
+        head_inputs = {decisions.per_head: (), decisions.channels: ()}
+        decided += [decisions.per_head, decisions.channels]
+    keys = insert_call(gm, valid, valid_keys, (valid,), {}, block, "valid_keys")
+    _set_attention_mask(gm, block, keys)
+    nodes = sublayer_nodes(gm, parts.attention_input, parts.attention_branch, ancestors(decided))
+    mid = run_on_used(gm, block, nodes, parts.attention_input, block.mid, images, index, valid,
+                      {**per_image, **head_inputs}, ready | {index, valid, keys}, program.batch, "attention")
+    images, index, valid = _used_layout(gm, block, decisions, 1, "mlp")
+    nodes = sublayer_nodes(gm, mid, parts.mlp_branch, ancestors([images, index, valid]))
+    run_on_used(gm, block, nodes, mid, parts.mlp_add, images, index, valid, head_inputs, {index, valid},
+                program.batch, "mlp")
+
+
+def gate_block(gm: fx.GraphModule, program: TokenProgram, block: Block, policy: AdaViT, train: bool) -> Rewrite:
+    """Decide the usage of ``block``'s heads, sub-layers and patch tokens, and apply it (see the module
+    docstring): masked in training and with ``skip=False``, skipped otherwise."""
+    parts = block_parts(gm, program, block, policy.method)
+    decisions = decide(gm, program, block, policy, parts, train)
+    if train or not policy.skip:
+        mask_unused(gm, block, parts, decisions)
+    else:
+        skip_unused(gm, program, block, parts, decisions)
     return Rewrite()
 
 
 def gate_for_evaluation(gm: fx.GraphModule, program: TokenProgram, block: Block, policy: AdaViT) -> Rewrite:
-    """Evaluation: the decisions are ``sigmoid(logit) > threshold``."""
+    """Evaluation: the decisions are ``sigmoid(logit) > threshold``; unused parts skipped (``skip=False``:
+    masked)."""
     return gate_block(gm, program, block, policy, train=False)
 
 
 def gate_for_training(gm: fx.GraphModule, program: TokenProgram, block: Block, policy: AdaViT) -> Rewrite:
-    """Training: the decisions are hard Gumbel-sigmoid samples (τ = 5, straight-through)."""
+    """Training: the decisions are hard Gumbel-sigmoid samples (τ = 5, straight-through), applied as masks."""
     return gate_block(gm, program, block, policy, train=True)
 
 
@@ -284,5 +394,5 @@ register_method(
     "adavit", AdaViT, needs_class_token=True, reduces_tokens=False,
     learned=Learned(_decision_heads, gate_for_training, loss=_loss, backbone_lr_scale=1.0),
     identity=lambda layers: AdaViT(1.0, layers, init_logit=20.0),
-    example=lambda layers: AdaViT(0.5, layers),
+    example=lambda layers: AdaViT(0.5, layers, skip=False),
 )(gate_for_evaluation)

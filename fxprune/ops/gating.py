@@ -9,6 +9,8 @@ only to itself, and gets no update from the block.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -75,3 +77,86 @@ def sublayer_gate(tokens: Tensor, layers: Tensor, which: int) -> Tensor:
     """The factor on a sub-layer's output ``[B, N, C]``: the per-row decisions ``tokens`` ``[B, N, 1]`` times the
     sub-layer's decision ``layers[:, which]`` (``layers`` ``[B, 2]``: attention, MLP): ``[B, N, 1]``."""
     return tokens * layers[:, which, None, None]
+
+
+def _every_row(rows: Tensor, sublayers: Tensor | None, which: int) -> tuple[Tensor, Tensor, Tensor]:
+    images = torch.arange(rows.shape[0], device=rows.device)
+    index = torch.arange(rows.shape[1], device=rows.device).expand(rows.shape[0], -1)
+    return images, index, torch.ones_like(index, dtype=torch.bool)
+
+
+@graph_op(worst_case=_every_row)
+def used_layout(rows: Tensor, sublayers: Tensor | None, which: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Where a sub-layer is used: ``(images, index, valid)``. ``images`` ``[b]`` are the images that use sub-layer
+    ``which`` (``sublayers`` ``[B, 2]``: attention, MLP; None: every image); ``index`` ``[b, K]`` their used rows
+    (``rows`` ``[B, N, 1]``, 1 = used), first to last, padded to the most rows an image uses with slots that point
+    at row 0 and are not ``valid``. When no image uses it, one slot of image 0 that is not valid (shapes are never
+    empty: the sub-layer runs on one row whose result is dropped). The shapes depend on the data (eager only)."""
+    images = torch.arange(rows.shape[0], device=rows.device)
+    if sublayers is not None:
+        images = sublayers[:, which].nonzero().flatten()
+    if images.numel() == 0:
+        nothing = torch.zeros(1, 1, dtype=torch.long, device=rows.device)
+        return nothing[0], nothing, nothing.bool()
+    used = rows.index_select(0, images)[..., 0] > 0.5
+    count = used.sum(dim=1)
+    order = (~used).to(torch.uint8).argsort(dim=1, stable=True)[:, : int(count.max())]
+    valid = torch.arange(order.shape[1], device=rows.device) < count[:, None]
+    return images, torch.where(valid, order, 0), valid
+
+
+@graph_op()
+def batch_rows(x: Tensor, images: Tensor) -> Tensor:
+    """The images ``images`` ``[b]`` of ``x`` ``[B, …]`` (or ``[1, …]``, the same for every image): ``[b, …]``."""
+    if x.shape[0] == 1:
+        return x.expand(images.shape[0], *x.shape[1:])
+    return x.index_select(0, images)
+
+
+@graph_op()
+def take_rows(x: Tensor, index: Tensor, dim: int) -> Tensor:
+    """The rows ``index`` ``[b, K]`` of each image of ``x`` along its token axis ``dim``: ``x`` ``[b, …, N, …]`` (or
+    ``[1, …]``, broadcast) → ``[b, …, K, …]``."""
+    x = x.expand(index.shape[0], *x.shape[1:]).movedim(dim, 1)
+    flat = x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
+    taken = flat.gather(1, index[:, :, None].expand(-1, -1, flat.shape[2]))
+    return taken.reshape(index.shape[0], index.shape[1], *x.shape[2:]).movedim(1, dim)
+
+
+@graph_op()
+def valid_keys(valid: Tensor) -> Tensor:
+    """The SDPA mask of a padded layout, ``valid`` ``[b, K]``: ``[b, 1, 1, K]``, True for the keys that are rows."""
+    return valid[:, None, None, :]
+
+
+@graph_op()
+def add_used_rows(residual: Tensor, update: Tensor, images: Tensor, index: Tensor, valid: Tensor) -> Tensor:
+    """``residual`` ``[B, N, C]`` plus a sub-layer's ``update`` ``[b, K, C]`` computed on the used rows: slot ``k`` of
+    image ``i`` adds to row ``index[i, k]`` of image ``images[i]``; slots that are not ``valid`` add nothing."""
+    full = update.new_zeros(update.shape[0], residual.shape[1], update.shape[2])
+    kept = torch.where(valid[..., None], update, 0.0)  # a slot with no valid key holds NaN: dropped, not multiplied
+    full = full.scatter_add(1, index[..., None].expand_as(update), kept)
+    return residual.index_add(0, images, full)
+
+
+def _all_heads(per_head: Tensor) -> Tensor:
+    return torch.arange(per_head.shape[1], device=per_head.device)
+
+
+@graph_op(worst_case=_all_heads)
+def used_heads(per_head: Tensor) -> Tensor:
+    """The heads any image uses (``per_head`` ``[b, H, 1, 1]``): indices ``[h]``."""
+    return per_head.flatten(1).amax(dim=0).nonzero().flatten()
+
+
+@graph_op()
+def select_heads(x: Tensor, heads: Tensor) -> Tensor:
+    """The heads ``heads`` ``[h]`` of ``x`` ``[b, H, N, d]``: ``[b, h, N, d]``."""
+    return x.index_select(1, heads)
+
+
+@graph_op()
+def place_heads(x: Tensor, heads: Tensor, num_heads: int) -> Tensor:
+    """``x`` ``[b, h, N, d]`` written at the heads ``heads`` of ``[b, num_heads, N, d]`` zeros."""
+    full = x.new_zeros(x.shape[0], num_heads, *x.shape[2:])
+    return full.index_copy(1, heads, x)

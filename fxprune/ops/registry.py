@@ -15,6 +15,9 @@ declaration says what later stages need to know without looking at the function:
   so a bias added to that attention later must reach it too.
 * ``padding``: the keyword that, in a padded batch (padding has size 0 and comes after each image's own rows),
   tells it each image's own tokens: a sized op receives True (it has the sizes already), any other the sizes.
+* ``worst_case``: the op's result shapes depend on the values of its inputs (eager graphs only); this function,
+  called with the same arguments, gives a result of the largest shapes it can have. Example values (fake
+  tensors, which carry no data) are propagated through it.
 
 Every declared function is kept as one call when a saved graph is traced again (:func:`graph_functions`).
 """
@@ -43,6 +46,7 @@ class GraphOp:
     sized: bool = False
     reads_mask: bool = False
     padding: str | None = None
+    worst_case: Callable | None = None
     follow: dict[str, Callable] = dataclasses.field(default_factory=dict)
 
     def follows_with(self, channel: str) -> Callable | None:
@@ -60,12 +64,14 @@ def graph_op(
     carries: tuple[str, ...] = (),
     reads_mask: bool = False,
     padding: str | None = None,
+    worst_case: Callable | None = None,
 ) -> Callable[[F], F]:
     """Declare the decorated function a graph function with these roles; it is returned unchanged."""
 
     def declare(fn: F) -> F:
         op = _OPS.setdefault(fn, GraphOp(fn))
         op.stream, op.sized, op.reads_mask, op.padding = stream, sized, reads_mask, padding
+        op.worst_case = worst_case
         op.follow.update({channel: fn for channel in carries})
         return fn
 

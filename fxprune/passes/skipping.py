@@ -1,0 +1,140 @@
+"""Run a sub-layer only where it is used: on some images of the batch and, in each, some of its rows.
+
+A sub-layer is the part of the graph computed from its ``entry`` (``[B, N, C]``) that ends in the ``exit`` added to
+the residual stream. :func:`run_on_used` takes every per-image value it reads into the used layout (``[b, K, …]``:
+the used images, each image's used rows padded to the most any uses), makes the shape arguments fixed before it
+follow that layout, and adds its result back into the ``[B, N, C]`` stream row by row. The shapes depend on the
+data, so the graph runs in eager mode only.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from ..analysis import Block
+from ..errors import UnsupportedModelError
+from ..ops.gating import add_used_rows, batch_rows, take_rows
+from .common import insert_call
+
+__all__ = ["sublayer_nodes", "ancestors", "run_on_used", "unpack"]
+
+_SHAPED = ("reshape", "view", "expand")
+
+
+def ancestors(nodes: list[fx.Node]) -> set[fx.Node]:
+    """``nodes`` and every node they are computed from."""
+    seen, todo = set(), list(nodes)
+    while todo:
+        node = todo.pop()
+        if node not in seen:
+            seen.add(node)
+            todo.extend(node.all_input_nodes)
+    return seen
+
+
+def _descendants(node: fx.Node) -> set[fx.Node]:
+    seen, todo = set(), list(node.users)
+    while todo:
+        user = todo.pop()
+        if user not in seen:
+            seen.add(user)
+            todo.extend(user.users)
+    return seen
+
+
+def sublayer_nodes(gm: fx.GraphModule, entry: fx.Node, exit: fx.Node, outside: set[fx.Node]) -> list[fx.Node]:
+    """The nodes computed from ``entry`` on the way to ``exit`` (``exit`` included, ``entry`` not) that are not in
+    ``outside``, in graph order."""
+    inside = _descendants(entry) & ancestors([exit])
+    return [node for node in gm.graph.nodes if node in inside and node not in outside]
+
+
+def _computed_from_inputs(gm: fx.GraphModule) -> set[fx.Node]:
+    found: set[fx.Node] = set()
+    for placeholder in gm.graph.find_nodes(op="placeholder"):
+        found |= _descendants(placeholder)
+    return found
+
+
+def _is_data(node: fx.Node, computed: set[fx.Node]) -> bool:
+    """Whether ``node`` is a tensor computed from the inputs (not a parameter, constant or shape)."""
+    if node.op == "get_attr":
+        return False
+    value = node.meta.get("val")
+    return isinstance(value, torch.Tensor) if value is not None else node in computed
+
+
+def run_on_used(
+    gm: fx.GraphModule, block: Block, nodes: list[fx.Node], entry: fx.Node, add: fx.Node, images: fx.Node,
+    index: fx.Node, valid: fx.Node, per_image: dict[fx.Node, tuple[int, ...]], ready: set[fx.Node], batch: int,
+    what: str,
+) -> fx.Node:
+    """Make the sub-layer ``nodes`` run on the images ``images`` ``[b]`` and, in each, the rows ``index`` ``[b, K]``
+    (``valid`` marks the real ones) only; the residual sum ``add`` becomes :func:`add_used_rows` (the same node, so
+    that later blocks' references stay valid), which is returned.
+
+    ``entry`` and the per-image values ``per_image`` (node → its token axes) are taken into the used layout; the
+    values in ``ready`` are in it already. Any other per-image value the sub-layer reads is refused. ``batch``: the
+    batch size the graph was captured with."""
+    inside = set(nodes)
+    per_image = {entry: (1,), **per_image}
+    exit = next(arg for arg in add.args[:2] if arg in inside)
+    residual = next(arg for arg in add.args[:2] if arg is not exit)
+    taken: dict[fx.Node, fx.Node] = {}
+    computed = _computed_from_inputs(gm)
+    for node in nodes:
+        for value in node.all_input_nodes:
+            if value in inside or value in ready or not _is_data(value, computed):
+                continue
+            if value not in per_image:
+                raise UnsupportedModelError(
+                    f"{what} cannot skip unused rows in {block.name}: {node.name} reads the per-image value "
+                    f"{value.name}, which it does not know how to follow; use skip=False"
+                )
+            if value not in taken:
+                with gm.graph.inserting_before(node):
+                    rows = gm.graph.call_function(batch_rows, (value, images))
+                    for axis in per_image[value]:
+                        rows = gm.graph.call_function(take_rows, (rows, index, axis))
+                taken[value] = rows
+            node.replace_input_with(value, taken[value])
+    _follow_layout(gm, nodes, taken[entry], batch=batch, tokens=block.tokens)
+    add.op, add.target, add.kwargs = "call_function", add_used_rows, {}
+    add.args = (residual, exit, images, index, valid)
+    return add
+
+
+def _follow_layout(gm: fx.GraphModule, nodes: list[fx.Node], entry: fx.Node, batch: int, tokens: int) -> None:
+    """Make the shape arguments of ``nodes`` fixed before them follow the used layout of ``entry``: a shape read
+    of the batch size, and a shape read or literal of the token count."""
+    inside = set(nodes)
+    with gm.graph.inserting_after(entry):
+        used_tokens = gm.graph.call_method("size", (entry, 1))
+        used_images = gm.graph.call_method("size", (entry, 0))
+
+    def follow(size: object) -> object:
+        if isinstance(size, fx.Node) and size not in inside:
+            value = size.meta.get("val")
+            return used_images if value == batch else used_tokens if value == tokens else size
+        return used_tokens if size == tokens and not isinstance(size, bool) else size
+
+    for node in nodes:
+        if node.op != "call_method" or node.target not in _SHAPED:
+            continue
+        packed = len(node.args) == 2 and isinstance(node.args[1], (tuple, list))
+        shape = list(node.args[1]) if packed else list(node.args[1:])
+        followed = [follow(size) for size in shape]
+        if followed != shape:
+            node.args = (node.args[0], tuple(followed)) if packed else (node.args[0], *followed)
+
+
+def unpack(gm: fx.GraphModule, values: fx.Node, block: Block, names: tuple[str, ...]) -> tuple[fx.Node, ...]:
+    """Nodes of the elements of the tuple-valued node ``values``, named ``names``."""
+    elements, after = [], values
+    for position, name in enumerate(names):
+        after = insert_call(gm, after, operator.getitem, (values, position), {}, block, name)
+        elements.append(after)
+    return tuple(elements)
