@@ -185,3 +185,51 @@ def test_skipping_after_merged_tokens_is_refused_and_lower_asks_for_the_masked_g
         fxprune.transform(model, fxprune.Compose([fxprune.ToMe(2, layers=(0,)), AdaViT(0.5, layers=(2, 3))]))
     with pytest.raises(fxprune.FxPruneError, match="skip=False"):
         fxprune.lower(fxprune.transform(model, AdaViT(0.5)))
+
+
+def _official_checkpoint(model, heads: int) -> dict:
+    """An official AdaViT checkpoint of ``model``'s shape: q, k, v split, random decision heads."""
+    torch.manual_seed(3)
+    state = {}
+    for key, value in model.state_dict().items():
+        if ".attn.qkv." in key:
+            stem, _, leaf = key.partition(".attn.qkv.")
+            for name, part in zip(("query", "key", "value"), value.chunk(3)):
+                state[f"{stem}.attn.{name}.{leaf}"] = part + 0.01  # not the model's own weights
+        else:
+            state[key] = value
+    dim = model.embed_dim
+    for i in range(len(model.blocks)):
+        state[f"blocks.{i}.attn.token_select.mlp_head.weight"] = torch.randn(1, dim, dtype=torch.float64)
+        state[f"blocks.{i}.attn.token_select.mlp_head.bias"] = torch.full((1,), 0.4, dtype=torch.float64)
+        if i:
+            for name, width in (("head_select", heads), ("layer_select", 2)):
+                state[f"blocks.{i}.{name}.mlp_head.weight"] = torch.randn(width, dim, dtype=torch.float64)
+                state[f"blocks.{i}.{name}.mlp_head.bias"] = torch.zeros(width, dtype=torch.float64)
+    return {"model": state}
+
+
+def test_an_official_checkpoint_loads_its_decision_heads_and_backbone(tmp_path):
+    from fxprune.methods.adavit import official_backbone
+
+    model = _model()
+    saved = _official_checkpoint(model, heads=model.blocks[0].attn.num_heads)
+    torch.save(saved, tmp_path / "ada_step_deit.pth")
+    assert not model.load_state_dict(official_backbone(saved), strict=True).missing_keys
+    gm = fxprune.transform(model, AdaViT(0.5, weights=str(tmp_path / "ada_step_deit.pth")))
+    state = saved["model"]
+    gates = {}
+    for i in range(len(model.blocks)):
+        names = {"tokens": f"blocks.{i}.attn.token_select"}
+        if i:
+            names.update(heads=f"blocks.{i}.head_select", sublayers=f"blocks.{i}.layer_select")
+        gates[i] = {}
+        for ours, theirs in names.items():
+            weight = state[f"{theirs}.mlp_head.weight"]
+            layer = torch.nn.Linear(weight.shape[1], weight.shape[0]).double()
+            layer.load_state_dict({"weight": weight, "bias": state[f"{theirs}.mlp_head.bias"]})
+            gates[i][ours] = layer
+    x = image_batch(model, batch=3, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), adavit_vit(model, gates, x, token_only=(0,)), atol=1e-10, rtol=0)
+    assert "untrained" not in str(gm.fxprune_plan)

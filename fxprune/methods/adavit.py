@@ -31,8 +31,9 @@ import operator
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.fx as fx
-from torch import nn
+from torch import Tensor, nn
 
 from ..analysis import Block, TokenProgram, sdpa_arguments
 from ..errors import PolicyError, UnsupportedModelError
@@ -57,9 +58,13 @@ from ..passes.common import Rewrite, Role, insert_call, tag_of
 from ..passes.learned import emit, insert_module
 from ..passes.skipping import ancestors, run_on_used, sublayer_nodes, unpack
 from ..policies import Policy, check_flag, check_layers, option, parse_flag, parse_layers, parse_number, parse_text
+from ..tools.weights import SHIPPED, shipped
 from .registry import Learned, register_method
 
-__all__ = ["AdaViT", "HEADS_KEY", "SUBLAYERS_KEY", "TOKENS_KEY", "BlockParts", "block_parts"]
+__all__ = [
+    "AdaViT", "HEADS_KEY", "SUBLAYERS_KEY", "TOKENS_KEY", "BlockParts", "block_parts", "official_heads",
+    "official_backbone",
+]
 
 HEADS_KEY = "adavit/heads/"  # + block name: the heads' decisions [B, H]
 SUBLAYERS_KEY = "adavit/sublayers/"  # + block name: the sub-layers' decisions [B, 2] (attention, MLP)
@@ -384,6 +389,57 @@ def _decision_heads(policy: AdaViT, block: Block, program: TokenProgram) -> dict
     return heads
 
 
+SHIPPED_USAGES = (0.7, 0.5)
+_OFFICIAL = {"head_select.mlp_head": "heads", "layer_select.mlp_head": "sublayers",
+             "attn.token_select.mlp_head": "tokens"}  # official key infix → decision head
+
+
+def weights_file(policy: AdaViT) -> str | None:
+    """The file ``policy.weights`` names: a path, or, for ``"digits"``, the shipped state for its usage (the digits
+    ViT's backbone fine-tuned with the decision heads of the official blocks, ``layers=None``)."""
+    if policy.weights != SHIPPED:
+        return policy.weights
+    offered = policy.usage in SHIPPED_USAGES and (policy.layers is None or policy.token_only == (0,))
+    name = f"adavit_digits_usage{round(100 * policy.usage)}.pt" if offered else None
+    return shipped(name, policy.describe(), f"usages {', '.join(map(str, SHIPPED_USAGES))} at layers=None "
+                   "(the official blocks) of the digits ViT")
+
+
+def official_heads(saved: dict, names: list[str]) -> dict[str, Tensor] | None:
+    """The decision heads of an official AdaViT checkpoint (``{"model": state}`` or the state itself, with
+    ``blocks.<i>.head_select.mlp_head.*``, ``blocks.<i>.layer_select.mlp_head.*`` and
+    ``blocks.<i>.attn.token_select.mlp_head.*``) under ``names`` (``<block>.heads`` etc., in block order); None when
+    it has none. Its backbone is read by :func:`official_backbone`."""
+    state = saved.get("model", saved)
+    found: dict[str, dict[int, dict[str, Tensor]]] = {kind: {} for kind in _OFFICIAL.values()}
+    for key, value in state.items():
+        for infix, kind in _OFFICIAL.items():
+            head, _, rest = key.partition(f".{infix}.")
+            if rest and head.startswith("blocks.") and head[len("blocks."):].isdigit():
+                found[kind].setdefault(int(head[len("blocks."):]), {})[rest] = value
+    if not any(found.values()):
+        return None
+    translated = {}
+    for kind, by_block in found.items():
+        ours = [name for name in names if name.endswith(f".{kind}")]
+        for position, block in enumerate(sorted(by_block)):
+            name = ours[position] if position < len(ours) else f"blocks_{block}.{kind}"  # one this policy lacks
+            translated.update({f"{name}.{rest}": value for rest, value in by_block[block].items()})
+    return translated
+
+
+def official_backbone(saved: dict) -> dict[str, Tensor]:
+    """The backbone of an official AdaViT checkpoint as a timm ``VisionTransformer`` state: each block's
+    ``attn.query``/``key``/``value`` joined into ``attn.qkv``, the decision heads left out."""
+    state = saved.get("model", saved)
+    backbone = {key: value for key, value in state.items() if not any(f".{infix}." in key for infix in _OFFICIAL)}
+    for key in [k for k in backbone if ".attn.query." in k]:
+        stem, _, leaf = key.partition(".attn.query.")
+        parts = [backbone.pop(f"{stem}.attn.{name}.{leaf}") for name in ("query", "key", "value")]
+        backbone[f"{stem}.attn.qkv.{leaf}"] = torch.cat(parts)
+    return backbone
+
+
 def _loss(teacher: nn.Module, policy: AdaViT, distill_weight: float | None, example_inputs) -> nn.Module:
     from ..losses import AdaViTLoss
 
@@ -392,7 +448,8 @@ def _loss(teacher: nn.Module, policy: AdaViT, distill_weight: float | None, exam
 
 register_method(
     "adavit", AdaViT, needs_class_token=True, reduces_tokens=False,
-    learned=Learned(_decision_heads, gate_for_training, loss=_loss, backbone_lr_scale=1.0),
+    learned=Learned(_decision_heads, gate_for_training, weights=weights_file, translate=official_heads,
+                    loss=_loss, backbone_lr_scale=1.0),
     identity=lambda layers: AdaViT(1.0, layers, init_logit=20.0),
     example=lambda layers: AdaViT(0.5, layers, skip=False),
 )(gate_for_evaluation)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from importlib import resources
 from typing import Any
 
 import torch
@@ -33,6 +32,7 @@ from ..passes.common import Rewrite, Role, insert_call, reroute_stream
 from ..passes.learned import emit, insert_module
 from ..passes.state import read_state, write_state
 from ..policies import Policy, check_keep_rate, check_layers, option, parse_layers, parse_number, parse_text
+from ..tools.weights import SHIPPED, shipped
 from .registry import Learned, register_method
 
 __all__ = ["DynamicViT", "PredictorLG", "KEEP_KEY", "TOKENS_KEY"]
@@ -180,7 +180,6 @@ def official_predictors(saved: dict, names: list[str]) -> dict[str, Tensor] | No
     return translated
 
 
-SHIPPED = "digits"  # weights="digits": the fine-tuned states that ship for the embedded digits ViT
 SHIPPED_LAYERS = (1, 3, 4)
 SHIPPED_KEEP_RATES = (0.7, 0.5)
 
@@ -190,13 +189,10 @@ def weights_file(policy: DynamicViT) -> str | None:
     digits ViT's backbone fine-tuned with predictors at blocks 1, 3, 4)."""
     if policy.weights != SHIPPED:
         return policy.weights
-    if policy.layers != SHIPPED_LAYERS or policy.keep_rate not in SHIPPED_KEEP_RATES:
-        raise PolicyError(
-            f"weights='digits' ships for keep rates {', '.join(map(str, SHIPPED_KEEP_RATES))} at layers "
-            f"{SHIPPED_LAYERS} of the digits ViT, not for {policy.describe()} at {policy.layers}"
-        )
-    name = f"dynamicvit_digits_keep{round(100 * policy.keep_rate)}.pt"
-    return str(resources.files("fxprune.tools.weights").joinpath(name))
+    offered = policy.layers == SHIPPED_LAYERS and policy.keep_rate in SHIPPED_KEEP_RATES
+    name = f"dynamicvit_digits_keep{round(100 * policy.keep_rate)}.pt" if offered else None
+    return shipped(name, f"{policy.describe()} at {policy.layers}",
+                   f"keep rates {', '.join(map(str, SHIPPED_KEEP_RATES))} at layers {SHIPPED_LAYERS} of the digits ViT")
 
 
 def _loss(teacher: nn.Module, policy: DynamicViT, distill_weight: float | None, example_inputs) -> nn.Module:

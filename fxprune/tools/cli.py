@@ -131,7 +131,8 @@ def _train(args: argparse.Namespace) -> None:
     model, data, model_name, _ = _model_and_data(args)
     train_data = DigitScenes("train", args.train_images, seed=11) if args.model == "digits" else data
     config = TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, warmup=args.warmup,
-                         freeze_backbone=args.freeze_backbone, eval_every=args.eval_every, seed=args.seed)
+                         freeze_backbone=args.freeze_backbone, eval_every=args.eval_every, seed=args.seed,
+                         backbone_lr_scale=args.backbone_lr_scale, distill_weight=args.distill_weight)
     policy = parse_policy(args.policy)
     result = train(model, policy, train_data, config, eval_data=data, checkpoint=args.out, resume=args.resume)
     if int(os.environ.get("RANK", "0")) != 0:
@@ -186,6 +187,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     training.add_argument("--lr", type=float, default=3e-4)
     training.add_argument("--warmup", type=int, default=20)
     training.add_argument("--freeze-backbone", type=int, default=0, help="steps with the backbone frozen")
+    training.add_argument("--backbone-lr-scale", type=float, default=None,
+                          help="the backbone's lr relative to --lr (default: the method's recipe)")
+    training.add_argument("--distill-weight", type=float, default=None,
+                          help="weight of the distillation from the original model (default: the method's)")
     training.add_argument("--eval-every", type=int, default=0)
     training.add_argument("--seed", type=int, default=0)
     training.add_argument("--out", default="fxprune_train.pt", help="checkpoint (model, optimiser, step)")
