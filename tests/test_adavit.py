@@ -233,3 +233,17 @@ def test_an_official_checkpoint_loads_its_decision_heads_and_backbone(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(gm(x), adavit_vit(model, gates, x, token_only=(0,)), atol=1e-10, rtol=0)
     assert "untrained" not in str(gm.fxprune_plan)
+
+
+def test_show_draws_each_images_usage_and_reports_it_per_block(tmp_path, capsys):
+    from fxprune.tools.cli import main
+    from fxprune.tools.show import usage
+
+    main(["show", "--policy", "adavit:usage=0.5,init=0.5", "--scenes", "3", "--out", str(tmp_path / "usage.png")])
+    printed = capsys.readouterr().out
+    assert (tmp_path / "usage.png").stat().st_size > 0
+    assert "block 0: 65.0 of 65 rows used per image" in printed  # init 0.5 > logit(0.6): every row used
+    assert "2.0 of 2 heads, attention 100%, MLP 100%" in printed  # sigmoid(0.5) > 0.5: every head and sub-layer
+    model = timm_vit("deit_small_patch16_224")
+    blocks = usage(fxprune.transform(model, AdaViT(0.5, layers=(1, 2))), image_batch(model, batch=3))
+    assert [b.block for b in blocks] == [1, 2] and blocks[0].heads.shape == (3, model.blocks[0].attn.num_heads)

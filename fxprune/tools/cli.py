@@ -107,13 +107,19 @@ def _show(args: argparse.Namespace) -> None:
     from ..pipeline import transform
     from ..policies import parse_policy
     from .search import default_policy
-    from .show import draw_clusters, draw_kept_patches, kept_counts
+    from .show import draw_clusters, draw_kept_patches, draw_usage, kept_counts, usage
 
     model, data, _, _ = _model_and_data(args)
     images = torch.stack([data[i][0] for i in range(args.scenes)])
     labels = [str(data[i][1]) for i in range(args.scenes)]
     policy = parse_policy(args.policy) if args.policy else default_policy(model, example_inputs=(images[:2],))
     reduced = transform(model, policy, example_inputs=(images[:2],))
+    used = usage(reduced, images)
+    if used:
+        print(f"wrote {draw_usage(reduced, images, args.out, labels=labels)}: {policy}")
+        for block in used:
+            print(f"  {block.summary()}")
+        return
     if not any(method_of(part).reduces_tokens for part in policy.policies()):
         print(f"wrote {draw_clusters(reduced, images, args.out, labels=labels)}: {policy}")
         return

@@ -1,5 +1,5 @@
 """Pictures of token reduction: for each reduced block, which image patches its tokens still stand for
-(and, for ClusTR, which patches share a cluster).
+(for ClusTR, which patches share a cluster; for AdaViT, which patches, heads and sub-layers each image uses).
 
 Token sources are tracked the way ToMe's authors do it: a membership matrix ``[B, N, N0]`` (row i: the
 original tokens that token i stands for) goes through every stream operation next to the tokens.
@@ -21,11 +21,16 @@ import torch.fx as fx
 from PIL import Image, ImageDraw
 
 from ..errors import FxPruneError
+from ..methods.adavit import HEADS_KEY, SUBLAYERS_KEY, TOKENS_KEY
 from ..ops import clustered_attention, op_of, padded_cluster_keys_values
 from ..ops.clustering import cluster_assignment, key_weights
 from ..passes.common import Role, tag_of
+from ..passes.learned import collect
 
-__all__ = ["TokenStep", "token_sources", "kept_counts", "draw_kept_patches", "cluster_maps", "draw_clusters"]
+__all__ = [
+    "TokenStep", "token_sources", "kept_counts", "draw_kept_patches", "cluster_maps", "draw_clusters", "BlockUsage",
+    "usage", "draw_usage",
+]
 
 
 @dataclasses.dataclass
@@ -217,3 +222,85 @@ def draw_clusters(
              for row, img in enumerate(images)]
     titles = ["input"] + [f"clusters, block {block}" for block, _ in maps]
     return _save_panels(tiles, titles, "one colour per cluster of keys (first head group)", path, labels)
+
+
+@dataclasses.dataclass
+class BlockUsage:
+    """What one block with usage decisions (AdaViT) uses of each image: its rows ``[B, N]`` (1: used), heads
+    ``[B, H]`` and sub-layers ``[B, 2]`` (attention, MLP; None where the block decides rows only)."""
+
+    block: int
+    name: str
+    rows: torch.Tensor
+    heads: torch.Tensor | None = None
+    sublayers: torch.Tensor | None = None
+
+    def summary(self) -> str:
+        """One line: the mean usage per image (rows also min and max)."""
+        counts = self.rows.sum(dim=1)
+        text = (f"block {self.block}: {counts.mean():.1f} of {self.rows.shape[1]} rows used per image "
+                f"(min {int(counts.min())}, max {int(counts.max())})")
+        if self.heads is not None:
+            attention, mlp = self.sublayers.mean(dim=0).tolist()
+            text += (f", {self.heads.sum(dim=1).mean():.1f} of {self.heads.shape[1]} heads, attention "
+                     f"{100 * attention:.0f}%, MLP {100 * mlp:.0f}% of the images")
+        return text
+
+
+def usage(gm: fx.GraphModule, images: torch.Tensor) -> list[BlockUsage]:
+    """What each block of ``gm`` with usage decisions uses of each of ``images`` (evaluation mode); empty when
+    ``gm`` decides no usage."""
+    training = gm.training
+    with torch.no_grad(), collect() as aux:
+        gm.eval()(images)
+    gm.train(training)
+    index = {row.name: row.index for row in gm.fxprune_plan.rows}
+
+    def of(key: str, name: str) -> torch.Tensor | None:
+        values = aux.get(key + name)
+        return None if values is None else values[-1].float()
+
+    names = [key[len(TOKENS_KEY):] for key in aux if key.startswith(TOKENS_KEY)]
+    return [BlockUsage(index[name], name, of(TOKENS_KEY, name), of(HEADS_KEY, name), of(SUBLAYERS_KEY, name))
+            for name in names]
+
+
+def _usage_tile(image: torch.Tensor, used: BlockUsage, row: int, prefix: int, grid: int, scale: int) -> Image.Image:
+    """``image`` with the patches ``used`` does not use dimmed, over a strip of squares: its heads, then its
+    attention and MLP (green: used, grey: not)."""
+    tile = _tile(image, 2 * used.rows[row, prefix:].long(), grid, scale)
+    if used.heads is None:
+        return tile
+    marks = used.heads[row].tolist() + [None] + used.sublayers[row].tolist()
+    side = max(4, min(tile.width // (len(marks) + 1), tile.width // 10))
+    framed = Image.new("RGB", (tile.width, tile.height + side + 2), "white")
+    framed.paste(tile, (0, 0))
+    draw = ImageDraw.Draw(framed)
+    for position, mark in enumerate(marks):
+        if mark is not None:
+            left = position * side
+            box = (left, tile.height + 2, left + side - 2, tile.height + side)
+            draw.rectangle(box, fill=(40, 170, 60) if mark > 0.5 else (200, 200, 200))
+    return framed
+
+
+def draw_usage(
+    gm: fx.GraphModule, images: torch.Tensor, path: str | Path, labels: list[str] | None = None, scale: int = 3
+) -> Path:
+    """Write a PNG: one row per image, the image and then one panel per block with usage decisions (AdaViT): the
+    patches it does not use dimmed, and under it one square per head, then its attention and MLP."""
+    blocks = usage(gm, images)
+    if not blocks:
+        raise FxPruneError("draw_usage draws the usage decisions of a model transformed with AdaViT")
+    prefix = gm.fxprune_plan.prefix_tokens
+    grid = _grid(blocks[0].rows.shape[1] - prefix)
+    tiles = []
+    for row, image in enumerate(images):
+        panels = [_usage_tile(image, used, row, prefix, grid, scale) for used in blocks]
+        first = _tile(image, None, grid, scale)
+        framed = Image.new("RGB", panels[-1].size, "white")
+        framed.paste(first, (0, 0))
+        tiles.append([framed, *panels])
+    titles = ["input"] + [f"block {used.block}" for used in blocks]
+    legend = "dim: patch not used in that block   squares: its heads, then attention and MLP (green: used)"
+    return _save_panels(tiles, titles, legend, path, labels)
