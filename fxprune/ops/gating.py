@@ -129,14 +129,18 @@ def valid_keys(valid: Tensor) -> Tensor:
     return valid[:, None, None, :]
 
 
-@graph_op()
+def _same_as_residual(residual: Tensor, *layout: Tensor) -> Tensor:
+    return torch.empty_like(residual)
+
+
+@graph_op(worst_case=_same_as_residual)
 def add_used_rows(residual: Tensor, update: Tensor, images: Tensor, index: Tensor, valid: Tensor) -> Tensor:
     """``residual`` ``[B, N, C]`` plus a sub-layer's ``update`` ``[b, K, C]`` computed on the used rows: slot ``k`` of
     image ``i`` adds to row ``index[i, k]`` of image ``images[i]``; slots that are not ``valid`` add nothing."""
-    full = update.new_zeros(update.shape[0], residual.shape[1], update.shape[2])
-    kept = torch.where(valid[..., None], update, 0.0)  # a slot with no valid key holds NaN: dropped, not multiplied
-    full = full.scatter_add(1, index[..., None].expand_as(update), kept)
-    return residual.index_add(0, images, full)
+    tokens = residual.shape[1]
+    slots = (images[:, None] * tokens + index)[valid]  # a slot with no valid key holds NaN: left out, not multiplied
+    summed = residual.reshape(-1, residual.shape[2]).index_add(0, slots, update[valid])
+    return summed.view_as(residual)
 
 
 def _all_heads(per_head: Tensor) -> Tensor:
