@@ -16,6 +16,7 @@ skipping (``skip=True``, eager) and masked (``skip=False``, the official semanti
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 
 import timm
@@ -60,12 +61,16 @@ def force_usage(gm: torch.nn.Module, images: torch.Tensor, usage: float, parts: 
     for head in _decision_heads(gm, "tokens"):  # block after block: a block's input depends on the earlier ones
         head.weight.copy_(torch.randn(head.weight.shape, generator=generator) / math.sqrt(head.weight.shape[1]))
         head.bias.zero_()
-        seen = []
-        hook = head.register_forward_hook(lambda module, args, out: seen.append(out.flatten()))
+        seen: list[torch.Tensor] = []
+        hook = head.register_forward_hook(lambda module, args, out, seen=seen: seen.append(out.flatten()))
         gm(images)
         hook.remove()
         logits = torch.cat(seen)
         head.bias.fill_(threshold - torch.quantile(logits, 1.0 - usage).item())
+
+
+def _run(gm: torch.nn.Module, images: torch.Tensor, one_by_one: bool) -> object:
+    return [gm(image[None]) for image in images] if one_by_one else gm(images)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -100,15 +105,11 @@ def main(argv: list[str] | None = None) -> None:
             masked.load_state_dict(skipping.state_dict())
             macs = per_image_macs(skipping, single)
             cells = []
+            models = {"dense": model, "skipped": skipping, "masked": masked}
             for batch in batches:
-                if batch == 1:
-                    def run(gm, images=single):
-                        return [gm(image[None]) for image in images]
-                else:
-                    def run(gm, images=pool[:batch]):
-                        return gm(images)
-                timing = interleaved({"dense": lambda: run(model), "skipped": lambda: run(skipping),
-                                      "masked": lambda: run(masked)}, repeats=args.repeats)
+                images = single if batch == 1 else pool[:batch]
+                fns = {name: functools.partial(_run, gm, images, batch == 1) for name, gm in models.items()}
+                timing = interleaved(fns, repeats=args.repeats)
                 cells.append(f"{timing.ratio('dense', 'skipped'):.2f}× | {timing.ratio('dense', 'masked'):.2f}×")
             print(f"| {usage:g} | {part} | {100 * macs / dense_macs:.1f} | {dense_macs / macs:.2f}× | "
                   + " | ".join(cells) + " |")
