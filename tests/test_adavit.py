@@ -247,3 +247,18 @@ def test_show_draws_each_images_usage_and_reports_it_per_block(tmp_path, capsys)
     model = timm_vit("deit_small_patch16_224")
     blocks = usage(fxprune.transform(model, AdaViT(0.5, layers=(1, 2))), image_batch(model, batch=3))
     assert [b.block for b in blocks] == [1, 2] and blocks[0].heads.shape == (3, model.blocks[0].attn.num_heads)
+
+
+def test_unused_heads_are_not_computed_in_the_projections_around_the_attention():
+    model = _model()
+    masked, skipping = _masked_and_skipping(model, init_logit=20.0)  # everything used, then half the heads
+    with torch.no_grad():
+        for gm in (masked, skipping):
+            for name, head in gm.named_modules():
+                if name.endswith(".heads"):
+                    head.bias.copy_(torch.tensor([20.0, -20.0] * (head.bias.numel() // 2)))
+    x = image_batch(model, batch=2, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(skipping(x), masked(x), atol=1e-10, rtol=0)
+    # q, k, v, the output projection, the attention products and the MLP's first layer run on half the heads
+    assert fxprune.flops(skipping, x[:1]) < 0.8 * fxprune.flops(masked, x[:1])  # 0.99 with the attention alone

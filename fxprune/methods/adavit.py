@@ -27,6 +27,7 @@ and evaluation graphs; the values each block decides are emitted (:data:`HEADS_K
 from __future__ import annotations
 
 import dataclasses
+import functools
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -44,6 +45,9 @@ from ..ops.gating import (
     gumbel_gate,
     head_gate,
     place_heads,
+    project_from_heads,
+    project_head_channels,
+    project_heads,
     select_heads,
     sublayer_gate,
     threshold_gate,
@@ -55,6 +59,7 @@ from ..ops.gating import (
 )
 from ..ops.scoring import with_attn_mask
 from ..passes.common import Rewrite, Role, insert_call, tag_of
+from ..passes.heads import HeadLayout, has_parameters, head_layout, is_linear, linear_parameters
 from ..passes.learned import emit, insert_module
 from ..passes.skipping import ancestors, run_on_used, sublayer_nodes, unpack
 from ..policies import Policy, check_flag, check_layers, option, parse_flag, parse_layers, parse_number, parse_text
@@ -133,12 +138,6 @@ class BlockParts:
     mlp_input: fx.Node
 
 
-def _is_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), nn.Linear)
-    return node.op == "call_function" and node.target is nn.functional.linear
-
-
 def _branch(add: fx.Node, residual: fx.Node) -> fx.Node | None:
     """The operand of the residual ``add`` that is not ``residual``."""
     others = [arg for arg in add.args[:2] if arg is not residual]
@@ -157,7 +156,7 @@ def block_parts(gm: fx.GraphModule, program: TokenProgram, block: Block, what: s
     if any(shape is None or len(shape) != 4 or shape[1] != site.num_heads for shape in shapes):
         raise refuse("its keys and values are not one per query head")
     q_linear = site.q
-    while q_linear is not None and not _is_linear(gm, q_linear):
+    while q_linear is not None and not is_linear(gm, q_linear):
         q_linear = next((a for a in q_linear.args if isinstance(a, fx.Node)), None)
     if q_linear is None:
         raise refuse("no linear layer makes its queries")
@@ -174,7 +173,7 @@ def block_parts(gm: fx.GraphModule, program: TokenProgram, block: Block, what: s
             if user is mlp_add or user in seen:
                 continue
             seen.add(user)
-            (linears.add if _is_linear(gm, user) else todo.append)(user)
+            (linears.add if is_linear(gm, user) else todo.append)(user)
     inputs = {node.args[0] for node in linears}
     if len(inputs) != 1:
         raise refuse("its MLP does not start with linear layers on one input")
@@ -249,7 +248,7 @@ def _gate_heads(gm: fx.GraphModule, block: Block, parts: BlockParts, decisions: 
     for name, node in (("q", site.q), ("k", site.k), ("v", site.v), ("heads", site.output)):
         _multiply(gm, block, node, decisions.per_head, f"gated_{name}")
     _multiply(gm, block, parts.mlp_input, decisions.channels, "gated_mlp_input",
-              users=lambda u: _is_linear(gm, u) and u.args[0] is parts.mlp_input)
+              users=lambda u: is_linear(gm, u) and u.args[0] is parts.mlp_input)
 
 
 def _set_attention_mask(gm: fx.GraphModule, block: Block, mask: fx.Node) -> None:
@@ -306,6 +305,42 @@ def _select_used_heads(gm: fx.GraphModule, block: Block, per_head: fx.Node) -> f
     return heads
 
 
+def _slice_used_heads(gm: fx.GraphModule, block: Block, parts: BlockParts, decisions: Decisions,
+                      layout: HeadLayout, after: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
+    """Compute q, k, v, the output projection and the MLP's first layer for the heads some image uses only, from
+    those rows and columns of their weights; each image's unused heads among them still give zeros. Returns the
+    used heads' node and the per-image factors the sub-layers read. The projections come after ``after``."""
+    site, head_dim = block.attention, block.attention.head_dim
+    used = insert_call(gm, decisions.channels, used_heads, (decisions.per_head,), {}, block, "used_heads")
+    chosen = insert_call(gm, used, select_heads, (decisions.heads, used), {}, block, "chosen_heads")
+    factor = insert_call(gm, chosen, head_gate, (chosen,), {}, block, "used_head_factor")
+    channels = insert_call(gm, factor, channel_gate, (chosen, head_dim), {}, block, "used_channel_factor")
+    for name, (linear, numbers), old in zip("qkv", layout.inputs, site.node.args[:3]):
+        weight, bias = linear_parameters(gm, linear)
+        source = linear.args[0]
+        projected = insert_call(gm, max(source, channels, after, key=_order(gm)), project_heads,
+                                (source, weight, bias, numbers, used), {}, block, f"used_{name}")
+        site.node.replace_input_with(old, _multiply(gm, block, projected, factor, f"gated_{name}"))
+    projection, columns = layout.output
+    weight, bias = linear_parameters(gm, projection)
+    gated = insert_call(gm, site.node, operator.mul, (site.node, factor), {}, block, "gated_heads")
+    output = insert_call(gm, gated, project_from_heads, (gated, weight, bias, columns, used), {}, block,
+                         "used_projection")
+    projection.replace_all_uses_with(output)
+    factors = [factor, channels]
+    for first in [user for user in parts.mlp_input.users if is_linear(gm, user)]:
+        if not has_parameters(gm, first):  # its weight is computed: zero the channels instead
+            _multiply(gm, block, parts.mlp_input, decisions.channels, "gated_mlp_input",
+                      users=functools.partial(operator.is_, first))
+            factors.append(decisions.channels)
+            continue
+        weight, bias = linear_parameters(gm, first)
+        sliced = insert_call(gm, first, project_head_channels, (parts.mlp_input, weight, bias, used, head_dim,
+                             channels), {}, block, "used_mlp_input")
+        first.replace_all_uses_with(sliced, delete_user_cb=functools.partial(operator.is_not, sliced))
+    return used, factors
+
+
 def _after_sized_stream(gm: fx.GraphModule, block: Block) -> bool:
     """Whether a block before ``block`` gives rows sizes (merges or pads tokens)."""
     return any(
@@ -329,21 +364,26 @@ def skip_unused(gm: fx.GraphModule, program: TokenProgram, block: Block, parts: 
     ready: set[fx.Node] = set()
     head_inputs: dict[fx.Node, tuple[int, ...]] = {}
     images, index, valid = _used_layout(gm, block, decisions, 0, "attention")
-    decided = [images, index, valid]
     if decisions.heads is not None:
-        _gate_heads(gm, block, parts, decisions)
-        if site.kind == "sdpa":
-            ready.add(_select_used_heads(gm, block, decisions.per_head))
-        head_inputs = {decisions.per_head: (), decisions.channels: ()}
-        decided += [decisions.per_head, decisions.channels]
+        layout = head_layout(gm, block)
+        if layout is None:
+            _gate_heads(gm, block, parts, decisions)
+            if site.kind == "sdpa":
+                ready.add(_select_used_heads(gm, block, decisions.per_head))
+            head_inputs = {decisions.per_head: (), decisions.channels: ()}
+        else:
+            used, factors = _slice_used_heads(gm, block, parts, decisions, layout, after=valid)
+            ready.add(used)
+            head_inputs = dict.fromkeys(factors, ())
     keys = insert_call(gm, valid, valid_keys, (valid,), {}, block, "valid_keys")
     _set_attention_mask(gm, block, keys)
-    nodes = sublayer_nodes(gm, parts.attention_input, parts.attention_branch, ancestors(decided))
+    decided = ancestors([images, index, valid, *ready, *head_inputs])
+    nodes = sublayer_nodes(gm, parts.attention_input, parts.attention_branch, decided)
     mid = run_on_used(gm, block, nodes, parts.attention_input, block.mid, images, index, valid,
                       {**per_image, **head_inputs}, ready | {index, valid, keys}, program.batch, "attention")
     images, index, valid = _used_layout(gm, block, decisions, 1, "mlp")
-    nodes = sublayer_nodes(gm, mid, parts.mlp_branch, ancestors([images, index, valid]))
-    run_on_used(gm, block, nodes, mid, parts.mlp_add, images, index, valid, head_inputs, {index, valid},
+    nodes = sublayer_nodes(gm, mid, parts.mlp_branch, ancestors([images, index, valid, *ready, *head_inputs]))
+    run_on_used(gm, block, nodes, mid, parts.mlp_add, images, index, valid, head_inputs, ready | {index, valid},
                 program.batch, "mlp")
 
 

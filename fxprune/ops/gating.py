@@ -164,3 +164,33 @@ def place_heads(x: Tensor, heads: Tensor, num_heads: int) -> Tensor:
     """``x`` ``[b, h, N, d]`` written at the heads ``heads`` of ``[b, num_heads, N, d]`` zeros."""
     full = x.new_zeros(x.shape[0], num_heads, *x.shape[2:])
     return full.index_copy(1, heads, x)
+
+
+@graph_op()
+def project_heads(x: Tensor, weight: Tensor, bias: Tensor | None, channels: list[list[int]], heads: Tensor) -> Tensor:
+    """The heads ``heads`` ``[h]`` of a linear layer's output, computed alone: ``x`` ``[B, N, C]``, the layer's
+    ``weight``/``bias``, ``channels[head]`` its output channels for each element of a head: ``[B, h, N, d]``."""
+    rows = torch.tensor(channels, device=x.device).index_select(0, heads).flatten()
+    out = torch.nn.functional.linear(x, weight.index_select(0, rows), None if bias is None else bias[rows])
+    return out.view(x.shape[0], x.shape[1], heads.shape[0], len(channels[0])).transpose(1, 2)
+
+
+@graph_op()
+def project_from_heads(
+    x: Tensor, weight: Tensor, bias: Tensor | None, columns: list[list[int]], heads: Tensor
+) -> Tensor:
+    """A linear layer on the heads ``heads`` ``[h]`` of ``x`` ``[B, h, N, d]`` alone (the others' inputs are zero):
+    ``columns[head]`` its input channels for each element of a head: ``[B, N, out]``."""
+    cols = torch.tensor(columns, device=x.device).index_select(0, heads).flatten()
+    joined = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], cols.shape[0])
+    return torch.nn.functional.linear(joined, weight.index_select(1, cols), bias)
+
+
+@graph_op()
+def project_head_channels(
+    x: Tensor, weight: Tensor, bias: Tensor | None, heads: Tensor, head_dim: int, factor: Tensor
+) -> Tensor:
+    """A linear layer on the channels of the heads ``heads`` ``[h]`` of ``x`` ``[B, N, H·d]`` alone (the others'
+    are zero), each image's channels times ``factor`` ``[B, 1, h·d]``: ``[B, N, out]``."""
+    cols = (heads[:, None] * head_dim + torch.arange(head_dim, device=x.device)).flatten()
+    return torch.nn.functional.linear(x.index_select(2, cols) * factor, weight.index_select(1, cols), bias)
