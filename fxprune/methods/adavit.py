@@ -487,7 +487,7 @@ def _loss(teacher: nn.Module, policy: AdaViT, distill_weight: float | None, exam
 
 
 register_method(
-    "adavit", AdaViT, needs_class_token=True, reduces_tokens=False,
+    "adavit", AdaViT, needs_class_token=True, reduces_tokens=False, adaptive=True,
     learned=Learned(_decision_heads, gate_for_training, weights=weights_file, translate=official_heads,
                     loss=_loss, backbone_lr_scale=1.0),
     identity=lambda layers: AdaViT(1.0, layers, init_logit=20.0),

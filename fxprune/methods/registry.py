@@ -93,6 +93,8 @@ class Method:
     ``needs_class_token``: it scores tokens by class attention. ``needs_keys``: it reads the attention keys.
     ``reduces_tokens``: it changes the token rows (False: ClusTR, which changes the attention only).
     ``pads_tokens``: images keep different numbers of rows, padded to a common length (size 0).
+    ``adaptive``: what an image costs depends on the image (AdaViT's usage; implied by ``pads_tokens``), so MACs
+    per image are counted one image at a time.
     ``carries_sizes``: its stream function is sized (``(tokens, sizes)``), which starts the sizes channel.
     ``proportional(policy)``: whether the sizes it carries weight later attention by ``log(size)``.
     ``refuse(policy, block)``: why it cannot rewrite a block (beyond the plan's model-wide checks), or None.
@@ -110,6 +112,7 @@ class Method:
     needs_keys: bool = False
     reduces_tokens: bool = True
     pads_tokens: bool = False
+    adaptive: bool = False
     carries_sizes: bool = False
     proportional: Callable[[Policy], bool] | None = None
     refuse: Callable[[Policy, Block], str | None] | None = None
@@ -118,6 +121,12 @@ class Method:
     learned: Learned | None = None
     identity: Callable[[tuple[int, ...]], Policy] | None = None
     example: Callable[[tuple[int, ...]], Policy] | None = None
+
+
+    @property
+    def cost_per_image(self) -> bool:
+        """Whether what an image costs depends on the image (``adaptive`` or ``pads_tokens``)."""
+        return self.adaptive or self.pads_tokens
 
 
 _METHODS: dict[str, Method] = {}

@@ -111,9 +111,9 @@ def per_image_macs(model: nn.Module, images: Tensor, progress: str | None = None
     return counter.total / len(images)
 
 
-def _pads(policy: Policy | Compose | None) -> bool:
-    """Whether ``policy`` keeps a different number of tokens per image (its batches hold padding)."""
-    return policy is not None and any(method_of(part).pads_tokens for part in policy.policies())
+def _per_image(policy: Policy | Compose | None) -> bool:
+    """Whether what an image costs under ``policy`` depends on the image (counted one image at a time)."""
+    return policy is not None and any(method_of(part).cost_per_image for part in policy.policies())
 
 
 def _describe(policy: Policy | Compose) -> str:
@@ -149,11 +149,11 @@ def run(
     for policy in policies:
         models[_describe(policy)] = (transform(model, policy, example_inputs=(example,)), policy)
     rows, dense = [], None
-    padding = any(_pads(policy) for _, policy in models.values())
+    padding = any(_per_image(policy) for _, policy in models.values())
     images = torch.cat([x for x, _ in loader]) if padding else None  # run one by one for their MACs
     for name, (candidate, policy) in models.items():
         logits, labels, macs = predict(candidate, loader, progress=name if progress and rank == 0 else None)
-        if _pads(policy):
+        if _per_image(policy):
             macs = per_image_macs(candidate, images, progress=f"{name}: MACs per image" if progress else None)
         shares = gather_over_processes((logits, labels, macs * len(labels)), world)
         logits, labels = torch.cat([s[0] for s in shares]), torch.cat([s[1] for s in shares])
