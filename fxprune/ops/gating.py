@@ -9,6 +9,7 @@ only to itself, and gets no update from the block.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -166,31 +167,60 @@ def place_heads(x: Tensor, heads: Tensor, num_heads: int) -> Tensor:
     return full.index_copy(1, heads, x)
 
 
+@functools.lru_cache(maxsize=256)
+def _one_range(channels: tuple[tuple[int, ...], ...]) -> int | None:
+    """The first of ``channels`` ``[H][d]`` when all of them, in order, are one range, else None."""
+    flat = [channel for head in channels for channel in head]
+    return flat[0] if flat == list(range(flat[0], flat[0] + len(flat))) else None
+
+
+def _rows_of(channels: tuple[tuple[int, ...], ...], heads: Tensor) -> tuple[Tensor | None, int | None]:
+    """The channels of ``heads`` ``[h]`` (None when every head is used and they are one range, from the returned
+    start: a slice, no copy)."""
+    start = _one_range(channels)
+    if start is not None and heads.shape[0] == len(channels):
+        return None, start
+    return torch.tensor(channels, device=heads.device).index_select(0, heads).flatten(), None
+
+
 @graph_op()
-def project_heads(x: Tensor, weight: Tensor, bias: Tensor | None, channels: list[list[int]], heads: Tensor) -> Tensor:
+def project_heads(
+    x: Tensor, weight: Tensor, bias: Tensor | None, channels: tuple[tuple[int, ...], ...], heads: Tensor
+) -> Tensor:
     """The heads ``heads`` ``[h]`` of a linear layer's output, computed alone: ``x`` ``[B, N, C]``, the layer's
     ``weight``/``bias``, ``channels[head]`` its output channels for each element of a head: ``[B, h, N, d]``."""
-    rows = torch.tensor(channels, device=x.device).index_select(0, heads).flatten()
-    out = torch.nn.functional.linear(x, weight.index_select(0, rows), None if bias is None else bias[rows])
+    rows, start = _rows_of(channels, heads)
+    if rows is None:
+        width = len(channels) * len(channels[0])
+        weight, bias = weight.narrow(0, start, width), None if bias is None else bias.narrow(0, start, width)
+    else:
+        weight, bias = weight.index_select(0, rows), None if bias is None else bias.index_select(0, rows)
+    out = torch.nn.functional.linear(x, weight, bias)
     return out.view(x.shape[0], x.shape[1], heads.shape[0], len(channels[0])).transpose(1, 2)
 
 
 @graph_op()
 def project_from_heads(
-    x: Tensor, weight: Tensor, bias: Tensor | None, columns: list[list[int]], heads: Tensor
+    x: Tensor, weight: Tensor, bias: Tensor | None, columns: tuple[tuple[int, ...], ...], heads: Tensor
 ) -> Tensor:
     """A linear layer on the heads ``heads`` ``[h]`` of ``x`` ``[B, h, N, d]`` alone (the others' inputs are zero):
     ``columns[head]`` its input channels for each element of a head: ``[B, N, out]``."""
-    cols = torch.tensor(columns, device=x.device).index_select(0, heads).flatten()
-    joined = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], cols.shape[0])
-    return torch.nn.functional.linear(joined, weight.index_select(1, cols), bias)
+    cols, start = _rows_of(columns, heads)
+    joined = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], x.shape[1] * x.shape[3])
+    if cols is None:
+        weight = weight.narrow(1, start, joined.shape[2])
+    else:
+        weight = weight.index_select(1, cols)
+    return torch.nn.functional.linear(joined, weight, bias)
 
 
 @graph_op()
 def project_head_channels(
     x: Tensor, weight: Tensor, bias: Tensor | None, heads: Tensor, head_dim: int, factor: Tensor
 ) -> Tensor:
-    """A linear layer on the channels of the heads ``heads`` ``[h]`` of ``x`` ``[B, N, H·d]`` alone (the others'
+    """A linear layer on the channels of the heads ``heads`` ``[h]`` of ``x`` ``[B, N, H·d]`` alone (the others
     are zero), each image's channels times ``factor`` ``[B, 1, h·d]``: ``[B, N, out]``."""
+    if heads.shape[0] * head_dim == x.shape[2]:
+        return torch.nn.functional.linear(x * factor, weight, bias)
     cols = (heads[:, None] * head_dim + torch.arange(head_dim, device=x.device)).flatten()
     return torch.nn.functional.linear(x.index_select(2, cols) * factor, weight.index_select(1, cols), bias)

@@ -26,8 +26,8 @@ class HeadLayout:
     """``inputs``: for q, k and v, the linear node that makes it and its output channel of each head's elements
     (``[H][d]``); ``output``: the output projection's linear node and its input channel of each head's elements."""
 
-    inputs: tuple[tuple[fx.Node, list[list[int]]], ...]
-    output: tuple[fx.Node, list[list[int]]]
+    inputs: tuple[tuple[fx.Node, tuple[tuple[int, ...], ...]], ...]
+    output: tuple[fx.Node, tuple[tuple[int, ...], ...]]
 
 
 def is_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -115,7 +115,7 @@ def _carry(gm: fx.GraphModule, start: fx.Node, stop: fx.Node, numbers: torch.Ten
     return result if isinstance(result, torch.Tensor) else None
 
 
-def _per_head(numbers: torch.Tensor | None, heads: int) -> list[list[int]] | None:
+def _per_head(numbers: torch.Tensor | None, heads: int) -> tuple[tuple[int, ...], ...] | None:
     """``numbers`` ``[B, H, N, d]`` as ``[H][d]`` ints, when they are whole, distinct, and the same for every
     image and token."""
     if numbers is None or numbers.dim() != 4 or numbers.shape[1] != heads:
@@ -123,7 +123,7 @@ def _per_head(numbers: torch.Tensor | None, heads: int) -> list[list[int]] | Non
     first = numbers[:1, :, :1]
     if not (numbers == first).all() or not (first == first.round()).all() or first.unique().numel() != first.numel():
         return None
-    return first[0, :, 0].long().tolist()
+    return _table(first[0, :, 0])
 
 
 def _producer(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
@@ -165,4 +165,9 @@ def head_layout(gm: fx.GraphModule, block: Block) -> HeadLayout | None:
         return None
     columns = torch.empty(shape[1] * shape[3], dtype=torch.long)
     columns[first[0, 0].long()] = torch.arange(first.numel())
-    return HeadLayout(tuple(inputs), (projection, columns.view(shape[1], shape[3]).tolist()))
+    return HeadLayout(tuple(inputs), (projection, _table(columns.view(shape[1], shape[3]))))
+
+
+def _table(numbers: torch.Tensor) -> tuple[tuple[int, ...], ...]:
+    """``[H, d]`` whole numbers as nested tuples (a literal of the graph)."""
+    return tuple(tuple(int(v) for v in row) for row in numbers.tolist())
