@@ -262,3 +262,17 @@ def test_unused_heads_are_not_computed_in_the_projections_around_the_attention()
         torch.testing.assert_close(skipping(x), masked(x), atol=1e-10, rtol=0)
     # q, k, v, the output projection, the attention products and the MLP's first layer run on half the heads
     assert fxprune.flops(skipping, x[:1]) < 0.8 * fxprune.flops(masked, x[:1])  # 0.99 with the attention alone
+
+
+def test_fxprune_train_fine_tunes_adavit_and_reports_its_usage(capsys, tmp_path):
+    from fxprune.tools.cli import main
+    from fxprune.tools.models import digits_vit
+
+    weights = tmp_path / "adavit.pt"
+    code = main(["train", "--policy", "adavit:usage=0.5,init=3", "--steps", "2", "--batch", "8", "--train-images",
+                 "32", "--images", "16", "--out", str(tmp_path / "ckpt.pt"), "--weights-out", str(weights),
+                 "--backbone-lr-scale", "0.1"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "rows used per image" in printed and "heads, attention" in printed
+    loaded = fxprune.transform(digits_vit(), AdaViT(0.5, weights=str(weights)))
+    assert "untrained" not in str(loaded.fxprune_plan)

@@ -132,6 +132,7 @@ def _train(args: argparse.Namespace) -> None:
     from ..passes.learned import learned_state_dict, save_weights
     from ..policies import parse_policy
     from .datasets import DigitScenes
+    from .show import usage
     from .train import TrainConfig, train
 
     model, data, model_name, _ = _model_and_data(args)
@@ -147,6 +148,9 @@ def _train(args: argparse.Namespace) -> None:
           f"loss {result.losses[0]:.3f} → {result.losses[-1]:.3f}")
     for step, accuracy in result.evaluations:
         print(f"  step {step}: top-1 {100 * accuracy:.2f}% on {len(data)} evaluation images")
+    images = torch.stack([data[i][0] for i in range(min(len(data), 200))])
+    for block in usage(result.model, images):
+        print(f"  {block.summary()} (on {len(images)} evaluation images)")
     if learned_state_dict(result.model) and args.weights_out:
         path = save_weights(result.model, args.weights_out, backbone=True)
         print(f"wrote {path}: the learned parts and the fine-tuned backbone (load with the policy's weights=)")
