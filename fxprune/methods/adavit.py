@@ -58,10 +58,10 @@ from ..ops.gating import (
     valid_keys,
 )
 from ..ops.scoring import with_attn_mask
-from ..passes.common import Rewrite, Role, insert_call, tag_of
+from ..passes.common import Rewrite, Role, ancestors, insert_call, tag_of
 from ..passes.heads import HeadLayout, has_parameters, head_layout, is_linear, linear_parameters
 from ..passes.learned import emit, insert_module
-from ..passes.skipping import ancestors, run_on_used, sublayer_nodes, unpack
+from ..passes.skipping import run_on_used, sublayer_nodes, unpack
 from ..policies import Policy, check_flag, check_layers, option, parse_flag, parse_layers, parse_number, parse_text
 from ..tools.weights import SHIPPED, shipped
 from .registry import Learned, register_method

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch.fx as fx
@@ -173,15 +173,39 @@ def select_queries(gm: fx.GraphModule, block: Block, rows: fx.Node) -> fx.Node:
     return residual
 
 
+def reachable(starts: Iterable[fx.Node], step: Callable[[fx.Node], Iterable[fx.Node]],
+              stop: fx.Node | None = None) -> set[fx.Node]:
+    """``starts`` and every node reached from them by ``step`` (e.g. a node's users), not going past ``stop``."""
+    seen, todo = set(), list(starts)
+    while todo:
+        node = todo.pop()
+        if node not in seen and node is not stop:
+            seen.add(node)
+            todo.extend(step(node))
+    return seen
+
+
+def ancestors(nodes: Iterable[fx.Node]) -> set[fx.Node]:
+    """``nodes`` and every node they are computed from."""
+    return reachable(nodes, lambda node: node.all_input_nodes)
+
+
+def descendants(node: fx.Node) -> set[fx.Node]:
+    """Every node computed from ``node`` (not ``node`` itself)."""
+    return reachable(node.users, lambda user: user.users)
+
+
+def between(gm: fx.GraphModule, start: fx.Node, stop: fx.Node) -> list[fx.Node]:
+    """The nodes computed from ``start`` on the way to ``stop`` (``stop`` included, ``start`` not), in graph
+    order."""
+    inside = descendants(start) & ancestors([stop])
+    return [node for node in gm.graph.nodes if node in inside]
+
+
 def _resize_token_axis(gm: fx.GraphModule, start: fx.Node, stop: fx.Node, tokens: int, kept: fx.Node) -> None:
     """Make the reshapes between the attention ``start`` and ``stop`` that use a token count fixed before
     the attention (a shape read or a literal equal to ``tokens``) use ``kept`` (the kept queries)."""
-    downstream, todo = set(), [start]
-    while todo:
-        node = todo.pop()
-        if node not in downstream and node is not stop:
-            downstream.add(node)
-            todo.extend(node.users)
+    downstream = reachable([start], lambda node: node.users, stop)
     for node in downstream:
         if node.op != "call_method" or node.target not in _RESHAPES:
             continue

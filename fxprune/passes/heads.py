@@ -17,6 +17,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..analysis import Block
+from .common import between
 
 __all__ = ["HeadLayout", "head_layout", "is_linear", "has_parameters", "linear_parameters"]
 
@@ -66,23 +67,6 @@ def linear_parameters(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, fx.No
         return gm.graph.get_attr(weight), None if bias is None else gm.graph.get_attr(bias)
 
 
-def _between(gm: fx.GraphModule, start: fx.Node, stop: fx.Node) -> list[fx.Node]:
-    """The nodes computed from ``start`` on the way to ``stop`` (``stop`` included), in graph order."""
-    after, todo = set(), list(start.users)
-    while todo:
-        node = todo.pop()
-        if node not in after:
-            after.add(node)
-            todo.extend(node.users)
-    before, todo = set(), [stop]
-    while todo:
-        node = todo.pop()
-        if node not in before and node is not start:
-            before.add(node)
-            todo.extend(node.all_input_nodes)
-    return [node for node in gm.graph.nodes if node in after and node in before]
-
-
 def _carry(gm: fx.GraphModule, start: fx.Node, stop: fx.Node, numbers: torch.Tensor) -> torch.Tensor | None:
     """``stop``'s value when ``start`` holds ``numbers`` and the nodes between them run on it; None when one reads
     another tensor or is a module other than a no-op."""
@@ -97,7 +81,7 @@ def _carry(gm: fx.GraphModule, start: fx.Node, stop: fx.Node, numbers: torch.Ten
         return known
 
     try:
-        for node in _between(gm, start, stop):
+        for node in between(gm, start, stop):
             args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
             if node.op == "call_module":
                 if not isinstance(gm.get_submodule(node.target), (nn.Identity, nn.Dropout)):

@@ -17,46 +17,21 @@ import torch.fx as fx
 from ..analysis import Block
 from ..errors import UnsupportedModelError
 from ..ops.gating import add_used_rows, batch_rows, take_rows
-from .common import insert_call
+from .common import between, insert_call, reachable
 
-__all__ = ["sublayer_nodes", "ancestors", "run_on_used", "unpack"]
+__all__ = ["sublayer_nodes", "run_on_used", "unpack"]
 
 _SHAPED = ("reshape", "view", "expand")
-
-
-def ancestors(nodes: list[fx.Node]) -> set[fx.Node]:
-    """``nodes`` and every node they are computed from."""
-    seen, todo = set(), list(nodes)
-    while todo:
-        node = todo.pop()
-        if node not in seen:
-            seen.add(node)
-            todo.extend(node.all_input_nodes)
-    return seen
-
-
-def _descendants(node: fx.Node) -> set[fx.Node]:
-    seen, todo = set(), list(node.users)
-    while todo:
-        user = todo.pop()
-        if user not in seen:
-            seen.add(user)
-            todo.extend(user.users)
-    return seen
 
 
 def sublayer_nodes(gm: fx.GraphModule, entry: fx.Node, exit: fx.Node, outside: set[fx.Node]) -> list[fx.Node]:
     """The nodes computed from ``entry`` on the way to ``exit`` (``exit`` included, ``entry`` not) that are not in
     ``outside``, in graph order."""
-    inside = _descendants(entry) & ancestors([exit])
-    return [node for node in gm.graph.nodes if node in inside and node not in outside]
+    return [node for node in between(gm, entry, exit) if node not in outside]
 
 
 def _computed_from_inputs(gm: fx.GraphModule) -> set[fx.Node]:
-    found: set[fx.Node] = set()
-    for placeholder in gm.graph.find_nodes(op="placeholder"):
-        found |= _descendants(placeholder)
-    return found
+    return reachable(gm.graph.find_nodes(op="placeholder"), lambda node: node.users)
 
 
 def _is_data(node: fx.Node, computed: set[fx.Node]) -> bool:
