@@ -10,7 +10,8 @@ the 0.6 threshold, block after block), the rest all used: the usage a trained po
 Executed MACs are counted per image, each image alone (``fxprune.tools.bench.per_image_macs``). Times: each
 callable runs the same images (``--images`` of them: one by one at batch 1, as one batch otherwise); dense,
 skipping (``skip=True``, eager) and masked (``skip=False``, the official semantics) interleaved, medians of
-``--repeats`` rounds, reported as ratios to dense.
+``--repeats`` rounds, reported as ratios to dense. With ``--compile``, the masked graph compiled by
+``fxprune.lower`` against dense compiled (the skipping graph has data-dependent shapes and does not compile).
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", default="1,32")
     parser.add_argument("--images", type=int, default=8, help="images timed one by one at batch 1")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the masked graph compiled (fxprune.lower) against dense compiled")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     model = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
@@ -87,14 +90,15 @@ def main(argv: list[str] | None = None) -> None:
     pool = torch.randn(max(batches + [args.images]), 3, 224, 224)
     single = pool[: args.images]
     print(f"Command: `python benchmarks/adavit_speed.py --usages {args.usages} --parts {args.parts} "
-          f"--batches {args.batches}`  ")
+          f"--batches {args.batches}" + (" --compile" if args.compile else "") + "`  ")
     print(f"Machine: {machine()}  ")
     print(f"deit_small_patch16_224 (random weights), AdaViT at the official blocks with its decision heads set to "
           f"the usage shown; {args.images} images at batch 1, medians of {args.repeats} interleaved rounds.\n")
+    compiled = " | batch {b}, masked compiled" if args.compile else ""
     header = "| usage | of | executed MACs (% of dense) | MAC ratio | " + " | ".join(
-        f"speed ratio, batch {b}, skipped | batch {b}, masked" for b in batches) + " |"
+        f"speed ratio, batch {b}, skipped | batch {b}, masked" + compiled.format(b=b) for b in batches) + " |"
     print(header)
-    print("|---|---|---|---|" + "---|---|" * len(batches))
+    print("|---|---|---|---|" + ("---|---|---|" if args.compile else "---|---|") * len(batches))
     dense_macs = per_image_macs(model, single)
     for usage in (float(u) for u in args.usages.split(",")):
         for part in args.parts.split(","):
@@ -106,11 +110,15 @@ def main(argv: list[str] | None = None) -> None:
             macs = per_image_macs(skipping, single)
             cells = []
             models = {"dense": model, "skipped": skipping, "masked": masked}
+            if args.compile:
+                models.update({"dense compiled": fxprune.lower(model), "masked compiled": fxprune.lower(masked)})
             for batch in batches:
                 images = single if batch == 1 else pool[:batch]
                 fns = {name: functools.partial(_run, gm, images, batch == 1) for name, gm in models.items()}
                 timing = interleaved(fns, repeats=args.repeats)
                 cells.append(f"{timing.ratio('dense', 'skipped'):.2f}× | {timing.ratio('dense', 'masked'):.2f}×")
+                if args.compile:
+                    cells.append(f"{timing.ratio('dense compiled', 'masked compiled'):.2f}×")
             print(f"| {usage:g} | {part} | {100 * macs / dense_macs:.1f} | {dense_macs / macs:.2f}× | "
                   + " | ".join(cells) + " |")
 
