@@ -62,7 +62,8 @@ def test_every_policy_takes_ranges_of_layers(name):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("adavit:keep=0.7", "unknown policy"),
+        ("vit:keep=0.7", "unknown policy"),
+        ("adavit:keep=0.7", "adavit: unknown option .keep.; known: usage"),
         ("dynamicvit:keep=0.7", "dynamicvit needs layers="),
         ("evit:speed=2", "unknown option"),
         ("evit:keep=x,layers=1", "bad value"),
