@@ -44,6 +44,7 @@ from ..ops.gating import (
     combine_masks,
     gumbel_gate,
     head_gate,
+    mask_logits,
     place_heads,
     project_from_heads,
     project_head_channels,
@@ -57,7 +58,6 @@ from ..ops.gating import (
     used_layout,
     valid_keys,
 )
-from ..ops.scoring import with_attn_mask
 from ..passes.common import Rewrite, Role, ancestors, insert_call, tag_of
 from ..passes.heads import HeadLayout, has_parameters, head_layout, is_linear, linear_parameters
 from ..passes.learned import emit, insert_module
@@ -263,7 +263,7 @@ def _set_attention_mask(gm: fx.GraphModule, block: Block, mask: fx.Node) -> None
             site.node.update_kwarg("attn_mask", combined)
         return
     logits = site.node.args[0]
-    masked = insert_call(gm, max(logits, mask, key=_order(gm)), with_attn_mask, (logits, mask), {}, block,
+    masked = insert_call(gm, max(logits, mask, key=_order(gm)), mask_logits, (logits, mask), {}, block,
                          "masked_logits")
     site.node.replace_input_with(logits, masked)
 

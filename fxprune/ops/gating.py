@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .registry import graph_op
+from .scoring import with_attn_mask
 
 
 @graph_op()
@@ -64,13 +65,19 @@ def usage_mask(rows: Tensor) -> Tensor:
 
 
 @graph_op()
-def combine_masks(first: Tensor | None, second: Tensor) -> Tensor:
-    """One SDPA mask applying both ``first`` (boolean or additive; None: none) and the boolean ``second``."""
-    if first is None:
-        return second
+def combine_masks(first: Tensor | None, second: Tensor | None) -> Tensor | None:
+    """One SDPA mask applying both ``first`` (boolean or additive) and the boolean ``second`` (None: no mask)."""
+    if first is None or second is None:
+        return second if first is None else first
     if first.dtype == torch.bool:
         return first & second
     return first.masked_fill(~second, float("-inf"))
+
+
+@graph_op()
+def mask_logits(logits: Tensor, mask: Tensor | None) -> Tensor:
+    """Attention ``logits`` ``[B, H, N, N]`` with the boolean ``mask`` applied (False → −inf; None: as they are)."""
+    return logits if mask is None else with_attn_mask(logits, mask)
 
 
 @graph_op()
@@ -80,26 +87,30 @@ def sublayer_gate(tokens: Tensor, layers: Tensor, which: int) -> Tensor:
     return tokens * layers[:, which, None, None]
 
 
-def _every_row(rows: Tensor, sublayers: Tensor | None, which: int) -> tuple[Tensor, Tensor, Tensor]:
-    images = torch.arange(rows.shape[0], device=rows.device)
-    index = torch.arange(rows.shape[1], device=rows.device).expand(rows.shape[0], -1)
-    return images, index, torch.ones_like(index, dtype=torch.bool)
+def _every_row(rows: Tensor, sublayers: Tensor | None, which: int) -> tuple[None, None, None]:
+    return None, None, None
 
 
 @graph_op(worst_case=_every_row)
-def used_layout(rows: Tensor, sublayers: Tensor | None, which: int) -> tuple[Tensor, Tensor, Tensor]:
+def used_layout(
+    rows: Tensor, sublayers: Tensor | None, which: int
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Where a sub-layer is used: ``(images, index, valid)``. ``images`` ``[b]`` are the images that use sub-layer
     ``which`` (``sublayers`` ``[B, 2]``: attention, MLP; None: every image); ``index`` ``[b, K]`` their used rows
     (``rows`` ``[B, N, 1]``, 1 = used), first to last, padded to the most rows an image uses with slots that point
-    at row 0 and are not ``valid``. When no image uses it, one slot of image 0 that is not valid (shapes are never
-    empty: the sub-layer runs on one row whose result is dropped). The shapes depend on the data (eager only)."""
-    images = torch.arange(rows.shape[0], device=rows.device)
-    if sublayers is not None:
+    at row 0 and are not ``valid``. None stands for all: ``images`` when every image uses the sub-layer,
+    ``index`` and ``valid`` when every one of them uses every row. When no image uses it, one slot of image 0 that
+    is not valid (shapes are never empty: the sub-layer runs on one row whose result is dropped). The shapes
+    depend on the data (eager only)."""
+    images = None
+    if sublayers is not None and not bool(sublayers[:, which].all()):
         images = sublayers[:, which].nonzero().flatten()
-    if images.numel() == 0:
-        nothing = torch.zeros(1, 1, dtype=torch.long, device=rows.device)
-        return nothing[0], nothing, nothing.bool()
-    used = rows.index_select(0, images)[..., 0] > 0.5
+        if images.numel() == 0:
+            nothing = torch.zeros(1, 1, dtype=torch.long, device=rows.device)
+            return nothing[0], nothing, nothing.bool()
+    used = (rows if images is None else rows.index_select(0, images))[..., 0] > 0.5
+    if bool(used.all()):
+        return images, None, None
     count = used.sum(dim=1)
     order = (~used).to(torch.uint8).argsort(dim=1, stable=True)[:, : int(count.max())]
     valid = torch.arange(order.shape[1], device=rows.device) < count[:, None]
@@ -107,17 +118,22 @@ def used_layout(rows: Tensor, sublayers: Tensor | None, which: int) -> tuple[Ten
 
 
 @graph_op()
-def batch_rows(x: Tensor, images: Tensor) -> Tensor:
-    """The images ``images`` ``[b]`` of ``x`` ``[B, …]`` (or ``[1, …]``, the same for every image): ``[b, …]``."""
+def batch_rows(x: Tensor, images: Tensor | None) -> Tensor:
+    """The images ``images`` ``[b]`` of ``x`` ``[B, …]`` (or ``[1, …]``, the same for every image): ``[b, …]``
+    (``images`` None: all)."""
+    if images is None:
+        return x
     if x.shape[0] == 1:
         return x.expand(images.shape[0], *x.shape[1:])
     return x.index_select(0, images)
 
 
 @graph_op()
-def take_rows(x: Tensor, index: Tensor, dim: int) -> Tensor:
+def take_rows(x: Tensor, index: Tensor | None, dim: int) -> Tensor:
     """The rows ``index`` ``[b, K]`` of each image of ``x`` along its token axis ``dim``: ``x`` ``[b, …, N, …]`` (or
-    ``[1, …]``, broadcast) → ``[b, …, K, …]``."""
+    ``[1, …]``, broadcast) → ``[b, …, K, …]`` (``index`` None: all)."""
+    if index is None:
+        return x
     x = x.expand(index.shape[0], *x.shape[1:]).movedim(dim, 1)
     flat = x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
     taken = flat.gather(1, index[:, :, None].expand(-1, -1, flat.shape[2]))
@@ -125,9 +141,10 @@ def take_rows(x: Tensor, index: Tensor, dim: int) -> Tensor:
 
 
 @graph_op()
-def valid_keys(valid: Tensor) -> Tensor:
-    """The SDPA mask of a padded layout, ``valid`` ``[b, K]``: ``[b, 1, 1, K]``, True for the keys that are rows."""
-    return valid[:, None, None, :]
+def valid_keys(valid: Tensor | None) -> Tensor | None:
+    """The SDPA mask of a padded layout, ``valid`` ``[b, K]``: ``[b, 1, 1, K]``, True for the keys that are rows
+    (None: no padding, no mask)."""
+    return None if valid is None else valid[:, None, None, :]
 
 
 def _same_as_residual(residual: Tensor, *layout: Tensor) -> Tensor:
@@ -135,9 +152,16 @@ def _same_as_residual(residual: Tensor, *layout: Tensor) -> Tensor:
 
 
 @graph_op(worst_case=_same_as_residual)
-def add_used_rows(residual: Tensor, update: Tensor, images: Tensor, index: Tensor, valid: Tensor) -> Tensor:
+def add_used_rows(
+    residual: Tensor, update: Tensor, images: Tensor | None, index: Tensor | None, valid: Tensor | None
+) -> Tensor:
     """``residual`` ``[B, N, C]`` plus a sub-layer's ``update`` ``[b, K, C]`` computed on the used rows: slot ``k`` of
-    image ``i`` adds to row ``index[i, k]`` of image ``images[i]``; slots that are not ``valid`` add nothing."""
+    image ``i`` adds to row ``index[i, k]`` of image ``images[i]``; slots that are not ``valid`` add nothing (None:
+    all, as :func:`used_layout`)."""
+    if index is None:
+        return residual + update if images is None else residual.index_add(0, images, update)
+    if images is None:
+        images = torch.arange(residual.shape[0], device=residual.device)
     tokens = residual.shape[1]
     slots = (images[:, None] * tokens + index)[valid]  # a slot with no valid key holds NaN: left out, not multiplied
     summed = residual.reshape(-1, residual.shape[2]).index_add(0, slots, update[valid])
