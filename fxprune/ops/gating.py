@@ -191,20 +191,45 @@ def place_heads(x: Tensor, heads: Tensor, num_heads: int) -> Tensor:
     return full.index_copy(1, heads, x)
 
 
+def _runs(channels: tuple[tuple[int, ...], ...], heads: Tensor) -> list[tuple[int, int]]:
+    """The channels of ``heads`` ``[h]`` (``channels`` ``[H][d]``), in order, as runs ``(first, length)`` of
+    consecutive channels: slices of a weight, which need no copy."""
+    flat = [channel for head in heads.tolist() for channel in channels[head]]
+    if not flat:
+        return []
+    runs, first = [], 0
+    for position in range(1, len(flat) + 1):
+        if position == len(flat) or flat[position] != flat[position - 1] + 1:
+            runs.append((flat[first], position - first))
+            first = position
+    return runs
+
+
+def _every_head(channels: tuple[tuple[int, ...], ...], heads: Tensor) -> bool:
+    """Whether ``heads`` are all of ``channels``' heads (then, in order: :func:`used_heads` sorts them)."""
+    return heads.shape[0] == len(channels)
+
+
 @functools.lru_cache(maxsize=256)
-def _one_range(channels: tuple[tuple[int, ...], ...]) -> int | None:
-    """The first of ``channels`` ``[H][d]`` when all of them, in order, are one range, else None."""
-    flat = [channel for head in channels for channel in head]
-    return flat[0] if flat == list(range(flat[0], flat[0] + len(flat))) else None
+def _head_channels(num_heads: int, head_dim: int) -> tuple[tuple[int, ...], ...]:
+    """Head ``h``'s channels ``h·d … (h+1)·d − 1``, for each head: ``[H][d]``."""
+    return tuple(tuple(range(h * head_dim, (h + 1) * head_dim)) for h in range(num_heads))
 
 
-def _rows_of(channels: tuple[tuple[int, ...], ...], heads: Tensor) -> tuple[Tensor | None, int | None]:
-    """The channels of ``heads`` ``[h]`` (None when every head is used and they are one range, from the returned
-    start: a slice, no copy)."""
-    start = _one_range(channels)
-    if start is not None and heads.shape[0] == len(channels):
-        return None, start
-    return torch.tensor(channels, device=heads.device).index_select(0, heads).flatten(), None
+@functools.lru_cache(maxsize=256)
+def _table(channels: tuple[tuple[int, ...], ...]) -> tuple[int, ...]:
+    return tuple(channel for head in channels for channel in head)
+
+
+def _channels_of(channels: tuple[tuple[int, ...], ...], heads: Tensor) -> list[tuple[int, int]] | Tensor:
+    """The channels of ``heads``: runs of consecutive channels (:func:`_runs`), or, when every head is used and
+    its channels are not one run, an index tensor (a copy of the weights; example values take this path too)."""
+    if _every_head(channels, heads):
+        flat = _table(channels)
+        if list(flat) == list(range(flat[0], flat[0] + len(flat))):
+            return [(flat[0], len(flat))]
+        return torch.tensor(flat, device=heads.device)
+    return _runs(channels, heads)
 
 
 @graph_op()
@@ -213,14 +238,32 @@ def project_heads(
 ) -> Tensor:
     """The heads ``heads`` ``[h]`` of a linear layer's output, computed alone: ``x`` ``[B, N, C]``, the layer's
     ``weight``/``bias``, ``channels[head]`` its output channels for each element of a head: ``[B, h, N, d]``."""
-    rows, start = _rows_of(channels, heads)
-    if rows is None:
-        width = len(channels) * len(channels[0])
-        weight, bias = weight.narrow(0, start, width), None if bias is None else bias.narrow(0, start, width)
+    rows = _channels_of(channels, heads)
+    if not len(rows):  # no head used
+        return x.new_zeros(x.shape[0], 0, x.shape[1], len(channels[0]))
+    if isinstance(rows, Tensor):
+        out = torch.nn.functional.linear(x, weight.index_select(0, rows), None if bias is None else bias[rows])
     else:
-        weight, bias = weight.index_select(0, rows), None if bias is None else bias.index_select(0, rows)
-    out = torch.nn.functional.linear(x, weight, bias)
+        parts = [torch.nn.functional.linear(x, weight.narrow(0, first, length),
+                                            None if bias is None else bias.narrow(0, first, length))
+                 for first, length in rows]
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
     return out.view(x.shape[0], x.shape[1], heads.shape[0], len(channels[0])).transpose(1, 2)
+
+
+def _linear_on_columns(x: Tensor, weight: Tensor, bias: Tensor | None, columns: list[tuple[int, int]] | Tensor):
+    """``linear(x, weight[:, columns], bias)`` for ``x`` ``[…, c]`` holding those columns of the layer's input, in
+    order (runs: a sum of products with slices of the weight, no copy)."""
+    if isinstance(columns, Tensor):
+        return torch.nn.functional.linear(x, weight.index_select(1, columns), bias)
+    if not columns:  # none: the layer's output for a zero input
+        return torch.nn.functional.linear(x.narrow(-1, 0, 0), weight.narrow(1, 0, 0), bias)
+    out, offset = None, 0
+    for first, length in columns:
+        part = torch.nn.functional.linear(x.narrow(-1, offset, length), weight.narrow(1, first, length),
+                                          bias if out is None else None)
+        out, offset = part if out is None else out.add_(part), offset + length
+    return out
 
 
 @graph_op()
@@ -229,13 +272,8 @@ def project_from_heads(
 ) -> Tensor:
     """A linear layer on the heads ``heads`` ``[h]`` of ``x`` ``[B, h, N, d]`` alone (the others' inputs are zero):
     ``columns[head]`` its input channels for each element of a head: ``[B, N, out]``."""
-    cols, start = _rows_of(columns, heads)
     joined = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], x.shape[1] * x.shape[3])
-    if cols is None:
-        weight = weight.narrow(1, start, joined.shape[2])
-    else:
-        weight = weight.index_select(1, cols)
-    return torch.nn.functional.linear(joined, weight, bias)
+    return _linear_on_columns(joined, weight, bias, _channels_of(columns, heads))
 
 
 @graph_op()
@@ -246,5 +284,6 @@ def project_head_channels(
     are zero), each image's channels times ``factor`` ``[B, 1, h·d]``: ``[B, N, out]``."""
     if heads.shape[0] * head_dim == x.shape[2]:
         return torch.nn.functional.linear(x * factor, weight, bias)
-    cols = (heads[:, None] * head_dim + torch.arange(head_dim, device=x.device)).flatten()
-    return torch.nn.functional.linear(x.index_select(2, cols) * factor, weight.index_select(1, cols), bias)
+    runs = _runs(_head_channels(x.shape[2] // head_dim, head_dim), heads)
+    taken = torch.cat([x.narrow(2, first, length) for first, length in runs], dim=2) if runs else x.narrow(2, 0, 0)
+    return _linear_on_columns(taken * factor, weight, bias, runs)
