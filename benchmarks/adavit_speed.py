@@ -10,8 +10,9 @@ the 0.6 threshold, block after block), the rest all used: the usage a trained po
 Executed MACs are counted per image, each image alone (``fxprune.tools.bench.per_image_macs``). Times: each
 callable runs the same images (``--images`` of them: one by one at batch 1, as one batch otherwise); dense,
 skipping (``skip=True``, eager) and masked (``skip=False``, the official semantics) interleaved, medians of
-``--repeats`` rounds, reported as ratios to dense. With ``--compile``, the masked graph compiled by
-``fxprune.lower`` against dense compiled (the skipping graph has data-dependent shapes and does not compile).
+``--repeats`` rounds, reported as ratios to dense. With ``--compile`` also, against dense compiled: the masked
+graph compiled by ``fxprune.lower``, and the skipping graph under ``torch.compile(dynamic=True)``, which breaks
+the graph around its data-dependent ops (it has no full graph); the warm-up rounds include their compilation.
 """
 
 from __future__ import annotations
@@ -70,6 +71,22 @@ def force_usage(gm: torch.nn.Module, images: torch.Tensor, usage: float, parts: 
         head.bias.fill_(threshold - torch.quantile(logits, 1.0 - usage).item())
 
 
+_PRODUCTS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+             "aten::mkldnn_convolution")
+
+
+def _profile(gm: torch.nn.Module, images: torch.Tensor) -> tuple[float, float]:
+    """(share of the self CPU time in matrix products and convolutions, ATen ops per image) of ``gm`` at batch 1."""
+    with torch.inference_mode():
+        _run(gm, images, True)
+        with torch.profiler.profile() as profiler:
+            _run(gm, images, True)
+    events = [e for e in profiler.key_averages() if e.key.startswith("aten::")]
+    total = sum(e.self_cpu_time_total for e in events)
+    products = sum(e.self_cpu_time_total for e in events if e.key in _PRODUCTS)
+    return products / total, sum(e.count for e in events) / len(images)
+
+
 def _run(gm: torch.nn.Module, images: torch.Tensor, one_by_one: bool) -> object:
     return [gm(image[None]) for image in images] if one_by_one else gm(images)
 
@@ -82,7 +99,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=8, help="images timed one by one at batch 1")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--compile", action="store_true",
-                        help="also time the masked graph compiled (fxprune.lower) against dense compiled")
+                        help="also time the masked graph compiled by fxprune.lower and the skipping graph compiled "
+                             "with graph breaks (torch.compile, dynamic shapes), against dense compiled")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile dense and skipped at batch 1: share of CPU time in matrix products, ops")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     model = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
@@ -90,16 +110,18 @@ def main(argv: list[str] | None = None) -> None:
     pool = torch.randn(max(batches + [args.images]), 3, 224, 224)
     single = pool[: args.images]
     print(f"Command: `python benchmarks/adavit_speed.py --usages {args.usages} --parts {args.parts} "
-          f"--batches {args.batches}" + (" --compile" if args.compile else "") + "`  ")
+          f"--batches {args.batches}" + (" --compile" if args.compile else "") + (" --profile" if args.profile else "")
+          + "`  ")
     print(f"Machine: {machine()}  ")
     print(f"deit_small_patch16_224 (random weights), AdaViT at the official blocks with its decision heads set to "
           f"the usage shown; {args.images} images at batch 1, medians of {args.repeats} interleaved rounds.\n")
-    compiled = " | batch {b}, masked compiled" if args.compile else ""
+    compiled = " | batch {b}, masked compiled | batch {b}, skipped compiled" if args.compile else ""
     header = "| usage | of | executed MACs (% of dense) | MAC ratio | " + " | ".join(
         f"speed ratio, batch {b}, skipped | batch {b}, masked" + compiled.format(b=b) for b in batches) + " |"
     print(header)
-    print("|---|---|---|---|" + ("---|---|---|" if args.compile else "---|---|") * len(batches))
+    print("|---|---|---|---|" + ("---|" * (4 if args.compile else 2)) * len(batches))
     dense_macs = per_image_macs(model, single)
+    profiles = []
     for usage in (float(u) for u in args.usages.split(",")):
         for part in args.parts.split(","):
             parts = set(KINDS) if part == "all" else {part}
@@ -111,16 +133,24 @@ def main(argv: list[str] | None = None) -> None:
             cells = []
             models = {"dense": model, "skipped": skipping, "masked": masked}
             if args.compile:
-                models.update({"dense compiled": fxprune.lower(model), "masked compiled": fxprune.lower(masked)})
+                models.update({"dense compiled": fxprune.lower(model), "masked compiled": fxprune.lower(masked),
+                               "skipped compiled": torch.compile(skipping, dynamic=True)})
             for batch in batches:
                 images = single if batch == 1 else pool[:batch]
                 fns = {name: functools.partial(_run, gm, images, batch == 1) for name, gm in models.items()}
                 timing = interleaved(fns, repeats=args.repeats)
                 cells.append(f"{timing.ratio('dense', 'skipped'):.2f}× | {timing.ratio('dense', 'masked'):.2f}×")
                 if args.compile:
-                    cells.append(f"{timing.ratio('dense compiled', 'masked compiled'):.2f}×")
+                    cells += [f"{timing.ratio('dense compiled', name):.2f}×" for name in ("masked compiled",
+                                                                                      "skipped compiled")]
             print(f"| {usage:g} | {part} | {100 * macs / dense_macs:.1f} | {dense_macs / macs:.2f}× | "
                   + " | ".join(cells) + " |")
+            if args.profile:
+                profiles.append((usage, part, _profile(model, single), _profile(skipping, single)))
+    for usage, part, (dense_share, dense_ops), (share, ops) in profiles:
+        print(f"\nProfile at batch 1, usage {usage:g} of {part}: matrix products and convolutions take "
+              f"{100 * share:.0f}% of the skipping graph's ATen CPU time ({100 * dense_share:.0f}% in dense DeiT-S); "
+              f"{ops:.0f} ATen ops per image ({dense_ops:.0f} dense).")
 
 
 if __name__ == "__main__":
