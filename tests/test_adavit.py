@@ -277,3 +277,12 @@ def test_fxprune_train_fine_tunes_adavit_and_reports_its_usage(capsys, tmp_path)
     assert code == 0 and "rows used per image" in printed and "heads, attention" in printed
     loaded = fxprune.transform(digits_vit(), AdaViT(0.5, weights=str(weights)))
     assert "untrained" not in str(loaded.fxprune_plan)
+
+
+def test_shipped_weights_are_named_for_the_digits_vit_and_refused_where_none_ship():
+    from fxprune.tools.models import digits_vit
+
+    with pytest.raises(fxprune.PolicyError, match="ships for usages 0.7, 0.5"):
+        fxprune.transform(digits_vit(), AdaViT(0.35, weights="digits"))
+    with pytest.raises(fxprune.PolicyError, match="adavit_digits_usage50.pt .* is not in this installation"):
+        fxprune.transform(digits_vit(), AdaViT(0.5, weights="digits"))

@@ -83,10 +83,13 @@ class AdaViT(Policy):
 
     ``usage``: the target usage γ of the training loss. ``layers``: the blocks with all three decision heads
     (None: every block but the first, and token decisions in the first too, as the official code). ``weights``: a
-    file of trained decision heads (``fxprune.save_weights``; with a fine-tuned backbone too); None: untrained,
-    which the plan says. ``init_logit``: None for the official initialisation (weights truncated-normal, std
-    0.02, biases 0); a number starts every decision head at that constant logit (zero weights), e.g. a large one
-    for a model that starts dense.
+    file of trained decision heads (``fxprune.save_weights``; with a fine-tuned backbone too), an official AdaViT
+    checkpoint (its decision heads; :func:`official_backbone` reads its backbone), or ``"digits"`` (states
+    fine-tuned for the digits ViT, where the package ships them); None: untrained, which the plan says. ``init_logit``: None for the official
+    initialisation (weights truncated-normal, std 0.02, biases 0); a number starts every decision head at that
+    constant logit (zero weights), e.g. a large one for a model that starts dense. ``skip``: the evaluation graph
+    computes only what each image uses (shapes that depend on the data: eager only); False: it masks, as the
+    official code (a static graph, for ``fxprune.lower`` and export).
     """
 
     usage: float = option(parse_number)
@@ -119,7 +122,8 @@ class AdaViT(Policy):
         return f"{self.describe()}: {what} decided per image"
 
     def plan_notes(self) -> list[str]:
-        notes = [f"{self.method}: token counts and MACs are the dense model's; usage is decided per image"]
+        notes = [f"{self.method}: usage is decided per image, so the MACs here are the dense model's; "
+                 "fxprune.flops on images counts what each runs"]
         if not self.weights:
             notes.append(f"{self.method}: the decision heads are untrained: train the model, or pass weights=")
         return notes

@@ -16,4 +16,7 @@ def shipped(name: str | None, describe: str, offered: str) -> str:
     for that setting, a :class:`~fxprune.PolicyError` that says what does (``offered``)."""
     if name is None:
         raise PolicyError(f"weights='{SHIPPED}' ships for {offered}, not for {describe}")
-    return str(resources.files(__name__).joinpath(name))
+    path = resources.files(__name__).joinpath(name)
+    if not path.is_file():
+        raise PolicyError(f"weights='{SHIPPED}': {name} for {describe} is not in this installation of fxprune")
+    return str(path)
