@@ -85,11 +85,11 @@ class AdaViT(Policy):
     (None: every block but the first, and token decisions in the first too, as the official code). ``weights``: a
     file of trained decision heads (``fxprune.save_weights``; with a fine-tuned backbone too), an official AdaViT
     checkpoint (its decision heads; :func:`official_backbone` reads its backbone), or ``"digits"`` (states
-    fine-tuned for the digits ViT, where the package ships them); None: untrained, which the plan says. ``init_logit``: None for the official
-    initialisation (weights truncated-normal, std 0.02, biases 0); a number starts every decision head at that
-    constant logit (zero weights), e.g. a large one for a model that starts dense. ``skip``: the evaluation graph
-    computes only what each image uses (shapes that depend on the data: eager only); False: it masks, as the
-    official code (a static graph, for ``fxprune.lower`` and export).
+    fine-tuned for the digits ViT, where the package ships them); None: untrained, which the plan says.
+    ``init_logit``: None for the official initialisation (weights truncated-normal, std 0.02, biases 0); a number
+    starts every decision head at that constant logit (zero weights), e.g. a large one for a model that starts
+    dense. ``skip``: the evaluation graph computes only what each image uses (shapes that depend on the data: eager
+    only); False: it masks, as the official code (a static graph, for ``fxprune.lower`` and export).
     """
 
     usage: float = option(parse_number)
