@@ -191,17 +191,30 @@ def place_heads(x: Tensor, heads: Tensor, num_heads: int) -> Tensor:
     return full.index_copy(1, heads, x)
 
 
+@functools.lru_cache(maxsize=256)
+def _head_runs(channels: tuple[tuple[int, ...], ...]) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """Each head's channels as runs ``(first, length)`` of consecutive channels (one run in the usual layouts)."""
+    runs = []
+    for head in channels:
+        own, first = [], 0
+        for position in range(1, len(head) + 1):
+            if position == len(head) or head[position] != head[position - 1] + 1:
+                own.append((head[first], position - first))
+                first = position
+        runs.append(tuple(own))
+    return tuple(runs)
+
+
 def _runs(channels: tuple[tuple[int, ...], ...], heads: Tensor) -> list[tuple[int, int]]:
     """The channels of ``heads`` ``[h]`` (``channels`` ``[H][d]``), in order, as runs ``(first, length)`` of
     consecutive channels: slices of a weight, which need no copy."""
-    flat = [channel for head in heads.tolist() for channel in channels[head]]
-    if not flat:
-        return []
-    runs, first = [], 0
-    for position in range(1, len(flat) + 1):
-        if position == len(flat) or flat[position] != flat[position - 1] + 1:
-            runs.append((flat[first], position - first))
-            first = position
+    table, runs = _head_runs(channels), []
+    for head in heads.tolist():
+        for first, length in table[head]:
+            if runs and runs[-1][0] + runs[-1][1] == first:
+                runs[-1] = (runs[-1][0], runs[-1][1] + length)
+            else:
+                runs.append((first, length))
     return runs
 
 
