@@ -3,10 +3,10 @@
     python benchmarks/adavit_speed.py                            # usage 0.7 and 0.5 of everything, batches 1 and 32
     python benchmarks/adavit_speed.py --usages 0.5 --parts heads,sublayers,tokens,all --batches 1
 
-DeiT-S has random weights; its decision heads are set so that each block uses about the share ``--usages`` of
-what ``--parts`` names (heads: that share of all heads, chosen at random; sub-layers: that share of all attention
-and MLP sub-layers; tokens: random token heads whose bias lets that share of the rows of the timing images pass
-the 0.6 threshold, block after block), the rest all used: the usage a trained policy reaches, without training.
+DeiT-S has random weights; its decision heads are set by ``fxprune.methods.adavit.set_usage`` so that each block
+uses about the share ``--usages`` of what ``--parts`` names (heads and sub-layers: that share of all of them, at
+random; rows: that share of the timing images' rows, through random token heads), the rest all used: the usage a
+trained policy reaches, without training.
 Executed MACs are counted per image, each image alone (``fxprune.tools.bench.per_image_macs``). Times: each
 callable runs the same images (``--images`` of them: one by one at batch 1, as one batch otherwise); dense,
 skipping (``skip=True``, eager) and masked (``skip=False``, the official semantics) interleaved, medians of
@@ -19,57 +19,14 @@ from __future__ import annotations
 
 import argparse
 import functools
-import math
 
 import timm
 import torch
 
 import fxprune
+from fxprune.methods.adavit import DECIDED, set_usage
 from fxprune.tools.bench import per_image_macs
 from fxprune.tools.speed import interleaved, machine
-
-KINDS = ("heads", "sublayers", "tokens")
-
-
-def _decision_heads(gm: torch.nn.Module, kind: str) -> list[torch.nn.Linear]:
-    return [module for name, module in gm.named_modules() if name.startswith("fxprune.") and name.endswith(kind)]
-
-
-def _choose(generator: torch.Generator, count: int, share: float) -> torch.Tensor:
-    """``count`` decisions, ``round(share · count)`` of them used, at random positions: ``+10`` or ``−10``."""
-    used = torch.zeros(count)
-    used[torch.randperm(count, generator=generator)[: round(share * count)]] = 1.0
-    return 20.0 * used - 10.0
-
-
-@torch.no_grad()
-def force_usage(gm: torch.nn.Module, images: torch.Tensor, usage: float, parts: set[str], seed: int = 0) -> None:
-    """Set ``gm``'s AdaViT decision heads so that about ``usage`` of each kind in ``parts`` is used and all of
-    the others (see the module docstring)."""
-    generator = torch.Generator().manual_seed(seed)
-    for kind in ("heads", "sublayers"):
-        heads = _decision_heads(gm, kind)
-        share = usage if kind in parts else 1.0
-        biases = _choose(generator, sum(h.bias.numel() for h in heads), share).split([h.bias.numel() for h in heads])
-        for head, bias in zip(heads, biases):
-            head.weight.zero_()
-            head.bias.copy_(bias)
-    threshold = math.log(0.6 / 0.4)
-    for head in _decision_heads(gm, "tokens"):
-        head.weight.zero_()
-        head.bias.fill_(10.0)
-    if "tokens" not in parts:
-        return
-    for head in _decision_heads(gm, "tokens"):  # block after block: a block's input depends on the earlier ones
-        head.weight.copy_(torch.randn(head.weight.shape, generator=generator) / math.sqrt(head.weight.shape[1]))
-        head.bias.zero_()
-        seen: list[torch.Tensor] = []
-        hook = head.register_forward_hook(lambda module, args, out, seen=seen: seen.append(out.flatten()))
-        gm(images)
-        hook.remove()
-        logits = torch.cat(seen)
-        head.bias.fill_(threshold - torch.quantile(logits, 1.0 - usage).item())
-
 
 _PRODUCTS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
              "aten::mkldnn_convolution")
@@ -124,9 +81,9 @@ def main(argv: list[str] | None = None) -> None:
     profiles = []
     for usage in (float(u) for u in args.usages.split(",")):
         for part in args.parts.split(","):
-            parts = set(KINDS) if part == "all" else {part}
+            parts = DECIDED if part == "all" else (part,)
             skipping = fxprune.transform(model, fxprune.AdaViT(usage, init_logit=0.0))
-            force_usage(skipping, single, usage, parts)
+            set_usage(skipping, single, usage, parts)
             masked = fxprune.transform(model, fxprune.AdaViT(usage, skip=False, init_logit=0.0))
             masked.load_state_dict(skipping.state_dict())
             macs = per_image_macs(skipping, single)

@@ -286,3 +286,23 @@ def test_shipped_weights_are_named_for_the_digits_vit_and_refused_where_none_shi
         fxprune.transform(digits_vit(), AdaViT(0.35, weights="digits"))
     with pytest.raises(fxprune.PolicyError, match="adavit_digits_usage50.pt .* is not in this installation"):
         fxprune.transform(digits_vit(), AdaViT(0.5, weights="digits"))
+
+
+def test_set_usage_gives_a_random_usage_of_each_kind():
+    from fxprune.methods.adavit import set_usage
+    from fxprune.tools.show import usage
+
+    model = timm_vit("deit_small_patch16_224", depth=4)
+    gm = fxprune.transform(model, AdaViT(0.5))
+    x = image_batch(model, batch=6)
+    set_usage(gm, x, 0.5)
+    blocks = usage(gm, x)
+    heads = torch.cat([b.heads for b in blocks if b.heads is not None], dim=1)
+    sublayers = torch.cat([b.sublayers for b in blocks if b.sublayers is not None], dim=1)
+    assert heads.mean() == 0.5 and sublayers.mean() == 0.5  # the same for every image
+    assert (heads == heads[:1]).all() and (sublayers == sublayers[:1]).all()
+    for block in blocks:  # rows: about half of the patch rows, different rows per image
+        patches = block.rows[:, 1:]
+        assert abs(patches.mean().item() - 0.5) < 0.05 and not (patches == patches[:1]).all()
+    set_usage(gm, x, 0.5, parts=("heads",))
+    assert all(b.rows.mean() == 1 and (b.sublayers is None or b.sublayers.mean() == 1) for b in usage(gm, x))

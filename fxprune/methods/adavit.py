@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -60,15 +61,15 @@ from ..ops.gating import (
 )
 from ..passes.common import Rewrite, Role, ancestors, insert_call, tag_of
 from ..passes.heads import HeadLayout, has_parameters, head_layout, is_linear, linear_parameters
-from ..passes.learned import emit, insert_module
+from ..passes.learned import LEARNED_PREFIX, emit, insert_module
 from ..passes.skipping import run_on_used, sublayer_nodes, unpack
 from ..policies import Policy, check_flag, check_layers, option, parse_flag, parse_layers, parse_number, parse_text
 from ..tools.weights import SHIPPED, shipped
 from .registry import Learned, register_method
 
 __all__ = [
-    "AdaViT", "HEADS_KEY", "SUBLAYERS_KEY", "TOKENS_KEY", "BlockParts", "block_parts", "official_heads",
-    "official_backbone",
+    "AdaViT", "HEADS_KEY", "SUBLAYERS_KEY", "TOKENS_KEY", "DECIDED", "BlockParts", "block_parts", "official_heads",
+    "official_backbone", "set_usage",
 ]
 
 HEADS_KEY = "adavit/heads/"  # + block name: the heads' decisions [B, H]
@@ -482,6 +483,49 @@ def official_backbone(saved: dict) -> dict[str, Tensor]:
         parts = [backbone.pop(f"{stem}.attn.{name}.{leaf}") for name in ("query", "key", "value")]
         backbone[f"{stem}.attn.qkv.{leaf}"] = torch.cat(parts)
     return backbone
+
+
+DECIDED = ("heads", "sublayers", "tokens")  # what a block with all three decision heads decides
+
+
+@torch.no_grad()
+def set_usage(
+    gm: nn.Module, images: Tensor, usage: float, parts: tuple[str, ...] = DECIDED, seed: int = 0
+) -> None:
+    """Set the decision heads of ``gm`` (transformed with AdaViT) to a random usage: about ``usage`` of each kind in
+    ``parts`` used, all of the others. Heads and sub-layers: ``round(usage · count)`` of all the model's heads (of
+    all its sub-layers) chosen at random, the same for every image; rows: token heads with random weights whose
+    bias lets ``usage`` of the rows of ``images`` pass, block after block, so each image uses different rows. The
+    random-usage baseline, and a way to time skipping at a usage without training."""
+    generator = torch.Generator().manual_seed(seed)
+    for kind in ("heads", "sublayers"):
+        heads = _heads_of_kind(gm, kind)
+        sizes = [head.bias.numel() for head in heads]
+        used = torch.zeros(sum(sizes))
+        share = usage if kind in parts else 1.0
+        used[torch.randperm(len(used), generator=generator)[: round(share * len(used))]] = 1.0
+        for head, bias in zip(heads, (20.0 * used - 10.0).split(sizes)):
+            head.weight.zero_()
+            head.bias.copy_(bias)
+    threshold = math.log(TOKEN_THRESHOLD / (1.0 - TOKEN_THRESHOLD))
+    for head in _heads_of_kind(gm, "tokens"):
+        head.weight.zero_()
+        head.bias.fill_(10.0)
+    if "tokens" not in parts:
+        return
+    for head in _heads_of_kind(gm, "tokens"):  # block after block: a block's input depends on the earlier ones
+        head.weight.copy_(torch.randn(head.weight.shape, generator=generator) / math.sqrt(head.weight.shape[1]))
+        seen: list[Tensor] = []
+        hook = head.register_forward_hook(lambda module, args, out, seen=seen: seen.append(out.flatten()))
+        gm(images)
+        hook.remove()
+        head.bias.fill_(threshold - torch.quantile(torch.cat(seen) - head.bias, 1.0 - usage).item())
+
+
+def _heads_of_kind(gm: nn.Module, kind: str) -> list[nn.Linear]:
+    """``gm``'s decision heads of ``kind`` (``heads``, ``sublayers`` or ``tokens``), in block order."""
+    return [module for name, module in gm.named_modules()
+            if name.startswith(f"{LEARNED_PREFIX}.") and name.endswith(f".{kind}")]
 
 
 def _loss(teacher: nn.Module, policy: AdaViT, distill_weight: float | None, example_inputs) -> nn.Module:
