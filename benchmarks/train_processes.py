@@ -27,12 +27,13 @@ def worker(policy: str, steps: int, batch: int) -> None:
     """One process of a run: train, and (rank 0) print the loop's seconds as JSON."""
     import fxprune
     from fxprune.tools.datasets import DigitScenes
+    from fxprune.tools.distributed import process_group
     from fxprune.tools.models import digits_vit
 
     config = fxprune.TrainConfig(steps=steps, batch_size=batch, warmup=1)
     result = fxprune.train(digits_vit(), fxprune.parse_policy(policy), DigitScenes("train", 2048, seed=0), config,
                            progress=False)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if process_group()[0] == 0:
         print(json.dumps({"seconds": result.seconds}))
 
 

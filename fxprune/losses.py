@@ -34,7 +34,7 @@ from .errors import UnsupportedModelError
 from .methods import adavit
 from .methods.dynamicvit import KEEP_KEY, TOKENS_KEY, DynamicViT
 
-__all__ = ["TokenTeacher", "DynamicViTLoss", "AdaViTLoss", "logits_of", "distillation"]
+__all__ = ["TokenTeacher", "DynamicViTLoss", "AdaViTLoss", "logits_of", "distillation", "frozen_copy"]
 
 
 def logits_of(output: object) -> Tensor:
@@ -50,6 +50,11 @@ def distillation(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     """KL(teacher ‖ student) of the two models' class distributions ``[B, classes]``, averaged over the batch."""
     return F.kl_div(F.log_softmax(student_logits, dim=-1), F.log_softmax(teacher_logits, dim=-1),
                     reduction="batchmean", log_target=True)
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in evaluation mode without gradients: a teacher that training leaves as it is."""
+    return copy.deepcopy(model).eval().requires_grad_(False)
 
 
 def _last(aux: dict[str, list[Tensor]], prefix: str) -> list[Tensor]:
@@ -136,7 +141,7 @@ class AdaViTLoss(nn.Module):
         super().__init__()
         if distill_weight > 0 and teacher is None:
             raise ValueError("AdaViTLoss: distill_weight > 0 needs the teacher (the original model)")
-        self.teacher = copy.deepcopy(teacher).eval().requires_grad_(False) if distill_weight > 0 else None
+        self.teacher = frozen_copy(teacher) if distill_weight > 0 else None
         self.target = policy.usage
         self.head_weight, self.sublayer_weight, self.token_weight = head_weight, sublayer_weight, token_weight
         self.distill_weight = distill_weight

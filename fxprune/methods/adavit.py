@@ -60,7 +60,7 @@ from ..ops.gating import (
     valid_keys,
 )
 from ..passes.common import Rewrite, Role, ancestors, insert_call, tag_of
-from ..passes.heads import HeadLayout, has_parameters, head_layout, is_linear, linear_parameters
+from ..passes.heads import HeadLayout, has_parameters, head_layout, is_linear, linear_parameters, producer
 from ..passes.learned import LEARNED_PREFIX, emit, insert_module
 from ..passes.skipping import run_on_used, sublayer_nodes, unpack
 from ..policies import Policy, check_flag, check_layers, option, parse_flag, parse_layers, parse_number, parse_text
@@ -160,9 +160,7 @@ def block_parts(gm: fx.GraphModule, program: TokenProgram, block: Block, what: s
     shapes = [getattr(node.meta.get("val"), "shape", None) if node is not None else None for node in (site.k, site.v)]
     if any(shape is None or len(shape) != 4 or shape[1] != site.num_heads for shape in shapes):
         raise refuse("its keys and values are not one per query head")
-    q_linear = site.q
-    while q_linear is not None and not is_linear(gm, q_linear):
-        q_linear = next((a for a in q_linear.args if isinstance(a, fx.Node)), None)
+    q_linear = producer(gm, site.q)
     if q_linear is None:
         raise refuse("no linear layer makes its queries")
     attention_branch = _branch(block.mid, block.input) if block.mid is not None else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -191,36 +192,37 @@ def place_heads(x: Tensor, heads: Tensor, num_heads: int) -> Tensor:
     return full.index_copy(1, heads, x)
 
 
+def _merged(runs: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``runs`` ``(first, length)`` with each run that continues the one before joined to it."""
+    merged: list[tuple[int, int]] = []
+    for first, length in runs:
+        if merged and merged[-1][0] + merged[-1][1] == first:
+            merged[-1] = (merged[-1][0], merged[-1][1] + length)
+        else:
+            merged.append((first, length))
+    return merged
+
+
 @functools.lru_cache(maxsize=256)
-def _head_runs(channels: tuple[tuple[int, ...], ...]) -> tuple[tuple[tuple[int, int], ...], ...]:
+def _head_runs(channels: tuple[tuple[int, ...], ...]) -> tuple[list[tuple[int, int]], ...]:
     """Each head's channels as runs ``(first, length)`` of consecutive channels (one run in the usual layouts)."""
-    runs = []
-    for head in channels:
-        own, first = [], 0
-        for position in range(1, len(head) + 1):
-            if position == len(head) or head[position] != head[position - 1] + 1:
-                own.append((head[first], position - first))
-                first = position
-        runs.append(tuple(own))
-    return tuple(runs)
+    return tuple(_merged((channel, 1) for channel in head) for head in channels)
 
 
-def _runs(channels: tuple[tuple[int, ...], ...], heads: Tensor) -> list[tuple[int, int]]:
+@functools.lru_cache(maxsize=256)
+def _all_runs(channels: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, int], ...]:
+    """The channels of every head, in order, as runs (one, a slice, in the usual layouts)."""
+    return tuple(_merged(run for runs in _head_runs(channels) for run in runs))
+
+
+def _runs(channels: tuple[tuple[int, ...], ...], heads: Tensor) -> list[tuple[int, int]] | tuple[tuple[int, int], ...]:
     """The channels of ``heads`` ``[h]`` (``channels`` ``[H][d]``), in order, as runs ``(first, length)`` of
-    consecutive channels: slices of a weight, which need no copy."""
-    table, runs = _head_runs(channels), []
-    for head in heads.tolist():
-        for first, length in table[head]:
-            if runs and runs[-1][0] + runs[-1][1] == first:
-                runs[-1] = (runs[-1][0], runs[-1][1] + length)
-            else:
-                runs.append((first, length))
-    return runs
-
-
-def _every_head(channels: tuple[tuple[int, ...], ...], heads: Tensor) -> bool:
-    """Whether ``heads`` are all of ``channels``' heads (then, in order: :func:`used_heads` sorts them)."""
-    return heads.shape[0] == len(channels)
+    consecutive channels: slices of a weight, which need no copy. Every head (the case example values take, as
+    :func:`used_heads` sorts its heads) reads no data."""
+    if heads.shape[0] == len(channels):
+        return _all_runs(channels)
+    table = _head_runs(channels)
+    return _merged(run for head in heads.tolist() for run in table[head])
 
 
 @functools.lru_cache(maxsize=256)
@@ -229,46 +231,25 @@ def _head_channels(num_heads: int, head_dim: int) -> tuple[tuple[int, ...], ...]
     return tuple(tuple(range(h * head_dim, (h + 1) * head_dim)) for h in range(num_heads))
 
 
-@functools.lru_cache(maxsize=256)
-def _table(channels: tuple[tuple[int, ...], ...]) -> tuple[int, ...]:
-    return tuple(channel for head in channels for channel in head)
-
-
-def _channels_of(channels: tuple[tuple[int, ...], ...], heads: Tensor) -> list[tuple[int, int]] | Tensor:
-    """The channels of ``heads``: runs of consecutive channels (:func:`_runs`), or, when every head is used and
-    its channels are not one run, an index tensor (a copy of the weights; example values take this path too)."""
-    if _every_head(channels, heads):
-        flat = _table(channels)
-        if list(flat) == list(range(flat[0], flat[0] + len(flat))):
-            return [(flat[0], len(flat))]
-        return torch.tensor(flat, device=heads.device)
-    return _runs(channels, heads)
-
-
 @graph_op()
 def project_heads(
     x: Tensor, weight: Tensor, bias: Tensor | None, channels: tuple[tuple[int, ...], ...], heads: Tensor
 ) -> Tensor:
     """The heads ``heads`` ``[h]`` of a linear layer's output, computed alone: ``x`` ``[B, N, C]``, the layer's
     ``weight``/``bias``, ``channels[head]`` its output channels for each element of a head: ``[B, h, N, d]``."""
-    rows = _channels_of(channels, heads)
-    if not len(rows):  # no head used
+    rows = _runs(channels, heads)
+    if not rows:  # no head used
         return x.new_zeros(x.shape[0], 0, x.shape[1], len(channels[0]))
-    if isinstance(rows, Tensor):
-        out = torch.nn.functional.linear(x, weight.index_select(0, rows), None if bias is None else bias[rows])
-    else:
-        parts = [torch.nn.functional.linear(x, weight.narrow(0, first, length),
-                                            None if bias is None else bias.narrow(0, first, length))
-                 for first, length in rows]
-        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+    parts = [torch.nn.functional.linear(x, weight.narrow(0, first, length),
+                                        None if bias is None else bias.narrow(0, first, length))
+             for first, length in rows]
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
     return out.view(x.shape[0], x.shape[1], heads.shape[0], len(channels[0])).transpose(1, 2)
 
 
-def _linear_on_columns(x: Tensor, weight: Tensor, bias: Tensor | None, columns: list[tuple[int, int]] | Tensor):
-    """``linear(x, weight[:, columns], bias)`` for ``x`` ``[…, c]`` holding those columns of the layer's input, in
-    order (runs: a sum of products with slices of the weight, no copy)."""
-    if isinstance(columns, Tensor):
-        return torch.nn.functional.linear(x, weight.index_select(1, columns), bias)
+def _linear_on_columns(x: Tensor, weight: Tensor, bias: Tensor | None, columns: Sequence[tuple[int, int]]) -> Tensor:
+    """``linear(x, weight[:, columns], bias)`` for ``x`` ``[…, c]`` holding the layer's input columns ``columns``
+    (runs), in order: a sum of products with slices of the weight, no copy."""
     if not columns:  # none: the layer's output for a zero input
         return torch.nn.functional.linear(x.narrow(-1, 0, 0), weight.narrow(1, 0, 0), bias)
     out, offset = None, 0
@@ -286,7 +267,7 @@ def project_from_heads(
     """A linear layer on the heads ``heads`` ``[h]`` of ``x`` ``[B, h, N, d]`` alone (the others' inputs are zero):
     ``columns[head]`` its input channels for each element of a head: ``[B, N, out]``."""
     joined = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], x.shape[1] * x.shape[3])
-    return _linear_on_columns(joined, weight, bias, _channels_of(columns, heads))
+    return _linear_on_columns(joined, weight, bias, _runs(columns, heads))
 
 
 @graph_op()
@@ -295,8 +276,7 @@ def project_head_channels(
 ) -> Tensor:
     """A linear layer on the channels of the heads ``heads`` ``[h]`` of ``x`` ``[B, N, H·d]`` alone (the others
     are zero), each image's channels times ``factor`` ``[B, 1, h·d]``: ``[B, N, out]``."""
-    if heads.shape[0] * head_dim == x.shape[2]:
-        return torch.nn.functional.linear(x * factor, weight, bias)
     runs = _runs(_head_channels(x.shape[2] // head_dim, head_dim), heads)
-    taken = torch.cat([x.narrow(2, first, length) for first, length in runs], dim=2) if runs else x.narrow(2, 0, 0)
+    parts = [x.narrow(2, first, length) for first, length in runs] or [x.narrow(2, 0, 0)]
+    taken = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
     return _linear_on_columns(taken * factor, weight, bias, runs)

@@ -19,7 +19,7 @@ from torch import nn
 from ..analysis import Block
 from .common import between
 
-__all__ = ["HeadLayout", "head_layout", "is_linear", "has_parameters", "linear_parameters"]
+__all__ = ["HeadLayout", "head_layout", "is_linear", "producer", "has_parameters", "linear_parameters"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,22 +99,25 @@ def _carry(gm: fx.GraphModule, start: fx.Node, stop: fx.Node, numbers: torch.Ten
     return result if isinstance(result, torch.Tensor) else None
 
 
+def _a_layout(numbers: torch.Tensor, first: torch.Tensor) -> bool:
+    """Whether carried ``numbers`` are a rearrangement: equal to ``first`` (their values for one image and token)
+    everywhere, whole and distinct."""
+    return bool((numbers == first).all() and (first == first.round()).all() and first.unique().numel() == first.numel())
+
+
 def _per_head(numbers: torch.Tensor | None, heads: int) -> tuple[tuple[int, ...], ...] | None:
-    """``numbers`` ``[B, H, N, d]`` as ``[H][d]`` ints, when they are whole, distinct, and the same for every
-    image and token."""
+    """``numbers`` ``[B, H, N, d]`` as ``[H][d]`` ints, when they are a rearrangement (:func:`_a_layout`)."""
     if numbers is None or numbers.dim() != 4 or numbers.shape[1] != heads:
         return None
     first = numbers[:1, :, :1]
-    if not (numbers == first).all() or not (first == first.round()).all() or first.unique().numel() != first.numel():
-        return None
-    return _table(first[0, :, 0])
+    return _table(first[0, :, 0]) if _a_layout(numbers, first) else None
 
 
-def _producer(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
-    """The nearest linear layer ``node`` is computed from, through first arguments."""
+def producer(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The nearest linear layer ``node`` is computed from, through first arguments (None: none)."""
     while node is not None and not is_linear(gm, node):
         node = next((arg for arg in node.args if isinstance(arg, fx.Node)), None)
-    return node if node is not None and has_parameters(gm, node) else None
+    return node
 
 
 def head_layout(gm: fx.GraphModule, block: Block) -> HeadLayout | None:
@@ -124,8 +127,10 @@ def head_layout(gm: fx.GraphModule, block: Block) -> HeadLayout | None:
         return None
     inputs = []
     for node in (site.q, site.k, site.v):
-        linear = _producer(gm, node)
+        linear = producer(gm, node)
         shape = getattr(linear.meta.get("val"), "shape", None) if linear is not None else None
+        if linear is not None and not has_parameters(gm, linear):
+            return None
         if shape is None or len(shape) != 3:
             return None
         numbers = torch.arange(shape[2], dtype=torch.float64).expand(*shape)
@@ -145,7 +150,7 @@ def head_layout(gm: fx.GraphModule, block: Block) -> HeadLayout | None:
     if carried is None or carried.dim() != 3 or carried.shape[2] != shape[1] * shape[3]:
         return None
     first = carried[:1, :1]
-    if not (carried == first).all() or first.unique().numel() != first.numel():
+    if not _a_layout(carried, first):
         return None
     columns = torch.empty(shape[1] * shape[3], dtype=torch.long)
     columns[first[0, 0].long()] = torch.arange(first.numel())

@@ -149,8 +149,8 @@ def run(
     for policy in policies:
         models[_describe(policy)] = (transform(model, policy, example_inputs=(example,)), policy)
     rows, dense = [], None
-    padding = any(_per_image(policy) for _, policy in models.values())
-    images = torch.cat([x for x, _ in loader]) if padding else None  # run one by one for their MACs
+    per_image = any(_per_image(policy) for _, policy in models.values())
+    images = torch.cat([x for x, _ in loader]) if per_image else None  # run one by one for their MACs
     for name, (candidate, policy) in models.items():
         logits, labels, macs = predict(candidate, loader, progress=name if progress and rank == 0 else None)
         if _per_image(policy):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 
@@ -90,11 +89,12 @@ def _policies(args: argparse.Namespace, model, data) -> list:
 
 def _bench(args: argparse.Namespace) -> None:
     from .bench import plot, run
+    from .distributed import process_group
 
     model, data, model_name, data_name = _model_and_data(args)
     result = run(model, _policies(args, model, data), data, batch_size=args.batch, speed_batch=args.speed_batch,
                  repeats=args.repeats, model_name=model_name, data_name=data_name)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+    if process_group()[0] != 0:  # under torchrun, rank 0 reports
         return
     print(result.markdown())
     if args.plot:
@@ -132,6 +132,7 @@ def _train(args: argparse.Namespace) -> None:
     from ..passes.learned import learned_state_dict, save_weights
     from ..policies import parse_policy
     from .datasets import DigitScenes
+    from .distributed import process_group
     from .show import usage
     from .train import TrainConfig, train
 
@@ -142,7 +143,7 @@ def _train(args: argparse.Namespace) -> None:
                          backbone_lr_scale=args.backbone_lr_scale, distill_weight=args.distill_weight)
     policy = parse_policy(args.policy)
     result = train(model, policy, train_data, config, eval_data=data, checkpoint=args.out, resume=args.resume)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if process_group()[0] != 0:
         return
     print(f"{policy.describe()} on {model_name}: {config.steps} steps of batch {config.batch_size}; "
           f"loss {result.losses[0]:.3f} → {result.losses[-1]:.3f}")

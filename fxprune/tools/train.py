@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from ..losses import distillation, logits_of
+from ..losses import distillation, frozen_copy, logits_of
 from ..methods import method_of
 from ..methods.evit import EViT
 from ..passes.learned import LEARNED_PREFIX, collect
@@ -119,7 +119,7 @@ def _criterion(model: nn.Module, policy: Policy | Compose, config: TrainConfig, 
         part, loss = own[0]
         return loss(model, part, config.distill_weight, (example,))
     weight = 0.5 if config.distill_weight is None else config.distill_weight
-    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    teacher = frozen_copy(model)
 
     def distilled(images: Tensor, output: object, aux: dict, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         logits = logits_of(output)
