@@ -2,6 +2,7 @@
 
     python benchmarks/adavit_speed.py                            # usage 0.7 and 0.5 of everything, batches 1 and 32
     python benchmarks/adavit_speed.py --usages 0.5 --parts heads,sublayers,tokens,all --batches 1
+    python benchmarks/adavit_speed.py --trained adavit_study     # the usage the trained digits models reach
 
 DeiT-S has random weights; its decision heads are set by ``fxprune.methods.adavit.set_usage`` so that each block
 uses about the share ``--usages`` of what ``--parts`` names (heads and sub-layers: that share of all of them, at
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import functools
+import statistics
+from pathlib import Path
 
 import timm
 import torch
@@ -44,6 +47,24 @@ def _profile(gm: torch.nn.Module, images: torch.Tensor) -> tuple[float, float]:
     return products / total, sum(e.count for e in events) / len(images)
 
 
+def _reached(directory: str, usage: float) -> dict[str, float]:
+    """The share of heads, sub-layers and patch rows that the digits ViT models trained at ``usage`` (all three
+    kinds decided, every seed in ``directory``) use on 500 test scenes, averaged over the seeds."""
+    from fxprune.tools.datasets import DigitScenes
+    from fxprune.tools.models import digits_vit
+    from fxprune.tools.show import mean_usage
+    from fxprune.tools.show import usage as block_usage
+
+    files = sorted(Path(directory).glob(f"adavit_{usage:g}_heads+sublayers+tokens_*.pt"))
+    if not files:
+        raise SystemExit(f"no AdaViT trained at usage {usage:g} in {directory}: run benchmarks/adavit_study.py")
+    data = DigitScenes("test", 500, seed=1)
+    images, model = torch.stack([data[i][0] for i in range(len(data))]), digits_vit()
+    shares = [mean_usage(block_usage(fxprune.transform(model, fxprune.AdaViT(usage, weights=str(f))), images), 1)
+              for f in files]
+    return {kind: statistics.mean(share[kind] for share in shares) for kind in DECIDED}
+
+
 def _run(gm: torch.nn.Module, images: torch.Tensor, one_by_one: bool) -> object:
     return [gm(image[None]) for image in images] if one_by_one else gm(images)
 
@@ -58,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="also time the masked graph compiled by fxprune.lower and the skipping graph compiled "
                              "with graph breaks (torch.compile, dynamic shapes), against dense compiled")
+    parser.add_argument("--trained", help="force the usage the digits models trained in this folder reach instead")
     parser.add_argument("--profile", action="store_true",
                         help="also profile dense and skipped at batch 1: share of CPU time in matrix products, ops")
     args = parser.parse_args(argv)
@@ -66,9 +88,9 @@ def main(argv: list[str] | None = None) -> None:
     batches = [int(b) for b in args.batches.split(",")]
     pool = torch.randn(max(batches + [args.images]), 3, 224, 224)
     single = pool[: args.images]
-    print(f"Command: `python benchmarks/adavit_speed.py --usages {args.usages} --parts {args.parts} "
-          f"--batches {args.batches}" + (" --compile" if args.compile else "") + (" --profile" if args.profile else "")
-          + "`  ")
+    trained = f" --trained {args.trained}" if args.trained else f" --parts {args.parts}"
+    print(f"Command: `python benchmarks/adavit_speed.py --usages {args.usages}{trained} --batches {args.batches}"
+          + (" --compile" if args.compile else "") + (" --profile" if args.profile else "") + "`  ")
     print(f"Machine: {machine()}  ")
     print(f"deit_small_patch16_224 (random weights), AdaViT at the official blocks with its decision heads set to "
           f"the usage shown; {args.images} images at batch 1, medians of {args.repeats} interleaved rounds.\n")
@@ -80,10 +102,14 @@ def main(argv: list[str] | None = None) -> None:
     dense_macs = per_image_macs(model, single)
     profiles = []
     for usage in (float(u) for u in args.usages.split(",")):
-        for part in args.parts.split(","):
-            parts = DECIDED if part == "all" else (part,)
+        shares = _reached(args.trained, usage) if args.trained else None
+        for part in ["reached"] if shares else args.parts.split(","):
             skipping = fxprune.transform(model, fxprune.AdaViT(usage, init_logit=0.0))
-            set_usage(skipping, single, usage, parts)
+            if shares:
+                set_usage(skipping, single, shares)
+                part = "heads {heads:.2f}, sub-layers {sublayers:.2f}, patches {tokens:.2f}".format(**shares)
+            else:
+                set_usage(skipping, single, usage, DECIDED if part == "all" else (part,))
             masked = fxprune.transform(model, fxprune.AdaViT(usage, skip=False, init_logit=0.0))
             masked.load_state_dict(skipping.state_dict())
             macs = per_image_macs(skipping, single)

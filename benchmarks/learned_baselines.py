@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import statistics
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -104,17 +105,20 @@ def matched_keep_rates(keep: float, layers: str) -> dict[str, float]:
 
 
 def _key(job: dict) -> str:
-    return "|".join(str(job[k]) for k in ("family", "keep", "seed", "tuned", "lr", "validation"))
+    key = "|".join(str(job[k]) for k in ("family", "keep", "seed", "tuned", "lr", "validation"))
+    return key + (f"|{job['decides']}" if "decides" in job else "")  # AdaViT's (adavit_study.py): the kinds decided
 
 
-def _run_all(jobs: list[dict], cache: Path, workers: int) -> dict[str, dict]:
-    """Results of ``jobs``, from ``cache`` where done, the rest run ``workers`` at a time and added to it."""
+def _run_all(jobs: list[dict], cache: Path, workers: int, fn: Callable[[dict], dict] = run_one) -> dict[str, dict]:
+    """Results of ``jobs``, from ``cache`` where done, the rest run by ``fn`` ``workers`` at a time and added to
+    it."""
     done = json.loads(cache.read_text()) if cache.exists() else {}
     todo = [job for job in jobs if _key(job) not in done]
     if todo:
         print(f"{len(todo)} runs to do ({len(jobs) - len(todo)} cached)", flush=True)
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            for result in pool.map(run_one, todo):
+            for result in pool.map(fn, todo):
+                done = json.loads(cache.read_text()) if cache.exists() else {}  # another study may have added runs
                 done[_key(result)] = result
                 cache.write_text(json.dumps(done))
                 print(f"  done: {_key(result)}: top-1 {100 * statistics.mean(result['correct']):.2f}%", flush=True)

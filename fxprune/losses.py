@@ -130,8 +130,9 @@ class DynamicViTLoss(nn.Module):
 class AdaViTLoss(nn.Module):
     """AdaViT's training loss (see the module docstring) for a model transformed with ``policy`` (γ = its
     ``usage``). Head usage is the mean head decision over the images and the blocks that use at least one of their
-    sub-layers; sub-layer usage the mean over images, blocks and the two sub-layers; token usage the mean over
-    images, blocks and rows (prefix rows included, always used). ``distill_weight > 0`` adds KL(teacher ‖ student)
+    sub-layers (every block when sub-layers are not decided); sub-layer usage the mean over images, blocks and the
+    two sub-layers; token usage the mean over images, blocks and rows (prefix rows included, always used). A kind
+    the policy does not decide has no term. ``distill_weight > 0`` adds KL(teacher ‖ student)
     with the frozen ``teacher`` (the original model). Called as :class:`DynamicViTLoss`."""
 
     def __init__(
@@ -142,7 +143,8 @@ class AdaViTLoss(nn.Module):
         if distill_weight > 0 and teacher is None:
             raise ValueError("AdaViTLoss: distill_weight > 0 needs the teacher (the original model)")
         self.teacher = frozen_copy(teacher) if distill_weight > 0 else None
-        self.target = policy.usage
+        self.target = self.final_target = policy.usage  # the trainer's keep_warmup moves target from 1 to usage
+        self.decides = policy.decides
         self.head_weight, self.sublayer_weight, self.token_weight = head_weight, sublayer_weight, token_weight
         self.distill_weight = distill_weight
 
@@ -151,20 +153,26 @@ class AdaViTLoss(nn.Module):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         logits = logits_of(output)
         keys = (adavit.HEADS_KEY, adavit.SUBLAYERS_KEY, adavit.TOKENS_KEY)
-        heads, sublayers, rows = (_last(aux, key) for key in keys)
-        if not rows:
+        heads, sublayers, rows = (_last(aux, key) if kind in self.decides else []
+                                  for key, kind in zip(keys, adavit.DECIDED))
+        if not (heads or sublayers or rows):
             raise ValueError("AdaViTLoss needs the blocks' decisions: run the model in training mode inside "
                              "`with fxprune.collect() as aux:` and pass aux")
         parts = {"cls": F.cross_entropy(logits, labels)}
-        parts["tokens"] = (torch.stack([r.mean() for r in rows]).mean() - self.target) ** 2
-        if heads:
-            head, sublayer = torch.stack(heads, dim=1), torch.stack(sublayers, dim=1)  # [B, blocks, H], [B, blocks, 2]
-            in_use = (sublayer.detach().sum(-1, keepdim=True) > 0).to(head.dtype).expand_as(head)
-            parts["heads"] = ((head * in_use).sum() / (in_use.sum() + 1e-6) - self.target).abs()
+        loss = parts["cls"]
+        if rows:
+            parts["tokens"] = (torch.stack([r.mean() for r in rows]).mean() - self.target) ** 2
+            loss = loss + self.token_weight * parts["tokens"]
+        if sublayers:
+            sublayer = torch.stack(sublayers, dim=1)  # [B, blocks, 2]
             parts["sublayers"] = (sublayer.mean() - self.target).abs()
-        loss = parts["cls"] + self.token_weight * parts["tokens"]
+            loss = loss + self.sublayer_weight * parts["sublayers"]
         if heads:
-            loss = loss + self.head_weight * parts["heads"] + self.sublayer_weight * parts["sublayers"]
+            head = torch.stack(heads, dim=1)  # [B, blocks, H]
+            decided = torch.stack(_last(aux, adavit.SUBLAYERS_KEY), dim=1).detach()  # all ones if not decided
+            in_use = (decided.sum(-1, keepdim=True) > 0).to(head.dtype).expand_as(head)
+            parts["heads"] = ((head * in_use).sum() / (in_use.sum() + 1e-6) - self.target).abs()
+            loss = loss + self.head_weight * parts["heads"]
         if self.teacher is not None:
             with torch.no_grad():
                 target = logits_of(self.teacher(images))

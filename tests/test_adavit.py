@@ -76,6 +76,8 @@ def test_decisions_are_per_image():
 def test_policy_parses_binds_the_official_blocks_and_says_it_is_untrained():
     policy = fxprune.parse_policy("adavit:usage=0.5")
     assert policy == AdaViT(0.5)
+    assert fxprune.parse_policy("adavit:usage=0.5,decides=heads,tokens") == AdaViT(0.5, decides=("tokens", "heads"))
+    assert AdaViT(0.5, decides=("heads",)).bind(6).layers == (1, 2, 3, 4, 5)  # no token decisions in block 0
     bound = policy.bind(6)
     assert bound.layers == tuple(range(6)) and bound.token_only == (0,)
     text = str(fxprune.plan(timm_vit("deit_small_patch16_224"), policy))
@@ -109,6 +111,47 @@ def test_loss_is_the_official_usage_loss_plus_cross_entropy():
     expected = torch.nn.functional.cross_entropy(logits, labels) + _official_usage_loss(heads, layers, tokens, 0.5)
     torch.testing.assert_close(loss, expected)
     assert set(parts) == {"cls", "heads", "sublayers", "tokens"}
+
+
+def test_loss_counts_only_the_kinds_the_policy_decides():
+    heads, layers, tokens = torch.ones(2, 4), torch.ones(2, 2), torch.ones(2, 17)
+    aux = {f"{HEADS_KEY}blocks.1": [heads], f"{SUBLAYERS_KEY}blocks.1": [layers], f"{TOKENS_KEY}blocks.1": [tokens]}
+    logits, labels = torch.randn(2, 10), torch.tensor([1, 2])
+    ce = torch.nn.functional.cross_entropy(logits, labels)
+    for kinds, extra in ((("heads",), 2 * 0.5), (("sublayers", "tokens"), 2 * 0.5 + 2 * 0.25)):
+        loss, parts = fxprune.losses.AdaViTLoss(None, AdaViT(0.5, decides=kinds))(None, logits, aux, labels)
+        assert set(parts) == {"cls", *kinds}
+        torch.testing.assert_close(loss, ce + extra)
+
+
+def test_the_target_usage_warms_up_from_one_in_training():
+    from fxprune.tools.datasets import DigitScenes
+    from fxprune.tools.models import digits_vit
+
+    model, data = digits_vit(), DigitScenes("train", 32, seed=0)
+    policy = AdaViT(0.5, layers=(1, 2), init_logit=20.0)  # every part used: usage 1
+    losses = {}
+    for warmup in (0, 4):
+        config = fxprune.TrainConfig(steps=1, batch_size=16, lr=0.0, keep_warmup=warmup)
+        losses[warmup] = fxprune.train(model, policy, data, config, progress=False).losses[0]
+    assert losses[0] - losses[4] == pytest.approx(2 * 0.5 + 2 * 0.5 + 2 * 0.25, abs=1e-5)  # terms at γ 0.5 vs 1
+
+
+@pytest.mark.parametrize("kind", ["heads", "sublayers", "tokens"])
+def test_deciding_one_kind_uses_every_other_part_and_adds_only_its_decision_heads(kind):
+    model = timm_vit("deit_small_patch16_224", depth=3).double()
+    x = image_batch(model, batch=3, dtype=torch.float64)
+    one = fxprune.transform(model, AdaViT(0.5, decides=(kind,), init_logit=-20.0))  # decides: nothing used
+    assert {name.rsplit(".", 2)[-2] for name, _ in one.named_parameters() if name.startswith("fxprune.")} == {kind}
+    every = fxprune.transform(model, AdaViT(0.5, init_logit=20.0, skip=False))  # decides all: everything used
+    for name, module in every.named_modules():
+        if name.endswith(f".{kind}"):
+            module.bias.data.fill_(-20.0)
+    with torch.no_grad():
+        torch.testing.assert_close(one(x), every(x), atol=1e-10, rtol=0)
+    assert "only" in fxprune.AdaViT(0.5, decides=(kind,)).describe()
+    with pytest.raises(fxprune.PolicyError, match="decides must name"):
+        AdaViT(0.5, decides=("patches",))
 
 
 def test_trainer_moves_the_decisions_towards_the_target_usage():
@@ -279,13 +322,25 @@ def test_fxprune_train_fine_tunes_adavit_and_reports_its_usage(capsys, tmp_path)
     assert "untrained" not in str(loaded.fxprune_plan)
 
 
-def test_shipped_weights_are_named_for_the_digits_vit_and_refused_where_none_ship():
+def test_shipped_digits_states_load_for_their_usages_and_skip_part_of_the_model():
+    from fxprune.tools.bench import per_image_macs
+    from fxprune.tools.datasets import DigitScenes
     from fxprune.tools.models import digits_vit
 
+    model, data = digits_vit(), DigitScenes("test", 48, seed=1)
+    images, labels = torch.stack([data[i][0] for i in range(48)]), torch.tensor([data[i][1] for i in range(48)])
+    dense = per_image_macs(model, images[:1])
+    for usage, most in ((0.7, 0.95), (0.5, 0.5)):  # their MACs per image in BENCHMARKS.md: about 81% and 38%
+        gm = fxprune.transform(model, fxprune.parse_policy(f"adavit:usage={usage},weights=digits"))
+        notes = gm.fxprune_plan.notes
+        assert any("backbone weights loaded" in note for note in notes) and not any("untrained" in n for n in notes)
+        with torch.no_grad():
+            accuracy = (gm(images).argmax(-1) == labels).float().mean()
+        assert per_image_macs(gm, images) < most * dense and accuracy > 0.5  # chance: 0.1
     with pytest.raises(fxprune.PolicyError, match="ships for usages 0.7, 0.5"):
-        fxprune.transform(digits_vit(), AdaViT(0.35, weights="digits"))
-    with pytest.raises(fxprune.PolicyError, match="adavit_digits_usage50.pt .* is not in this installation"):
-        fxprune.transform(digits_vit(), AdaViT(0.5, weights="digits"))
+        fxprune.transform(model, AdaViT(0.35, weights="digits"))
+    with pytest.raises(fxprune.PolicyError, match="ships for usages 0.7, 0.5"):
+        fxprune.transform(model, AdaViT(0.5, decides=("heads",), weights="digits"))
 
 
 def test_set_usage_gives_a_random_usage_of_each_kind():

@@ -79,5 +79,5 @@ def test_the_keep_rate_warms_up_from_one_along_a_cosine_through_a_few_graphs():
     assert [_keep_rate_at(step, 0.5, config) for step in range(6)] == [1.0, 1.0, 0.75, 0.75, 0.5, 0.5]
     result = train(digits_vit(), fxprune.EViT(0.5, (1, 3, 4)), DATA, config, progress=False)
     assert len(result.losses) == 6 and all(torch.isfinite(torch.tensor(result.losses)))
-    with pytest.raises(ValueError, match="keep_warmup applies to EViT and Top-K"):
+    with pytest.raises(ValueError, match="keep_warmup applies to EViT and Top-K policies and to losses"):
         train(digits_vit(), fxprune.ToMe(2), DATA, config, progress=False)

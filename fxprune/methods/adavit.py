@@ -30,7 +30,7 @@ import dataclasses
 import functools
 import math
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -41,8 +41,10 @@ from ..analysis import Block, TokenProgram, sdpa_arguments
 from ..errors import PolicyError, UnsupportedModelError
 from ..ops import op_of
 from ..ops.gating import (
+    apply_factor,
     channel_gate,
     combine_masks,
+    every_one,
     gumbel_gate,
     head_gate,
     mask_logits,
@@ -58,6 +60,7 @@ from ..ops.gating import (
     used_heads,
     used_layout,
     valid_keys,
+    varying_heads,
 )
 from ..passes.common import Rewrite, Role, ancestors, insert_call, tag_of
 from ..passes.heads import HeadLayout, has_parameters, head_layout, is_linear, linear_parameters, producer
@@ -76,6 +79,7 @@ HEADS_KEY = "adavit/heads/"  # + block name: the heads' decisions [B, H]
 SUBLAYERS_KEY = "adavit/sublayers/"  # + block name: the sub-layers' decisions [B, 2] (attention, MLP)
 TOKENS_KEY = "adavit/tokens/"  # + block name: every row's decision [B, N] (prefix rows 1)
 HEAD_THRESHOLD, SUBLAYER_THRESHOLD, TOKEN_THRESHOLD = 0.5, 0.5, 0.6
+DECIDED = ("heads", "sublayers", "tokens")  # what a block with all three decision heads decides
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +94,10 @@ class AdaViT(Policy):
     ``init_logit``: None for the official initialisation (weights truncated-normal, std 0.02, biases 0); a number
     starts every decision head at that constant logit (zero weights), e.g. a large one for a model that starts
     dense. ``skip``: the evaluation graph computes only what each image uses (shapes that depend on the data: eager
-    only); False: it masks, as the official code (a static graph, for ``fxprune.lower`` and export).
+    only); False: it masks, as the official code (a static graph, for ``fxprune.lower`` and export). ``decides``:
+    the kinds decided per image, of ``heads``, ``sublayers`` and ``tokens`` (all three by default, the released
+    configuration; fewer as the official ``--ada-head``/``--ada-layer``/``--ada-token`` flags, e.g. for an
+    ablation); the others are always used and have no decision head.
     """
 
     usage: float = option(parse_number)
@@ -98,6 +105,7 @@ class AdaViT(Policy):
     weights: str | None = option(parse_text, default=None)
     init_logit: float | None = option(parse_number, "init", default=None)
     skip: bool = option(parse_flag, default=True)
+    decides: tuple[str, ...] = option(tuple, default=DECIDED)
     token_only: tuple[int, ...] = dataclasses.field(default=(), repr=False)  # blocks with token decisions only
 
     def __post_init__(self) -> None:
@@ -106,20 +114,32 @@ class AdaViT(Policy):
         if self.layers is not None:
             object.__setattr__(self, "layers", check_layers(self.layers, "AdaViT"))
         check_flag(self.skip, "AdaViT.skip")
+        kinds = tuple(self.decides) if isinstance(self.decides, (tuple, list)) else (self.decides,)
+        if not kinds or any(kind not in DECIDED for kind in kinds) or len(set(kinds)) != len(kinds):
+            raise PolicyError(f"AdaViT.decides must name some of {', '.join(DECIDED)} once each, got {self.decides!r}")
+        object.__setattr__(self, "decides", tuple(kind for kind in DECIDED if kind in kinds))
 
     def bind(self, depth: int, patches: int | None = None) -> AdaViT:
         if self.layers is not None:
             return self
+        if "tokens" not in self.decides:
+            return dataclasses.replace(self, layers=tuple(range(1, depth)))
         return dataclasses.replace(self, layers=tuple(range(depth)), token_only=(0,))
 
     def tokens_out(self, tokens_in: int, prefix: int, layer: int) -> int:
         return tokens_in
 
     def describe(self) -> str:
-        return f"{self.method} usage {self.usage:g}" + ("" if self.weights else " (untrained)")
+        kinds = "" if self.decides == DECIDED else f" ({', '.join(self.decides)} only)"
+        return f"{self.method} usage {self.usage:g}{kinds}" + ("" if self.weights else " (untrained)")
+
+    def decided_in(self, layer: int) -> tuple[str, ...]:
+        """The kinds decided per image in block ``layer``."""
+        return ("tokens",) if layer in self.token_only else self.decides
 
     def action(self, layer: int) -> str:
-        what = "patches" if layer in self.token_only else "heads, sub-layers, patches"
+        names = {"heads": "heads", "sublayers": "sub-layers", "tokens": "patches"}
+        what = ", ".join(names[kind] for kind in self.decided_in(layer)) or "nothing"
         return f"{self.describe()}: {what} decided per image"
 
     def plan_notes(self) -> list[str]:
@@ -184,10 +204,11 @@ def block_parts(gm: fx.GraphModule, program: TokenProgram, block: Block, what: s
 
 
 def _multiply(gm: fx.GraphModule, block: Block, node: fx.Node, factor: fx.Node, name: str,
-              users: Callable[[fx.Node], bool] | None = None) -> fx.Node:
-    """Insert ``node · factor`` after both and make ``node``'s users (those ``users`` selects) read it."""
+              users: Callable[[fx.Node], bool] | None = None, op: Callable = operator.mul) -> fx.Node:
+    """Insert ``op(node, factor)`` (``node · factor``) after both and make ``node``'s users (those ``users``
+    selects) read it."""
     after = max(node, factor, key=_order(gm))
-    product = insert_call(gm, after, operator.mul, (node, factor), {}, block, name)
+    product = insert_call(gm, after, op, (node, factor), {}, block, name)
     node.replace_all_uses_with(product, delete_user_cb=lambda u: u is not product and (users is None or users(u)))
     return product
 
@@ -220,24 +241,35 @@ class Decisions:
     channels: fx.Node | None = None
 
 
+def _decision(gm: fx.GraphModule, block: Block, policy: AdaViT, kind: str, source: fx.Node, train: bool,
+              count: int, after: fx.Node | None = None) -> fx.Node:
+    """``block``'s decisions of ``kind`` ``[B, count]`` from the decision head reading ``source`` (``[B, C]``, or
+    ``[B, N, C]`` for tokens: ``[B, N, 1]``), inserted after ``after`` (None: ``source``; training samples its
+    noise in the order of the decisions); ones when ``policy`` does not decide ``kind``."""
+    after = source if after is None else after
+    if kind not in policy.decides:
+        return insert_call(gm, after, every_one, (source, count), {}, block, f"{kind}_all_used")
+    logits = insert_module(gm, after, block, kind, (source,))
+    threshold = {"heads": HEAD_THRESHOLD, "sublayers": SUBLAYER_THRESHOLD, "tokens": TOKEN_THRESHOLD}[kind]
+    return _decide(gm, block, logits, threshold, train, f"{kind[:-1]}_decisions")
+
+
 def decide(gm: fx.GraphModule, program: TokenProgram, block: Block, policy: AdaViT, parts: BlockParts,
            train: bool) -> Decisions:
-    """Insert ``block``'s decision heads and decisions, and emit them."""
+    """Insert ``block``'s decision heads and decisions, and emit them (those of a kind not decided too: all used)."""
     prefix = program.prefix_tokens
     patches = insert_call(gm, parts.attention_input, operator.getitem,
                           (parts.attention_input, (slice(None), slice(prefix, None))), {}, block, "patches")
-    token_logits = insert_module(gm, patches, block, "tokens", (patches,))
-    decided = _decide(gm, block, token_logits, TOKEN_THRESHOLD, train, "token_decisions")
+    decided = _decision(gm, block, policy, "tokens", patches, train, 1)
     rows = insert_call(gm, decided, token_gate, (decided, prefix), {}, block, "row_decisions")
     _emit(gm, insert_call(gm, rows, operator.getitem, (rows, (Ellipsis, 0)), {}, block, "row_usage"),
           f"{TOKENS_KEY}{block.name}")
-    if block.index in policy.token_only:
+    kinds = policy.decided_in(block.index)
+    if "heads" not in kinds and "sublayers" not in kinds:
         return Decisions(rows)
     token = insert_call(gm, block.input, operator.getitem, (block.input, (slice(None), 0)), {}, block, "class_token")
-    head_logits = insert_module(gm, token, block, "heads", (token,))
-    heads = _decide(gm, block, head_logits, HEAD_THRESHOLD, train, "head_decisions")
-    sublayer_logits = insert_module(gm, heads, block, "sublayers", (token,))
-    sublayers = _decide(gm, block, sublayer_logits, SUBLAYER_THRESHOLD, train, "sublayer_decisions")
+    heads = _decision(gm, block, policy, "heads", token, train, block.attention.num_heads)
+    sublayers = _decision(gm, block, policy, "sublayers", token, train, 2, after=heads)
     _emit(gm, heads, f"{HEADS_KEY}{block.name}")
     _emit(gm, sublayers, f"{SUBLAYERS_KEY}{block.name}")
     per_head = insert_call(gm, sublayers, head_gate, (heads,), {}, block, "head_factor")
@@ -312,21 +344,32 @@ def _slice_used_heads(gm: fx.GraphModule, block: Block, parts: BlockParts, decis
                       layout: HeadLayout, after: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
     """Compute q, k, v, the output projection and the MLP's first layer for the heads some image uses only, from
     those rows and columns of their weights; each image's unused heads among them still give zeros. Returns the
-    used heads' node and the per-image factors the sub-layers read. The projections come after ``after``."""
+    used heads' node and the per-image factors the sub-layers read. The projections come after ``after``; q, k and
+    v made by one linear layer are projected together. Where every image uses every one of those heads (always at
+    batch 1) there are no factors."""
     site, head_dim = block.attention, block.attention.head_dim
     used = insert_call(gm, decisions.channels, used_heads, (decisions.per_head,), {}, block, "used_heads")
     chosen = insert_call(gm, used, select_heads, (decisions.heads, used), {}, block, "chosen_heads")
-    factor = insert_call(gm, chosen, head_gate, (chosen,), {}, block, "used_head_factor")
-    channels = insert_call(gm, factor, channel_gate, (chosen, head_dim), {}, block, "used_channel_factor")
-    for name, (linear, numbers), old in zip("qkv", layout.inputs, site.node.args[:3]):
+    varying = insert_call(gm, chosen, varying_heads, (chosen,), {}, block, "varying_heads")
+    factor = insert_call(gm, varying, head_gate, (varying,), {}, block, "used_head_factor")
+    channels = insert_call(gm, factor, channel_gate, (varying, head_dim), {}, block, "used_channel_factor")
+    inputs = list(site.node.args[:3])
+    by_layer: dict[fx.Node, list[int]] = {}
+    for position, (linear, _) in enumerate(layout.inputs):
+        by_layer.setdefault(linear, []).append(position)
+    for linear, positions in by_layer.items():
         weight, bias = linear_parameters(gm, linear)
-        source = linear.args[0]
-        projected = insert_call(gm, max(source, channels, after, key=_order(gm)), project_heads,
-                                (source, weight, bias, numbers, used), {}, block, f"used_{name}")
-        site.node.replace_input_with(old, _multiply(gm, block, projected, factor, f"gated_{name}"))
+        source, names = linear.args[0], ["qkv"[position] for position in positions]
+        tables = tuple(layout.inputs[position][1] for position in positions)
+        joint = insert_call(gm, max(source, channels, after, key=_order(gm)), project_heads,
+                            (source, weight, bias, tables, used), {}, block, f"used_{''.join(names)}")
+        for position, name, projected in zip(positions, names, unpack(gm, joint, block, tuple(
+                f"used_{name}" for name in names))):
+            gated = _multiply(gm, block, projected, factor, f"gated_{name}", op=apply_factor)
+            site.node.replace_input_with(inputs[position], gated)
     projection, columns = layout.output
     weight, bias = linear_parameters(gm, projection)
-    gated = insert_call(gm, site.node, operator.mul, (site.node, factor), {}, block, "gated_heads")
+    gated = insert_call(gm, site.node, apply_factor, (site.node, factor), {}, block, "gated_heads")
     output = insert_call(gm, gated, project_from_heads, (gated, weight, bias, columns, used), {}, block,
                          "used_projection")
     projection.replace_all_uses_with(output)
@@ -425,11 +468,8 @@ def _linear(dim: int, out: int, init_logit: float | None) -> nn.Linear:
 
 
 def _decision_heads(policy: AdaViT, block: Block, program: TokenProgram) -> dict[str, Any]:
-    heads = {"tokens": _linear(program.dim, 1, policy.init_logit)}
-    if block.index not in policy.token_only:
-        heads["heads"] = _linear(program.dim, block.attention.num_heads, policy.init_logit)
-        heads["sublayers"] = _linear(program.dim, 2, policy.init_logit)
-    return heads
+    outputs = {"heads": block.attention.num_heads, "sublayers": 2, "tokens": 1}
+    return {kind: _linear(program.dim, outputs[kind], policy.init_logit) for kind in policy.decided_in(block.index)}
 
 
 SHIPPED_USAGES = (0.7, 0.5)
@@ -442,7 +482,8 @@ def weights_file(policy: AdaViT) -> str | None:
     ViT's backbone fine-tuned with the decision heads of the official blocks, ``layers=None``)."""
     if policy.weights != SHIPPED:
         return policy.weights
-    offered = policy.usage in SHIPPED_USAGES and (policy.layers is None or policy.token_only == (0,))
+    offered = policy.usage in SHIPPED_USAGES and policy.decides == DECIDED and \
+        (policy.layers is None or policy.token_only == (0,))
     name = f"adavit_digits_usage{round(100 * policy.usage)}.pt" if offered else None
     return shipped(name, policy.describe(), f"usages {', '.join(map(str, SHIPPED_USAGES))} at layers=None "
                    "(the official blocks) of the digits ViT")
@@ -483,25 +524,23 @@ def official_backbone(saved: dict) -> dict[str, Tensor]:
     return backbone
 
 
-DECIDED = ("heads", "sublayers", "tokens")  # what a block with all three decision heads decides
-
-
 @torch.no_grad()
 def set_usage(
-    gm: nn.Module, images: Tensor, usage: float, parts: tuple[str, ...] = DECIDED, seed: int = 0
+    gm: nn.Module, images: Tensor, usage: float | Mapping[str, float], parts: tuple[str, ...] = DECIDED, seed: int = 0
 ) -> None:
     """Set the decision heads of ``gm`` (transformed with AdaViT) to a random usage: about ``usage`` of each kind in
-    ``parts`` used, all of the others. Heads and sub-layers: ``round(usage · count)`` of all the model's heads (of
-    all its sub-layers) chosen at random, the same for every image; rows: token heads with random weights whose
-    bias lets ``usage`` of the rows of ``images`` pass, block after block, so each image uses different rows. The
-    random-usage baseline, and a way to time skipping at a usage without training."""
+    ``parts`` used, all of the others (``usage`` a mapping: its share for each kind it names, all of the others).
+    Heads and sub-layers: ``round(share · count)`` of all the model's heads (of all its sub-layers) chosen at
+    random, the same for every image; rows: token heads with random weights whose bias lets that share of the
+    patch rows of ``images`` pass, block after block, so each image uses different rows. The random-usage
+    baseline, and a way to time skipping at a usage without training."""
+    shares = dict(usage) if isinstance(usage, Mapping) else dict.fromkeys(parts, usage)
     generator = torch.Generator().manual_seed(seed)
     for kind in ("heads", "sublayers"):
         heads = _heads_of_kind(gm, kind)
         sizes = [head.bias.numel() for head in heads]
         used = torch.zeros(sum(sizes))
-        share = usage if kind in parts else 1.0
-        used[torch.randperm(len(used), generator=generator)[: round(share * len(used))]] = 1.0
+        used[torch.randperm(len(used), generator=generator)[: round(shares.get(kind, 1.0) * len(used))]] = 1.0
         for head, bias in zip(heads, (20.0 * used - 10.0).split(sizes)):
             head.weight.zero_()
             head.bias.copy_(bias)
@@ -509,7 +548,7 @@ def set_usage(
     for head in _heads_of_kind(gm, "tokens"):
         head.weight.zero_()
         head.bias.fill_(10.0)
-    if "tokens" not in parts:
+    if "tokens" not in shares:
         return
     for head in _heads_of_kind(gm, "tokens"):  # block after block: a block's input depends on the earlier ones
         head.weight.copy_(torch.randn(head.weight.shape, generator=generator) / math.sqrt(head.weight.shape[1]))
@@ -517,7 +556,7 @@ def set_usage(
         hook = head.register_forward_hook(lambda module, args, out, seen=seen: seen.append(out.flatten()))
         gm(images)
         hook.remove()
-        head.bias.fill_(threshold - torch.quantile(torch.cat(seen) - head.bias, 1.0 - usage).item())
+        head.bias.fill_(threshold - torch.quantile(torch.cat(seen) - head.bias, 1.0 - shares["tokens"]).item())
 
 
 def _heads_of_kind(gm: nn.Module, kind: str) -> list[nn.Linear]:

@@ -37,16 +37,40 @@ def threshold_gate(logits: Tensor, threshold: float) -> Tensor:
 
 
 @graph_op()
-def head_gate(heads: Tensor) -> Tensor:
-    """Per-head decisions ``[B, H]`` as a factor on ``[B, H, N, d]`` head tensors: ``[B, H, 1, 1]``."""
-    return heads[:, :, None, None]
+def every_one(x: Tensor, count: int) -> Tensor:
+    """Decisions that use everything, for a kind not decided: ones ``[B, count]`` from ``x`` ``[B, C]``, or
+    ``[B, N, count]`` from ``x`` ``[B, N, C]``, in ``x``'s dtype."""
+    return x.new_ones(*x.shape[:-1], count)
 
 
 @graph_op()
-def channel_gate(heads: Tensor, head_dim: int) -> Tensor:
+def head_gate(heads: Tensor | None) -> Tensor | None:
+    """Per-head decisions ``[B, H]`` as a factor on ``[B, H, N, d]`` head tensors: ``[B, H, 1, 1]`` (None: none)."""
+    return None if heads is None else heads[:, :, None, None]
+
+
+@graph_op()
+def channel_gate(heads: Tensor | None, head_dim: int) -> Tensor | None:
     """Per-head decisions ``[B, H]`` as a factor on ``[B, N, H·d]`` channels (head ``h`` owns channels
-    ``h·d … (h+1)·d − 1``): ``[B, 1, H·d]``."""
-    return heads.repeat_interleave(head_dim, dim=1)[:, None, :]
+    ``h·d … (h+1)·d − 1``): ``[B, 1, H·d]`` (None: none)."""
+    return None if heads is None else heads.repeat_interleave(head_dim, dim=1)[:, None, :]
+
+
+def _always_varies(chosen: Tensor) -> Tensor:
+    return chosen
+
+
+@graph_op(worst_case=_always_varies)
+def varying_heads(chosen: Tensor) -> Tensor | None:
+    """Each image's decisions ``[B, h]`` on the heads some image uses, or None when every image uses all of them
+    (always at batch 1): then they need no factor."""
+    return None if bool(chosen.all()) else chosen
+
+
+@graph_op()
+def apply_factor(x: Tensor, factor: Tensor | None) -> Tensor:
+    """``x · factor`` (``factor`` None: ``x``)."""
+    return x if factor is None else x * factor
 
 
 @graph_op()
@@ -121,8 +145,8 @@ def used_layout(
 @graph_op()
 def batch_rows(x: Tensor, images: Tensor | None) -> Tensor:
     """The images ``images`` ``[b]`` of ``x`` ``[B, …]`` (or ``[1, …]``, the same for every image): ``[b, …]``
-    (``images`` None: all)."""
-    if images is None:
+    (``images`` None: all; ``x`` None stays None)."""
+    if images is None or x is None:
         return x
     if x.shape[0] == 1:
         return x.expand(images.shape[0], *x.shape[1:])
@@ -231,20 +255,30 @@ def _head_channels(num_heads: int, head_dim: int) -> tuple[tuple[int, ...], ...]
     return tuple(tuple(range(h * head_dim, (h + 1) * head_dim)) for h in range(num_heads))
 
 
+@functools.lru_cache(maxsize=256)
+def _joint_runs(tables: tuple[tuple[tuple[int, ...], ...], ...]) -> tuple[tuple[int, int], ...]:
+    """The channels of every head of each table in turn, as runs (one slice for a fused q, k, v layer)."""
+    return tuple(_merged(run for channels in tables for run in _all_runs(channels)))
+
+
 @graph_op()
 def project_heads(
-    x: Tensor, weight: Tensor, bias: Tensor | None, channels: tuple[tuple[int, ...], ...], heads: Tensor
-) -> Tensor:
-    """The heads ``heads`` ``[h]`` of a linear layer's output, computed alone: ``x`` ``[B, N, C]``, the layer's
-    ``weight``/``bias``, ``channels[head]`` its output channels for each element of a head: ``[B, h, N, d]``."""
-    rows = _runs(channels, heads)
+    x: Tensor, weight: Tensor, bias: Tensor | None, tables: tuple[tuple[tuple[int, ...], ...], ...], heads: Tensor
+) -> tuple[Tensor, ...]:
+    """The heads ``heads`` ``[h]`` of one or more outputs of a linear layer (q, k, v of a fused layer), computed
+    alone: ``x`` ``[B, N, C]``, the layer's ``weight``/``bias``, ``tables[i][head]`` output ``i``'s channels for each
+    element of a head. One ``[B, h, N, d]`` per table, from one product per run of consecutive weight rows."""
+    every = heads.shape[0] == len(tables[0])
+    rows = _joint_runs(tables) if every else _merged(run for channels in tables for run in _runs(channels, heads))
+    size, head_dim = heads.shape[0], len(tables[0][0])
     if not rows:  # no head used
-        return x.new_zeros(x.shape[0], 0, x.shape[1], len(channels[0]))
+        return tuple(x.new_zeros(x.shape[0], 0, x.shape[1], head_dim) for _ in tables)
     parts = [torch.nn.functional.linear(x, weight.narrow(0, first, length),
                                         None if bias is None else bias.narrow(0, first, length))
              for first, length in rows]
     out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-    return out.view(x.shape[0], x.shape[1], heads.shape[0], len(channels[0])).transpose(1, 2)
+    return tuple(chunk.view(x.shape[0], x.shape[1], size, head_dim).transpose(1, 2)
+                 for chunk in out.split(size * head_dim, dim=-1))
 
 
 def _linear_on_columns(x: Tensor, weight: Tensor, bias: Tensor | None, columns: Sequence[tuple[int, int]]) -> Tensor:
@@ -275,8 +309,8 @@ def project_head_channels(
     x: Tensor, weight: Tensor, bias: Tensor | None, heads: Tensor, head_dim: int, factor: Tensor
 ) -> Tensor:
     """A linear layer on the channels of the heads ``heads`` ``[h]`` of ``x`` ``[B, N, H·d]`` alone (the others
-    are zero), each image's channels times ``factor`` ``[B, 1, h·d]``: ``[B, N, out]``."""
+    are zero), each image's channels times ``factor`` ``[B, 1, h·d]`` (None: as they are): ``[B, N, out]``."""
     runs = _runs(_head_channels(x.shape[2] // head_dim, head_dim), heads)
     parts = [x.narrow(2, first, length) for first, length in runs] or [x.narrow(2, 0, 0)]
     taken = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
-    return _linear_on_columns(taken * factor, weight, bias, runs)
+    return _linear_on_columns(apply_factor(taken, factor), weight, bias, runs)

@@ -140,7 +140,8 @@ def _train(args: argparse.Namespace) -> None:
     train_data = DigitScenes("train", args.train_images, seed=11) if args.model == "digits" else data
     config = TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, warmup=args.warmup,
                          freeze_backbone=args.freeze_backbone, eval_every=args.eval_every, seed=args.seed,
-                         backbone_lr_scale=args.backbone_lr_scale, distill_weight=args.distill_weight)
+                         backbone_lr_scale=args.backbone_lr_scale, distill_weight=args.distill_weight,
+                         keep_warmup=args.keep_warmup)
     policy = parse_policy(args.policy)
     result = train(model, policy, train_data, config, eval_data=data, checkpoint=args.out, resume=args.resume)
     if process_group()[0] != 0:
@@ -202,6 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                           help="the backbone's lr relative to --lr (default: the method's recipe)")
     training.add_argument("--distill-weight", type=float, default=None,
                           help="weight of the distillation from the original model (default: the method's)")
+    training.add_argument("--keep-warmup", type=int, default=0,
+                          help="steps over which the keep rate (EViT, Top-K) or target usage (AdaViT) falls from 1")
     training.add_argument("--eval-every", type=int, default=0)
     training.add_argument("--seed", type=int, default=0)
     training.add_argument("--out", default="fxprune_train.pt", help="checkpoint (model, optimiser, step)")

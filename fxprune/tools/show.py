@@ -29,7 +29,7 @@ from ..passes.learned import collect
 
 __all__ = [
     "TokenStep", "token_sources", "kept_counts", "draw_kept_patches", "cluster_maps", "draw_clusters", "BlockUsage",
-    "usage", "draw_usage",
+    "mean_usage", "usage", "draw_usage",
 ]
 
 
@@ -245,6 +245,17 @@ class BlockUsage:
             text += (f", {self.heads.sum(dim=1).mean():.1f} of {self.heads.shape[1]} heads, attention "
                      f"{100 * attention:.0f}%, MLP {100 * mlp:.0f}% of the images")
         return text
+
+
+def mean_usage(blocks: list[BlockUsage], prefix: int) -> dict[str, float]:
+    """The share of each kind that ``blocks`` use, over their images: ``heads`` (of the blocks that decide them),
+    ``sublayers`` (of theirs, attention and MLP) and ``tokens`` (of the patch rows, the ``prefix`` rows left out)."""
+    deciding = [block for block in blocks if block.heads is not None]
+    shares = {"tokens": torch.cat([block.rows[:, prefix:].flatten() for block in blocks]).mean().item()}
+    if deciding:
+        shares["heads"] = torch.cat([block.heads.flatten() for block in deciding]).mean().item()
+        shares["sublayers"] = torch.cat([block.sublayers.flatten() for block in deciding]).mean().item()
+    return shares
 
 
 def usage(gm: fx.GraphModule, images: torch.Tensor) -> list[BlockUsage]:

@@ -10,7 +10,8 @@ plus ``distill_weight`` · KL(original ‖ transformed) on the logits (``distill
 0.5 for that loss and DynamicViT's, 0 for AdaViT's).
 
 EViT and Top-K can warm their keep rate up as the EViT paper does (``keep_warmup``): from 1 down to the policy's
-along a cosine, stepping through ``keep_levels`` graphs that share the weights.
+along a cosine, stepping through ``keep_levels`` graphs that share the weights. A method whose loss pulls towards
+a target usage (AdaViT) warms that target the same way (one graph; its loss's ``target`` follows the cosine).
 
 Under ``torchrun --nproc_per_node=N`` (``WORLD_SIZE`` set) it runs distributed data parallel (gloo on the CPU,
 nccl on GPUs): each process takes ``batch_size / N`` images of every global batch through a
@@ -59,7 +60,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     clip: float | None = 1.0
     distill_weight: float | None = None  # None: the method's default (see the module docstring)
-    keep_warmup: int = 0  # EViT/Top-K: steps over which the keep rate falls from 1 to the policy's (cosine)
+    keep_warmup: int = 0  # steps over which the keep rate (EViT/Top-K) or target usage (AdaViT) falls from 1 (cosine)
     keep_levels: int = 4  # graphs the keep-rate warm-up steps through (each a transform sharing the weights)
     eval_every: int = 0  # 0: only at the end
     seed: int = 0
@@ -132,17 +133,25 @@ def _criterion(model: nn.Module, policy: Policy | Compose, config: TrainConfig, 
     return distilled
 
 
-def _keep_rate_at(step: int, target: float, config: TrainConfig) -> float:
-    """The EViT warm-up's keep rate at ``step``: from 1 to ``target`` along a cosine over ``keep_warmup`` steps,
-    rounded up to one of ``keep_levels`` evenly spaced rates (the last is ``target``)."""
+def _warm_value(step: int, target: float, config: TrainConfig) -> float:
+    """The warm-up's value at ``step``: from 1 to ``target`` along a cosine over ``keep_warmup`` steps."""
     if step >= config.keep_warmup:
         return target
-    rate = target + (1.0 - target) * (math.cos(math.pi * step / config.keep_warmup) + 1.0) / 2.0
+    return target + (1.0 - target) * (math.cos(math.pi * step / config.keep_warmup) + 1.0) / 2.0
+
+
+def _keep_rate_at(step: int, target: float, config: TrainConfig) -> float:
+    """The EViT warm-up's keep rate at ``step`` (:func:`_warm_value`), rounded up to one of ``keep_levels`` evenly
+    spaced rates (the last is ``target``)."""
+    if step >= config.keep_warmup:
+        return target
+    rate = _warm_value(step, target, config)
     levels = [target + (1.0 - target) * i / config.keep_levels for i in range(config.keep_levels + 1)]
     return min(level for level in levels if level >= rate - 1e-12)
 
 
-def _warmup_graphs(base: nn.Module, policy: Policy | Compose, config: TrainConfig, example: Tensor) -> dict:
+def _warmup_graphs(base: nn.Module, policy: Policy | Compose, config: TrainConfig, example: Tensor,
+                   criterion: Callable) -> dict:
     """keep rate → ``base`` transformed with its EViT/Top-K parts at that rate (or their own, if higher), sharing
     ``base``'s weights, for the rates the keep-rate warm-up of the lowest target visits; empty without one."""
     if not config.keep_warmup:
@@ -150,12 +159,20 @@ def _warmup_graphs(base: nn.Module, policy: Policy | Compose, config: TrainConfi
     parts = policy.policies()
     targets = [p.keep_rate for p in parts if isinstance(p, EViT)]
     if not targets:
-        raise ValueError("keep_warmup applies to EViT and Top-K policies")
+        if _warms_target(criterion):
+            return {}
+        raise ValueError("keep_warmup applies to EViT and Top-K policies and to losses with a target usage "
+                         "(AdaViT)")
     graphs = {}
     for rate in dict.fromkeys(_keep_rate_at(step, min(targets), config) for step in range(config.keep_warmup)):
         warm = [dataclasses.replace(p, keep_rate=max(rate, p.keep_rate)) if isinstance(p, EViT) else p for p in parts]
         graphs[rate] = transform(base, warm[0] if len(warm) == 1 else Compose(warm), example_inputs=(example,))
     return graphs
+
+
+def _warms_target(criterion: Callable) -> bool:
+    """Whether ``criterion`` pulls towards a target usage that the warm-up moves (``target``, ``final_target``)."""
+    return hasattr(criterion, "target") and hasattr(criterion, "final_target")
 
 
 def _average_gradients(model: nn.Module, world: int) -> None:
@@ -201,9 +218,10 @@ def train(
     example = torch.stack([data[i][0] for i in range(2)])
     base = copy.deepcopy(model)  # the weights every graph of the student shares; ``model`` stays as it is
     student = transform(base, policy, example_inputs=(example,)).train()
-    warm = _warmup_graphs(base, policy, config, example)
-    lowest = min((p.keep_rate for p in policy.policies() if isinstance(p, EViT)), default=1.0)
     criterion = _criterion(model, policy, config, example)
+    warm = _warmup_graphs(base, policy, config, example, criterion)
+    lowest = min((p.keep_rate for p in policy.policies() if isinstance(p, EViT)), default=1.0)
+    warms_target = bool(config.keep_warmup) and _warms_target(criterion)
     groups, scale = _groups(student, policy, config)
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     start, losses, evaluations = 0, [], []
@@ -226,6 +244,8 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, config) * group["lr_scale"]
         graph = warm.get(_keep_rate_at(step, lowest, config), student).train()
+        if warms_target:
+            criterion.target = _warm_value(step, criterion.final_target, config)
         with collect() as aux:
             output = graph(images)
         loss, _ = criterion(images, output, aux, labels)
