@@ -1,7 +1,7 @@
 """AdaViT on the embedded benchmark, beside DynamicViT, Top-K, EViT and random usage at matched MACs: accuracy,
 executed MACs per image and speed, over several seeds, with an ablation of what it decides.
 
-    python benchmarks/adavit_study.py                              # the full study (about 80 minutes on 2 cores)
+    python benchmarks/adavit_study.py                              # the full study (about an hour on 2 cores)
     python benchmarks/adavit_study.py --usages 0.5 --seeds 0 --steps 60 --ablation "" --cache quick.json
 
 Every AdaViT run is one ``fxprune.train`` call with the recipe below on the 6000 DigitScenes training scenes of

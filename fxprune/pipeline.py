@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.fx as fx
@@ -45,6 +46,8 @@ def rewrite(
     backbone = next(((path, saved["backbone"]) for path, saved in files.items() if "backbone" in saved), None)
     program = analyse(trace(model, example_inputs, copy_weights=copy_weights or backbone is not None))
     planned = make_plan(program, policy)
+    written = tuple(f"{Path(path).name}: {note}" for path, saved in files.items() for note in saved.get("notes", ()))
+    planned = dataclasses.replace(planned, notes=(*planned.notes, *written))
     rows = planned.rows
     learned = _learned_modules(model, program, rows, files)
     if backbone is not None:

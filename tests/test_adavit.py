@@ -320,6 +320,8 @@ def test_fxprune_train_fine_tunes_adavit_and_reports_its_usage(capsys, tmp_path)
     assert code == 0 and "rows used per image" in printed and "heads, attention" in printed
     loaded = fxprune.transform(digits_vit(), AdaViT(0.5, weights=str(weights)))
     assert "untrained" not in str(loaded.fxprune_plan)
+    expected = [n for n in loaded.fxprune_plan.notes if "expected usage, measured after training: block" in n]
+    assert len(expected) == 6 and "rows used per image" in expected[1]  # one per block, as printed
 
 
 def test_shipped_digits_states_load_for_their_usages_and_skip_part_of_the_model():
@@ -334,6 +336,7 @@ def test_shipped_digits_states_load_for_their_usages_and_skip_part_of_the_model(
         gm = fxprune.transform(model, fxprune.parse_policy(f"adavit:usage={usage},weights=digits"))
         notes = gm.fxprune_plan.notes
         assert any("backbone weights loaded" in note for note in notes) and not any("untrained" in n for n in notes)
+        assert any("expected usage, measured after training: block 5" in note for note in notes)
         with torch.no_grad():
             accuracy = (gm(images).argmax(-1) == labels).float().mean()
         assert per_image_macs(gm, images) < most * dense and accuracy > 0.5  # chance: 0.1

@@ -124,7 +124,8 @@ def used_layout(
     ``which`` (``sublayers`` ``[B, 2]``: attention, MLP; None: every image); ``index`` ``[b, K]`` their used rows
     (``rows`` ``[B, N, 1]``, 1 = used), first to last, padded to the most rows an image uses with slots that point
     at row 0 and are not ``valid``. None stands for all: ``images`` when every image uses the sub-layer,
-    ``index`` and ``valid`` when every one of them uses every row. When no image uses it, one slot of image 0 that
+    ``index`` and ``valid`` when every one of them uses every row, ``valid`` alone when there is one image (no
+    padding). When no image uses it, one slot of image 0 that
     is not valid (shapes are never empty: the sub-layer runs on one row whose result is dropped). The shapes
     depend on the data (eager only)."""
     images = None
@@ -136,6 +137,8 @@ def used_layout(
     used = (rows if images is None else rows.index_select(0, images))[..., 0] > 0.5
     if bool(used.all()):
         return images, None, None
+    if used.shape[0] == 1:  # one image: its used rows, in order, none padded
+        return images, used[0].nonzero().T, None
     count = used.sum(dim=1)
     order = (~used).to(torch.uint8).argsort(dim=1, stable=True)[:, : int(count.max())]
     valid = torch.arange(order.shape[1], device=rows.device) < count[:, None]
@@ -159,6 +162,8 @@ def take_rows(x: Tensor, index: Tensor | None, dim: int) -> Tensor:
     ``[1, …]``, broadcast) → ``[b, …, K, …]`` (``index`` None: all)."""
     if index is None:
         return x
+    if index.shape[0] == 1 and x.shape[0] == 1:  # one image: a plain selection
+        return x.index_select(dim, index[0])
     x = x.expand(index.shape[0], *x.shape[1:]).movedim(dim, 1)
     flat = x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
     taken = flat.gather(1, index[:, :, None].expand(-1, -1, flat.shape[2]))
@@ -185,11 +190,15 @@ def add_used_rows(
     all, as :func:`used_layout`)."""
     if index is None:
         return residual + update if images is None else residual.index_add(0, images, update)
+    if valid is None and residual.shape[0] == 1 and index.shape[0] == 1:  # one image, no padding
+        return residual.index_add(1, index[0], update)
     if images is None:
         images = torch.arange(residual.shape[0], device=residual.device)
     tokens = residual.shape[1]
-    slots = (images[:, None] * tokens + index)[valid]  # a slot with no valid key holds NaN: left out, not multiplied
-    summed = residual.reshape(-1, residual.shape[2]).index_add(0, slots, update[valid])
+    slots = images[:, None] * tokens + index
+    if valid is not None:  # a slot with no valid key holds NaN: left out, not multiplied
+        slots, update = slots[valid], update[valid]
+    summed = residual.reshape(-1, residual.shape[2]).index_add(0, slots.flatten(), update.reshape(-1, update.shape[-1]))
     return summed.view_as(residual)
 
 
@@ -241,8 +250,8 @@ def _all_runs(channels: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, int], .
 
 def _runs(channels: tuple[tuple[int, ...], ...], heads: Tensor) -> list[tuple[int, int]] | tuple[tuple[int, int], ...]:
     """The channels of ``heads`` ``[h]`` (``channels`` ``[H][d]``), in order, as runs ``(first, length)`` of
-    consecutive channels: slices of a weight, which need no copy. Every head (the case example values take, as
-    :func:`used_heads` sorts its heads) reads no data."""
+    consecutive channels (one run: a slice of a weight, which needs no copy). Every head (the case example values
+    take, as :func:`used_heads` sorts its heads) reads no data."""
     if heads.shape[0] == len(channels):
         return _all_runs(channels)
     table = _head_runs(channels)
@@ -253,6 +262,20 @@ def _runs(channels: tuple[tuple[int, ...], ...], heads: Tensor) -> list[tuple[in
 def _head_channels(num_heads: int, head_dim: int) -> tuple[tuple[int, ...], ...]:
     """Head ``h``'s channels ``h·d … (h+1)·d − 1``, for each head: ``[H][d]``."""
     return tuple(tuple(range(h * head_dim, (h + 1) * head_dim)) for h in range(num_heads))
+
+
+@functools.lru_cache(maxsize=1024)
+def _run_index(runs: tuple[tuple[int, int], ...], device: torch.device) -> Tensor:
+    """The channels of ``runs`` ``(first, length)``, in order, as an index ``[Σ length]`` on ``device``."""
+    return torch.tensor([c for first, length in runs for c in range(first, first + length)], device=device)
+
+
+def _take(x: Tensor, dim: int, runs: Sequence[tuple[int, int]]) -> Tensor:
+    """The channels ``runs`` of ``x`` along ``dim``, in order: a view for one run, a gathered copy for several (one
+    op, where a product per run would cost one op each)."""
+    if len(runs) == 1:
+        return x.narrow(dim, *runs[0])
+    return x.index_select(dim, _run_index(tuple(runs), x.device))
 
 
 @functools.lru_cache(maxsize=256)
@@ -267,31 +290,24 @@ def project_heads(
 ) -> tuple[Tensor, ...]:
     """The heads ``heads`` ``[h]`` of one or more outputs of a linear layer (q, k, v of a fused layer), computed
     alone: ``x`` ``[B, N, C]``, the layer's ``weight``/``bias``, ``tables[i][head]`` output ``i``'s channels for each
-    element of a head. One ``[B, h, N, d]`` per table, from one product per run of consecutive weight rows."""
+    element of a head. One ``[B, h, N, d]`` per table, from one product with those rows of the weight (a slice
+    where they are consecutive, as for every head of a fused q, k, v layer)."""
     every = heads.shape[0] == len(tables[0])
     rows = _joint_runs(tables) if every else _merged(run for channels in tables for run in _runs(channels, heads))
     size, head_dim = heads.shape[0], len(tables[0][0])
     if not rows:  # no head used
         return tuple(x.new_zeros(x.shape[0], 0, x.shape[1], head_dim) for _ in tables)
-    parts = [torch.nn.functional.linear(x, weight.narrow(0, first, length),
-                                        None if bias is None else bias.narrow(0, first, length))
-             for first, length in rows]
-    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+    out = torch.nn.functional.linear(x, _take(weight, 0, rows), None if bias is None else _take(bias, 0, rows))
     return tuple(chunk.view(x.shape[0], x.shape[1], size, head_dim).transpose(1, 2)
                  for chunk in out.split(size * head_dim, dim=-1))
 
 
 def _linear_on_columns(x: Tensor, weight: Tensor, bias: Tensor | None, columns: Sequence[tuple[int, int]]) -> Tensor:
     """``linear(x, weight[:, columns], bias)`` for ``x`` ``[…, c]`` holding the layer's input columns ``columns``
-    (runs), in order: a sum of products with slices of the weight, no copy."""
+    (runs), in order."""
     if not columns:  # none: the layer's output for a zero input
         return torch.nn.functional.linear(x.narrow(-1, 0, 0), weight.narrow(1, 0, 0), bias)
-    out, offset = None, 0
-    for first, length in columns:
-        part = torch.nn.functional.linear(x.narrow(-1, offset, length), weight.narrow(1, first, length),
-                                          bias if out is None else None)
-        out, offset = part if out is None else out.add_(part), offset + length
-    return out
+    return torch.nn.functional.linear(x, _take(weight, 1, columns), bias)
 
 
 @graph_op()
@@ -311,6 +327,5 @@ def project_head_channels(
     """A linear layer on the channels of the heads ``heads`` ``[h]`` of ``x`` ``[B, N, H·d]`` alone (the others
     are zero), each image's channels times ``factor`` ``[B, 1, h·d]`` (None: as they are): ``[B, N, out]``."""
     runs = _runs(_head_channels(x.shape[2] // head_dim, head_dim), heads)
-    parts = [x.narrow(2, first, length) for first, length in runs] or [x.narrow(2, 0, 0)]
-    taken = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+    taken = _take(x, 2, runs) if runs else x.narrow(2, 0, 0)
     return _linear_on_columns(apply_factor(taken, factor), weight, bias, runs)

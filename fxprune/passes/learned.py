@@ -15,7 +15,7 @@ weights, and auxiliary values for losses.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -161,15 +161,16 @@ def learned_state_dict(gm: nn.Module) -> dict[str, Tensor]:
     return {k[len(prefix):]: v.detach().cpu() for k, v in gm.state_dict().items() if k.startswith(prefix)}
 
 
-def save_weights(gm: nn.Module, path: str | Path, backbone: bool = False) -> Path:
+def save_weights(gm: nn.Module, path: str | Path, backbone: bool = False, notes: Sequence[str] = ()) -> Path:
     """Write the trained weights of ``gm``'s learned submodules, with the plan's policy, to ``path`` (a file
     ``fxprune.transform(model, Policy(..., weights=path))`` loads); ``backbone``: the rest of its weights too (a
-    fine-tuned backbone, which the transform then loads into its own copy of the model's weights)."""
+    fine-tuned backbone, which the transform then loads into its own copy of the model's weights). ``notes``: lines
+    the plan of a model that loads the file shows (``fxprune train`` writes the usage it measured per block)."""
     state = learned_state_dict(gm)
     if not state:
         raise PolicyError("this model has no learned submodules: nothing to save")
     plan = getattr(gm, "fxprune_plan", None)
-    saved = {"policy": None if plan is None else plan.policy.describe(), "state_dict": state}
+    saved = {"policy": None if plan is None else plan.policy.describe(), "state_dict": state, "notes": list(notes)}
     if backbone:
         prefix = LEARNED_PREFIX + "."
         saved["backbone"] = {k: v.detach().cpu() for k, v in gm.state_dict().items() if not k.startswith(prefix)}

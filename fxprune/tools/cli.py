@@ -151,10 +151,12 @@ def _train(args: argparse.Namespace) -> None:
     for step, accuracy in result.evaluations:
         print(f"  step {step}: top-1 {100 * accuracy:.2f}% on {len(data)} evaluation images")
     images = torch.stack([data[i][0] for i in range(min(len(data), 200))])
-    for block in usage(result.model, images):
-        print(f"  {block.summary()} (on {len(images)} evaluation images)")
+    measured = [f"{block.summary()} (on {len(images)} evaluation images)" for block in usage(result.model, images)]
+    for line in measured:
+        print(f"  {line}")
     if learned_state_dict(result.model) and args.weights_out:
-        path = save_weights(result.model, args.weights_out, backbone=True)
+        notes = [f"expected usage, measured after training: {line}" for line in measured]
+        path = save_weights(result.model, args.weights_out, backbone=True, notes=notes)
         print(f"wrote {path}: the learned parts and the fine-tuned backbone (load with the policy's weights=)")
 
 
