@@ -112,25 +112,27 @@ def sublayer_gate(tokens: Tensor, layers: Tensor, which: int) -> Tensor:
     return tokens * layers[:, which, None, None]
 
 
-def _every_row(rows: Tensor, sublayers: Tensor | None, which: int) -> tuple[None, None, None]:
+def _every_row(rows: Tensor, sublayers: Tensor | None, which: int, empty: bool = False) -> tuple[None, None, None]:
     return None, None, None
 
 
 @graph_op(worst_case=_every_row)
 def used_layout(
-    rows: Tensor, sublayers: Tensor | None, which: int
+    rows: Tensor, sublayers: Tensor | None, which: int, empty: bool = False
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Where a sub-layer is used: ``(images, index, valid)``. ``images`` ``[b]`` are the images that use sub-layer
     ``which`` (``sublayers`` ``[B, 2]``: attention, MLP; None: every image); ``index`` ``[b, K]`` their used rows
     (``rows`` ``[B, N, 1]``, 1 = used), first to last, padded to the most rows an image uses with slots that point
     at row 0 and are not ``valid``. None stands for all: ``images`` when every image uses the sub-layer,
     ``index`` and ``valid`` when every one of them uses every row, ``valid`` alone when there is one image (no
-    padding). When no image uses it, one slot of image 0 that
-    is not valid (shapes are never empty: the sub-layer runs on one row whose result is dropped). The shapes
-    depend on the data (eager only)."""
+    padding). When no image uses it: no images (``empty``, for a sub-layer that is then not run), or one slot of
+    image 0 that is not valid (shapes are never empty: the sub-layer runs on one row whose result is dropped). The
+    shapes depend on the data (eager only)."""
     images = None
     if sublayers is not None and not bool(sublayers[:, which].all()):
         images = sublayers[:, which].nonzero().flatten()
+        if images.numel() == 0 and empty:
+            return images, None, None
         if images.numel() == 0:
             nothing = torch.zeros(1, 1, dtype=torch.long, device=rows.device)
             return nothing[0], nothing, nothing.bool()
@@ -187,7 +189,9 @@ def add_used_rows(
 ) -> Tensor:
     """``residual`` ``[B, N, C]`` plus a sub-layer's ``update`` ``[b, K, C]`` computed on the used rows: slot ``k`` of
     image ``i`` adds to row ``index[i, k]`` of image ``images[i]``; slots that are not ``valid`` add nothing (None:
-    all, as :func:`used_layout`)."""
+    all, as :func:`used_layout`; ``update`` None: a sub-layer no image used, nothing to add)."""
+    if update is None:
+        return residual
     if index is None:
         return residual + update if images is None else residual.index_add(0, images, update)
     if valid is None and residual.shape[0] == 1 and index.shape[0] == 1:  # one image, no padding

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
-from torch.fx.graph_module import _format_import_block, _forward_from_src, reduce_graph_module
+from torch.fx.graph_module import _copy_attr, _format_import_block, _forward_from_src, reduce_graph_module
 from torch.package import sys_importer
 
 from ..analysis import Block
@@ -73,6 +73,9 @@ class TrainEvalGraphModule(fx.GraphModule):
     def __init__(self, root: nn.Module, graph: fx.Graph, train_graph: fx.Graph, class_name: str = "GraphModule"):
         self.__dict__["_train_graph"] = train_graph
         super().__init__(root, graph, class_name)
+        for node in train_graph.nodes:  # what only the training graph reads, e.g. a layer the evaluation graph slices
+            if node.op in ("get_attr", "call_module"):
+                _copy_attr(root, self, node.target)
 
     @property
     def train_graph(self) -> fx.Graph:

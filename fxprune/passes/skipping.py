@@ -10,16 +10,19 @@ data, so the graph runs in eager mode only.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.fx as fx
 
 from ..analysis import Block
 from ..errors import UnsupportedModelError
+from ..ops import graph_op
 from ..ops.gating import add_used_rows, batch_rows, take_rows
 from .common import between, insert_call, reachable
 
-__all__ = ["sublayer_nodes", "run_on_used", "unpack"]
+__all__ = ["sublayer_nodes", "run_on_used", "run_if_used", "call_module", "unpack"]
 
 _SHAPED = ("reshape", "view", "expand")
 
@@ -59,6 +62,7 @@ def run_on_used(
     exit = next(arg for arg in add.args[:2] if arg in inside)
     residual = next(arg for arg in add.args[:2] if arg is not exit)
     taken: dict[fx.Node, fx.Node] = {}
+    created: list[fx.Node] = []
     computed = _computed_from_inputs(gm)
     for node in nodes:
         for value in node.all_input_nodes:
@@ -72,19 +76,92 @@ def run_on_used(
             if value not in taken:
                 with gm.graph.inserting_before(node):
                     rows = gm.graph.call_function(batch_rows, (value, images))
+                    created.append(rows)
                     for axis in per_image[value]:
                         rows = gm.graph.call_function(take_rows, (rows, index, axis))
+                        created.append(rows)
                 taken[value] = rows
             node.replace_input_with(value, taken[value])
-    _follow_layout(gm, nodes, taken[entry], batch=batch, tokens=block.tokens)
+    created += _follow_layout(gm, nodes, taken[entry], batch=batch, tokens=block.tokens)
     add.op, add.target, add.kwargs = "call_function", add_used_rows, {}
     add.args = (residual, exit, images, index, valid)
+    _run_apart(gm, block, [*created, *nodes], exit, add, images, what)
     return add
 
 
-def _follow_layout(gm: fx.GraphModule, nodes: list[fx.Node], entry: fx.Node, batch: int, tokens: int) -> None:
+def call_module(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """``module(*args, **kwargs)``: a module call in a graph that receives the module as a value."""
+    return module(*args, **kwargs)
+
+
+@graph_op()
+def run_if_used(images: torch.Tensor | None, sublayer: Callable, *inputs: Any) -> Any:
+    """``sublayer(*inputs)``, or None when no image uses the sub-layer (``images`` empty, as :func:`used_layout`
+    gives with ``empty=True``)."""
+    if images is not None and images.shape[0] == 0:
+        return None
+    return sublayer(*inputs)
+
+
+def _run_apart(gm: fx.GraphModule, block: Block, inner: list[fx.Node], exit: fx.Node, add: fx.Node,
+               images: fx.Node, what: str) -> None:
+    """Move the sub-layer's nodes ``inner`` (``exit`` its result, read by ``add`` only) into a graph of their own,
+    a parameter-free submodule that :func:`run_if_used` calls, so that a sub-layer no image uses is not run at all
+    (at batch 1: skipped outright). Modules it calls are passed in as values, so its weights stay the model's
+    (nothing is added to the ``state_dict``). Left in place when a node of it has a user outside."""
+    members = set(inner)
+    outside = [user for node in inner for user in node.users if user not in members and user is not add]
+    for node in _unused(gm, outside):
+        gm.graph.erase_node(node)  # what the sub-layer's rewrite left unused (e.g. the dense projection it slices)
+    if any(user not in members for node in inner if node is not exit for user in node.users) or \
+            any(user is not add for user in exit.users):
+        return
+    position = {node: i for i, node in enumerate(gm.graph.nodes)}
+    inner = sorted(inner, key=position.__getitem__)
+    modules: dict[str, fx.Node] = {}
+    with gm.graph.inserting_before(add):
+        for node in inner:
+            if node.op == "call_module" and node.target not in modules:
+                modules[node.target] = gm.graph.get_attr(node.target)
+    inputs = list(dict.fromkeys(
+        [modules[node.target] for node in inner if node.op == "call_module"]
+        + [value for node in inner for value in node.all_input_nodes if value not in members]
+    ))
+    sub = fx.Graph()
+    env = {value: sub.placeholder(f"input_{i}") for i, value in enumerate(inputs)}
+    for node in inner:
+        args, kwargs = fx.map_arg((node.args, node.kwargs), env.__getitem__)
+        if node.op == "call_module":
+            env[node] = sub.call_function(call_module, (env[modules[node.target]], *args), kwargs)
+        else:
+            env[node] = sub.create_node(node.op, node.target, args, kwargs, name=node.name)
+    sub.output(env[exit])
+    name = f"skipping_{block.name.replace('.', '_')}_{what}"
+    gm.add_submodule(name, fx.GraphModule(torch.nn.Module(), sub, class_name=name))
+    with gm.graph.inserting_before(add):
+        sublayer = gm.graph.get_attr(name)
+    run = insert_call(gm, sublayer, run_if_used, (images, sublayer, *inputs), {}, block, f"{what}_if_used")
+    add.replace_input_with(exit, run)
+    for node in reversed(inner):
+        gm.graph.erase_node(node)
+    images.args[0].update_kwarg("empty", True)  # the layout: no image using it gives no images
+
+
+def _unused(gm: fx.GraphModule, starts: list[fx.Node]) -> list[fx.Node]:
+    """The nodes among ``starts`` and those computed from them that have no effect (pure, read only by nodes with
+    no effect), last first."""
+    candidates = reachable(starts, lambda node: node.users)
+    unused: list[fx.Node] = []
+    for node in reversed(gm.graph.nodes):
+        if node in candidates and node.op != "output" and not node.is_impure() and set(node.users) <= set(unused):
+            unused.append(node)
+    return unused
+
+
+def _follow_layout(gm: fx.GraphModule, nodes: list[fx.Node], entry: fx.Node, batch: int, tokens: int
+                   ) -> list[fx.Node]:
     """Make the shape arguments of ``nodes`` fixed before them follow the used layout of ``entry``: a shape read
-    of the batch size, and a shape read or literal of the token count."""
+    of the batch size, and a shape read or literal of the token count. Returns the shape reads it adds."""
     inside = set(nodes)
     with gm.graph.inserting_after(entry):
         used_tokens = gm.graph.call_method("size", (entry, 1))
@@ -104,6 +181,7 @@ def _follow_layout(gm: fx.GraphModule, nodes: list[fx.Node], entry: fx.Node, bat
         followed = [follow(size) for size in shape]
         if followed != shape:
             node.args = (node.args[0], tuple(followed)) if packed else (node.args[0], *followed)
+    return [used_tokens, used_images]
 
 
 def unpack(gm: fx.GraphModule, values: fx.Node, block: Block, names: tuple[str, ...]) -> tuple[fx.Node, ...]:
