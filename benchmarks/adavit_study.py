@@ -116,6 +116,15 @@ def _row(name: str, cells: list[dict], dense: dict) -> str:
             f"{mean - baselines._accuracy(dense):+.2f} |")
 
 
+def _macs(weights: str, usage: float, count: int) -> float:
+    """MACs per image of the trained model in ``weights`` over the first ``count`` test scenes, each alone."""
+    import fxprune
+    from fxprune.tools.bench import per_image_macs
+    from fxprune.tools.models import digits_vit
+
+    return per_image_macs(fxprune.transform(digits_vit(), fxprune.AdaViT(usage, weights=weights)), _images(count))
+
+
 def _speed(weights: str, usage: float, repeats: int, count: int) -> tuple[float, float, float]:
     """(dense MACs / AdaViT's per image, speed-up at batch 1, speed-up at batch 32) of a trained model."""
     import fxprune
@@ -151,6 +160,8 @@ def main() -> None:
     parser.add_argument("--speed-images", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--weights-dir", default="adavit_study")
+    parser.add_argument("--recount", action="store_true",
+                        help="also count the trained models' MACs again with this version's graph")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--cache", default="learned_baselines.json")
     args = parser.parse_args()
@@ -197,7 +208,8 @@ def main() -> None:
 
     print(f"\nCommand: `python benchmarks/adavit_study.py --usages {args.usages} --seeds {args.seeds} --ablation "
           f"'{args.ablation}' --steps {args.steps} --batch {args.batch} --lr {args.lr:g} --backbone-lr-scale "
-          f"{args.backbone_lr_scale:g} --init {args.init:g} --keep-warmup {args.keep_warmup}`  ")
+          f"{args.backbone_lr_scale:g} --init {args.init:g} --keep-warmup {args.keep_warmup}"
+          + (" --recount" if args.recount else "") + "`  ")
     print(f"Machine: {machine()}  ")
     print(f"digits ViT; {baselines.TEST_SCENES} test scenes; MACs per image over {args.mac_images} of them, each "
           f"alone. Dense top-1 {baselines._accuracy(dense):.2f}%, {dense['macs'] / 1e6:.1f} M MACs. Top-K/EViT at "
@@ -238,6 +250,14 @@ def main() -> None:
         print("|---|---|---|---|---|")
         for kind in ("heads", "sublayers", "tokens", ALL):
             print(_row(KINDS[kind], adavit(usage, kind), dense))
+    if args.recount:
+        print("\nMACs per image of the trained models (% of dense), as cached and counted again now:\n")
+        print("| usage γ | cached, per seed | now, per seed |")
+        print("|---|---|---|")
+        for usage in usages:
+            cached = [100 * r["macs"] / r["dense_macs"] for r in adavit(usage)]
+            now = [100 * _macs(r["weights"], usage, args.mac_images) / r["dense_macs"] for r in adavit(usage)]
+            print(f"| {usage:g} | {' / '.join(f'{m:.2f}' for m in cached)} | {' / '.join(f'{m:.2f}' for m in now)} |")
     print(f"\nSpeed of the seed-{seeds[0]} models against the dense digits ViT (eager, skipping; interleaved, median "
           f"of {args.repeats}; batch 1: {args.speed_images} images one by one):\n")
     print("| usage γ | dense / AdaViT MACs | speed-up, batch 1 | speed-up, batch 32 |")
