@@ -212,6 +212,29 @@ def test_skipping_graph_equals_the_masked_graph_batched_and_alone(build):
         torch.testing.assert_close(alone, expected, atol=1e-10, rtol=0)
 
 
+def test_skipping_graph_survives_deepcopy_and_save_load_and_adds_no_state_dict_keys(tmp_path):
+    import copy
+
+    model = timm_vit("deit_small_patch16_224", depth=3).double()
+    x = image_batch(model, batch=3, dtype=torch.float64)
+    gm = fxprune.transform(model, AdaViT(0.5, init_logit=0.0))
+    from fxprune.methods.adavit import set_usage
+
+    set_usage(gm, x, 0.5)  # some sub-layers used by no image: not run at all
+    masked = fxprune.transform(model, AdaViT(0.5, init_logit=0.0, skip=False))
+    assert sorted(gm.state_dict()) == sorted(masked.state_dict())
+    torch.save(gm, tmp_path / "gm.pt")
+    loaded, copied = torch.load(tmp_path / "gm.pt", weights_only=False), copy.deepcopy(gm)
+    with torch.no_grad():
+        expected = gm(x)
+        for other in (loaded, copied):
+            torch.testing.assert_close(other(x), expected, atol=1e-12, rtol=0)
+            torch.testing.assert_close(other(x[:1]), gm(x[:1]), atol=1e-12, rtol=0)
+        for parameter in copied.parameters():
+            parameter.add_(1.0)
+        torch.testing.assert_close(gm(x), expected, atol=0, rtol=0)  # the copy has its own weights
+
+
 def test_skipping_saves_the_macs_of_what_an_image_does_not_use():
     model = _model()
     masked, skipping = _masked_and_skipping(model)

@@ -89,6 +89,7 @@ def run_on_used(
     return add
 
 
+@graph_op()
 def call_module(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     """``module(*args, **kwargs)``: a module call in a graph that receives the module as a value."""
     return module(*args, **kwargs)
@@ -137,7 +138,9 @@ def _run_apart(gm: fx.GraphModule, block: Block, inner: list[fx.Node], exit: fx.
             env[node] = sub.create_node(node.op, node.target, args, kwargs, name=node.name)
     sub.output(env[exit])
     name = f"skipping_{block.name.replace('.', '_')}_{what}"
-    gm.add_submodule(name, fx.GraphModule(torch.nn.Module(), sub, class_name=name))
+    part = fx.GraphModule(torch.nn.Module(), sub, class_name=name)
+    part._tracer_cls = getattr(gm, "_tracer_cls", None)  # torch.load re-traces its code as the model's
+    gm.add_submodule(name, part)
     with gm.graph.inserting_before(add):
         sublayer = gm.graph.get_attr(name)
     run = insert_call(gm, sublayer, run_if_used, (images, sublayer, *inputs), {}, block, f"{what}_if_used")
