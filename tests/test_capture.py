@@ -139,3 +139,26 @@ def test_traced_module_survives_save_and_load():
     assert isinstance(loaded, fx.GraphModule)
     x = image_batch(model)
     torch.testing.assert_close(loaded(x).logits, model(x).logits)
+
+
+def _failing_add() -> None:
+    with pytest.raises(RuntimeError, match="broadcast|size"):
+        torch.empty(2, 3) + torch.empty(4, 5)
+
+
+def test_an_op_failing_on_fake_tensors_raises_without_torch_printing_its_traceback(capfd, caplog):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fxprune.capture import fake_mode
+
+    with FakeTensorMode():  # torch's own mode logs the failure (the control)
+        _failing_add()
+    logged = capfd.readouterr().err + caplog.text
+    assert "failed while attempting to run meta" in logged
+    caplog.clear()
+    with fake_mode(), fake_mode():  # fxprune's (nested, as propagation nests them): raised, not logged
+        _failing_add()
+    assert "failed while attempting to run meta" not in capfd.readouterr().err + caplog.text
+    with FakeTensorMode():  # leaving it restores torch's logging
+        _failing_add()
+    assert "failed while attempting to run meta" in capfd.readouterr().err + caplog.text

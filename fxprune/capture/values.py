@@ -4,6 +4,7 @@ through a captured graph (``node.meta['val']`` and ``node.meta['macs']``) after 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,9 +18,43 @@ from ..counting import MacCounter
 from ..ops.registry import op_of
 
 
+class _QuietFakeTensorMode(FakeTensorMode):
+    """A fake-tensor mode that keeps torch from logging the traceback of an op that fails in it: the error is
+    raised all the same, and fxprune turns it into its own (a rewrite that fails verification is refused with a
+    reason, without a page of torch's traceback on the user's terminal first)."""
+
+    def __enter__(self) -> Any:
+        _quiet(+1)
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> Any:
+        try:
+            return super().__exit__(*exc)
+        finally:
+            _quiet(-1)
+
+
+_FAKE_LOG = logging.getLogger("torch._subclasses.fake_tensor")
+_entered = [0]  # quiet modes entered and not left (they nest)
+
+
+def _drop(record: logging.LogRecord) -> bool:
+    return False
+
+
+def _quiet(step: int) -> None:
+    """Count a quiet mode entered (+1) or left (−1); torch's fake-tensor log is silent while any is entered."""
+    _entered[0] += step
+    if _entered[0] == 1 and step > 0:
+        _FAKE_LOG.addFilter(_drop)
+    elif _entered[0] == 0:
+        _FAKE_LOG.removeFilter(_drop)
+
+
 def fake_mode() -> FakeTensorMode:
-    """A fake-tensor mode with static shapes that accepts real tensors (parameters) as constants."""
-    return FakeTensorMode(allow_non_fake_inputs=True)
+    """A fake-tensor mode with static shapes that accepts real tensors (parameters) as constants; an op that fails
+    in it raises without torch logging its traceback."""
+    return _QuietFakeTensorMode(allow_non_fake_inputs=True)
 
 
 @contextlib.contextmanager
