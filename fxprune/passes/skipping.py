@@ -154,11 +154,11 @@ def _unused(gm: fx.GraphModule, starts: list[fx.Node]) -> list[fx.Node]:
     """The nodes among ``starts`` and those computed from them that have no effect (pure, read only by nodes with
     no effect), last first."""
     candidates = reachable(starts, lambda node: node.users)
-    unused: list[fx.Node] = []
+    unused: dict[fx.Node, None] = {}  # ordered, last first
     for node in reversed(gm.graph.nodes):
-        if node in candidates and node.op != "output" and not node.is_impure() and set(node.users) <= set(unused):
-            unused.append(node)
-    return unused
+        if node in candidates and node.op != "output" and not node.is_impure() and all(u in unused for u in node.users):
+            unused[node] = None
+    return list(unused)
 
 
 def _follow_layout(gm: fx.GraphModule, nodes: list[fx.Node], entry: fx.Node, batch: int, tokens: int
