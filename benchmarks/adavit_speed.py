@@ -49,18 +49,17 @@ def _profile(gm: torch.nn.Module, images: torch.Tensor) -> tuple[float, float]:
 
 def _reached(directory: str, usage: float) -> dict[str, float]:
     """The share of heads, sub-layers and patch rows that the digits ViT models trained at ``usage`` (all three
-    kinds decided, every seed in ``directory``) use on 500 test scenes, averaged over the seeds."""
-    from fxprune.tools.datasets import DigitScenes
+    kinds decided, every seed in ``directory``) use on the study's 500 test scenes, averaged over the seeds."""
+    from adavit_study import ALL, test_images, weights_name
     from fxprune.tools.models import digits_vit
     from fxprune.tools.show import mean_usage
     from fxprune.tools.show import usage as block_usage
 
-    files = sorted(Path(directory).glob(f"adavit_{usage:g}_heads+sublayers+tokens_*.pt"))
+    files = sorted(Path(directory).glob(weights_name(usage, ALL, "*")))
     if not files:
         raise SystemExit(f"no AdaViT trained at usage {usage:g} in {directory}: run benchmarks/adavit_study.py")
-    data = DigitScenes("test", 500, seed=1)
-    images, model = torch.stack([data[i][0] for i in range(len(data))]), digits_vit()
-    shares = [mean_usage(block_usage(fxprune.transform(model, fxprune.AdaViT(usage, weights=str(f))), images), 1)
+    scenes, model = test_images(500), digits_vit()
+    shares = [mean_usage(block_usage(fxprune.transform(model, fxprune.AdaViT(usage, weights=str(f))), scenes), 1)
               for f in files]
     return {kind: statistics.mean(share[kind] for share in shares) for kind in DECIDED}
 

@@ -46,7 +46,12 @@ def _policy(usage: float, decides: str, init: float, weights: str | None = None)
     return fxprune.AdaViT(usage, init_logit=init, decides=tuple(decides.split(",")), weights=weights)
 
 
-def _images(count: int) -> torch.Tensor:
+def weights_name(usage: float, decides: str, seed: int | str) -> str:
+    """The file a run's fine-tuned state is written to, in ``--weights-dir`` (``seed`` ``"*"``: a glob of all)."""
+    return f"adavit_{usage:g}_{decides.replace(',', '+')}_{seed}.pt"
+
+
+def test_images(count: int) -> torch.Tensor:
     from fxprune.tools.datasets import DigitScenes
 
     data = DigitScenes("test", baselines.TEST_SCENES, seed=1)
@@ -88,10 +93,10 @@ def run_adavit(job: dict) -> dict:
                                  backbone_lr_scale=args.backbone_lr_scale, keep_warmup=args.keep_warmup)
     result = fxprune.train(model, policy, DigitScenes("train", baselines.TRAIN_SCENES, seed=11), config,
                            progress=False)
-    weights = Path(args.weights_dir) / f"adavit_{job['keep']:g}_{job['decides'].replace(',', '+')}_{job['seed']}.pt"
+    weights = Path(args.weights_dir) / weights_name(job["keep"], job["decides"], job["seed"])
     weights.parent.mkdir(parents=True, exist_ok=True)
     fxprune.save_weights(result.model, weights, backbone=True)
-    images = _images(args.mac_images)
+    images = test_images(args.mac_images)
     correct, _ = baselines._evaluate(result.model, test)
     macs = per_image_macs(result.model, images)
     random = {}
@@ -122,7 +127,7 @@ def _macs(weights: str, usage: float, count: int) -> float:
     from fxprune.tools.bench import per_image_macs
     from fxprune.tools.models import digits_vit
 
-    return per_image_macs(fxprune.transform(digits_vit(), fxprune.AdaViT(usage, weights=weights)), _images(count))
+    return per_image_macs(fxprune.transform(digits_vit(), fxprune.AdaViT(usage, weights=weights)), test_images(count))
 
 
 def _speed(weights: str, usage: float, repeats: int, count: int) -> tuple[float, float, float]:
@@ -134,7 +139,7 @@ def _speed(weights: str, usage: float, repeats: int, count: int) -> tuple[float,
 
     model = digits_vit().eval()
     gm = fxprune.transform(model, fxprune.AdaViT(usage, weights=weights)).eval()
-    images, batch = _images(count), _images(32)
+    images, batch = test_images(count), test_images(32)
     ratio = per_image_macs(model, images[:1]) / per_image_macs(gm, images)
     one = interleaved({"dense": lambda: [model(x[None]) for x in images], "adavit": lambda: [gm(x[None])
                        for x in images]}, repeats=repeats)

@@ -163,14 +163,14 @@ class AdaViTLoss(nn.Module):
         if rows:
             parts["tokens"] = (torch.stack([r.mean() for r in rows]).mean() - self.target) ** 2
             loss = loss + self.token_weight * parts["tokens"]
+        if sublayers or heads:
+            sublayer = torch.stack(_last(aux, adavit.SUBLAYERS_KEY), dim=1)  # [B, blocks, 2]; ones if not decided
         if sublayers:
-            sublayer = torch.stack(sublayers, dim=1)  # [B, blocks, 2]
             parts["sublayers"] = (sublayer.mean() - self.target).abs()
             loss = loss + self.sublayer_weight * parts["sublayers"]
         if heads:
             head = torch.stack(heads, dim=1)  # [B, blocks, H]
-            decided = torch.stack(_last(aux, adavit.SUBLAYERS_KEY), dim=1).detach()  # all ones if not decided
-            in_use = (decided.sum(-1, keepdim=True) > 0).to(head.dtype).expand_as(head)
+            in_use = (sublayer.detach().sum(-1, keepdim=True) > 0).to(head.dtype).expand_as(head)
             parts["heads"] = ((head * in_use).sum() / (in_use.sum() + 1e-6) - self.target).abs()
             loss = loss + self.head_weight * parts["heads"]
         if self.teacher is not None:
