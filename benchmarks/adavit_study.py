@@ -33,8 +33,9 @@ import copy
 import statistics
 from pathlib import Path
 
-import learned_baselines as baselines
 import torch
+
+import learned_baselines as baselines
 
 ALL = "heads,sublayers,tokens"
 KINDS = {"heads": "heads only", "sublayers": "sub-layers only", "tokens": "patches only", ALL: "all three"}
