@@ -22,8 +22,11 @@ from torch import nn
 
 from .capture import TraceInfo, trace
 from .errors import UnsupportedModelError
+from .readout import Readout, readout
 
-__all__ = ["AttentionSite", "Block", "TokenProgram", "analyse", "module_path", "sdpa_arguments", "SDPA_TARGETS"]
+__all__ = [
+    "AttentionSite", "Block", "TokenProgram", "SCORES", "analyse", "module_path", "sdpa_arguments", "SDPA_TARGETS"
+]
 
 SDPA_TARGETS = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 _SOFTMAX_FUNCTIONS = (F.softmax, torch.softmax, torch.Tensor.softmax)
@@ -32,6 +35,12 @@ _MATMUL_METHODS = ("matmul", "bmm", "__matmul__")
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _WEIGHT_CONSUMERS = (F.linear, F.layer_norm, F.group_norm, F.conv2d, F.conv1d, torch._C._nn.linear)
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+SCORES = {  # the token score of EViT, Top-K and ATS, by whether the model has a class token
+    True: "class-token attention (row 0)",
+    False: "attention received, averaged over queries and heads",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,10 +73,11 @@ class Block:
     """A transformer block on the token stream, anchored on its attention site.
 
     ``input`` is the stream node entering the block, ``mid`` the residual add after its attention (where a
-    selection goes), ``tokens`` the tokens entering it. ``refusal`` says why its tokens cannot be reduced (None:
-    they can); ``needs_all_tokens`` is set when the block would also compute wrong numbers if an *earlier* block
-    reduced tokens (windowed attention, position tables laid out for every token, a stream that is not a token
-    sequence), which the plan checks for every block after the first reducing one.
+    selection goes), ``tokens`` the tokens entering it, ``position_terms`` the constant tables laid out per token
+    position that its attention logits read (relative position bias, rotary tables). ``refusal`` says why its
+    tokens cannot be reduced (None: they can); ``needs_all_tokens`` is set when the block would also compute wrong
+    numbers if an *earlier* block reduced tokens (windowed attention, position tables laid out for every token, a
+    stream that is not a token sequence), which the plan checks for every block after the first reducing one.
     """
 
     index: int
@@ -78,6 +88,7 @@ class Block:
     tokens: int
     refusal: str | None = None
     needs_all_tokens: bool = False
+    position_terms: tuple[str, ...] = ()
 
     @property
     def reducible(self) -> bool:
@@ -100,20 +111,24 @@ class TokenProgram:
     trace: TraceInfo
     model_name: str
     unrecognised: list[str] = dataclasses.field(default_factory=list)
+    readout: Readout = Readout(why="not analysed")
 
     def __str__(self) -> str:
         head = (
             f"{self.model_name}: {len(self.blocks)} attention blocks, {self.tokens} tokens × {self.dim} channels "
             f"({self.prefix_tokens} prefix token(s), class token: {'yes' if self.class_token else 'no'})"
         )
-        lines = [head, str(self.trace)]
+        lines = [head, str(self.trace), f"  readout: {self.readout}"]
         lines.extend(f"  not recognised as attention (left as is): {u}" for u in self.unrecognised)
-        lines.append(f"  {'#':>3}  {'block':<36} {'attention':<10} {'heads':>5} {'tokens':>6}  status")
+        lines.append(f"  token scores (EViT, Top-K, ATS): {SCORES[self.class_token]}")
+        lines.append(f"  {'#':>3}  {'block':<36} {'attention':<10} {'heads':>5} {'tokens':>6}  {'position terms':<16}  "
+                     "status")
         for b in self.blocks:
             status = "reducible" if b.reducible else f"not reducible: {b.refusal}"
+            terms = ", ".join(t.split(" ")[0] for t in b.position_terms) or "none"
             lines.append(
                 f"  {b.index:>3}  {b.name:<36} {b.attention.kind:<10} {b.attention.num_heads:>5} {b.tokens:>6}"
-                f"  {status}"
+                f"  {terms:<16}  {status}"
             )
         return "\n".join(lines)
 
@@ -357,24 +372,25 @@ def _sequence_cat(first_input: fx.Node) -> fx.Node | None:
     return None
 
 
-def _prefix_tokens(cat: fx.Node | None, info: TraceInfo) -> tuple[int, bool]:
-    """(prefix tokens, class token?): the tokens concatenated before the patches.
-
-    timm's ``num_prefix_tokens``/``has_class_token`` are used when the model has them; otherwise the
-    count is read from the ``cat`` and the first prefix token is a class token if it comes from a
-    parameter named like one (``cls_token``, ``class_token``, ``class_embedding``).
-    """
+def _prefix_tokens(cat: fx.Node | None, info: TraceInfo) -> int:
+    """The tokens concatenated before the patches: timm's ``num_prefix_tokens`` when the model has it, otherwise
+    the count read from the ``cat`` that builds the sequence."""
+    if info.prefix_tokens_attr is not None:
+        return info.prefix_tokens_attr
     if cat is None:
-        return 0, False
+        return 0
     parts = cat.args[0]
     patch = next(i for i, p in enumerate(parts) if _reads_data(p))
-    prefix = sum(_shape(p)[1] for p in parts[:patch])
-    class_token = prefix > 0 and _is_class_token(parts[0])
-    if info.prefix_tokens_attr is not None:
-        prefix = info.prefix_tokens_attr
-    if info.class_token_attr is not None:
-        class_token = info.class_token_attr and prefix > 0
-    return prefix, class_token
+    return sum(_shape(p)[1] for p in parts[:patch])
+
+
+def _has_class_token(found: Readout, prefix: int, info: TraceInfo) -> bool:
+    """Whether the first prefix token is a class token: its final row reaches output elements that no patch row
+    reaches (:mod:`fxprune.readout`). Where the graph after the final tokens cannot be tested, timm's
+    ``has_class_token`` answers, and a model without it has none."""
+    if found.why is not None:
+        return bool(info.class_token_attr) and prefix > 0
+    return prefix > 0 and 0 in found.class_rows
 
 
 def _reads_data(node: fx.Node) -> bool:
@@ -395,20 +411,6 @@ def _is_shape_read(node: fx.Node) -> bool:
     return (node.op == "call_function" and node.target is getattr and node.args[1] == "shape") or (
         node.op == "call_method" and node.target in ("size", "dim")
     )
-
-
-def _is_class_token(node: fx.Node) -> bool:
-    todo, seen = [node], set()
-    while todo:
-        n = todo.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n.op == "get_attr":
-            leaf = n.target.rsplit(".", 1)[-1].lower()
-            return "cls" in leaf or "class" in leaf
-        todo.extend(n.all_input_nodes)
-    return False
 
 
 def analyse(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = None) -> TokenProgram:
@@ -449,27 +451,79 @@ def analyse(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = No
         anchors.append((anchor, mid))
     first = anchors[0][0]
     batch = _shape(first)[0] if _shape(first) else sites[0].batch
-    prefix, class_token = _prefix_tokens(_sequence_cat(first), info)
+    prefix = _prefix_tokens(_sequence_cat(first), info)
     blocks = tuple(
         _block(index, site, anchor, mid, batch, prefix, on_stream)
         for index, (site, (anchor, mid)) in enumerate(zip(sites, anchors))
     )
     shape = _shape(first) or (batch, 0, 0)
     tokens, dim = (shape[1], shape[2]) if len(shape) == 3 else (0, 0)
+    found = readout(gm, _final_tokens(blocks, stream, batch, dim, tokens), prefix)
     return TokenProgram(
-        gm, blocks, prefix, class_token, tokens, dim, batch, stream, info, info.model_class, unrecognised
+        gm, blocks, prefix, _has_class_token(found, prefix, info), tokens, dim, batch, stream, info,
+        info.model_class, unrecognised, found,
     )
 
 
 def final_tokens(program: TokenProgram) -> fx.Node | None:
-    """The last ``[B, N, C]`` value of the token stream (after the last block and any final norm, before pooling
-    or the class token's row is read): the model's output tokens, or None when the stream has none after its
-    last block."""
+    """The last ``[B, N, C]`` value of the token stream (after the last block of self-attention and any final
+    norm, before pooling or the class token's row is read): the model's output tokens, or None when the stream has
+    none after that block."""
+    return _final_tokens(program.blocks, program.stream, program.batch, program.dim)
+
+
+def _final_tokens(
+    blocks: Sequence[Block], stream: list[fx.Node], batch: int, dim: int, count: int | None = None
+) -> fx.Node | None:
+    """The last ``[batch, N, dim]`` stream node (``N == count`` unless ``count`` is None) after the last block of
+    self-attention (an attention pool or class attention after it reads the tokens)."""
+    block = next((b for b in reversed(blocks) if b.attention.queries == b.attention.keys), blocks[-1])
+    last = block.mid or block.input
+    after = stream[stream.index(last):] if last in stream else []
+    tokens = [n for n in after if (shape := _shape(n)) is not None and len(shape) == 3 and shape[0] == batch
+              and shape[2] == dim and count in (None, shape[1])]
+    return tokens[-1] if tokens else None
+
+
+_REDUCTIONS = ("mean", "sum", "amax", "max", "logsumexp")
+
+
+def token_pooling(program: TokenProgram) -> fx.Node | None:
+    """The first reduction over the token axis (dim 1) of a ``[B, N, C]`` value after the last block, if any."""
+    last = program.blocks[-1].mid or program.blocks[-1].input
+    after = False
+    for node in program.gm.graph.nodes:
+        after = after or node is last
+        if not after or node.op not in ("call_method", "call_function") or not node.args:
+            continue
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        source = _val(node.args[0])
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        if name in _REDUCTIONS and isinstance(source, torch.Tensor) and source.dim() == 3 and dim in (
+            1, -2, (1,), (-2,)
+        ):
+            return node
+    return None
+
+
+def pooled_rows(program: TokenProgram, pool: fx.Node) -> tuple[fx.Node, slice] | None:
+    """(stream node, rows) when ``pool`` is a mean over the rows ``rows`` of a node of the token stream after the
+    last block (``x.mean(1)``, ``x[:, P:].mean(1)``): a pool that the rows' sizes can weight. Else None."""
+    name = pool.target if isinstance(pool.target, str) else getattr(pool.target, "__name__", "")
+    source = pool.args[0]
+    if name != "mean" or not isinstance(source, fx.Node):
+        return None
+    rows = slice(None)
+    if source.op == "call_function" and source.target is operator.getitem:
+        index = source.args[1]
+        if not (isinstance(index, tuple) and len(index) == 2 and index[0] == slice(None)
+                and isinstance(index[1], slice) and index[1].step is None):
+            return None
+        source, rows = source.args[0], index[1]
     last = program.blocks[-1].mid or program.blocks[-1].input
     after = program.stream[program.stream.index(last):] if last in program.stream else []
-    tokens = [n for n in after if (shape := _shape(n)) is not None and len(shape) == 3 and shape[0] == program.batch
-              and shape[2] == program.dim]
-    return tokens[-1] if tokens else None
+    full = _shape(source) == (program.batch, program.tokens, program.dim)
+    return (source, rows) if source in after and full else None
 
 
 def _block(
@@ -481,14 +535,16 @@ def _block(
     if mid is not None:
         name = _common_module(site.node, mid) or name
     shape = _shape(anchor)
-    refusal, needs_all_tokens = _refusal(site, anchor, mid, shape, batch, prefix, on_stream)
     tokens = shape[1] if shape is not None and len(shape) == 3 and shape[0] == batch else 0
-    return Block(index, name, site, anchor, mid, tokens, refusal, needs_all_tokens)
+    terms = tuple(_position_tables(site, on_stream, {tokens, tokens - prefix, tokens**2, (tokens - prefix) ** 2}
+                                   - {0, 1})) if tokens else ()
+    refusal, needs_all_tokens = _refusal(site, anchor, mid, shape, batch, terms)
+    return Block(index, name, site, anchor, mid, tokens, refusal, needs_all_tokens, terms)
 
 
 def _refusal(
     site: AttentionSite, anchor: fx.Node, mid: fx.Node | None, shape: tuple[int, ...] | None, batch: int,
-    prefix: int, on_stream: set[fx.Node],
+    tables: tuple[str, ...],
 ) -> tuple[str | None, bool]:
     """Why a block's tokens cannot be reduced (None: they can), and whether it also needs every token (see
     :class:`Block`)."""
@@ -514,8 +570,6 @@ def _refusal(
         return "no residual addition of the block input after attention", False
     if _shape(mid) != shape:
         return f"the stream after attention has shape {_shape(mid)}, expected {shape}", False
-    n, p = shape[1], shape[1] - prefix
-    tables = _position_tables(site, on_stream, {n, p, n * n, p * p} - {0, 1})
     if tables:
         return (
             f"its attention uses position-dependent table(s) {', '.join(tables)} laid out for all "

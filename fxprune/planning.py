@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 import torch.fx as fx
 
-from .analysis import Block, TokenProgram, module_path
+from .analysis import SCORES, Block, TokenProgram, module_path, pooled_rows, token_pooling
 from .errors import PolicyError, UnsupportedModelError
 from .methods import Method, method_of
 from .passes.common import stream_node, tag_of
@@ -144,9 +144,8 @@ def _check_blocks(program: TokenProgram, owner: dict[int, Policy]) -> None:
             )
         if method.needs_class_token and not program.class_token:
             raise UnsupportedModelError(
-                f"{part.describe()} scores tokens by their class-token attention, but {program.model_name} has "
-                "no class token (e.g. global average pooling). Use a model with a class token or a method "
-                "that needs none."
+                f"{part.describe()} reads the class token, but {program.model_name} has no class token: "
+                f"{program.readout}. Use a model whose output reads a class token, or a method that needs none."
             )
         if method.needs_keys and block.attention.k is None:
             raise UnsupportedModelError(
@@ -167,7 +166,8 @@ def _check_model(program: TokenProgram, owner: dict[int, Policy]) -> None:
         raise UnsupportedModelError(
             f"{padding.describe()} keeps a different number of tokens per image and pads the batch, but "
             f"{program.model_name} pools over all tokens after its last block ({pooling}), which would "
-            "average the padding in. Use a model that reads its class token, or EViT, Top-K or ToMe."
+            "take the padding in (fxprune weights a mean over the rows of the final tokens by their sizes, not other "
+            "pools). Use a model that reads its class token or mean-pools, or EViT, Top-K or ToMe."
         )
     reducing = [index for index, part in owner.items() if method_of(part).reduces_tokens]
     if reducing:
@@ -180,32 +180,29 @@ def _check_model(program: TokenProgram, owner: dict[int, Policy]) -> None:
                 )
 
 
-_REDUCTIONS = ("mean", "sum", "amax", "max", "logsumexp")
-
-
 def _token_pooling(program: TokenProgram) -> str | None:
-    """The first reduction over the token axis of a ``[B, N, C]`` value after the last block, if any."""
-    last = program.blocks[-1].mid or program.blocks[-1].input
-    after = False
-    for node in program.gm.graph.nodes:
-        after = after or node is last
-        if not after or node.op not in ("call_method", "call_function"):
-            continue
-        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-        if name not in _REDUCTIONS or not node.args:
-            continue
-        source = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
-        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-        if isinstance(source, torch.Tensor) and source.dim() == 3 and dim in (1, -2, (1,), (-2,)):
-            return f"{name} over dim {dim} at {node.name} in {module_path(node) or 'the top-level forward'}"
-    return None
+    """What pools over the token axis after the last block (a reduction over dim 1 of a ``[B, N, C]`` value) and
+    cannot be told the sizes of the rows, if anything."""
+    node = token_pooling(program)
+    if node is None or pooled_rows(program, node) is not None:
+        return None
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    return f"{name} over dim {dim} at {node.name} in {module_path(node) or 'the top-level forward'}"
+
+
+def _depth(program: TokenProgram) -> int:
+    """The blocks that defaults such as "every block" cover: up to the last one of self-attention (an attention
+    pool or class-attention blocks after it are not token blocks)."""
+    self_attention = [b.index for b in program.blocks if b.attention.queries == b.attention.keys]
+    return self_attention[-1] + 1 if self_attention else len(program.blocks)
 
 
 def make_plan(program: TokenProgram, policy: Policy | Compose) -> Plan:
     """Validate ``policy`` against ``program`` and give each block its action (tokens and MACs come later)."""
     if not isinstance(policy, (Policy, Compose)):
         raise PolicyError(f"expected an fxprune policy (e.g. fxprune.EViT(0.7, (3, 6, 9))), got {policy!r}")
-    policy = policy.bind(len(program.blocks), program.tokens - program.prefix_tokens)
+    policy = policy.bind(_depth(program), program.tokens - program.prefix_tokens)
     owner = _owner(program, policy)
     _check_blocks(program, owner)
     _check_model(program, owner)
@@ -225,6 +222,9 @@ def make_plan(program: TokenProgram, policy: Policy | Compose) -> Plan:
     notes = [f"not recognised as attention, left as is: {u}" for u in program.unrecognised]
     notes += [f"kept as a leaf during capture: {name} ({why})" for name, why in program.trace.leaves]
     notes += [note for part in policy.policies() for note in part.plan_notes()]
+    notes += [f"{part.describe()} scores tokens by {SCORES[program.class_token]}"
+              + ("" if program.class_token else f" (no class token: {program.readout})")
+              for part in policy.policies() if method_of(part).scores_tokens]
     return Plan(program.model_name, policy, tuple(rows), program.prefix_tokens, shape, tuple(notes))
 
 

@@ -30,9 +30,33 @@ def _complement(index: torch.Tensor, n: int) -> torch.Tensor:
     return torch.arange(n, device=index.device).expand(index.shape[0], n)[keep].view(index.shape[0], -1)
 
 
-def _evit_tokens(x: torch.Tensor, probs: torch.Tensor, keep_rate: float, prefix: int, fuse: bool) -> torch.Tensor:
+def attention_scores(probs: torch.Tensor, prefix: int, cls: bool = True) -> torch.Tensor:
+    """Head-averaged token scores of the non-prefix tokens from attention probabilities [B, H, N, N]: the class
+    token's row, or (not ``cls``) the attention each token receives, averaged over every query: [B, N - prefix]."""
+    return (probs[:, :, 0] if cls else probs.mean(dim=2)).mean(dim=1)[:, prefix:]
+
+
+def reads_class_token(model: nn.Module) -> bool:
+    """Whether a timm ``VisionTransformer``'s head reads its class token (else it pools)."""
+    return model.global_pool == "token"
+
+
+def pooled_head(model: nn.Module, x: torch.Tensor, size: torch.Tensor | None = None) -> torch.Tensor:
+    """A timm ``VisionTransformer``'s head on its final tokens [B, N, C] (after ``norm``); a mean pool weights
+    each token by its size [B, N] when given."""
+    if model.global_pool != "avg" or size is None:
+        return model.forward_head(x)
+    prefix = model.num_prefix_tokens
+    weights = size[:, prefix:, None]
+    pooled = (x[:, prefix:] * weights).sum(1) / weights.sum(1)
+    return model.head(model.head_drop(model.fc_norm(pooled)))
+
+
+def _evit_tokens(
+    x: torch.Tensor, probs: torch.Tensor, keep_rate: float, prefix: int, fuse: bool, cls: bool = True
+) -> torch.Tensor:
     B, N, C = x.shape
-    cls_attn = probs[:, :, 0, prefix:].mean(dim=1)
+    cls_attn = attention_scores(probs, prefix, cls)
     left = math.ceil(keep_rate * (N - prefix))
     if left >= N - prefix:
         return x
@@ -56,7 +80,7 @@ def evit_vit(model: nn.Module, images: torch.Tensor, keep_rate: float, layers, f
         out, probs = _attention(blk.attn, blk.norm1(x))
         x = x + blk.drop_path1(blk.ls1(out))
         if i in layers:
-            x = _evit_tokens(x, probs, keep_rate, prefix, fuse)
+            x = _evit_tokens(x, probs, keep_rate, prefix, fuse, reads_class_token(model))
         x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
     return model.forward_head(model.norm(x))
 
@@ -105,9 +129,11 @@ def _attention_with_sizes(attn: nn.Module, x: torch.Tensor, size: torch.Tensor |
     return attn.proj(attn.norm(out)), probs, k, v
 
 
-def _evit_sizes(size: torch.Tensor, probs: torch.Tensor, keep_rate: float, prefix: int, fuse: bool) -> torch.Tensor:
+def _evit_sizes(
+    size: torch.Tensor, probs: torch.Tensor, keep_rate: float, prefix: int, fuse: bool, cls: bool = True
+) -> torch.Tensor:
     """Sizes after EViT: kept tokens keep theirs, the fused token's (``fuse``) is the dropped tokens' total."""
-    cls_attn = probs[:, :, 0, prefix:].mean(dim=1)
+    cls_attn = attention_scores(probs, prefix, cls)
     left = math.ceil(keep_rate * (size.shape[1] - prefix))
     if left >= size.shape[1] - prefix:
         return size
@@ -132,15 +158,15 @@ def tome_vit(
         x = x + blk.drop_path1(blk.ls1(out))
         if evit is not None and i in evit[1]:
             if size is not None:
-                size = _evit_sizes(size, probs, evit[0], prefix, fuse)
-            x = _evit_tokens(x, probs, evit[0], prefix, fuse=fuse)
+                size = _evit_sizes(size, probs, evit[0], prefix, fuse, reads_class_token(model))
+            x = _evit_tokens(x, probs, evit[0], prefix, fuse, reads_class_token(model))
         if i in layers:
             r_i = r if isinstance(r, int) else r[list(layers).index(i)]
             sizes = torch.ones(x.shape[:2], dtype=x.dtype) if size is None else size
             pairs = [_tome_one_image(x[b], sizes[b], k[b].mean(0), r_i, prefix) for b in range(x.shape[0])]
             x, size = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
         x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
-    return model.forward_head(model.norm(x))
+    return pooled_head(model, model.norm(x), size)
 
 
 def _ats_budget(n: int, cap) -> int:
@@ -152,11 +178,13 @@ def _ats_budget(n: int, cap) -> int:
     return min(cap, n)
 
 
-def ats_one_image(x, size, probs, v, cap, prefix: int, ref_tokens: int):
+def ats_one_image(x, size, probs, v, cap, prefix: int, ref_tokens: int, cls: bool = True):
     """ATS on one image by the official code's rules: x [1, N, C], size [1, N] or None, probs [1, H, N, N],
-    v [1, H, N, d]; ``ref_tokens`` points minus the prefix, the ``budget − P`` most significant distinct picks."""
+    v [1, H, N, d]; ``ref_tokens`` points minus the prefix, the ``budget − P`` most significant distinct picks
+    (scored by the class row, or, not ``cls``, by the attention each token receives)."""
     n = x.shape[1]
-    significance = probs[0, :, 0, prefix:].sum(0) * v[0].transpose(0, 1).reshape(n, -1).norm(dim=-1)[prefix:]
+    attention = attention_scores(probs, prefix, cls)[0]
+    significance = attention * v[0].transpose(0, 1).reshape(n, -1).norm(dim=-1)[prefix:]
     significance = significance / significance.sum()
     scores, order = significance.sort(stable=True)
     cdf = scores.cumsum(0)
@@ -188,7 +216,7 @@ def reduced_vit(
             if i in steps:
                 x, size = steps[i](x, size, probs, k, v)
             x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
-        outputs.append(model.forward_head(model.norm(x)))
+        outputs.append(pooled_head(model, model.norm(x), size))
     return torch.cat(outputs)
 
 
@@ -199,7 +227,7 @@ def ats_step(model: nn.Module, cap, ref_tokens: int | None = None):
 
     def step(x, size, probs, k, v):
         size = torch.ones(x.shape[:2], dtype=x.dtype) if size is None else size
-        return ats_one_image(x, size, probs, v, cap, prefix, ref_tokens)
+        return ats_one_image(x, size, probs, v, cap, prefix, ref_tokens, reads_class_token(model))
 
     return step
 
@@ -215,9 +243,10 @@ def evit_step(model: nn.Module, keep_rate: float, fuse: bool = True):
     prefix = model.num_prefix_tokens
 
     def step(x, size, probs, k, v):
+        cls = reads_class_token(model)
         if size is not None:
-            size = _evit_sizes(size, probs, keep_rate, prefix, fuse)
-        return _evit_tokens(x, probs, keep_rate, prefix, fuse), size
+            size = _evit_sizes(size, probs, keep_rate, prefix, fuse, cls)
+        return _evit_tokens(x, probs, keep_rate, prefix, fuse, cls), size
 
     return step
 

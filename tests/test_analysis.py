@@ -11,6 +11,7 @@ from vits import (
     timm_vit,
     torchvision_vit,
     with_explicit_softmax,
+    with_position_bias_in_block_3,
 )
 
 import fxprune
@@ -108,3 +109,9 @@ def test_summary_lists_every_block_with_its_status():
     text = str(fxprune.analyse(timm_vit("deit_small_distilled_patch16_224")))
     assert "4 attention blocks, 18 tokens × 384 channels (2 prefix token(s), class token: yes)" in text
     assert text.count("reducible") == 4
+
+
+def test_the_analysis_lists_the_position_terms_of_each_block():
+    program = fxprune.analyse(with_position_bias_in_block_3())
+    assert [b.position_terms for b in program.blocks] == [(), (), (), ("stages.3.mix.bias [3, 17, 17]",)]
+    assert "stages.3.mix.bias  not reducible" in str(program)

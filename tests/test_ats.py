@@ -3,6 +3,7 @@ import torch
 from reference import ats_step, ats_vit, evit_step, reduced_vit, tome_step
 from vits import (
     assert_each_image_gets_what_it_gets_alone,
+    assert_same_outputs,
     digit_scenes,
     digits_vit,
     hand_written_vit,
@@ -171,15 +172,32 @@ def test_policy_caps_layers_and_plan():
             ATS(bad, (0,))
     with pytest.raises(PolicyError, match="2 values for 3 layers"):
         ATS((12, 9), (1, 2, 3))
-    with pytest.raises(fxprune.UnsupportedModelError, match="class token"):
-        fxprune.transform(timm_vit("vit_tiny_patch16_224", class_token=False, global_pool="avg"), ATS(9, (1,)))
 
 
-def test_models_that_average_all_tokens_are_refused_rather_than_averaging_padding():
-    model = timm_vit("vit_tiny_patch16_224", global_pool="avg")  # class token, but the head averages tokens
-    with pytest.raises(fxprune.UnsupportedModelError, match=r"pools over all tokens .*mean over dim 1"):
+@pytest.mark.parametrize("class_token", [True, False], ids=["unread-class-token", "no-class-token"])
+def test_a_mean_pooled_model_pools_each_images_own_rows_in_float64(class_token):
+    model = timm_vit("vit_tiny_patch16_224", class_token=class_token, global_pool="avg").double()
+    assert not fxprune.analyse(model).class_token  # its class token, if any, never reaches the output
+    gm = fxprune.transform(model, ATS(8, (0, 1, 2)))
+    x = image_batch(model, batch=4, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), ats_vit(model, x, 8, (0, 1, 2)), atol=1e-6, rtol=0)
+    assert_each_image_gets_what_it_gets_alone(gm, x)
+
+
+def test_a_pool_that_cannot_weight_rows_is_refused_rather_than_taking_padding_in():
+    model = timm_vit("vit_tiny_patch16_224", class_token=False, global_pool="max")
+    with pytest.raises(fxprune.UnsupportedModelError, match=r"pools over all tokens .*amax over dim 1"):
         fxprune.transform(model, ATS(9, (1,)))
     fxprune.transform(model, ToMe(2))  # methods without padding stay available
+
+
+def test_an_attention_pool_attends_to_each_images_own_rows_and_is_not_a_block_to_reduce():
+    model = timm_vit("vit_tiny_patch16_224", class_token=False, global_pool="map")
+    gm = fxprune.transform(model, Compose([ATS(8, (0, 2)), ToMe(2, (1,))]))
+    assert_each_image_gets_what_it_gets_alone(gm, image_batch(model, batch=4))
+    assert [row.action for row in fxprune.plan(model, ToMe(0)).rows][-1].startswith("dense (not reducible")
+    assert_same_outputs(fxprune.transform(model, ToMe(0)), model)
 
 
 def test_explicit_softmax_attention_selects_after_the_residual_with_the_same_outputs():

@@ -37,6 +37,23 @@ def test_rewritten_graph_matches_independent_eager_implementation_in_float64(nam
         torch.testing.assert_close(gm(x), evit_vit(model, x, 0.5, (1, 2), fuse=fuse), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("fuse", [True, False], ids=["evit", "topk"])
+@pytest.mark.parametrize("pool", ["avg", "max"])
+def test_without_a_class_token_tokens_are_ranked_by_the_attention_they_receive_in_float64(fuse, pool):
+    model = timm_vit("vit_tiny_patch16_224", class_token=False, global_pool=pool).double()
+    policy = EViT(0.5, (1, 2), fuse=fuse) if fuse else TopK(0.5, (1, 2))
+    gm = fxprune.transform(model, policy)
+    assert any("scores tokens by attention received" in note for note in gm.fxprune_plan.notes)
+    x = image_batch(model, batch=4, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), evit_vit(model, x, 0.5, (1, 2), fuse=fuse), atol=1e-6, rtol=0)
+
+
+def test_the_plan_names_the_class_token_score_where_the_model_has_one():
+    plan = fxprune.plan(timm_vit("vit_tiny_patch16_224"), TopK(0.5, (1,)))
+    assert "topk keep 0.5 scores tokens by class-token attention (row 0)" in plan.notes
+
+
 def test_explicit_softmax_attention_matches_the_reference_too():
     model = with_explicit_softmax(timm_vit("deit3_small_patch16_224").double())
     gm = fxprune.transform(model, EViT(0.7, (0, 2)))

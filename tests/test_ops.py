@@ -13,7 +13,10 @@ from fxprune.ops import (
     evit_select,
     evit_select_sizes,
     padded_cluster_keys_values,
+    received_attention,
+    received_attention_from_probs,
     size_bias,
+    size_weighted_mean,
     tome_merge,
     topk_rows,
 )
@@ -56,6 +59,55 @@ def test_class_attention_costs_one_query_row_not_the_full_map():
     with counter:
         class_attention(torch.randn(B, H, N, d), torch.randn(B, H, N, d))
     assert counter.total == B * H * N * d
+
+
+def _with_padding(q, k, real):
+    """q, k [B, H, N, d] with the rows ``real`` [B, N] (False: padding) masked as keys: (key mask, each image's
+    expected received attention from its own rows alone)."""
+    mask = real[:, None, None, :]
+    expected = torch.zeros(q.shape[0], q.shape[2], dtype=q.dtype)
+    for b in range(q.shape[0]):
+        rows = real[b].nonzero().flatten()
+        probs = _full_map(q[b:b + 1, :, rows], k[b:b + 1, :, rows], q.shape[-1] ** -0.5)
+        expected[b, rows] = probs.mean(dim=(1, 2))[0]
+    return mask, expected
+
+
+@pytest.mark.parametrize("chunk", [128, 3])
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_received_attention_is_each_images_column_mean_of_its_own_rows(chunk, kind):
+    q, k = torch.randn(3, 4, 10, 8, dtype=torch.float64), torch.randn(3, 4, 10, 8, dtype=torch.float64)
+    real = torch.tensor([[True] * 10, [True] * 6 + [False] * 4, [True] * 2 + [False] * 8])
+    mask, expected = _with_padding(q, k, real)
+    if kind == "float":
+        mask = torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, float("-inf"))
+    scores = received_attention(q, k, attn_mask=mask, chunk=chunk)
+    torch.testing.assert_close(scores, expected)
+    torch.testing.assert_close(scores.sum(-1), torch.ones(3, dtype=torch.float64))
+    torch.testing.assert_close(received_attention(q, k, chunk=chunk), _full_map(q, k, 8**-0.5).mean(dim=(1, 2)))
+
+
+def test_received_attention_never_builds_the_full_map():
+    q, k = torch.randn(2, 6, 300, 16), torch.randn(2, 6, 300, 16)
+    counter = MacCounter()
+    with counter:
+        received_attention(q, k, chunk=128)
+    assert counter.total == 2 * 6 * 300 * 300 * 16  # the logits, once; the peak map is [B, H, 128, N]
+
+
+def test_received_attention_from_probs_leaves_padding_out():
+    q, k = torch.randn(2, 3, 7, 4, dtype=torch.float64), torch.randn(2, 3, 7, 4, dtype=torch.float64)
+    real = torch.tensor([[True] * 7, [True] * 4 + [False] * 3])
+    mask, expected = _with_padding(q, k, real)
+    torch.testing.assert_close(received_attention_from_probs(_full_map(q, k, 0.5, mask)), expected)
+
+
+def test_size_weighted_mean_counts_each_row_for_its_patches_and_leaves_padding_out():
+    x = torch.randn(2, 4, 3, dtype=torch.float64)
+    size = torch.tensor([[1.0, 3.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]], dtype=torch.float64)[..., None]
+    expected = torch.stack([(x[0, 0] + 3 * x[0, 1]) / 4, x[1].mean(0)])
+    torch.testing.assert_close(size_weighted_mean(x, size), expected)
+    assert size_weighted_mean(x, size, keepdim=True).shape == (2, 1, 3)
 
 
 def test_class_attention_from_probs_averages_heads():

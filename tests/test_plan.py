@@ -49,10 +49,10 @@ def test_non_policy_is_refused():
         fxprune.plan(timm_vit("deit_small_patch16_224"), {"keep_rate": 0.5})
 
 
-def test_class_attention_methods_need_a_class_token():
-    model = timm_vit("vit_tiny_patch16_224", class_token=False, global_pool="avg")
-    with pytest.raises(UnsupportedModelError, match="has no class token"):
-        fxprune.transform(model, EViT(0.5, (1,)))
+def test_a_method_that_reads_the_class_token_needs_one_that_the_output_reads():
+    model = timm_vit("vit_tiny_patch16_224", global_pool="avg")  # a class token, but the head averages patches
+    with pytest.raises(UnsupportedModelError, match="has no class token: the output reads no prefix row alone"):
+        fxprune.transform(model, fxprune.AdaViT(0.5))
 
 
 def test_reducing_a_position_dependent_block_is_refused_naming_it():

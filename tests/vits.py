@@ -119,6 +119,14 @@ class HandWrittenViT(nn.Module):
         return self.classifier(self.final_norm(tokens)[:, 0])
 
 
+def lookout(reads: str = "summary") -> nn.Module:
+    """The zoo's hand-written ViT whose names share nothing with timm's (:class:`fxprune.tools.zoo.Glance`)."""
+    from fxprune.tools.zoo import Glance
+
+    torch.manual_seed(0)
+    return Glance(reads, depth=4).eval()
+
+
 def hand_written_vit(**kwargs) -> HandWrittenViT:
     torch.manual_seed(0)
     return HandWrittenViT(**kwargs).eval()

@@ -25,11 +25,11 @@ from ..passes.common import (
     Rewrite,
     Role,
     can_select_queries,
-    class_scores,
     insert_call,
     model_tokens,
     reroute_stream,
     select_queries,
+    token_scores,
 )
 from ..policies import Policy, at_layer, check_layers, check_per_layer, option, parse_layers
 from .registry import Knob, SweepContext, register_method
@@ -152,7 +152,7 @@ def _official(ctx: SweepContext) -> list[ATS]:
 
 
 @register_method(
-    "ats", ATS, needs_class_token=True, pads_tokens=True, carries_sizes=True,
+    "ats", ATS, scores_tokens=True, pads_tokens=True, carries_sizes=True,
     knob=Knob(lambda ctx, start: ats_from(ctx.depth, start), _starts, extra=_official),
     example=lambda layers: ATS(0.7, layers),
 )
@@ -160,7 +160,7 @@ def sample_tokens(gm: fx.GraphModule, program: TokenProgram, block: Block, polic
     """Sample ``block``'s tokens inside its attention (SDPA) or after its residual add; pad (size 0) the slots
     an image does not fill. The sizes entering the block (which mark padding) are wired by token-state threading."""
     inside = can_select_queries(block)
-    scores = class_scores(gm, block, before=inside)
+    scores = token_scores(gm, block, program.class_token, before=inside)
     cap = policy.cap_at(block.index)
     args = (scores, block.attention.v, cap, program.prefix_tokens, model_tokens(gm, program))
     pair = insert_call(gm, scores if inside else block.mid, ats_index, args, {"size": None}, block, "ats_index")

@@ -1,4 +1,5 @@
-"""EViT and Top-K: keep the tokens the class token attends to most, between a block's attention and its MLP.
+"""EViT and Top-K: keep the tokens the class token attends to most (in a model without a class token: the tokens
+that receive the most attention), between a block's attention and its MLP.
 
 EViT needs every row after the residual add (its fused token sums the dropped ones), so it selects there,
 scoring beside the kept SDPA call. Top-K drops the other rows outright: at an SDPA site it scores before the
@@ -14,7 +15,7 @@ import torch.fx as fx
 
 from ..analysis import Block, TokenProgram
 from ..ops import evit_kept_tokens, evit_select, topk_rows
-from ..passes.common import Rewrite, Role, can_select_queries, class_scores, insert_call, reroute_stream, select_queries
+from ..passes.common import Rewrite, Role, can_select_queries, insert_call, reroute_stream, select_queries, token_scores
 from ..policies import (
     Policy,
     check_flag,
@@ -37,8 +38,8 @@ class EViT(Policy):
     """EViT (Liang et al., ICLR 2022): keep the tokens the class token attends to most, fuse the rest.
 
     In each chosen block, between attention and MLP, keep ``ceil(keep_rate · (N − P))`` non-prefix
-    tokens with the largest head-averaged class attention; with ``fuse`` append one token, the
-    attention-weighted sum of the dropped ones.
+    tokens with the largest head-averaged class attention (without a class token: attention received, averaged
+    over queries and heads); with ``fuse`` append one token, the attention-weighted sum of the dropped ones.
     """
 
     keep_rate: float = option(parse_number, "keep")
@@ -70,11 +71,11 @@ class TopK(EViT):
 def select_by_class_attention(gm: fx.GraphModule, program: TokenProgram, block: Block, policy: EViT) -> Rewrite:
     """Select the top tokens of ``block`` by class attention (see the module docstring)."""
     if not policy.fuse and can_select_queries(block):
-        scores = class_scores(gm, block, before=True)
+        scores = token_scores(gm, block, program.class_token, before=True)
         args = (scores, policy.keep_rate, program.prefix_tokens)
         rows = insert_call(gm, scores, topk_rows, args, {}, block, "topk_rows", Role.ROWS)
         return Rewrite(select_queries(gm, block, rows), rows)
-    scores = class_scores(gm, block)
+    scores = token_scores(gm, block, program.class_token)
     args = (scores, policy.keep_rate, program.prefix_tokens, policy.fuse)
     return Rewrite(reroute_stream(gm, block, evit_select, args, policy.method))
 
@@ -84,12 +85,12 @@ def _keep_rates(ctx: SweepContext) -> list[float]:
 
 
 register_method(
-    "evit", EViT, needs_class_token=True,
+    "evit", EViT, scores_tokens=True,
     knob=Knob(lambda ctx, keep: EViT(keep, ctx.layers), _keep_rates, at_layers=True),
     identity=lambda layers: EViT(1.0, layers), example=lambda layers: EViT(0.6, layers),
 )(select_by_class_attention)
 register_method(
-    "topk", TopK, needs_class_token=True,
+    "topk", TopK, scores_tokens=True,
     knob=Knob(lambda ctx, keep: TopK(keep, ctx.layers), _keep_rates, at_layers=True),
     identity=lambda layers: TopK(1.0, layers), example=lambda layers: TopK(0.6, layers),
 )(select_by_class_attention)

@@ -3,7 +3,7 @@
 A method module (``fxprune/methods/<name>.py``, or a user's own module) holds a policy dataclass, the function
 that rewrites one block, and registers that function::
 
-    @register_method("evit", EViT, needs_class_token=True, options={"keep": "keep_rate"})
+    @register_method("evit", EViT, scores_tokens=True, options={"keep": "keep_rate"})
     def rewrite_block(gm, program, block, policy) -> Rewrite: ...
 
 Everything the rest of fxprune needs to know about a method is in its spec: the command-line name, what it
@@ -90,7 +90,9 @@ class Method:
     """A registered method (see the module docstring).
 
     ``options`` maps extra command-line option names to policy fields (a field's own name always works).
-    ``needs_class_token``: it scores tokens by class attention. ``needs_keys``: it reads the attention keys.
+    ``needs_class_token``: it reads the class token (AdaViT's decisions). ``scores_tokens``: it ranks tokens by
+    attention, the class token's row or, in a model without one, the attention each token receives (the plan says
+    which). ``needs_keys``: it reads the attention keys.
     ``reduces_tokens``: it changes the token rows (False: ClusTR, which changes the attention only).
     ``pads_tokens``: images keep different numbers of rows, padded to a common length (size 0).
     ``adaptive``: what an image costs depends on the image (AdaViT's usage; implied by ``pads_tokens``), so MACs
@@ -109,6 +111,7 @@ class Method:
     rewrite: BlockRewrite
     options: Mapping[str, str] = dataclasses.field(default_factory=dict)
     needs_class_token: bool = False
+    scores_tokens: bool = False
     needs_keys: bool = False
     reduces_tokens: bool = True
     pads_tokens: bool = False

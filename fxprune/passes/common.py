@@ -17,7 +17,15 @@ from typing import Any
 import torch.fx as fx
 
 from ..analysis import Block, TokenProgram, sdpa_arguments
-from ..ops import class_attention, class_attention_from_probs, gather_queries, gather_tokens, op_of
+from ..ops import (
+    class_attention,
+    class_attention_from_probs,
+    gather_queries,
+    gather_tokens,
+    op_of,
+    received_attention,
+    received_attention_from_probs,
+)
 
 _RESHAPES = ("reshape", "view")
 
@@ -103,16 +111,19 @@ def model_tokens(gm: fx.GraphModule, program: TokenProgram) -> fx.Node:
     return insert_call(gm, first, "size", (first, 1), {}, program.blocks[0], "model_tokens", op="call_method")
 
 
-def class_scores(gm: fx.GraphModule, block: Block, before: bool = False) -> fx.Node:
-    """Insert the head-averaged class-attention row ``[B, N]`` of ``block``'s attention, beside it
-    (``before`` the SDPA call, for a pass that changes its inputs; SDPA sites only)."""
-    site = block.attention
+def token_scores(gm: fx.GraphModule, block: Block, class_token: bool, before: bool = False) -> fx.Node:
+    """Insert the token scores ``[B, N]`` of ``block``'s attention beside it: the head-averaged class-attention row
+    when the model has a class token, else the attention each token receives (``fxprune.analysis.SCORES`` names
+    them), computed ``before`` the SDPA call for a pass that changes its inputs (SDPA sites only)."""
+    site, name = block.attention, "class_attn" if class_token else "received_attn"
     if site.kind == "sdpa":
         args = sdpa_arguments(site.node)
         kwargs = {"scale": args["scale"], "attn_mask": args["attn_mask"]}
         after = site.node.prev if before else site.node
-        return insert_call(gm, after, class_attention, (site.q, site.k), kwargs, block, "class_attn", Role.SCORE)
-    return insert_call(gm, site.node, class_attention_from_probs, (site.node,), {}, block, "class_attn", Role.SCORE)
+        fn = class_attention if class_token else received_attention
+        return insert_call(gm, after, fn, (site.q, site.k), kwargs, block, name, Role.SCORE)
+    fn = class_attention_from_probs if class_token else received_attention_from_probs
+    return insert_call(gm, site.node, fn, (site.node,), {}, block, name, Role.SCORE)
 
 
 def reroute_stream(

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import torch.fx as fx
 
-from ..analysis import Block, TokenProgram, sdpa_arguments
+from ..analysis import Block, TokenProgram, pooled_rows, sdpa_arguments, token_pooling
 from ..errors import FxPruneError, UnsupportedModelError
 from ..ops import (
     KEEP,
@@ -39,6 +39,7 @@ from ..ops import (
     op_of,
     policy_attention,
     size_bias,
+    size_weighted_mean,
     softmax_with_policy,
 )
 from .common import Role, insert_call, inserted, stream_node, tag
@@ -120,6 +121,25 @@ def _thread_sizes(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[Plan
             size = _follow(gm, block, stream, SIZES, size)
         if size is not None and (proportional or padded) and before:
             _add_size_bias(gm, block, size, proportional)
+    if size is not None:
+        _pool_by_size(gm, program, size)
+
+
+def _pool_by_size(gm: fx.GraphModule, program: TokenProgram, size: fx.Node) -> None:
+    """Make a mean over the final tokens' rows (a mean-pooled model's head) weight each row by its size, which
+    leaves padding out and counts a merged row for the patches it stands for."""
+    pool = token_pooling(program)
+    pooled = None if pool is None else pooled_rows(program, pool)
+    if pooled is None:
+        return
+    keepdim = pool.kwargs.get("keepdim", pool.args[2] if len(pool.args) > 2 else False)
+    with gm.graph.inserting_before(pool):  # outside every block: its MACs count outside blocks
+        rows = size if pooled[1] == slice(None) else gm.graph.call_function(
+            operator.getitem, (size, (slice(None), pooled[1])))
+        node = gm.graph.call_function(size_weighted_mean, (pool.args[0], rows), {"keepdim": keepdim})
+    node.meta["nn_module_stack"] = dict(pool.meta.get("nn_module_stack") or {})
+    pool.replace_all_uses_with(node)
+    gm.graph.erase_node(pool)
 
 
 def _thread(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[PlanRow], channel: str) -> None:

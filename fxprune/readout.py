@@ -1,0 +1,129 @@
+"""Readout: which rows of the final token stream reach a captured model's output, read from the graph itself.
+
+A row reaches an output element when a NaN written into that row alone of the final ``[B, N, C]`` tokens makes the
+element NaN: only the graph after the final tokens runs, on random values, so this costs a few runs of the model's
+head. From that, a prefix row is a *class row* when it reaches output elements that no patch row reaches (a
+classifier on ``x[:, 0]``, a distillation head on ``x[:, 1]``, the first rows of a dense output); patch rows are
+*pooled* when two of them reach the same element (a mean or attention pool) and *dense* when each reaches its own
+(a backbone that returns every token).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+__all__ = ["Readout", "readout"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Readout:
+    """How a model's output reads the rows of its final ``[B, N, C]`` tokens (P prefix rows first).
+
+    ``class_rows``: the prefix rows that reach output elements no patch row reaches; ``patches``: ``'none'`` (no
+    patch row reaches the output), ``'pooled'`` (patch rows meet in the same output elements) or ``'dense'`` (each
+    patch row reaches output elements of its own); ``why``: set when the rows could not be tested."""
+
+    class_rows: tuple[int, ...] = ()
+    patches: str = "none"
+    why: str | None = None
+
+    def __str__(self) -> str:
+        if self.why is not None:
+            return f"not read ({self.why})"
+        rows = {"none": "no patch row", "pooled": "a pool over the patch rows", "dense": "every patch row"}
+        alone = (f"prefix row(s) {', '.join(map(str, self.class_rows))} alone, "
+                 if self.class_rows else "no prefix row alone, ")
+        return f"the output reads {alone}{rows[self.patches]}"
+
+
+def _reads_data(gm: fx.GraphModule) -> set[fx.Node]:
+    """The nodes whose values depend on the input's values (not only on its shape)."""
+    found: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        shape_read = (node.op == "call_function" and node.target is getattr and node.args[1] == "shape") or (
+            node.op == "call_method" and node.target in ("size", "dim")
+        )
+        if node.op == "placeholder" or (not shape_read and any(n in found for n in node.all_input_nodes)):
+            found.add(node)
+    return found
+
+
+def _example(value: Any, generator: torch.Generator) -> Any:
+    """A real tensor with ``value``'s shape and dtype (random floats), or ``value`` itself when it is no tensor."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if value.dtype.is_floating_point:
+        return torch.randn(value.shape, generator=generator, dtype=value.dtype)
+    return torch.zeros(value.shape, dtype=value.dtype)
+
+
+class _Tail(fx.Interpreter):
+    """Runs the part of ``gm`` that reads ``tokens``: ``tokens`` takes a given value, the input-dependent values
+    computed before it take random ones, everything else runs as it is."""
+
+    def __init__(self, gm: fx.GraphModule, tokens: fx.Node):
+        super().__init__(gm, garbage_collect_values=True)
+        data, order = _reads_data(gm), {n: i for i, n in enumerate(gm.graph.nodes)}
+        self.leaves = {n for n in data if order[n] < order[tokens]} | {tokens}
+        self.needed: set[fx.Node] = set()
+        todo = list(gm.graph.find_nodes(op="output"))
+        while todo:
+            node = todo.pop()
+            if node not in self.needed:
+                self.needed.add(node)
+                if node not in self.leaves:
+                    todo.extend(node.all_input_nodes)
+        self.tokens, self.values = tokens, {}
+        generator = torch.Generator().manual_seed(0)
+        for leaf in sorted(self.leaves & self.needed, key=order.get):
+            self.values[leaf] = _example(leaf.meta.get("val"), generator)
+
+    def run_node(self, node: fx.Node) -> Any:
+        if node not in self.needed:
+            return None
+        if node in self.values:
+            return self.values[node]
+        return super().run_node(node)
+
+    def nan_mask(self, rows: torch.Tensor | None) -> torch.Tensor:
+        """Which output elements are NaN when the token rows ``rows`` (a bool ``[N]``; None: none) are NaN."""
+        clean = self.values[self.tokens]
+        self.values[self.tokens] = clean if rows is None else clean.masked_fill(rows[None, :, None], float("nan"))
+        try:
+            with torch.no_grad():
+                out = self.run(*[None] * len(self.graph.find_nodes(op="placeholder")))
+        finally:
+            self.values[self.tokens] = clean
+        leaves = [leaf for leaf in pytree.tree_leaves(out) if isinstance(leaf, torch.Tensor)]
+        if not leaves:
+            return torch.zeros(0, dtype=torch.bool)
+        return torch.cat([leaf.isnan().flatten() for leaf in leaves])
+
+
+def readout(gm: fx.GraphModule, tokens: fx.Node | None, prefix: int) -> Readout:
+    """Which rows of ``tokens`` (the final ``[B, N, C]`` value of the stream, ``prefix`` prefix rows first) reach
+    the output of ``gm`` (captured, with example values): see :class:`Readout`."""
+    value = tokens.meta.get("val") if tokens is not None else None
+    if not isinstance(value, torch.Tensor) or value.dim() != 3 or value.shape[1] <= prefix:
+        return Readout(why="no [B, N, C] token sequence after the last block")
+    tail, count = _Tail(gm, tokens), value.shape[1]
+    try:
+        clean = tail.nan_mask(None)
+        masks = [tail.nan_mask(torch.arange(count) == row) & ~clean for row in range(prefix)]
+        first, last = (tail.nan_mask(torch.arange(count) == row) & ~clean for row in (prefix, count - 1))
+    except Exception as error:  # the head fails on random values: say so, assume nothing
+        return Readout(why=f"the graph after the final tokens did not run on random values: {error}")
+    patches = first | last
+    class_rows = tuple(row for row, mask in enumerate(masks) if mask.any() and not (mask & patches).any())
+    if not patches.any():
+        kind = "none"
+    elif count - prefix > 1 and not (first & last).any():
+        kind = "dense"
+    else:
+        kind = "pooled"
+    return Readout(class_rows, kind)

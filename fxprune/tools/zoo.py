@@ -1,0 +1,273 @@
+"""The zoo: what fxprune does to architectures it was not written for.
+
+Tiny random-weight models (32–64 px, two to four blocks, a few channels) of 30+ timm architectures, torchvision's
+and Hugging Face's ViT and hand-written ViTs whose names share nothing with timm's, each tried with every
+registered method as a new user would: ``fxprune.transform(model, method.example((1, 2)))``. Each try ends one way:
+
+* **rewritten**: the rewrite reduces MACs (an adaptive method: per image), each image of a batch gets what it
+  gets alone (≤ 1e-4), and the method's identity setting (keep rate 1, r = 0) reproduces the model (≤ 1e-5);
+* **refused**: an :class:`~fxprune.FxPruneError` that names the block and the reason.
+
+Anything else (another exception, a rewrite that fails its checks) is a bug, which the zoo test catches.
+``fxprune zoo`` prints the table (model × method) that the README shows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from ..errors import FxPruneError
+from ..methods import Method, methods
+
+__all__ = ["Entry", "Glance", "Outcome", "ZOO", "try_method", "try_entry", "short_reason", "table"]
+
+LAYERS = (1, 2)  # where each method's example setting reduces: two blocks in a row, after a dense one
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """A zoo model: its ``name``, where it comes from (``source``) and how to build it (tiny, random weights)."""
+
+    name: str
+    source: str
+    build: Callable[[], nn.Module]
+
+
+def _timm(name: str, **overrides) -> Entry:
+    def build() -> nn.Module:
+        import timm
+
+        torch.manual_seed(0)
+        return timm.create_model(name, pretrained=False, **overrides).eval()
+
+    return Entry(name, "timm", build)
+
+
+_VIT = dict(img_size=32, patch_size=8, depth=3, embed_dim=48, num_heads=3)  # a VisionTransformer-like family
+_SMALL = dict(img_size=64)
+
+
+def _torchvision() -> nn.Module:
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.VisionTransformer(32, 8, 3, 3, 48, 96, num_classes=10).eval()
+
+
+def _hugging_face() -> nn.Module:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=3, num_attention_heads=3,
+                       intermediate_size=96, num_labels=10)
+    return ViTForImageClassification(config).eval()
+
+
+class Glance(nn.Module):
+    """A hand-written ViT with none of timm's names: a learned ``summary`` token, positions ``where``, fused
+    attention; its output reads ``reads``: ``'summary'`` (``final(x)[:, 0]``), ``'mean'`` (every token averaged)
+    or ``'all'`` (every token: a dense output)."""
+
+    image_size = 32
+
+    def __init__(self, reads: str, width: int = 48, heads: int = 3, depth: int = 3, patch: int = 8):
+        super().__init__()
+        self.reads, self.heads = reads, heads
+        self.cut = nn.Conv2d(3, width, patch, stride=patch)
+        self.summary = nn.Parameter(torch.randn(1, 1, width) * 0.02)
+        self.where = nn.Parameter(torch.randn(1, (self.image_size // patch) ** 2 + 1, width) * 0.02)
+        self.looks = nn.ModuleList(nn.ModuleDict({
+            "a": nn.LayerNorm(width), "qkv": nn.Linear(width, 3 * width), "o": nn.Linear(width, width),
+            "b": nn.LayerNorm(width), "f": nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, width)),
+        }) for _ in range(depth))
+        self.final = nn.LayerNorm(width)
+        self.decide = nn.Linear(width, 5)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.cut(images).flatten(2).transpose(1, 2)
+        x = torch.cat([self.summary.expand(x.shape[0], -1, -1), x], dim=1) + self.where
+        for look in self.looks:
+            b, n, c = x.shape
+            q, k, v = look["qkv"](look["a"](x)).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+            x = x + look["o"](F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+            x = x + look["f"](look["b"](x))
+        x = self.final(x)
+        if self.reads == "summary":
+            return self.decide(x[:, 0])
+        return self.decide(x.mean(1)) if self.reads == "mean" else x
+
+
+def _glance(reads: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return Glance(reads).eval()
+
+    return build
+
+
+ZOO: tuple[Entry, ...] = (
+    # plain ViTs and their variants
+    _timm("vit_tiny_patch16_224", **_VIT),
+    _timm("deit_tiny_distilled_patch16_224", **_VIT),
+    _timm("deit3_small_patch16_224", **_VIT),
+    _timm("vit_small_patch14_reg4_dinov2", **_VIT),
+    _timm("flexivit_small", **_VIT),
+    _timm("vit_base_patch16_clip_224", **_VIT),
+    _timm("vit_base_patch16_siglip_224", **_VIT),
+    _timm("vit_medium_patch16_gap_256", **_VIT),
+    _timm("vit_base_patch16_rpn_224", **_VIT),
+    _timm("vit_little_patch16_reg1_gap_256", **_VIT),
+    _timm("vit_base_patch16_xp_224", **_VIT),
+    _timm("vit_small_patch16_18x2_224", img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3),
+    # position-dependent attention: relative position bias, rotary embeddings
+    _timm("beit_base_patch16_224", **_VIT),
+    _timm("beitv2_base_patch16_224", **_VIT),
+    _timm("vit_relpos_small_patch16_224", **_VIT),
+    _timm("vit_srelpos_small_patch16_224", **_VIT),
+    _timm("eva02_tiny_patch14_224", **_VIT),
+    _timm("vit_small_patch16_rope_224", **_VIT),
+    _timm("vit_small_patch16_dinov3", **_VIT),
+    # other attention or token layouts
+    _timm("cait_xxs24_224", **_VIT, depth_token_only=1),
+    _timm("xcit_nano_12_p16_224", img_size=32, patch_size=8, depth=3, embed_dim=48, num_heads=3),
+    _timm("convit_tiny", **_VIT, local_up_to_layer=1),
+    _timm("crossvit_tiny_240", img_size=(48, 48), patch_size=(8, 16), embed_dim=(48, 96), num_heads=(3, 3),
+          depth=((1, 2, 0),), mlp_ratio=(2.0, 2.0, 1.0)),
+    _timm("tnt_s_patch16_224", img_size=32, patch_size=8, depth=3, embed_dim=48, inner_dim=12, num_heads=3),
+    _timm("vitamin_small_224", **_SMALL),
+    _timm("volo_d1_224", **_SMALL),
+    # hierarchical: windows or pooling between stages
+    _timm("swin_tiny_patch4_window7_224", img_size=56, embed_dim=24, depths=(1, 1), num_heads=(2, 4)),
+    _timm("pit_ti_224", **_SMALL),
+    _timm("levit_128s", **_SMALL),
+    _timm("mvitv2_tiny", **_SMALL),
+    _timm("twins_svt_small", **_SMALL),
+    _timm("hiera_tiny_224", **_SMALL),
+    _timm("samvit_base_patch16", img_size=64, patch_size=16, depth=2, embed_dim=48, num_heads=3, window_size=2,
+          global_attn_indexes=(1,)),
+    _timm("nest_tiny", img_size=32),
+    _timm("efficientformer_l1", **_SMALL),
+    _timm("pvt_v2_b0", **_SMALL),
+    _timm("mobilevit_xxs", **_SMALL),
+    # not timm
+    Entry("torchvision vit (MultiheadAttention)", "torchvision", _torchvision),
+    Entry("Hugging Face ViTForImageClassification", "hf", _hugging_face),
+    Entry("hand-written: summary token read alone", "hand-written", _glance("summary")),
+    Entry("hand-written: mean over every token", "hand-written", _glance("mean")),
+    Entry("hand-written: dense output", "hand-written", _glance("all")),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """How one method fared on one model: rewritten (with its checks) or refused (with the reason)."""
+
+    model: str
+    method: str
+    refusal: str | None = None
+    macs_ratio: float | None = None
+    batch_error: float | None = None
+    identity_error: float | None = None
+
+    @property
+    def rewritten(self) -> bool:
+        return self.refusal is None
+
+    @property
+    def sound(self) -> bool:
+        """Refused with a reason, or rewritten with fewer MACs (or an adaptive method's), each image of a batch
+        given what it gets alone and the identity setting reproducing the model."""
+        if not self.rewritten:
+            return bool(self.refusal)
+        fewer = self.macs_ratio is None or self.macs_ratio > 1.0
+        alone = self.batch_error is not None and self.batch_error <= 1e-4
+        identity = self.identity_error is None or self.identity_error <= 1e-5
+        return fewer and alone and identity
+
+
+def _tensor(output: object) -> torch.Tensor:
+    """The first tensor of a model's output (a Hugging Face ``ModelOutput``'s logits)."""
+    return next(t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)) if not isinstance(
+        output, torch.Tensor) else output
+
+
+def _images(model: nn.Module) -> torch.Tensor:
+    from ..capture import default_example_inputs
+
+    size = default_example_inputs(model)[0].shape[1:]
+    return torch.randn(3, *size, generator=torch.Generator().manual_seed(1))
+
+
+def _largest_gap(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max()) if a.shape == b.shape else math.inf
+
+
+def try_method(model: nn.Module, name: str, method: Method, layers: Sequence[int] = LAYERS) -> Outcome:
+    """``method``'s example setting at ``layers`` on ``model`` (called ``name``): see the module docstring."""
+    from ..pipeline import transform
+
+    try:
+        gm = transform(model, method.example(tuple(layers)))
+        identity = None if method.identity is None else transform(model, method.identity(tuple(layers)))
+    except FxPruneError as error:
+        return Outcome(name, method.name, refusal=str(error))
+    x = _images(model)
+    with torch.no_grad():
+        together = _tensor(gm(x))
+        batch_error = max(_largest_gap(together[i:i + 1], _tensor(gm(x[i:i + 1]))) for i in range(x.shape[0]))
+        identity_error = None if identity is None else _largest_gap(_tensor(identity(x)), _tensor(model(x)))
+    plan = gm.fxprune_plan
+    ratio = None if method.adaptive else plan.macs_before / plan.macs_after
+    return Outcome(name, method.name, None, ratio, batch_error, identity_error)
+
+
+def try_entry(entry: Entry, names: Sequence[str] | None = None) -> list[Outcome]:
+    """Every registered method (those named in ``names``) on ``entry``'s model."""
+    model = entry.build()
+    return [try_method(model, entry.name, method) for method in methods() if names is None or method.name in names]
+
+
+_SHORT = (  # the reasons of common refusals, said in a few words (the full reason is in the error)
+    (r"position-dependent table", "position bias / rotary tables"),
+    (r"windowed attention", "windowed attention"),
+    (r"not a \[B, N, C\] token sequence", "not a token sequence (hierarchical)"),
+    (r"found no attention", "no attention found"),
+    (r"has no class token", "no class token"),
+    (r"class attention or cross-attention", "no self-attention at block 1"),
+    (r"pools over all tokens", "pool cannot skip padding"),
+    (r"needs every token", "a later block needs every token"),
+    (r"no residual addition", "no residual add after attention"),
+    (r"does not exist", "fewer than 3 attention blocks"),
+    (r"keys of block .* were not found", "attention keys not found"),
+)
+
+
+def short_reason(refusal: str) -> str:
+    """A few words for a refusal's reason, for the table."""
+    return next((short for pattern, short in _SHORT if re.search(pattern, refusal)), refusal[:60])
+
+
+def table(outcomes: Sequence[Outcome]) -> str:
+    """A markdown table, one row per model and one column per method: ✓ (rewritten, checked) or the refusal."""
+    models = list(dict.fromkeys(o.model for o in outcomes))
+    names = list(dict.fromkeys(o.method for o in outcomes))
+    cell = {(o.model, o.method): o for o in outcomes}
+    lines = ["| model | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for model in models:
+        marks = []
+        for name in names:
+            outcome = cell[model, name]
+            if outcome.rewritten:
+                marks.append("✓" if outcome.sound else "✗ failed its checks")
+            else:
+                marks.append(f"refused: {short_reason(outcome.refusal)}")
+        lines.append(f"| {model} | " + " | ".join(marks) + " |")
+    return "\n".join(lines)
