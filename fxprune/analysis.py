@@ -22,10 +22,11 @@ from torch import nn
 
 from .capture import TraceInfo, trace
 from .errors import UnsupportedModelError
-from .readout import Readout, readout
+from .readout import Readout, data_nodes, readout
 
 __all__ = [
-    "AttentionSite", "Block", "TokenProgram", "SCORES", "analyse", "module_path", "sdpa_arguments", "SDPA_TARGETS"
+    "AttentionSite", "Block", "TokenProgram", "SCORES", "analyse", "mixes_heads", "module_path", "sdpa_arguments",
+    "SDPA_TARGETS",
 ]
 
 SDPA_TARGETS = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
@@ -171,12 +172,35 @@ def _is_matmul(node: fx.Node) -> bool:
 
 
 def _passes_through(node: fx.Node, gm: fx.GraphModule) -> bool:
-    """Whether ``node`` can sit between ``q @ kᵀ``, softmax and ``@ v``: dropout, or an op that keeps the
-    ``[B, H, N, N]`` shape of its first tensor input (scaling, masking, bias, dtype casts)."""
+    """Whether ``node`` can sit between ``q @ kᵀ``, softmax and ``@ v``: dropout, an op that keeps the
+    ``[B, H, N, N]`` shape of its first tensor input (scaling, masking, bias, dtype casts), or, for talking-heads
+    attention (CaiT), a permutation of its axes or a linear layer that mixes the heads."""
     if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), nn.Dropout)
+        module = gm.get_submodule(node.target)
+        if isinstance(module, nn.Dropout):
+            return True
+        if not isinstance(module, nn.Linear) or module.in_features != module.out_features:
+            return False
     source = _tensor_input(node)
-    return node.op in ("call_function", "call_method") and source is not None and _shape(node) == _shape(source)
+    shape, before = _shape(node), _shape(source)
+    return source is not None and shape is not None and before is not None and sorted(shape) == sorted(before)
+
+
+def mixes_heads(site: AttentionSite) -> fx.Node | None:
+    """The first node that mixes the heads of ``site``'s logits or probabilities (talking-heads attention: a linear
+    layer across heads before or after the softmax), or None."""
+    if site.kind != "softmax":
+        return None
+    gm = site.node.graph.owning_module
+    probs = []
+    node = site.node
+    while node is not site.output:
+        node = next(user for user in node.users if user is site.output or _passes_through(user, gm))
+        probs.append(node)
+    for node in [*logits_path(site)[1:], *probs[:-1]]:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Linear):
+            return node
+    return None
 
 
 def _tensor_input(node: fx.Node) -> fx.Node | None:
@@ -228,7 +252,10 @@ def _scalar(value: Any) -> bool:
 
 def per_key_refusal(site: AttentionSite) -> str | None:
     """Why ``site``'s logits are not ``q·k`` plus at most one bias per key (the same for every query and
-    head), or None. Attention over regrouped keys (clusters) needs that."""
+    head), each head's probabilities applied to its own values, or None. Attention over regrouped keys (clusters)
+    needs that."""
+    if (mixing := mixes_heads(site)) is not None:
+        return f"it mixes its heads' attention maps ({mixing.name}: talking-heads attention)"
     if site.kind == "sdpa":
         args = sdpa_arguments(site.node)
         if args["is_causal"] is not False:
@@ -297,12 +324,16 @@ def _make_site(node, kind, q, k, v, out, scale, mask) -> AttentionSite | None:
 
 
 def _dataflow(start: fx.Node) -> nx.DiGraph:
+    """The data edges from ``start`` on: a shape read carries no token values, so its edges are left out (a model
+    that reads the patch grid once, for rotary tables or a reshape, still has a token stream)."""
     graph = nx.DiGraph()
     graph.add_node(start)
     todo = [start]
     while todo:
         node = todo.pop()
         for user in node.users:
+            if _is_shape_read(user):
+                continue
             if user not in graph:
                 todo.append(user)
             graph.add_edge(node, user)
@@ -334,8 +365,10 @@ def _common_module(a: fx.Node, b: fx.Node) -> str:
     return common[-1] if common else ""
 
 
-def _position_tables(site: AttentionSite, stop: set[fx.Node], sizes: set[int]) -> list[str]:
-    """Constant tensors that shape q, k or the mask of ``site`` and have a token-sized dimension."""
+def _position_tables(site: AttentionSite, stop: set[fx.Node], sizes: set[int], data: set[fx.Node]) -> list[str]:
+    """Tensors that do not depend on the input's values (parameters, buffers, tables computed from them or from
+    shapes, such as rotary tables built for the patch grid), that shape q, k or the mask of ``site`` and have a
+    token-sized dimension; ``data``: the nodes that depend on the input's values."""
     roots = [n for n in (site.q, site.k, site.mask) if isinstance(n, fx.Node)]
     if site.kind == "softmax":
         roots.append(site.node)
@@ -346,12 +379,14 @@ def _position_tables(site: AttentionSite, stop: set[fx.Node], sizes: set[int]) -
         if node in seen or node in stop:
             continue
         seen.add(node)
-        if node.op == "get_attr":
+        if node.op != "placeholder" and node not in data:
             shape = _shape(node)
             weight_only = all(u.op == "call_function" and u.target in _WEIGHT_CONSUMERS for u in node.users)
             if shape and not weight_only and sizes & set(shape):
-                found.append(f"{node.target} {list(shape)}")
-            continue
+                found.append(f"{node.target if node.op == 'get_attr' else node.name} {list(shape)}")
+                continue
+            if node.op == "get_attr":
+                continue
         roots.extend(n for n in node.all_input_nodes)
     return found
 
@@ -373,12 +408,13 @@ def _sequence_cat(first_input: fx.Node) -> fx.Node | None:
 
 
 def _prefix_tokens(cat: fx.Node | None, info: TraceInfo) -> int:
-    """The tokens concatenated before the patches: timm's ``num_prefix_tokens`` when the model has it, otherwise
-    the count read from the ``cat`` that builds the sequence."""
-    if info.prefix_tokens_attr is not None:
-        return info.prefix_tokens_attr
+    """The tokens concatenated before the patches: none without a ``cat`` that builds the sequence (CaiT joins its
+    class token only after its self-attention blocks), else timm's ``num_prefix_tokens`` when the model has it,
+    otherwise the count read from the ``cat``."""
     if cat is None:
         return 0
+    if info.prefix_tokens_attr is not None:
+        return info.prefix_tokens_attr
     parts = cat.args[0]
     patch = next(i for i, p in enumerate(parts) if _reads_data(p))
     return sum(_shape(p)[1] for p in parts[:patch])
@@ -452,8 +488,9 @@ def analyse(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = No
     first = anchors[0][0]
     batch = _shape(first)[0] if _shape(first) else sites[0].batch
     prefix = _prefix_tokens(_sequence_cat(first), info)
+    data = data_nodes(gm)
     blocks = tuple(
-        _block(index, site, anchor, mid, batch, prefix, on_stream)
+        _block(index, site, anchor, mid, batch, prefix, on_stream, data)
         for index, (site, (anchor, mid)) in enumerate(zip(sites, anchors))
     )
     shape = _shape(first) or (batch, 0, 0)
@@ -526,9 +563,26 @@ def pooled_rows(program: TokenProgram, pool: fx.Node) -> tuple[fx.Node, slice] |
     return (source, rows) if source in after and full else None
 
 
+def _beside_attention(site: AttentionSite, anchor: fx.Node, mid: fx.Node) -> fx.Node | None:
+    """The first node of a path from the block input ``anchor`` to the residual branch added at ``mid`` that does
+    not pass through the attention's output (shape reads aside), or None when the branch is ``attention(x)``
+    alone."""
+    branch = [arg for arg in mid.all_input_nodes if arg is not anchor]
+    todo, seen = [(user, user) for user in anchor.users], set()
+    while todo:
+        node, first = todo.pop()
+        if node in seen or node is site.output or node is mid or _is_shape_read(node):
+            continue
+        seen.add(node)
+        if node in branch:
+            return first
+        todo.extend((user, first) for user in node.users)
+    return None
+
+
 def _block(
     index: int, site: AttentionSite, anchor: fx.Node, mid: fx.Node | None, batch: int, prefix: int,
-    on_stream: set[fx.Node],
+    on_stream: set[fx.Node], data: set[fx.Node],
 ) -> Block:
     """Block ``index``: its attention ``site``, the stream node ``anchor`` entering it and the residual add ``mid``."""
     name = site.module or f"attention{index}"
@@ -536,8 +590,8 @@ def _block(
         name = _common_module(site.node, mid) or name
     shape = _shape(anchor)
     tokens = shape[1] if shape is not None and len(shape) == 3 and shape[0] == batch else 0
-    terms = tuple(_position_tables(site, on_stream, {tokens, tokens - prefix, tokens**2, (tokens - prefix) ** 2}
-                                   - {0, 1})) if tokens else ()
+    sizes = {tokens, tokens - prefix, tokens**2, (tokens - prefix) ** 2} - {0, 1}
+    terms = tuple(_position_tables(site, on_stream, sizes, data)) if tokens else ()
     refusal, needs_all_tokens = _refusal(site, anchor, mid, shape, batch, terms)
     return Block(index, name, site, anchor, mid, tokens, refusal, needs_all_tokens, terms)
 
@@ -554,6 +608,11 @@ def _refusal(
             "sizes (ToMe, ATS) to every later attention; rewrite the original model with all policies in one "
             "transform (fxprune.Compose)"
         ), True
+    if site.queries != site.keys:
+        return (
+            f"attention has {site.queries} queries and {site.keys} keys (class attention, an attention pool, "
+            "cross-attention or keys pooled from the tokens), not self-attention over the stream"
+        ), False
     if shape is None or len(shape) != 3 or shape[0] != batch:
         return f"the stream entering it is {shape}, not a [B, N, C] token sequence", True
     if site.batch != batch:
@@ -563,13 +622,20 @@ def _refusal(
         ), True
     if site.queries != shape[1] or site.keys != shape[1]:
         return (
-            f"attention has {site.queries} queries and {site.keys} keys for {shape[1]} tokens "
-            "(class attention or cross-attention), not global self-attention over the stream"
+            f"attention has {site.queries} queries and {site.keys} keys for {shape[1]} tokens (its map is not over "
+            "the stream's tokens: channel attention, or attention over another sequence)"
         ), False
     if mid is None or not _is_add(mid) or anchor not in mid.all_input_nodes:
         return "no residual addition of the block input after attention", False
     if _shape(mid) != shape:
         return f"the stream after attention has shape {_shape(mid)}, expected {shape}", False
+    beside = _beside_attention(site, anchor, mid)
+    if beside is not None:
+        return (
+            f"its residual branch also reads the block input through {beside.name}, beside the attention "
+            "(parallel branches: an MLP or another attention); a selection there would leave that branch with "
+            "every token"
+        ), False
     if tables:
         return (
             f"its attention uses position-dependent table(s) {', '.join(tables)} laid out for all "

@@ -169,6 +169,17 @@ def _check_model(program: TokenProgram, owner: dict[int, Policy]) -> None:
             "take the padding in (fxprune weights a mean over the rows of the final tokens by their sizes, not other "
             "pools). Use a model that reads its class token or mean-pools, or EViT, Top-K or ToMe."
         )
+    weighting = sorted((index, part) for index, part in owner.items() if method_of(part).weights_later_keys)
+    if weighting:
+        first, part = weighting[0]
+        for block in program.blocks[first + 1:]:
+            if block.tokens and block.attention.keys != block.tokens:
+                raise UnsupportedModelError(
+                    f"{part.describe()} tells every later attention the sizes (or the keep policy) of the stream's "
+                    f"rows, but block {block.index} ({block.name}) attends over {block.attention.keys} keys, not the "
+                    f"{block.tokens} rows of the stream (e.g. a class token joined later, as in CaiT). Use EViT, "
+                    "Top-K or another method that carries nothing to later blocks."
+                )
     reducing = [index for index, part in owner.items() if method_of(part).reduces_tokens]
     if reducing:
         first = min(reducing)
@@ -225,6 +236,9 @@ def make_plan(program: TokenProgram, policy: Policy | Compose) -> Plan:
     notes += [f"{part.describe()} scores tokens by {SCORES[program.class_token]}"
               + ("" if program.class_token else f" (no class token: {program.readout})")
               for part in policy.policies() if method_of(part).scores_tokens]
+    if program.readout.patches == "dense" and any(method_of(part).reduces_tokens for part in policy.policies()):
+        notes.append("the output reads every patch row (a dense output): it returns the reduced rows, in the order "
+                     "the methods leave them, not the original token layout")
     return Plan(program.model_name, policy, tuple(rows), program.prefix_tokens, shape, tuple(notes))
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-__all__ = ["Readout", "readout"]
+__all__ = ["Readout", "data_nodes", "readout"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +41,7 @@ class Readout:
         return f"the output reads {alone}{rows[self.patches]}"
 
 
-def _reads_data(gm: fx.GraphModule) -> set[fx.Node]:
+def data_nodes(gm: fx.GraphModule) -> set[fx.Node]:
     """The nodes whose values depend on the input's values (not only on its shape)."""
     found: set[fx.Node] = set()
     for node in gm.graph.nodes:
@@ -68,7 +68,7 @@ class _Tail(fx.Interpreter):
 
     def __init__(self, gm: fx.GraphModule, tokens: fx.Node):
         super().__init__(gm, garbage_collect_values=True)
-        data, order = _reads_data(gm), {n: i for i, n in enumerate(gm.graph.nodes)}
+        data, order = data_nodes(gm), {n: i for i, n in enumerate(gm.graph.nodes)}
         self.leaves = {n for n in data if order[n] < order[tokens]} | {tokens}
         self.needed: set[fx.Node] = set()
         todo = list(gm.graph.find_nodes(op="output"))

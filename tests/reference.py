@@ -85,6 +85,33 @@ def evit_vit(model: nn.Module, images: torch.Tensor, keep_rate: float, layers, f
     return model.forward_head(model.norm(x))
 
 
+def _talking_heads(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CaiT's ``TalkingHeadAttn`` computed explicitly: (output [B, N, C], the softmax's probabilities [B, H, N, N],
+    before the heads are mixed again)."""
+    B, N, C = x.shape
+    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, C // attn.num_heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0] * attn.scale, qkv[1], qkv[2]
+    probs = attn.proj_l((q @ k.transpose(-2, -1)).permute(0, 2, 3, 1)).permute(0, 3, 1, 2).softmax(dim=-1)
+    mixed = attn.proj_w(probs.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    return attn.proj((mixed @ v).transpose(1, 2).reshape(B, N, C)), probs
+
+
+def cait_vit(model: nn.Module, images: torch.Tensor, keep_rate: float, layers, fuse: bool) -> torch.Tensor:
+    """EViT (Top-K without ``fuse``) in the self-attention blocks of a timm ``Cait``, which have no class token:
+    tokens ranked by the attention they receive; then its class-attention stage and head. Logits."""
+    x = model.pos_drop(model.patch_embed(images) + model.pos_embed)
+    for i, blk in enumerate(model.blocks):
+        out, probs = _talking_heads(blk.attn, blk.norm1(x))
+        x = x + blk.drop_path(blk.gamma_1 * out)
+        if i in layers:
+            x = _evit_tokens(x, probs, keep_rate, 0, fuse, cls=False)
+        x = x + blk.drop_path(blk.gamma_2 * blk.mlp(blk.norm2(x)))
+    summary = model.cls_token.expand(x.shape[0], -1, -1)
+    for blk in model.blocks_token_only:
+        summary = blk(x, summary)
+    return model.forward_head(model.norm(torch.cat((summary, x), dim=1)))
+
+
 def _tome_one_image(x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, r: int, prefix: int):
     """ToMe on one image, written as the paper states it, token by token: x [N, C], size [N], keys [N, c]."""
     n = x.shape[0]

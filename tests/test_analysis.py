@@ -93,10 +93,34 @@ def test_windowed_attention_is_refused():
     assert all(not b.reducible and "not a [B, N, C] token sequence" in b.refusal for b in program.blocks)
 
 
-def test_class_attention_and_unrecognised_softmax_are_reported():
+def test_talking_heads_attention_is_recognised_and_class_attention_is_not_reduced():
     program = fxprune.analyse(timm.create_model("cait_xxs24_224", pretrained=False, img_size=32, depth=2))
-    assert all("class attention" in b.refusal for b in program.blocks)
-    assert len(program.unrecognised) == 2  # CaiT's talking-heads attention mixes heads between matmul and softmax
+    self_attention, class_attention = program.blocks[:2], program.blocks[2:]
+    assert [b.attention.kind for b in self_attention] == ["softmax", "softmax"] and not program.unrecognised
+    assert all(b.reducible and b.attention.queries == b.tokens for b in self_attention)
+    assert all("class attention" in b.refusal and not b.needs_all_tokens for b in class_attention)
+    assert (program.prefix_tokens, program.class_token) == (0, False)  # its class token joins after block 1
+    assert fxprune.analysis.mixes_heads(self_attention[0].attention).name == "blocks_0_attn_proj_l"
+
+
+class _SquareSoftmax(torch.nn.Module):
+    """A softmax over a square map that is not attention (nothing multiplies values by it)."""
+
+    image_size = 32
+
+    def __init__(self):
+        super().__init__()
+        self.inner = hand_written_vit()
+
+    def forward(self, images):
+        tokens = self.inner.embed(images)
+        affinity = torch.softmax(tokens @ tokens.transpose(-2, -1), dim=-1)
+        return self.inner.forward(images) + affinity.sum()
+
+
+def test_unrecognised_softmax_over_a_square_map_is_reported():
+    program = fxprune.analyse(_SquareSoftmax())
+    assert len(program.unrecognised) == 1 and "softmax" in program.unrecognised[0]
     assert "not recognised as attention" in str(program)
 
 
@@ -115,3 +139,22 @@ def test_the_analysis_lists_the_position_terms_of_each_block():
     program = fxprune.analyse(with_position_bias_in_block_3())
     assert [b.position_terms for b in program.blocks] == [(), (), (), ("stages.3.mix.bias [3, 17, 17]",)]
     assert "stages.3.mix.bias  not reducible" in str(program)
+
+
+def _zoo(name: str) -> torch.nn.Module:
+    from fxprune.tools.zoo import ZOO
+
+    return next(entry for entry in ZOO if entry.name == name).build()
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch16_18x2_224", "vit_base_patch16_xp_224"],
+                         ids=["two-attentions", "attention-and-mlp"])
+def test_attention_in_parallel_with_another_branch_is_refused(name):
+    program = fxprune.analyse(_zoo(name))
+    assert all("beside the attention (parallel branches" in b.refusal for b in program.blocks)
+
+
+def test_rotary_tables_computed_from_the_patch_grid_are_position_terms():
+    program = fxprune.analyse(_zoo("vit_small_patch16_dinov3"))  # a shape read builds them, not a parameter
+    assert all(b.position_terms and b.needs_all_tokens for b in program.blocks)
+    assert all("position-dependent table" in b.refusal for b in program.blocks)

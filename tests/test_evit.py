@@ -1,7 +1,8 @@
 import pytest
+import timm
 import torch
 import torch.fx as fx
-from reference import evit_vit
+from reference import cait_vit, evit_vit
 from vits import (
     PREFIX_TOKENS,
     hand_written_vit,
@@ -47,6 +48,19 @@ def test_without_a_class_token_tokens_are_ranked_by_the_attention_they_receive_i
     x = image_batch(model, batch=4, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(gm(x), evit_vit(model, x, 0.5, (1, 2), fuse=fuse), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["evit", "topk"])
+def test_talking_heads_blocks_without_a_class_token_match_an_eager_cait_in_float64(fuse):
+    torch.manual_seed(0)
+    model = timm.create_model("cait_xxs24_224", pretrained=False, img_size=32, patch_size=8, depth=3,
+                              embed_dim=64, num_heads=2, depth_token_only=1, init_values=1.0).eval().double()
+    policy = EViT(0.5, (1, 2), fuse=fuse) if fuse else TopK(0.5, (1, 2))
+    gm = fxprune.transform(model, policy)
+    x = image_batch(model, batch=4, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), cait_vit(model, x, 0.5, (1, 2), fuse), atol=1e-6, rtol=0)
+        assert (gm(x) - model(x)).abs().max() > 1e-4  # it reduced, so the match means something
 
 
 def test_the_plan_names_the_class_token_score_where_the_model_has_one():

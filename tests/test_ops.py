@@ -17,6 +17,7 @@ from fxprune.ops import (
     received_attention_from_probs,
     size_bias,
     size_weighted_mean,
+    softmax_with_policy,
     tome_merge,
     topk_rows,
 )
@@ -269,3 +270,11 @@ def test_size_bias_without_proportional_attention_only_masks_padding():
     size = torch.tensor([[[1.0], [3.0], [0.0]]], dtype=torch.float64)
     assert size_bias(size, None, size).flatten().tolist() == [0.0, math.log(3.0), -math.inf]
     assert size_bias(size, None, size, proportional=False).flatten().tolist() == [0.0, 0.0, -math.inf]
+
+
+def test_a_pool_query_attends_only_to_the_tokens_a_keep_policy_keeps():
+    logits = torch.randn(2, 3, 1, 5, dtype=torch.float64)
+    policy = torch.tensor([[1.0, 0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0, 1.0]], dtype=torch.float64)[..., None]
+    probs = softmax_with_policy(logits, policy, eps=0.0)
+    expected = logits.masked_fill(policy[:, None, None, :, 0] == 0, float("-inf")).softmax(-1)
+    torch.testing.assert_close(probs, expected)

@@ -1,6 +1,7 @@
 import re
 
 import pytest
+import timm
 import torch
 from vits import timm_vit, with_position_bias_in_block_3
 
@@ -71,3 +72,11 @@ def test_plan_leaves_the_model_unchanged():
     before = model(x)
     fxprune.plan(model, EViT(0.5, (1,)))
     torch.testing.assert_close(model(x), before, atol=0, rtol=0)
+
+
+def test_sizes_are_not_carried_into_an_attention_over_other_keys_than_the_stream():
+    model = timm.create_model("cait_xxs24_224", pretrained=False, img_size=32, patch_size=8, depth=3,
+                              embed_dim=64, num_heads=2, depth_token_only=1)
+    with pytest.raises(UnsupportedModelError, match=r"block 3 \(blocks_token_only.0.attn\) attends over 17 keys"):
+        fxprune.transform(model, fxprune.ToMe(2, (1,)))
+    fxprune.transform(model, fxprune.TopK(0.5, (1,)))  # carries nothing to later blocks

@@ -424,7 +424,8 @@ def skip_unused(gm: fx.GraphModule, program: TokenProgram, block: Block, parts: 
     keys = insert_call(gm, valid, valid_keys, (valid,), {}, block, "valid_keys")
     _set_attention_mask(gm, block, keys)
     decided = ancestors([images, index, valid, *ready, *head_inputs])
-    nodes = sublayer_nodes(gm, parts.attention_input, parts.attention_branch, decided)
+    branch = _branch(block.mid, block.input)  # after head slicing, which may have replaced the branch's last node
+    nodes = sublayer_nodes(gm, parts.attention_input, branch, decided)
     mid = run_on_used(gm, block, nodes, parts.attention_input, block.mid, images, index, valid,
                       {**per_image, **head_inputs}, ready | {index, valid, keys}, program.batch, "attention")
     images, index, valid = _used_layout(gm, block, decisions, 1, "mlp")

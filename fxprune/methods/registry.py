@@ -131,6 +131,12 @@ class Method:
         """Whether what an image costs depends on the image (``adaptive`` or ``pads_tokens``)."""
         return self.adaptive or self.pads_tokens
 
+    @property
+    def weights_later_keys(self) -> bool:
+        """Whether it tells every later attention something per key row (sizes and padding, or a training keep
+        policy), which a later attention over other keys than the stream's rows cannot take."""
+        return self.carries_sizes or (self.learned is not None and self.reduces_tokens)
+
 
 _METHODS: dict[str, Method] = {}
 _BY_POLICY: dict[type, Method] = {}

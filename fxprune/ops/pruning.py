@@ -52,13 +52,16 @@ def with_prefix(decisions: Tensor, num_prefix: int) -> Tensor:
 
 @graph_op()
 def softmax_with_policy(logits: Tensor, policy: Tensor, eps: float = 1e-6) -> Tensor:
-    """Attention probabilities ``[B, H, N, N]`` over the kept keys: ``(exp(a_ij − max_j)·G_ij + ε/N) /
+    """Attention probabilities ``[B, H, Nq, N]`` over the kept keys: ``(exp(a_ij − max_j)·G_ij + ε/N) /
     (Σ_k exp(a_ik − max_k)·G_ik + ε)`` with ``G_ij = D_j + (1 − D_j)·δ_ij`` (a dropped token still attends to
-    itself), ``D`` the keep policy ``[B, N, 1]``; computed in float32, returned in ``logits``' dtype."""
+    itself), ``D`` the keep policy ``[B, N, 1]``; queries that are not the tokens (an attention pool's, ``Nq ≠ N``)
+    attend to the kept keys only, ``G_ij = D_j``. Computed in float32, returned in ``logits``' dtype."""
     batch, tokens = policy.shape[0], policy.shape[1]
     keys = policy.reshape(batch, 1, 1, tokens)
-    eye = torch.eye(tokens, dtype=keys.dtype, device=keys.device).view(1, 1, tokens, tokens)
-    gate = keys + (1.0 - keys) * eye
+    gate = keys
+    if logits.shape[-2] == tokens:
+        eye = torch.eye(tokens, dtype=keys.dtype, device=keys.device).view(1, 1, tokens, tokens)
+        gate = keys + (1.0 - keys) * eye
     shifted = logits - logits.amax(dim=-1, keepdim=True)
     weights = shifted.to(torch.float32).exp() * gate.to(torch.float32)
     return ((weights + eps / tokens) / (weights.sum(dim=-1, keepdim=True) + eps)).to(logits.dtype)

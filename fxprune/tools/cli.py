@@ -1,4 +1,4 @@
-"""Command line: ``fxprune inspect | bench | show | train | demo``."""
+"""Command line: ``fxprune inspect | bench | show | train | zoo | demo``."""
 
 from __future__ import annotations
 
@@ -29,6 +29,24 @@ def _inspect(args: argparse.Namespace) -> None:
         print(report(gm))
         if args.code:
             print(gm.code)
+
+
+def _zoo(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .zoo import ZOO, table, try_entry, with_table
+
+    chosen = [entry for entry in ZOO if not args.models or entry.name in args.models]
+    outcomes = []
+    for number, entry in enumerate(chosen, 1):
+        print(f"[{number}/{len(chosen)}] {entry.name}", file=sys.stderr, flush=True)
+        outcomes += try_entry(entry)
+    text = table(outcomes)
+    if args.write:
+        path = Path(args.write)
+        path.write_text(with_table(path.read_text(), text))
+        print(f"wrote the table into {path}", file=sys.stderr)
+    print(text)
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -214,6 +232,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     training.add_argument("--weights-out", help="also write the learned parts and the fine-tuned backbone, for a "
                                                 "policy's weights=")
     training.set_defaults(func=_train)
+    zoo = sub.add_parser("zoo", help="every method on tiny versions of 30+ timm, torchvision, Hugging Face and "
+                                     "hand-written ViTs: rewritten and checked, or refused and why (a table)")
+    zoo.add_argument("models", nargs="*", help="zoo model names (default: all)")
+    zoo.add_argument("--write", help="put the table between the zoo markers of this file (README.md)")
+    zoo.set_defaults(func=_zoo)
     demo = sub.add_parser("demo", help="the embedded DigitScenes ViT with EViT: plan, accuracy, MACs, speed, picture")
     demo.add_argument("--scenes", type=int, default=1000)
     demo.add_argument("--repeats", type=int, default=5)

@@ -5,11 +5,14 @@ and Hugging Face's ViT and hand-written ViTs whose names share nothing with timm
 registered method as a new user would: ``fxprune.transform(model, method.example((1, 2)))``. Each try ends one way:
 
 * **rewritten**: the rewrite reduces MACs (an adaptive method: per image), each image of a batch gets what it
-  gets alone (≤ 1e-4), and the method's identity setting (keep rate 1, r = 0) reproduces the model (≤ 1e-5);
+  gets alone (≤ 1e-4), and the method's identity setting (keep rate 1, r = 0) reproduces the model (≤ 1e-5;
+  a model with a dense output, every token, gets its rows back reduced and reordered, which the plan says, so
+  there the identity is not compared);
 * **refused**: an :class:`~fxprune.FxPruneError` that names the block and the reason.
 
 Anything else (another exception, a rewrite that fails its checks) is a bug, which the zoo test catches.
-``fxprune zoo`` prints the table (model × method) that the README shows.
+``fxprune zoo`` prints the table (model × method) that the README shows; ``fxprune zoo --write README.md`` puts it
+between the README's zoo markers.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ from torch.utils import _pytree as pytree
 from ..errors import FxPruneError
 from ..methods import Method, methods
 
-__all__ = ["Entry", "Glance", "Outcome", "ZOO", "try_method", "try_entry", "short_reason", "table"]
+__all__ = [
+    "Entry", "Glance", "Outcome", "ZOO", "try_method", "try_entry", "short_reason", "table", "with_table", "MARKERS"
+]
 
 LAYERS = (1, 2)  # where each method's example setting reduces: two blocks in a row, after a dense one
 
@@ -51,7 +56,7 @@ def _timm(name: str, **overrides) -> Entry:
     return Entry(name, "timm", build)
 
 
-_VIT = dict(img_size=32, patch_size=8, depth=3, embed_dim=48, num_heads=3)  # a VisionTransformer-like family
+_VIT = dict(img_size=32, patch_size=8, depth=3, embed_dim=64, num_heads=2)  # a VisionTransformer-like family
 _SMALL = dict(img_size=64)
 
 
@@ -125,8 +130,8 @@ ZOO: tuple[Entry, ...] = (
     _timm("vit_medium_patch16_gap_256", **_VIT),
     _timm("vit_base_patch16_rpn_224", **_VIT),
     _timm("vit_little_patch16_reg1_gap_256", **_VIT),
-    _timm("vit_base_patch16_xp_224", **_VIT),
-    _timm("vit_small_patch16_18x2_224", img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3),
+    _timm("aimv2_large_patch14_224", **_VIT),
+    _timm("vit_small_patch16_18x2_224", **{**_VIT, "depth": 2}),
     # position-dependent attention: relative position bias, rotary embeddings
     _timm("beit_base_patch16_224", **_VIT),
     _timm("beitv2_base_patch16_224", **_VIT),
@@ -135,27 +140,28 @@ ZOO: tuple[Entry, ...] = (
     _timm("eva02_tiny_patch14_224", **_VIT),
     _timm("vit_small_patch16_rope_224", **_VIT),
     _timm("vit_small_patch16_dinov3", **_VIT),
+    _timm("vit_pe_core_tiny_patch16_384", **_VIT),
+    _timm("vit_base_patch16_xp_224", **_VIT),
     # other attention or token layouts
     _timm("cait_xxs24_224", **_VIT, depth_token_only=1),
-    _timm("xcit_nano_12_p16_224", img_size=32, patch_size=8, depth=3, embed_dim=48, num_heads=3),
-    _timm("convit_tiny", **_VIT, local_up_to_layer=1),
-    _timm("crossvit_tiny_240", img_size=(48, 48), patch_size=(8, 16), embed_dim=(48, 96), num_heads=(3, 3),
-          depth=((1, 2, 0),), mlp_ratio=(2.0, 2.0, 1.0)),
-    _timm("tnt_s_patch16_224", img_size=32, patch_size=8, depth=3, embed_dim=48, inner_dim=12, num_heads=3),
-    _timm("vitamin_small_224", **_SMALL),
-    _timm("volo_d1_224", **_SMALL),
+    _timm("xcit_nano_12_p16_224", **_VIT),
+    _timm("convit_tiny", **{**_VIT, "depth": 4}, local_up_to_layer=1),
+    _timm("crossvit_9_240", depth=((1, 2, 0),)),
+    _timm("vitamin_small_224", **_SMALL, depth=3),
+    _timm("volo_d1_224"),
     # hierarchical: windows or pooling between stages
     _timm("swin_tiny_patch4_window7_224", img_size=56, embed_dim=24, depths=(1, 1), num_heads=(2, 4)),
     _timm("pit_ti_224", **_SMALL),
-    _timm("levit_128s", **_SMALL),
-    _timm("mvitv2_tiny", **_SMALL),
+    _timm("levit_128s"),
+    _timm("mvitv2_tiny"),
     _timm("twins_svt_small", **_SMALL),
-    _timm("hiera_tiny_224", **_SMALL),
+    _timm("hiera_tiny_224"),
     _timm("samvit_base_patch16", img_size=64, patch_size=16, depth=2, embed_dim=48, num_heads=3, window_size=2,
           global_attn_indexes=(1,)),
     _timm("nest_tiny", img_size=32),
     _timm("efficientformer_l1", **_SMALL),
-    _timm("pvt_v2_b0", **_SMALL),
+    _timm("efficientvit_m0", **_SMALL),
+    _timm("pvt_v2_b0"),
     _timm("mobilevit_xxs", **_SMALL),
     # not timm
     Entry("torchvision vit (MultiheadAttention)", "torchvision", _torchvision),
@@ -176,6 +182,7 @@ class Outcome:
     macs_ratio: float | None = None
     batch_error: float | None = None
     identity_error: float | None = None
+    dense_output: bool = False
 
     @property
     def rewritten(self) -> bool:
@@ -216,7 +223,8 @@ def try_method(model: nn.Module, name: str, method: Method, layers: Sequence[int
 
     try:
         gm = transform(model, method.example(tuple(layers)))
-        identity = None if method.identity is None else transform(model, method.identity(tuple(layers)))
+        dense = any("a dense output" in note for note in gm.fxprune_plan.notes)
+        identity = None if method.identity is None or dense else transform(model, method.identity(tuple(layers)))
     except FxPruneError as error:
         return Outcome(name, method.name, refusal=str(error))
     x = _images(model)
@@ -226,13 +234,32 @@ def try_method(model: nn.Module, name: str, method: Method, layers: Sequence[int
         identity_error = None if identity is None else _largest_gap(_tensor(identity(x)), _tensor(model(x)))
     plan = gm.fxprune_plan
     ratio = None if method.adaptive else plan.macs_before / plan.macs_after
-    return Outcome(name, method.name, None, ratio, batch_error, identity_error)
+    return Outcome(name, method.name, None, ratio, batch_error, identity_error, dense)
 
 
 def try_entry(entry: Entry, names: Sequence[str] | None = None) -> list[Outcome]:
-    """Every registered method (those named in ``names``) on ``entry``'s model."""
+    """Every registered method (those named in ``names``) on ``entry``'s model, each at the blocks of
+    :data:`LAYERS` that the model has (block 0 when it has one). The model is analysed once: a method its plan
+    refuses gets the error that ``transform`` would raise there, which starts with the same analysis and plan."""
+    from ..analysis import analyse
+    from ..planning import make_plan
+
     model = entry.build()
-    return [try_method(model, entry.name, method) for method in methods() if names is None or method.name in names]
+    chosen = [method for method in methods() if names is None or method.name in names]
+    try:
+        program = analyse(model)
+    except FxPruneError as error:
+        return [Outcome(entry.name, method.name, refusal=str(error)) for method in chosen]
+    layers = tuple(layer for layer in LAYERS if layer < len(program.blocks)) or (0,)
+    outcomes = []
+    for method in chosen:
+        try:
+            make_plan(program, method.example(layers))
+        except FxPruneError as error:
+            outcomes.append(Outcome(entry.name, method.name, refusal=str(error)))
+            continue
+        outcomes.append(try_method(model, entry.name, method, layers))
+    return outcomes
 
 
 _SHORT = (  # the reasons of common refusals, said in a few words (the full reason is in the error)
@@ -241,11 +268,15 @@ _SHORT = (  # the reasons of common refusals, said in a few words (the full reas
     (r"not a \[B, N, C\] token sequence", "not a token sequence (hierarchical)"),
     (r"found no attention", "no attention found"),
     (r"has no class token", "no class token"),
-    (r"class attention or cross-attention", "no self-attention at block 1"),
+    (r"keys pooled from the tokens", "queries ≠ keys (pooled keys, class attention)"),
+    (r"map is not over the stream's tokens", "attention map not over the tokens"),
     (r"pools over all tokens", "pool cannot skip padding"),
     (r"needs every token", "a later block needs every token"),
     (r"no residual addition", "no residual add after attention"),
-    (r"does not exist", "fewer than 3 attention blocks"),
+    (r"parallel branches", "parallel branches in a block"),
+    (r"talking-heads attention", "heads mixed (talking heads)"),
+    (r"tells every later attention", "a later attention over other keys"),
+    (r"assumes the original token count", "a later layer needs the original token count"),
     (r"keys of block .* were not found", "attention keys not found"),
 )
 
@@ -265,9 +296,20 @@ def table(outcomes: Sequence[Outcome]) -> str:
         marks = []
         for name in names:
             outcome = cell[model, name]
-            if outcome.rewritten:
-                marks.append("✓" if outcome.sound else "✗ failed its checks")
+            if not outcome.sound:
+                marks.append("✗ failed its checks")
+            elif outcome.rewritten:
+                marks.append("✓ reduced rows" if outcome.dense_output else "✓")
             else:
                 marks.append(f"refused: {short_reason(outcome.refusal)}")
         lines.append(f"| {model} | " + " | ".join(marks) + " |")
     return "\n".join(lines)
+
+
+MARKERS = ("<!-- fxprune zoo: generated by `fxprune zoo --write README.md` -->", "<!-- end of fxprune zoo -->")
+
+
+def with_table(document: str, text: str) -> str:
+    """``document`` with ``text`` between its :data:`MARKERS` (each on a line of its own)."""
+    start, end = document.index(MARKERS[0]), document.index(MARKERS[1])
+    return document[:start + len(MARKERS[0])] + "\n" + text + "\n" + document[end:]

@@ -1,0 +1,45 @@
+"""Every method on the zoo (tiny timm, torchvision, Hugging Face and hand-written ViTs): rewritten and checked, or
+refused with a reason; never a crash or a silent wrong output. Budget: about 2 minutes of the suite."""
+
+from pathlib import Path
+
+import pytest
+
+from fxprune.tools.zoo import MARKERS, ZOO, Outcome, table, try_entry, with_table
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+_OUTCOMES: dict[str, list[Outcome]] = {}
+
+
+def _outcomes(entry) -> list[Outcome]:
+    if entry.name not in _OUTCOMES:
+        _OUTCOMES[entry.name] = try_entry(entry)
+    return _OUTCOMES[entry.name]
+
+
+def test_the_zoo_covers_thirty_timm_architectures_and_the_other_sources():
+    sources = [entry.source for entry in ZOO]
+    assert sources.count("timm") >= 30
+    assert {"torchvision", "hf"} <= set(sources) and sources.count("hand-written") >= 3
+
+
+@pytest.mark.parametrize("entry", ZOO, ids=[entry.name for entry in ZOO])
+def test_each_method_is_rewritten_and_checked_or_refused_with_a_reason(entry):
+    for outcome in _outcomes(entry):  # any exception other than an fxprune refusal fails here: a crash
+        assert outcome.sound, f"{entry.name} with {outcome.method} fails its checks: {outcome}"
+        if not outcome.rewritten:  # the reason names the part of the model it is about
+            assert any(part in outcome.refusal for part in ("block", "node", "no attention", "class token"))
+
+
+def test_plain_vits_and_each_source_take_every_parameter_free_method():
+    for name in ("vit_tiny_patch16_224", "torchvision vit (MultiheadAttention)",
+                 "Hugging Face ViTForImageClassification", "hand-written: summary token read alone"):
+        entry = next(entry for entry in ZOO if entry.name == name)
+        assert all(outcome.rewritten for outcome in _outcomes(entry)), name
+
+
+def test_the_readme_shows_the_table_the_command_prints():
+    text = table([outcome for entry in ZOO for outcome in _outcomes(entry)])
+    readme = README.read_text()
+    assert with_table(readme, text) == readme, "the README's zoo table is stale: run `fxprune zoo --write README.md`"
+    assert readme.count(MARKERS[0]) == 1
