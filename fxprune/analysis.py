@@ -25,8 +25,8 @@ from .errors import UnsupportedModelError
 from .readout import Readout, data_nodes, readout
 
 __all__ = [
-    "AttentionSite", "Block", "TokenProgram", "SCORES", "analyse", "mixes_heads", "module_path", "sdpa_arguments",
-    "SDPA_TARGETS",
+    "AttentionSite", "Block", "PositionTerm", "TokenProgram", "SCORES", "analyse", "mixes_heads", "module_path",
+    "sdpa_arguments", "SDPA_TARGETS",
 ]
 
 SDPA_TARGETS = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
@@ -70,6 +70,23 @@ class AttentionSite:
 
 
 @dataclasses.dataclass(frozen=True)
+class PositionTerm:
+    """A tensor built without the input's values and laid out per token position (a relative position bias, a
+    rotary table), read by a block's attention: ``node``, the data nodes that read it (``readers``), its token
+    ``axes`` and whether they count the patches only (``patches_only``, after the prefix tokens) or every token.
+    ``axes`` is empty when they cannot be told apart from other axes of the same size."""
+
+    node: fx.Node
+    readers: tuple[fx.Node, ...]
+    axes: tuple[int, ...]
+    patches_only: bool
+
+    def __str__(self) -> str:
+        name = self.node.target if self.node.op == "get_attr" else self.node.name
+        return f"{name} {list(_shape(self.node) or ())}"
+
+
+@dataclasses.dataclass(frozen=True)
 class Block:
     """A transformer block on the token stream, anchored on its attention site.
 
@@ -89,7 +106,7 @@ class Block:
     tokens: int
     refusal: str | None = None
     needs_all_tokens: bool = False
-    position_terms: tuple[str, ...] = ()
+    position_terms: tuple[PositionTerm, ...] = ()
 
     @property
     def reducible(self) -> bool:
@@ -126,7 +143,7 @@ class TokenProgram:
                      "status")
         for b in self.blocks:
             status = "reducible" if b.reducible else f"not reducible: {b.refusal}"
-            terms = ", ".join(t.split(" ")[0] for t in b.position_terms) or "none"
+            terms = ", ".join(str(t).split(" ")[0] for t in b.position_terms) or "none"
             lines.append(
                 f"  {b.index:>3}  {b.name:<36} {b.attention.kind:<10} {b.attention.num_heads:>5} {b.tokens:>6}"
                 f"  {terms:<16}  {status}"
@@ -365,30 +382,48 @@ def _common_module(a: fx.Node, b: fx.Node) -> str:
     return common[-1] if common else ""
 
 
-def _position_tables(site: AttentionSite, stop: set[fx.Node], sizes: set[int], data: set[fx.Node]) -> list[str]:
-    """Tensors that do not depend on the input's values (parameters, buffers, tables computed from them or from
-    shapes, such as rotary tables built for the patch grid), that shape q, k or the mask of ``site`` and have a
-    token-sized dimension; ``data``: the nodes that depend on the input's values."""
-    roots = [n for n in (site.q, site.k, site.mask) if isinstance(n, fx.Node)]
+def _position_terms(site: AttentionSite, stop: set[fx.Node], tokens: int, prefix: int,
+                    data: set[fx.Node]) -> list[PositionTerm]:
+    """The :class:`PositionTerm` s that shape q, k, the mask or the logits of ``site`` (``tokens`` rows entering its
+    block, ``prefix`` of them prefix tokens); ``data``: the nodes that depend on the input's values."""
+    sizes = {tokens, tokens - prefix, tokens**2, (tokens - prefix) ** 2} - {0, 1}
+    roots = [(n, site.node) for n in (site.q, site.k, site.mask) if isinstance(n, fx.Node)]
     if site.kind == "softmax":
-        roots.append(site.node)
+        roots.append((site.node, site.node))
     seen: set[fx.Node] = set()
-    found = []
+    readers: dict[fx.Node, list[fx.Node]] = {}
     while roots:
-        node = roots.pop()
-        if node in seen or node in stop:
+        node, reader = roots.pop()
+        if node in stop:
             continue
-        seen.add(node)
         if node.op != "placeholder" and node not in data:
             shape = _shape(node)
             weight_only = all(u.op == "call_function" and u.target in _WEIGHT_CONSUMERS for u in node.users)
             if shape and not weight_only and sizes & set(shape):
-                found.append(f"{node.target if node.op == 'get_attr' else node.name} {list(shape)}")
+                if reader not in readers.setdefault(node, []):
+                    readers[node].append(reader)
                 continue
             if node.op == "get_attr":
                 continue
-        roots.extend(n for n in node.all_input_nodes)
-    return found
+        if node in seen:
+            continue
+        seen.add(node)
+        roots.extend((n, node) for n in node.all_input_nodes)
+    return [_term(node, tuple(found), site, tokens, prefix) for node, found in readers.items()]
+
+
+def _term(node: fx.Node, readers: tuple[fx.Node, ...], site: AttentionSite, tokens: int, prefix: int) -> PositionTerm:
+    """``node`` as a position term: its token axes are those of ``tokens`` or ``tokens - prefix`` entries, unless a
+    head size or count could take the same value (then none: they cannot be told apart)."""
+    shape = _shape(node) or ()
+    for size, patches_only in ((tokens, False), (tokens - prefix, True)):
+        axes = tuple(i for i, s in enumerate(shape) if s == size)
+        if axes:
+            other = tokens if patches_only else tokens - prefix
+            heads = {site.head_dim, 2 * site.head_dim, site.head_dim // 2, site.num_heads}
+            clear = size not in heads and (other == size or other not in shape)
+            return PositionTerm(node, readers, axes if clear and len(axes) <= 2 else (), patches_only)
+    return PositionTerm(node, readers, (), False)
 
 
 def _sequence_cat(first_input: fx.Node) -> fx.Node | None:
@@ -590,15 +625,14 @@ def _block(
         name = _common_module(site.node, mid) or name
     shape = _shape(anchor)
     tokens = shape[1] if shape is not None and len(shape) == 3 and shape[0] == batch else 0
-    sizes = {tokens, tokens - prefix, tokens**2, (tokens - prefix) ** 2} - {0, 1}
-    terms = tuple(_position_tables(site, on_stream, sizes, data)) if tokens else ()
+    terms = tuple(_position_terms(site, on_stream, tokens, prefix, data)) if tokens else ()
     refusal, needs_all_tokens = _refusal(site, anchor, mid, shape, batch, terms)
     return Block(index, name, site, anchor, mid, tokens, refusal, needs_all_tokens, terms)
 
 
 def _refusal(
     site: AttentionSite, anchor: fx.Node, mid: fx.Node | None, shape: tuple[int, ...] | None, batch: int,
-    tables: tuple[str, ...],
+    terms: tuple[PositionTerm, ...],
 ) -> tuple[str | None, bool]:
     """Why a block's tokens cannot be reduced (None: they can), and whether it also needs every token (see
     :class:`Block`)."""
@@ -636,9 +670,11 @@ def _refusal(
             "(parallel branches: an MLP or another attention); a selection there would leave that branch with "
             "every token"
         ), False
-    if tables:
+    unplaced = [str(term) for term in terms if not term.axes]
+    if unplaced:
         return (
-            f"its attention uses position-dependent table(s) {', '.join(tables)} laid out for all "
-            f"{shape[1]} tokens (relative position bias or rotary embedding)"
+            f"its attention uses position-dependent table(s) {', '.join(unplaced)} laid out for all "
+            f"{shape[1]} tokens (relative position bias or rotary embedding) whose token axes cannot be told from "
+            "its other axes"
         ), True
     return None, False

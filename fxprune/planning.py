@@ -180,6 +180,16 @@ def _check_model(program: TokenProgram, owner: dict[int, Policy]) -> None:
                     f"{block.tokens} rows of the stream (e.g. a class token joined later, as in CaiT). Use EViT, "
                     "Top-K or another method that carries nothing to later blocks."
                 )
+    for index, part in sorted(owner.items()):
+        merges = method_of(part).merges_rows
+        later = next((b for b in program.blocks[index + 1:] if b.position_terms), None)
+        if merges is not None and merges(part) and later is not None:
+            raise UnsupportedModelError(
+                f"{part.describe()} at block {index} leaves rows that stand for several patches, but block "
+                f"{later.index} ({later.name}) reads position terms ({', '.join(map(str, later.position_terms))}: "
+                "relative position bias or rotary tables) at each row's position, which such a row does not have. "
+                "Use Top-K (EViT with fuse=False), ATS or DynamicViT, whose rows keep their positions."
+            )
     reducing = [index for index, part in owner.items() if method_of(part).reduces_tokens]
     if reducing:
         first = min(reducing)

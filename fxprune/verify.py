@@ -17,6 +17,7 @@ from .capture import ValuePropagationError, propagate
 from .errors import FxPruneError, UnsupportedModelError
 from .passes.common import stream_node, tag_of
 from .planning import Plan, token_count
+from .readout import data_nodes
 
 __all__ = ["verify", "verify_training"]
 
@@ -86,10 +87,13 @@ def _check_literals(gm: fx.GraphModule, program: TokenProgram, plan: Plan) -> No
     start = stream_node(program.gm, first.index)
     tokens = program.blocks[first.index].tokens
     patches = tokens - program.prefix_tokens
+    data = data_nodes(gm)  # a table built from constants alone (a position term) keeps the dense layout on purpose
     downstream = False
     for node in gm.graph.nodes:
         downstream = downstream or node is start
         if not downstream or tag_of(node) is not None or node.op not in ("call_function", "call_method"):
+            continue
+        if node not in data:
             continue
         for value, in_slice in _literals((node.args, node.kwargs)):
             if value == tokens or (in_slice and value == patches):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -527,3 +528,28 @@ def adavit_vit(model: nn.Module, gates: dict, images: torch.Tensor, token_only=(
         out = blk.mlp(mlp_in) * token
         x = x + (out * layer[:, 1, None, None] if full else out)
     return model.forward_head(model.norm(x))
+
+
+def with_keys_masked(model: nn.Module, image: torch.Tensor, kept: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+    """The dense ``model`` (timm, fused attention) on one ``image`` ``[1, 3, H, W]`` in which, from block ``start``
+    of each ``(start, rows)`` in ``kept`` on, only the original token rows ``rows`` are keys (the others are
+    computed but never attended): the oracle of a reduction that keeps every row at its own position. Output."""
+    calls = [0]
+    fused = F.scaled_dot_product_attention
+
+    def attend(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+        block, calls[0] = calls[0], calls[0] + 1
+        rows = next((rows for start, rows in reversed(kept) if block >= start), None)
+        if rows is not None:
+            hidden = torch.ones(k.shape[-2], dtype=torch.bool)
+            hidden[rows] = False
+            bias = torch.zeros(1, 1, 1, k.shape[-2], dtype=q.dtype).masked_fill(hidden, float("-inf"))
+            attn_mask = bias if attn_mask is None else attn_mask + bias
+        return fused(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kwargs)
+
+    F.scaled_dot_product_attention = attend
+    try:
+        with torch.no_grad():
+            return model(image)
+    finally:
+        F.scaled_dot_product_attention = fused

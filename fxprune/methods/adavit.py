@@ -572,8 +572,16 @@ def _loss(teacher: nn.Module, policy: AdaViT, distill_weight: float | None, exam
     return AdaViTLoss(teacher, policy, distill_weight=0.0 if distill_weight is None else distill_weight)
 
 
+def _refusal(policy: AdaViT, block: Block) -> str | None:
+    """AdaViT's rows and heads are chosen inside the block, where position terms would have to follow them."""
+    if block.position_terms:
+        return (f"its attention reads position terms ({', '.join(map(str, block.position_terms))}), which AdaViT's "
+                "per-image rows and heads do not take at the rows it uses")
+    return None
+
+
 register_method(
-    "adavit", AdaViT, needs_class_token=True, reduces_tokens=False, adaptive=True,
+    "adavit", AdaViT, needs_class_token=True, reduces_tokens=False, adaptive=True, refuse=_refusal,
     learned=Learned(_decision_heads, gate_for_training, weights=weights_file, translate=official_heads,
                     loss=_loss, backbone_lr_scale=1.0),
     identity=lambda layers: AdaViT(1.0, layers, init_logit=20.0),

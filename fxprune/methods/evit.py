@@ -85,7 +85,7 @@ def _keep_rates(ctx: SweepContext) -> list[float]:
 
 
 register_method(
-    "evit", EViT, scores_tokens=True,
+    "evit", EViT, scores_tokens=True, merges_rows=lambda policy: policy.fuse,
     knob=Knob(lambda ctx, keep: EViT(keep, ctx.layers), _keep_rates, at_layers=True),
     identity=lambda layers: EViT(1.0, layers), example=lambda layers: EViT(0.6, layers),
 )(select_by_class_attention)

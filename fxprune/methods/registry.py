@@ -99,6 +99,8 @@ class Method:
     per image are counted one image at a time.
     ``carries_sizes``: its stream function is sized (``(tokens, sizes)``), which starts the sizes channel.
     ``proportional(policy)``: whether the sizes it carries weight later attention by ``log(size)``.
+    ``merges_rows(policy)``: whether a row it leaves can stand for several patches (EViT's fused token, a ToMe
+    merge), which has no single position for a later block's position terms (rotary tables, relative bias).
     ``refuse(policy, block)``: why it cannot rewrite a block (beyond the plan's model-wide checks), or None.
     ``knob`` / ``settings(ctx)``: what ``fxprune bench`` benchmarks (a fitted knob, or fixed settings).
     ``learned``: its trained parts, for a method with a predictor.
@@ -118,6 +120,7 @@ class Method:
     adaptive: bool = False
     carries_sizes: bool = False
     proportional: Callable[[Policy], bool] | None = None
+    merges_rows: Callable[[Policy], bool] | None = None
     refuse: Callable[[Policy, Block], str | None] | None = None
     knob: Knob | None = None
     settings: Callable[[SweepContext], list[Policy]] | None = None

@@ -76,6 +76,7 @@ def _largest_r_first(ctx: SweepContext) -> list[int]:
 
 @register_method(
     "tome", ToMe, needs_keys=True, carries_sizes=True, proportional=lambda policy: policy.prop_attn,
+    merges_rows=lambda policy: True,
     knob=Knob(lambda ctx, r: ToMe(r), _largest_r_first),
     identity=lambda layers: ToMe(0, layers), example=lambda layers: ToMe(3, layers),
 )

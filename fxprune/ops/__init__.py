@@ -4,6 +4,7 @@ declares its graph role where it is defined (:mod:`fxprune.ops.registry`)."""
 from .clustering import cluster_keys_values, clustered_attention, padded_cluster_keys_values
 from .merging import size_bias, tome_merge, tome_merge_positions, tome_merged_tokens
 from .pooling import size_weighted_mean
+from .positions import at_positions
 from .pruning import gumbel_keep, keep_rows, policy_attention, softmax_with_policy, with_prefix
 from .registry import KEEP, POSITIONS, SIZES, GraphOp, follows, graph_functions, graph_op, op_of
 from .sampling import ats_budget, ats_index, ats_pad, ats_pad_positions, ats_picks, ats_significance, gather_queries
@@ -29,6 +30,7 @@ __all__ = [
     "evit_select_positions", "topk_rows", "size_bias", "tome_merge", "tome_merge_positions", "tome_merged_tokens",
     "ats_budget", "ats_index", "ats_pad", "ats_pad_positions", "ats_picks", "ats_significance", "gather_queries",
     "gather_tokens", "initial_state", "clustered_attention", "cluster_keys_values", "padded_cluster_keys_values",
-    "keep_rows", "gumbel_keep", "size_weighted_mean", "with_prefix", "softmax_with_policy", "policy_attention",
+    "keep_rows", "gumbel_keep", "size_weighted_mean", "at_positions", "with_prefix", "softmax_with_policy",
+    "policy_attention",
     "GraphOp", "graph_op", "follows", "op_of", "graph_functions", "SIZES", "POSITIONS", "KEEP",
 ]

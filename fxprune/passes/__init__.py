@@ -1,5 +1,6 @@
 """Shared graph surgery: the block-rewrite loop, insertion helpers (:mod:`.common`), token-state threading
-(:mod:`.state`) and learned submodules (:mod:`.learned`). Each method's own rewrite is in :mod:`fxprune.methods`."""
+(:mod:`.state`), position terms at the remaining rows' positions (:mod:`.positions`) and learned submodules
+(:mod:`.learned`). Each method's own rewrite is in :mod:`fxprune.methods`."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from ..analysis import TokenProgram
 from ..errors import FxPruneError
 from ..ops import op_of
 from .common import Rewrite, Role, tag
+from .positions import place_position_terms
 from .state import thread_state
 
 if TYPE_CHECKING:
@@ -64,8 +66,10 @@ def _check_stream(row: PlanRow, result: Rewrite) -> None:
 def apply_passes(
     gm: fx.GraphModule, program: TokenProgram, rows: Sequence[PlanRow], train: bool = False
 ) -> fx.GraphModule:
-    """Rewrite every planned block of ``gm``, then thread token state through the blocks (sizes, positions)."""
+    """Rewrite every planned block of ``gm``, take later blocks' position terms at the remaining rows' positions,
+    then thread token state through the blocks (sizes, positions)."""
     rewrite_blocks(gm, program, rows, train)
+    place_position_terms(gm, program, rows)
     thread_state(gm, program, rows)
     gm.graph.lint()
     gm.recompile()

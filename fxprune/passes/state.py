@@ -47,7 +47,7 @@ from .common import Role, insert_call, inserted, stream_node, tag
 if TYPE_CHECKING:
     from ..planning import PlanRow
 
-__all__ = ["read_state", "write_state", "thread_state"]
+__all__ = ["read_state", "write_state", "follow_state", "thread_state"]
 
 
 def read_state(gm: fx.GraphModule, block: Block, channel: str) -> fx.Node:
@@ -71,7 +71,7 @@ def _written(gm: fx.GraphModule, index: int, channel: str) -> list[fx.Node]:
             and n.target is not initial_state]
 
 
-def _follow(gm: fx.GraphModule, block: Block, stream: fx.Node, channel: str, state: fx.Node) -> fx.Node:
+def follow_state(gm: fx.GraphModule, block: Block, stream: fx.Node, channel: str, state: fx.Node) -> fx.Node:
     """``channel`` of the rows ``stream`` gives, from ``state``, the channel of the rows it received."""
     op = op_of(stream.target)
     if channel == SIZES and op.sized:
@@ -113,12 +113,12 @@ def _thread_sizes(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[Plan
         if stream is None:
             continue
         if op_of(stream.target).sized:
-            size = _follow(gm, block, stream, SIZES, size)
+            size = follow_state(gm, block, stream, SIZES, size)
             if row.method.proportional is not None:
                 proportional = row.method.proportional(row.policy)
             padded = padded or row.method.pads_tokens
         elif size is not None:
-            size = _follow(gm, block, stream, SIZES, size)
+            size = follow_state(gm, block, stream, SIZES, size)
         if size is not None and (proportional or padded) and before:
             _add_size_bias(gm, block, size, proportional)
     if size is not None:
@@ -155,7 +155,7 @@ def _thread(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[PlanRow], 
         stream = stream_node(gm, row.index) if row.method is not None else None
         if stream is not None:
             start = read_state(gm, program.blocks[0], channel) if state is None else state  # rows as the model had them
-            state = _follow(gm, block, stream, channel, start)
+            state = follow_state(gm, block, stream, channel, start)
 
 
 def _thread_keep(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[PlanRow]) -> None:

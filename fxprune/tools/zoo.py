@@ -31,7 +31,8 @@ from ..errors import FxPruneError
 from ..methods import Method, methods
 
 __all__ = [
-    "Entry", "Glance", "Outcome", "ZOO", "try_method", "try_entry", "short_reason", "table", "with_table", "MARKERS"
+    "Entry", "Glance", "TINY_VIT", "Outcome", "ZOO", "try_method", "try_entry", "short_reason", "table", "with_table",
+    "MARKERS",
 ]
 
 LAYERS = (1, 2)  # where each method's example setting reduces: two blocks in a row, after a dense one
@@ -56,7 +57,7 @@ def _timm(name: str, **overrides) -> Entry:
     return Entry(name, "timm", build)
 
 
-_VIT = dict(img_size=32, patch_size=8, depth=3, embed_dim=64, num_heads=2)  # a VisionTransformer-like family
+TINY_VIT = dict(img_size=40, patch_size=8, depth=3, embed_dim=64, num_heads=2)  # 25 patches: no size is another's
 _SMALL = dict(img_size=64)
 
 
@@ -120,32 +121,32 @@ def _glance(reads: str) -> Callable[[], nn.Module]:
 
 ZOO: tuple[Entry, ...] = (
     # plain ViTs and their variants
-    _timm("vit_tiny_patch16_224", **_VIT),
-    _timm("deit_tiny_distilled_patch16_224", **_VIT),
-    _timm("deit3_small_patch16_224", **_VIT),
-    _timm("vit_small_patch14_reg4_dinov2", **_VIT),
-    _timm("flexivit_small", **_VIT),
-    _timm("vit_base_patch16_clip_224", **_VIT),
-    _timm("vit_base_patch16_siglip_224", **_VIT),
-    _timm("vit_medium_patch16_gap_256", **_VIT),
-    _timm("vit_base_patch16_rpn_224", **_VIT),
-    _timm("vit_little_patch16_reg1_gap_256", **_VIT),
-    _timm("aimv2_large_patch14_224", **_VIT),
-    _timm("vit_small_patch16_18x2_224", **{**_VIT, "depth": 2}),
+    _timm("vit_tiny_patch16_224", **TINY_VIT),
+    _timm("deit_tiny_distilled_patch16_224", **TINY_VIT),
+    _timm("deit3_small_patch16_224", **TINY_VIT),
+    _timm("vit_small_patch14_reg4_dinov2", **TINY_VIT),
+    _timm("flexivit_small", **TINY_VIT),
+    _timm("vit_base_patch16_clip_224", **TINY_VIT),
+    _timm("vit_base_patch16_siglip_224", **TINY_VIT),
+    _timm("vit_medium_patch16_gap_256", **TINY_VIT),
+    _timm("vit_base_patch16_rpn_224", **TINY_VIT),
+    _timm("vit_little_patch16_reg1_gap_256", **TINY_VIT),
+    _timm("aimv2_large_patch14_224", **TINY_VIT),
+    _timm("vit_small_patch16_18x2_224", **{**TINY_VIT, "depth": 2}),
     # position-dependent attention: relative position bias, rotary embeddings
-    _timm("beit_base_patch16_224", **_VIT),
-    _timm("beitv2_base_patch16_224", **_VIT),
-    _timm("vit_relpos_small_patch16_224", **_VIT),
-    _timm("vit_srelpos_small_patch16_224", **_VIT),
-    _timm("eva02_tiny_patch14_224", **_VIT),
-    _timm("vit_small_patch16_rope_224", **_VIT),
-    _timm("vit_small_patch16_dinov3", **_VIT),
-    _timm("vit_pe_core_tiny_patch16_384", **_VIT),
-    _timm("vit_base_patch16_xp_224", **_VIT),
+    _timm("beit_base_patch16_224", **TINY_VIT),
+    _timm("beitv2_base_patch16_224", **TINY_VIT),
+    _timm("vit_relpos_small_patch16_224", **TINY_VIT),
+    _timm("vit_srelpos_small_patch16_224", **TINY_VIT),
+    _timm("eva02_tiny_patch14_224", **TINY_VIT),
+    _timm("vit_small_patch16_rope_224", **TINY_VIT),
+    _timm("vit_small_patch16_dinov3", **TINY_VIT),
+    _timm("vit_pe_core_tiny_patch16_384", **TINY_VIT),
+    _timm("vit_base_patch16_xp_224", **TINY_VIT),
     # other attention or token layouts
-    _timm("cait_xxs24_224", **_VIT, depth_token_only=1),
-    _timm("xcit_nano_12_p16_224", **_VIT),
-    _timm("convit_tiny", **{**_VIT, "depth": 4}, local_up_to_layer=1),
+    _timm("cait_xxs24_224", **TINY_VIT, depth_token_only=1),
+    _timm("xcit_nano_12_p16_224", **TINY_VIT),
+    _timm("convit_tiny", **{**TINY_VIT, "depth": 4}, local_up_to_layer=1),
     _timm("crossvit_9_240", depth=((1, 2, 0),)),
     _timm("vitamin_small_224", **_SMALL, depth=3),
     _timm("volo_d1_224"),
@@ -263,7 +264,9 @@ def try_entry(entry: Entry, names: Sequence[str] | None = None) -> list[Outcome]
 
 
 _SHORT = (  # the reasons of common refusals, said in a few words (the full reason is in the error)
-    (r"position-dependent table", "position bias / rotary tables"),
+    (r"token axes cannot be told", "position tables of unclear axes"),
+    (r"stand for several patches", "merged rows before position terms"),
+    (r"AdaViT's per-image rows", "position terms inside the block"),
     (r"windowed attention", "windowed attention"),
     (r"not a \[B, N, C\] token sequence", "not a token sequence (hierarchical)"),
     (r"found no attention", "no attention found"),
@@ -275,6 +278,7 @@ _SHORT = (  # the reasons of common refusals, said in a few words (the full reas
     (r"no residual addition", "no residual add after attention"),
     (r"parallel branches", "parallel branches in a block"),
     (r"talking-heads attention", "heads mixed (talking heads)"),
+    (r"differs per query or head", "a bias per query and key"),
     (r"tells every later attention", "a later attention over other keys"),
     (r"assumes the original token count", "a later layer needs the original token count"),
     (r"keys of block .* were not found", "attention keys not found"),

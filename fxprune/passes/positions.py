@@ -1,0 +1,66 @@
+"""Position-dependent attention after a reduction.
+
+A block whose attention reads *position terms* (tensors built without the input's values and laid out per token
+position: a relative position bias, rotary tables; :class:`~fxprune.analysis.PositionTerm`) computes them for every
+token of the dense model. Once rows are removed, each remaining row keeps its original position: the block takes
+its terms at the positions channel's values (each row's index in the first block's input), per image, where its
+attention reads them (:func:`~fxprune.ops.at_positions`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+import torch.fx as fx
+
+from ..analysis import Block, TokenProgram
+from ..ops import POSITIONS, at_positions
+from .common import insert_call, stream_node, tag_of
+from .state import follow_state, read_state
+
+if TYPE_CHECKING:
+    from ..planning import PlanRow
+
+__all__ = ["place_position_terms"]
+
+
+def _rank(reader: fx.Node, term: fx.Node) -> int:
+    """The rank of the values ``term`` meets at ``reader`` (its widest other tensor input)."""
+    ranks = [n.meta["val"].dim() for n in reader.all_input_nodes
+             if n is not term and isinstance(n.meta.get("val"), torch.Tensor)]
+    return max(ranks, default=term.meta["val"].dim() + 1)
+
+
+def place_position_terms(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[PlanRow]) -> None:
+    """Make every block whose attention sees other rows than the dense model's read its position terms at its
+    rows' positions (run before token-state threading, which wires the positions channel it reads). The first
+    block that removes rows sees them all unless it removes them before its attention (DynamicViT, at its input)."""
+    reducing = [row.index for row in rows if row.method is not None and row.method.reduces_tokens]
+    if not reducing:
+        return
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    for block in program.blocks[min(reducing):]:
+        stream = stream_node(gm, block.index)
+        before = stream is not None and order[stream] < order[block.attention.node]
+        if not block.position_terms or (block.index == min(reducing) and not before):
+            continue
+        positions = read_state(gm, block, POSITIONS)
+        if before:
+            positions = follow_state(gm, block, stream, POSITIONS, positions)
+        _place(gm, program, block, positions)
+
+
+def _place(gm: fx.GraphModule, program: TokenProgram, block: Block, positions: fx.Node) -> None:
+    """Make each reader of ``block``'s position terms (its attention's, and what the block's rewrite inserted
+    beside it, such as scores reading its mask) read them at ``positions`` ``[B, N', 1]``."""
+    alive = set(gm.graph.nodes)  # a rewrite may have replaced the attention node the analysis saw read a term
+    for term in block.position_terms:
+        inserted = [user for user in term.node.users if (found := tag_of(user)) is not None
+                    and found.block == block.index and user.target is not at_positions]
+        for reader in [node for node in dict.fromkeys([*term.readers, *inserted]) if node in alive]:
+            rank = _rank(reader, term.node)
+            args = (term.node, positions, term.axes, term.patches_only, program.prefix_tokens, rank)
+            placed = insert_call(gm, reader.prev, at_positions, args, {}, block, "at_positions")
+            reader.replace_input_with(term.node, placed)

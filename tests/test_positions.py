@@ -1,0 +1,82 @@
+"""Position-dependent attention after a reduction (relative position bias, rotary tables): every remaining row is
+attended with its own position's terms, so a reduced model equals the dense model in which the dropped tokens are
+masked out as keys in every later block."""
+
+import pytest
+import timm
+import torch
+from reference import with_keys_masked
+from vits import assert_compiles_once
+
+import fxprune
+from fxprune.tools.show import token_sources
+from fxprune.tools.zoo import TINY_VIT
+
+MODELS = {  # the zoo's tiny configs (25 patches, no head size equal to a token count), read from the class token
+    "rotary (EVA-02)": ("eva02_tiny_patch14_224", {}),
+    "rotary from the patch grid, registers (DINOv3)": ("vit_small_patch16_dinov3", {}),
+    "relative position bias (BEiT)": ("beit_base_patch16_224", {}),
+    "relative position MLP (vit_relpos)": ("vit_relpos_small_patch16_224", {"class_token": True}),
+}
+POLICIES = {  # (policy, whether it removes rows before its block's attention)
+    "topk": (fxprune.TopK(0.6, (1, 2)), False),
+    "ats": (fxprune.ATS(0.6, (1, 2)), False),
+    "dynamicvit": (fxprune.DynamicViT(0.6, (1, 2)), True),
+}
+
+
+def _model(name: str) -> torch.nn.Module:
+    timm_name, overrides = MODELS[name]
+    torch.manual_seed(0)
+    model = timm.create_model(timm_name, pretrained=False, **TINY_VIT, **overrides, global_pool="token")
+    if isinstance(model.head, torch.nn.Linear):
+        torch.nn.init.normal_(model.head.weight)  # a head that reads something (some are zero at init)
+    return model.eval().double()
+
+
+def _kept(gm, image, before: bool) -> list[tuple[int, torch.Tensor]]:
+    """(first block whose keys are only the kept rows, the kept rows' original indices) after each reduction."""
+    return [(step.block + (0 if before else 1), step.sources[0].abs().sum(0).nonzero().flatten())
+            for step in token_sources(gm, image)]
+
+
+@pytest.mark.parametrize("method", sorted(POLICIES))
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_a_reduced_model_equals_the_dense_one_with_the_dropped_tokens_masked_as_keys(name, method):
+    model, (policy, before) = _model(name), POLICIES[method]
+    gm = fxprune.transform(model, policy)
+    images = torch.randn(3, 3, 40, 40, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with torch.no_grad():
+        batched = gm(images)
+    for i in range(images.shape[0]):
+        image = images[i:i + 1]
+        kept = _kept(gm, image, before)
+        assert all(len(rows) < model_rows for (_, rows), model_rows in zip(kept, [26, 26]))  # it reduced
+        torch.testing.assert_close(batched[i:i + 1], with_keys_masked(model, image, kept), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_keeping_every_token_reproduces_a_position_dependent_model(name):
+    model = _model(name)
+    images = torch.randn(2, 3, 40, 40, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fxprune.transform(model, fxprune.TopK(1.0, (1, 2)))(images), model(images),
+                                   atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("policy", [fxprune.EViT(0.6, (1,)), fxprune.ToMe(2, (1,))], ids=["evit", "tome"])
+def test_rows_standing_for_several_patches_are_refused_before_a_position_dependent_block(policy):
+    with pytest.raises(fxprune.UnsupportedModelError, match=r"block 2 \(blocks.2\) reads position terms"):
+        fxprune.transform(_model("rotary (EVA-02)"), policy)
+
+
+def test_the_analysis_shows_each_blocks_position_terms_and_their_token_axes():
+    program = fxprune.analyse(_model("relative position bias (BEiT)"))
+    terms = program.blocks[1].position_terms
+    assert [(term.axes, term.patches_only) for term in terms] == [((2, 3), False)]
+    assert program.blocks[1].reducible and "unsqueeze" in str(program)
+
+
+def test_position_terms_at_the_rows_positions_compile_to_one_graph():
+    model = _model("rotary (EVA-02)").float()
+    assert_compiles_once(fxprune.transform(model, fxprune.TopK(0.6, (1, 2))), model)
