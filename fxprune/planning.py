@@ -180,6 +180,15 @@ def _check_model(program: TokenProgram, owner: dict[int, Policy]) -> None:
                     f"{block.tokens} rows of the stream (e.g. a class token joined later, as in CaiT). Use EViT, "
                     "Top-K or another method that carries nothing to later blocks."
                 )
+    reducing = [index for index, part in owner.items() if method_of(part).reduces_tokens]
+    if reducing:
+        first = min(reducing)
+        for block in program.blocks[first:]:
+            if block.needs_all_tokens:
+                raise UnsupportedModelError(
+                    f"block {block.index} ({block.name}) needs every token: {block.refusal}. Reducing tokens at "
+                    f"block {first} would break it; only blocks after {block.index} can be reduced."
+                )
     for index, part in sorted(owner.items()):
         merges = method_of(part).merges_rows
         later = next((b for b in program.blocks[index + 1:] if b.position_terms), None)
@@ -190,15 +199,6 @@ def _check_model(program: TokenProgram, owner: dict[int, Policy]) -> None:
                 "relative position bias or rotary tables) at each row's position, which such a row does not have. "
                 "Use Top-K (EViT with fuse=False), ATS or DynamicViT, whose rows keep their positions."
             )
-    reducing = [index for index, part in owner.items() if method_of(part).reduces_tokens]
-    if reducing:
-        first = min(reducing)
-        for block in program.blocks[first:]:
-            if block.needs_all_tokens:
-                raise UnsupportedModelError(
-                    f"block {block.index} ({block.name}) needs every token: {block.refusal}. Reducing tokens at "
-                    f"block {first} would break it; only blocks after {block.index} can be reduced."
-                )
 
 
 def _token_pooling(program: TokenProgram) -> str | None:

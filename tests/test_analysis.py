@@ -12,6 +12,7 @@ from vits import (
     torchvision_vit,
     with_explicit_softmax,
     with_position_bias_in_block_3,
+    with_unclear_position_table_in_block_3,
 )
 
 import fxprune
@@ -71,17 +72,23 @@ def test_explicit_softmax_attention_is_a_site_with_its_heads():
 
 
 @pytest.mark.parametrize(
-    "name, kwargs",
+    "name, kwargs, axes",
     [
-        ("beit_base_patch16_224", dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=4)),
-        ("eva02_tiny_patch14_224", dict(img_size=56, depth=2)),
+        ("beit_base_patch16_224", dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=4), (2, 3)),
+        ("eva02_tiny_patch14_224", dict(img_size=56, depth=2), (0,)),
     ],
 )
-def test_position_dependent_attention_is_refused_with_the_table_named(name, kwargs):
+def test_position_dependent_attention_is_found_with_the_token_axes_of_its_terms(name, kwargs, axes):
     program = fxprune.analyse(timm.create_model(name, pretrained=False, **kwargs))
     for block in program.blocks:
-        assert not block.reducible and block.needs_all_tokens
-        assert "position-dependent" in block.refusal
+        assert block.reducible and not block.needs_all_tokens
+        assert block.position_terms and all(term.axes == axes for term in block.position_terms)
+
+
+def test_a_position_table_whose_token_axis_cannot_be_told_is_refused():
+    block = fxprune.analyse(with_unclear_position_table_in_block_3()).blocks[3]
+    assert not block.reducible and block.needs_all_tokens
+    assert "stages.3.mix.table [16, 16]" in block.refusal and "cannot be told" in block.refusal
 
 
 def test_windowed_attention_is_refused():
@@ -137,8 +144,9 @@ def test_summary_lists_every_block_with_its_status():
 
 def test_the_analysis_lists_the_position_terms_of_each_block():
     program = fxprune.analyse(with_position_bias_in_block_3())
-    assert [b.position_terms for b in program.blocks] == [(), (), (), ("stages.3.mix.bias [3, 17, 17]",)]
-    assert "stages.3.mix.bias  not reducible" in str(program)
+    terms = [[str(term) for term in b.position_terms] for b in program.blocks]
+    assert terms == [[], [], [], ["stages.3.mix.bias [3, 17, 17]"]]
+    assert "stages.3.mix.bias  reducible" in str(program)
 
 
 def _zoo(name: str) -> torch.nn.Module:
@@ -156,5 +164,5 @@ def test_attention_in_parallel_with_another_branch_is_refused(name):
 
 def test_rotary_tables_computed_from_the_patch_grid_are_position_terms():
     program = fxprune.analyse(_zoo("vit_small_patch16_dinov3"))  # a shape read builds them, not a parameter
-    assert all(b.position_terms and b.needs_all_tokens for b in program.blocks)
-    assert all("position-dependent table" in b.refusal for b in program.blocks)
+    assert all(b.position_terms and all(t.axes == (0,) and t.patches_only for t in b.position_terms)
+               for b in program.blocks)

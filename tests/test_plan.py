@@ -3,7 +3,12 @@ import re
 import pytest
 import timm
 import torch
-from vits import timm_vit, with_position_bias_in_block_3
+from vits import (
+    assert_same_outputs,
+    timm_vit,
+    with_position_bias_in_block_3,
+    with_unclear_position_table_in_block_3,
+)
 
 import fxprune
 from fxprune import ATS, Compose, EViT, PolicyError, ToMe, TopK, UnsupportedModelError
@@ -56,14 +61,18 @@ def test_a_method_that_reads_the_class_token_needs_one_that_the_output_reads():
         fxprune.transform(model, fxprune.AdaViT(0.5))
 
 
-def test_reducing_a_position_dependent_block_is_refused_naming_it():
-    with pytest.raises(UnsupportedModelError, match=r"block 3 \(stages\.3\): its attention uses position-dependent"):
-        fxprune.transform(with_position_bias_in_block_3(), EViT(0.5, (3,)))
+def test_a_fused_token_before_a_block_with_position_terms_is_refused_naming_both():
+    with pytest.raises(UnsupportedModelError, match=r"at block 1 leaves rows that stand for several patches, but block "
+                                                    r"3 \(stages\.3\) reads position terms \(stages.3.mix.bias"):
+        fxprune.transform(with_position_bias_in_block_3(), EViT(0.5, (1,)))
+    model = with_position_bias_in_block_3()
+    assert_same_outputs(fxprune.transform(model, fxprune.TopK(1.0, (1, 3))), model)  # rows keep their positions
+    fxprune.transform(model, EViT(0.5, (3,)))  # its own attention sees every row
 
 
 def test_reducing_before_a_block_that_needs_every_token_is_refused():
     with pytest.raises(UnsupportedModelError, match=r"block 3 \(stages\.3\) needs every token.*at block 1"):
-        fxprune.transform(with_position_bias_in_block_3(), EViT(0.5, (1,)))
+        fxprune.transform(with_unclear_position_table_in_block_3(), EViT(0.5, (1,)))
 
 
 def test_plan_leaves_the_model_unchanged():

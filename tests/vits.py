@@ -146,6 +146,29 @@ class BiasedMixer(TokenMixer):
         return self.out((weights @ v).transpose(1, 2).reshape(b, n, c))
 
 
+class RotatedMixer(TokenMixer):
+    """Attention whose patch queries and keys are scaled by a learned table ``[patches, head size]``, like rotary
+    tables; with 16 patches and 16-channel heads its token axis cannot be told from its channel axis."""
+
+    def __init__(self, width: int, heads: int, patches: int):
+        super().__init__(width, heads)
+        self.table = nn.Parameter(torch.ones(patches, width // heads))
+
+    def forward(self, tokens):
+        b, n, c = tokens.shape
+        q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2) for t in self.to_qkv(tokens).chunk(3, dim=-1))
+        q = torch.cat([q[:, :, :1], q[:, :, 1:] * self.table], dim=2)
+        k = torch.cat([k[:, :, :1], k[:, :, 1:] * self.table], dim=2)
+        weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(c // self.heads), dim=-1)
+        return self.out((weights @ v).transpose(1, 2).reshape(b, n, c))
+
+
+def with_unclear_position_table_in_block_3():
+    model = hand_written_vit()
+    model.stages[3].mix = RotatedMixer(48, 3, 16)
+    return model
+
+
 def with_position_bias_in_block_3():
     model = hand_written_vit()
     model.stages[3].mix = BiasedMixer(48, 3, 17)
