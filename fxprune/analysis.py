@@ -22,7 +22,7 @@ from torch import nn
 
 from .capture import TraceInfo, trace
 from .errors import UnsupportedModelError
-from .readout import Readout, data_nodes, readout
+from .readout import Readout, data_nodes, is_shape_read, readout
 
 __all__ = [
     "AttentionSite", "Block", "PositionTerm", "TokenProgram", "SCORES", "analyse", "mixes_heads", "module_path",
@@ -349,7 +349,7 @@ def _dataflow(start: fx.Node) -> nx.DiGraph:
     while todo:
         node = todo.pop()
         for user in node.users:
-            if _is_shape_read(user):
+            if is_shape_read(user):
                 continue
             if user not in graph:
                 todo.append(user)
@@ -469,19 +469,13 @@ def _reads_data(node: fx.Node) -> bool:
     todo, seen = [node], set()
     while todo:
         n = todo.pop()
-        if n in seen or _is_shape_read(n):
+        if n in seen or is_shape_read(n):
             continue
         seen.add(n)
         if n.op == "placeholder":
             return True
         todo.extend(n.all_input_nodes)
     return False
-
-
-def _is_shape_read(node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target is getattr and node.args[1] == "shape") or (
-        node.op == "call_method" and node.target in ("size", "dim")
-    )
 
 
 def analyse(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = None) -> TokenProgram:
@@ -606,7 +600,7 @@ def _beside_attention(site: AttentionSite, anchor: fx.Node, mid: fx.Node) -> fx.
     todo, seen = [(user, user) for user in anchor.users], set()
     while todo:
         node, first = todo.pop()
-        if node in seen or node is site.output or node is mid or _is_shape_read(node):
+        if node in seen or node is site.output or node is mid or is_shape_read(node):
             continue
         seen.add(node)
         if node in branch:

@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-__all__ = ["Readout", "data_nodes", "readout"]
+__all__ = ["Readout", "data_nodes", "is_shape_read", "readout"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,14 +41,18 @@ class Readout:
         return f"the output reads {alone}{rows[self.patches]}"
 
 
+def is_shape_read(node: fx.Node) -> bool:
+    """Whether ``node`` reads a tensor's shape (``x.shape``, ``x.size()``, ``x.dim()``), not its values."""
+    return (node.op == "call_function" and node.target is getattr and node.args[1] == "shape") or (
+        node.op == "call_method" and node.target in ("size", "dim")
+    )
+
+
 def data_nodes(gm: fx.GraphModule) -> set[fx.Node]:
     """The nodes whose values depend on the input's values (not only on its shape)."""
     found: set[fx.Node] = set()
     for node in gm.graph.nodes:
-        shape_read = (node.op == "call_function" and node.target is getattr and node.args[1] == "shape") or (
-            node.op == "call_method" and node.target in ("size", "dim")
-        )
-        if node.op == "placeholder" or (not shape_read and any(n in found for n in node.all_input_nodes)):
+        if node.op == "placeholder" or (not is_shape_read(node) and any(n in found for n in node.all_input_nodes)):
             found.add(node)
     return found
 
