@@ -143,7 +143,8 @@ class TokenProgram:
                      "status")
         for b in self.blocks:
             status = "reducible" if b.reducible else f"not reducible: {b.refusal}"
-            terms = ", ".join(str(t).split(" ")[0] for t in b.position_terms) or "none"
+            names = [str(t).split(" ")[0] for t in b.position_terms]
+            terms = (names[0] + (f" +{len(names) - 1}" if len(names) > 1 else "")) if names else "none"
             lines.append(
                 f"  {b.index:>3}  {b.name:<36} {b.attention.kind:<10} {b.attention.num_heads:>5} {b.tokens:>6}"
                 f"  {terms:<16}  {status}"

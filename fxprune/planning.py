@@ -246,6 +246,11 @@ def make_plan(program: TokenProgram, policy: Policy | Compose) -> Plan:
     notes += [f"{part.describe()} scores tokens by {SCORES[program.class_token]}"
               + ("" if program.class_token else f" (no class token: {program.readout})")
               for part in policy.policies() if method_of(part).scores_tokens]
+    reducing = [index for index, part in owner.items() if method_of(part).reduces_tokens]
+    placed = [b.index for b in program.blocks[min(reducing) + 1:] if b.position_terms] if reducing else []
+    if placed:
+        notes.append(f"block(s) {', '.join(map(str, placed))} read position terms (relative position bias, rotary "
+                     "tables): each takes them at its remaining rows' original positions")
     if program.readout.patches == "dense" and any(method_of(part).reduces_tokens for part in policy.policies()):
         notes.append("the output reads every patch row (a dense output): it returns the reduced rows, in the order "
                      "the methods leave them, not the original token layout")

@@ -70,6 +70,11 @@ def test_rows_standing_for_several_patches_are_refused_before_a_position_depende
         fxprune.transform(_model("rotary (EVA-02)"), policy)
 
 
+def test_the_plan_says_which_blocks_take_their_position_terms_at_the_kept_rows():
+    plan = fxprune.plan(_model("rotary (EVA-02)"), fxprune.TopK(0.6, (1,)))
+    assert any(note.startswith("block(s) 2 read position terms") for note in plan.notes)
+
+
 def test_the_analysis_shows_each_blocks_position_terms_and_their_token_axes():
     program = fxprune.analyse(_model("relative position bias (BEiT)"))
     terms = program.blocks[1].position_terms
