@@ -20,6 +20,18 @@ def test_inspect_without_policy_prints_only_the_analysis(capsys):
     assert "2 prefix token(s)" in out and "fxprune plan" not in out
 
 
+def test_zoo_prints_the_table_and_writes_it_between_the_markers(capsys, tmp_path):
+    from fxprune.tools.zoo import MARKERS
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{MARKERS[0]}\nold\n{MARKERS[1]}\nend\n")
+    assert main(["zoo", "hand-written: mean over every token", "--processes", "1", "--write", str(readme)]) == 0
+    row = "| hand-written: mean over every token | refused: no class token | ✓ |"
+    assert row in capsys.readouterr().out
+    text = readme.read_text()
+    assert row in text and "old" not in text and text.startswith("intro\n") and text.endswith("end\n")
+
+
 def test_errors_are_reported_with_exit_code_2(capsys):
     assert main(["inspect", "vit_tiny_patch16_224", "--img-size", "32", "--policy", "evit:keep=2,layers=1"]) == 2
     assert "PolicyError: EViT.keep_rate must be in (0, 1]" in capsys.readouterr().err

@@ -34,14 +34,11 @@ def _inspect(args: argparse.Namespace) -> None:
 def _zoo(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from .zoo import ZOO, table, try_entry, with_table
+    from .zoo import ZOO, table, try_all, with_table
 
     chosen = [entry for entry in ZOO if not args.models or entry.name in args.models]
-    outcomes = []
-    for number, entry in enumerate(chosen, 1):
-        print(f"[{number}/{len(chosen)}] {entry.name}", file=sys.stderr, flush=True)
-        outcomes += try_entry(entry)
-    text = table(outcomes)
+    print(f"trying every method on {len(chosen)} models in {args.processes} process(es)", file=sys.stderr, flush=True)
+    text = table([outcome for outcomes in try_all(chosen, args.processes) for outcome in outcomes])
     if args.write:
         path = Path(args.write)
         path.write_text(with_table(path.read_text(), text))
@@ -236,6 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      "hand-written ViTs: rewritten and checked, or refused and why (a table)")
     zoo.add_argument("models", nargs="*", help="zoo model names (default: all)")
     zoo.add_argument("--write", help="put the table between the zoo markers of this file (README.md)")
+    zoo.add_argument("--processes", type=int, default=2, help="worker processes, one model each at a time")
     zoo.set_defaults(func=_zoo)
     demo = sub.add_parser("demo", help="the embedded DigitScenes ViT with EViT: plan, accuracy, MACs, speed, picture")
     demo.add_argument("--scenes", type=int, default=1000)

@@ -31,7 +31,8 @@ from ..errors import FxPruneError
 from ..methods import Method, methods
 
 __all__ = [
-    "Entry", "Glance", "TINY_VIT", "Outcome", "ZOO", "try_method", "try_entry", "short_reason", "table", "with_table",
+    "Entry", "Glance", "TINY_VIT", "Outcome", "ZOO", "try_method", "try_entry", "try_all", "short_reason", "table",
+    "with_table",
     "MARKERS",
 ]
 
@@ -126,10 +127,7 @@ ZOO: tuple[Entry, ...] = (
     _timm("deit3_small_patch16_224", **TINY_VIT),
     _timm("vit_small_patch14_reg4_dinov2", **TINY_VIT),
     _timm("vit_base_patch16_siglip_224", **TINY_VIT),
-    _timm("vit_medium_patch16_gap_256", **TINY_VIT),
     _timm("vit_base_patch16_rpn_224", **TINY_VIT),
-    _timm("vit_little_patch16_reg1_gap_256", **TINY_VIT),
-    _timm("aimv2_large_patch14_224", **TINY_VIT),
     _timm("vit_small_patch16_18x2_224", **{**TINY_VIT, "depth": 2}),
     # position-dependent attention: relative position bias, rotary embeddings
     _timm("beit_base_patch16_224", **TINY_VIT),
@@ -255,6 +253,22 @@ def try_entry(entry: Entry, names: Sequence[str] | None = None) -> list[Outcome]
             continue
         outcomes.append(try_method(model, entry.name, method, layers))
     return outcomes
+
+
+def _try_named(name: str) -> list[Outcome]:
+    torch.set_num_threads(1)  # tiny models: one thread each, one process per core
+    return try_entry(next(entry for entry in ZOO if entry.name == name))
+
+
+def try_all(entries: Sequence[Entry], processes: int = 1) -> list[list[Outcome]]:
+    """:func:`try_entry` on each of ``entries`` (zoo entries), in ``processes`` worker processes (tiny models keep
+    one core busy each)."""
+    if processes <= 1:
+        return [try_entry(entry) for entry in entries]
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        return pool.map(_try_named, [entry.name for entry in entries], chunksize=1)
 
 
 _SHORT = (  # the reasons of common refusals, said in a few words (the full reason is in the error)
