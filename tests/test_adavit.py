@@ -362,7 +362,7 @@ def test_shipped_digits_states_load_for_their_usages_and_skip_part_of_the_model(
         assert any("expected usage, measured after training: block 5" in note for note in notes)
         with torch.no_grad():
             accuracy = (gm(images).argmax(-1) == labels).float().mean()
-        assert per_image_macs(gm, images) < most * dense and accuracy > 0.5  # chance: 0.1
+        assert per_image_macs(gm, images[:16]) < most * dense and accuracy > 0.5  # chance: 0.1
     with pytest.raises(fxprune.PolicyError, match="ships for usages 0.7, 0.5"):
         fxprune.transform(model, AdaViT(0.35, weights="digits"))
     with pytest.raises(fxprune.PolicyError, match="ships for usages 0.7, 0.5"):
