@@ -26,7 +26,7 @@ from .readout import Readout, data_nodes, is_shape_read, readout
 
 __all__ = [
     "AttentionSite", "Block", "PositionTerm", "TokenProgram", "SCORES", "analyse", "mixes_heads", "module_path",
-    "sdpa_arguments", "SDPA_TARGETS",
+    "op_name", "sdpa_arguments", "SDPA_TARGETS",
 ]
 
 SDPA_TARGETS = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
@@ -427,8 +427,9 @@ def _term(node: fx.Node, readers: tuple[fx.Node, ...], site: AttentionSite, toke
     return PositionTerm(node, readers, (), False)
 
 
-def _sequence_cat(first_input: fx.Node) -> fx.Node | None:
-    """The ``cat`` along the token axis that builds the token sequence entering the first block, if any."""
+def _sequence_cat(first_input: fx.Node, data: set[fx.Node]) -> fx.Node | None:
+    """The ``cat`` along the token axis that builds the token sequence entering the first block, if any; ``data``:
+    the nodes that depend on the input's values."""
     ancestors, todo = set(), [first_input]
     while todo:
         node = todo.pop()
@@ -438,12 +439,12 @@ def _sequence_cat(first_input: fx.Node) -> fx.Node | None:
     for node in reversed(first_input.graph.nodes):
         if node in ancestors and node.op == "call_function" and node.target is torch.cat:
             dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
-            if dim in (1, -2) and any(_reads_data(p) for p in node.args[0]):
+            if dim in (1, -2) and any(p in data for p in node.args[0]):
                 return node
     return None
 
 
-def _prefix_tokens(cat: fx.Node | None, info: TraceInfo) -> int:
+def _prefix_tokens(cat: fx.Node | None, info: TraceInfo, data: set[fx.Node]) -> int:
     """The tokens concatenated before the patches: none without a ``cat`` that builds the sequence (CaiT joins its
     class token only after its self-attention blocks), else timm's ``num_prefix_tokens`` when the model has it,
     otherwise the count read from the ``cat``."""
@@ -452,7 +453,7 @@ def _prefix_tokens(cat: fx.Node | None, info: TraceInfo) -> int:
     if info.prefix_tokens_attr is not None:
         return info.prefix_tokens_attr
     parts = cat.args[0]
-    patch = next(i for i, p in enumerate(parts) if _reads_data(p))
+    patch = next(i for i, p in enumerate(parts) if p in data)
     return sum(_shape(p)[1] for p in parts[:patch])
 
 
@@ -463,20 +464,6 @@ def _has_class_token(found: Readout, prefix: int, info: TraceInfo) -> bool:
     if found.why is not None:
         return bool(info.class_token_attr) and prefix > 0
     return prefix > 0 and 0 in found.class_rows
-
-
-def _reads_data(node: fx.Node) -> bool:
-    """Whether ``node`` depends on the input's values, not only on its shape."""
-    todo, seen = [node], set()
-    while todo:
-        n = todo.pop()
-        if n in seen or is_shape_read(n):
-            continue
-        seen.add(n)
-        if n.op == "placeholder":
-            return True
-        todo.extend(n.all_input_nodes)
-    return False
 
 
 def analyse(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = None) -> TokenProgram:
@@ -517,15 +504,15 @@ def analyse(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = No
         anchors.append((anchor, mid))
     first = anchors[0][0]
     batch = _shape(first)[0] if _shape(first) else sites[0].batch
-    prefix = _prefix_tokens(_sequence_cat(first), info)
     data = data_nodes(gm)
+    prefix = _prefix_tokens(_sequence_cat(first, data), info, data)
     blocks = tuple(
         _block(index, site, anchor, mid, batch, prefix, on_stream, data)
         for index, (site, (anchor, mid)) in enumerate(zip(sites, anchors))
     )
     shape = _shape(first) or (batch, 0, 0)
     tokens, dim = (shape[1], shape[2]) if len(shape) == 3 else (0, 0)
-    found = readout(gm, _final_tokens(blocks, stream, batch, dim, tokens), prefix)
+    found = readout(gm, _final_tokens(blocks, stream, batch, dim, tokens), prefix, data)
     return TokenProgram(
         gm, blocks, prefix, _has_class_token(found, prefix, info), tokens, dim, batch, stream, info,
         info.model_class, unrecognised, found,
@@ -545,11 +532,20 @@ def _final_tokens(
     """The last ``[batch, N, dim]`` stream node (``N == count`` unless ``count`` is None) after the last block of
     self-attention (an attention pool or class attention after it reads the tokens)."""
     block = next((b for b in reversed(blocks) if b.attention.queries == b.attention.keys), blocks[-1])
-    last = block.mid or block.input
-    after = stream[stream.index(last):] if last in stream else []
-    tokens = [n for n in after if (shape := _shape(n)) is not None and len(shape) == 3 and shape[0] == batch
-              and shape[2] == dim and count in (None, shape[1])]
+    tokens = [n for n in _stream_after(stream, block) if (shape := _shape(n)) is not None and len(shape) == 3
+              and shape[0] == batch and shape[2] == dim and count in (None, shape[1])]
     return tokens[-1] if tokens else None
+
+
+def _stream_after(stream: list[fx.Node], block: Block) -> list[fx.Node]:
+    """The stream nodes from ``block``'s residual add after its attention (its input when it has none) on."""
+    last = block.mid or block.input
+    return stream[stream.index(last):] if last in stream else []
+
+
+def op_name(node: fx.Node) -> str:
+    """The name of what ``node`` calls: a method's name or a function's ``__name__``."""
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
 
 
 _REDUCTIONS = ("mean", "sum", "amax", "max", "logsumexp")
@@ -563,7 +559,7 @@ def token_pooling(program: TokenProgram) -> fx.Node | None:
         after = after or node is last
         if not after or node.op not in ("call_method", "call_function") or not node.args:
             continue
-        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        name = op_name(node)
         source = _val(node.args[0])
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
         if name in _REDUCTIONS and isinstance(source, torch.Tensor) and source.dim() == 3 and dim in (
@@ -576,9 +572,8 @@ def token_pooling(program: TokenProgram) -> fx.Node | None:
 def pooled_rows(program: TokenProgram, pool: fx.Node) -> tuple[fx.Node, slice] | None:
     """(stream node, rows) when ``pool`` is a mean over the rows ``rows`` of a node of the token stream after the
     last block (``x.mean(1)``, ``x[:, P:].mean(1)``): a pool that the rows' sizes can weight. Else None."""
-    name = pool.target if isinstance(pool.target, str) else getattr(pool.target, "__name__", "")
     source = pool.args[0]
-    if name != "mean" or not isinstance(source, fx.Node):
+    if op_name(pool) != "mean" or not isinstance(source, fx.Node):
         return None
     rows = slice(None)
     if source.op == "call_function" and source.target is operator.getitem:
@@ -587,10 +582,8 @@ def pooled_rows(program: TokenProgram, pool: fx.Node) -> tuple[fx.Node, slice] |
                 and isinstance(index[1], slice) and index[1].step is None):
             return None
         source, rows = source.args[0], index[1]
-    last = program.blocks[-1].mid or program.blocks[-1].input
-    after = program.stream[program.stream.index(last):] if last in program.stream else []
     full = _shape(source) == (program.batch, program.tokens, program.dim)
-    return (source, rows) if source in after and full else None
+    return (source, rows) if source in _stream_after(program.stream, program.blocks[-1]) and full else None
 
 
 def _beside_attention(site: AttentionSite, anchor: fx.Node, mid: fx.Node) -> fx.Node | None:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 import torch.fx as fx
 
-from .analysis import SCORES, Block, TokenProgram, module_path, pooled_rows, token_pooling
+from .analysis import SCORES, Block, TokenProgram, module_path, op_name, pooled_rows, token_pooling
 from .errors import PolicyError, UnsupportedModelError
 from .methods import Method, method_of
 from .passes.common import stream_node, tag_of
@@ -207,9 +207,8 @@ def _token_pooling(program: TokenProgram) -> str | None:
     node = token_pooling(program)
     if node is None or pooled_rows(program, node) is not None:
         return None
-    name = node.target if isinstance(node.target, str) else node.target.__name__
     dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-    return f"{name} over dim {dim} at {node.name} in {module_path(node) or 'the top-level forward'}"
+    return f"{op_name(node)} over dim {dim} at {node.name} in {module_path(node) or 'the top-level forward'}"
 
 
 def _depth(program: TokenProgram) -> int:

@@ -68,11 +68,11 @@ def _example(value: Any, generator: torch.Generator) -> Any:
 
 class _Tail(fx.Interpreter):
     """Runs the part of ``gm`` that reads ``tokens``: ``tokens`` takes a given value, the input-dependent values
-    computed before it take random ones, everything else runs as it is."""
+    (``data``, from :func:`data_nodes`) computed before it take random ones, everything else runs as it is."""
 
-    def __init__(self, gm: fx.GraphModule, tokens: fx.Node):
+    def __init__(self, gm: fx.GraphModule, tokens: fx.Node, data: set[fx.Node]):
         super().__init__(gm, garbage_collect_values=True)
-        data, order = data_nodes(gm), {n: i for i, n in enumerate(gm.graph.nodes)}
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
         self.leaves = {n for n in data if order[n] < order[tokens]} | {tokens}
         self.needed: set[fx.Node] = set()
         todo = list(gm.graph.find_nodes(op="output"))
@@ -109,13 +109,13 @@ class _Tail(fx.Interpreter):
         return torch.cat([leaf.isnan().flatten() for leaf in leaves])
 
 
-def readout(gm: fx.GraphModule, tokens: fx.Node | None, prefix: int) -> Readout:
+def readout(gm: fx.GraphModule, tokens: fx.Node | None, prefix: int, data: set[fx.Node]) -> Readout:
     """Which rows of ``tokens`` (the final ``[B, N, C]`` value of the stream, ``prefix`` prefix rows first) reach
-    the output of ``gm`` (captured, with example values): see :class:`Readout`."""
+    the output of ``gm`` (captured, with example values; ``data``: its :func:`data_nodes`): see :class:`Readout`."""
     value = tokens.meta.get("val") if tokens is not None else None
     if not isinstance(value, torch.Tensor) or value.dim() != 3 or value.shape[1] <= prefix:
         return Readout(why="no [B, N, C] token sequence after the last block")
-    tail, count = _Tail(gm, tokens), value.shape[1]
+    tail, count = _Tail(gm, tokens, data), value.shape[1]
     try:
         clean = tail.nan_mask(None)
         masks = [tail.nan_mask(torch.arange(count) == row) & ~clean for row in range(prefix)]
