@@ -20,6 +20,7 @@ from .passes.learned import (
     LEARNED_PREFIX,
     TrainEvalGraphModule,
     add_modules,
+    drop_eval_identities,
     key_mismatch,
     load_weights,
     module_path_for,
@@ -54,6 +55,8 @@ def rewrite(
         planned = _load_backbone(program, planned, *backbone)
     dense_macs = macs_per_block(program.gm, program.blocks, program.batch)
     gm = apply_passes(_with_modules(program, learned), program, rows)
+    if learned:  # the evaluation graph runs in evaluation mode only
+        drop_eval_identities(gm)
     verify(gm, program, planned, second_batch)
     if learned:
         training = analyse(trace(model, example_inputs, copy_weights=False))

@@ -9,6 +9,7 @@ import io
 import math
 
 import pytest
+import timm
 import torch
 from torch import Tensor, nn
 from vits import image_batch, timm_vit
@@ -92,6 +93,24 @@ def test_training_graph_keeps_every_row_and_evaluation_graph_removes_them():
         trained = gm.train()(x)
         again = gm.eval()(x)
     assert not torch.allclose(evaluated, trained) and torch.equal(evaluated, again)
+
+
+def test_evaluation_graph_calls_no_dropout_or_identity_and_training_graph_keeps_them():
+    model = timm_vit("deit_small_patch16_224", drop_rate=0.1, proj_drop_rate=0.1, drop_path_rate=0.1)
+    gm = fxprune.transform(model, Gate((1,)))
+    idle = (nn.Dropout, nn.Identity, timm.layers.DropPath)
+
+    def idle_calls(graph):
+        return [n for n in graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), idle)]
+
+    assert not idle_calls(gm.graph) and len(idle_calls(gm.train_graph)) >= 4 * len(model.blocks)
+    still = fxprune.transform(timm_vit("deit_small_patch16_224"), Gate((1,)))  # no dropout at all
+    still.load_state_dict(gm.state_dict())
+    x = image_batch(model)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), still(x), atol=0, rtol=0)
+        trained = [gm.train()(x) for _ in range(2)]
+    assert not torch.allclose(*trained)  # dropout still runs in training
 
 
 def test_predictors_live_under_stable_names_shared_by_both_graphs_and_load_into_the_original():

@@ -32,8 +32,9 @@ def gumbel_gate(logits: Tensor, threshold: float, tau: float = 5.0) -> Tensor:
 
 @graph_op()
 def threshold_gate(logits: Tensor, threshold: float) -> Tensor:
-    """Evaluation decisions, the shape of ``logits``: ``1[sigmoid(logits) > threshold]`` (no noise, no τ)."""
-    return (torch.sigmoid(logits) > threshold).to(logits.dtype)
+    """Evaluation decisions, the shape of ``logits``: ``1[sigmoid(logits) > threshold]`` (no noise, no τ), compared
+    as ``logits > log(threshold / (1 − threshold))``, which is the same test without the sigmoid."""
+    return (logits > math.log(threshold / (1.0 - threshold))).to(logits.dtype)
 
 
 @graph_op()
