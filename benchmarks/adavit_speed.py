@@ -35,16 +35,19 @@ _PRODUCTS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::_scaled_dot_product_
              "aten::mkldnn_convolution")
 
 
-def _profile(gm: torch.nn.Module, images: torch.Tensor) -> tuple[float, float]:
-    """(share of the self CPU time in matrix products and convolutions, ATen ops per image) of ``gm`` at batch 1."""
+def _profile(gm: torch.nn.Module, images: torch.Tensor) -> tuple[float, float, list[tuple[str, int, float]]]:
+    """(share of the self CPU time in matrix products and convolutions, ATen ops per image, the ATen ops with the
+    most self CPU time: name, calls and milliseconds per image) of ``gm`` at batch 1."""
     with torch.inference_mode():
         _run(gm, images, True)
         with torch.profiler.profile() as profiler:
             _run(gm, images, True)
-    events = [e for e in profiler.key_averages() if e.key.startswith("aten::")]
+    events = sorted((e for e in profiler.key_averages() if e.key.startswith("aten::")),
+                    key=lambda e: -e.self_cpu_time_total)
     total = sum(e.self_cpu_time_total for e in events)
     products = sum(e.self_cpu_time_total for e in events if e.key in _PRODUCTS)
-    return products / total, sum(e.count for e in events) / len(images)
+    top = [(e.key, round(e.count / len(images)), e.self_cpu_time_total / 1e3 / len(images)) for e in events[:10]]
+    return products / total, sum(e.count for e in events) / len(images), top
 
 
 def _reached(directory: str, usage: float) -> dict[str, float]:
@@ -129,10 +132,11 @@ def main(argv: list[str] | None = None) -> None:
                   + " | ".join(cells) + " |")
             if args.profile:
                 profiles.append((usage, part, _profile(model, single), _profile(skipping, single)))
-    for usage, part, (dense_share, dense_ops), (share, ops) in profiles:
+    for usage, part, (dense_share, dense_ops, _), (share, ops, top) in profiles:
         print(f"\nProfile at batch 1, usage {usage:g} of {part}: matrix products and convolutions take "
               f"{100 * share:.0f}% of the skipping graph's ATen CPU time ({100 * dense_share:.0f}% in dense DeiT-S); "
-              f"{ops:.0f} ATen ops per image ({dense_ops:.0f} dense).")
+              f"{ops:.0f} ATen ops per image ({dense_ops:.0f} dense). Most self time, per image: "
+              + ", ".join(f"{name[6:]} {ms:.2f} ms ({calls})" for name, calls, ms in top) + ".")
 
 
 if __name__ == "__main__":
