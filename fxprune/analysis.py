@@ -399,8 +399,9 @@ def _position_terms(site: AttentionSite, stop: set[fx.Node], tokens: int, prefix
             continue
         if node.op != "placeholder" and node not in data:
             shape = _shape(node)
-            weight_only = all(u.op == "call_function" and u.target in _WEIGHT_CONSUMERS for u in node.users)
-            if shape and not weight_only and sizes & set(shape):
+            if all(u.op == "call_function" and u.target in _WEIGHT_CONSUMERS for u in node.users):
+                continue  # a weight or what builds one (BEiT's q, k, v biases): its axes are channels, not tokens
+            if shape and sizes & set(shape):
                 if reader not in readers.setdefault(node, []):
                     readers[node].append(reader)
                 continue

@@ -189,16 +189,6 @@ def _check_model(program: TokenProgram, owner: dict[int, Policy]) -> None:
                     f"block {block.index} ({block.name}) needs every token: {block.refusal}. Reducing tokens at "
                     f"block {first} would break it; only blocks after {block.index} can be reduced."
                 )
-    for index, part in sorted(owner.items()):
-        merges = method_of(part).merges_rows
-        later = next((b for b in program.blocks[index + 1:] if b.position_terms), None)
-        if merges is not None and merges(part) and later is not None:
-            raise UnsupportedModelError(
-                f"{part.describe()} at block {index} leaves rows that stand for several patches, but block "
-                f"{later.index} ({later.name}) reads position terms ({', '.join(map(str, later.position_terms))}: "
-                "relative position bias or rotary tables) at each row's position, which such a row does not have. "
-                "Use Top-K (EViT with fuse=False), ATS or DynamicViT, whose rows keep their positions."
-            )
 
 
 def _token_pooling(program: TokenProgram) -> str | None:
@@ -250,6 +240,12 @@ def make_plan(program: TokenProgram, policy: Policy | Compose) -> Plan:
     if placed:
         notes.append(f"block(s) {', '.join(map(str, placed))} read position terms (relative position bias, rotary "
                      "tables): each takes them at its remaining rows' original positions")
+        merging = [part.describe() for part in policy.policies()
+                   if (merges := method_of(part).merges_rows) is not None and merges(part)]
+        if merging:
+            notes.append(f"{', '.join(merging)}: a row that stands for several patches takes one patch's position "
+                         "(a ToMe merge its destination's, EViT's fused token its highest-scoring dropped token's; "
+                         "docs/methods.md)")
     if program.readout.patches == "dense" and any(method_of(part).reduces_tokens for part in policy.policies()):
         notes.append("the output reads every patch row (a dense output): it returns the reduced rows, in the order "
                      "the methods leave them, not the original token layout")

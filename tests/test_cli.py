@@ -95,6 +95,20 @@ def test_train_fine_tunes_and_writes_a_checkpoint_and_the_learned_weights(capsys
     assert not any("untrained" in note for note in notes) and any("backbone weights loaded" in n for n in notes)
 
 
+def test_train_fine_tunes_the_relative_bias_variant_and_writes_weights_that_load_into_it(capsys, tmp_path):
+    import torch
+
+    from fxprune.tools.models import digits_vit_relpos
+
+    weights = tmp_path / "relpos.pt"
+    code = main(["train", "--model", "digits-relpos", "--policy", "topk:keep=1,layers=1", "--steps", "2", "--batch",
+                 "8", "--train-images", "32", "--images", "16", "--out", str(tmp_path / "c.pt"), "--weights-out",
+                 str(weights)])
+    assert code == 0 and "on digits_vit_relpos" in capsys.readouterr().out
+    tuned = digits_vit_relpos(weights=str(weights))
+    assert any(p.abs().sum() > 0 for n, p in tuned.named_parameters() if n.endswith("relative_position_bias_table"))
+
+
 def test_bench_under_torchrun_shares_the_images_and_reports_what_one_process_does(capsys, tmp_path):
     import os
     import subprocess

@@ -11,6 +11,7 @@ from fxprune.ops import (
     clustered_attention,
     evit_kept_tokens,
     evit_select,
+    evit_select_positions,
     evit_select_sizes,
     padded_cluster_keys_values,
     received_attention,
@@ -19,9 +20,11 @@ from fxprune.ops import (
     size_weighted_mean,
     softmax_with_policy,
     tome_merge,
+    tome_merge_positions,
     topk_rows,
 )
 from fxprune.ops.clustering import dpc_knn, farthest_point_seeds, lloyd
+from fxprune.ops.merging import bipartite_matching
 from fxprune.ops.selection import add_rows, gather_tokens
 
 
@@ -264,6 +267,32 @@ def test_padded_tome_merge_gives_each_image_its_own_merge_then_padding():
     torch.testing.assert_close(merged[:, :6], alone)
     torch.testing.assert_close(size[:, :6], alone_size)
     assert size[0, 6:].abs().sum() == 0 and merged[0, 6:].abs().sum() == 0
+
+
+def _index(batch: int, tokens: int) -> torch.Tensor:
+    return torch.arange(tokens, dtype=torch.float64).expand(batch, tokens)[..., None]
+
+
+def test_a_tome_merge_takes_its_destinations_position_padded_or_alone():
+    keys = torch.randn(2, 2, 11, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    positions = tome_merge_positions(_index(2, 11), None, keys, 3, 1)
+    unmerged, _, _ = bipartite_matching(keys.mean(1), 3, 1)
+    destinations = torch.arange(1, 11, 2).expand(2, 5)  # B rows stay in place; merged A rows are gone
+    assert positions[..., 0].long().tolist() == torch.cat([2 * unmerged, destinations], 1).tolist()
+    padded = torch.cat([_index(2, 11), torch.full((2, 4, 1), -1.0, dtype=torch.float64)], 1)
+    padded_keys = torch.cat([keys, torch.randn(2, 2, 4, 5, dtype=torch.float64)], 2)
+    size = _padded([11, 11], 15)
+    together = tome_merge_positions(padded, size, padded_keys, 3, 1, padded=True)
+    assert torch.equal(together[:, :8], positions) and (together[:, 8:] == -1).all()
+
+
+def test_evits_fused_token_takes_the_position_of_its_heaviest_dropped_token():
+    scores = torch.tensor([[0.3, 0.1, 0.2, 0.05, 0.15, 0.12, 0.08]] * 2, dtype=torch.float64)
+    size = _padded([7, 4], 7)
+    positions = evit_select_positions(_index(2, 7), scores, 0.5, 1, True)
+    assert positions[..., 0].tolist() == [[0, 2, 4, 5, 1], [0, 2, 4, 5, 1]]  # kept 2, 4, 5; heaviest dropped: 1
+    padded = evit_select_positions(_index(2, 7).masked_fill(size == 0, -1), scores, 0.5, 1, True, size)
+    assert padded[..., 0].tolist() == [[0, 2, 4, 5, 1], [0, 2, 1, 3, -1]]  # image 1: kept 2, 1; fused 3; padding
 
 
 def test_size_bias_without_proportional_attention_only_masks_padding():

@@ -61,13 +61,13 @@ def test_a_method_that_reads_the_class_token_needs_one_that_the_output_reads():
         fxprune.transform(model, fxprune.AdaViT(0.5))
 
 
-def test_a_fused_token_before_a_block_with_position_terms_is_refused_naming_both():
-    with pytest.raises(UnsupportedModelError, match=r"at block 1 leaves rows that stand for several patches, but block "
-                                                    r"3 \(stages\.3\) reads position terms \(stages.3.mix.bias"):
-        fxprune.transform(with_position_bias_in_block_3(), EViT(0.5, (1,)))
+def test_a_fused_token_before_a_block_with_position_terms_takes_one_position_and_the_plan_says_so():
     model = with_position_bias_in_block_3()
-    assert_same_outputs(fxprune.transform(model, fxprune.TopK(1.0, (1, 3))), model)  # rows keep their positions
-    fxprune.transform(model, EViT(0.5, (3,)))  # its own attention sees every row
+    gm = fxprune.transform(model, EViT(0.5, (1,)))
+    assert gm.fxprune_plan.rows[1].tokens_out < gm.fxprune_plan.rows[1].tokens_in
+    notes = gm.fxprune_plan.notes
+    assert any(note.startswith("evit keep 0.5") and "takes one patch's position" in note for note in notes)
+    assert_same_outputs(fxprune.transform(model, EViT(1.0, (1, 3))), model)  # keep rate 1: the model itself
 
 
 def test_reducing_before_a_block_that_needs_every_token_is_refused():

@@ -64,10 +64,30 @@ def test_keeping_every_token_reproduces_a_position_dependent_model(name):
                                    atol=1e-10, rtol=0)
 
 
-@pytest.mark.parametrize("policy", [fxprune.EViT(0.6, (1,)), fxprune.ToMe(2, (1,))], ids=["evit", "tome"])
-def test_rows_standing_for_several_patches_are_refused_before_a_position_dependent_block(policy):
-    with pytest.raises(fxprune.UnsupportedModelError, match=r"block 2 \(blocks.2\) reads position terms"):
-        fxprune.transform(_model("rotary (EVA-02)"), policy)
+MERGING = {"evit-fused": fxprune.EViT(0.6, (1,)), "tome": fxprune.ToMe(3, (1,))}  # rows standing for several
+
+
+@pytest.mark.parametrize("method", sorted(MERGING))
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_merged_rows_take_one_patchs_position_and_give_each_image_what_it_gets_alone(name, method):
+    model = _model(name)
+    gm = fxprune.transform(model, MERGING[method])
+    assert any("stands for several patches takes one patch's position" in n for n in gm.fxprune_plan.notes)
+    images = torch.randn(3, 3, 40, 40, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with torch.no_grad():
+        batched = gm(images)
+        alone = torch.cat([gm(images[i:i + 1]) for i in range(3)])
+    torch.testing.assert_close(batched, alone, atol=1e-10, rtol=0)
+    assert gm.fxprune_plan.rows[1].tokens_out < gm.fxprune_plan.rows[1].tokens_in
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_merging_methods_at_their_identity_settings_reproduce_a_position_dependent_model(name):
+    model = _model(name)
+    images = torch.randn(2, 3, 40, 40, dtype=torch.float64)
+    with torch.no_grad():
+        for policy in (fxprune.EViT(1.0, (1, 2)), fxprune.ToMe(0, (1, 2))):
+            torch.testing.assert_close(fxprune.transform(model, policy)(images), model(images), atol=1e-10, rtol=0)
 
 
 def test_the_plan_says_which_blocks_take_their_position_terms_at_the_kept_rows():

@@ -100,7 +100,8 @@ class Method:
     ``carries_sizes``: its stream function is sized (``(tokens, sizes)``), which starts the sizes channel.
     ``proportional(policy)``: whether the sizes it carries weight later attention by ``log(size)``.
     ``merges_rows(policy)``: whether a row it leaves can stand for several patches (EViT's fused token, a ToMe
-    merge), which has no single position for a later block's position terms (rotary tables, relative bias).
+    merge); later position terms (rotary tables, relative bias) take such a row at the one position its positions
+    rule gives (:func:`~fxprune.ops.follows`), which the plan notes.
     ``refuse(policy, block)``: why it cannot rewrite a block (beyond the plan's model-wide checks), or None.
     ``knob`` / ``settings(ctx)``: what ``fxprune bench`` benchmarks (a fitted knob, or fixed settings).
     ``learned``: its trained parts, for a method with a predictor.

@@ -127,22 +127,29 @@ def tome_merge_positions(
     positions: Tensor, size: Tensor | None, keys: Tensor, r: int, prefix: int, padded: bool = False
 ) -> Tensor:
     """The positions ``[B, N − r, 1]`` of the tokens :func:`tome_merge` gives with the same arguments, from those
-    of its input ``[B, N, 1]``: a token that merged nothing keeps its position; a merged token (and padding)
-    gets −1. Repeats the matching (a cheap part of the merge) rather than change the merge's results."""
+    of its input ``[B, N, 1]``: a token that merged nothing keeps its position; a merged token takes its
+    destination's (the B token the others merged into, which stays in place); padding gets −1. Repeats the
+    matching (a cheap part of the merge) rather than change the merge's results."""
     r = tome_merged_tokens(positions.shape[1], prefix, r)
     if r == 0:
         return positions
     real = torch.ones_like(positions) if size is None else (size > 0).to(positions.dtype)
+    index = torch.arange(positions.shape[1], device=positions.device)[None, :, None]
+    anchor = ((index % 2 == 1) | (index < prefix)).to(positions.dtype) * real  # B and prefix rows: never merged away
     with torch.no_grad():
         if padded:
             width = positions.shape[1] - r
             rows = padded_merge_rows(keys.mean(dim=1), r, prefix, real[..., 0] > 0, width)
-            count, summed = _sum_rows(real, rows, width), _sum_rows(positions * real, rows, width)
+
+            def merged(x: Tensor) -> Tensor:
+                return _sum_rows(x, rows, width)
         else:
-            unmerged, merged, destination = bipartite_matching(keys.mean(dim=1), r, prefix)
-            count = merge_sum(real, unmerged, merged, destination, prefix)
-            summed = merge_sum(positions, unmerged, merged, destination, prefix)
-    return torch.where(count == 1, summed, -1)
+            unmerged, into, destination = bipartite_matching(keys.mean(dim=1), r, prefix)
+
+            def merged(x: Tensor) -> Tensor:
+                return merge_sum(x, unmerged, into, destination, prefix)
+        anchored, own = merged(anchor) > 0, merged(positions * (real - anchor))
+        return torch.where(anchored, merged(positions * anchor), torch.where(merged(real) > 0, own, -1))
 
 
 def _sum_rows(x: Tensor, rows: Tensor, width: int) -> Tensor:

@@ -160,10 +160,17 @@ def evit_select_positions(
     positions: Tensor, scores: Tensor, keep_rate: float, num_prefix: int, fuse: bool, size: Tensor | None = None
 ) -> Tensor:
     """The positions ``[B, N', 1]`` of the tokens :func:`evit_select` gives with the same arguments, from those of
-    its input ``[B, N, 1]``: a kept token keeps its position, the fused token (and padding) gets −1."""
+    its input ``[B, N, 1]``: a kept token keeps its position; the fused token takes the position of the dropped
+    token with the largest weight in it (its highest-scoring one); padding, and a fused token of no token, −1."""
     if not _drops_tokens(positions.shape[1], keep_rate, num_prefix):
         return positions
-    kept = gather_tokens(positions, topk_rows(scores, keep_rate, num_prefix, size))
+    rows = topk_rows(scores, keep_rate, num_prefix, size)
+    kept = gather_tokens(positions, rows)
     if not fuse:
         return kept
-    return _with_fused(kept, torch.full_like(kept[:, :1], -1), size, keep_rate, num_prefix, blank=-1)
+    dropped = scores.scatter(1, rows, -math.inf)
+    if size is not None:
+        dropped = dropped.masked_fill(size[..., 0] <= 0, -math.inf)
+    weight, heaviest = dropped.max(dim=1, keepdim=True)
+    fused = torch.where(weight > -math.inf, positions[..., 0].gather(1, heaviest), -1).unsqueeze(-1)
+    return _with_fused(kept, fused.to(positions.dtype), size, keep_rate, num_prefix, blank=-1)

@@ -4,8 +4,9 @@ A channel is a ``[B, N, 1]`` tensor with one value per row of the stream:
 
 * ``"sizes"``: how many patches each row stands for. A sized stream function (ToMe's merge, ATS's padding)
   starts it; 0 marks padding (ATS: each image keeps its own number of rows, padding after them).
-* ``"positions"``: the index of each row in the first block's input; −1 for a row that stands for several
-  (EViT's fused token, a ToMe merge) and for padding. Threaded only where a rewrite reads it.
+* ``"positions"``: the index of each row in the first block's input; a row that stands for several takes one
+  of theirs (a ToMe merge its destination's, EViT's fused token its highest-scoring dropped token's); −1 for
+  padding. Threaded only where a rewrite reads it.
 * ``"keep"``: a training graph's keep policy (DynamicViT): 1 for a kept row, 0 for one dropped but not removed.
   A rewrite sets it (:func:`write_state`); from that block on every attention renormalises over the kept keys
   (:func:`~fxprune.ops.softmax_with_policy`, a multiplicative rule, not a bias).

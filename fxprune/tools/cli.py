@@ -56,10 +56,11 @@ def _model_and_data(args: argparse.Namespace):
     """The model and dataset a ``bench``/``show`` command names: the embedded default or timm + ImageFolder."""
     from .bench import imagefolder
     from .datasets import DigitScenes
-    from .models import digits_vit
+    from .models import digits_model
 
-    if args.model == "digits":
-        return digits_vit(), DigitScenes("test", args.images, seed=1), "digits_vit", "DigitScenes test"
+    model = digits_model(args.model)
+    if model is not None:
+        return model, DigitScenes("test", args.images, seed=1), args.model.replace("-", "_vit_"), "DigitScenes test"
     import timm
 
     if args.data is None:
@@ -80,7 +81,7 @@ def _calibration(args: argparse.Namespace, model) -> torch.Tensor:
     embedded model; for an ImageFolder, the images after the evaluated ones (or, if there are none, the first)."""
     from .datasets import DigitScenes
 
-    if args.model == "digits":
+    if args.model.startswith("digits"):
         data = DigitScenes("train", CALIBRATION_IMAGES, seed=0)
         return torch.stack([data[i][0] for i in range(len(data))])
     from .bench import imagefolder
@@ -152,7 +153,7 @@ def _train(args: argparse.Namespace) -> None:
     from .train import TrainConfig, train
 
     model, data, model_name, _ = _model_and_data(args)
-    train_data = DigitScenes("train", args.train_images, seed=11) if args.model == "digits" else data
+    train_data = DigitScenes("train", args.train_images, seed=11) if args.model.startswith("digits") else data
     config = TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, warmup=args.warmup,
                          freeze_backbone=args.freeze_backbone, eval_every=args.eval_every, seed=args.seed,
                          backbone_lr_scale=args.backbone_lr_scale, distill_weight=args.distill_weight,
@@ -173,10 +174,16 @@ def _train(args: argparse.Namespace) -> None:
         notes = [f"expected usage, measured after training: {line}" for line in measured]
         path = save_weights(result.model, args.weights_out, backbone=True, notes=notes)
         print(f"wrote {path}: the learned parts and the fine-tuned backbone (load with the policy's weights=)")
+    elif args.weights_out:
+        own = model.state_dict()  # the original's keys (a trace may add constants it copied, which it has not)
+        torch.save({k: v.detach().cpu() for k, v in result.model.state_dict().items() if k in own}, args.weights_out)
+        print(f"wrote {args.weights_out}: the fine-tuned weights (they load into the original model)")
 
 
 def _add_model_options(parser: argparse.ArgumentParser, images: int) -> None:
-    parser.add_argument("--model", default="digits", help="'digits' (embedded, default) or a timm model name")
+    parser.add_argument("--model", default="digits",
+                        help="'digits' (embedded, default), 'digits-relpos' (the same with a relative position bias, "
+                             "from the same weights) or a timm model name")
     parser.add_argument("--pretrained", action="store_true", help="load the timm model's pretrained weights")
     parser.add_argument("--data", help="ImageFolder root in ImageNet-val layout (for a timm model)")
     parser.add_argument("--images", type=int, default=images, help="how many images to use")
@@ -227,7 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     training.add_argument("--out", default="fxprune_train.pt", help="checkpoint (model, optimiser, step)")
     training.add_argument("--resume", action="store_true", help="continue from --out")
     training.add_argument("--weights-out", help="also write the learned parts and the fine-tuned backbone, for a "
-                                                "policy's weights=")
+                                                "policy's weights= (a method with nothing learned: the fine-tuned "
+                                                "model's state_dict)")
     training.set_defaults(func=_train)
     zoo = sub.add_parser("zoo", help="every method on tiny versions of 30+ timm, torchvision, Hugging Face and "
                                      "hand-written ViTs: rewritten and checked, or refused and why (a table)")

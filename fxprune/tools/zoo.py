@@ -273,7 +273,6 @@ def try_all(entries: Sequence[Entry], processes: int = 1) -> list[list[Outcome]]
 
 _SHORT = (  # the reasons of common refusals, said in a few words (the full reason is in the error)
     (r"token axes cannot be told", "position tables of unclear axes"),
-    (r"stand for several patches", "merged rows before position terms"),
     (r"AdaViT's per-image rows", "position terms inside the block"),
     (r"windowed attention", "windowed attention"),
     (r"not a \[B, N, C\] token sequence", "not a token sequence (hierarchical)"),
