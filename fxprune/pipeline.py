@@ -55,8 +55,6 @@ def rewrite(
         planned = _load_backbone(program, planned, *backbone)
     dense_macs = macs_per_block(program.gm, program.blocks, program.batch)
     gm = apply_passes(_with_modules(program, learned), program, rows)
-    if learned:  # the evaluation graph runs in evaluation mode only
-        drop_eval_identities(gm)
     verify(gm, program, planned, second_batch)
     if learned:
         training = analyse(trace(model, example_inputs, copy_weights=False))
@@ -67,6 +65,8 @@ def rewrite(
     measured = planned.measured(
         measure_tokens(program, planned), dense_macs, macs_per_block(gm, program.blocks, program.batch)
     )
+    if learned:  # the evaluation graph runs in evaluation mode only
+        drop_eval_identities(gm)
     _finalize(gm, measured)
     return gm, measured
 
