@@ -96,7 +96,6 @@ def test_train_fine_tunes_and_writes_a_checkpoint_and_the_learned_weights(capsys
 
 
 def test_train_fine_tunes_the_relative_bias_variant_and_writes_weights_that_load_into_it(capsys, tmp_path):
-    import torch
 
     from fxprune.tools.models import digits_vit_relpos
 
