@@ -56,11 +56,11 @@ def _model_and_data(args: argparse.Namespace):
     """The model and dataset a ``bench``/``show`` command names: the embedded default or timm + ImageFolder."""
     from .bench import imagefolder
     from .datasets import DigitScenes
-    from .models import digits_model
+    from .models import DIGITS_MODELS
 
-    model = digits_model(args.model)
-    if model is not None:
-        return model, DigitScenes("test", args.images, seed=1), args.model.replace("-", "_vit_"), "DigitScenes test"
+    if args.model in DIGITS_MODELS:
+        build = DIGITS_MODELS[args.model]
+        return build(), DigitScenes("test", args.images, seed=1), build.__name__, "DigitScenes test"
     import timm
 
     if args.data is None:
@@ -80,8 +80,9 @@ def _calibration(args: argparse.Namespace, model) -> torch.Tensor:
     """Images to fit adaptive settings on, apart from the evaluated ones: DigitScenes training scenes for the
     embedded model; for an ImageFolder, the images after the evaluated ones (or, if there are none, the first)."""
     from .datasets import DigitScenes
+    from .models import DIGITS_MODELS
 
-    if args.model.startswith("digits"):
+    if args.model in DIGITS_MODELS:
         data = DigitScenes("train", CALIBRATION_IMAGES, seed=0)
         return torch.stack([data[i][0] for i in range(len(data))])
     from .bench import imagefolder
@@ -149,11 +150,12 @@ def _train(args: argparse.Namespace) -> None:
     from ..policies import parse_policy
     from .datasets import DigitScenes
     from .distributed import process_group
+    from .models import DIGITS_MODELS
     from .show import usage
     from .train import TrainConfig, train
 
     model, data, model_name, _ = _model_and_data(args)
-    train_data = DigitScenes("train", args.train_images, seed=11) if args.model.startswith("digits") else data
+    train_data = DigitScenes("train", args.train_images, seed=11) if args.model in DIGITS_MODELS else data
     config = TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, warmup=args.warmup,
                          freeze_backbone=args.freeze_backbone, eval_every=args.eval_every, seed=args.seed,
                          backbone_lr_scale=args.backbone_lr_scale, distill_weight=args.distill_weight,

@@ -8,7 +8,7 @@ import timm
 import torch
 from torch import nn
 
-__all__ = ["DIGITS_VIT", "digits_vit", "DIGITS_VIT_WEIGHTS", "digits_vit_relpos", "digits_model"]
+__all__ = ["DIGITS_VIT", "digits_vit", "DIGITS_VIT_WEIGHTS", "digits_vit_relpos", "DIGITS_MODELS"]
 
 # timm VisionTransformer settings: 64×64 scenes, 8×8 patches (64 patch tokens + class token), 6 blocks
 DIGITS_VIT = dict(img_size=64, patch_size=8, embed_dim=64, depth=6, num_heads=2, num_classes=10)
@@ -57,6 +57,4 @@ def digits_vit_relpos(pretrained: bool = True, weights: str | None = None, **ove
     return model.eval()
 
 
-def digits_model(name: str, **options) -> nn.Module | None:
-    """The shipped model ``name`` names (``digits``, ``digits-relpos``), or None for any other name."""
-    return {"digits": digits_vit, "digits-relpos": digits_vit_relpos}.get(name, lambda **_: None)(**options)
+DIGITS_MODELS = {"digits": digits_vit, "digits-relpos": digits_vit_relpos}  # command-line name → shipped model
