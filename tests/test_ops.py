@@ -307,3 +307,25 @@ def test_a_pool_query_attends_only_to_the_tokens_a_keep_policy_keeps():
     probs = softmax_with_policy(logits, policy, eps=0.0)
     expected = logits.masked_fill(policy[:, None, None, :, 0] == 0, float("-inf")).softmax(-1)
     torch.testing.assert_close(probs, expected)
+
+
+@pytest.mark.parametrize("heads", [[0, 2, 3], [1], [], [0, 1, 2, 3]])
+def test_layers_on_some_heads_equal_the_full_layer_with_the_other_heads_zeroed(heads):
+    from fxprune.ops.gating import project_from_heads, project_head_channels
+
+    torch.manual_seed(0)
+    num_heads, head_dim, batch, rows = 4, 3, 2, 5
+    weight, bias = torch.randn(7, num_heads * head_dim, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
+    x = torch.randn(batch, rows, num_heads * head_dim, dtype=torch.float64)
+    factor = torch.rand(batch, 1, len(heads) * head_dim, dtype=torch.float64)
+    used = torch.tensor(heads, dtype=torch.long)
+    channels = [c for h in heads for c in range(h * head_dim, (h + 1) * head_dim)]
+    zeroed = torch.zeros_like(x)
+    zeroed[..., channels] = x[..., channels] * factor
+    got = project_head_channels(x, weight, bias, used, head_dim, factor)
+    torch.testing.assert_close(got, F.linear(zeroed, weight, bias))
+    table = tuple(tuple(range(h * head_dim, (h + 1) * head_dim)) for h in range(num_heads))
+    per_head = x.view(batch, rows, num_heads, head_dim).transpose(1, 2).index_select(1, used)
+    zeroed = torch.zeros_like(x)
+    zeroed[..., channels] = x[..., channels]
+    torch.testing.assert_close(project_from_heads(per_head, weight, bias, table, used), F.linear(zeroed, weight, bias))

@@ -307,12 +307,33 @@ def project_heads(
                  for chunk in out.split(size * head_dim, dim=-1))
 
 
-def _linear_on_columns(x: Tensor, weight: Tensor, bias: Tensor | None, columns: Sequence[tuple[int, int]]) -> Tensor:
-    """``linear(x, weight[:, columns], bias)`` for ``x`` ``[…, c]`` holding the layer's input columns ``columns``
-    (runs), in order."""
-    if not columns:  # none: the layer's output for a zero input
-        return torch.nn.functional.linear(x.narrow(-1, 0, 0), weight.narrow(1, 0, 0), bias)
-    return torch.nn.functional.linear(x, _take(weight, 1, columns), bias)
+def _linear_on_columns(
+    x: Tensor, weight: Tensor, bias: Tensor | None, columns: Sequence[tuple[int, int]], starts: Sequence[int],
+    factor: Tensor | None = None,
+) -> Tensor:
+    """``linear(x', weight[:, columns], bias)`` for ``x`` ``[…, c]``, where ``x'`` joins, for each run ``(first,
+    length)`` of ``columns``, the ``length`` channels of ``x`` from ``starts[run]``, each times the matching channels
+    of ``factor`` ``[…, Σ length]`` (None: as they are): ``[…, out]``. One product per run on a view of the weight's
+    columns, summed (a gathered copy of strided columns costs more than the product it feeds)."""
+    out_features, rows = weight.shape[0], math.prod(x.shape[:-1])
+    total = None if bias is None else bias.expand(rows, out_features)
+    offset = 0
+    for (first, length), start in zip(columns, starts):
+        part = x.narrow(-1, start, length)
+        if factor is not None:
+            part = part * factor.narrow(-1, offset, length)
+        columns_t = weight.narrow(1, first, length).t()
+        part = part.reshape(rows, length)
+        total = part @ columns_t if total is None else torch.addmm(total, part, columns_t)
+        offset += length
+    if total is None:
+        total = x.new_zeros(rows, out_features)
+    return total.contiguous().view(*x.shape[:-1], out_features)
+
+
+def _starts(runs: Sequence[tuple[int, int]]) -> list[int]:
+    """Where each run ``(first, length)`` begins when the runs are laid side by side."""
+    return [sum(length for _, length in runs[:i]) for i in range(len(runs))]
 
 
 @graph_op()
@@ -322,15 +343,15 @@ def project_from_heads(
     """A linear layer on the heads ``heads`` ``[h]`` of ``x`` ``[B, h, N, d]`` alone (the others' inputs are zero):
     ``columns[head]`` its input channels for each element of a head: ``[B, N, out]``."""
     joined = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], x.shape[1] * x.shape[3])
-    return _linear_on_columns(joined, weight, bias, _runs(columns, heads))
+    runs = _runs(columns, heads)
+    return _linear_on_columns(joined, weight, bias, runs, _starts(runs))
 
 
 @graph_op()
 def project_head_channels(
-    x: Tensor, weight: Tensor, bias: Tensor | None, heads: Tensor, head_dim: int, factor: Tensor
+    x: Tensor, weight: Tensor, bias: Tensor | None, heads: Tensor, head_dim: int, factor: Tensor | None
 ) -> Tensor:
     """A linear layer on the channels of the heads ``heads`` ``[h]`` of ``x`` ``[B, N, H·d]`` alone (the others
     are zero), each image's channels times ``factor`` ``[B, 1, h·d]`` (None: as they are): ``[B, N, out]``."""
     runs = _runs(_head_channels(x.shape[2] // head_dim, head_dim), heads)
-    taken = _take(x, 2, runs) if runs else x.narrow(2, 0, 0)
-    return _linear_on_columns(apply_factor(taken, factor), weight, bias, runs)
+    return _linear_on_columns(x, weight, bias, runs, [first for first, _ in runs], factor)
