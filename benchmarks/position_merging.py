@@ -1,5 +1,5 @@
 """Merged rows on a relative-position ViT: what giving a row that stands for several patches one patch's position
-costs in accuracy.
+(and a cluster of keys the log-summed bias of its members) costs in accuracy.
 
     python benchmarks/position_merging.py                    # fine-tunes the variant first (about 2 minutes)
     python benchmarks/position_merging.py --weights relpos.pt
@@ -10,8 +10,9 @@ The variant is the digits ViT with a learned relative position bias in every blo
 later block takes its bias at the rows' positions; a ToMe merge takes its destination's, EViT's fused token its
 heaviest dropped token's (docs/methods.md). Each method runs off the shelf on the plain digits ViT and on the
 variant at the same settings: the gap between the two drops is what the position definition costs, beside Top-K
-(EViT without the fused token: every row keeps its own position). Top-1 on ``--images`` DigitScenes test scenes;
-MACs per image from the plan.
+(EViT without the fused token: every row keeps its own position). ClusTR (every block) keeps every row, but its
+clusters stand for several keys: each query's bias to a cluster is the log-sum of its members' exponentiated
+biases. Top-1 on ``--images`` DigitScenes test scenes; MACs per image from the plan.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from fxprune.tools.speed import machine
 FINE_TUNE = ["train", "--model", "digits-relpos", "--policy", "topk:keep=1,layers=1", "--steps", "600",
              "--batch", "64", "--lr", "1e-4", "--train-images", "20000", "--images", "500", "--eval-every", "300"]
 POLICIES = ["tome:r=4", "tome:r=6", "tome:r=8", *(f"{method}:keep={keep},layers=1,3,4" for keep in (0.7, 0.5, 0.35)
-                                                   for method in ("evit", "topk"))]
+                                                   for method in ("evit", "topk")),
+            "clustr:m=32", "clustr:m=16", "clustr:m=8"]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,6 +22,7 @@ from torch import nn
 
 from .capture import TraceInfo, trace
 from .errors import UnsupportedModelError
+from .ops.clustering import holds_one_value_per_key
 from .readout import Readout, data_nodes, is_shape_read, readout
 
 __all__ = [
@@ -268,28 +269,32 @@ def _scalar(value: Any) -> bool:
     return not isinstance(val, torch.Tensor) or val.dim() == 0
 
 
-def per_key_refusal(site: AttentionSite) -> str | None:
-    """Why ``site``'s logits are not ``q·k`` plus at most one bias per key (the same for every query and
-    head), each head's probabilities applied to its own values, or None. Attention over regrouped keys (clusters)
-    needs that."""
+def bias_per_query(site: AttentionSite) -> bool:
+    """Whether ``site`` is an SDPA call whose ``attn_mask`` differs per query or head (a relative position bias)."""
+    if site.kind != "sdpa":
+        return False
+    mask = _val(sdpa_arguments(site.node)["attn_mask"])
+    return isinstance(mask, torch.Tensor) and not holds_one_value_per_key(mask)
+
+
+def regrouped_keys_refusal(site: AttentionSite) -> str | None:
+    """Why ``site``'s keys cannot be regrouped (clusters) and still attended as they are, or None: its logits
+    must be ``q·k`` plus an additive mask that a fused SDPA call takes as its ``attn_mask`` (any shape: a
+    relative position bias per query and head too) or, for an explicit softmax, at most one bias per key; each
+    head's probabilities applied to its own values; not causal."""
     if (mixing := mixes_heads(site)) is not None:
         return f"it mixes its heads' attention maps ({mixing.name}: talking-heads attention)"
     if site.kind == "sdpa":
-        args = sdpa_arguments(site.node)
-        if args["is_causal"] is not False:
+        if sdpa_arguments(site.node)["is_causal"] is not False:
             return "its attention is causal (is_causal=True)"
-        mask = args["attn_mask"]
-        shape = _shape(mask) if isinstance(mask, fx.Node) else None
-        per_query = shape is None or (len(shape) >= 2 and shape[-2] > 1) or (len(shape) == 4 and shape[1] > 1)
-        if mask is not None and per_query:
-            return f"its attention mask {getattr(mask, 'name', mask)} {list(shape or ())} differs per query or head"
         return None
     for node in logits_path(site)[1:]:
         extra = [a for a in node.all_input_nodes if a not in (_tensor_input(node),) and not _scalar(a)]
         if extra:
             return (
                 f"its logits read {extra[0].name} {list(_shape(extra[0]) or ())} (a mask or bias) between q @ kᵀ and "
-                f"the softmax {site.node.name}"
+                f"the softmax {site.node.name} (clustering takes a bias per query only through "
+                f"scaled_dot_product_attention's attn_mask)"
             )
     return None
 

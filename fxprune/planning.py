@@ -15,7 +15,16 @@ from collections.abc import Sequence
 import torch
 import torch.fx as fx
 
-from .analysis import SCORES, Block, TokenProgram, module_path, op_name, pooled_rows, token_pooling
+from .analysis import (
+    SCORES,
+    Block,
+    TokenProgram,
+    bias_per_query,
+    module_path,
+    op_name,
+    pooled_rows,
+    token_pooling,
+)
 from .errors import PolicyError, UnsupportedModelError
 from .methods import Method, method_of
 from .passes.common import stream_node, tag_of
@@ -246,6 +255,12 @@ def make_plan(program: TokenProgram, policy: Policy | Compose) -> Plan:
             notes.append(f"{', '.join(merging)}: a row that stands for several patches takes one patch's position "
                          "(a ToMe merge its destination's, EViT's fused token its highest-scoring dropped token's; "
                          "docs/methods.md)")
+    biased = {part.describe(): [i for i, owned in owner.items() if owned is part
+                                and bias_per_query(program.blocks[i].attention)]
+              for part in policy.policies() if method_of(part).needs_keys and not method_of(part).reduces_tokens}
+    notes += [f"{name} at block(s) {', '.join(map(str, blocks))}: the attention has a bias per query and key "
+              "(a relative position bias); each query's bias to a cluster is log Σ exp of its members' biases "
+              "(docs/methods.md)" for name, blocks in biased.items() if blocks]
     if program.readout.patches == "dense" and any(method_of(part).reduces_tokens for part in policy.policies()):
         notes.append("the output reads every patch row (a dense output): it returns the reduced rows, in the order "
                      "the methods leave them, not the original token layout")

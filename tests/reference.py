@@ -342,8 +342,11 @@ def _lloyd(points: torch.Tensor, weights: torch.Tensor, centres: list[int], labe
     return labels
 
 
-def _clustered_head_group(q, k, v, scale, clusters: int, prefix: int, clustering: str, iterations: int, size):
-    """Clustered attention for one image and one group of heads: q, k, v [h, N, d]; size [N] or None."""
+def _clustered_head_group(q, k, v, scale, clusters: int, prefix: int, clustering: str, iterations: int, size,
+                          bias=None):
+    """Clustered attention for one image and one group of heads: q, k, v [h, N, d]; size [N] or None; bias
+    [h, N, N] or None: a bias per query and key, which gives query i the bias log Σ_{j in c} size_j exp(bias_ij)
+    to cluster c (then without log(size))."""
     n = k.shape[1] - prefix
     clusters = min(clusters, n)
     weights = torch.ones(k.shape[1], dtype=k.dtype) if size is None else size
@@ -362,6 +365,12 @@ def _clustered_head_group(q, k, v, scale, clusters: int, prefix: int, clustering
         values.append((v[:, members] * share).sum(1, keepdim=True) if members else torch.zeros_like(v[:, :1]))
         logw.append(total.log().reshape(1) if members else torch.full((1,), -math.inf, dtype=k.dtype))
     keys, values, logw = torch.cat(keys, 1), torch.cat(values, 1), torch.cat(logw)
+    if bias is not None:
+        logw = torch.stack([(bias[:, :, members] + weights[members].log()).logsumexp(-1) if members
+                            else torch.full(bias.shape[:2], -math.inf, dtype=k.dtype)
+                            for members in [[j] for j in range(prefix)]
+                            + [[prefix + i for i, label in enumerate(labels) if label == c] for c in range(clusters)]],
+                           dim=-1)
     return (((q * scale) @ keys.transpose(-2, -1)) + logw).softmax(-1) @ values
 
 
@@ -386,6 +395,34 @@ def clustr_attention(
         for b in range(B)
     ])
     return attn.proj(attn.norm(out.transpose(1, 2).reshape(B, N, C)))
+
+
+def clustr_beit(model: nn.Module, images: torch.Tensor, scales, layers, clustering: str, iterations: int):
+    """ClusTR at ``layers`` of a timm ``Beit`` (a relative position bias per block, none shared): logits."""
+    x = model.patch_embed(images)
+    x = torch.cat((model.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+    x = x if model.pos_embed is None else x + model.pos_embed
+    for i, blk in enumerate(model.blocks):
+        if i not in layers:
+            x = blk(x)
+            continue
+        attn, h = blk.attn, blk.norm1(x)
+        B, N, C = h.shape
+        qkv = F.linear(h, attn.qkv.weight, torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)))
+        q, k, v = qkv.reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = attn._get_rel_pos_bias().reshape(attn.num_heads, N, N)
+        group = attn.num_heads // len(scales)
+        heads = [slice(g * group, (g + 1) * group) for g in range(len(scales))]
+        out = torch.stack([
+            torch.cat([_clustered_head_group(q[b, hs], k[b, hs], v[b, hs], attn.scale, m, 1, clustering, iterations,
+                                             None, bias[hs]) for hs, m in zip(heads, scales)])
+            for b in range(B)
+        ])
+        out = attn.proj(out.transpose(1, 2).reshape(B, N, C))
+        x = x + (out if blk.gamma_1 is None else blk.gamma_1 * out)
+        mlp = blk.mlp(blk.norm2(x))
+        x = x + (mlp if blk.gamma_2 is None else blk.gamma_2 * mlp)
+    return model.forward_head(model.norm(x))
 
 
 def clustr_vit(

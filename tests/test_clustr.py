@@ -2,9 +2,10 @@ import math
 from functools import partial
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
-from reference import clustr_vit
+from reference import clustr_beit, clustr_vit
 from vits import (
     ALL_MODELS,
     TokenMixer,
@@ -31,6 +32,7 @@ from fxprune import (
 from fxprune.analysis import SDPA_TARGETS
 from fxprune.ops import clustered_attention, padded_cluster_keys_values
 from fxprune.ops.clustering import cluster_assignment
+from fxprune.tools.zoo import TINY_VIT
 
 FAITHFUL_MODELS = {
     "deit_small_patch16_224": {},  # DeiT-S-shaped
@@ -213,7 +215,43 @@ def test_attention_that_clusters_cannot_reproduce_is_refused_naming_the_block(mi
         fxprune.transform(model, ClusTR(4, (2,)))
 
 
-def test_position_dependent_blocks_are_refused_like_the_other_methods():
+def _tiny_beit() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = timm.create_model("beit_base_patch16_224", pretrained=False, **TINY_VIT, global_pool="token").eval()
+    for block in model.blocks:
+        torch.nn.init.normal_(block.attn.relative_position_bias_table, std=2.0)  # biases that matter (0 at init)
+    torch.nn.init.normal_(model.head.weight)
+    return model.double()
+
+
+@pytest.mark.parametrize("scales", [5, (3, 8)], ids=["single-scale", "multi-scale"])
+def test_a_relative_position_bias_gives_each_query_the_log_summed_bias_of_a_clusters_members(scales):
+    model = _tiny_beit()
+    gm = fxprune.transform(model, ClusTR(scales, (1, 2)))
+    assert any("block(s) 1, 2: the attention has a bias per query and key" in n for n in gm.fxprune_plan.notes)
+    groups = scales if isinstance(scales, tuple) else (scales,)
+    _assert_matches_reference(gm, lambda x: clustr_beit(model, x, groups, (1, 2), "dpc", 0), model)
+    identity = fxprune.transform(model, ClusTR(10**6, (1, 2)))
+    x = image_batch(model, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(identity(x), model(x), atol=1e-10, rtol=0)
+
+
+def test_a_relative_position_bias_after_merging_and_padding_gives_each_image_what_it_gets_alone():
+    model = _tiny_beit()
+    x = image_batch(model, batch=4, dtype=torch.float64)
+    for first in (ToMe(4, (0,)), fxprune.ATS(0.5, (0,)), fxprune.TopK(0.5, (0,))):
+        gm = fxprune.transform(model, Compose([first, ClusTR(4, (1, 2))]))
+        with torch.no_grad():
+            batched, alone = gm(x), torch.cat([gm(x[i:i + 1]) for i in range(x.shape[0])])
+        torch.testing.assert_close(batched, alone, atol=1e-10, rtol=0)
+        kept = fxprune.transform(model, first)
+        with torch.no_grad():
+            torch.testing.assert_close(fxprune.transform(model, Compose([first, ClusTR(10**6, (1, 2))]))(x), kept(x),
+                                       atol=1e-10, rtol=0)
+
+
+def test_an_explicit_softmax_with_a_bias_per_query_is_refused_naming_the_block():
     model = timm_vit("deit_small_patch16_224")
     assert fxprune.transform(model, ClusTR(4, (1,))) is not None
     with pytest.raises(UnsupportedModelError, match=r"cannot apply clustr .* to block 3 .* its logits read stages_3"):

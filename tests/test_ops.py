@@ -225,6 +225,23 @@ def test_a_cluster_of_identical_keys_attends_exactly_as_its_members(clustering):
 
 
 @pytest.mark.parametrize("clustering", ["dpc", "kmeans"])
+def test_under_a_bias_per_query_and_head_a_cluster_of_identical_tokens_attends_exactly_as_its_members(clustering):
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 9, 4, dtype=torch.float64)
+    k, v = (torch.randn(2, 4, 5, 4, dtype=torch.float64).repeat_interleave(2, dim=2)[:, :, 1:] for _ in range(2))
+    bias = torch.randn(1, 4, 9, 9, dtype=torch.float64) * 3  # as a relative position bias: the same for each image
+    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    for scales in ((4,), (4, 4)):
+        torch.testing.assert_close(clustered_attention(q, k, v, scales, 1, clustering, 0, attn_mask=bias), dense,
+                                   atol=1e-12, rtol=0)
+    sizes = torch.tensor([1.0, 2, 2, 3, 3, 1, 1, 4, 4], dtype=torch.float64)  # sizes weight the means, as ToMe's
+    sized = F.scaled_dot_product_attention(q, k, v, attn_mask=bias + sizes.log())
+    clustered = clustered_attention(q, k, v, (4,), 1, clustering, 0, attn_mask=bias + sizes.log(),
+                                    key_mask=sizes.log()[None, None, None])
+    torch.testing.assert_close(clustered, sized, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("clustering", ["dpc", "kmeans"])
 def test_padded_groups_in_an_explicit_softmax_equal_the_fused_multi_scale_attention(clustering):
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 4, 17, 8, dtype=torch.float64) for _ in range(3))

@@ -1,11 +1,11 @@
 """ClusTR: replace a block's attention over ``N`` keys by attention over ``P + M`` clustered keys and values.
 
 At an SDPA site the call becomes :func:`~fxprune.ops.clustered_attention` with the same inputs (one fused
-SDPA per head group over the cluster tokens). At an explicit ``softmax(q @ kᵀ …) @ v`` the cluster keys
-replace ``kᵀ`` in the first product, their ``log(size)`` bias is added to the softmax input and the
-cluster values replace ``v`` in the second product, so any scaling between product and softmax is
-kept. Queries, and so the token stream, are unchanged.
-"""
+SDPA per head group over the cluster tokens; a relative position bias in its mask becomes each query's bias
+to each cluster, :func:`~fxprune.ops.clustering.cluster_logit_bias`). At an explicit
+``softmax(q @ kᵀ …) @ v`` the cluster keys replace ``kᵀ`` in the first product, their ``log(size)`` bias is
+added to the softmax input and the cluster values replace ``v`` in the second product, so any scaling
+between product and softmax is kept. Queries, and so the token stream, are unchanged."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import torch.fx as fx
 
-from ..analysis import Block, TokenProgram, logits_path, per_key_refusal, sdpa_arguments
+from ..analysis import Block, TokenProgram, logits_path, regrouped_keys_refusal, sdpa_arguments
 from ..errors import PolicyError, UnsupportedModelError
 from ..ops import clustered_attention, padded_cluster_keys_values
 from ..ops.clustering import SEEDINGS
@@ -91,11 +91,12 @@ class ClusTR(Policy):
 
 
 def _refusal(policy: ClusTR, block: Block) -> str | None:
-    """ClusTR needs one bias per key at most, and heads that split into its groups."""
+    """ClusTR needs keys that can be regrouped (:func:`~fxprune.analysis.regrouped_keys_refusal`) and heads that
+    split into its groups."""
     site, groups = block.attention, len(policy.scales)
     if site.num_heads % groups:
         return f"its {site.num_heads} heads cannot be split into {groups} equal groups, one per cluster count"
-    return per_key_refusal(site)
+    return regrouped_keys_refusal(site)
 
 
 def clustr_settings(ctx: SweepContext) -> list[ClusTR]:

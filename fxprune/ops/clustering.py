@@ -7,11 +7,14 @@ deterministic (ties go to the lower token or cluster index). Each cluster's key 
 weighted means of its members' and ``log(cluster weight)`` is added to its logit, so a cluster of
 identical keys attends exactly as its members would. Token weights come from the attention's key
 mask (1 by default; ``exp`` of a float mask, so ToMe's ``log(size)`` gives weights ``size``; 0 where a
-boolean mask is False). Tokens of weight 0 are padding (ATS pads each image to the batch's longest):
-they enter no per-image statistic and are never chosen as a centre before a real token, so a padded
-image is clustered as it is alone. Prefix tokens stay their own clusters. Pairwise and centre
-distances are matrix products, so :func:`fxprune.flops` counts the clustering.
-"""
+boolean mask is False). A mask that differs per query or head (a relative position bias) gives each
+query its own logit bias to a cluster, ``log Σ_{j ∈ c} exp(mask_ij)``: the members' total weight under
+that query's bias, so a cluster of identical keys and values still attends exactly as its members
+would; the keys' weights then come from a separate per-key mask (sizes, padding). Tokens of weight 0
+are padding (ATS pads each image to the batch's longest): they enter no per-image statistic and are
+never chosen as a centre before a real token, so a padded image is clustered as it is alone. Prefix
+tokens stay their own clusters. Pairwise and centre distances are matrix products, so
+:func:`fxprune.flops` counts the clustering."""
 
 from __future__ import annotations
 
@@ -37,6 +40,27 @@ def key_weights(attn_mask: Tensor | None, batch: int, keys: int, dtype: torch.dt
     row = attn_mask.reshape(-1, keys)
     weights = row.to(dtype) if row.dtype == torch.bool else row.to(dtype).exp()
     return weights.expand(batch, keys)
+
+
+def holds_one_value_per_key(attn_mask: Tensor | None) -> bool:
+    """Whether ``attn_mask`` (broadcastable to ``[B, H, N, N]``) is the same for every query and head."""
+    return attn_mask is None or all(size == 1 for size in attn_mask.shape[-3:-1])
+
+
+def cluster_logit_bias(attn_mask: Tensor, slots: Tensor, clusters: int) -> Tensor:
+    """Each query's additive bias to each cluster, ``log Σ_{j ∈ c} exp(attn_mask_ij)`` over the cluster's members
+    ``j`` (boolean masks: 0 / −inf; −inf for a cluster with no member the query may attend to): ``attn_mask``
+    ``[B | 1, H', N, N]`` (``H'`` 1 or the heads), ``slots`` ``[B, N]`` each key's cluster → ``[B, H', N,
+    clusters]``, in float32 at least."""
+    dtype = torch.promote_types(attn_mask.dtype, torch.float32) if attn_mask.is_floating_point() else torch.float32
+    mask = torch.zeros((), dtype=dtype, device=attn_mask.device).masked_fill(~attn_mask, -math.inf) if (
+        attn_mask.dtype == torch.bool) else attn_mask.to(dtype)
+    mask = mask.expand(slots.shape[0], *mask.shape[1:])
+    top = mask.amax(-1, keepdim=True)
+    top = torch.where(top.isfinite(), top, torch.zeros_like(top))
+    index = slots[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1)
+    sums = mask.new_zeros(*mask.shape[:-1], clusters).scatter_add_(-1, index, (mask - top).exp())
+    return sums.log() + top
 
 
 def cluster_sums(rows: Tensor, assign: Tensor, clusters: int) -> Tensor:
@@ -184,19 +208,23 @@ def _head_major(x: Tensor, heads: int) -> Tensor:
 
 def cluster_keys_values(
     k: Tensor, v: Tensor, clusters: int, num_prefix: int, clustering: str, iterations: int,
-    attn_mask: Tensor | None = None,
+    attn_mask: Tensor | None = None, key_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """ClusTR's keys and values: the prefix tokens' own, then ``M`` cluster means.
 
     Clusters the non-prefix keys of ``k`` ``[B, H, N, d]`` (:func:`cluster_assignment`,
-    ``M = min(clusters, N − P)``) and averages keys and values ``v``
-    ``[B, H, N, dv]`` per cluster, weighted by :func:`key_weights` of ``attn_mask``. Returns keys
-    ``[B, H, P + M, d]``, values ``[B, H, P + M, dv]`` and the additive logit bias ``log(weight)`` of each
-    ``[B, 1, 1, P + M]`` (−inf for an empty cluster), in ``k``'s dtype.
+    ``M = min(clusters, N − P)``) and averages keys and values ``v`` ``[B, H, N, dv]`` per cluster, weighted
+    by :func:`key_weights` of the per-key mask: ``attn_mask`` where it holds one value per key, else
+    ``key_mask`` (broadcastable to ``[B, 1, 1, N]``; None: weight 1). Returns keys ``[B, H, P + M, d]``, values
+    ``[B, H, P + M, dv]`` and the additive logit bias of each cluster, in ``k``'s dtype: ``log(weight)``
+    ``[B, 1, 1, P + M]`` (−inf for an empty cluster), or, for an ``attn_mask`` ``[B | 1, H | 1, N, N]`` that
+    differs per query or head, :func:`cluster_logit_bias` ``[B, H | 1, N, P + M]``.
     """
     batch, heads, tokens, _ = k.shape
     clusters = min(clusters, tokens - num_prefix)
-    weights = key_weights(attn_mask, batch, tokens, torch.promote_types(k.dtype, torch.float32), k.device)
+    per_key = holds_one_value_per_key(attn_mask)
+    weight_mask = attn_mask if per_key else key_mask
+    weights = key_weights(weight_mask, batch, tokens, torch.promote_types(k.dtype, torch.float32), k.device)
     with torch.no_grad():
         assign = cluster_assignment(k, clusters, num_prefix, clustering, iterations, weights)
         prefix = torch.arange(num_prefix, device=k.device).expand(batch, num_prefix)
@@ -206,11 +234,23 @@ def cluster_keys_values(
 
     def means(x: Tensor) -> Tensor:
         rows = _token_major(x)
-        if attn_mask is not None:
+        if weight_mask is not None:
             rows = rows * weights.unsqueeze(-1).to(x.dtype)
         return _head_major(cluster_sums(rows, slots, num_prefix + clusters) * inverse, heads)
 
-    return means(k), means(v), sizes[:, None, None, :, 0].log().to(k.dtype)
+    if per_key:
+        bias = sizes[:, None, None, :, 0].log()
+    else:
+        as_4d = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+        bias = cluster_logit_bias(as_4d, slots, num_prefix + clusters)
+    return means(k), means(v), bias.to(k.dtype)
+
+
+def _head_groups(attn_mask: Tensor | None, groups: int) -> list[Tensor | None]:
+    """``attn_mask`` (broadcastable to ``[B, H, N, N]``) for each of ``groups`` equal consecutive head groups."""
+    if attn_mask is None or attn_mask.dim() < 3 or attn_mask.shape[-3] == 1:
+        return [attn_mask] * groups
+    return list(attn_mask.chunk(groups, dim=-3))
 
 
 @graph_op(reads_mask=True)
@@ -225,20 +265,24 @@ def clustered_attention(
     attn_mask: Tensor | None = None,
     dropout_p: float = 0.0,
     scale: float | None = None,
+    key_mask: Tensor | None = None,
 ) -> Tensor:
     """Attention of every query ``q`` ``[B, H, N, d]`` to clustered keys and values (:func:`cluster_keys_values`).
 
     The heads are split into ``len(num_clusters)`` equal consecutive groups; group ``g`` clusters its
     keys into ``num_clusters[g]`` clusters (one entry: every head shares one clustering). Each group
     runs one fused ``scaled_dot_product_attention`` over ``P + M_g`` keys. ``k``/``v`` may have fewer
-    heads than ``q`` (grouped-query attention). ``attn_mask`` holds one value per key (broadcastable to
-    ``[B, 1, 1, N]``). Returns ``[B, H, N, dv]``, as the SDPA call it replaces.
+    heads than ``q`` (grouped-query attention). ``attn_mask`` is the SDPA call's (broadcastable to
+    ``[B, H, N, N]``); where it differs per query or head, ``key_mask`` (``[B, 1, 1, N]``) is its per-key part,
+    which weights the keys (:func:`cluster_keys_values`). Returns ``[B, H, N, dv]``, as the SDPA call it replaces.
     """
     k, v = match_heads(k, q.shape[1]), match_heads(v, q.shape[1])
     groups = len(num_clusters)
     outputs = []
-    for qg, kg, vg, clusters in zip(q.chunk(groups, 1), k.chunk(groups, 1), v.chunk(groups, 1), num_clusters):
-        keys, values, bias = cluster_keys_values(kg, vg, clusters, num_prefix, clustering, iterations, attn_mask)
+    for qg, kg, vg, mask, clusters in zip(q.chunk(groups, 1), k.chunk(groups, 1), v.chunk(groups, 1),
+                                          _head_groups(attn_mask, groups), num_clusters):
+        keys, values, bias = cluster_keys_values(
+            kg, vg, clusters, num_prefix, clustering, iterations, mask, key_mask)
         attended = F.scaled_dot_product_attention(qg, keys, values, attn_mask=bias, dropout_p=dropout_p, scale=scale)
         outputs.append(attended)
     return outputs[0] if groups == 1 else torch.cat(outputs, dim=1)

@@ -214,8 +214,8 @@ def _attend_with_policy(gm: fx.GraphModule, block: Block, policy: fx.Node) -> No
 def _add_size_bias(gm: fx.GraphModule, block: Block, size: fx.Node, proportional: bool) -> None:
     """Add ``log(size)`` of the keys (not ``proportional``: only −inf for padding, size 0) to ``block``'s
     attention logits: as (part of) the attention mask of the SDPA call, of the nodes that read that mask
-    beside it (scores, ClusTR's clustering, which turns it into key weights), or onto the logits of an explicit
-    softmax."""
+    beside it (scores, ClusTR's clustering, which turns it into key weights, and which takes the sizes alone as its
+    ``key_mask`` when the block has a mask of its own), or onto the logits of an explicit softmax."""
     site = block.attention
     readers = [n for n in inserted(gm, block.index) if getattr(op_of(n.target), "reads_mask", False)]
     if site.kind == "sdpa" and not any(n.target is clustered_attention for n in readers):
@@ -234,4 +234,9 @@ def _add_size_bias(gm: fx.GraphModule, block: Block, size: fx.Node, proportional
             node.update_arg(3, bias)
         else:
             node.update_kwarg("attn_mask", bias)
+    clustering = [n for n in readers if n.target is clustered_attention]
+    if clustering and mask is not None:  # the sizes alone weight its keys where the mask differs per query
+        sizes = insert_call(gm, bias, size_bias, (size, None, site.q, proportional), {}, block, "key_mask", Role.BIAS)
+        for node in clustering:
+            node.update_kwarg("key_mask", sizes)
 

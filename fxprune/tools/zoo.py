@@ -285,7 +285,6 @@ _SHORT = (  # the reasons of common refusals, said in a few words (the full reas
     (r"no residual addition", "no residual add after attention"),
     (r"parallel branches", "parallel branches in a block"),
     (r"talking-heads attention", "heads mixed (talking heads)"),
-    (r"differs per query or head", "a bias per query and key"),
     (r"tells every later attention", "a later attention over other keys"),
     (r"assumes the original token count", "a later layer needs the original token count"),
     (r"keys of block .* were not found", "attention keys not found"),
