@@ -346,3 +346,18 @@ def test_layers_on_some_heads_equal_the_full_layer_with_the_other_heads_zeroed(h
     zeroed = torch.zeros_like(x)
     zeroed[..., channels] = x[..., channels]
     torch.testing.assert_close(project_from_heads(per_head, weight, bias, table, used), F.linear(zeroed, weight, bias))
+
+
+def test_the_order_computed_for_export_is_the_stable_sort_whatever_the_ties(monkeypatch):
+    from fxprune.ops import ordering
+
+    values = torch.tensor([[3.0, 1.0, 3.0, float("-inf"), 1.0, 2.0, 3.0], [0.0] * 7])
+    cdf = torch.tensor([[0.0, 0.2, 0.2, 0.5, 1.0]]).expand(2, -1).contiguous()
+    points = torch.tensor([[0.0, 0.2, 0.3, 1.0, 1.5]]).expand(2, -1).contiguous()
+    eager = [ordering.stable_argsort(values, descending) for descending in (False, True)]
+    below = ordering.count_below(cdf, points)
+    monkeypatch.setattr(ordering, "_exporting", lambda: True)
+    for descending, expected in zip((False, True), eager):
+        assert torch.equal(ordering.stable_argsort(values, descending), expected)
+    assert torch.equal(ordering.count_below(cdf, points), below)
+    assert eager[1][0].tolist() == [0, 2, 6, 5, 1, 4, 3]  # ties by lower index

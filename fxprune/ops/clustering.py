@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .ordering import stable_argsort
 from .registry import graph_op
 from .scoring import match_heads
 from .selection import add_rows
@@ -91,7 +92,7 @@ def _rows(x: Tensor, index: Tensor) -> Tensor:
 
 def _descending(values: Tensor) -> Tensor:
     """The order ``[B, N]`` that sorts ``values`` ``[B, N]`` from largest to smallest, ties by lower index."""
-    return torch.sort(values, dim=-1, descending=True, stable=True).indices
+    return stable_argsort(values, descending=True)
 
 
 def _own_clusters(assign: Tensor, centres: Tensor) -> Tensor:
@@ -116,12 +117,12 @@ def dpc_knn(features: Tensor, weights: Tensor, clusters: int) -> tuple[Tensor, T
     real = weights > 0
     scaled = features / math.sqrt(features.shape[-1])
     squared = squared_distances(scaled, scaled, padding=~real)  # [B, N, N], +inf to padding
-    squared.diagonal(dim1=1, dim2=2).zero_()
+    squared = squared.masked_fill(torch.eye(tokens, dtype=torch.bool, device=squared.device), 0.0)
     nearest = squared.topk(min(NEIGHBOURS, tokens), dim=-1, largest=False).values  # [B, N, k]
     counted = torch.arange(nearest.shape[-1], device=features.device) < real.sum(-1)[:, None, None]
     mean = torch.where(counted, nearest, 0).sum(-1) / counted.sum(-1).clamp_min(1)
     log_density = torch.where(real, -mean, -math.inf)
-    rank = _descending(log_density).argsort(dim=-1)  # 0 = densest; padding after every real row
+    rank = stable_argsort(_descending(log_density))  # 0 = densest; padding after every real row
     not_denser = rank.unsqueeze(1) >= rank.unsqueeze(2)  # [B, i, j]: j is not denser than i
     indicator = squared.masked_fill(not_denser, math.inf).amin(-1)  # squared; +inf for the densest: first centre
     log_score = log_density + 0.5 * indicator.log()

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor
 
+from .ordering import stable_argsort
 from .registry import POSITIONS, follows, graph_op
 from .scoring import with_attn_mask
 from .selection import add_rows, gather_tokens
@@ -53,7 +54,7 @@ def bipartite_matching(metric: Tensor, r: int, prefix: int) -> tuple[Tensor, Ten
     the merged rows ``[B, r]`` and, for those, the B rows they merge into ``[B, r]``.
     """
     best, best_b = _edge_scores(metric, prefix).max(dim=-1)
-    edges = best.argsort(dim=-1, descending=True)
+    edges = stable_argsort(best, descending=True)
     merged = edges[:, :r]
     unmerged = edges[:, r:].sort(dim=-1).values
     return unmerged, merged, best_b.gather(1, merged)
@@ -68,7 +69,7 @@ def padded_merge_rows(metric: Tensor, r: int, prefix: int, real: Tensor, width: 
     its B tokens, then padding; a merged A token goes to its B token's row, padding to the last row.
     """
     best, best_b = _edge_scores(metric, prefix, real).max(dim=-1)
-    rank = best.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
+    rank = stable_argsort(stable_argsort(best, descending=True))
     own = real.sum(dim=1, keepdim=True)
     merges = torch.clamp(torch.div(own - prefix, 2, rounding_mode="floor"), max=r)
     position = torch.arange(metric.shape[1], device=metric.device)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .ordering import stable_argsort
 from .registry import graph_op
 from .scoring import match_heads, with_attn_mask
 from .selection import after_prefix
@@ -27,9 +28,9 @@ def keep_rows(scores: Tensor, keep: int, num_prefix: int, size: Tensor | None = 
     width = min(keep, scores.shape[1])
     keep_score = scores[..., 0]
     if size is None:
-        return after_prefix(keep_score.argsort(dim=1, descending=True, stable=True)[:, :width], num_prefix)
+        return after_prefix(stable_argsort(keep_score, descending=True)[:, :width], num_prefix)
     real = size[:, num_prefix:, 0] > 0
-    top = keep_score.masked_fill(~real, float("-inf")).argsort(dim=1, descending=True, stable=True)[:, :width]
+    top = stable_argsort(keep_score.masked_fill(~real, float("-inf")), descending=True)[:, :width]
     own = real.sum(dim=1, keepdim=True)
     kept = own.clamp(max=keep)
     slot = torch.arange(width, device=scores.device)

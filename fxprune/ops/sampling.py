@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .ordering import count_below, stable_argsort
 from .registry import POSITIONS, follows, graph_op
 from .selection import after_prefix, gather_tokens
 
@@ -66,10 +67,10 @@ def _nearest(cdf: Tensor, ys: Tensor) -> Tensor:
     """For each of the increasing values ``ys`` ``[B, K]``, the first position of the value of the
     non-decreasing ``cdf`` ``[B, M]`` nearest to it (the lower value on a tie, as the official ``argmin``
     of the distances): ``[B, K]``."""
-    above = torch.searchsorted(cdf, ys).clamp(1, cdf.shape[1] - 1)
+    above = count_below(cdf, ys).clamp(1, cdf.shape[1] - 1)
     low, high = cdf.gather(1, above - 1), cdf.gather(1, above)
     nearest = torch.where(ys - low <= high - ys, low, high)
-    return torch.searchsorted(cdf, nearest)
+    return count_below(cdf, nearest)
 
 
 def ats_picks(significance: Tensor, points: int, real: Tensor) -> tuple[Tensor, Tensor]:
@@ -80,7 +81,9 @@ def ats_picks(significance: Tensor, points: int, real: Tensor) -> tuple[Tensor, 
     each take the token whose CDF value is nearest; repeats collapse. Returns the tokens in sorted order
     ``[B, M]`` (ascending significance) and whether each sorted position was picked ``[B, M]``.
     """
-    scores, order = significance.masked_fill(~real, -1.0).sort(dim=1, stable=True)
+    masked = significance.masked_fill(~real, -1.0)
+    order = stable_argsort(masked)
+    scores = masked.gather(1, order)
     cdf = scores.clamp(min=0).cumsum(dim=1)
     first = (~real).sum(dim=1, keepdim=True).clamp(max=cdf.shape[1] - 1)  # sorted position of the first own token
     low, high = cdf.gather(1, first), cdf[:, -1:]
@@ -129,7 +132,7 @@ def ats_index(
         width = min(ats_budget(tokens, cap), ref_tokens) - num_prefix
     else:
         width = int(counts.max())
-    positions = (~kept).to(torch.uint8).sort(dim=1, stable=True).indices[:, :width]  # kept positions first, in order
+    positions = stable_argsort((~kept).to(torch.uint8))[:, :width]  # kept positions first, in order
     valid = torch.arange(width, device=class_row.device) < counts
     index = order.gather(1, positions).masked_fill(~valid, 0)
     return after_prefix(index, num_prefix), torch.cat([valid.new_ones(batch, num_prefix), valid], dim=1)

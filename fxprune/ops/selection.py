@@ -12,6 +12,7 @@ import math
 import torch
 from torch import Tensor
 
+from .ordering import stable_argsort
 from .registry import KEEP, POSITIONS, SIZES, follows, graph_op
 
 
@@ -88,10 +89,10 @@ def topk_rows(scores: Tensor, keep_rate: float, num_prefix: int, size: Tensor | 
         return torch.arange(tokens, device=scores.device).expand(batch, tokens)
     candidates = scores[:, num_prefix:]
     if size is None:
-        return after_prefix(candidates.topk(keep, dim=1, largest=True, sorted=True).indices, num_prefix)
+        return after_prefix(stable_argsort(candidates, descending=True)[:, :keep], num_prefix)
     own = own_counts(size, num_prefix).unsqueeze(1)
     real = torch.arange(tokens - num_prefix, device=scores.device) < own
-    top = candidates.masked_fill(~real, float("-inf")).topk(keep, dim=1, largest=True, sorted=True).indices
+    top = stable_argsort(candidates.masked_fill(~real, float("-inf")), descending=True)[:, :keep]
     slot = torch.arange(keep, device=scores.device)
     kept = _kept_counts(own, keep_rate)
     return after_prefix(torch.where(slot < kept, top, own + slot - kept), num_prefix)

@@ -1,4 +1,4 @@
-"""Command line: ``fxprune inspect | bench | show | train | zoo | demo``."""
+"""Command line: ``fxprune inspect | bench | show | train | export | zoo | demo``."""
 
 from __future__ import annotations
 
@@ -182,6 +182,63 @@ def _train(args: argparse.Namespace) -> None:
         print(f"wrote {args.weights_out}: the fine-tuned weights (they load into the original model)")
 
 
+def _export_model(args: argparse.Namespace):
+    """The model ``fxprune export`` names: a digits model, a saved module (a ``torch.save``'d ``nn.Module``) or a
+    timm model name; with ``--weights`` a state_dict loaded into it."""
+    from pathlib import Path
+
+    from .models import DIGITS_MODELS
+
+    if args.model in DIGITS_MODELS:
+        model = DIGITS_MODELS[args.model]()
+    elif Path(args.model).is_file():
+        model = torch.load(args.model, weights_only=False)
+        if not isinstance(model, torch.nn.Module):
+            raise FxPruneError(f"{args.model} holds a {type(model).__name__}, not a saved nn.Module")
+    else:
+        import timm
+
+        kwargs = {"img_size": args.img_size} if args.img_size else {}
+        model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
+    if args.weights:
+        model.load_state_dict(torch.load(args.weights, map_location="cpu"))
+    return model.eval()
+
+
+def _static(policy):
+    """``policy`` with every part that skips per image (AdaViT) in its masked form, which exports."""
+    import dataclasses
+
+    from ..policies import Compose
+
+    parts = [dataclasses.replace(part, skip=False) if getattr(part, "skip", False) else part
+             for part in policy.policies()]
+    return parts[0] if not isinstance(policy, Compose) else Compose(parts)
+
+
+def _export(args: argparse.Namespace) -> None:
+    from ..capture import default_example_inputs
+    from ..export import export
+    from ..pipeline import transform
+    from ..policies import parse_policy
+
+    model = _export_model(args)
+    gm = model
+    if args.policy:
+        policy = parse_policy(args.policy)
+        static = _static(policy)
+        if static != policy:
+            print("note: AdaViT exports in its masked form (skip=False): the same outputs, static shapes")
+        gm = transform(model, static)
+        print(gm.fxprune_plan)
+        if any(row.method is not None and row.method.pads_tokens for row in gm.fxprune_plan.rows):
+            print("note: the exported graph runs the static padded layout (ATS: its max_tokens rows per image), so "
+                  "its cost is the cap's, not each image's")
+    inputs = default_example_inputs(gm, batch_size=args.batch)
+    dtype = getattr(torch, args.dtype)
+    print(f"exported {export(gm, inputs, args.out, args.format, verify=not args.no_verify, dtype=dtype)}")
+
+
 def _add_model_options(parser: argparse.ArgumentParser, images: int) -> None:
     parser.add_argument("--model", default="digits",
                         help="'digits' (embedded, default), 'digits-relpos' (the same with a relative position bias, "
@@ -239,6 +296,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                 "policy's weights= (a method with nothing learned: the fine-tuned "
                                                 "model's state_dict)")
     training.set_defaults(func=_train)
+    exporting = sub.add_parser("export", help="export a model, transformed by a policy, to ONNX, a torch.export "
+                                              "program or an AOTInductor package, verified against eager PyTorch")
+    exporting.add_argument("model", help="'digits', 'digits-relpos', a saved nn.Module (torch.save) or a timm name")
+    exporting.add_argument("--policy", help=f"{known}; none: the model as it is")
+    exporting.add_argument("--out", required=True, help="the artefact: .onnx, .pt2 (or any name with --format)")
+    exporting.add_argument("--format", choices=["onnx", "pt2", "aoti"], help="default: from --out's suffix")
+    exporting.add_argument("--no-verify", action="store_true", help="do not run the artefact against eager PyTorch")
+    exporting.add_argument("--batch", type=int, default=2, help="example batch (the exported batch is dynamic)")
+    exporting.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    exporting.add_argument("--img-size", type=int, default=None, help="input size of a timm model")
+    exporting.add_argument("--pretrained", action="store_true", help="load the timm model's pretrained weights")
+    exporting.add_argument("--weights", help="a state_dict to load into the model first")
+    exporting.set_defaults(func=_export)
     zoo = sub.add_parser("zoo", help="every method on tiny versions of 30+ timm, torchvision, Hugging Face and "
                                      "hand-written ViTs: rewritten and checked, or refused and why (a table)")
     zoo.add_argument("models", nargs="*", help="zoo model names (default: all)")

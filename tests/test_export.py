@@ -1,0 +1,87 @@
+"""Export (``fxprune.export``): every method's rewritten graph as ONNX, a ``torch.export`` program and an
+AOTInductor package, each checked against eager PyTorch at two batch sizes. Budget: about 1 minute of the suite
+(tiny models; AOTInductor on one policy)."""
+
+import onnx
+import pytest
+import torch
+from vits import timm_vit
+
+import fxprune
+from fxprune.export import PLAN_KEY, ExportError, export, load
+from fxprune.methods import methods
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return timm_vit("deit_small_patch16_224", depth=3, embed_dim=64, num_heads=2)
+
+
+def _inputs(batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("name", sorted(method.name for method in methods()))
+def test_every_method_exports_to_onnx_and_runs_as_in_eager_at_two_batch_sizes(tiny, name, tmp_path):
+    method = next(m for m in methods() if m.name == name)
+    gm = fxprune.transform(tiny, method.example((1, 2)))
+    exported = export(gm, _inputs(), tmp_path / "model.onnx")
+    assert [batch for batch, _ in exported.errors] == [2, 3] and all(e <= 1e-4 for _, e in exported.errors)
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "model.onnx")).metadata_props}
+    assert props[PLAN_KEY] == str(gm.fxprune_plan) and exported.opset == 18
+    run, plan = load(tmp_path / "model.onnx")
+    five = _inputs(5)
+    with torch.no_grad():
+        torch.testing.assert_close(run(five)[0], gm(five), atol=1e-4, rtol=0)  # any batch size
+
+
+def test_compositions_with_padding_merging_and_clusters_export(tiny, tmp_path):
+    policy = fxprune.Compose([fxprune.ATS(0.5, (0,)), fxprune.ToMe(2, (1,)), fxprune.ClusTR(3, (2,))])
+    exported = export(fxprune.transform(tiny, policy), _inputs(3), tmp_path / "model.onnx")
+    assert all(e <= 1e-4 for _, e in exported.errors)
+
+
+def test_a_pt2_program_keeps_the_plan_a_dynamic_batch_and_bfloat16(tiny, tmp_path):
+    gm = fxprune.transform(tiny, fxprune.ATS(0.5, (1, 2)))
+    export(gm, _inputs(), tmp_path / "ats.pt2")
+    run, plan = load(tmp_path / "ats.pt2")
+    assert plan == str(gm.fxprune_plan)
+    with torch.no_grad():
+        torch.testing.assert_close(run(_inputs(7))[0], gm(_inputs(7)), atol=1e-4, rtol=0)
+    half = export(gm, _inputs(), tmp_path / "ats_bf16.pt2", dtype=torch.bfloat16)
+    assert all(e <= 5e-2 for _, e in half.errors)
+    assert next(gm.parameters()).dtype == torch.float32  # the model itself is not cast
+
+
+def test_an_aotinductor_package_runs_without_the_model_code(tiny, tmp_path):
+    gm = fxprune.transform(tiny, fxprune.EViT(0.6, (1,)))
+    exported = export(gm, _inputs(), tmp_path / "evit.pt2", "aoti")
+    assert exported.format == "aoti" and all(e <= 1e-4 for _, e in exported.errors)
+    run, plan = load(tmp_path / "evit.pt2", "aoti")
+    assert plan == str(gm.fxprune_plan)
+
+
+def test_an_artefact_that_computes_other_numbers_is_refused(tiny, tmp_path, monkeypatch):
+    import fxprune.export as module
+
+    gm = fxprune.transform(tiny, fxprune.TopK(0.6, (1,)))
+    real_load = module.load
+    monkeypatch.setattr(module, "load", lambda path, format=None: (
+        (lambda *x: [out + 1e-3 for out in real_load(path, format)[0](*x)]), None))
+    with pytest.raises(ExportError, match=r"differs from eager PyTorch at batch 2: max \|Δ\| 1\.0\de-03"):
+        export(gm, _inputs(), tmp_path / "topk.pt2")
+    assert export(gm, _inputs(), tmp_path / "topk.pt2", verify=False).errors == ()
+
+
+def test_skipping_adavit_is_refused_and_its_masked_form_exports(tiny, tmp_path):
+    with pytest.raises(ExportError, match=r"shapes that depend on the data.*skip=False"):
+        export(fxprune.transform(tiny, fxprune.AdaViT(0.5, (1, 2))), _inputs(), tmp_path / "a.onnx")
+    gm = fxprune.transform(tiny, fxprune.AdaViT(0.5, (1, 2), skip=False))
+    gm.train()
+    export(gm, _inputs(), tmp_path / "a.pt2")
+    assert gm.training  # exported in evaluation mode, left as it was
+
+
+def test_an_unknown_format_is_refused_naming_the_choices(tiny, tmp_path):
+    with pytest.raises(ExportError, match=r"unknown export format None .*onnx, pt2, aoti"):
+        export(tiny, _inputs(), tmp_path / "model.bin")
