@@ -1,6 +1,6 @@
 """Export (``fxprune.export``): every method's rewritten graph as ONNX, a ``torch.export`` program and an
-AOTInductor package, each checked against eager PyTorch at two batch sizes. Budget: about 1 minute of the suite
-(tiny models; AOTInductor on one policy)."""
+AOTInductor package, each checked against eager PyTorch at two batch sizes. Budget: under a minute of the suite
+(tiny models; every method in two compositions; AOTInductor on one policy)."""
 
 import onnx
 import pytest
@@ -21,10 +21,25 @@ def _inputs(batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("name", sorted(method.name for method in methods()))
-def test_every_method_exports_to_onnx_and_runs_as_in_eager_at_two_batch_sizes(tiny, name, tmp_path):
-    method = next(m for m in methods() if m.name == name)
-    gm = fxprune.transform(tiny, method.example((1, 2)))
+EVERY_METHOD = {  # two compositions on a 6-block model that, together, hold every registered method
+    "selection and learned keep": fxprune.Compose([
+        fxprune.EViT(0.7, (0,)), fxprune.TopK(0.7, (1,)), fxprune.Stride(2, (2,)),
+        fxprune.RandomKeep(0.8, (3,), seed=3), fxprune.DynamicViT(0.7, (4,))]),
+    "padding, merging, clusters, usage": fxprune.Compose([
+        fxprune.ATS(0.6, (1,)), fxprune.ToMe(2, (2,)), fxprune.ClusTR(3, (3,)),
+        fxprune.AdaViT(0.5, (4, 5), skip=False)]),
+}
+
+
+def test_the_compositions_hold_every_method():
+    held = {type(part) for policy in EVERY_METHOD.values() for part in policy.policies()}
+    assert held == {method.policy for method in methods()}
+
+
+@pytest.mark.parametrize("name", sorted(EVERY_METHOD))
+def test_every_method_exports_to_onnx_and_runs_as_in_eager_at_any_batch_size(name, tmp_path):
+    model = timm_vit("deit_small_patch16_224", depth=6, embed_dim=64, num_heads=2)
+    gm = fxprune.transform(model, EVERY_METHOD[name])
     exported = export(gm, _inputs(), tmp_path / "model.onnx")
     assert [batch for batch, _ in exported.errors] == [2, 3] and all(e <= 1e-4 for _, e in exported.errors)
     props = {p.key: p.value for p in onnx.load(str(tmp_path / "model.onnx")).metadata_props}
@@ -32,13 +47,7 @@ def test_every_method_exports_to_onnx_and_runs_as_in_eager_at_two_batch_sizes(ti
     run, plan = load(tmp_path / "model.onnx")
     five = _inputs(5)
     with torch.no_grad():
-        torch.testing.assert_close(run(five)[0], gm(five), atol=1e-4, rtol=0)  # any batch size
-
-
-def test_compositions_with_padding_merging_and_clusters_export(tiny, tmp_path):
-    policy = fxprune.Compose([fxprune.ATS(0.5, (0,)), fxprune.ToMe(2, (1,)), fxprune.ClusTR(3, (2,))])
-    exported = export(fxprune.transform(tiny, policy), _inputs(3), tmp_path / "model.onnx")
-    assert all(e <= 1e-4 for _, e in exported.errors)
+        torch.testing.assert_close(run(five)[0], gm(five), atol=1e-4, rtol=0)
 
 
 def test_a_pt2_program_keeps_the_plan_a_dynamic_batch_and_bfloat16(tiny, tmp_path):
