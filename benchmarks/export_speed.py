@@ -20,7 +20,7 @@ import timm
 import torch
 
 import fxprune
-from fxprune.export import export, load
+from fxprune.exporting import export, load
 from fxprune.tools.models import digits_vit
 from fxprune.tools.speed import interleaved, machine
 

@@ -15,6 +15,7 @@ from .analysis import AttentionSite, Block, TokenProgram, analyse
 from .capture import TraceInfo, trace
 from .counting import flops
 from .errors import FxPruneError, PolicyError, TraceError, UnsupportedModelError
+from .exporting import ExportError, export
 from .lowering import LoweredModule, lower
 from .methods.adavit import AdaViT
 from .methods.ats import ATS
@@ -37,7 +38,7 @@ __all__ = [
     "parse_policy", "Plan", "TokenProgram",
     "collect", "save_weights", "methods", "train", "TrainConfig",
     "PlanRow", "Block", "AttentionSite", "TraceInfo", "LoweredModule", "TrainEvalGraphModule",
-    "FxPruneError", "TraceError", "UnsupportedModelError", "PolicyError",
+    "FxPruneError", "TraceError", "UnsupportedModelError", "PolicyError", "export", "ExportError",
 ]
 
 _TOOLS = ("bench", "cli", "datasets", "demo", "models", "show", "speed")

@@ -132,7 +132,7 @@ def test_export_writes_a_verified_artefact_and_exports_adavit_in_its_masked_form
     import timm
     import torch
 
-    from fxprune.export import load
+    from fxprune.exporting import load
 
     saved = tmp_path / "tiny.pt"
     torch.save(timm.create_model("deit_small_patch16_224", img_size=32, patch_size=8, depth=3, embed_dim=64,

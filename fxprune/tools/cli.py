@@ -218,7 +218,7 @@ def _static(policy):
 
 def _export(args: argparse.Namespace) -> None:
     from ..capture import default_example_inputs
-    from ..export import export
+    from ..exporting import export
     from ..pipeline import transform
     from ..policies import parse_policy
 

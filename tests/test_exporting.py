@@ -8,7 +8,7 @@ import torch
 from vits import timm_vit
 
 import fxprune
-from fxprune.export import PLAN_KEY, ExportError, export, load
+from fxprune.exporting import PLAN_KEY, ExportError, export, load
 from fxprune.methods import methods
 
 
@@ -71,7 +71,7 @@ def test_an_aotinductor_package_runs_without_the_model_code(tiny, tmp_path):
 
 
 def test_an_artefact_that_computes_other_numbers_is_refused(tiny, tmp_path, monkeypatch):
-    import fxprune.export as module
+    import fxprune.exporting as module
 
     gm = fxprune.transform(tiny, fxprune.TopK(0.6, (1,)))
     real_load = module.load
@@ -93,4 +93,4 @@ def test_skipping_adavit_is_refused_and_its_masked_form_exports(tiny, tmp_path):
 
 def test_an_unknown_format_is_refused_naming_the_choices(tiny, tmp_path):
     with pytest.raises(ExportError, match=r"unknown export format None .*onnx, pt2, aoti"):
-        export(tiny, _inputs(), tmp_path / "model.bin")
+        fxprune.export(tiny, _inputs(), tmp_path / "model.bin")
