@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import io
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -126,8 +127,6 @@ def _write_onnx(program: torch.export.ExportedProgram, path: Path, plan: str) ->
 
 
 def _first_line(error: Exception) -> str:
-    import re
-
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
     lines = [line for line in text.splitlines() if line.strip()]
     summary = [line for line in lines if line.startswith("<class")]
@@ -150,11 +149,10 @@ def load(path: str | Path, format: str | None = None):
     path = Path(path)
     format = _format(path, format)
     if format == "onnx":
-        import onnx
         import onnxruntime
 
-        plan = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}.get(PLAN_KEY)
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        plan = session.get_modelmeta().custom_metadata_map.get(PLAN_KEY)
         names = [i.name for i in session.get_inputs()]
 
         def run_onnx(*inputs: torch.Tensor) -> list[torch.Tensor]:

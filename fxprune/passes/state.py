@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import torch.fx as fx
 
-from ..analysis import Block, TokenProgram, pooled_rows, sdpa_arguments, token_pooling
+from ..analysis import Block, TokenProgram, bias_per_query, pooled_rows, sdpa_arguments, token_pooling
 from ..errors import FxPruneError, UnsupportedModelError
 from ..ops import (
     KEEP,
@@ -235,7 +235,7 @@ def _add_size_bias(gm: fx.GraphModule, block: Block, size: fx.Node, proportional
         else:
             node.update_kwarg("attn_mask", bias)
     clustering = [n for n in readers if n.target is clustered_attention]
-    if clustering and mask is not None:  # the sizes alone weight its keys where the mask differs per query
+    if clustering and bias_per_query(site):  # the sizes alone weight its keys where the mask differs per query
         sizes = insert_call(gm, bias, size_bias, (size, None, site.q, proportional), {}, block, "key_mask", Role.BIAS)
         for node in clustering:
             node.update_kwarg("key_mask", sizes)
