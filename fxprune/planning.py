@@ -189,6 +189,17 @@ def _check_model(program: TokenProgram, owner: dict[int, Policy]) -> None:
                     f"{block.tokens} rows of the stream (e.g. a class token joined later, as in CaiT). Use EViT, "
                     "Top-K or another method that carries nothing to later blocks."
                 )
+    masking = sorted((index, part) for index, part in owner.items() if method_of(part).masks_in_training)
+    later = sorted((index, part) for index, part in owner.items() if masking and index > masking[0][0]
+                   and part is not masking[0][1] and method_of(part).reduces_tokens)
+    if later:
+        (first, part), (index, other) = masking[0], later[0]
+        raise UnsupportedModelError(
+            f"{part.describe()} at block {first} keeps every row in its training graph and masks the dropped ones "
+            f"with a keep policy that every later attention reads, so block {index} ({program.blocks[index].name}) "
+            f"cannot remove rows with {other.describe()} under it. Put {part.describe()}'s blocks after the other "
+            "methods' that remove rows (ClusTR, which removes none, may follow it)."
+        )
     reducing = [index for index, part in owner.items() if method_of(part).reduces_tokens]
     if reducing:
         first = min(reducing)

@@ -136,10 +136,16 @@ class Method:
         return self.adaptive or self.pads_tokens
 
     @property
+    def masks_in_training(self) -> bool:
+        """Whether its training graph keeps every row and masks the dropped ones with a keep policy that every
+        later attention reads (DynamicViT), instead of removing them."""
+        return self.learned is not None and self.reduces_tokens
+
+    @property
     def weights_later_keys(self) -> bool:
         """Whether it tells every later attention something per key row (sizes and padding, or a training keep
         policy), which a later attention over other keys than the stream's rows cannot take."""
-        return self.carries_sizes or (self.learned is not None and self.reduces_tokens)
+        return self.carries_sizes or self.masks_in_training
 
 
 _METHODS: dict[str, Method] = {}
