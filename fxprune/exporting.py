@@ -212,7 +212,8 @@ def export(
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     module = gm
     if dtype is not None:
-        module = copy.deepcopy(gm).to(dtype)
+        if any(t.is_floating_point() and t.dtype != dtype for t in [*gm.parameters(), *gm.buffers()]):
+            module = copy.deepcopy(gm).to(dtype)
         inputs = tuple(x.to(dtype) if x.is_floating_point() else x for x in inputs)
     was_training = module.training
     module.eval()

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import FxPruneError
+from ..exporting import FORMATS
 from ..methods import methods
 
 
@@ -301,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     exporting.add_argument("model", help="'digits', 'digits-relpos', a saved nn.Module (torch.save) or a timm name")
     exporting.add_argument("--policy", help=f"{known}; none: the model as it is")
     exporting.add_argument("--out", required=True, help="the artefact: .onnx, .pt2 (or any name with --format)")
-    exporting.add_argument("--format", choices=["onnx", "pt2", "aoti"], help="default: from --out's suffix")
+    exporting.add_argument("--format", choices=FORMATS, help="default: from --out's suffix")
     exporting.add_argument("--no-verify", action="store_true", help="do not run the artefact against eager PyTorch")
     exporting.add_argument("--batch", type=int, default=2, help="example batch (the exported batch is dynamic)")
     exporting.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
