@@ -273,8 +273,9 @@ def make_plan(program: TokenProgram, policy: Policy | Compose) -> Plan:
               "(a relative position bias); each query's bias to a cluster is log Σ exp of its members' biases "
               "(docs/methods.md)" for name, blocks in biased.items() if blocks]
     if program.readout.patches == "dense" and any(method_of(part).reduces_tokens for part in policy.policies()):
-        notes.append("the output reads every patch row (a dense output): it returns the reduced rows, in the order "
-                     "the methods leave them, not the original token layout")
+        notes.append("the output reads every patch row (a dense output): the original token layout is put back "
+                     "after the last block (a kept or merged token takes the row that holds it, a dropped one its "
+                     "state entering the block that dropped it; docs/methods.md)")
     return Plan(program.model_name, policy, tuple(rows), program.prefix_tokens, shape, tuple(notes))
 
 

@@ -14,6 +14,7 @@ from ..errors import FxPruneError
 from ..ops import op_of
 from .common import Rewrite, Role, tag
 from .positions import place_position_terms
+from .restore import restore_layout
 from .state import thread_state
 
 if TYPE_CHECKING:
@@ -67,10 +68,13 @@ def apply_passes(
     gm: fx.GraphModule, program: TokenProgram, rows: Sequence[PlanRow], train: bool = False
 ) -> fx.GraphModule:
     """Rewrite every planned block of ``gm``, take later blocks' position terms at the remaining rows' positions,
-    then thread token state through the blocks (sizes, positions)."""
+    thread token state through the blocks (sizes, positions), then give a dense output its original token
+    layout back."""
     rewrite_blocks(gm, program, rows, train)
     place_position_terms(gm, program, rows)
     thread_state(gm, program, rows)
+    if not train:  # a training graph keeps every row
+        restore_layout(gm, program, rows)
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -6,8 +6,7 @@ registered method as a new user would: ``fxprune.transform(model, method.example
 
 * **rewritten**: the rewrite reduces MACs (an adaptive method: per image), each image of a batch gets what it
   gets alone (≤ 1e-4), and the method's identity setting (keep rate 1, r = 0) reproduces the model (≤ 1e-5;
-  a model with a dense output, every token, gets its rows back reduced and reordered, which the plan says, so
-  there the identity is not compared);
+  a model with a dense output, every token, gets the original token layout back, which the plan says);
 * **refused**: an :class:`~fxprune.FxPruneError` that names the block and the reason.
 
 Anything else (another exception, a rewrite that fails its checks) is a bug, which the zoo test catches.
@@ -217,7 +216,7 @@ def try_method(model: nn.Module, name: str, method: Method, layers: Sequence[int
     try:
         gm = transform(model, method.example(tuple(layers)))
         dense = any("a dense output" in note for note in gm.fxprune_plan.notes)
-        identity = None if method.identity is None or dense else transform(model, method.identity(tuple(layers)))
+        identity = None if method.identity is None else transform(model, method.identity(tuple(layers)))
     except FxPruneError as error:
         return Outcome(name, method.name, refusal=str(error))
     x = _images(model)
@@ -309,7 +308,7 @@ def table(outcomes: Sequence[Outcome]) -> str:
             if not outcome.sound:
                 marks.append("✗ failed its checks")
             elif outcome.rewritten:
-                marks.append("✓ reduced rows" if outcome.dense_output else "✓")
+                marks.append("✓ layout restored" if outcome.dense_output else "✓")
             else:
                 marks.append(f"refused: {short_reason(outcome.refusal)}")
         lines.append(f"| {model} | " + " | ".join(marks) + " |")

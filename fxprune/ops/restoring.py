@@ -1,0 +1,52 @@
+"""The original token layout of a reduced stream, for a model whose output is every token (a dense output).
+
+Every stream function combines its input rows with weights that do not depend on the tokens' values
+(:mod:`fxprune.ops.registry`), so applied to the identity over its input rows it gives where each input row went:
+its *row map* ``[B, N_out, N_in]``. Following the row maps block by block gives, for each original token, the row
+that holds it now (:func:`follow_rows`): its own row if kept, the row it was merged into (a ToMe merge, EViT's
+fused token), or none once dropped. A dropped token keeps the state it had when it was dropped
+(:func:`token_states`, which after the last block also puts the original layout back: every original token gets
+the row that holds it, or its recorded state).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .registry import graph_op
+
+
+@graph_op()
+def row_identity(x: Tensor) -> Tensor:
+    """The identity over the rows of ``x`` ``[B, N, C]``: ``[B, N, N]`` in ``x``'s dtype, to be passed through a
+    stream function in place of the tokens (its output is that function's row map)."""
+    return torch.eye(x.shape[1], dtype=x.dtype, device=x.device).expand(x.shape[0], -1, -1)
+
+
+@graph_op()
+def first_rows(x: Tensor) -> Tensor:
+    """Where each original token is in ``x`` ``[B, N, C]``, the model's first stream: its own row, ``[B, N]``."""
+    return torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+
+
+@graph_op()
+def follow_rows(rows: Tensor, row_map: Tensor) -> Tensor:
+    """The row ``[B, N0]`` that holds each original token after a stream function with row map ``row_map``
+    ``[B, N_out, N_in]``, given the row ``rows`` ``[B, N0]`` that held it before (−1: dropped). A row goes to the
+    output row with its largest weight (the first on a tie); a row with no weight anywhere is dropped."""
+    weight, target = row_map.max(dim=1)  # [B, N_in]: each input row's heaviest output row
+    held = rows.clamp(min=0)
+    moved = target.gather(1, held)
+    kept = (rows >= 0) & (weight.gather(1, held) > 0)
+    return torch.where(kept, moved, -1)
+
+
+@graph_op()
+def token_states(recorded: Tensor | None, x: Tensor, rows: Tensor) -> Tensor:
+    """Each original token's latest state ``[B, N0, C]``: its row of ``x`` ``[B, N, C]`` where ``rows`` ``[B, N0]``
+    has one, else what ``recorded`` held (None: the tokens of ``x`` are every original token, in order)."""
+    if recorded is None:
+        return x
+    taken = x.gather(1, rows.clamp(min=0).unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    return torch.where((rows >= 0).unsqueeze(-1), taken, recorded)

@@ -1,0 +1,119 @@
+"""A dense output (every token) gets the original token layout back after the last block: each original token takes
+the row that holds it (its own, or the one it was merged into), or, once dropped, its state entering the block that
+dropped it. Budget: about 20 s."""
+
+import pytest
+import timm
+import torch
+from vits import assert_compiles_once, lookout
+
+import fxprune
+from fxprune.passes.restore import _restore_point
+from fxprune.tools.show import token_sources
+
+POLICIES = {
+    "topk": fxprune.TopK(0.5, (1, 2)),
+    "evit": fxprune.EViT(0.5, (1, 2)),
+    "tome": fxprune.ToMe(3, (1, 2)),
+    "ats": fxprune.ATS(0.5, (1, 2)),
+    "dynamicvit": fxprune.DynamicViT(0.5, (1, 2)),
+}
+IDENTITIES = [fxprune.TopK(1.0, (1, 2)), fxprune.EViT(1.0, (1, 2)), fxprune.ToMe(0, (1, 2)), fxprune.Stride(1, (1,))]
+
+
+def _backbone() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = timm.create_model("deit_small_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=4,
+                              num_classes=0, global_pool="")  # its output: every token, [B, 17, 384]
+    return model.eval().double()
+
+
+def _images(count: int = 3) -> torch.Tensor:
+    return torch.randn(count, 3, 32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+def _reduced_rows(gm: torch.fx.GraphModule, x: torch.Tensor) -> torch.Tensor:
+    """The stream's rows where the layout is put back, before it is (the final norm applied to them)."""
+    restored = next(n for n in gm.graph.nodes if n.name.endswith("restored_layout"))
+    captured = {}
+
+    class Capture(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n is restored.args[1]:
+                captured["rows"] = out
+            return out
+
+    with torch.no_grad():
+        Capture(gm).run(x)
+    return captured["rows"]
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_each_token_takes_the_row_that_holds_it_and_each_image_gets_what_it_gets_alone(name):
+    model = _backbone()
+    gm = fxprune.transform(model, POLICIES[name])
+    assert any("the original token layout is put back" in note for note in gm.fxprune_plan.notes)
+    x = _images()
+    with torch.no_grad():
+        out, dense = gm(x), model(x)
+        alone = torch.cat([gm(x[i:i + 1]) for i in range(x.shape[0])])
+    assert out.shape == dense.shape == (3, 17, 384)
+    torch.testing.assert_close(out, alone, atol=1e-10, rtol=0)
+    rows = model.norm(_reduced_rows(gm, x))
+    sources = token_sources(gm, x)[-1].sources  # [B, N', 17]: what each remaining row is made of
+    holder = sources.argmax(dim=1)
+    held = sources.amax(dim=1) > 0
+    for b in range(x.shape[0]):
+        for j in range(17):
+            if held[b, j]:
+                torch.testing.assert_close(out[b, j], rows[b, holder[b, j]], atol=1e-10, rtol=0)
+    assert held.all() if name in ("evit", "tome") else not held.all()  # fused or merged: every token is held
+
+
+def test_a_token_top_k_drops_keeps_its_state_entering_the_block_that_dropped_it():
+    model = _backbone()
+    gm = fxprune.transform(model, fxprune.TopK(0.5, (1,)))
+    x = _images(1)
+    with torch.no_grad():
+        entering = model.blocks[0](model._pos_embed(model.patch_embed(x)))  # the stream entering block 1
+        out = gm(x)
+    dropped = (token_sources(gm, x)[-1].sources.amax(dim=1) == 0)[0].nonzero().flatten()
+    assert len(dropped) == 8
+    torch.testing.assert_close(out[0, dropped], model.norm(entering)[0, dropped], atol=1e-10, rtol=0)
+
+
+def _hf_backbone() -> torch.nn.Module:
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                       intermediate_size=128)
+    return ViTModel(config, add_pooling_layer=False).eval().double()  # last_hidden_state: every token
+
+
+@pytest.mark.parametrize("build", [_backbone, lambda: lookout("all").double(), _hf_backbone],
+                         ids=["timm", "hand-written", "hugging-face"])
+def test_keeping_every_token_reproduces_a_dense_output(build):
+    model = build()
+    x = _images()
+    with torch.no_grad():
+        expected = model(x)
+    for policy in IDENTITIES:
+        gm = fxprune.transform(model, policy)
+        with torch.no_grad():
+            got = gm(x)
+        for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(expected)):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+
+
+def test_a_model_that_reads_its_class_token_is_not_restored():
+    gm = fxprune.transform(timm.create_model("deit_small_patch16_224", img_size=32, patch_size=8, depth=4),
+                           fxprune.TopK(0.5, (1,)))
+    assert not any(n.name.endswith("restored_layout") for n in gm.graph.nodes)
+
+
+def test_the_layout_is_put_back_before_the_final_norm_and_compiles_as_one_graph():
+    model = _backbone().float()
+    assert _restore_point(fxprune.analyse(model)).name != "norm"  # the last block's output, which the norm reads
+    assert_compiles_once(fxprune.transform(model, fxprune.ATS(0.5, (1, 2))), model)
