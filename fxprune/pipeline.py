@@ -26,11 +26,15 @@ from .passes.learned import (
     module_path_for,
     read_weights,
 )
-from .planning import Plan, PlanRow, macs_per_block, make_plan, measure_tokens
+from .planning import DENSE_OUTPUT, Plan, PlanRow, macs_per_block, make_plan, measure_tokens
 from .policies import Compose, Policy
 from .verify import verify, verify_training
 
 __all__ = ["transform", "plan"]
+
+
+_REDUCED_ROWS = (f"{DENSE_OUTPUT}: with restore=False it returns the reduced rows, in the order the methods leave "
+                 "them, and each row's original position beside the output")
 
 
 def rewrite(
@@ -39,22 +43,25 @@ def rewrite(
     example_inputs: Sequence[torch.Tensor] | None,
     copy_weights: bool,
     second_batch: bool = True,
+    restore: bool = True,
 ) -> tuple[fx.GraphModule, Plan]:
     """The rewritten module and its plan: what :func:`transform` returns (``second_batch=False``: checked at the
-    captured batch size only, as :func:`plan` with ``fast``) and :func:`plan` reports. A plan with learned methods
-    also gets a training graph (:class:`~fxprune.passes.learned.TrainEvalGraphModule`), from a second capture."""
+    captured batch size only, as :func:`plan` with ``fast``; ``restore`` as there) and :func:`plan` reports. A plan
+    with learned methods also gets a training graph (:class:`~fxprune.passes.learned.TrainEvalGraphModule`), from
+    a second capture."""
     files = _weights_files(policy)
     backbone = next(((path, saved["backbone"]) for path, saved in files.items() if "backbone" in saved), None)
     program = analyse(trace(model, example_inputs, copy_weights=copy_weights or backbone is not None))
     planned = make_plan(program, policy)
     written = tuple(f"{Path(path).name}: {note}" for path, saved in files.items() for note in saved.get("notes", ()))
-    planned = dataclasses.replace(planned, notes=(*planned.notes, *written))
+    notes = planned.notes if restore else tuple(_REDUCED_ROWS if DENSE_OUTPUT in n else n for n in planned.notes)
+    planned = dataclasses.replace(planned, notes=(*notes, *written))
     rows = planned.rows
     learned = _learned_modules(model, program, rows, files)
     if backbone is not None:
         planned = _load_backbone(program, planned, *backbone)
     dense_macs = macs_per_block(program.gm, program.blocks, program.batch)
-    gm = apply_passes(_with_modules(program, learned), program, rows)
+    gm = apply_passes(_with_modules(program, learned), program, rows, restore=restore)
     verify(gm, program, planned, second_batch)
     if learned:
         training = analyse(trace(model, example_inputs, copy_weights=False))
@@ -176,6 +183,7 @@ def transform(
     *,
     copy_weights: bool = False,
     verbose: bool = False,
+    restore: bool = True,
 ) -> fx.GraphModule:
     """Rewrite ``model`` with ``policy`` and return a new ``torch.fx.GraphModule``.
 
@@ -185,8 +193,12 @@ def transform(
     is made for (default: the size the model declares, batch 2). The result carries the plan as
     ``.fxprune_plan``; ``verbose=True`` prints it. Raises :class:`~fxprune.PolicyError` for an invalid
     policy and :class:`~fxprune.UnsupportedModelError` when a rewrite would compute wrong numbers.
+
+    A model whose output is every token (a dense output) gets the original token layout back after its last
+    block; ``restore=False`` returns ``(output, positions)`` instead: the reduced rows, and each row's original
+    index ``[B, N']`` (−1 for padding).
     """
-    gm, the_plan = rewrite(model, policy, example_inputs, copy_weights)
+    gm, the_plan = rewrite(model, policy, example_inputs, copy_weights, restore=restore)
     if verbose:
         print(the_plan)
     return gm

@@ -228,6 +228,9 @@ def _depth(program: TokenProgram) -> int:
     return self_attention[-1] + 1 if self_attention else len(program.blocks)
 
 
+DENSE_OUTPUT = "the output reads every patch row (a dense output)"
+
+
 def make_plan(program: TokenProgram, policy: Policy | Compose) -> Plan:
     """Validate ``policy`` against ``program`` and give each block its action (tokens and MACs come later)."""
     if not isinstance(policy, (Policy, Compose)):
@@ -273,7 +276,7 @@ def make_plan(program: TokenProgram, policy: Policy | Compose) -> Plan:
               "(a relative position bias); each query's bias to a cluster is log Σ exp of its members' biases "
               "(docs/methods.md)" for name, blocks in biased.items() if blocks]
     if program.readout.patches == "dense" and any(method_of(part).reduces_tokens for part in policy.policies()):
-        notes.append("the output reads every patch row (a dense output): the original token layout is put back "
+        notes.append(f"{DENSE_OUTPUT}: the original token layout is put back "
                      "after the last block (a kept or merged token takes the row that holds it, a dropped one its "
                      "state entering the block that dropped it; docs/methods.md)")
     return Plan(program.model_name, policy, tuple(rows), program.prefix_tokens, shape, tuple(notes))

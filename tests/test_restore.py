@@ -117,3 +117,39 @@ def test_the_layout_is_put_back_before_the_final_norm_and_compiles_as_one_graph(
     model = _backbone().float()
     assert _restore_point(fxprune.analyse(model)).name != "norm"  # the last block's output, which the norm reads
     assert_compiles_once(fxprune.transform(model, fxprune.ATS(0.5, (1, 2))), model)
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_without_restoring_the_reduced_rows_come_with_each_rows_original_position(name):
+    model = _backbone()
+    x = _images()
+    torch.manual_seed(0)  # DynamicViT's untrained predictors: the same in both transforms
+    reduced = fxprune.transform(model, POLICIES[name], restore=False)
+    assert any("with restore=False it returns the reduced rows" in note for note in reduced.fxprune_plan.notes)
+    torch.manual_seed(0)
+    restored = fxprune.transform(model, POLICIES[name])
+    with torch.no_grad():
+        rows, positions = reduced(x)
+        expected = model.norm(_reduced_rows(restored, x))
+    torch.testing.assert_close(rows, expected, atol=1e-10, rtol=0)
+    sources = token_sources(reduced, x)[-1].sources  # [B, N', 17]
+    assert positions.shape == rows.shape[:2]
+    real = positions >= 0
+    assert (sources.gather(2, positions.clamp(min=0).unsqueeze(-1))[..., 0][real] > 0).all()  # one of its own
+    assert (sources.abs().sum(-1)[~real] == 0).all()  # −1: padding, which holds nothing
+    with torch.no_grad():
+        for i in range(x.shape[0]):
+            alone_rows, alone_positions = reduced(x[i:i + 1])
+            count = alone_positions.shape[1]
+            torch.testing.assert_close(rows[i:i + 1, :count], alone_rows, atol=1e-10, rtol=0)
+            assert torch.equal(positions[i:i + 1, :count], alone_positions)
+            assert (positions[i, count:] == -1).all()
+
+
+def test_without_restoring_keeping_every_token_returns_the_model_output_and_every_position():
+    model = _backbone()
+    x = _images()
+    rows, positions = fxprune.transform(model, fxprune.TopK(1.0, (1, 2)), restore=False)(x)
+    with torch.no_grad():
+        torch.testing.assert_close(rows, model(x), atol=1e-10, rtol=0)
+    assert torch.equal(positions, torch.arange(17).expand(3, -1))

@@ -65,16 +65,16 @@ def _check_stream(row: PlanRow, result: Rewrite) -> None:
 
 
 def apply_passes(
-    gm: fx.GraphModule, program: TokenProgram, rows: Sequence[PlanRow], train: bool = False
+    gm: fx.GraphModule, program: TokenProgram, rows: Sequence[PlanRow], train: bool = False, restore: bool = True
 ) -> fx.GraphModule:
     """Rewrite every planned block of ``gm``, take later blocks' position terms at the remaining rows' positions,
     thread token state through the blocks (sizes, positions), then give a dense output its original token
-    layout back."""
+    layout back (``restore=False``: return each row's original position beside it)."""
     rewrite_blocks(gm, program, rows, train)
     place_position_terms(gm, program, rows)
     thread_state(gm, program, rows)
     if not train:  # a training graph keeps every row
-        restore_layout(gm, program, rows)
+        restore_layout(gm, program, rows, restore)
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -19,21 +19,22 @@ from typing import TYPE_CHECKING
 import torch.fx as fx
 
 from ..analysis import TokenProgram, final_tokens, module_path
-from ..ops import op_of
+from ..ops import POSITIONS, initial_state, op_of
 from ..ops.restoring import first_rows, follow_rows, row_identity, token_states
-from .common import Role, insert_call, tag, tag_of
+from .common import Role, insert_call, stream_node, tag, tag_of
 
 if TYPE_CHECKING:
     from ..planning import PlanRow
 
-__all__ = ["restore_layout", "ROWS"]
+__all__ = ["restore_layout", "return_positions", "ROWS"]
 
 ROWS = "rows"  # the state name of the nodes this pass inserts
 
 
-def restore_layout(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[PlanRow]) -> None:
+def restore_layout(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[PlanRow], restore: bool = True) -> None:
     """Give a dense-output model the original token layout after its last block (see the module docstring); no
-    change when the output reads no patch rows one by one or no block changes the rows."""
+    change when the output reads no patch rows one by one or no block changes the rows. ``restore=False``: keep the
+    reduced rows and return, beside the model's output, each row's original position (:func:`return_positions`)."""
     if program.readout.patches != "dense" or not any(r.method is not None and r.method.reduces_tokens for r in rows):
         return
     end = _restore_point(program)
@@ -45,6 +46,9 @@ def restore_layout(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[Pla
         if _moves_rows(node):
             steps.setdefault(tag_of(node).block, []).append(node)
     if not steps:
+        return
+    if not restore:  # the channel follows each block's stream node (its rule includes the block's row choice)
+        return_positions(gm, program, [node for index in steps if (node := stream_node(gm, index)) is not None])
         return
     for index, nodes in steps.items():  # one row map per block: its stream functions in turn on the identity
         block, tokens = program.blocks[index], nodes[0].args[0]
@@ -62,6 +66,23 @@ def restore_layout(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[Pla
     last = program.blocks[max(steps)]
     restored = _insert(gm, end, token_states, (recorded, end, held), last, "restored_layout")
     end.replace_all_uses_with(restored, delete_user_cb=lambda user: user is not restored)
+
+
+def return_positions(gm: fx.GraphModule, program: TokenProgram, moves: Sequence[fx.Node]) -> None:
+    """Make ``gm`` return ``(output, positions)``: ``positions`` ``[B, N']`` the original index of each row of the
+    final tokens (the positions channel after the blocks' stream nodes ``moves``, in order: a row standing for
+    several patches has one of theirs, docs/methods.md; −1 for padding)."""
+    first = moves[0]
+    block = program.blocks[tag_of(first).block]
+    positions = _insert(gm, first.prev, initial_state, (block.input, POSITIONS), block, "first_positions")
+    for node in moves:
+        rule = op_of(node.target).follows_with(POSITIONS)
+        block = program.blocks[tag_of(node).block]
+        positions = _insert(gm, node, rule, (positions, *node.args[1:]), block, "positions", dict(node.kwargs))
+    output = gm.graph.output_node()
+    with gm.graph.inserting_before(output):
+        rows = gm.graph.call_function(operator.getitem, (positions, (Ellipsis, 0)))
+    output.update_arg(0, (output.args[0], rows))
 
 
 def _moves_rows(node: fx.Node) -> bool:
