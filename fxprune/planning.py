@@ -278,7 +278,7 @@ def make_plan(program: TokenProgram, policy: Policy | Compose) -> Plan:
     if program.readout.patches == "dense" and any(method_of(part).reduces_tokens for part in policy.policies()):
         notes.append(f"{DENSE_OUTPUT}: the original token layout is put back "
                      "after the last block (a kept or merged token takes the row that holds it, a dropped one its "
-                     "state entering the block that dropped it; docs/methods.md)")
+                     "state where its block dropped it; docs/methods.md)")
     return Plan(program.model_name, policy, tuple(rows), program.prefix_tokens, shape, tuple(notes))
 
 

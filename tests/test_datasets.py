@@ -54,3 +54,23 @@ def test_small_canvas_and_unknown_split_are_refused():
         DigitScenes("train", 1, size=32)
     with pytest.raises(ValueError, match="split"):
         DigitScenes("valid", 1)
+
+
+def test_patch_labels_mark_the_digits_ink_inside_its_box_and_the_distractors_outside_it():
+    data = DigitScenes("test", 30, seed=1)
+    counts = torch.zeros(3, dtype=torch.long)
+    for i in range(30):
+        scene = data.scene(i)
+        top, left, side = scene.box
+        assert scene.ink.shape == scene.distractors.shape == (64, 64)
+        assert scene.ink.any() and not (scene.ink & scene.distractors).any()
+        inside = torch.zeros(64, 64, dtype=torch.bool)
+        inside[top:top + side, left:left + side] = True
+        assert not (scene.ink & ~inside).any()  # the digit's ink lies in its box
+        assert (scene.image.amax(0)[scene.ink] > 0.15).all()  # and is drawn there
+        labels = scene.patch_labels()
+        assert labels.shape == (64,)
+        share = scene.ink.float().view(8, 8, 8, 8).mean(dim=(1, 3)).flatten()
+        assert torch.equal(labels == 1, share >= 1 / 8)
+        counts += torch.bincount(labels, minlength=3)
+    assert (counts > 0).all() and counts[0] > counts[1]  # background, digit and distractor patches all occur

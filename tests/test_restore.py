@@ -1,6 +1,6 @@
 """A dense output (every token) gets the original token layout back after the last block: each original token takes
-the row that holds it (its own, or the one it was merged into), or, once dropped, its state entering the block that
-dropped it. Budget: about 20 s."""
+the row that holds it (its own, or the one it was merged into), or, once dropped, its state where its block dropped it
+(the block's input for a selection made before the attention, after the attention for EViT's). Budget: about 20 s."""
 
 import pytest
 import timm
@@ -62,23 +62,31 @@ def test_each_token_takes_the_row_that_holds_it_and_each_image_gets_what_it_gets
     torch.testing.assert_close(out, alone, atol=1e-10, rtol=0)
     rows = model.norm(_reduced_rows(gm, x))
     sources = token_sources(gm, x)[-1].sources  # [B, N', 17]: what each remaining row is made of
+    if name == "evit":  # a fused token (a row of several sources) sums dropped tokens but holds none of them
+        sources = sources * ((sources > 0).sum(-1, keepdim=True) == 1)
     holder = sources.argmax(dim=1)
     held = sources.amax(dim=1) > 0
     for b in range(x.shape[0]):
         for j in range(17):
             if held[b, j]:
                 torch.testing.assert_close(out[b, j], rows[b, holder[b, j]], atol=1e-10, rtol=0)
-    assert held.all() if name in ("evit", "tome") else not held.all()  # fused or merged: every token is held
+    assert held.all() if name == "tome" else not held.all()  # merged: every token is held
 
 
-def test_a_token_top_k_drops_keeps_its_state_entering_the_block_that_dropped_it():
+@pytest.mark.parametrize("policy, after_attention", [(fxprune.TopK(0.5, (1,)), False), (fxprune.EViT(0.5, (1,)), True)],
+                         ids=["topk", "evit"])
+def test_a_dropped_token_keeps_its_state_where_its_block_dropped_it(policy, after_attention):
     model = _backbone()
-    gm = fxprune.transform(model, fxprune.TopK(0.5, (1,)))
+    gm = fxprune.transform(model, policy)
     x = _images(1)
     with torch.no_grad():
         entering = model.blocks[0](model._pos_embed(model.patch_embed(x)))  # the stream entering block 1
+        if after_attention:  # EViT selects after the block's attention (its fused token needs every row's)
+            block = model.blocks[1]
+            entering = entering + block.drop_path1(block.ls1(block.attn(block.norm1(entering))))
         out = gm(x)
-    dropped = (token_sources(gm, x)[-1].sources.amax(dim=1) == 0)[0].nonzero().flatten()
+    kept = token_sources(gm, x)[-1].sources[0, :9]  # the prefix and the 8 kept rows (EViT's fused row after them)
+    dropped = (kept.amax(dim=0) == 0).nonzero().flatten()
     assert len(dropped) == 8
     torch.testing.assert_close(out[0, dropped], model.norm(entering)[0, dropped], atol=1e-10, rtol=0)
 

@@ -6,7 +6,7 @@ from .merging import size_bias, tome_merge, tome_merge_positions, tome_merged_to
 from .pooling import size_weighted_mean
 from .positions import at_positions
 from .pruning import gumbel_keep, keep_rows, policy_attention, softmax_with_policy, with_prefix
-from .registry import KEEP, POSITIONS, SIZES, GraphOp, follows, graph_functions, graph_op, op_of
+from .registry import KEEP, POSITIONS, ROWS, SIZES, GraphOp, follows, graph_functions, graph_op, op_of
 from .sampling import ats_budget, ats_index, ats_pad, ats_pad_positions, ats_picks, ats_significance, gather_queries
 from .scoring import (
     class_attention,
@@ -32,5 +32,5 @@ __all__ = [
     "gather_tokens", "initial_state", "clustered_attention", "cluster_keys_values", "padded_cluster_keys_values",
     "keep_rows", "gumbel_keep", "size_weighted_mean", "at_positions", "with_prefix", "softmax_with_policy",
     "policy_attention",
-    "GraphOp", "graph_op", "follows", "op_of", "graph_functions", "SIZES", "POSITIONS", "KEEP",
+    "GraphOp", "graph_op", "follows", "op_of", "graph_functions", "SIZES", "POSITIONS", "KEEP", "ROWS",
 ]

@@ -10,7 +10,9 @@ declaration says what later stages need to know without looking at the function:
 * ``carries``: the token-state channels (``"sizes"``, ``"positions"``, per-row ``[B, N, 1]`` tensors) that follow
   it by applying the function itself to the state: ``f(state, *args)`` (a row gather). Other channels follow by a
   function declared with :func:`follows`, called as ``g(state, *args[1:], **kwargs)`` with the stream call's
-  arguments. A sized op carries ``"sizes"`` itself.
+  arguments. A sized op carries ``"sizes"`` itself. ``"rows"`` (its row map, for restoring a dense output's
+  token layout) is the function itself on the identity unless a rule says otherwise (EViT's fused token
+  summarises the dropped rows, it does not hold them).
 * ``reads_mask``: it reads the attention's per-key bias as its ``attn_mask`` keyword (scores, clustering),
   so a bias added to that attention later must reach it too.
 * ``padding``: the keyword that, in a padded batch (padding has size 0 and comes after each image's own rows),
@@ -28,11 +30,12 @@ import dataclasses
 from collections.abc import Callable
 from typing import TypeVar
 
-__all__ = ["GraphOp", "graph_op", "follows", "op_of", "graph_functions", "SIZES", "POSITIONS", "KEEP"]
+__all__ = ["GraphOp", "graph_op", "follows", "op_of", "graph_functions", "SIZES", "POSITIONS", "KEEP", "ROWS"]
 
 SIZES = "sizes"  # patches each row stands for; 0 marks padding
 POSITIONS = "positions"  # the index of each row in the first block's input; -1 for a row made of several
 KEEP = "keep"  # a training graph's keep policy: 1 kept, 0 dropped but not removed (attention ignores it as a key)
+ROWS = "rows"  # a stream function's row map: its result on the identity over its input rows (a dense output's layout)
 
 F = TypeVar("F", bound=Callable)
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .ordering import stable_argsort
-from .registry import KEEP, POSITIONS, SIZES, follows, graph_op
+from .registry import KEEP, POSITIONS, ROWS, SIZES, follows, graph_op
 
 
 def evit_kept_tokens(candidates: int, keep_rate: float) -> int:
@@ -154,6 +154,17 @@ def evit_select_sizes(
         return kept
     fused = sizes.sum(1, keepdim=True) - kept.sum(1, keepdim=True)
     return _with_fused(kept, fused, size, keep_rate, num_prefix)
+
+
+@follows(evit_select, ROWS)
+def evit_select_rows(
+    identity: Tensor, scores: Tensor, keep_rate: float, num_prefix: int, fuse: bool, size: Tensor | None = None
+) -> Tensor:
+    """The row map of :func:`evit_select` with the same arguments, on the identity over its input rows: the kept
+    tokens' rows only. The fused token summarises the dropped tokens (Σ aⱼxⱼ over all of them) but stands for none
+    of them, so a restored layout gives each dropped token its state when it was dropped (a better stand-in for a
+    patch under a dense head, BENCHMARKS.md "Dense outputs"); the kept rows come first either way."""
+    return evit_select(identity, scores, keep_rate, num_prefix, False, size)
 
 
 @follows(evit_select, POSITIONS)

@@ -6,7 +6,9 @@ After the rewrites, each reducing block's stream node is also applied to the ide
 stream, say which row holds each original token (:func:`~fxprune.ops.restoring.follow_rows`), and each
 reduction records the state of every token it receives (:func:`~fxprune.ops.restoring.token_states`). After the
 last block the stream is replaced by the original layout: each token's holding row (kept, or the row it was merged
-into), or, once dropped, its state when it was dropped. Everything is static in shape: per image in a padded
+into), or, once dropped, its state where its block dropped it (the value the block's selection read: its input
+for a selection made before the attention, EViT's after it; EViT's fused token holds no token, its row map
+leaves it out: ``fxprune.ops.selection.evit_select_rows``). Everything is static in shape: per image in a padded
 batch, one graph under ``torch.compile``, and the MACs of the extra nodes count in their blocks.
 """
 
@@ -19,16 +21,14 @@ from typing import TYPE_CHECKING
 import torch.fx as fx
 
 from ..analysis import TokenProgram, final_tokens, module_path
-from ..ops import POSITIONS, initial_state, op_of
+from ..ops import POSITIONS, ROWS, initial_state, op_of
 from ..ops.restoring import first_rows, follow_rows, row_identity, token_states
 from .common import Role, insert_call, stream_node, tag, tag_of
 
 if TYPE_CHECKING:
     from ..planning import PlanRow
 
-__all__ = ["restore_layout", "return_positions", "ROWS"]
-
-ROWS = "rows"  # the state name of the nodes this pass inserts
+__all__ = ["restore_layout", "return_positions"]
 
 
 def restore_layout(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[PlanRow], restore: bool = True) -> None:
@@ -58,7 +58,8 @@ def restore_layout(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[Pla
         recorded = anchor = _insert(gm, anchor, token_states, (recorded, tokens, held), block, "token_states")
         mapped = anchor = _insert(gm, anchor, row_identity, (tokens,), block, "row_identity")
         for node in nodes:  # each right before its stream function, whose arguments are computed by then
-            mapped = anchor = _insert(gm, node.prev, node.target, (mapped, *node.args[1:]), block, "row_map",
+            rule = op_of(node.target).follows_with(ROWS) or node.target
+            mapped = anchor = _insert(gm, node.prev, rule, (mapped, *node.args[1:]), block, "row_map",
                                       dict(node.kwargs))
             if op_of(node.target).sized:
                 mapped = anchor = _insert(gm, anchor, operator.getitem, (mapped, 0), block, "row_map_rows")

@@ -68,13 +68,30 @@ def _colour(rng: np.random.Generator, low: float) -> np.ndarray:
     return colour
 
 
+INK = 0.3  # a pixel whose pasted intensity (before colour and noise) exceeds this is ink
+
+
 @dataclasses.dataclass(frozen=True)
 class Scene:
-    """One scene: the image ``[3, S, S]``, its label and the digit's box ``(top, left, size)`` in pixels."""
+    """One scene: the image ``[3, S, S]``, its label, the digit's box ``(top, left, size)`` in pixels and where ink
+    was pasted: ``ink`` ``[S, S]`` the digit's, ``distractors`` ``[S, S]`` the fragments' (pasted intensity above
+    :data:`INK`)."""
 
     image: torch.Tensor
     label: int
     box: tuple[int, int, int]
+    ink: torch.Tensor
+    distractors: torch.Tensor
+
+    def patch_labels(self, patch: int = 8) -> torch.Tensor:
+        """Per ``patch × patch`` patch, row-major ``[(S / patch)²]``: 1 where at least an eighth of its pixels are the
+        digit's ink, else 2 where as many are a distractor's, else 0 (background)."""
+        def share(mask: torch.Tensor) -> torch.Tensor:
+            side = mask.shape[0] // patch
+            return mask.float().view(side, patch, side, patch).mean(dim=(1, 3)).flatten()
+
+        digit, distractor = share(self.ink) >= 1 / 8, share(self.distractors) >= 1 / 8
+        return torch.where(digit, 1, torch.where(distractor, 2, 0))
 
 
 class DigitScenes(Dataset):
@@ -116,20 +133,25 @@ class DigitScenes(Dataset):
             raise IndexError(index)
         rng = np.random.default_rng([self.seed, _SPLITS.index(self.split), index])
         canvas = np.zeros((3, self.size, self.size), dtype=np.float32)
+        distractors = np.zeros((self.size, self.size), dtype=bool)
         for _ in range(rng.integers(self.fragments[0], self.fragments[1] + 1)):
-            self._paste_fragment(canvas, rng)
+            self._paste_fragment(canvas, distractors, rng)
         source = rng.integers(len(self.images))
         side = int(rng.integers(self.digit_size[0], self.digit_size[1] + 1))
         top, left = (int(v) for v in rng.integers(0, self.size - side + 1, size=2))
         digit = _distort(self.images[source], side, self.distortion, rng)
         region = canvas[:, top : top + side, left : left + side]
         np.maximum(region, digit[None] * _colour(rng, 0.8)[:, None, None], out=region)
+        ink = np.zeros((self.size, self.size), dtype=bool)
+        ink[top : top + side, left : left + side] = digit > INK
         canvas += rng.normal(0.0, self.noise, size=canvas.shape).astype(np.float32)
         image = torch.from_numpy(np.clip(canvas, 0.0, 1.0))
-        return Scene(image, int(self.labels[source]), (top, left, side))
+        return Scene(image, int(self.labels[source]), (top, left, side), torch.from_numpy(ink),
+                     torch.from_numpy(distractors & ~ink))
 
-    def _paste_fragment(self, canvas: np.ndarray, rng: np.random.Generator) -> None:
-        """A dimmer piece (at most 4×4 of 8×8) of a random digit, enlarged like a real digit, at a random place."""
+    def _paste_fragment(self, canvas: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> None:
+        """A dimmer piece (at most 4×4 of 8×8) of a random digit, enlarged like a real digit, at a random place;
+        ``mask`` marks its ink."""
         digit = self.images[rng.integers(len(self.images))]
         h, w = (int(v) for v in rng.integers(2, 5, size=2))
         r, c = int(rng.integers(0, 9 - h)), int(rng.integers(0, 9 - w))
@@ -139,3 +161,4 @@ class DigitScenes(Dataset):
         left = int(rng.integers(0, self.size - piece.shape[1] + 1))
         region = canvas[:, top : top + piece.shape[0], left : left + piece.shape[1]]
         np.maximum(region, piece[None] * (0.6 * _colour(rng, 0.5))[:, None, None], out=region)
+        mask[top : top + piece.shape[0], left : left + piece.shape[1]] |= piece > INK
