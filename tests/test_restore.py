@@ -161,3 +161,29 @@ def test_without_restoring_keeping_every_token_returns_the_model_output_and_ever
     with torch.no_grad():
         torch.testing.assert_close(rows, model(x), atol=1e-10, rtol=0)
     assert torch.equal(positions, torch.arange(17).expand(3, -1))
+
+
+def test_the_macs_count_the_row_maps_of_the_restoration():
+    model = _backbone()
+    x = _images(1)
+    for policy in (fxprune.ToMe(3, (1, 2)), fxprune.EViT(0.5, (1, 2))):
+        restored = fxprune.flops(fxprune.transform(model, policy), x)
+        reduced = fxprune.flops(fxprune.transform(model, policy, restore=False), x)
+        assert restored > reduced
+
+
+def test_a_torchvision_feature_extractor_gets_the_layout_back():
+    from torchvision.models import VisionTransformer
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(image_size=32, patch_size=8, num_layers=4, num_heads=2, hidden_dim=32, mlp_dim=64)
+    backbone = create_feature_extractor(vit.eval(), {"encoder": "tokens"}).double()  # {"tokens": [B, 17, 32]}
+    x = _images()
+    example = (x[:2],)  # a feature extractor declares no input size
+    with torch.no_grad():
+        expected = backbone(x)["tokens"]
+        same = fxprune.transform(backbone, fxprune.TopK(1.0, (1, 2)), example)(x)["tokens"]
+        reduced = fxprune.transform(backbone, fxprune.TopK(0.5, (1, 2)), example)(x)["tokens"]
+    torch.testing.assert_close(same, expected, atol=1e-10, rtol=0)
+    assert reduced.shape == expected.shape

@@ -58,13 +58,19 @@ class TraceInfo:
         return "\n".join(lines)
 
 
+def _fxprune_trace(model: nn.Module) -> TraceInfo | None:
+    """The capture record of a graph returned by fxprune, or None (any other module, or a graph module made
+    elsewhere, which may have no ``meta`` at all: torchvision's feature extractors)."""
+    return getattr(model, "meta", {}).get("fxprune_trace") if isinstance(model, fx.GraphModule) else None
+
+
 def default_example_inputs(model: nn.Module, batch_size: int = 2) -> tuple[torch.Tensor]:
     """An image batch ``[batch_size, C, H, W]`` of the size ``model`` declares (timm, torchvision, HF),
     or of the size a graph returned by fxprune was captured with."""
     param = next(model.parameters(), None)
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     device = param.device if param is not None else "cpu"
-    info = model.meta.get("fxprune_trace") if isinstance(model, fx.GraphModule) else None
+    info = _fxprune_trace(model)
     if info is not None:
         return tuple(torch.randn(batch_size, *shape[1:], dtype=dtype, device=device) for shape in info.example_shapes)
     size = _declared_image_size(model)
@@ -310,7 +316,7 @@ def trace(
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected an nn.Module, got {type(model).__name__}")
     example_inputs = tuple(example_inputs) if example_inputs is not None else default_example_inputs(model)
-    if isinstance(model, fx.GraphModule) and "fxprune_trace" in model.meta:
+    if _fxprune_trace(model) is not None:
         return _recapture(model, example_inputs, copy_weights)
     root = _copy_model(model, copy_weights)
     info = TraceInfo(type(model).__name__, [tuple(t.shape) for t in example_inputs])
