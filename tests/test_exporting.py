@@ -94,3 +94,15 @@ def test_skipping_adavit_is_refused_and_its_masked_form_exports(tiny, tmp_path):
 def test_an_unknown_format_is_refused_naming_the_choices(tiny, tmp_path):
     with pytest.raises(ExportError, match=r"unknown export format None .*onnx, pt2, aoti"):
         fxprune.export(tiny, _inputs(), tmp_path / "model.bin")
+
+
+def test_a_dense_output_exports_with_its_layout_restored(tmp_path):
+    import timm
+
+    torch.manual_seed(0)
+    backbone = timm.create_model("deit_small_patch16_224", img_size=32, patch_size=8, depth=3, embed_dim=64,
+                                 num_heads=2, num_classes=0, global_pool="").eval()
+    gm = fxprune.transform(backbone, fxprune.ATS(0.5, (1, 2)))
+    exported = export(gm, _inputs(), tmp_path / "ats_dense.onnx")
+    assert all(e <= 1e-4 for _, e in exported.errors)
+    assert load(tmp_path / "ats_dense.onnx")[0](_inputs(4))[0].shape == (4, 17, 64)
