@@ -1,7 +1,7 @@
 """MACs in the papers' convention (fvcore: one multiply-add = one op, reported as "GFLOPs").
 
 Counted at the ATen level while the model runs, so every op is seen whatever module or fxprune op it
-comes from: matrix products (``mm``, ``addmm``, ``bmm``, ``baddbmm``; biases not counted),
+comes from: matrix products (``mm``, ``addmm``, ``bmm``, ``baddbmm``, in place or not; biases not counted),
 convolutions (output elements × input channels per group × kernel size), fused attention
 (``B·H·Nq·Nk·(d + d_v)``, i.e. ``2·B·H·Nq·Nk·d`` for equal widths; ``FlopCounterMode`` counts 0 for the CPU
 kernel; ``nn.MultiheadAttention``'s fused inference kernel is counted too) and layer/group norms (5 ops
@@ -70,10 +70,9 @@ def _native_mha(args: tuple, out: Any) -> int:
 
 _COUNTERS = {
     aten._native_multi_head_attention.default: _native_mha,
-    aten.mm.default: _mm,
-    aten.addmm.default: _mm,
-    aten.bmm.default: _bmm,
-    aten.baddbmm.default: _bmm,
+    **{op: _mm for op in (aten.mm.default, aten.mm.out, aten.addmm.default, aten.addmm_.default, aten.addmm.out)},
+    **{op: _bmm for op in (aten.bmm.default, aten.bmm.out, aten.baddbmm.default, aten.baddbmm_.default,
+                           aten.baddbmm.out)},
     aten.convolution.default: _convolution,
     aten.native_layer_norm.default: _layer_norm,
     aten.native_group_norm.default: _group_norm,

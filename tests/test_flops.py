@@ -62,3 +62,15 @@ def test_counting_under_inference_mode_is_refused_rather_than_zero():
     with pytest.raises(fxprune.FxPruneError, match="inference_mode"):
         with torch.inference_mode(), MacCounter():
             model(torch.zeros(1, 3, 32, 32))
+
+
+def test_products_in_place_or_into_an_output_count_as_products():
+    a, b, c = torch.randn(4, 5), torch.randn(5, 6), torch.randn(4, 6)
+    batched, other = torch.randn(2, 4, 5), torch.randn(2, 5, 6)
+    with torch.no_grad(), MacCounter() as counter:
+        c.addmm_(a, b)
+        torch.mm(a, b, out=torch.empty(4, 6))
+        torch.addmm(c, a, b, out=torch.empty(4, 6))
+        torch.randn(2, 4, 6).baddbmm_(batched, other)
+        torch.bmm(batched, other, out=torch.empty(2, 4, 6))
+    assert counter.total == 3 * 4 * 5 * 6 + 2 * 2 * 4 * 5 * 6

@@ -339,13 +339,19 @@ def test_layers_on_some_heads_equal_the_full_layer_with_the_other_heads_zeroed(h
     channels = [c for h in heads for c in range(h * head_dim, (h + 1) * head_dim)]
     zeroed = torch.zeros_like(x)
     zeroed[..., channels] = x[..., channels] * factor
-    got = project_head_channels(x, weight, bias, used, head_dim, factor)
+    used_macs = batch * rows * len(channels) * weight.shape[0]  # the products on the used channels, all counted
+    with MacCounter() as counter:
+        got = project_head_channels(x, weight, bias, used, head_dim, factor)
+    assert counter.total == used_macs
     torch.testing.assert_close(got, F.linear(zeroed, weight, bias))
     table = tuple(tuple(range(h * head_dim, (h + 1) * head_dim)) for h in range(num_heads))
     per_head = x.view(batch, rows, num_heads, head_dim).transpose(1, 2).index_select(1, used)
     zeroed = torch.zeros_like(x)
     zeroed[..., channels] = x[..., channels]
-    torch.testing.assert_close(project_from_heads(per_head, weight, bias, table, used), F.linear(zeroed, weight, bias))
+    with MacCounter() as counter:
+        got = project_from_heads(per_head, weight, bias, table, used)
+    assert counter.total == used_macs
+    torch.testing.assert_close(got, F.linear(zeroed, weight, bias))
 
 
 def test_the_order_computed_for_export_is_the_stable_sort_whatever_the_ties(monkeypatch):

@@ -349,8 +349,7 @@ def _slice_used_heads(gm: fx.GraphModule, block: Block, parts: BlockParts, decis
     batch 1) there are no factors."""
     site, head_dim = block.attention, block.attention.head_dim
     used = insert_call(gm, decisions.channels, used_heads, (decisions.per_head,), {}, block, "used_heads")
-    chosen = insert_call(gm, used, select_heads, (decisions.heads, used), {}, block, "chosen_heads")
-    varying = insert_call(gm, chosen, varying_heads, (chosen,), {}, block, "varying_heads")
+    varying = insert_call(gm, used, varying_heads, (decisions.heads, used), {}, block, "varying_heads")
     factor = insert_call(gm, varying, head_gate, (varying,), {}, block, "used_head_factor")
     channels = insert_call(gm, factor, channel_gate, (varying, head_dim), {}, block, "used_channel_factor")
     inputs = list(site.node.args[:3])

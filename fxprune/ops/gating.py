@@ -57,14 +57,17 @@ def channel_gate(heads: Tensor | None, head_dim: int) -> Tensor | None:
     return None if heads is None else heads.repeat_interleave(head_dim, dim=1)[:, None, :]
 
 
-def _always_varies(chosen: Tensor) -> Tensor:
-    return chosen
+def _always_varies(heads: Tensor, used: Tensor) -> Tensor:
+    return heads
 
 
 @graph_op(worst_case=_always_varies)
-def varying_heads(chosen: Tensor) -> Tensor | None:
-    """Each image's decisions ``[B, h]`` on the heads some image uses, or None when every image uses all of them
-    (always at batch 1): then they need no factor."""
+def varying_heads(heads: Tensor, used: Tensor) -> Tensor | None:
+    """Each image's decisions ``[B, h]`` on the heads ``used`` ``[h]`` that some image uses (``heads`` ``[B, H]``),
+    or None when every image uses all of them (always at batch 1, read without data): then they need no factor."""
+    if heads.shape[0] == 1:
+        return None
+    chosen = heads.index_select(1, used)
     return None if bool(chosen.all()) else chosen
 
 
@@ -129,6 +132,8 @@ def used_layout(
     padding). When no image uses it: no images (``empty``, for a sub-layer that is then not run), or one slot of
     image 0 that is not valid (shapes are never empty: the sub-layer runs on one row whose result is dropped). The
     shapes depend on the data (eager only)."""
+    if rows.shape[0] == 1:
+        return _used_layout_of_one(rows, sublayers, which, empty)
     images = None
     if sublayers is not None and not bool(sublayers[:, which].all()):
         images = sublayers[:, which].nonzero().flatten()
@@ -146,6 +151,18 @@ def used_layout(
     order = (~used).to(torch.uint8).argsort(dim=1, stable=True)[:, : int(count.max())]
     valid = torch.arange(order.shape[1], device=rows.device) < count[:, None]
     return images, torch.where(valid, order, 0), valid
+
+
+def _used_layout_of_one(
+    rows: Tensor, sublayers: Tensor | None, which: int, empty: bool
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """:func:`used_layout` of one image (``rows`` ``[1, N, 1]``), from the fewest ops: its used rows need no
+    padding, and a sub-layer it does not use has no images or one invalid slot."""
+    if sublayers is not None and not sublayers[0, which].item():
+        nothing = torch.zeros(1, 1, dtype=torch.long, device=rows.device)
+        return (nothing[0, :0], None, None) if empty else (nothing[0], nothing, nothing.bool())
+    index = (rows[0, :, 0] > 0.5).nonzero().T
+    return None, (None if index.shape[1] == rows.shape[1] else index), None
 
 
 @graph_op()
@@ -196,7 +213,7 @@ def add_used_rows(
     if index is None:
         return residual + update if images is None else residual.index_add(0, images, update)
     if valid is None and residual.shape[0] == 1 and index.shape[0] == 1:  # one image, no padding
-        return residual.index_add(1, index[0], update)
+        return residual[0].index_add(0, index[0], update[0])[None]
     if images is None:
         images = torch.arange(residual.shape[0], device=residual.device)
     tokens = residual.shape[1]
@@ -214,7 +231,8 @@ def _all_heads(per_head: Tensor) -> Tensor:
 @graph_op(worst_case=_all_heads)
 def used_heads(per_head: Tensor) -> Tensor:
     """The heads any image uses (``per_head`` ``[b, H, 1, 1]``): indices ``[h]``."""
-    return per_head.flatten(1).amax(dim=0).nonzero().flatten()
+    used = per_head.flatten() if per_head.shape[0] == 1 else per_head.flatten(1).amax(dim=0)
+    return used.nonzero().flatten()
 
 
 @graph_op()
@@ -316,7 +334,7 @@ def _linear_on_columns(
     of ``factor`` ``[…, Σ length]`` (None: as they are): ``[…, out]``. One product per run on a view of the weight's
     columns, summed (a gathered copy of strided columns costs more than the product it feeds)."""
     out_features, rows = weight.shape[0], math.prod(x.shape[:-1])
-    total = None if bias is None else bias.expand(rows, out_features)
+    total = None
     offset = 0
     for (first, length), start in zip(columns, starts):
         part = x.narrow(-1, start, length)
@@ -324,11 +342,14 @@ def _linear_on_columns(
             part = part * factor.narrow(-1, offset, length)
         columns_t = weight.narrow(1, first, length).t()
         part = part.reshape(rows, length)
-        total = part @ columns_t if total is None else torch.addmm(total, part, columns_t)
+        if total is None:  # the first run makes the sum (with the bias); the others add to it in place
+            total = part @ columns_t if bias is None else torch.addmm(bias, part, columns_t)
+        else:
+            total.addmm_(part, columns_t)
         offset += length
     if total is None:
-        total = x.new_zeros(rows, out_features)
-    return total.contiguous().view(*x.shape[:-1], out_features)
+        total = x.new_zeros(rows, out_features) if bias is None else bias.expand(rows, out_features).clone()
+    return total.view(*x.shape[:-1], out_features)
 
 
 def _starts(runs: Sequence[tuple[int, int]]) -> list[int]:
