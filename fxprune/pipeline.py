@@ -196,7 +196,7 @@ def transform(
 
     A model whose output is every token (a dense output) gets the original token layout back after its last
     block; ``restore=False`` returns ``(output, positions)`` instead: the reduced rows, and each row's original
-    index ``[B, N']`` (−1 for padding).
+    index ``[B, N']`` (−1 for padding), on the layout's static ``N'`` rows whatever the batch (padding rows zero).
     """
     gm, the_plan = rewrite(model, policy, example_inputs, copy_weights, restore=restore)
     if verbose:

@@ -106,3 +106,9 @@ def test_a_dense_output_exports_with_its_layout_restored(tmp_path):
     exported = export(gm, _inputs(), tmp_path / "ats_dense.onnx")
     assert all(e <= 1e-4 for _, e in exported.errors)
     assert load(tmp_path / "ats_dense.onnx")[0](_inputs(4))[0].shape == (4, 17, 64)
+    reduced = fxprune.transform(backbone, fxprune.ATS(0.5, (1, 2)), restore=False)  # rows and positions
+    exported = export(reduced, _inputs(), tmp_path / "ats_rows.onnx")
+    assert all(e <= 1e-4 for _, e in exported.errors)
+    rows, positions = load(tmp_path / "ats_rows.onnx")[0](_inputs(4))
+    width = reduced.fxprune_plan.rows[-1].tokens_out
+    assert rows.shape == (4, width, 64) and positions.shape == (4, width)

@@ -125,10 +125,11 @@ def test_the_layout_is_put_back_before_the_final_norm_and_compiles_as_one_graph(
     model = _backbone().float()
     assert _restore_point(fxprune.analyse(model)).name != "norm"  # the last block's output, which the norm reads
     assert_compiles_once(fxprune.transform(model, fxprune.ATS(0.5, (1, 2))), model)
+    assert_compiles_once(fxprune.transform(model, fxprune.ATS(0.5, (1, 2)), restore=False), model)  # same shapes
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))
-def test_without_restoring_the_reduced_rows_come_with_each_rows_original_position(name):
+def test_without_restoring_the_reduced_rows_come_with_each_rows_original_position_on_the_static_rows(name):
     model = _backbone()
     x = _images()
     torch.manual_seed(0)  # DynamicViT's untrained predictors: the same in both transforms
@@ -138,20 +139,20 @@ def test_without_restoring_the_reduced_rows_come_with_each_rows_original_positio
     restored = fxprune.transform(model, POLICIES[name])
     with torch.no_grad():
         rows, positions = reduced(x)
-        expected = model.norm(_reduced_rows(restored, x))
-    torch.testing.assert_close(rows, expected, atol=1e-10, rtol=0)
-    sources = token_sources(reduced, x)[-1].sources  # [B, N', 17]
-    assert positions.shape == rows.shape[:2]
+        expected = model.norm(_reduced_rows(restored, x))  # eager: the batch's largest count of rows
+    width, count = reduced.fxprune_plan.rows[-1].tokens_out, expected.shape[1]
+    assert rows.shape == (x.shape[0], width, expected.shape[2]) and positions.shape == (x.shape[0], width)
     real = positions >= 0
-    assert (sources.gather(2, positions.clamp(min=0).unsqueeze(-1))[..., 0][real] > 0).all()  # one of its own
-    assert (sources.abs().sum(-1)[~real] == 0).all()  # −1: padding, which holds nothing
+    torch.testing.assert_close(rows[:, :count], expected.where(real[:, :count, None], 0), atol=1e-10, rtol=0)
+    assert (rows[:, count:] == 0).all() and (positions[:, count:] == -1).all()  # the static layout's padding
+    sources = token_sources(reduced, x)[-1].sources  # [B, N_eager, 17]
+    assert (sources.gather(2, positions[:, :count].clamp(min=0).unsqueeze(-1))[..., 0][real[:, :count]] > 0).all()
+    assert (sources.abs().sum(-1)[~real[:, :count]] == 0).all()  # −1: padding, which holds nothing
     with torch.no_grad():
-        for i in range(x.shape[0]):
+        for i in range(x.shape[0]):  # the same shape alone as in a batch
             alone_rows, alone_positions = reduced(x[i:i + 1])
-            count = alone_positions.shape[1]
-            torch.testing.assert_close(rows[i:i + 1, :count], alone_rows, atol=1e-10, rtol=0)
-            assert torch.equal(positions[i:i + 1, :count], alone_positions)
-            assert (positions[i, count:] == -1).all()
+            torch.testing.assert_close(rows[i:i + 1], alone_rows, atol=1e-10, rtol=0)
+            assert torch.equal(positions[i:i + 1], alone_positions)
 
 
 def test_without_restoring_keeping_every_token_returns_the_model_output_and_every_position():

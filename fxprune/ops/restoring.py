@@ -50,3 +50,16 @@ def token_states(recorded: Tensor | None, x: Tensor, rows: Tensor) -> Tensor:
         return x
     taken = x.gather(1, rows.clamp(min=0).unsqueeze(-1).expand(-1, -1, x.shape[-1]))
     return torch.where((rows >= 0).unsqueeze(-1), taken, recorded)
+
+
+@graph_op()
+def pad_reduced_rows(x: Tensor, positions: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """The reduced rows ``x`` ``[B, K, C]`` and their original positions ``[B, K]`` (−1: padding) on ``width``
+    rows, the layout's static count (what a compiled or exported graph has), padding rows zero with position −1:
+    ``([B, width, C], [B, width])``. Eager graphs pad a batch only to its largest count; this makes the output's
+    shape independent of the batch and of the mode."""
+    missing = width - x.shape[1]
+    if missing > 0:
+        x = torch.cat([x, x.new_zeros(x.shape[0], missing, *x.shape[2:])], dim=1)
+        positions = torch.cat([positions, positions.new_full((positions.shape[0], missing), -1)], dim=1)
+    return x.masked_fill((positions < 0)[..., None], 0), positions

@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING
 import torch.fx as fx
 
 from ..analysis import TokenProgram, final_tokens, module_path
+from ..capture.values import propagate
 from ..ops import POSITIONS, ROWS, initial_state, op_of
-from ..ops.restoring import first_rows, follow_rows, row_identity, token_states
+from ..ops.restoring import first_rows, follow_rows, pad_reduced_rows, row_identity, token_states
 from .common import Role, insert_call, stream_node, tag, tag_of
 
 if TYPE_CHECKING:
@@ -72,7 +73,8 @@ def restore_layout(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[Pla
 def return_positions(gm: fx.GraphModule, program: TokenProgram, moves: Sequence[fx.Node]) -> None:
     """Make ``gm`` return ``(output, positions)``: ``positions`` ``[B, N']`` the original index of each row of the
     final tokens (the positions channel after the blocks' stream nodes ``moves``, in order: a row standing for
-    several patches has one of theirs, docs/methods.md; −1 for padding)."""
+    several patches has one of theirs, docs/methods.md; −1 for padding). Both are padded to the layout's static
+    row count ``N'`` whatever the batch (padding rows zero), as compiled and exported graphs have them."""
     first = moves[0]
     block = program.blocks[tag_of(first).block]
     positions = _insert(gm, first.prev, initial_state, (block.input, POSITIONS), block, "first_positions")
@@ -80,10 +82,18 @@ def return_positions(gm: fx.GraphModule, program: TokenProgram, moves: Sequence[
         rule = op_of(node.target).follows_with(POSITIONS)
         block = program.blocks[tag_of(node).block]
         positions = _insert(gm, node, rule, (positions, *node.args[1:]), block, "positions", dict(node.kwargs))
+    rows = _insert(gm, positions, operator.getitem, (positions, (Ellipsis, 0)), block, "row_positions")
     output = gm.graph.output_node()
-    with gm.graph.inserting_before(output):
-        rows = gm.graph.call_function(operator.getitem, (positions, (Ellipsis, 0)))
     output.update_arg(0, (output.args[0], rows))
+    final = final_tokens(program)
+    if final is None:
+        return
+    width = propagate(gm, store=False)[rows].shape[1]  # the static count: fake values take the worst case
+    padded = _insert(gm, final, pad_reduced_rows, (final, rows, width), program.blocks[-1], "padded_rows")
+    tokens = _insert(gm, padded, operator.getitem, (padded, 0), program.blocks[-1], "padded_tokens")
+    padded_positions = _insert(gm, tokens, operator.getitem, (padded, 1), program.blocks[-1], "padded_positions")
+    final.replace_all_uses_with(tokens, delete_user_cb=lambda user: user is not padded)
+    output.replace_input_with(rows, padded_positions)
 
 
 def _moves_rows(node: fx.Node) -> bool:
