@@ -59,6 +59,26 @@ def test_bench_and_show_run_on_the_embedded_benchmark(capsys, tmp_path):
     assert (tmp_path / "c.png").exists()
 
 
+def test_show_dense_draws_the_true_and_predicted_patch_masks_of_each_policy(capsys, tmp_path):
+    out_path = tmp_path / "masks.png"
+    assert main(["show", "--dense", "--images", "12", "--scenes", "2", "--probe-scenes", "60", "--policy",
+                 "topk:keep=1,layers=1", "--policy", "tome:r=10", "--out", str(out_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    dense, keep_all, tome = (next(line for line in out if line.startswith(f"  {name}:"))
+                             for name in ("dense", "topk keep 1", "tome r 10"))
+    assert keep_all.replace("topk keep 1", "dense") == dense  # nothing reduced: the dense model's masks and MACs
+    assert "100.0% of the MACs" in dense and "100.0% of the MACs" not in tome
+    with Image.open(out_path) as picture:  # input, truth, dense and the two policies; two scenes
+        assert picture.width > 5 * 64 * 3 > picture.width - 6 * 64 * 3 and 2 * 64 * 3 < picture.height < 3 * 64 * 3
+
+
+def test_show_dense_needs_labelled_patches_and_show_draws_one_policy_otherwise(capsys):
+    assert main(["show", "--dense", "--model", "vit_tiny_patch16_224"]) != 0
+    assert "needs scenes whose patches are labelled" in capsys.readouterr().err
+    assert main(["show", "--policy", "topk:keep=0.5", "--policy", "tome:r=2"]) != 0
+    assert "give --policy once" in capsys.readouterr().err
+
+
 def test_bench_runs_a_timm_model_on_an_image_folder(capsys, tmp_path):
     rng = np.random.default_rng(0)
     for synset in ("n01440764", "n01443537"):

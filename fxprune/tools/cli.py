@@ -127,10 +127,16 @@ def _show(args: argparse.Namespace) -> None:
     from .search import default_policy
     from .show import draw_clusters, draw_kept_patches, draw_usage, kept_counts, usage
 
+    if args.dense:
+        _show_dense(args)
+        return
+    if args.policy and len(args.policy) > 1:
+        raise FxPruneError("show draws one policy's blocks: give --policy once (with --dense it compares the patch "
+                           "masks of several)")
     model, data, _, _ = _model_and_data(args)
     images = torch.stack([data[i][0] for i in range(args.scenes)])
     labels = [str(data[i][1]) for i in range(args.scenes)]
-    policy = parse_policy(args.policy) if args.policy else default_policy(model, example_inputs=(images[:2],))
+    policy = parse_policy(args.policy[0]) if args.policy else default_policy(model, example_inputs=(images[:2],))
     reduced = transform(model, policy, example_inputs=(images[:2],))
     used = usage(reduced, images)
     if used:
@@ -144,6 +150,50 @@ def _show(args: argparse.Namespace) -> None:
     print(f"wrote {draw_kept_patches(reduced, images, args.out, labels=labels)}: {policy}")
     for block, mean, low, high in kept_counts(reduced, images):
         print(f"  block {block}: {mean:.1f} tokens kept per image (min {low}, max {high})")
+
+
+PROBE_SEED, SCENES_SEED = 11, 1  # the DigitScenes training scenes the probe is fitted on; the test scenes shown
+
+
+def _show_dense(args: argparse.Namespace) -> None:
+    """The digits ViT as a backbone (every token out): a linear probe fitted on its dense patch features, applied to
+    each policy's restored features; their patch masks drawn beside the truth, their scores printed."""
+    from ..analysis import analyse
+    from ..counting import flops
+    from ..pipeline import transform
+    from ..policies import parse_policy
+    from .datasets import DigitScenes
+    from .models import DIGITS_MODELS
+    from .probe import fit_probe, labelled_scenes, mask_scores, patch_features
+    from .search import default_policy
+    from .show import draw_patch_masks
+
+    if args.model not in DIGITS_MODELS:
+        raise FxPruneError("show --dense needs scenes whose patches are labelled: --model "
+                           f"{' or '.join(DIGITS_MODELS)} (DigitScenes), not {args.model}")
+    backbone = DIGITS_MODELS[args.model]()
+    backbone.reset_classifier(0, "")  # its output: every token
+    prefix = analyse(backbone).prefix_tokens
+    train_images, train_labels = labelled_scenes("train", args.probe_scenes, seed=PROBE_SEED)
+    probe = fit_probe(patch_features(backbone, train_images, prefix), train_labels)
+    images, truth = labelled_scenes("test", max(args.images, args.scenes), seed=SCENES_SEED)
+    example = (images[:2],)
+    policies = ([parse_policy(p) for p in args.policy] if args.policy
+                else [default_policy(backbone, example_inputs=example)])
+    print(f"a linear probe on the dense {args.model} ViT's patch features ({args.probe_scenes} training scenes), on "
+          f"{len(images)} test scenes: patch accuracy, mean IoU over background, digit and distractor, MACs")
+    dense_macs = flops(backbone, images[:1])
+    masks = {"truth": truth}
+    for name, model in [("dense", backbone)] + [(p.describe(), transform(backbone, p, example_inputs=example))
+                                                  for p in policies]:
+        masks[name] = probe.predict(patch_features(model, images, prefix))
+        scores = mask_scores(masks[name], truth)
+        print(f"  {name}: {scores.accuracy:.1f}% of patches, mIoU {scores.miou:.1f}%, "
+              f"{100 * flops(model, images[:1]) / dense_macs:.1f}% of the MACs")
+    data = DigitScenes("test", len(images), seed=SCENES_SEED)
+    path = draw_patch_masks(images[:args.scenes], {name: mask[:args.scenes] for name, mask in masks.items()}, args.out,
+                            labels=[str(data[i][1]) for i in range(args.scenes)])
+    print(f"wrote {path}: {args.scenes} test scenes, the true patch classes, then each model's predicted ones")
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -267,9 +317,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench.add_argument("--repeats", type=int, default=5)
     bench.add_argument("--plot", help="write an accuracy-vs-MACs PNG here")
     bench.set_defaults(func=_bench)
-    show = sub.add_parser("show", help="draw which patches each reduced block keeps (ClusTR: its clusters)")
+    show = sub.add_parser("show", help="draw which patches each reduced block keeps (ClusTR: its clusters; AdaViT: "
+                                       "what each image uses; --dense: a probe's patch masks on restored features)")
     _add_model_options(show, images=100)
-    show.add_argument("--policy", help=f"{known}; default: EViT leaving 70%% of the dense MACs")
+    show.add_argument("--policy", action="append",
+                      help=f"{known}; default: EViT leaving 70%% of the dense MACs (repeatable with --dense)")
+    show.add_argument("--dense", action="store_true",
+                      help="the digits ViT as a backbone: a linear probe fitted on its dense patch features, applied "
+                           "to each policy's restored features; draws the patch masks (scores on --images scenes)")
+    show.add_argument("--probe-scenes", type=int, default=1000, help="training scenes the --dense probe is fitted on")
     show.add_argument("--scenes", type=int, default=6)
     show.add_argument("--out", default="kept_tokens.png")
     show.set_defaults(func=_show)

@@ -29,7 +29,7 @@ from ..passes.learned import collect
 
 __all__ = [
     "TokenStep", "token_sources", "kept_counts", "draw_kept_patches", "cluster_maps", "draw_clusters", "BlockUsage",
-    "mean_usage", "usage", "draw_usage",
+    "mean_usage", "usage", "draw_usage", "draw_patch_masks",
 ]
 
 
@@ -315,3 +315,26 @@ def draw_usage(
     titles = ["input"] + [f"block {used.block}" for used in blocks]
     legend = "dim: patch not used in that block   squares: its heads, then attention and MLP (green: used)"
     return _save_panels(tiles, titles, legend, path, labels)
+
+
+_CLASS_COLOURS = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.2, 0.2], [0.2, 0.4, 1.0]])  # background, digit, distractor
+
+
+def _mask_tile(image: torch.Tensor, classes: torch.Tensor, grid: int, scale: int) -> Image.Image:
+    """``image`` [3, H, W] in [0, 1] under the colour of each patch's class ``classes`` ``[grid²]``."""
+    colours = _CLASS_COLOURS[_per_pixel(classes, grid, image.shape[-1])].permute(2, 0, 1)
+    return _image(0.4 * image.clamp(0, 1).float() + 0.6 * colours, scale)
+
+
+def draw_patch_masks(
+    images: torch.Tensor, masks: dict[str, torch.Tensor], path: str | Path, labels: list[str] | None = None,
+    scale: int = 3,
+) -> Path:
+    """Write a PNG: one row per image of ``images`` ``[M, 3, S, S]``, the image and then one panel per entry of
+    ``masks`` (title → each patch's class ``[M, P]``, as :data:`fxprune.tools.probe.CLASSES`): digit red,
+    distractor blue, background dark."""
+    grid = _grid(next(iter(masks.values())).shape[-1])
+    tiles = [[_tile(img, None, grid, scale)] + [_mask_tile(img, mask[row], grid, scale) for mask in masks.values()]
+             for row, img in enumerate(images)]
+    legend = "red: digit ink   blue: distractor   dark: background"
+    return _save_panels(tiles, ["input", *masks], legend, path, labels)
