@@ -78,6 +78,22 @@ def _scenes(split: str, count: int) -> torch.Tensor:
     return torch.stack([data[i][0] for i in range(count)])
 
 
+def test_fits_that_share_their_measured_fractions_plan_each_setting_once(monkeypatch):
+    from fxprune.tools import search
+
+    planned = []
+    plan = search.plan
+    monkeypatch.setattr(search, "plan", lambda model, policy, *args, **kwargs: planned.append(policy) or plan(
+        model, policy, *args, **kwargs))
+    model, fractions = digits_vit(), {}
+    family = partial(EViT, layers=(1, 3))
+    first = fit_policy(model, family, [0.3, 0.5, 0.7, 0.9], 0.8, fractions=fractions)
+    assert list(fractions) == planned and len(set(planned)) == len(planned)
+    assert fit_policy(model, family, [0.3, 0.5, 0.7, 0.9], 0.8, fractions=fractions) == first
+    assert len(planned) == len(fractions)  # the second fit measured nothing again
+    assert fractions[first] == _mac_fraction(model, first)
+
+
 def test_sweep_covers_every_method_at_each_fraction():
     model, calibration = digits_vit(), _scenes("train", 12)
     policies = sweep_policies(model, (1, 3), fractions=(0.8, 0.6), calibration=calibration)

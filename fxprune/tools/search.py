@@ -35,6 +35,7 @@ def fit_policy(
     fraction: float,
     example_inputs: Sequence[torch.Tensor] | None = None,
     calibration: Tensor | None = None,
+    fractions: dict[Any, float] | None = None,
 ) -> Policy:
     """``family(s)`` for the setting ``s`` that leaves the most MACs not above ``fraction`` of the dense MACs.
 
@@ -42,14 +43,20 @@ def fit_policy(
     found by bisection. The MACs are the plan's (one fast plan, checked at one batch size, per step), or,
     with ``calibration`` images ``[M, ...]``, their mean per image, each image run alone (for methods that
     keep a different number of tokens per image). When every setting exceeds ``fraction`` the first is
-    returned, when none does the last.
+    returned, when none does the last. ``fractions`` (policy → its MAC fraction, filled in) lets fits of the same
+    model and calibration images share what they measured.
     """
+    fractions = {} if fractions is None else fractions
 
     def fraction_at(i: int) -> float:
-        if calibration is not None:
-            return mac_fraction(model, family(settings[i]), calibration, example_inputs)
-        the_plan: Plan = plan(model, family(settings[i]), example_inputs, fast=True)
-        return the_plan.macs_after / the_plan.macs_before
+        policy = family(settings[i])
+        if policy not in fractions:
+            if calibration is not None:
+                fractions[policy] = mac_fraction(model, policy, calibration, example_inputs)
+            else:
+                the_plan: Plan = plan(model, policy, example_inputs, fast=True)
+                fractions[policy] = the_plan.macs_after / the_plan.macs_before
+        return fractions[policy]
 
     low, high = 0, len(settings) - 1  # invariant: the answer lies in [low, high]
     while low < high:
@@ -81,12 +88,17 @@ def sweep_context(
     )
 
 
-def fit_method(method: Method, ctx: SweepContext, fraction: float, adaptive: bool = False) -> Policy:
+def fit_method(
+    method: Method, ctx: SweepContext, fraction: float, adaptive: bool = False,
+    fractions: dict[Any, float] | None = None,
+) -> Policy:
     """``method``'s knob fitted to leave at most ``fraction`` of the dense MACs (``adaptive``: by the mean MACs per
-    image on ``ctx.calibration``, for a method whose images keep different numbers of tokens)."""
+    image on ``ctx.calibration``, for a method whose images keep different numbers of tokens; ``fractions`` as
+    :func:`fit_policy`, for fits of one kind)."""
     family = partial(method.knob.family, ctx)
     calibration = ctx.calibration if adaptive else None
-    return fit_policy(ctx.model, family, method.knob.values(ctx), fraction, ctx.example_inputs, calibration)
+    return fit_policy(ctx.model, family, method.knob.values(ctx), fraction, ctx.example_inputs, calibration,
+                      fractions)
 
 
 def keep_rate_for(
@@ -138,11 +150,15 @@ def sweep_policies(
     ctx = sweep_context(model, layers, example_inputs, calibration)
     fitted = [m for m in methods() if m.knob is not None and not m.pads_tokens]
     adaptive = [m for m in methods() if m.knob is not None and m.pads_tokens]
-    policies = [fit_method(method, ctx, f) for method in fitted for f in fractions]
+    planned: dict[Any, float] = {}  # each policy's MAC fraction by its plan, and by its calibration images
+    calibrated: dict[Any, float] = {}
+    policies = [fit_method(method, ctx, f, fractions=planned) for method in fitted for f in fractions]
     for method in adaptive:
-        settings = [fit_method(method, ctx, f, adaptive=True) for f in fractions]
+        settings = [fit_method(method, ctx, f, adaptive=True, fractions=calibrated) for f in fractions]
         settings += method.knob.extra(ctx) if method.knob.extra is not None else []
         for setting in dict.fromkeys(settings):
-            fraction = mac_fraction(model, setting, calibration, example_inputs)
-            policies += [setting] + [fit_method(m, ctx, fraction) for m in fitted if m.knob.at_layers]
+            if setting not in calibrated:
+                calibrated[setting] = mac_fraction(model, setting, calibration, example_inputs)
+            policies += [setting] + [fit_method(m, ctx, calibrated[setting], fractions=planned)
+                                     for m in fitted if m.knob.at_layers]
     return policies + [policy for method in methods() if method.settings is not None for policy in method.settings(ctx)]
