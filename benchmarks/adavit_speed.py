@@ -14,17 +14,23 @@ skipping (``skip=True``, eager) and masked (``skip=False``, the official semanti
 ``--repeats`` rounds, reported as ratios to dense. With ``--compile`` also, against dense compiled: the masked
 graph compiled by ``fxprune.lower``, and the skipping graph under ``torch.compile(dynamic=True)``, which breaks
 the graph around its data-dependent ops (it has no full graph); the warm-up rounds include their compilation.
+With ``--ceiling`` also, at batch 1, a hand-written forward of what the skipping graph computes for each image
+(``ceiling_forward``: its decisions read beforehand, the used heads' weights gathered beforehand, no decision heads,
+no graph), checked against it: how fast an eager program of these shapes can be on this machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 
 import timm
 import torch
+import torch.nn.functional as F
 
 import fxprune
 from fxprune.methods.adavit import DECIDED, set_usage
@@ -50,6 +56,74 @@ def _profile(gm: torch.nn.Module, images: torch.Tensor) -> tuple[float, float, l
     return products / total, sum(e.count for e in events) / len(images), top
 
 
+@dataclasses.dataclass(frozen=True)
+class CeilingStep:
+    """What the skipping graph runs of one block for one image: its used rows (None: all), heads, sub-layers, and
+    the used heads' rows of the q, k, v weight and columns of the output projection and fc1, gathered."""
+
+    block: torch.nn.Module
+    rows: torch.Tensor | None
+    heads: int
+    attention: bool
+    mlp: bool
+    channels: torch.Tensor
+    qkv: tuple[torch.Tensor, torch.Tensor]
+    projection: torch.Tensor
+    fc1: torch.Tensor
+
+
+def ceiling_steps(model: torch.nn.Module, skipping: torch.nn.Module, image: torch.Tensor) -> list[CeilingStep]:
+    """The :class:`CeilingStep` of each block of the timm ViT ``model`` for ``image`` ``[1, 3, H, W]``, read from
+    the decisions ``skipping`` (``model`` with AdaViT) makes for it."""
+    from fxprune.tools.show import usage
+
+    decided = {used.block: used for used in usage(skipping, image)}
+    steps = []
+    for index, block in enumerate(model.blocks):
+        used, attn = decided.get(index), block.attn
+        heads = list(range(attn.num_heads)) if used is None or used.heads is None else \
+            used.heads[0].nonzero().flatten().tolist()
+        rows = None if used is None or bool(used.rows[0].all()) else used.rows[0].nonzero().flatten()
+        sublayers = [True, True] if used is None or used.sublayers is None else (used.sublayers[0] > 0.5).tolist()
+        d = attn.head_dim
+        channels = torch.tensor([c for h in heads for c in range(h * d, (h + 1) * d)], dtype=torch.long)
+        qkv_rows = torch.cat([channels + k * attn.qkv.in_features for k in range(3)])
+        steps.append(CeilingStep(
+            block, rows, len(heads), sublayers[0], sublayers[1], channels,
+            (attn.qkv.weight.index_select(0, qkv_rows), attn.qkv.bias.index_select(0, qkv_rows)),
+            attn.proj.weight.index_select(1, channels), block.mlp.fc1.weight.index_select(1, channels)))
+    return steps
+
+
+def ceiling_forward(model: torch.nn.Module, steps: list[CeilingStep], image: torch.Tensor) -> torch.Tensor:
+    """The logits of the timm ViT ``model`` on ``image`` ``[1, 3, H, W]`` computing only what ``steps`` use, by
+    hand: no decisions, no graph, the used heads' weights already gathered. What the skipping graph computes
+    (its official semantics), with as few ops as eager PyTorch allows: a ceiling on its speed."""
+    def add(x: torch.Tensor, update: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        return x + update if rows is None else x[0].index_add(0, rows, update[0])[None]
+
+    x = model._pos_embed(model.patch_embed(image))
+    for step in steps:
+        block, rows, dim = step.block, step.rows, x.shape[-1]
+        if step.attention:
+            y = block.norm1(x if rows is None else x.index_select(1, rows))
+            if step.heads:
+                n, d = y.shape[1], block.attn.head_dim
+                qkv = F.linear(y, *step.qkv).view(1, n, 3, step.heads, d).permute(2, 0, 3, 1, 4)
+                o = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2]).transpose(1, 2).reshape(1, n, -1)
+                y = F.linear(o, step.projection, block.attn.proj.bias)
+            else:
+                y = block.attn.proj.bias.expand(1, y.shape[1], dim)
+            x = add(x, y, rows)
+        if step.mlp:
+            y = block.norm2(x if rows is None else x.index_select(1, rows))
+            fc1 = block.mlp.fc1
+            y = fc1(y) if step.heads == block.attn.num_heads else F.linear(
+                y.index_select(2, step.channels), step.fc1, fc1.bias)
+            x = add(x, block.mlp.fc2(block.mlp.act(y)), rows)
+    return model.forward_head(model.norm(x))
+
+
 def _reached(directory: str, usage: float) -> dict[str, float]:
     """The share of heads, sub-layers and patch rows that the digits ViT models trained at ``usage`` (all three
     kinds decided, every seed in ``directory``) use on the study's 500 test scenes, averaged over the seeds."""
@@ -65,6 +139,20 @@ def _reached(directory: str, usage: float) -> dict[str, float]:
     shares = [mean_usage(block_usage(fxprune.transform(model, fxprune.AdaViT(usage, weights=str(f))), scenes), 1)
               for f in files]
     return {kind: statistics.mean(share[kind] for share in shares) for kind in DECIDED}
+
+
+def _ceiling_run(model: torch.nn.Module, skipping: torch.nn.Module, images: torch.Tensor) -> Callable[[], object]:
+    """A callable running :func:`ceiling_forward` on each of ``images`` alone, checked against ``skipping`` first."""
+    steps = [ceiling_steps(model, skipping, image[None]) for image in images]
+    with torch.no_grad():
+        for image, image_steps in zip(images, steps):
+            torch.testing.assert_close(ceiling_forward(model, image_steps, image[None]), skipping(image[None]),
+                                       atol=1e-4, rtol=0)
+
+    def run() -> list[torch.Tensor]:
+        return [ceiling_forward(model, image_steps, image[None]) for image, image_steps in zip(images, steps)]
+
+    return run
 
 
 def _run(gm: torch.nn.Module, images: torch.Tensor, one_by_one: bool) -> object:
@@ -84,6 +172,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trained", help="force the usage the digits models trained in this folder reach instead")
     parser.add_argument("--profile", action="store_true",
                         help="also profile dense and skipped at batch 1: share of CPU time in matrix products, ops")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="also time, at batch 1, a hand-written forward of what the skipping graph computes, "
+                             "with its decisions and gathered weights prepared outside the timing")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     model = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
@@ -92,15 +183,17 @@ def main(argv: list[str] | None = None) -> None:
     single = pool[: args.images]
     trained = f" --trained {args.trained}" if args.trained else f" --parts {args.parts}"
     print(f"Command: `python benchmarks/adavit_speed.py --usages {args.usages}{trained} --batches {args.batches}"
-          + (" --compile" if args.compile else "") + (" --profile" if args.profile else "") + "`  ")
+          + (" --compile" if args.compile else "") + (" --profile" if args.profile else "")
+          + (" --ceiling" if args.ceiling else "") + "`  ")
     print(f"Machine: {machine()}  ")
     print(f"deit_small_patch16_224 (random weights), AdaViT at the official blocks with its decision heads set to "
           f"the usage shown; {args.images} images at batch 1, medians of {args.repeats} interleaved rounds.\n")
     compiled = " | batch {b}, masked compiled | batch {b}, skipped compiled" if args.compile else ""
+    ceiling = " | batch 1, ceiling" if args.ceiling and 1 in batches else ""
     header = "| usage | of | executed MACs (% of dense) | MAC ratio | " + " | ".join(
-        f"speed ratio, batch {b}, skipped | batch {b}, masked" + compiled.format(b=b) for b in batches) + " |"
+        f"speed ratio, batch {b}, skipped | batch {b}, masked" + compiled.format(b=b) for b in batches) + ceiling + " |"
     print(header)
-    print("|---|---|---|---|" + ("---|" * (4 if args.compile else 2)) * len(batches))
+    print("|---|---|---|---|" + ("---|" * (4 if args.compile else 2)) * len(batches) + ("---|" if ceiling else ""))
     dense_macs = per_image_macs(model, single)
     profiles = []
     for usage in (float(u) for u in args.usages.split(",")):
@@ -123,11 +216,17 @@ def main(argv: list[str] | None = None) -> None:
             for batch in batches:
                 images = single if batch == 1 else pool[:batch]
                 fns = {name: functools.partial(_run, gm, images, batch == 1) for name, gm in models.items()}
+                if ceiling and batch == 1:
+                    fns["ceiling"] = _ceiling_run(model, skipping, images)
                 timing = interleaved(fns, repeats=args.repeats)
                 cells.append(f"{timing.ratio('dense', 'skipped'):.2f}× | {timing.ratio('dense', 'masked'):.2f}×")
                 if args.compile:
                     cells += [f"{timing.ratio('dense compiled', name):.2f}×" for name in ("masked compiled",
                                                                                       "skipped compiled")]
+                if ceiling and batch == 1:
+                    ceiling_cell = f"{timing.ratio('dense', 'ceiling'):.2f}×"
+            if ceiling:
+                cells.append(ceiling_cell)
             print(f"| {usage:g} | {part} | {100 * macs / dense_macs:.1f} | {dense_macs / macs:.2f}× | "
                   + " | ".join(cells) + " |")
             if args.profile:

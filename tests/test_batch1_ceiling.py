@@ -6,6 +6,7 @@ import torch
 from vits import image_batch, timm_vit
 
 import fxprune
+from fxprune.methods.adavit import set_usage
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "batch1_ceiling.py"
 
@@ -34,3 +35,18 @@ def test_ceiling_model_equals_the_full_blocks_truncated_to_their_first_tokens(sl
         expected = model.forward_head(model.norm(tokens))
         torch.testing.assert_close(sliced_deit(model, keep)(x), expected, atol=1e-5, rtol=0)
     assert fxprune.flops(sliced_deit(model, keep), x[:1]) < fxprune.flops(model, x[:1])
+
+
+def test_adavit_ceiling_computes_what_the_skipping_graph_computes_for_each_image():
+    script = runpy.run_path(str(SCRIPT.parent / "adavit_speed.py"))
+    model = timm_vit("deit_small_patch16_224").double()
+    x = image_batch(model, batch=3, dtype=torch.float64)
+    skipping = fxprune.transform(model, fxprune.AdaViT(0.5, init_logit=0.0))
+    with torch.no_grad():
+        set_usage(skipping, x, 0.5)
+        for image in x:
+            steps = script["ceiling_steps"](model, skipping, image[None])
+            assert any(step.rows is not None for step in steps) and any(not step.mlp for step in steps)
+            assert any(0 < step.heads < 6 for step in steps)
+            torch.testing.assert_close(script["ceiling_forward"](model, steps, image[None]), skipping(image[None]),
+                                       atol=1e-10, rtol=0)
