@@ -105,3 +105,21 @@ def test_the_analysis_shows_each_blocks_position_terms_and_their_token_axes():
 def test_position_terms_at_the_rows_positions_compile_to_one_graph():
     model = _model("rotary (EVA-02)").float()
     assert_compiles_once(fxprune.transform(model, fxprune.TopK(0.6, (1, 2))), model)
+
+
+@pytest.mark.parametrize("name", ["relative position bias (BEiT)", "relative position MLP (vit_relpos)"])
+def test_under_a_per_query_bias_only_the_kept_queries_attend_with_their_rows_of_it(name, monkeypatch):
+    from fxprune.passes import common
+
+    model = _model(name)
+    images = torch.randn(3, 3, 40, 40, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    policy = fxprune.Compose([fxprune.ToMe(2, (0,)), fxprune.TopK(0.6, (1, 2))])  # sizes: a bias per mask
+    inside = fxprune.transform(model, policy)
+    assert any(node.name.endswith("kept_mask_rows") for node in inside.graph.nodes)
+    monkeypatch.setattr(common, "_mask_shape", lambda mask: None)  # a mask not known: select after the add
+    after = fxprune.transform(model, policy)
+    assert not any(node.name.endswith("kept_mask_rows") for node in after.graph.nodes)
+    with torch.no_grad():
+        torch.testing.assert_close(inside(images), after(images), atol=1e-10, rtol=0)
+    for row_inside, row_after in zip(inside.fxprune_plan.rows[1:3], after.fxprune_plan.rows[1:3]):
+        assert row_inside.macs_after < row_after.macs_after

@@ -7,7 +7,16 @@ from .pooling import size_weighted_mean
 from .positions import at_positions
 from .pruning import gumbel_keep, keep_rows, policy_attention, softmax_with_policy, with_prefix
 from .registry import KEEP, POSITIONS, ROWS, SIZES, GraphOp, follows, graph_functions, graph_op, op_of
-from .sampling import ats_budget, ats_index, ats_pad, ats_pad_positions, ats_picks, ats_significance, gather_queries
+from .sampling import (
+    ats_budget,
+    ats_index,
+    ats_pad,
+    ats_pad_positions,
+    ats_picks,
+    ats_significance,
+    gather_mask_rows,
+    gather_queries,
+)
 from .scoring import (
     class_attention,
     class_attention_from_probs,
@@ -29,6 +38,7 @@ __all__ = [
     "evit_kept_tokens", "evit_select", "evit_select_sizes",
     "evit_select_positions", "topk_rows", "size_bias", "tome_merge", "tome_merge_positions", "tome_merged_tokens",
     "ats_budget", "ats_index", "ats_pad", "ats_pad_positions", "ats_picks", "ats_significance", "gather_queries",
+    "gather_mask_rows",
     "gather_tokens", "initial_state", "clustered_attention", "cluster_keys_values", "padded_cluster_keys_values",
     "keep_rows", "gumbel_keep", "size_weighted_mean", "at_positions", "with_prefix", "softmax_with_policy",
     "policy_attention",

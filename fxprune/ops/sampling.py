@@ -144,6 +144,16 @@ def gather_queries(q: Tensor, index: Tensor) -> Tensor:
     return gather_tokens(q.transpose(1, 2), index).transpose(1, 2)
 
 
+@graph_op()
+def gather_mask_rows(mask: Tensor, index: Tensor) -> Tensor:
+    """The query rows ``index`` ``[B, K]`` of an attention mask ``[…, N, M]`` whose rows differ per query (a
+    relative position bias; its leading dimensions broadcast to ``[B, H]``, ``H`` possibly 1): ``[B, H, K, M]``."""
+    mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    mask = mask.expand(index.shape[0], *mask.shape[1:])
+    rows = index[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[3])
+    return mask.gather(2, rows)
+
+
 @graph_op(stream=True, sized=True)
 def ats_pad(x: Tensor, size: Tensor | None, index: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
     """Zero the padding rows of the kept tokens ``x`` ``[B, K, C]`` and give them size 0; other rows keep

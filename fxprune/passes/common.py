@@ -20,6 +20,7 @@ from ..analysis import Block, TokenProgram, sdpa_arguments
 from ..ops import (
     class_attention,
     class_attention_from_probs,
+    gather_mask_rows,
     gather_queries,
     gather_tokens,
     op_of,
@@ -155,27 +156,36 @@ def _nodes_in(value: Any) -> list[fx.Node]:
     return found
 
 
+def _mask_shape(mask: object) -> tuple[int, ...] | None:
+    return tuple(getattr(mask.meta.get("val"), "shape", ())) or None if isinstance(mask, fx.Node) else None
+
+
 def can_select_queries(block: Block) -> bool:
-    """Whether ``block``'s attention is an SDPA call whose mask (if any) has no per-query rows, so that a
-    selection known before it can attend with the kept queries only."""
+    """Whether ``block``'s attention is an SDPA call whose mask (if any) is known, so that a selection known
+    before it can attend with the kept queries only (a mask with per-query rows, such as a relative position
+    bias, then gives the kept queries' rows)."""
     site = block.attention
     if site.kind != "sdpa":
         return False
     mask = sdpa_arguments(site.node)["attn_mask"]
-    if mask is None:
-        return True
-    shape = getattr(mask.meta.get("val"), "shape", None) if isinstance(mask, fx.Node) else None
-    return shape is not None and (len(shape) < 2 or shape[-2] == 1)
+    return mask is None or _mask_shape(mask) is not None
 
 
 def select_queries(gm: fx.GraphModule, block: Block, rows: fx.Node) -> fx.Node:
     """Keep the token rows ``rows`` ``[B, K]`` inside ``block``'s attention (see :func:`can_select_queries`):
-    only those queries attend (keys and values stay all ``N``), the output projection runs on ``K`` rows
-    and the residual add gathers the same rows. Same outputs as selecting after the add, fewer MACs.
-    Returns the residual's row gather, whose output ``[B, K, C]`` is the block's new token stream."""
+    only those queries attend (keys and values stay all ``N``), with their rows of a mask that has per-query
+    rows; the output projection runs on ``K`` rows and the residual add gathers the same rows. Same outputs as
+    selecting after the add, fewer MACs. Returns the residual's row gather, whose output ``[B, K, C]`` is the
+    block's new token stream."""
     site = block.attention
     queries = insert_call(gm, rows, gather_queries, (site.q, rows), {}, block, "kept_queries")
     site.node.replace_input_with(site.q, queries)
+    mask = sdpa_arguments(site.node)["attn_mask"]
+    shape = _mask_shape(mask)
+    if shape is not None and len(shape) >= 2 and shape[-2] > 1:  # per-query rows: the kept queries' own
+        after = max(mask, queries, key={n: i for i, n in enumerate(gm.graph.nodes)}.__getitem__)
+        kept_mask = insert_call(gm, after, gather_mask_rows, (mask, rows), {}, block, "kept_mask_rows")
+        site.node.replace_input_with(mask, kept_mask)
     with gm.graph.inserting_after(queries):
         kept = gm.graph.call_method("size", (queries, 2))
     _resize_token_axis(gm, site.node, block.mid, block.tokens, kept)

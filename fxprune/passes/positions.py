@@ -26,11 +26,19 @@ if TYPE_CHECKING:
 __all__ = ["place_position_terms"]
 
 
-def _rank(reader: fx.Node, term: fx.Node) -> int:
-    """The rank of the values ``term`` meets at ``reader`` (its widest other tensor input)."""
+def _met_ranks(reader: fx.Node, value: fx.Node, depth: int = 2) -> list[int]:
+    """The ranks of ``reader``'s other tensor inputs with a known value, else (a node a rewrite inserted that reads
+    ``value`` alone, such as the kept queries' rows of a mask) those ``reader``'s users meet it with."""
     ranks = [n.meta["val"].dim() for n in reader.all_input_nodes
-             if n is not term and isinstance(n.meta.get("val"), torch.Tensor)]
-    return max(ranks, default=term.meta["val"].dim() + 1)
+             if n is not value and isinstance(n.meta.get("val"), torch.Tensor)]
+    if not ranks and depth:
+        ranks = [rank for user in reader.users for rank in _met_ranks(user, reader, depth - 1)]
+    return ranks
+
+
+def _rank(reader: fx.Node, term: fx.Node) -> int:
+    """The rank of the values ``term`` meets at ``reader`` (the widest, :func:`_met_ranks`)."""
+    return max(_met_ranks(reader, term), default=term.meta["val"].dim() + 1)
 
 
 def place_position_terms(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[PlanRow]) -> None:

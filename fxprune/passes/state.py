@@ -226,10 +226,14 @@ def _add_size_bias(gm: fx.GraphModule, block: Block, size: fx.Node, proportional
         biased = insert_call(gm, bias, operator.add, (logits, bias), {}, block, "biased_logits")
         site.node.replace_input_with(logits, biased)
         return
-    first = next(n for n in gm.graph.nodes if n in readers)
-    mask = sdpa_arguments(first)["attn_mask"] if first is site.node else first.kwargs.get("attn_mask")
-    bias = insert_call(gm, first.prev, size_bias, (size, mask, site.q, proportional), {}, block, "size_bias", Role.BIAS)
-    for node in readers:
+    biases: dict[fx.Node | None, fx.Node] = {}  # one per mask: the SDPA call may read its kept queries' rows only
+    bias = None
+    for node in (n for n in gm.graph.nodes if n in readers):
+        mask = sdpa_arguments(node)["attn_mask"] if node is site.node else node.kwargs.get("attn_mask")
+        if mask not in biases:
+            biases[mask] = insert_call(gm, node.prev, size_bias, (size, mask, site.q, proportional), {}, block,
+                                       "size_bias", Role.BIAS)
+        bias = biases[mask]
         if node is site.node and len(node.args) > 3:
             node.update_arg(3, bias)
         else:
