@@ -367,3 +367,17 @@ def test_the_order_computed_for_export_is_the_stable_sort_whatever_the_ties(monk
         assert torch.equal(ordering.stable_argsort(values, descending), expected)
     assert torch.equal(ordering.count_below(cdf, points), below)
     assert eager[1][0].tolist() == [0, 2, 6, 5, 1, 4, 3]  # ties by lower index
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 5), (1, 2, 6, 5), (3, 1, 6, 5), (3, 2, 6, 5)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bool])
+def test_a_masks_query_rows_are_gathered_per_image_whatever_its_leading_dimensions(shape, dtype):
+    from fxprune.ops import gather_mask_rows
+
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.randn(shape, generator=generator, dtype=torch.float64)
+    mask = mask > 0 if dtype is torch.bool else mask
+    index = torch.tensor([[0, 3, 5], [2, 2, 1], [4, 0, 3]])
+    full = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)).expand(3, -1, -1, -1)
+    expected = torch.stack([full[b][:, index[b]] for b in range(3)])  # [3, H, 3, 5]
+    assert torch.equal(gather_mask_rows(mask, index), expected)
