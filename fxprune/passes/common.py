@@ -157,7 +157,10 @@ def _nodes_in(value: Any) -> list[fx.Node]:
 
 
 def _mask_shape(mask: object) -> tuple[int, ...] | None:
-    return tuple(getattr(mask.meta.get("val"), "shape", ())) or None if isinstance(mask, fx.Node) else None
+    """The shape of an attention mask node's example value; None when it has none (not known)."""
+    if not isinstance(mask, fx.Node):
+        return None
+    return tuple(getattr(mask.meta.get("val"), "shape", ())) or None
 
 
 def can_select_queries(block: Block) -> bool:
