@@ -155,6 +155,19 @@ def test_without_restoring_the_reduced_rows_come_with_each_rows_original_positio
             assert torch.equal(positions[i:i + 1], alone_positions)
 
 
+def test_without_restoring_a_hugging_face_backbone_returns_its_output_beside_the_positions():
+    model, x = _hf_backbone(), _images()
+    reduced = fxprune.transform(model, fxprune.ATS(0.5, (1, 2)), restore=False)
+    with torch.no_grad():
+        output, positions = reduced(x)
+        for i in range(x.shape[0]):  # its own output type, the static rows, each image as alone
+            alone, alone_positions = reduced(x[i:i + 1])
+            torch.testing.assert_close(output["last_hidden_state"][i:i + 1], alone["last_hidden_state"],
+                                       atol=1e-10, rtol=0)
+            assert torch.equal(positions[i:i + 1], alone_positions)
+    assert output["last_hidden_state"].shape[:2] == positions.shape == (3, reduced.fxprune_plan.rows[-1].tokens_out)
+
+
 def test_without_restoring_keeping_every_token_returns_the_model_output_and_every_position():
     model = _backbone()
     x = _images()
