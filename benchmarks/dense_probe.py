@@ -21,9 +21,16 @@ import argparse
 import torch
 
 import fxprune
-from fxprune.tools.cli import PROBE_SEED, SCENES_SEED
 from fxprune.tools.models import digits_vit
-from fxprune.tools.probe import CLASSES, fit_probe, labelled_scenes, mask_scores, patch_features
+from fxprune.tools.probe import (
+    CLASSES,
+    TEST_SEED,
+    TRAIN_SEED,
+    fit_probe,
+    labelled_scenes,
+    mask_scores,
+    patch_features,
+)
 from fxprune.tools.search import keep_rate_for, tome_r_for
 from fxprune.tools.speed import machine
 
@@ -51,8 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     backbone = digits_vit()
     backbone.reset_classifier(0, "")
-    train_images, train_labels = labelled_scenes("train", args.train, seed=PROBE_SEED)
-    test_images, test_labels = labelled_scenes("test", args.test, seed=SCENES_SEED)
+    train_images, train_labels = labelled_scenes("train", args.train, seed=TRAIN_SEED)
+    test_images, test_labels = labelled_scenes("test", args.test, seed=TEST_SEED)
     probe = fit_probe(patch_features(backbone, train_images, 1), train_labels)
     print(f"Command: `python benchmarks/dense_probe.py --train {args.train} --test {args.test}`  ")
     print(f"Machine: {machine()}  ")

@@ -152,9 +152,6 @@ def _show(args: argparse.Namespace) -> None:
         print(f"  block {block}: {mean:.1f} tokens kept per image (min {low}, max {high})")
 
 
-PROBE_SEED, SCENES_SEED = 11, 1  # the DigitScenes training scenes the probe is fitted on; the test scenes shown
-
-
 def _show_dense(args: argparse.Namespace) -> None:
     """The digits ViT as a backbone (every token out): a linear probe fitted on its dense patch features, applied to
     each policy's restored features; their patch masks drawn beside the truth, their scores printed."""
@@ -164,7 +161,7 @@ def _show_dense(args: argparse.Namespace) -> None:
     from ..policies import parse_policy
     from .datasets import DigitScenes
     from .models import DIGITS_MODELS
-    from .probe import fit_probe, labelled_scenes, mask_scores, patch_features
+    from .probe import TEST_SEED, TRAIN_SEED, fit_probe, labelled_scenes, mask_scores, patch_features
     from .search import default_policy
     from .show import draw_patch_masks
 
@@ -174,9 +171,9 @@ def _show_dense(args: argparse.Namespace) -> None:
     backbone = DIGITS_MODELS[args.model]()
     backbone.reset_classifier(0, "")  # its output: every token
     prefix = analyse(backbone).prefix_tokens
-    train_images, train_labels = labelled_scenes("train", args.probe_scenes, seed=PROBE_SEED)
+    train_images, train_labels = labelled_scenes("train", args.probe_scenes, seed=TRAIN_SEED)
     probe = fit_probe(patch_features(backbone, train_images, prefix), train_labels)
-    images, truth = labelled_scenes("test", max(args.images, args.scenes), seed=SCENES_SEED)
+    images, truth = labelled_scenes("test", max(args.images, args.scenes), seed=TEST_SEED)
     example = (images[:2],)
     policies = ([parse_policy(p) for p in args.policy] if args.policy
                 else [default_policy(backbone, example_inputs=example)])
@@ -190,7 +187,7 @@ def _show_dense(args: argparse.Namespace) -> None:
         scores = mask_scores(masks[name], truth)
         print(f"  {name}: {scores.accuracy:.1f}% of patches, mIoU {scores.miou:.1f}%, "
               f"{100 * flops(model, images[:1]) / dense_macs:.1f}% of the MACs")
-    data = DigitScenes("test", len(images), seed=SCENES_SEED)
+    data = DigitScenes("test", len(images), seed=TEST_SEED)
     path = draw_patch_masks(images[:args.scenes], {name: mask[:args.scenes] for name, mask in masks.items()}, args.out,
                             labels=[str(data[i][1]) for i in range(args.scenes)])
     print(f"wrote {path}: {args.scenes} test scenes, the true patch classes, then each model's predicted ones")

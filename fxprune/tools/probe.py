@@ -14,9 +14,13 @@ from torch import Tensor, nn
 
 from .datasets import DigitScenes
 
-__all__ = ["CLASSES", "PatchProbe", "MaskScores", "labelled_scenes", "patch_features", "fit_probe", "mask_scores"]
+__all__ = [
+    "CLASSES", "TRAIN_SEED", "TEST_SEED", "PatchProbe", "MaskScores", "labelled_scenes", "patch_features", "fit_probe",
+    "mask_scores",
+]
 
 CLASSES = ("background", "digit", "distractor")
+TRAIN_SEED, TEST_SEED = 11, 1  # the DigitScenes seeds of the scenes a probe is fitted on, and of those it is tested on
 
 
 class PatchProbe(nn.Module):
