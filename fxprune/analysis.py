@@ -532,12 +532,18 @@ def final_tokens(program: TokenProgram) -> fx.Node | None:
     return _final_tokens(program.blocks, program.stream, program.batch, program.dim)
 
 
+def last_self_attention(blocks: Sequence[Block]) -> Block:
+    """The last of ``blocks`` whose queries are its keys (an attention pool or class attention after it reads the
+    tokens), or the last block when none is."""
+    return next((b for b in reversed(blocks) if b.attention.queries == b.attention.keys), blocks[-1])
+
+
 def _final_tokens(
     blocks: Sequence[Block], stream: list[fx.Node], batch: int, dim: int, count: int | None = None
 ) -> fx.Node | None:
     """The last ``[batch, N, dim]`` stream node (``N == count`` unless ``count`` is None) after the last block of
-    self-attention (an attention pool or class attention after it reads the tokens)."""
-    block = next((b for b in reversed(blocks) if b.attention.queries == b.attention.keys), blocks[-1])
+    self-attention (:func:`last_self_attention`)."""
+    block = last_self_attention(blocks)
     tokens = [n for n in _stream_after(stream, block) if (shape := _shape(n)) is not None and len(shape) == 3
               and shape[0] == batch and shape[2] == dim and count in (None, shape[1])]
     return tokens[-1] if tokens else None

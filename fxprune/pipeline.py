@@ -26,15 +26,11 @@ from .passes.learned import (
     module_path_for,
     read_weights,
 )
-from .planning import DENSE_OUTPUT, Plan, PlanRow, macs_per_block, make_plan, measure_tokens
+from .planning import Plan, PlanRow, macs_per_block, make_plan, measure_tokens
 from .policies import Compose, Policy
 from .verify import verify, verify_training
 
 __all__ = ["transform", "plan"]
-
-
-_REDUCED_ROWS = (f"{DENSE_OUTPUT}: with restore=False it returns the reduced rows, in the order the methods leave "
-                 "them, and each row's original position beside the output")
 
 
 def rewrite(
@@ -52,10 +48,9 @@ def rewrite(
     files = _weights_files(policy)
     backbone = next(((path, saved["backbone"]) for path, saved in files.items() if "backbone" in saved), None)
     program = analyse(trace(model, example_inputs, copy_weights=copy_weights or backbone is not None))
-    planned = make_plan(program, policy)
+    planned = make_plan(program, policy, restore)
     written = tuple(f"{Path(path).name}: {note}" for path, saved in files.items() for note in saved.get("notes", ()))
-    notes = planned.notes if restore else tuple(_REDUCED_ROWS if DENSE_OUTPUT in n else n for n in planned.notes)
-    planned = dataclasses.replace(planned, notes=(*notes, *written))
+    planned = dataclasses.replace(planned, notes=(*planned.notes, *written))
     rows = planned.rows
     learned = _learned_modules(model, program, rows, files)
     if backbone is not None:

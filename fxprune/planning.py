@@ -231,8 +231,9 @@ def _depth(program: TokenProgram) -> int:
 DENSE_OUTPUT = "the output reads every patch row (a dense output)"
 
 
-def make_plan(program: TokenProgram, policy: Policy | Compose) -> Plan:
-    """Validate ``policy`` against ``program`` and give each block its action (tokens and MACs come later)."""
+def make_plan(program: TokenProgram, policy: Policy | Compose, restore: bool = True) -> Plan:
+    """Validate ``policy`` against ``program`` and give each block its action (tokens and MACs come later);
+    ``restore`` as :func:`fxprune.transform` takes it, for what the plan says of a dense output."""
     if not isinstance(policy, (Policy, Compose)):
         raise PolicyError(f"expected an fxprune policy (e.g. fxprune.EViT(0.7, (3, 6, 9))), got {policy!r}")
     policy = policy.bind(_depth(program), program.tokens - program.prefix_tokens)
@@ -276,9 +277,11 @@ def make_plan(program: TokenProgram, policy: Policy | Compose) -> Plan:
               "(a relative position bias); each query's bias to a cluster is log Σ exp of its members' biases "
               "(docs/methods.md)" for name, blocks in biased.items() if blocks]
     if program.readout.patches == "dense" and any(method_of(part).reduces_tokens for part in policy.policies()):
-        notes.append(f"{DENSE_OUTPUT}: the original token layout is put back "
-                     "after the last block (a kept or merged token takes the row that holds it, a dropped one its "
-                     "state where its block dropped it; docs/methods.md)")
+        notes.append(f"{DENSE_OUTPUT}: the original token layout is put back after the last block (a kept or "
+                     "merged token takes the row that holds it, a dropped one its state where its block dropped it; "
+                     "docs/methods.md)" if restore else
+                     f"{DENSE_OUTPUT}: with restore=False it returns the reduced rows, in the order the methods "
+                     "leave them, and each row's original position beside the output")
     return Plan(program.model_name, policy, tuple(rows), program.prefix_tokens, shape, tuple(notes))
 
 

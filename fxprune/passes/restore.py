@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch.fx as fx
 
-from ..analysis import TokenProgram, final_tokens, module_path
+from ..analysis import TokenProgram, final_tokens, last_self_attention, module_path
 from ..capture.values import propagate
 from ..ops import POSITIONS, ROWS, initial_state, op_of
 from ..ops.restoring import first_rows, follow_rows, pad_reduced_rows, row_identity, token_states
@@ -113,7 +113,7 @@ def _restore_point(program: TokenProgram) -> fx.Node | None:
     final = final_tokens(program)
     if final is None:
         return None
-    block = next((b for b in reversed(program.blocks) if b.attention.queries == b.attention.keys), program.blocks[-1])
+    block = last_self_attention(program.blocks)
     start = program.stream.index(block.mid or block.input) if (block.mid or block.input) in program.stream else None
     if start is None:
         return final
