@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .ordering import stable_argsort
 from .registry import graph_op
-from .scoring import match_heads
+from .scoring import mask_4d, match_heads
 from .selection import add_rows
 
 NEIGHBOURS = 5  # DPC-KNN's k: a token's density is read from its 5 nearest tokens, itself included (official)
@@ -242,8 +242,7 @@ def cluster_keys_values(
     if per_key:
         bias = sizes[:, None, None, :, 0].log()
     else:
-        as_4d = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
-        bias = cluster_logit_bias(as_4d, slots, num_prefix + clusters)
+        bias = cluster_logit_bias(mask_4d(attn_mask), slots, num_prefix + clusters)
     return means(k), means(v), bias.to(k.dtype)
 
 

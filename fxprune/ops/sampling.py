@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .ordering import count_below, stable_argsort
 from .registry import POSITIONS, follows, graph_op
+from .scoring import mask_4d
 from .selection import after_prefix, gather_tokens
 
 # an ATS cap: a token count (prefix tokens included), a ratio of the incoming tokens, or None (no cap)
@@ -148,7 +149,7 @@ def gather_queries(q: Tensor, index: Tensor) -> Tensor:
 def gather_mask_rows(mask: Tensor, index: Tensor) -> Tensor:
     """The query rows ``index`` ``[B, K]`` of an attention mask ``[…, N, M]`` whose rows differ per query (a
     relative position bias; its leading dimensions broadcast to ``[B, H]``, ``H`` possibly 1): ``[B, H, K, M]``."""
-    mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    mask = mask_4d(mask)
     mask = mask.expand(index.shape[0], *mask.shape[1:])
     rows = index[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[3])
     return mask.gather(2, rows)

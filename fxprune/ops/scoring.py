@@ -21,6 +21,11 @@ def with_attn_mask(logits: Tensor, attn_mask: Tensor) -> Tensor:
     return logits + attn_mask.to(logits.dtype)
 
 
+def mask_4d(attn_mask: Tensor) -> Tensor:
+    """An SDPA-style ``attn_mask`` of 2 to 4 dimensions as ``[B | 1, H | 1, N, M]`` (leading dimensions of 1 added)."""
+    return attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+
+
 def _score_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
