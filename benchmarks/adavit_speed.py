@@ -14,9 +14,11 @@ skipping (``skip=True``, eager) and masked (``skip=False``, the official semanti
 ``--repeats`` rounds, reported as ratios to dense. With ``--compile`` also, against dense compiled: the masked
 graph compiled by ``fxprune.lower``, and the skipping graph under ``torch.compile(dynamic=True)``, which breaks
 the graph around its data-dependent ops (it has no full graph); the warm-up rounds include their compilation.
-With ``--ceiling`` also, at batch 1, a hand-written forward of what the skipping graph computes for each image
-(``ceiling_forward``: its decisions read beforehand, the used heads' weights gathered beforehand, no decision heads,
-no graph), checked against it: how fast an eager program of these shapes can be on this machine.
+With ``--ceiling`` also, at batch 1, two hand-written forwards of what the skipping graph computes for each image,
+checked against it: ``decided_forward`` makes the same decisions with the same products (``fxprune.ops.gating``) but
+no graph (what the graph's own overhead costs), and ``ceiling_forward`` has its decisions read beforehand, the used
+heads' weights gathered beforehand, no decision heads and no graph (how fast an eager program of these shapes can be
+on this machine).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import math
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +36,9 @@ import torch
 import torch.nn.functional as F
 
 import fxprune
-from fxprune.methods.adavit import DECIDED, set_usage
+from fxprune.methods.adavit import DECIDED, HEAD_THRESHOLD, SUBLAYER_THRESHOLD, TOKEN_THRESHOLD, set_usage
+from fxprune.ops.gating import project_from_heads, project_head_channels, project_heads
+from fxprune.passes.learned import LEARNED_PREFIX
 from fxprune.tools.bench import per_image_macs
 from fxprune.tools.speed import interleaved, machine
 
@@ -95,13 +100,15 @@ def ceiling_steps(model: torch.nn.Module, skipping: torch.nn.Module, image: torc
     return steps
 
 
+def _add_rows(x: torch.Tensor, update: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """``x`` ``[1, N, C]`` plus ``update`` ``[1, K, C]`` at its rows ``rows`` ``[K]`` (None: every row)."""
+    return x + update if rows is None else x[0].index_add(0, rows, update[0])[None]
+
+
 def ceiling_forward(model: torch.nn.Module, steps: list[CeilingStep], image: torch.Tensor) -> torch.Tensor:
     """The logits of the timm ViT ``model`` on ``image`` ``[1, 3, H, W]`` computing only what ``steps`` use, by
     hand: no decisions, no graph, the used heads' weights already gathered. What the skipping graph computes
     (its official semantics), with as few ops as eager PyTorch allows: a ceiling on its speed."""
-    def add(x: torch.Tensor, update: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-        return x + update if rows is None else x[0].index_add(0, rows, update[0])[None]
-
     x = model._pos_embed(model.patch_embed(image))
     for step in steps:
         block, rows, dim = step.block, step.rows, x.shape[-1]
@@ -114,13 +121,63 @@ def ceiling_forward(model: torch.nn.Module, steps: list[CeilingStep], image: tor
                 y = F.linear(o, step.projection, block.attn.proj.bias)
             else:
                 y = block.attn.proj.bias.expand(1, y.shape[1], dim)
-            x = add(x, y, rows)
+            x = _add_rows(x, y, rows)
         if step.mlp:
             y = block.norm2(x if rows is None else x.index_select(1, rows))
             fc1 = block.mlp.fc1
             y = fc1(y) if step.heads == block.attn.num_heads else F.linear(
                 y.index_select(2, step.channels), step.fc1, fc1.bias)
-            x = add(x, block.mlp.fc2(block.mlp.act(y)), rows)
+            x = _add_rows(x, block.mlp.fc2(block.mlp.act(y)), rows)
+    return model.forward_head(model.norm(x))
+
+
+def _logit(threshold: float) -> float:
+    """The logit above which ``sigmoid(logit) > threshold``."""
+    return math.log(threshold / (1.0 - threshold))
+
+
+@functools.lru_cache(maxsize=8)
+def _qkv_tables(num_heads: int, head_dim: int) -> tuple[tuple[tuple[int, ...], ...], ...]:
+    """The output channels of each head's elements for q, k and v of a fused timm ``qkv`` layer: ``[3][H][d]``."""
+    dim = num_heads * head_dim
+    return tuple(tuple(tuple(range(part * dim + h * head_dim, part * dim + (h + 1) * head_dim))
+                       for h in range(num_heads)) for part in range(3))
+
+
+def _decided_block(x: torch.Tensor, block: torch.nn.Module, decider: torch.nn.Module) -> torch.Tensor:
+    """One timm block on ``x`` ``[1, N, C]`` as the skipping graph runs it: the decisions of ``decider`` (its
+    ``tokens`` head, and its ``heads`` and ``sublayers`` heads where it has them), then the used sub-layers on the
+    used rows and heads, with the graph's head-sliced products."""
+    attn, norm = block.attn, block.norm1(x)
+    used = decider.tokens(norm[:, 1:])[0, :, 0] > _logit(TOKEN_THRESHOLD)
+    rows = None if bool(used.all()) else torch.cat([used.new_ones(1), used]).nonzero()[:, 0]
+    heads, attention, mlp = torch.arange(attn.num_heads), True, True
+    if hasattr(decider, "heads"):
+        token = x[:, 0]
+        heads = (decider.heads(token)[0] > _logit(HEAD_THRESHOLD)).nonzero()[:, 0]
+        attention, mlp = (decider.sublayers(token)[0] > _logit(SUBLAYER_THRESHOLD)).tolist()
+    tables = _qkv_tables(attn.num_heads, attn.head_dim)
+    if attention:
+        y = norm if rows is None else norm.index_select(1, rows)
+        o = F.scaled_dot_product_attention(*project_heads(y, attn.qkv.weight, attn.qkv.bias, tables, heads))
+        x = _add_rows(x, project_from_heads(o, attn.proj.weight, attn.proj.bias, tables[0], heads), rows)
+    if mlp:
+        y = block.norm2(x if rows is None else x.index_select(1, rows))
+        fc1 = block.mlp.fc1
+        y = project_head_channels(y, fc1.weight, fc1.bias, heads, attn.head_dim, None)
+        x = _add_rows(x, block.mlp.fc2(block.mlp.act(y)), rows)
+    return x
+
+
+def decided_forward(model: torch.nn.Module, skipping: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
+    """The logits of the timm ViT ``model`` on ``image`` ``[1, 3, H, W]`` as ``skipping`` (``model`` with AdaViT at
+    the official blocks) computes them, written by hand: its decision heads, thresholds and head-sliced products
+    (``fxprune.ops.gating``), with no graph, layouts or emitted values. What the skipping graph costs beyond them
+    is the graph's own overhead."""
+    deciders = skipping.get_submodule(LEARNED_PREFIX)
+    x = model._pos_embed(model.patch_embed(image))
+    for index, block in enumerate(model.blocks):
+        x = _decided_block(x, block, deciders.get_submodule(f"blocks_{index}"))
     return model.forward_head(model.norm(x))
 
 
@@ -141,18 +198,30 @@ def _reached(directory: str, usage: float) -> dict[str, float]:
     return {kind: statistics.mean(share[kind] for share in shares) for kind in DECIDED}
 
 
-def _ceiling_run(model: torch.nn.Module, skipping: torch.nn.Module, images: torch.Tensor) -> Callable[[], object]:
-    """A callable running :func:`ceiling_forward` on each of ``images`` alone, checked against ``skipping`` first."""
-    steps = [ceiling_steps(model, skipping, image[None]) for image in images]
+def _checked_run(forwards: list[Callable[[], torch.Tensor]], skipping: torch.nn.Module, images: torch.Tensor
+                 ) -> Callable[[], object]:
+    """A callable running ``forwards`` (a forward of each of ``images`` alone), each first checked against
+    ``skipping`` on its image."""
     with torch.no_grad():
-        for image, image_steps in zip(images, steps):
-            torch.testing.assert_close(ceiling_forward(model, image_steps, image[None]), skipping(image[None]),
-                                       atol=1e-4, rtol=0)
+        for image, forward in zip(images, forwards):
+            torch.testing.assert_close(forward(), skipping(image[None]), atol=1e-4, rtol=0)
 
     def run() -> list[torch.Tensor]:
-        return [ceiling_forward(model, image_steps, image[None]) for image, image_steps in zip(images, steps)]
+        return [forward() for forward in forwards]
 
     return run
+
+
+def _references(model: torch.nn.Module, skipping: torch.nn.Module, images: torch.Tensor
+                ) -> dict[str, Callable[[], object]]:
+    """The hand-written forwards of ``images`` one by one: with the skipping graph's decisions (``decided``) and
+    without them (``ceiling``)."""
+    return {
+        "decided": _checked_run([functools.partial(decided_forward, model, skipping, image[None]) for image in images],
+                                skipping, images),
+        "ceiling": _checked_run([functools.partial(ceiling_forward, model, ceiling_steps(model, skipping, image[None]),
+                                                   image[None]) for image in images], skipping, images),
+    }
 
 
 def _run(gm: torch.nn.Module, images: torch.Tensor, one_by_one: bool) -> object:
@@ -173,8 +242,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", action="store_true",
                         help="also profile dense and skipped at batch 1: share of CPU time in matrix products, ops")
     parser.add_argument("--ceiling", action="store_true",
-                        help="also time, at batch 1, a hand-written forward of what the skipping graph computes, "
-                             "with its decisions and gathered weights prepared outside the timing")
+                        help="also time, at batch 1, hand-written forwards of what the skipping graph computes: "
+                             "with its decisions and products but no graph, and with its decisions and gathered "
+                             "weights prepared outside the timing (a ceiling)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     model = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
@@ -182,18 +252,20 @@ def main(argv: list[str] | None = None) -> None:
     pool = torch.randn(max(batches + [args.images]), 3, 224, 224)
     single = pool[: args.images]
     trained = f" --trained {args.trained}" if args.trained else f" --parts {args.parts}"
+    tuned = "".join(f" --{name} {getattr(args, name)}" for name in ("images", "repeats")
+                    if getattr(args, name) != parser.get_default(name))
     print(f"Command: `python benchmarks/adavit_speed.py --usages {args.usages}{trained} --batches {args.batches}"
           + (" --compile" if args.compile else "") + (" --profile" if args.profile else "")
-          + (" --ceiling" if args.ceiling else "") + "`  ")
+          + (" --ceiling" if args.ceiling else "") + tuned + "`  ")
     print(f"Machine: {machine()}  ")
     print(f"deit_small_patch16_224 (random weights), AdaViT at the official blocks with its decision heads set to "
           f"the usage shown; {args.images} images at batch 1, medians of {args.repeats} interleaved rounds.\n")
     compiled = " | batch {b}, masked compiled | batch {b}, skipped compiled" if args.compile else ""
-    ceiling = " | batch 1, ceiling" if args.ceiling and 1 in batches else ""
+    ceiling = " | batch 1, hand-written with decisions | batch 1, ceiling" if args.ceiling and 1 in batches else ""
     header = "| usage | of | executed MACs (% of dense) | MAC ratio | " + " | ".join(
         f"speed ratio, batch {b}, skipped | batch {b}, masked" + compiled.format(b=b) for b in batches) + ceiling + " |"
     print(header)
-    print("|---|---|---|---|" + ("---|" * (4 if args.compile else 2)) * len(batches) + ("---|" if ceiling else ""))
+    print("|---|---|---|---|" + ("---|" * (4 if args.compile else 2)) * len(batches) + ("---|---|" if ceiling else ""))
     dense_macs = per_image_macs(model, single)
     profiles = []
     for usage in (float(u) for u in args.usages.split(",")):
@@ -217,16 +289,16 @@ def main(argv: list[str] | None = None) -> None:
                 images = single if batch == 1 else pool[:batch]
                 fns = {name: functools.partial(_run, gm, images, batch == 1) for name, gm in models.items()}
                 if ceiling and batch == 1:
-                    fns["ceiling"] = _ceiling_run(model, skipping, images)
+                    fns.update(_references(model, skipping, images))
                 timing = interleaved(fns, repeats=args.repeats)
                 cells.append(f"{timing.ratio('dense', 'skipped'):.2f}× | {timing.ratio('dense', 'masked'):.2f}×")
                 if args.compile:
                     cells += [f"{timing.ratio('dense compiled', name):.2f}×" for name in ("masked compiled",
                                                                                       "skipped compiled")]
                 if ceiling and batch == 1:
-                    ceiling_cell = f"{timing.ratio('dense', 'ceiling'):.2f}×"
+                    ceiling_cells = [f"{timing.ratio('dense', name):.2f}×" for name in ("decided", "ceiling")]
             if ceiling:
-                cells.append(ceiling_cell)
+                cells += ceiling_cells
             print(f"| {usage:g} | {part} | {100 * macs / dense_macs:.1f} | {dense_macs / macs:.2f}× | "
                   + " | ".join(cells) + " |")
             if args.profile:

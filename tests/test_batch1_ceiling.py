@@ -7,6 +7,7 @@ from vits import image_batch, timm_vit
 
 import fxprune
 from fxprune.methods.adavit import set_usage
+from fxprune.tools.show import usage
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "batch1_ceiling.py"
 
@@ -49,4 +50,20 @@ def test_adavit_ceiling_computes_what_the_skipping_graph_computes_for_each_image
             assert any(step.rows is not None for step in steps) and any(not step.mlp for step in steps)
             assert any(0 < step.heads < 6 for step in steps)
             torch.testing.assert_close(script["ceiling_forward"](model, steps, image[None]), skipping(image[None]),
+                                       atol=1e-10, rtol=0)
+
+
+def test_adavit_hand_written_forward_decides_and_computes_what_the_skipping_graph_does():
+    script = runpy.run_path(str(SCRIPT.parent / "adavit_speed.py"))
+    model = timm_vit("deit_small_patch16_224").double()
+    x = image_batch(model, batch=3, dtype=torch.float64)
+    skipping = fxprune.transform(model, fxprune.AdaViT(0.5, init_logit=0.0))
+    with torch.no_grad():
+        set_usage(skipping, x, {"heads": 0.3, "sublayers": 0.6, "tokens": 0.6})
+        used = usage(skipping, x)
+        assert any(0 < block.heads.sum() < 3 * 6 for block in used if block.heads is not None)
+        assert any((block.sublayers == 0).any() for block in used if block.sublayers is not None)
+        assert all(not block.rows.all() for block in used)
+        for image in x:
+            torch.testing.assert_close(script["decided_forward"](model, skipping, image[None]), skipping(image[None]),
                                        atol=1e-10, rtol=0)
