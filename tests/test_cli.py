@@ -37,6 +37,23 @@ def test_errors_are_reported_with_exit_code_2(capsys):
     assert "PolicyError: EViT.keep_rate must be in (0, 1]" in capsys.readouterr().err
 
 
+def test_inspect_takes_the_embedded_digits_vit(capsys):
+    assert main(["inspect", "digits", "--policy", "adavit:usage=0.5,weights=digits"]) == 0
+    out = capsys.readouterr().out
+    assert "6 attention blocks, 65 tokens × 64 channels" in out and "adavit usage 0.5" in out
+
+
+def test_a_model_name_no_command_knows_is_an_error_that_says_what_each_takes(capsys, tmp_path):
+    for command in (["inspect", "no_such_vit"], ["bench", "--model", "no_such_vit", "--data", str(tmp_path)],
+                    ["export", "no_such_vit", "--format", "onnx", "--out", str(tmp_path / "m.onnx")]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "unknown model 'no_such_vit': give 'digits', 'digits-relpos'" in err and "timm model name" in err
+    assert "a saved nn.Module" in err
+    assert main(["inspect", "digits", "--img-size", "32"]) == 2
+    assert "--img-size is for timm models" in capsys.readouterr().err
+
+
 def test_demo_prints_plan_accuracy_macs_speed_and_writes_the_picture(capsys, tmp_path):
     assert main(["demo", "--scenes", "100", "--repeats", "1", "--out", str(tmp_path / "kept.png")]) == 0
     out = capsys.readouterr().out

@@ -14,15 +14,12 @@ from ..methods import methods
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    import timm
-
     from ..analysis import analyse
     from ..pipeline import transform
     from ..policies import parse_policy
     from ..reporting import report
 
-    kwargs = {"img_size": args.img_size} if args.img_size else {}
-    model = timm.create_model(args.model, pretrained=False, **kwargs).eval()
+    model = _named_model(args.model, img_size=args.img_size)
     print(analyse(model))
     if args.policy:
         print()
@@ -30,6 +27,25 @@ def _inspect(args: argparse.Namespace) -> None:
         print(report(gm))
         if args.code:
             print(gm.code)
+
+
+def _named_model(name: str, pretrained: bool = False, img_size: int | None = None, also: str = "") -> torch.nn.Module:
+    """The model a command names, in evaluation mode: a shipped digits model, or a timm model (random weights
+    unless ``pretrained``; ``img_size`` None: its own). A name neither is an :class:`FxPruneError` that lists what
+    the command takes (``also``: what else it takes)."""
+    import timm
+
+    from .models import DIGITS_MODELS
+
+    if name in DIGITS_MODELS:
+        if img_size:
+            raise FxPruneError(f"--img-size is for timm models; {name} takes its 64×64 scenes")
+        return DIGITS_MODELS[name]().eval()
+    if not timm.is_model(name):
+        raise FxPruneError(f"unknown model {name!r}: give {', '.join(map(repr, DIGITS_MODELS))}{also} or a timm model "
+                           "name (timm.list_models())")
+    kwargs = {"img_size": img_size} if img_size else {}
+    return timm.create_model(name, pretrained=pretrained, **kwargs).eval()
 
 
 def _zoo(args: argparse.Namespace) -> None:
@@ -62,11 +78,9 @@ def _model_and_data(args: argparse.Namespace):
     if args.model in DIGITS_MODELS:
         build = DIGITS_MODELS[args.model]
         return build(), DigitScenes("test", args.images, seed=1), build.__name__, "DigitScenes test"
-    import timm
-
     if args.data is None:
         raise FxPruneError(f"--data DIR is needed for {args.model}: an ImageFolder in ImageNet-val layout")
-    model = timm.create_model(args.model, pretrained=args.pretrained).eval()
+    model = _named_model(args.model, args.pretrained)
     data = imagefolder(model, args.data)
     if args.images < len(data):
         data = torch.utils.data.Subset(data, range(args.images))
@@ -237,17 +251,12 @@ def _export_model(args: argparse.Namespace):
 
     from .models import DIGITS_MODELS
 
-    if args.model in DIGITS_MODELS:
-        model = DIGITS_MODELS[args.model]()
-    elif Path(args.model).is_file():
+    if args.model not in DIGITS_MODELS and Path(args.model).is_file():
         model = torch.load(args.model, weights_only=False)
         if not isinstance(model, torch.nn.Module):
             raise FxPruneError(f"{args.model} holds a {type(model).__name__}, not a saved nn.Module")
     else:
-        import timm
-
-        kwargs = {"img_size": args.img_size} if args.img_size else {}
-        model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
+        model = _named_model(args.model, args.pretrained, args.img_size, ", a saved nn.Module (a file)")
     if args.weights:
         model.load_state_dict(torch.load(args.weights, map_location="cpu"))
     return model.eval()
@@ -300,7 +309,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fxprune", description="Token reduction for ViTs by graph rewriting.")
     sub = parser.add_subparsers(dest="command", required=True)
     inspect = sub.add_parser("inspect", help="analyse a timm model and show what a policy does to it")
-    inspect.add_argument("model", help="timm model name, e.g. deit_small_patch16_224 (random weights)")
+    inspect.add_argument("model", help="'digits', 'digits-relpos' or a timm model name, e.g. deit_small_patch16_224 "
+                                       "(random weights)")
     known = f"methods: {', '.join(method.name for method in methods())}"
     inspect.add_argument("--policy", help=f'e.g. "evit:keep=0.7,layers=3,6,9" or "topk:keep=0.5,layers=4" ({known})')
     inspect.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
