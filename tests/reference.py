@@ -525,45 +525,90 @@ def _usage_decision(logits: torch.Tensor, threshold: float, training: bool) -> t
     return (soft > threshold).to(soft.dtype) - soft.detach() + soft
 
 
-def adavit_vit(model: nn.Module, gates: dict, images: torch.Tensor, token_only=(), training: bool = False):
-    """AdaViT on a timm ``VisionTransformer`` as the official ``StepAdaBlock.forward`` runs it with
-    ``--ada-head --ada-layer --ada-token-with-mlp``: logits. ``gates``: block index → its decision heads (``heads``,
-    ``sublayers``, ``tokens``; blocks in ``token_only`` have ``tokens`` only)."""
-    prefix = model.num_prefix_tokens
-    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+def _adavit_blocks(x: torch.Tensor, blocks, gates: dict, prefix: int, token_only, training: bool, attend
+                   ) -> torch.Tensor:
+    """The blocks of a pre-norm ViT as the official ``StepAdaBlock.forward`` runs them with ``--ada-head
+    --ada-layer --ada-token-with-mlp``, on ``x`` ``[B, N, C]``. ``attend(block, xn, head, pair)``: the block's
+    attention on its normed input with each image's head decisions ``head`` ``[B, H]`` (or None) and the pairs of
+    used tokens ``pair`` ``[B, 1, N, N]``, before its output projection's token factor."""
     B, N, C = x.shape
-    for i, blk in enumerate(model.blocks):
+    for i, blk in enumerate(blocks):
         if i not in gates:
-            x = x + blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x))))
-            x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+            x = blk(x)
             continue
         full = i not in token_only
-        if full:
-            head = _usage_decision(gates[i]["heads"](x[:, 0]), 0.5, training)
-            layer = _usage_decision(gates[i]["sublayers"](x[:, 0]), 0.5, training)
+        head = _usage_decision(gates[i]["heads"](x[:, 0]), 0.5, training) if full else None
+        layer = _usage_decision(gates[i]["sublayers"](x[:, 0]), 0.5, training) if full else None
         xn = blk.norm1(x)
         token = _usage_decision(gates[i]["tokens"](xn[:, prefix:]), 0.6, training)
         token = torch.cat([torch.ones(B, prefix, 1, dtype=x.dtype), token], dim=1)
-        attn = blk.attn
-        hd = C // attn.num_heads
-        q, k, v = attn.qkv(xn).reshape(B, N, 3, attn.num_heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = attn.q_norm(q), attn.k_norm(k)
-        if full:
-            q, k, v = (t * head[:, :, None, None] for t in (q, k, v))
-        logits = q @ k.transpose(-2, -1) * attn.scale
-        pair = (token @ token.transpose(1, 2)).detach()[:, None]
-        logits = torch.where(pair + torch.eye(N, dtype=x.dtype) > 0, logits * pair, float("-inf"))
-        out = logits.softmax(dim=-1) @ v
-        out = out.transpose(1, 2).reshape(B, N, C)
-        if full:
-            out = out * head.repeat_interleave(hd, dim=1)[:, None]
-        out = attn.proj(out) * token
+        out = _layer_scale(blk, 1, attend(blk, xn, head, (token @ token.transpose(1, 2)).detach()[:, None])) * token
         x = x + (out * layer[:, 0, None, None] if full else out)
         mlp_in = blk.norm2(x)
         if full:
-            mlp_in = mlp_in * head.repeat_interleave(hd, dim=1)[:, None]
-        out = blk.mlp(mlp_in) * token
+            mlp_in = mlp_in * head.repeat_interleave(C // blk.attn.num_heads, dim=1)[:, None]
+        out = _layer_scale(blk, 2, blk.mlp(mlp_in)) * token
         x = x + (out * layer[:, 1, None, None] if full else out)
+    return x
+
+
+def _layer_scale(blk: nn.Module, which: int, out: torch.Tensor) -> torch.Tensor:
+    """``out`` times the block's layer scale of sub-layer ``which`` (1: attention, 2: MLP): timm
+    ``VisionTransformer``'s ``ls1``/``ls2``, ``Eva``'s ``gamma_1``/``gamma_2`` (None: none)."""
+    if hasattr(blk, f"ls{which}"):
+        return getattr(blk, f"ls{which}")(out)
+    gamma = getattr(blk, f"gamma_{which}", None)
+    return out if gamma is None else gamma * out
+
+
+def _official_attention(blk: nn.Module, xn: torch.Tensor, head: torch.Tensor | None, pair: torch.Tensor):
+    """A timm ``Attention`` written out as the official AdaViT block does: heads zeroed, logits of unused pairs
+    −inf except each token's own, the heads' outputs zeroed, projected."""
+    attn, (B, N, C) = blk.attn, xn.shape
+    hd = C // attn.num_heads
+    q, k, v = attn.qkv(xn).reshape(B, N, 3, attn.num_heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if head is not None:
+        q, k, v = (t * head[:, :, None, None] for t in (q, k, v))
+    logits = q @ k.transpose(-2, -1) * attn.scale
+    logits = torch.where(pair + torch.eye(N, dtype=xn.dtype) > 0, logits * pair, float("-inf"))
+    out = (logits.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, N, C)
+    if head is not None:
+        out = out * head.repeat_interleave(hd, dim=1)[:, None]
+    return attn.proj(out)
+
+
+def adavit_vit(model: nn.Module, gates: dict, images: torch.Tensor, token_only=(), training: bool = False):
+    """AdaViT on a timm ``VisionTransformer`` (the official block, :func:`_adavit_blocks`): logits. ``gates``:
+    block index → its decision heads (``heads``, ``sublayers``, ``tokens``; blocks in ``token_only`` have
+    ``tokens`` only)."""
+    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+    x = _adavit_blocks(x, model.blocks, gates, model.num_prefix_tokens, token_only, training, _official_attention)
+    return model.forward_head(model.norm(x))
+
+
+def adavit_rotary(model: nn.Module, gates: dict, images: torch.Tensor, token_only=()):
+    """AdaViT (evaluation) on a timm ``Eva`` with rotary embeddings: the official block (:func:`_adavit_blocks`)
+    around each block's own attention, whose fused attention call gets the heads zeroed at its inputs and output
+    and the pairs of used tokens (and each token's own) as its mask: logits."""
+    x, rope = model._pos_embed(model.patch_embed(images))
+    x = model.norm_pre(x)
+    fused = F.scaled_dot_product_attention
+
+    def attend(blk: nn.Module, xn: torch.Tensor, head: torch.Tensor | None, pair: torch.Tensor) -> torch.Tensor:
+        factor = 1.0 if head is None else head[:, :, None, None]
+
+        def gated(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
+            mask = (pair + torch.eye(q.shape[-2], dtype=q.dtype)) > 0
+            return fused(q * factor, k * factor, v * factor, attn_mask=mask, scale=scale) * factor
+
+        F.scaled_dot_product_attention = gated
+        try:
+            return blk.attn(xn, rope=rope)
+        finally:
+            F.scaled_dot_product_attention = fused
+
+    x = _adavit_blocks(x, model.blocks, gates, model.num_prefix_tokens, token_only, False, attend)
     return model.forward_head(model.norm(x))
 
 

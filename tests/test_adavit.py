@@ -3,7 +3,7 @@ block, decisions per image, gradients, and the policy."""
 
 import pytest
 import torch
-from reference import adavit_vit
+from reference import adavit_rotary, adavit_vit
 from vits import hf_vit, image_batch, logits, timm_vit, with_explicit_softmax
 
 import fxprune
@@ -37,6 +37,46 @@ def test_evaluation_graph_matches_the_official_block_in_float64():
     heads = torch.cat([v[-1] for k, v in aux.items() if k.startswith(HEADS_KEY)])
     tokens = torch.cat([v[-1] for k, v in aux.items() if k.startswith(TOKENS_KEY)])
     assert 0 < heads.mean() < 1 and 0 < tokens.mean() < 1  # untrained heads: a mix of used and unused
+
+
+def test_on_a_rotary_vit_masking_matches_the_official_block_and_skipping_takes_the_tables_at_the_used_rows():
+    model = timm_vit("vit_small_patch16_rope_224", img_size=32, patch_size=8, depth=4).double()
+    torch.nn.init.normal_(model.head.weight)  # timm starts this head at zero
+    masked = fxprune.transform(model, AdaViT(0.5, skip=False))
+    x = image_batch(model, batch=4, dtype=torch.float64)
+    gates = _gates(masked, len(model.blocks))
+    with torch.no_grad(), fxprune.collect() as aux:
+        out = masked(x)
+        torch.testing.assert_close(out, adavit_rotary(model, gates, x, token_only=(0,)), atol=1e-10, rtol=0)
+        assert (out - model(x)).abs().max() > 1e-3
+    tokens = torch.cat([v[-1] for k, v in aux.items() if k.startswith(TOKENS_KEY)])
+    assert 0.2 < tokens.mean() < 0.8
+    skipping = fxprune.transform(model, AdaViT(0.5))
+    skipping.load_state_dict(masked.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(skipping(x), out, atol=1e-10, rtol=0)
+        for i in range(4):
+            torch.testing.assert_close(skipping(x[i : i + 1]), out[i : i + 1], atol=1e-10, rtol=0)
+            assert fxprune.flops(skipping, x[i : i + 1]) < 0.8 * fxprune.flops(masked, x[i : i + 1])
+
+
+def test_skipping_refuses_position_terms_it_cannot_take_at_the_used_rows_and_masking_takes_them():
+    from vits import with_position_bias_in_block_3
+
+    biased = with_position_bias_in_block_3().double()  # a bias on the scores of block 3
+    with pytest.raises(fxprune.UnsupportedModelError, match=r"stages\.3.*position terms .* to its scores.*skip=False"):
+        fxprune.transform(biased, AdaViT(0.5, layers=(3,)))
+    rotary = timm_vit("vit_small_patch16_rope_224", img_size=32, patch_size=8, depth=4)
+    after_top_k = fxprune.Compose([fxprune.TopK(0.7, layers=(1,)), AdaViT(0.5, layers=(2, 3))])
+    with pytest.raises(fxprune.UnsupportedModelError, match="an earlier block removes rows.*skip=False"):
+        fxprune.transform(rotary, after_top_k)
+    for model, policy in ((biased, AdaViT(0.5, layers=(3,), skip=False, init_logit=0.0)),
+                          (rotary, fxprune.Compose([fxprune.TopK(0.7, layers=(1,)),
+                                                    AdaViT(0.5, layers=(2, 3), skip=False, init_logit=0.0)]))):
+        gm = fxprune.transform(model, policy)
+        x = image_batch(model, batch=3, dtype=next(model.parameters()).dtype)
+        with torch.no_grad():
+            torch.testing.assert_close(torch.cat([gm(x[i : i + 1]) for i in range(3)]), gm(x), atol=1e-5, rtol=0)
 
 
 def test_training_graph_matches_the_official_block_with_the_same_noise():

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from ..analysis import Block, TokenProgram, sdpa_arguments
 from ..errors import PolicyError, UnsupportedModelError
-from ..ops import op_of
+from ..ops import at_positions, op_of
 from ..ops.gating import (
     apply_factor,
     channel_gate,
@@ -59,12 +59,14 @@ from ..ops.gating import (
     usage_mask,
     used_heads,
     used_layout,
+    used_positions,
     valid_keys,
     varying_heads,
 )
 from ..passes.common import Rewrite, Role, ancestors, insert_call, tag_of
 from ..passes.heads import HeadLayout, has_parameters, head_layout, is_linear, linear_parameters, producer
 from ..passes.learned import LEARNED_PREFIX, emit, insert_module
+from ..passes.positions import place_terms
 from ..passes.skipping import run_on_used, sublayer_nodes, unpack
 from ..policies import Policy, check_flag, check_layers, option, parse_flag, parse_layers, parse_number, parse_text
 from ..tools.weights import SHIPPED, shipped
@@ -386,22 +388,40 @@ def _slice_used_heads(gm: fx.GraphModule, block: Block, parts: BlockParts, decis
     return used, factors
 
 
-def _after_sized_stream(gm: fx.GraphModule, block: Block) -> bool:
-    """Whether a block before ``block`` gives rows sizes (merges or pads tokens)."""
+def _after_reduced_stream(gm: fx.GraphModule, block: Block, sized: bool) -> bool:
+    """Whether a block before ``block`` removes rows (``sized``: and gives them sizes, as merging or padding does)."""
     return any(
         (found := tag_of(node)) is not None and found.role is Role.STREAM and found.block < block.index
-        and getattr(op_of(node.target), "sized", False) for node in gm.graph.nodes
+        and (not sized or getattr(op_of(node.target), "sized", False)) for node in gm.graph.nodes
     )
+
+
+def _terms_at_used_rows(gm: fx.GraphModule, program: TokenProgram, block: Block, rows: fx.Node,
+                        index: fx.Node, valid: fx.Node) -> set[fx.Node]:
+    """Make the readers of ``block``'s position terms (rotary tables) read them at the positions of the attention's
+    used rows (``index``, ``valid``; :func:`used_positions` of the block's row decisions ``rows``). Returns the
+    nodes that take them, which are in the used layout already."""
+    if not block.position_terms:
+        return set()
+    positions = insert_call(gm, valid, used_positions, (rows, index, valid), {}, block, "used_positions")
+    place_terms(gm, program, block, positions)
+    return {user for term in block.position_terms for user in term.node.users if user.target is at_positions}
 
 
 def skip_unused(gm: fx.GraphModule, program: TokenProgram, block: Block, parts: BlockParts,
                 decisions: Decisions) -> None:
     """Compute only what is used: each sub-layer on the images that use it and, in each, on its used rows; the
     attention on the heads some image of the batch uses (the others' outputs are zeros)."""
-    if _after_sized_stream(gm, block):
+    if _after_reduced_stream(gm, block, sized=True):
         raise UnsupportedModelError(
             f"{program.model_name}: AdaViT cannot skip the unused parts of {block.name}: an earlier block merges or "
             "pads tokens, and their sizes weight its attention; use AdaViT(..., skip=False), which masks them"
+        )
+    if block.position_terms and _after_reduced_stream(gm, block, sized=False):
+        raise UnsupportedModelError(
+            f"{program.model_name}: AdaViT cannot skip the unused parts of {block.name}: an earlier block removes "
+            "rows, and the position terms its attention reads would have to follow both; use AdaViT(..., "
+            "skip=False), which masks them"
         )
     site = block.attention
     original_mask = sdpa_arguments(site.node)["attn_mask"] if site.kind == "sdpa" else None
@@ -409,6 +429,7 @@ def skip_unused(gm: fx.GraphModule, program: TokenProgram, block: Block, parts: 
     ready: set[fx.Node] = set()
     head_inputs: dict[fx.Node, tuple[int, ...]] = {}
     images, index, valid = _used_layout(gm, block, decisions, 0, "attention")
+    ready |= _terms_at_used_rows(gm, program, block, decisions.rows, index, valid)
     if decisions.heads is not None:
         layout = head_layout(gm, block)
         if layout is None:
@@ -572,11 +593,18 @@ def _loss(teacher: nn.Module, policy: AdaViT, distill_weight: float | None, exam
 
 
 def _refusal(policy: AdaViT, block: Block) -> str | None:
-    """AdaViT's rows and heads are chosen inside the block, where position terms would have to follow them."""
-    if block.position_terms:
-        return (f"its attention reads position terms ({', '.join(map(str, block.position_terms))}), which AdaViT's "
-                "per-image rows and heads do not take at the rows it uses")
-    return None
+    """Skipping takes position terms read by the queries and keys (rotary tables) at the rows each image uses, but
+    not those added to the scores (a relative position bias in the SDPA mask or the logits); masking changes no
+    shape, so it takes any."""
+    if not (block.position_terms and policy.skip):
+        return None
+    site = block.attention
+    mask = sdpa_arguments(site.node)["attn_mask"] if site.kind == "sdpa" else None
+    if site.kind == "sdpa" and not (isinstance(mask, fx.Node) and
+                                    {term.node for term in block.position_terms} & ancestors([mask])):
+        return None
+    return (f"its attention adds position terms ({', '.join(map(str, block.position_terms))}) to its scores, which "
+            "skipping does not take at the rows each image uses; AdaViT(..., skip=False) masks instead and takes them")
 
 
 register_method(

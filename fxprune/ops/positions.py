@@ -11,8 +11,8 @@ from .registry import graph_op
 def _index(positions: Tensor, prefix: int, patches_only: bool) -> Tensor:
     """Each row's index ``[B, N']`` along an axis laid out for every token (``patches_only``: for the patches
     alone, after ``prefix`` prefix rows, which stay first); a row with no single position (padding) takes 0."""
-    index = positions[..., 0].clamp(min=0)
-    return index[:, prefix:] - prefix if patches_only else index
+    index = positions[..., 0]
+    return (index[:, prefix:] - prefix).clamp(min=0) if patches_only else index.clamp(min=0)
 
 
 @graph_op()

@@ -114,9 +114,10 @@ def _per_head(numbers: torch.Tensor | None, heads: int) -> tuple[tuple[int, ...]
 
 
 def producer(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
-    """The nearest linear layer ``node`` is computed from, through first arguments (None: none)."""
+    """The nearest linear layer ``node`` is computed from, through the first node each reads (into a list: the
+    first part of a ``cat``, as rotary embeddings join the rows they rotate to the others); None: none."""
     while node is not None and not is_linear(gm, node):
-        node = next((arg for arg in node.args if isinstance(arg, fx.Node)), None)
+        node = next(iter(node.all_input_nodes), None)
     return node
 
 

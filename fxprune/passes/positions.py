@@ -23,7 +23,7 @@ from .state import follow_state, read_state
 if TYPE_CHECKING:
     from ..planning import PlanRow
 
-__all__ = ["place_position_terms"]
+__all__ = ["place_position_terms", "place_terms"]
 
 
 def _met_ranks(reader: fx.Node, value: fx.Node, depth: int = 2) -> list[int]:
@@ -57,10 +57,10 @@ def place_position_terms(gm: fx.GraphModule, program: TokenProgram, rows: Sequen
         positions = read_state(gm, block, POSITIONS)
         if before:
             positions = follow_state(gm, block, stream, POSITIONS, positions)
-        _place(gm, program, block, positions)
+        place_terms(gm, program, block, positions)
 
 
-def _place(gm: fx.GraphModule, program: TokenProgram, block: Block, positions: fx.Node) -> None:
+def place_terms(gm: fx.GraphModule, program: TokenProgram, block: Block, positions: fx.Node) -> None:
     """Make each reader of ``block``'s position terms (its attention's, and what the block's rewrite inserted
     beside it, such as scores reading its mask) read them at ``positions`` ``[B, N', 1]``."""
     alive = set(gm.graph.nodes)  # a rewrite may have replaced the attention node the analysis saw read a term
