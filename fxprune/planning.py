@@ -191,14 +191,16 @@ def _check_model(program: TokenProgram, owner: dict[int, Policy]) -> None:
                 )
     masking = sorted((index, part) for index, part in owner.items() if method_of(part).masks_in_training)
     later = sorted((index, part) for index, part in owner.items() if masking and index > masking[0][0]
-                   and part is not masking[0][1] and method_of(part).reduces_tokens)
+                   and part is not masking[0][1]
+                   and (method_of(part).reduces_tokens or not method_of(part).keeps_attention))
     if later:
         (first, part), (index, other) = masking[0], later[0]
+        what = "remove rows" if method_of(other).reduces_tokens else "replace its attention"
         raise UnsupportedModelError(
             f"{part.describe()} at block {first} keeps every row in its training graph and masks the dropped ones "
             f"with a keep policy that every later attention reads, so block {index} ({program.blocks[index].name}) "
-            f"cannot remove rows with {other.describe()} under it. Put {part.describe()}'s blocks after the other "
-            "methods' that remove rows (ClusTR, which removes none, may follow it)."
+            f"cannot {what} with {other.describe()} under it. Put {part.describe()}'s blocks after the other "
+            "methods' that remove rows or replace the attention."
         )
     reducing = [index for index, part in owner.items() if method_of(part).reduces_tokens]
     if reducing:

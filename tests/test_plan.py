@@ -91,11 +91,13 @@ def test_sizes_are_not_carried_into_an_attention_over_other_keys_than_the_stream
     fxprune.transform(model, fxprune.TopK(0.5, (1,)))  # carries nothing to later blocks
 
 
-def test_a_method_that_removes_rows_after_dynamicvit_is_refused_naming_both_blocks():
+def test_a_method_that_removes_rows_or_replaces_the_attention_after_dynamicvit_is_refused_naming_both_blocks():
     model = timm_vit("deit_small_patch16_224")
     message = (r"dynamicvit keep 0\.7 .* at block 1 keeps every row in its training graph .* block 2 \(blocks\.2\) "
                r"cannot remove rows with topk keep 0\.7 under it\. Put dynamicvit")
     with pytest.raises(UnsupportedModelError, match=message):
         fxprune.plan(model, Compose([DynamicViT(0.7, (1,)), TopK(0.7, (2,))]))
     fxprune.transform(model, Compose([TopK(0.7, (1,)), DynamicViT(0.7, (2,))]))  # after the others: fine
-    fxprune.transform(model, Compose([DynamicViT(0.7, (1,)), ClusTR(4, (2,))]))  # removes no rows: fine
+    with pytest.raises(UnsupportedModelError, match=r"block 2 \(blocks\.2\) cannot replace its attention with clustr"):
+        fxprune.plan(model, Compose([DynamicViT(0.7, (1,)), ClusTR(4, (2,))]))  # its clustering ignores the policy
+    fxprune.transform(model, Compose([ClusTR(4, (1,)), DynamicViT(0.7, (2,))]))

@@ -91,3 +91,19 @@ def test_a_rewrite_before_any_reduction_reads_each_row_as_itself():
     gm = fxprune.transform(model, Compose([Probe((1,)), TopK(0.5, (2,))]))
     sizes, positions = _read(gm, image_batch(model))
     assert (sizes == 1).all() and torch.equal(positions[0], torch.arange(17))
+
+
+def test_a_rewrite_that_replaces_the_attention_under_a_keep_policy_without_declaring_it_is_refused():
+    from fxprune import ClusTR, DynamicViT
+    from fxprune.methods.clustr import cluster_attention
+
+    @dataclasses.dataclass(frozen=True)
+    class Undeclared(ClusTR):  # ClusTR's rewrite, registered without keeps_attention=False
+        pass
+
+    register_method("undeclared_clustr", Undeclared, needs_keys=True, reduces_tokens=False)(cluster_attention)
+    try:
+        with pytest.raises(fxprune.UnsupportedModelError, match=r"block 2 \(blocks\.2\): its rewrite replaced"):
+            fxprune.transform(timm_vit("deit_small_patch16_224"), Compose([DynamicViT(0.7, (1,)), Undeclared(4, (2,))]))
+    finally:
+        unregister_method("undeclared_clustr")

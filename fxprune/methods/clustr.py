@@ -111,7 +111,8 @@ def clustr_settings(ctx: SweepContext) -> list[ClusTR]:
 
 
 @register_method(
-    "clustr", ClusTR, needs_keys=True, reduces_tokens=False, refuse=_refusal, settings=clustr_settings,
+    "clustr", ClusTR, needs_keys=True, reduces_tokens=False, keeps_attention=False, refuse=_refusal,
+    settings=clustr_settings,
     identity=lambda layers: ClusTR(10**6, layers), example=lambda layers: ClusTR(4, layers),
 )
 def cluster_attention(gm: fx.GraphModule, program: TokenProgram, block: Block, policy: ClusTR) -> Rewrite:

@@ -94,6 +94,8 @@ class Method:
     attention, the class token's row or, in a model without one, the attention each token receives (the plan says
     which). ``needs_keys``: it reads the attention keys.
     ``reduces_tokens``: it changes the token rows (False: ClusTR, which changes the attention only).
+    ``keeps_attention``: its rewritten block still attends with the model's own attention call, which a keep policy
+    set by an earlier block can renormalise (False: ClusTR's clustered attention replaces it).
     ``pads_tokens``: images keep different numbers of rows, padded to a common length (size 0).
     ``adaptive``: what an image costs depends on the image (AdaViT's usage; implied by ``pads_tokens``), so MACs
     per image are counted one image at a time.
@@ -117,6 +119,7 @@ class Method:
     scores_tokens: bool = False
     needs_keys: bool = False
     reduces_tokens: bool = True
+    keeps_attention: bool = True
     pads_tokens: bool = False
     adaptive: bool = False
     carries_sizes: bool = False

@@ -193,6 +193,12 @@ def _attend_with_policy(gm: fx.GraphModule, block: Block, policy: fx.Node) -> No
     """Make ``block``'s attention renormalise over the keys ``policy`` ``[B, N, 1]`` keeps: its SDPA call becomes
     :func:`~fxprune.ops.policy_attention`, an explicit softmax :func:`~fxprune.ops.softmax_with_policy`."""
     site = block.attention
+    if site.node not in gm.graph.find_nodes(op=site.node.op, target=site.node.target):
+        raise UnsupportedModelError(
+            f"block {block.index} ({block.name}): its rewrite replaced the attention call, which a keep policy set "
+            "by an earlier block must renormalise; such a method declares keeps_attention=False, and the plan then "
+            "refuses it after the block that sets the policy"
+        )
     if site.kind == "sdpa":
         args = sdpa_arguments(site.node)
         if args["is_causal"] is not False:
