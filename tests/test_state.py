@@ -107,3 +107,17 @@ def test_a_rewrite_that_replaces_the_attention_under_a_keep_policy_without_decla
             fxprune.transform(timm_vit("deit_small_patch16_224"), Compose([DynamicViT(0.7, (1,)), Undeclared(4, (2,))]))
     finally:
         unregister_method("undeclared_clustr")
+
+
+def test_a_keep_policy_renormalises_the_attention_as_a_later_rewrite_left_it_with_adavits_gated_heads():
+    import operator
+
+    from fxprune import AdaViT, DynamicViT
+    from fxprune.ops.gating import head_gate
+    from fxprune.ops.pruning import policy_attention
+
+    gm = fxprune.transform(timm_vit("deit_small_patch16_224"), Compose([DynamicViT(0.7, (1,)), AdaViT(0.5, (2, 3))]))
+    kept = [node for node in gm.train_graph.nodes if node.target is policy_attention]
+    assert len(kept) == 3  # DynamicViT's block and the two after it
+    for node in kept[1:]:  # AdaViT's blocks: q, k and v with the unused heads zeroed, as its SDPA call read them
+        assert all(arg.target is operator.mul and arg.args[1].target is head_gate for arg in node.args[:3])

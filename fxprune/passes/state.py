@@ -206,8 +206,9 @@ def _attend_with_policy(gm: fx.GraphModule, block: Block, policy: fx.Node) -> No
                 f"block {block.index} ({block.name}) has causal attention, which a keep policy cannot mask"
             )
         kwargs = {name: args[name] for name in ("attn_mask", "dropout_p", "scale")}
-        node = insert_call(gm, site.node, policy_attention, (site.q, site.k, site.v, policy), kwargs, block,
-                           "kept_attention", Role.ATTENTION)
+        qkv = (args["query"], args["key"], args["value"])  # as the call reads them now (AdaViT gates its heads)
+        node = insert_call(gm, site.node, policy_attention, (*qkv, policy), kwargs, block, "kept_attention",
+                           Role.ATTENTION)
         site.node.replace_all_uses_with(node)
         gm.graph.erase_node(site.node)
         return
