@@ -38,13 +38,20 @@ def test_ceiling_model_equals_the_full_blocks_truncated_to_their_first_tokens(sl
     assert fxprune.flops(sliced_deit(model, keep), x[:1]) < fxprune.flops(model, x[:1])
 
 
-def test_adavit_ceiling_computes_what_the_skipping_graph_computes_for_each_image():
+def _skipping_deit(usage):
+    """The AdaViT script's functions, DeiT-S (float64), three images and DeiT-S with AdaViT set to ``usage``."""
     script = runpy.run_path(str(SCRIPT.parent / "adavit_speed.py"))
     model = timm_vit("deit_small_patch16_224").double()
     x = image_batch(model, batch=3, dtype=torch.float64)
     skipping = fxprune.transform(model, fxprune.AdaViT(0.5, init_logit=0.0))
     with torch.no_grad():
-        set_usage(skipping, x, 0.5)
+        set_usage(skipping, x, usage)
+    return script, model, x, skipping
+
+
+def test_adavit_ceiling_computes_what_the_skipping_graph_computes_for_each_image():
+    script, model, x, skipping = _skipping_deit(0.5)
+    with torch.no_grad():
         for image in x:
             steps = script["ceiling_steps"](model, skipping, image[None])
             assert any(step.rows is not None for step in steps) and any(not step.mlp for step in steps)
@@ -54,12 +61,8 @@ def test_adavit_ceiling_computes_what_the_skipping_graph_computes_for_each_image
 
 
 def test_adavit_hand_written_forward_decides_and_computes_what_the_skipping_graph_does():
-    script = runpy.run_path(str(SCRIPT.parent / "adavit_speed.py"))
-    model = timm_vit("deit_small_patch16_224").double()
-    x = image_batch(model, batch=3, dtype=torch.float64)
-    skipping = fxprune.transform(model, fxprune.AdaViT(0.5, init_logit=0.0))
+    script, model, x, skipping = _skipping_deit({"heads": 0.3, "sublayers": 0.6, "tokens": 0.6})
     with torch.no_grad():
-        set_usage(skipping, x, {"heads": 0.3, "sublayers": 0.6, "tokens": 0.6})
         used = usage(skipping, x)
         assert any(0 < block.heads.sum() < 3 * 6 for block in used if block.heads is not None)
         assert any((block.sublayers == 0).any() for block in used if block.sublayers is not None)
