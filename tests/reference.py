@@ -525,16 +525,17 @@ def _usage_decision(logits: torch.Tensor, threshold: float, training: bool) -> t
     return (soft > threshold).to(soft.dtype) - soft.detach() + soft
 
 
-def _adavit_blocks(x: torch.Tensor, blocks, gates: dict, prefix: int, token_only, training: bool, attend
-                   ) -> torch.Tensor:
+def _adavit_blocks(x: torch.Tensor, blocks, gates: dict, prefix: int, token_only, training: bool, attend,
+                   dense=lambda blk, x: blk(x)) -> torch.Tensor:
     """The blocks of a pre-norm ViT as the official ``StepAdaBlock.forward`` runs them with ``--ada-head
     --ada-layer --ada-token-with-mlp``, on ``x`` ``[B, N, C]``. ``attend(block, xn, head, pair)``: the block's
     attention on its normed input with each image's head decisions ``head`` ``[B, H]`` (or None) and the pairs of
-    used tokens ``pair`` ``[B, 1, N, N]``, before its output projection's token factor."""
+    used tokens ``pair`` ``[B, 1, N, N]``, before its output projection's token factor; ``dense(block, x)``: a
+    block without decisions."""
     B, N, C = x.shape
     for i, blk in enumerate(blocks):
         if i not in gates:
-            x = blk(x)
+            x = dense(blk, x)
             continue
         full = i not in token_only
         head = _usage_decision(gates[i]["heads"](x[:, 0]), 0.5, training) if full else None
@@ -587,8 +588,8 @@ def adavit_vit(model: nn.Module, gates: dict, images: torch.Tensor, token_only=(
     return model.forward_head(model.norm(x))
 
 
-def adavit_rotary(model: nn.Module, gates: dict, images: torch.Tensor, token_only=()):
-    """AdaViT (evaluation) on a timm ``Eva`` with rotary embeddings: the official block (:func:`_adavit_blocks`)
+def adavit_rotary(model: nn.Module, gates: dict, images: torch.Tensor, token_only=(), training: bool = False):
+    """AdaViT on a timm ``Eva`` with rotary embeddings: the official block (:func:`_adavit_blocks`)
     around each block's own attention, whose fused attention call gets the heads zeroed at its inputs and output
     and the pairs of used tokens (and each token's own) as its mask: logits."""
     x, rope = model._pos_embed(model.patch_embed(images))
@@ -608,7 +609,8 @@ def adavit_rotary(model: nn.Module, gates: dict, images: torch.Tensor, token_onl
         finally:
             F.scaled_dot_product_attention = fused
 
-    x = _adavit_blocks(x, model.blocks, gates, model.num_prefix_tokens, token_only, False, attend)
+    x = _adavit_blocks(x, model.blocks, gates, model.num_prefix_tokens, token_only, training, attend,
+                       lambda blk, x: blk(x, rope=rope))
     return model.forward_head(model.norm(x))
 
 

@@ -58,6 +58,12 @@ def test_on_a_rotary_vit_masking_matches_the_official_block_and_skipping_takes_t
         for i in range(4):
             torch.testing.assert_close(skipping(x[i : i + 1]), out[i : i + 1], atol=1e-10, rtol=0)
             assert fxprune.flops(skipping, x[i : i + 1]) < 0.8 * fxprune.flops(masked, x[i : i + 1])
+    training = fxprune.transform(model, AdaViT(0.5, layers=(1, 2))).train()  # blocks 0 and 3 without decisions
+    torch.manual_seed(5)
+    out = training(x)
+    torch.manual_seed(5)
+    reference = adavit_rotary(model.train(), _gates(training, len(model.blocks)), x, training=True)
+    torch.testing.assert_close(out, reference, atol=1e-10, rtol=0)
 
 
 def test_skipping_refuses_position_terms_it_cannot_take_at_the_used_rows_and_masking_takes_them():
