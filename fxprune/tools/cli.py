@@ -308,7 +308,7 @@ def _add_model_options(parser: argparse.ArgumentParser, images: int) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fxprune", description="Token reduction for ViTs by graph rewriting.")
     sub = parser.add_subparsers(dest="command", required=True)
-    inspect = sub.add_parser("inspect", help="analyse a timm model and show what a policy does to it")
+    inspect = sub.add_parser("inspect", help="analyse a model (a digits ViT or timm) and show what a policy does to it")
     inspect.add_argument("model", help="'digits', 'digits-relpos' or a timm model name, e.g. deit_small_patch16_224 "
                                        "(random weights)")
     known = f"methods: {', '.join(method.name for method in methods())}"
