@@ -588,29 +588,31 @@ def adavit_vit(model: nn.Module, gates: dict, images: torch.Tensor, token_only=(
     return model.forward_head(model.norm(x))
 
 
-def adavit_rotary(model: nn.Module, gates: dict, images: torch.Tensor, token_only=(), training: bool = False):
-    """AdaViT on a timm ``Eva`` with rotary embeddings: the official block (:func:`_adavit_blocks`)
+def adavit_own_attention(model: nn.Module, gates: dict, tokens: torch.Tensor, token_only=(), training: bool = False,
+                         **attention_kwargs) -> torch.Tensor:
+    """AdaViT on a timm ViT whose blocks take ``attention_kwargs`` (Eva's ``rope``, ``VisionTransformerRelPos``'s
+    ``shared_rel_pos``), from its embedded ``tokens`` ``[B, N, C]``: the official block (:func:`_adavit_blocks`)
     around each block's own attention, whose fused attention call gets the heads zeroed at its inputs and output
-    and the pairs of used tokens (and each token's own) as its mask: logits."""
-    x, rope = model._pos_embed(model.patch_embed(images))
-    x = model.norm_pre(x)
+    and the pairs of used tokens (and each token's own) as its mask, beside any mask (a position bias) it has:
+    logits."""
     fused = F.scaled_dot_product_attention
 
     def attend(blk: nn.Module, xn: torch.Tensor, head: torch.Tensor | None, pair: torch.Tensor) -> torch.Tensor:
         factor = 1.0 if head is None else head[:, :, None, None]
 
         def gated(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
-            mask = (pair + torch.eye(q.shape[-2], dtype=q.dtype)) > 0
+            allowed = (pair + torch.eye(q.shape[-2], dtype=q.dtype)) > 0
+            mask = allowed if attn_mask is None else attn_mask.masked_fill(~allowed, float("-inf"))
             return fused(q * factor, k * factor, v * factor, attn_mask=mask, scale=scale) * factor
 
         F.scaled_dot_product_attention = gated
         try:
-            return blk.attn(xn, rope=rope)
+            return blk.attn(xn, **attention_kwargs)
         finally:
             F.scaled_dot_product_attention = fused
 
-    x = _adavit_blocks(x, model.blocks, gates, model.num_prefix_tokens, token_only, training, attend,
-                       lambda blk, x: blk(x, rope=rope))
+    x = _adavit_blocks(tokens, model.blocks, gates, model.num_prefix_tokens, token_only, training, attend,
+                       lambda blk, x: blk(x, **attention_kwargs))
     return model.forward_head(model.norm(x))
 
 

@@ -3,11 +3,11 @@ block, decisions per image, gradients, and the policy."""
 
 import pytest
 import torch
-from reference import adavit_rotary, adavit_vit
+from reference import adavit_own_attention, adavit_vit
 from vits import hf_vit, image_batch, logits, timm_vit, with_explicit_softmax
 
 import fxprune
-from fxprune.methods.adavit import HEADS_KEY, SUBLAYERS_KEY, TOKENS_KEY, AdaViT
+from fxprune.methods.adavit import DECIDED, HEADS_KEY, SUBLAYERS_KEY, TOKENS_KEY, AdaViT, set_usage
 
 
 def _gates(gm, depth):
@@ -39,6 +39,11 @@ def test_evaluation_graph_matches_the_official_block_in_float64():
     assert 0 < heads.mean() < 1 and 0 < tokens.mean() < 1  # untrained heads: a mix of used and unused
 
 
+def _rotary_reference(model, gates, x, **options):
+    tokens, rope = model._pos_embed(model.patch_embed(x))
+    return adavit_own_attention(model, gates, model.norm_pre(tokens), rope=rope, **options)
+
+
 def test_on_a_rotary_vit_masking_matches_the_official_block_and_skipping_takes_the_tables_at_the_used_rows():
     model = timm_vit("vit_small_patch16_rope_224", img_size=32, patch_size=8, depth=4).double()
     torch.nn.init.normal_(model.head.weight)  # timm starts this head at zero
@@ -47,7 +52,7 @@ def test_on_a_rotary_vit_masking_matches_the_official_block_and_skipping_takes_t
     gates = _gates(masked, len(model.blocks))
     with torch.no_grad(), fxprune.collect() as aux:
         out = masked(x)
-        torch.testing.assert_close(out, adavit_rotary(model, gates, x, token_only=(0,)), atol=1e-10, rtol=0)
+        torch.testing.assert_close(out, _rotary_reference(model, gates, x, token_only=(0,)), atol=1e-10, rtol=0)
         assert (out - model(x)).abs().max() > 1e-3
     tokens = torch.cat([v[-1] for k, v in aux.items() if k.startswith(TOKENS_KEY)])
     assert 0.2 < tokens.mean() < 0.8
@@ -62,27 +67,48 @@ def test_on_a_rotary_vit_masking_matches_the_official_block_and_skipping_takes_t
     torch.manual_seed(5)
     out = training(x)
     torch.manual_seed(5)
-    reference = adavit_rotary(model.train(), _gates(training, len(model.blocks)), x, training=True)
+    reference = _rotary_reference(model.train(), _gates(training, len(model.blocks)), x, training=True)
     torch.testing.assert_close(out, reference, atol=1e-10, rtol=0)
 
 
-def test_skipping_refuses_position_terms_it_cannot_take_at_the_used_rows_and_masking_takes_them():
+def test_a_relative_position_bias_is_taken_at_the_used_rows_where_skipping_computes_every_head():
     from vits import with_position_bias_in_block_3
 
-    biased = with_position_bias_in_block_3().double()  # a bias on the scores of block 3
-    with pytest.raises(fxprune.UnsupportedModelError, match=r"stages\.3.*position terms .* to its scores.*skip=False"):
-        fxprune.transform(biased, AdaViT(0.5, layers=(3,)))
+    relpos = timm_vit("vit_relpos_medium_patch16_cls_224", img_size=32, patch_size=8, depth=3).double()
+    torch.nn.init.normal_(relpos.head.weight)  # timm starts this head at zero
+    x = image_batch(relpos, batch=4, dtype=torch.float64)
+    masked = fxprune.transform(relpos, AdaViT(0.5, skip=False))
+    with torch.no_grad():
+        tokens = torch.cat([relpos.cls_token.expand(4, -1, -1), relpos.patch_embed(x)], dim=1)
+        reference = adavit_own_attention(relpos, _gates(masked, 3), tokens, token_only=(0,))
+        torch.testing.assert_close(masked(x), reference, atol=1e-10, rtol=0)
+    with pytest.raises(fxprune.UnsupportedModelError, match=r"blocks\.1.*mask carries position terms.*decides="):
+        fxprune.transform(relpos, AdaViT(0.5))  # the bias has a row per head, and skipping slices the heads
+    biased = with_position_bias_in_block_3().double()  # a bias on explicit logits, whose heads are masked
+    for model, kinds, layers in ((relpos, ("sublayers", "tokens"), None), (biased, DECIDED, (3,))):
+        x = image_batch(model, batch=4, dtype=torch.float64)
+        masked = fxprune.transform(model, AdaViT(0.5, layers, skip=False, init_logit=0.0, decides=kinds))
+        skipping = fxprune.transform(model, AdaViT(0.5, layers, init_logit=0.0, decides=kinds))
+        with torch.no_grad():
+            set_usage(skipping, image_batch(model, batch=4, seed=5, dtype=torch.float64), 0.5)
+            masked.load_state_dict(skipping.state_dict())
+            out = masked(x)
+            torch.testing.assert_close(skipping(x), out, atol=1e-10, rtol=0)
+            for i in range(4):
+                torch.testing.assert_close(skipping(x[i : i + 1]), out[i : i + 1], atol=1e-10, rtol=0)
+            assert fxprune.flops(skipping, x[:1]) < 0.9 * fxprune.flops(masked, x[:1])
+
+
+def test_skipping_refuses_position_terms_after_a_block_that_removes_rows_and_masking_takes_them():
     rotary = timm_vit("vit_small_patch16_rope_224", img_size=32, patch_size=8, depth=4)
     after_top_k = fxprune.Compose([fxprune.TopK(0.7, layers=(1,)), AdaViT(0.5, layers=(2, 3))])
     with pytest.raises(fxprune.UnsupportedModelError, match="an earlier block removes rows.*skip=False"):
         fxprune.transform(rotary, after_top_k)
-    for model, policy in ((biased, AdaViT(0.5, layers=(3,), skip=False, init_logit=0.0)),
-                          (rotary, fxprune.Compose([fxprune.TopK(0.7, layers=(1,)),
-                                                    AdaViT(0.5, layers=(2, 3), skip=False, init_logit=0.0)]))):
-        gm = fxprune.transform(model, policy)
-        x = image_batch(model, batch=3, dtype=next(model.parameters()).dtype)
-        with torch.no_grad():
-            torch.testing.assert_close(torch.cat([gm(x[i : i + 1]) for i in range(3)]), gm(x), atol=1e-5, rtol=0)
+    gm = fxprune.transform(rotary, fxprune.Compose([fxprune.TopK(0.7, layers=(1,)),
+                                                    AdaViT(0.5, layers=(2, 3), skip=False, init_logit=0.0)]))
+    x = image_batch(rotary, batch=3)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.cat([gm(x[i : i + 1]) for i in range(3)]), gm(x), atol=1e-5, rtol=0)
 
 
 def test_training_graph_matches_the_official_block_with_the_same_noise():

@@ -293,7 +293,8 @@ def _set_attention_mask(gm: fx.GraphModule, block: Block, mask: fx.Node) -> None
     site = block.attention
     if site.kind == "sdpa":
         existing = sdpa_arguments(site.node)["attn_mask"]
-        combined = insert_call(gm, mask, combine_masks, (existing, mask), {}, block, "attn_mask")
+        after = max([mask] + ([existing] if isinstance(existing, fx.Node) else []), key=_order(gm))
+        combined = insert_call(gm, after, combine_masks, (existing, mask), {}, block, "attn_mask")
         if len(site.node.args) > 3:
             site.node.update_arg(3, combined)
         else:
@@ -424,12 +425,11 @@ def skip_unused(gm: fx.GraphModule, program: TokenProgram, block: Block, parts: 
             "skip=False), which masks them"
         )
     site = block.attention
+    images, index, valid = _used_layout(gm, block, decisions, 0, "attention")
+    ready: set[fx.Node] = _terms_at_used_rows(gm, program, block, decisions.rows, index, valid)
     original_mask = sdpa_arguments(site.node)["attn_mask"] if site.kind == "sdpa" else None
     per_image = {original_mask: (2, 3)} if isinstance(original_mask, fx.Node) else {}
-    ready: set[fx.Node] = set()
     head_inputs: dict[fx.Node, tuple[int, ...]] = {}
-    images, index, valid = _used_layout(gm, block, decisions, 0, "attention")
-    ready |= _terms_at_used_rows(gm, program, block, decisions.rows, index, valid)
     if decisions.heads is not None:
         layout = head_layout(gm, block)
         if layout is None:
@@ -593,18 +593,18 @@ def _loss(teacher: nn.Module, policy: AdaViT, distill_weight: float | None, exam
 
 
 def _refusal(policy: AdaViT, block: Block) -> str | None:
-    """Skipping takes position terms read by the queries and keys (rotary tables) at the rows each image uses, but
-    not those added to the scores (a relative position bias in the SDPA mask or the logits); masking changes no
-    shape, so it takes any."""
-    if not (block.position_terms and policy.skip):
-        return None
+    """Skipping takes position terms at the rows each image uses (rotary tables, a bias on explicit attention
+    logits or in the SDPA mask), but computes an SDPA attention on the heads some image uses, where a bias in its
+    mask would also have to be taken at those heads; masking changes no shape, so it takes any."""
     site = block.attention
-    mask = sdpa_arguments(site.node)["attn_mask"] if site.kind == "sdpa" else None
-    if site.kind == "sdpa" and not (isinstance(mask, fx.Node) and
-                                    {term.node for term in block.position_terms} & ancestors([mask])):
+    if not (block.position_terms and policy.skip and site.kind == "sdpa" and "heads" in policy.decided_in(block.index)):
         return None
-    return (f"its attention adds position terms ({', '.join(map(str, block.position_terms))}) to its scores, which "
-            "skipping does not take at the rows each image uses; AdaViT(..., skip=False) masks instead and takes them")
+    mask = sdpa_arguments(site.node)["attn_mask"]
+    if not (isinstance(mask, fx.Node) and {term.node for term in block.position_terms} & ancestors([mask])):
+        return None
+    return (f"its attention mask carries position terms ({', '.join(map(str, block.position_terms))}), which "
+            "skipping does not take at the heads it computes; AdaViT(..., skip=False) masks instead and takes them, "
+            "or decides=('sublayers', 'tokens') skips without head decisions")
 
 
 register_method(
