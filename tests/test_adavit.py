@@ -7,7 +7,7 @@ from reference import adavit_own_attention, adavit_vit
 from vits import hf_vit, image_batch, logits, timm_vit, with_explicit_softmax
 
 import fxprune
-from fxprune.methods.adavit import DECIDED, HEADS_KEY, SUBLAYERS_KEY, TOKENS_KEY, AdaViT, set_usage
+from fxprune.methods.adavit import HEADS_KEY, SUBLAYERS_KEY, TOKENS_KEY, AdaViT, set_usage
 
 
 def _gates(gm, depth):
@@ -71,7 +71,7 @@ def test_on_a_rotary_vit_masking_matches_the_official_block_and_skipping_takes_t
     torch.testing.assert_close(out, reference, atol=1e-10, rtol=0)
 
 
-def test_a_relative_position_bias_is_taken_at_the_used_rows_where_skipping_computes_every_head():
+def test_a_relative_position_bias_is_taken_at_the_used_rows_and_heads():
     from vits import with_position_bias_in_block_3
 
     relpos = timm_vit("vit_relpos_medium_patch16_cls_224", img_size=32, patch_size=8, depth=3).double()
@@ -82,13 +82,11 @@ def test_a_relative_position_bias_is_taken_at_the_used_rows_where_skipping_compu
         tokens = torch.cat([relpos.cls_token.expand(4, -1, -1), relpos.patch_embed(x)], dim=1)
         reference = adavit_own_attention(relpos, _gates(masked, 3), tokens, token_only=(0,))
         torch.testing.assert_close(masked(x), reference, atol=1e-10, rtol=0)
-    with pytest.raises(fxprune.UnsupportedModelError, match=r"blocks\.1.*mask carries position terms.*decides="):
-        fxprune.transform(relpos, AdaViT(0.5))  # the bias has a row per head, and skipping slices the heads
     biased = with_position_bias_in_block_3().double()  # a bias on explicit logits, whose heads are masked
-    for model, kinds, layers in ((relpos, ("sublayers", "tokens"), None), (biased, DECIDED, (3,))):
+    for model, layers in ((relpos, None), (biased, (3,))):  # relpos: a bias per head in the SDPA mask
         x = image_batch(model, batch=4, dtype=torch.float64)
-        masked = fxprune.transform(model, AdaViT(0.5, layers, skip=False, init_logit=0.0, decides=kinds))
-        skipping = fxprune.transform(model, AdaViT(0.5, layers, init_logit=0.0, decides=kinds))
+        masked = fxprune.transform(model, AdaViT(0.5, layers, skip=False, init_logit=0.0))
+        skipping = fxprune.transform(model, AdaViT(0.5, layers, init_logit=0.0))
         with torch.no_grad():
             set_usage(skipping, image_batch(model, batch=4, seed=5, dtype=torch.float64), 0.5)
             masked.load_state_dict(skipping.state_dict())

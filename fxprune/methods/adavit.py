@@ -47,6 +47,7 @@ from ..ops.gating import (
     every_one,
     gumbel_gate,
     head_gate,
+    mask_at_heads,
     mask_logits,
     place_heads,
     project_from_heads,
@@ -430,17 +431,27 @@ def skip_unused(gm: fx.GraphModule, program: TokenProgram, block: Block, parts: 
     original_mask = sdpa_arguments(site.node)["attn_mask"] if site.kind == "sdpa" else None
     per_image = {original_mask: (2, 3)} if isinstance(original_mask, fx.Node) else {}
     head_inputs: dict[fx.Node, tuple[int, ...]] = {}
+    used = None  # the heads the SDPA call computes, where it computes some only
     if decisions.heads is not None:
         layout = head_layout(gm, block)
         if layout is None:
             _gate_heads(gm, block, parts, decisions)
             if site.kind == "sdpa":
-                ready.add(_select_used_heads(gm, block, decisions.per_head))
+                used = _select_used_heads(gm, block, decisions.per_head)
             head_inputs = {decisions.per_head: (), decisions.channels: ()}
         else:
             used, factors = _slice_used_heads(gm, block, parts, decisions, layout, after=valid)
-            ready.add(used)
             head_inputs = dict.fromkeys(factors, ())
+    if used is not None:
+        ready.add(used)
+        if isinstance(original_mask, fx.Node):  # a bias per head (relative position): at the computed heads
+            at_heads = insert_call(gm, max(original_mask, used, key=_order(gm)), mask_at_heads,
+                                   (original_mask, used, site.num_heads), {}, block, "mask_heads")
+            site.node.replace_input_with(original_mask, at_heads)
+            if original_mask in ready:
+                ready.add(at_heads)
+            else:
+                per_image = {at_heads: (2, 3)}
     keys = insert_call(gm, valid, valid_keys, (valid,), {}, block, "valid_keys")
     _set_attention_mask(gm, block, keys)
     decided = ancestors([images, index, valid, *ready, *head_inputs])
@@ -592,23 +603,8 @@ def _loss(teacher: nn.Module, policy: AdaViT, distill_weight: float | None, exam
     return AdaViTLoss(teacher, policy, distill_weight=0.0 if distill_weight is None else distill_weight)
 
 
-def _refusal(policy: AdaViT, block: Block) -> str | None:
-    """Skipping takes position terms at the rows each image uses (rotary tables, a bias on explicit attention
-    logits or in the SDPA mask), but computes an SDPA attention on the heads some image uses, where a bias in its
-    mask would also have to be taken at those heads; masking changes no shape, so it takes any."""
-    site = block.attention
-    if not (block.position_terms and policy.skip and site.kind == "sdpa" and "heads" in policy.decided_in(block.index)):
-        return None
-    mask = sdpa_arguments(site.node)["attn_mask"]
-    if not (isinstance(mask, fx.Node) and {term.node for term in block.position_terms} & ancestors([mask])):
-        return None
-    return (f"its attention mask carries position terms ({', '.join(map(str, block.position_terms))}), which "
-            "skipping does not take at the heads it computes; AdaViT(..., skip=False) masks instead and takes them, "
-            "or decides=('sublayers', 'tokens') skips without head decisions")
-
-
 register_method(
-    "adavit", AdaViT, needs_class_token=True, reduces_tokens=False, adaptive=True, refuse=_refusal,
+    "adavit", AdaViT, needs_class_token=True, reduces_tokens=False, adaptive=True,
     learned=Learned(_decision_heads, gate_for_training, weights=weights_file, translate=official_heads,
                     loss=_loss, backbone_lr_scale=1.0),
     identity=lambda layers: AdaViT(1.0, layers, init_logit=20.0),

@@ -256,6 +256,13 @@ def select_heads(x: Tensor, heads: Tensor) -> Tensor:
 
 
 @graph_op()
+def mask_at_heads(mask: Tensor, heads: Tensor, num_heads: int) -> Tensor:
+    """An attention mask or bias ``mask`` at the heads ``heads`` ``[h]``: ``[B, h, …]`` where it has a row per head
+    (``[B, num_heads, …]``), else as it is (shared by the heads)."""
+    return mask.index_select(1, heads) if mask.dim() == 4 and mask.shape[1] == num_heads > 1 else mask
+
+
+@graph_op()
 def place_heads(x: Tensor, heads: Tensor, num_heads: int) -> Tensor:
     """``x`` ``[b, h, N, d]`` written at the heads ``heads`` of ``[b, num_heads, N, d]`` zeros."""
     full = x.new_zeros(x.shape[0], num_heads, *x.shape[2:])

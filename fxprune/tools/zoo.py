@@ -272,7 +272,6 @@ def try_all(entries: Sequence[Entry], processes: int = 1) -> list[list[Outcome]]
 
 _SHORT = (  # the reasons of common refusals, said in a few words (the full reason is in the error)
     (r"token axes cannot be told", "position tables of unclear axes"),
-    (r"mask carries position terms", "position bias under head decisions"),
     (r"windowed attention", "windowed attention"),
     (r"not a \[B, N, C\] token sequence", "not a token sequence (hierarchical)"),
     (r"found no attention", "no attention found"),
