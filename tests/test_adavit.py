@@ -97,16 +97,24 @@ def test_a_relative_position_bias_is_taken_at_the_used_rows_and_heads():
             assert fxprune.flops(skipping, x[:1]) < 0.9 * fxprune.flops(masked, x[:1])
 
 
-def test_skipping_refuses_position_terms_after_a_block_that_removes_rows_and_masking_takes_them():
-    rotary = timm_vit("vit_small_patch16_rope_224", img_size=32, patch_size=8, depth=4)
-    after_top_k = fxprune.Compose([fxprune.TopK(0.7, layers=(1,)), AdaViT(0.5, layers=(2, 3))])
-    with pytest.raises(fxprune.UnsupportedModelError, match="an earlier block removes rows.*skip=False"):
-        fxprune.transform(rotary, after_top_k)
-    gm = fxprune.transform(rotary, fxprune.Compose([fxprune.TopK(0.7, layers=(1,)),
-                                                    AdaViT(0.5, layers=(2, 3), skip=False, init_logit=0.0)]))
-    x = image_batch(rotary, batch=3)
+def test_after_a_block_that_removes_rows_skipping_takes_the_tables_at_the_used_rows_original_positions():
+    rotary = timm_vit("vit_small_patch16_rope_224", img_size=32, patch_size=8, depth=4).double()
+    torch.nn.init.normal_(rotary.head.weight)
+
+    def after_top_k(skip):
+        return fxprune.Compose([fxprune.TopK(0.7, layers=(1,)), AdaViT(0.5, layers=(2, 3), skip=skip, init_logit=0.0)])
+
+    masked, skipping = fxprune.transform(rotary, after_top_k(False)), fxprune.transform(rotary, after_top_k(True))
+    x = image_batch(rotary, batch=4, dtype=torch.float64)
     with torch.no_grad():
-        torch.testing.assert_close(torch.cat([gm(x[i : i + 1]) for i in range(3)]), gm(x), atol=1e-5, rtol=0)
+        set_usage(skipping, image_batch(rotary, batch=4, seed=5, dtype=torch.float64), 0.5)
+        masked.load_state_dict(skipping.state_dict())
+        out = masked(x)
+        torch.testing.assert_close(skipping(x), out, atol=1e-10, rtol=0)
+        for i in range(4):
+            torch.testing.assert_close(skipping(x[i : i + 1]), out[i : i + 1], atol=1e-10, rtol=0)
+            torch.testing.assert_close(masked(x[i : i + 1]), out[i : i + 1], atol=1e-10, rtol=0)
+        assert fxprune.flops(skipping, x[:1]) < 0.9 * fxprune.flops(masked, x[:1])
 
 
 def test_training_graph_matches_the_official_block_with_the_same_noise():

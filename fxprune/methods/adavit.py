@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from ..analysis import Block, TokenProgram, sdpa_arguments
 from ..errors import PolicyError, UnsupportedModelError
-from ..ops import at_positions, op_of
+from ..ops import POSITIONS, at_positions, op_of
 from ..ops.gating import (
     apply_factor,
     channel_gate,
@@ -69,6 +69,7 @@ from ..passes.heads import HeadLayout, has_parameters, head_layout, is_linear, l
 from ..passes.learned import LEARNED_PREFIX, emit, insert_module
 from ..passes.positions import place_terms
 from ..passes.skipping import run_on_used, sublayer_nodes, unpack
+from ..passes.state import read_state
 from ..policies import Policy, check_flag, check_layers, option, parse_flag, parse_layers, parse_number, parse_text
 from ..tools.weights import SHIPPED, shipped
 from .registry import Learned, register_method
@@ -390,22 +391,24 @@ def _slice_used_heads(gm: fx.GraphModule, block: Block, parts: BlockParts, decis
     return used, factors
 
 
-def _after_reduced_stream(gm: fx.GraphModule, block: Block, sized: bool) -> bool:
-    """Whether a block before ``block`` removes rows (``sized``: and gives them sizes, as merging or padding does)."""
+def _after_sized_stream(gm: fx.GraphModule, block: Block) -> bool:
+    """Whether a block before ``block`` gives rows sizes (merges or pads tokens)."""
     return any(
         (found := tag_of(node)) is not None and found.role is Role.STREAM and found.block < block.index
-        and (not sized or getattr(op_of(node.target), "sized", False)) for node in gm.graph.nodes
+        and getattr(op_of(node.target), "sized", False) for node in gm.graph.nodes
     )
 
 
-def _terms_at_used_rows(gm: fx.GraphModule, program: TokenProgram, block: Block, rows: fx.Node,
-                        index: fx.Node, valid: fx.Node) -> set[fx.Node]:
-    """Make the readers of ``block``'s position terms (rotary tables) read them at the positions of the attention's
-    used rows (``index``, ``valid``; :func:`used_positions` of the block's row decisions ``rows``). Returns the
-    nodes that take them, which are in the used layout already."""
+def _terms_at_used_rows(gm: fx.GraphModule, program: TokenProgram, block: Block, images: fx.Node,
+                        index: fx.Node) -> set[fx.Node]:
+    """Make the readers of ``block``'s position terms (rotary tables, a relative position bias) read them at the
+    positions of the attention's used rows (``images``, ``index``; their positions in the first block's input, after
+    any earlier reduction). Returns the nodes that take them, which are in the used layout already."""
     if not block.position_terms:
         return set()
-    positions = insert_call(gm, valid, used_positions, (rows, index, valid), {}, block, "used_positions")
+    rows = read_state(gm, block, POSITIONS)
+    positions = insert_call(gm, max(rows, index, key=_order(gm)), used_positions, (rows, images, index), {}, block,
+                            "used_positions")
     place_terms(gm, program, block, positions)
     return {user for term in block.position_terms for user in term.node.users if user.target is at_positions}
 
@@ -414,20 +417,14 @@ def skip_unused(gm: fx.GraphModule, program: TokenProgram, block: Block, parts: 
                 decisions: Decisions) -> None:
     """Compute only what is used: each sub-layer on the images that use it and, in each, on its used rows; the
     attention on the heads some image of the batch uses (the others' outputs are zeros)."""
-    if _after_reduced_stream(gm, block, sized=True):
+    if _after_sized_stream(gm, block):
         raise UnsupportedModelError(
             f"{program.model_name}: AdaViT cannot skip the unused parts of {block.name}: an earlier block merges or "
             "pads tokens, and their sizes weight its attention; use AdaViT(..., skip=False), which masks them"
         )
-    if block.position_terms and _after_reduced_stream(gm, block, sized=False):
-        raise UnsupportedModelError(
-            f"{program.model_name}: AdaViT cannot skip the unused parts of {block.name}: an earlier block removes "
-            "rows, and the position terms its attention reads would have to follow both; use AdaViT(..., "
-            "skip=False), which masks them"
-        )
     site = block.attention
     images, index, valid = _used_layout(gm, block, decisions, 0, "attention")
-    ready: set[fx.Node] = _terms_at_used_rows(gm, program, block, decisions.rows, index, valid)
+    ready: set[fx.Node] = _terms_at_used_rows(gm, program, block, images, index)
     original_mask = sdpa_arguments(site.node)["attn_mask"] if site.kind == "sdpa" else None
     per_image = {original_mask: (2, 3)} if isinstance(original_mask, fx.Node) else {}
     head_inputs: dict[fx.Node, tuple[int, ...]] = {}

@@ -197,18 +197,12 @@ def valid_keys(valid: Tensor | None) -> Tensor | None:
     return None if valid is None else valid[:, None, None, :]
 
 
-def _every_position(rows: Tensor, index: Tensor | None, valid: Tensor | None) -> Tensor:
-    return torch.arange(rows.shape[1], device=rows.device).view(1, -1, 1)
-
-
-@graph_op(worst_case=_every_position)
-def used_positions(rows: Tensor, index: Tensor | None, valid: Tensor | None) -> Tensor:
-    """The positions ``[b, K, 1]`` of a sub-layer's used rows ``index`` ``[b, K]`` among the block's rows (``rows``
-    ``[B, N, 1]``, the per-row decisions), as :func:`~fxprune.ops.at_positions` reads them: a padding slot (not
-    ``valid``) takes row 0's; ``index`` None: every row, ``[1, N, 1]``."""
-    if index is None:
-        return _every_position(rows, index, valid)
-    return (index if valid is None else torch.where(valid, index, 0))[..., None]
+@graph_op()
+def used_positions(positions: Tensor, images: Tensor | None, index: Tensor | None) -> Tensor:
+    """The positions ``[b, K, 1]`` of a sub-layer's used rows: ``positions`` ``[B, N, 1]`` (the block's rows',
+    the positions channel) of the images ``images`` ``[b]`` at their rows ``index`` ``[b, K]`` (None: all, as
+    :func:`used_layout`; a padding slot holds row 0's)."""
+    return take_rows(batch_rows(positions, images), index, 1)
 
 
 def _same_as_residual(residual: Tensor, *layout: Tensor) -> Tensor:

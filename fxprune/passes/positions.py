@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.fx as fx
 
-from ..analysis import Block, TokenProgram
+from ..analysis import Block, PositionTerm, TokenProgram
 from ..ops import POSITIONS, at_positions
 from .common import insert_call, stream_node, tag_of
 from .state import follow_state, read_state
@@ -52,22 +52,28 @@ def place_position_terms(gm: fx.GraphModule, program: TokenProgram, rows: Sequen
     for block in program.blocks[min(reducing):]:
         stream = stream_node(gm, block.index)
         before = stream is not None and order[stream] < order[block.attention.node]
-        if not block.position_terms or (block.index == min(reducing) and not before):
-            continue
+        if not any(_term_readers(gm, block, term) for term in block.position_terms) or \
+                (block.index == min(reducing) and not before):
+            continue  # no terms, or the block's rewrite took them at its own rows (AdaViT's used rows)
         positions = read_state(gm, block, POSITIONS)
         if before:
             positions = follow_state(gm, block, stream, POSITIONS, positions)
         place_terms(gm, program, block, positions)
 
 
+def _term_readers(gm: fx.GraphModule, block: Block, term: PositionTerm) -> list[fx.Node]:
+    """The nodes that read ``term`` as the dense model computes it: its readers the analysis saw that are still in
+    the graph (a rewrite may have replaced the attention node), and those ``block``'s rewrite inserted beside them
+    (scores reading its mask)."""
+    return [user for user in term.node.users if user.target is not at_positions
+            and (user in term.readers or ((found := tag_of(user)) is not None and found.block == block.index))]
+
+
 def place_terms(gm: fx.GraphModule, program: TokenProgram, block: Block, positions: fx.Node) -> None:
     """Make each reader of ``block``'s position terms (its attention's, and what the block's rewrite inserted
     beside it, such as scores reading its mask) read them at ``positions`` ``[B, N', 1]``."""
-    alive = set(gm.graph.nodes)  # a rewrite may have replaced the attention node the analysis saw read a term
     for term in block.position_terms:
-        inserted = [user for user in term.node.users if (found := tag_of(user)) is not None
-                    and found.block == block.index and user.target is not at_positions]
-        for reader in [node for node in dict.fromkeys([*term.readers, *inserted]) if node in alive]:
+        for reader in _term_readers(gm, block, term):
             rank = _rank(reader, term.node)
             args = (term.node, positions, term.axes, term.patches_only, program.prefix_tokens, rank)
             placed = insert_call(gm, reader.prev, at_positions, args, {}, block, "at_positions")
