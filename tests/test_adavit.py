@@ -39,6 +39,23 @@ def test_evaluation_graph_matches_the_official_block_in_float64():
     assert 0 < heads.mean() < 1 and 0 < tokens.mean() < 1  # untrained heads: a mix of used and unused
 
 
+def _assert_skipping_computes_what_masking_does(model, policy):
+    """``model`` with ``policy(skip=True)``, its decision heads set to a random usage, equals it with
+    ``policy(skip=False)`` and the same heads on four images (float64), batched and each alone, and runs fewer
+    MACs."""
+    masked, skipping = fxprune.transform(model, policy(False)), fxprune.transform(model, policy(True))
+    x = image_batch(model, batch=4, dtype=torch.float64)
+    with torch.no_grad():
+        set_usage(skipping, image_batch(model, batch=4, seed=5, dtype=torch.float64), 0.5)
+        masked.load_state_dict(skipping.state_dict())
+        out = masked(x)
+        torch.testing.assert_close(skipping(x), out, atol=1e-10, rtol=0)
+        for i in range(4):
+            torch.testing.assert_close(skipping(x[i : i + 1]), out[i : i + 1], atol=1e-10, rtol=0)
+            torch.testing.assert_close(masked(x[i : i + 1]), out[i : i + 1], atol=1e-10, rtol=0)
+        assert fxprune.flops(skipping, x[:1]) < 0.9 * fxprune.flops(masked, x[:1])
+
+
 def _rotary_reference(model, gates, x, **options):
     tokens, rope = model._pos_embed(model.patch_embed(x))
     return adavit_own_attention(model, gates, model.norm_pre(tokens), rope=rope, **options)
@@ -84,37 +101,16 @@ def test_a_relative_position_bias_is_taken_at_the_used_rows_and_heads():
         torch.testing.assert_close(masked(x), reference, atol=1e-10, rtol=0)
     biased = with_position_bias_in_block_3().double()  # a bias on explicit logits, whose heads are masked
     for model, layers in ((relpos, None), (biased, (3,))):  # relpos: a bias per head in the SDPA mask
-        x = image_batch(model, batch=4, dtype=torch.float64)
-        masked = fxprune.transform(model, AdaViT(0.5, layers, skip=False, init_logit=0.0))
-        skipping = fxprune.transform(model, AdaViT(0.5, layers, init_logit=0.0))
-        with torch.no_grad():
-            set_usage(skipping, image_batch(model, batch=4, seed=5, dtype=torch.float64), 0.5)
-            masked.load_state_dict(skipping.state_dict())
-            out = masked(x)
-            torch.testing.assert_close(skipping(x), out, atol=1e-10, rtol=0)
-            for i in range(4):
-                torch.testing.assert_close(skipping(x[i : i + 1]), out[i : i + 1], atol=1e-10, rtol=0)
-            assert fxprune.flops(skipping, x[:1]) < 0.9 * fxprune.flops(masked, x[:1])
+        _assert_skipping_computes_what_masking_does(
+            model, lambda skip, layers=layers: AdaViT(0.5, layers, skip=skip, init_logit=0.0))
 
 
 def test_after_a_block_that_removes_rows_skipping_takes_the_tables_at_the_used_rows_original_positions():
     rotary = timm_vit("vit_small_patch16_rope_224", img_size=32, patch_size=8, depth=4).double()
     torch.nn.init.normal_(rotary.head.weight)
 
-    def after_top_k(skip):
-        return fxprune.Compose([fxprune.TopK(0.7, layers=(1,)), AdaViT(0.5, layers=(2, 3), skip=skip, init_logit=0.0)])
-
-    masked, skipping = fxprune.transform(rotary, after_top_k(False)), fxprune.transform(rotary, after_top_k(True))
-    x = image_batch(rotary, batch=4, dtype=torch.float64)
-    with torch.no_grad():
-        set_usage(skipping, image_batch(rotary, batch=4, seed=5, dtype=torch.float64), 0.5)
-        masked.load_state_dict(skipping.state_dict())
-        out = masked(x)
-        torch.testing.assert_close(skipping(x), out, atol=1e-10, rtol=0)
-        for i in range(4):
-            torch.testing.assert_close(skipping(x[i : i + 1]), out[i : i + 1], atol=1e-10, rtol=0)
-            torch.testing.assert_close(masked(x[i : i + 1]), out[i : i + 1], atol=1e-10, rtol=0)
-        assert fxprune.flops(skipping, x[:1]) < 0.9 * fxprune.flops(masked, x[:1])
+    _assert_skipping_computes_what_masking_does(rotary, lambda skip: fxprune.Compose(
+        [fxprune.TopK(0.7, layers=(1,)), AdaViT(0.5, layers=(2, 3), skip=skip, init_logit=0.0)]))
 
 
 def test_training_graph_matches_the_official_block_with_the_same_noise():
