@@ -52,7 +52,7 @@ def place_position_terms(gm: fx.GraphModule, program: TokenProgram, rows: Sequen
     for block in program.blocks[min(reducing):]:
         stream = stream_node(gm, block.index)
         before = stream is not None and order[stream] < order[block.attention.node]
-        if not any(_term_readers(gm, block, term) for term in block.position_terms) or \
+        if not any(_term_readers(block, term) for term in block.position_terms) or \
                 (block.index == min(reducing) and not before):
             continue  # no terms, or the block's rewrite took them at its own rows (AdaViT's used rows)
         positions = read_state(gm, block, POSITIONS)
@@ -61,7 +61,7 @@ def place_position_terms(gm: fx.GraphModule, program: TokenProgram, rows: Sequen
         place_terms(gm, program, block, positions)
 
 
-def _term_readers(gm: fx.GraphModule, block: Block, term: PositionTerm) -> list[fx.Node]:
+def _term_readers(block: Block, term: PositionTerm) -> list[fx.Node]:
     """The nodes that read ``term`` as the dense model computes it: its readers the analysis saw that are still in
     the graph (a rewrite may have replaced the attention node), and those ``block``'s rewrite inserted beside them
     (scores reading its mask)."""
@@ -73,7 +73,7 @@ def place_terms(gm: fx.GraphModule, program: TokenProgram, block: Block, positio
     """Make each reader of ``block``'s position terms (its attention's, and what the block's rewrite inserted
     beside it, such as scores reading its mask) read them at ``positions`` ``[B, N', 1]``."""
     for term in block.position_terms:
-        for reader in _term_readers(gm, block, term):
+        for reader in _term_readers(block, term):
             rank = _rank(reader, term.node)
             args = (term.node, positions, term.axes, term.patches_only, program.prefix_tokens, rank)
             placed = insert_call(gm, reader.prev, at_positions, args, {}, block, "at_positions")
