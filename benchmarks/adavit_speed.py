@@ -14,9 +14,10 @@ skipping (``skip=True``, eager) and masked (``skip=False``, the official semanti
 ``--repeats`` rounds, reported as ratios to dense. With ``--compile`` also, against dense compiled: the masked
 graph compiled by ``fxprune.lower``, and the skipping graph under ``torch.compile(dynamic=True)``, which breaks
 the graph around its data-dependent ops (it has no full graph); the warm-up rounds include their compilation.
-With ``--ceiling`` also, at batch 1, two hand-written forwards of what the skipping graph computes for each image,
+With ``--ceiling`` also, at batch 1, hand-written forwards of what the skipping graph computes for each image,
 checked against it: ``decided_forward`` makes the same decisions with the same products (``fxprune.ops.gating``) but
-no graph (what the graph's own overhead costs), and ``ceiling_forward`` has its decisions read beforehand, the used
+no graph (what the graph's own overhead costs), or with the used heads' weights gathered once per block and head set
+and kept (what the per-call head slicing costs); ``ceiling_forward`` has its decisions read beforehand, the used
 heads' weights gathered beforehand, no decision heads and no graph (how fast an eager program of these shapes can be
 on this machine).
 """
@@ -62,19 +63,37 @@ def _profile(gm: torch.nn.Module, images: torch.Tensor) -> tuple[float, float, l
 
 
 @dataclasses.dataclass(frozen=True)
-class CeilingStep:
-    """What the skipping graph runs of one block for one image: its used rows (None: all), heads, sub-layers, and
-    the used heads' rows of the q, k, v weight and columns of the output projection and fc1, gathered."""
+class Slices:
+    """The weights a block's used heads need, gathered: their channels, the rows of the q, k, v weight and bias, and
+    the columns of the output projection's and of fc1's weight."""
 
-    block: torch.nn.Module
-    rows: torch.Tensor | None
     heads: int
-    attention: bool
-    mlp: bool
     channels: torch.Tensor
     qkv: tuple[torch.Tensor, torch.Tensor]
     projection: torch.Tensor
     fc1: torch.Tensor
+
+
+def gathered(block: torch.nn.Module, heads: list[int]) -> Slices:
+    """:class:`Slices` of the timm ``block`` for its heads ``heads``."""
+    attn, d = block.attn, block.attn.head_dim
+    channels = torch.tensor([c for h in heads for c in range(h * d, (h + 1) * d)], dtype=torch.long)
+    qkv_rows = torch.cat([channels + k * attn.qkv.in_features for k in range(3)])
+    qkv = (attn.qkv.weight.index_select(0, qkv_rows), attn.qkv.bias.index_select(0, qkv_rows))
+    return Slices(len(heads), channels, qkv, attn.proj.weight.index_select(1, channels),
+                  block.mlp.fc1.weight.index_select(1, channels))
+
+
+@dataclasses.dataclass(frozen=True)
+class CeilingStep:
+    """What the skipping graph runs of one block for one image: its used rows (None: all), sub-layers, and the
+    used heads' :class:`Slices`."""
+
+    block: torch.nn.Module
+    rows: torch.Tensor | None
+    attention: bool
+    mlp: bool
+    slices: Slices
 
 
 def ceiling_steps(model: torch.nn.Module, skipping: torch.nn.Module, image: torch.Tensor) -> list[CeilingStep]:
@@ -85,18 +104,12 @@ def ceiling_steps(model: torch.nn.Module, skipping: torch.nn.Module, image: torc
     decided = {used.block: used for used in usage(skipping, image)}
     steps = []
     for index, block in enumerate(model.blocks):
-        used, attn = decided.get(index), block.attn
-        heads = list(range(attn.num_heads)) if used is None or used.heads is None else \
+        used = decided.get(index)
+        heads = list(range(block.attn.num_heads)) if used is None or used.heads is None else \
             used.heads[0].nonzero().flatten().tolist()
         rows = None if used is None or bool(used.rows[0].all()) else used.rows[0].nonzero().flatten()
         sublayers = [True, True] if used is None or used.sublayers is None else (used.sublayers[0] > 0.5).tolist()
-        d = attn.head_dim
-        channels = torch.tensor([c for h in heads for c in range(h * d, (h + 1) * d)], dtype=torch.long)
-        qkv_rows = torch.cat([channels + k * attn.qkv.in_features for k in range(3)])
-        steps.append(CeilingStep(
-            block, rows, len(heads), sublayers[0], sublayers[1], channels,
-            (attn.qkv.weight.index_select(0, qkv_rows), attn.qkv.bias.index_select(0, qkv_rows)),
-            attn.proj.weight.index_select(1, channels), block.mlp.fc1.weight.index_select(1, channels)))
+        steps.append(CeilingStep(block, rows, sublayers[0], sublayers[1], gathered(block, heads)))
     return steps
 
 
@@ -105,29 +118,37 @@ def _add_rows(x: torch.Tensor, update: torch.Tensor, rows: torch.Tensor | None) 
     return x + update if rows is None else x[0].index_add(0, rows, update[0])[None]
 
 
+def _ceiling_block(x: torch.Tensor, step: CeilingStep, norm: torch.Tensor | None = None) -> torch.Tensor:
+    """``step``'s block on ``x`` ``[1, N, C]``, computing only what it uses with its gathered weights (``norm``:
+    the block's first norm of ``x``, computed already)."""
+    block, rows, slices, dim = step.block, step.rows, step.slices, x.shape[-1]
+    if step.attention:
+        y = block.norm1(x if rows is None else x.index_select(1, rows)) if norm is None else \
+            norm if rows is None else norm.index_select(1, rows)
+        if slices.heads:
+            n, d = y.shape[1], block.attn.head_dim
+            qkv = F.linear(y, *slices.qkv).view(1, n, 3, slices.heads, d).permute(2, 0, 3, 1, 4)
+            o = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2]).transpose(1, 2).reshape(1, n, -1)
+            y = F.linear(o, slices.projection, block.attn.proj.bias)
+        else:
+            y = block.attn.proj.bias.expand(1, y.shape[1], dim)
+        x = _add_rows(x, y, rows)
+    if step.mlp:
+        y = block.norm2(x if rows is None else x.index_select(1, rows))
+        fc1 = block.mlp.fc1
+        y = fc1(y) if slices.heads == block.attn.num_heads else F.linear(
+            y.index_select(2, slices.channels), slices.fc1, fc1.bias)
+        x = _add_rows(x, block.mlp.fc2(block.mlp.act(y)), rows)
+    return x
+
+
 def ceiling_forward(model: torch.nn.Module, steps: list[CeilingStep], image: torch.Tensor) -> torch.Tensor:
     """The logits of the timm ViT ``model`` on ``image`` ``[1, 3, H, W]`` computing only what ``steps`` use, by
     hand: no decisions, no graph, the used heads' weights already gathered. What the skipping graph computes
     (its official semantics), with as few ops as eager PyTorch allows: a ceiling on its speed."""
     x = model._pos_embed(model.patch_embed(image))
     for step in steps:
-        block, rows, dim = step.block, step.rows, x.shape[-1]
-        if step.attention:
-            y = block.norm1(x if rows is None else x.index_select(1, rows))
-            if step.heads:
-                n, d = y.shape[1], block.attn.head_dim
-                qkv = F.linear(y, *step.qkv).view(1, n, 3, step.heads, d).permute(2, 0, 3, 1, 4)
-                o = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2]).transpose(1, 2).reshape(1, n, -1)
-                y = F.linear(o, step.projection, block.attn.proj.bias)
-            else:
-                y = block.attn.proj.bias.expand(1, y.shape[1], dim)
-            x = _add_rows(x, y, rows)
-        if step.mlp:
-            y = block.norm2(x if rows is None else x.index_select(1, rows))
-            fc1 = block.mlp.fc1
-            y = fc1(y) if step.heads == block.attn.num_heads else F.linear(
-                y.index_select(2, step.channels), step.fc1, fc1.bias)
-            x = _add_rows(x, block.mlp.fc2(block.mlp.act(y)), rows)
+        x = _ceiling_block(x, step)
     return model.forward_head(model.norm(x))
 
 
@@ -144,18 +165,26 @@ def _qkv_tables(num_heads: int, head_dim: int) -> tuple[tuple[tuple[int, ...], .
                        for h in range(num_heads)) for part in range(3))
 
 
-def _decided_block(x: torch.Tensor, block: torch.nn.Module, decider: torch.nn.Module) -> torch.Tensor:
-    """One timm block on ``x`` ``[1, N, C]`` as the skipping graph runs it: the decisions of ``decider`` (its
-    ``tokens`` head, and its ``heads`` and ``sublayers`` heads where it has them), then the used sub-layers on the
-    used rows and heads, with the graph's head-sliced products."""
-    attn, norm = block.attn, block.norm1(x)
+def _decide(x: torch.Tensor, norm: torch.Tensor, block: torch.nn.Module, decider: torch.nn.Module
+            ) -> tuple[torch.Tensor | None, torch.Tensor, bool, bool]:
+    """The decisions of ``decider`` (its ``tokens`` head, and its ``heads`` and ``sublayers`` heads where it has
+    them) for one image ``x`` ``[1, N, C]`` entering the timm ``block`` (``norm``: its first norm of ``x``): the
+    used rows (None: all), the used heads ``[h]``, and whether the attention and the MLP are used."""
     used = decider.tokens(norm[:, 1:])[0, :, 0] > _logit(TOKEN_THRESHOLD)
     rows = None if bool(used.all()) else torch.cat([used.new_ones(1), used]).nonzero()[:, 0]
-    heads, attention, mlp = torch.arange(attn.num_heads), True, True
-    if hasattr(decider, "heads"):
-        token = x[:, 0]
-        heads = (decider.heads(token)[0] > _logit(HEAD_THRESHOLD)).nonzero()[:, 0]
-        attention, mlp = (decider.sublayers(token)[0] > _logit(SUBLAYER_THRESHOLD)).tolist()
+    if not hasattr(decider, "heads"):
+        return rows, torch.arange(block.attn.num_heads), True, True
+    token = x[:, 0]
+    heads = (decider.heads(token)[0] > _logit(HEAD_THRESHOLD)).nonzero()[:, 0]
+    attention, mlp = (decider.sublayers(token)[0] > _logit(SUBLAYER_THRESHOLD)).tolist()
+    return rows, heads, attention, mlp
+
+
+def _decided_block(x: torch.Tensor, block: torch.nn.Module, decider: torch.nn.Module) -> torch.Tensor:
+    """One timm block on ``x`` ``[1, N, C]`` as the skipping graph runs it: the decisions of ``decider``, then the
+    used sub-layers on the used rows and heads, with the graph's head-sliced products."""
+    attn, norm = block.attn, block.norm1(x)
+    rows, heads, attention, mlp = _decide(x, norm, block, decider)
     tables = _qkv_tables(attn.num_heads, attn.head_dim)
     if attention:
         y = norm if rows is None else norm.index_select(1, rows)
@@ -169,15 +198,27 @@ def _decided_block(x: torch.Tensor, block: torch.nn.Module, decider: torch.nn.Mo
     return x
 
 
-def decided_forward(model: torch.nn.Module, skipping: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
+def decided_forward(model: torch.nn.Module, skipping: torch.nn.Module, image: torch.Tensor,
+                    kept: dict[tuple[int, tuple[int, ...]], Slices] | None = None) -> torch.Tensor:
     """The logits of the timm ViT ``model`` on ``image`` ``[1, 3, H, W]`` as ``skipping`` (``model`` with AdaViT at
-    the official blocks) computes them, written by hand: its decision heads, thresholds and head-sliced products
-    (``fxprune.ops.gating``), with no graph, layouts or emitted values. What the skipping graph costs beyond them
-    is the graph's own overhead."""
+    the official blocks) computes them, written by hand: its decision heads and thresholds, with no graph, layouts
+    or emitted values; the products head-sliced as the graph slices them (``fxprune.ops.gating``), or, with
+    ``kept``, with the used heads' weights gathered once per block and head set and kept there (the ceiling's
+    products). What the skipping graph costs beyond the first is the graph's own overhead; the second, against
+    the ceiling, is what making the decisions costs."""
     deciders = skipping.get_submodule(LEARNED_PREFIX)
     x = model._pos_embed(model.patch_embed(image))
     for index, block in enumerate(model.blocks):
-        x = _decided_block(x, block, deciders.get_submodule(f"blocks_{index}"))
+        decider = deciders.get_submodule(f"blocks_{index}")
+        if kept is None:
+            x = _decided_block(x, block, decider)
+            continue
+        norm = block.norm1(x)
+        rows, heads, attention, mlp = _decide(x, norm, block, decider)
+        key = (index, tuple(heads.tolist()))
+        if key not in kept:
+            kept[key] = gathered(block, list(key[1]))
+        x = _ceiling_block(x, CeilingStep(block, rows, attention, mlp, kept[key]), norm)
     return model.forward_head(model.norm(x))
 
 
@@ -214,11 +255,14 @@ def _checked_run(forwards: list[Callable[[], torch.Tensor]], skipping: torch.nn.
 
 def _references(model: torch.nn.Module, skipping: torch.nn.Module, images: torch.Tensor
                 ) -> dict[str, Callable[[], object]]:
-    """The hand-written forwards of ``images`` one by one: with the skipping graph's decisions (``decided``) and
-    without them (``ceiling``)."""
+    """The hand-written forwards of ``images`` one by one: with the skipping graph's decisions and its products
+    (``decided``) or the ceiling's (``decided, kept slices``), and without decisions (``ceiling``)."""
+    kept: dict[tuple[int, tuple[int, ...]], Slices] = {}  # filled by the check, before the timing
     return {
         "decided": _checked_run([functools.partial(decided_forward, model, skipping, image[None]) for image in images],
                                 skipping, images),
+        "decided, kept slices": _checked_run([functools.partial(decided_forward, model, skipping, image[None], kept)
+                                              for image in images], skipping, images),
         "ceiling": _checked_run([functools.partial(ceiling_forward, model, ceiling_steps(model, skipping, image[None]),
                                                    image[None]) for image in images], skipping, images),
     }
@@ -243,8 +287,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="also profile dense and skipped at batch 1: share of CPU time in matrix products, ops")
     parser.add_argument("--ceiling", action="store_true",
                         help="also time, at batch 1, hand-written forwards of what the skipping graph computes: "
-                             "with its decisions and products but no graph, and with its decisions and gathered "
-                             "weights prepared outside the timing (a ceiling)")
+                             "with its decisions and products but no graph, with its decisions and kept weight "
+                             "slices, and with decisions and gathered weights prepared outside the timing (a ceiling)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     model = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
@@ -261,11 +305,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"deit_small_patch16_224 (random weights), AdaViT at the official blocks with its decision heads set to "
           f"the usage shown; {args.images} images at batch 1, medians of {args.repeats} interleaved rounds.\n")
     compiled = " | batch {b}, masked compiled | batch {b}, skipped compiled" if args.compile else ""
-    ceiling = " | batch 1, hand-written with decisions | batch 1, ceiling" if args.ceiling and 1 in batches else ""
+    ceiling = " | batch 1, hand-written with decisions | … and kept slices | batch 1, ceiling" \
+        if args.ceiling and 1 in batches else ""
     header = "| usage | of | executed MACs (% of dense) | MAC ratio | " + " | ".join(
         f"speed ratio, batch {b}, skipped | batch {b}, masked" + compiled.format(b=b) for b in batches) + ceiling + " |"
     print(header)
-    print("|---|---|---|---|" + ("---|" * (4 if args.compile else 2)) * len(batches) + ("---|---|" if ceiling else ""))
+    print("|---|---|---|---|" + ("---|" * (4 if args.compile else 2)) * len(batches) + ("---|" * 3 if ceiling else ""))
     dense_macs = per_image_macs(model, single)
     profiles = []
     for usage in (float(u) for u in args.usages.split(",")):
@@ -296,7 +341,8 @@ def main(argv: list[str] | None = None) -> None:
                     cells += [f"{timing.ratio('dense compiled', name):.2f}×" for name in ("masked compiled",
                                                                                       "skipped compiled")]
                 if ceiling and batch == 1:
-                    ceiling_cells = [f"{timing.ratio('dense', name):.2f}×" for name in ("decided", "ceiling")]
+                    ceiling_cells = [f"{timing.ratio('dense', name):.2f}×"
+                                     for name in ("decided", "decided, kept slices", "ceiling")]
             if ceiling:
                 cells += ceiling_cells
             print(f"| {usage:g} | {part} | {100 * macs / dense_macs:.1f} | {dense_macs / macs:.2f}× | "

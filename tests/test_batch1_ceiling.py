@@ -55,7 +55,7 @@ def test_adavit_ceiling_computes_what_the_skipping_graph_computes_for_each_image
         for image in x:
             steps = script["ceiling_steps"](model, skipping, image[None])
             assert any(step.rows is not None for step in steps) and any(not step.mlp for step in steps)
-            assert any(0 < step.heads < 6 for step in steps)
+            assert any(0 < step.slices.heads < 6 for step in steps)
             torch.testing.assert_close(script["ceiling_forward"](model, steps, image[None]), skipping(image[None]),
                                        atol=1e-10, rtol=0)
 
@@ -67,6 +67,9 @@ def test_adavit_hand_written_forward_decides_and_computes_what_the_skipping_grap
         assert any(0 < block.heads.sum() < 3 * 6 for block in used if block.heads is not None)
         assert any((block.sublayers == 0).any() for block in used if block.sublayers is not None)
         assert all(not block.rows.all() for block in used)
+        kept = {}
         for image in x:
-            torch.testing.assert_close(script["decided_forward"](model, skipping, image[None]), skipping(image[None]),
-                                       atol=1e-10, rtol=0)
+            for slices in (None, kept):  # the graph's head-sliced products, or kept gathered weights
+                torch.testing.assert_close(script["decided_forward"](model, skipping, image[None], slices),
+                                           skipping(image[None]), atol=1e-10, rtol=0)
+        assert kept and all(key[0] < 4 for key in kept)
