@@ -42,6 +42,7 @@ from ..errors import PolicyError, UnsupportedModelError
 from ..ops import POSITIONS, at_positions, op_of
 from ..ops.gating import (
     apply_factor,
+    batch_rows,
     channel_gate,
     combine_masks,
     every_one,
@@ -55,16 +56,16 @@ from ..ops.gating import (
     project_heads,
     select_heads,
     sublayer_gate,
+    take_rows,
     threshold_gate,
     token_gate,
     usage_mask,
     used_heads,
     used_layout,
-    used_positions,
     valid_keys,
     varying_heads,
 )
-from ..passes.common import Rewrite, Role, ancestors, insert_call, tag_of
+from ..passes.common import Rewrite, Role, ancestors, graph_order, insert_call, tag_of
 from ..passes.heads import HeadLayout, has_parameters, head_layout, is_linear, linear_parameters, producer
 from ..passes.learned import LEARNED_PREFIX, emit, insert_module
 from ..passes.positions import place_terms
@@ -211,15 +212,10 @@ def _multiply(gm: fx.GraphModule, block: Block, node: fx.Node, factor: fx.Node, 
               users: Callable[[fx.Node], bool] | None = None, op: Callable = operator.mul) -> fx.Node:
     """Insert ``op(node, factor)`` (``node · factor``) after both and make ``node``'s users (those ``users``
     selects) read it."""
-    after = max(node, factor, key=_order(gm))
+    after = max(node, factor, key=graph_order(gm))
     product = insert_call(gm, after, op, (node, factor), {}, block, name)
     node.replace_all_uses_with(product, delete_user_cb=lambda u: u is not product and (users is None or users(u)))
     return product
-
-
-def _order(gm: fx.GraphModule) -> Callable[[fx.Node], int]:
-    position = {n: i for i, n in enumerate(gm.graph.nodes)}
-    return position.__getitem__
 
 
 def _decide(gm: fx.GraphModule, block: Block, logits: fx.Node, threshold: float, train: bool, name: str) -> fx.Node:
@@ -295,7 +291,7 @@ def _set_attention_mask(gm: fx.GraphModule, block: Block, mask: fx.Node) -> None
     site = block.attention
     if site.kind == "sdpa":
         existing = sdpa_arguments(site.node)["attn_mask"]
-        after = max([mask] + ([existing] if isinstance(existing, fx.Node) else []), key=_order(gm))
+        after = max([mask] + ([existing] if isinstance(existing, fx.Node) else []), key=graph_order(gm))
         combined = insert_call(gm, after, combine_masks, (existing, mask), {}, block, "attn_mask")
         if len(site.node.args) > 3:
             site.node.update_arg(3, combined)
@@ -303,7 +299,7 @@ def _set_attention_mask(gm: fx.GraphModule, block: Block, mask: fx.Node) -> None
             site.node.update_kwarg("attn_mask", combined)
         return
     logits = site.node.args[0]
-    masked = insert_call(gm, max(logits, mask, key=_order(gm)), mask_logits, (logits, mask), {}, block,
+    masked = insert_call(gm, max(logits, mask, key=graph_order(gm)), mask_logits, (logits, mask), {}, block,
                          "masked_logits")
     site.node.replace_input_with(logits, masked)
 
@@ -326,7 +322,7 @@ def mask_unused(gm: fx.GraphModule, block: Block, parts: BlockParts, decisions: 
 def _used_layout(gm: fx.GraphModule, block: Block, decisions: Decisions, which: int,
                  name: str) -> tuple[fx.Node, fx.Node, fx.Node]:
     """(images, index, valid) of the rows that use sub-layer ``which`` (0: attention, 1: MLP)."""
-    after = max(decisions.rows, decisions.sublayers or decisions.rows, key=_order(gm))
+    after = max(decisions.rows, decisions.sublayers or decisions.rows, key=graph_order(gm))
     layout = insert_call(gm, after, used_layout, (decisions.rows, decisions.sublayers, which), {}, block,
                          f"{name}_layout")
     return unpack(gm, layout, block, (f"{name}_images", f"{name}_index", f"{name}_valid"))
@@ -337,7 +333,7 @@ def _select_used_heads(gm: fx.GraphModule, block: Block, per_head: fx.Node) -> f
     site = block.attention
     heads = insert_call(gm, per_head, used_heads, (per_head,), {}, block, "used_heads")
     for name, node in zip("qkv", site.node.args[:3]):  # the gated q, k, v
-        selected = insert_call(gm, max(node, heads, key=_order(gm)), select_heads, (node, heads), {}, block,
+        selected = insert_call(gm, max(node, heads, key=graph_order(gm)), select_heads, (node, heads), {}, block,
                                f"used_{name}")
         site.node.replace_input_with(node, selected)
     placed = insert_call(gm, site.node, place_heads, (site.node, heads, site.num_heads), {}, block, "placed_heads")
@@ -365,7 +361,7 @@ def _slice_used_heads(gm: fx.GraphModule, block: Block, parts: BlockParts, decis
         weight, bias = linear_parameters(gm, linear)
         source, names = linear.args[0], ["qkv"[position] for position in positions]
         tables = tuple(layout.inputs[position][1] for position in positions)
-        joint = insert_call(gm, max(source, channels, after, key=_order(gm)), project_heads,
+        joint = insert_call(gm, max(source, channels, after, key=graph_order(gm)), project_heads,
                             (source, weight, bias, tables, used), {}, block, f"used_{''.join(names)}")
         for position, name, projected in zip(positions, names, unpack(gm, joint, block, tuple(
                 f"used_{name}" for name in names))):
@@ -406,9 +402,11 @@ def _terms_at_used_rows(gm: fx.GraphModule, program: TokenProgram, block: Block,
     any earlier reduction). Returns the nodes that take them, which are in the used layout already."""
     if not block.position_terms:
         return set()
-    rows = read_state(gm, block, POSITIONS)
-    positions = insert_call(gm, max(rows, index, key=_order(gm)), used_positions, (rows, images, index), {}, block,
-                            "used_positions")
+    rows = read_state(gm, block, POSITIONS)  # [B, N, 1]: taken into the used layout as the sub-layer's inputs are
+    of_images = insert_call(gm, max(rows, images, key=graph_order(gm)), batch_rows, (rows, images), {}, block,
+                            "used_images_positions")
+    positions = insert_call(gm, max(of_images, index, key=graph_order(gm)), take_rows, (of_images, index, 1), {},
+                            block, "used_positions")
     place_terms(gm, program, block, positions)
     return {user for term in block.position_terms for user in term.node.users if user.target is at_positions}
 
@@ -442,7 +440,7 @@ def skip_unused(gm: fx.GraphModule, program: TokenProgram, block: Block, parts: 
     if used is not None:
         ready.add(used)
         if isinstance(original_mask, fx.Node):  # a bias per head (relative position): at the computed heads
-            at_heads = insert_call(gm, max(original_mask, used, key=_order(gm)), mask_at_heads,
+            at_heads = insert_call(gm, max(original_mask, used, key=graph_order(gm)), mask_at_heads,
                                    (original_mask, used, site.num_heads), {}, block, "mask_heads")
             site.node.replace_input_with(original_mask, at_heads)
             if original_mask in ready:

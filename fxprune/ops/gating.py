@@ -197,14 +197,6 @@ def valid_keys(valid: Tensor | None) -> Tensor | None:
     return None if valid is None else valid[:, None, None, :]
 
 
-@graph_op()
-def used_positions(positions: Tensor, images: Tensor | None, index: Tensor | None) -> Tensor:
-    """The positions ``[b, K, 1]`` of a sub-layer's used rows: ``positions`` ``[B, N, 1]`` (the block's rows',
-    the positions channel) of the images ``images`` ``[b]`` at their rows ``index`` ``[b, K]`` (None: all, as
-    :func:`used_layout`; a padding slot holds row 0's)."""
-    return take_rows(batch_rows(positions, images), index, 1)
-
-
 def _same_as_residual(residual: Tensor, *layout: Tensor) -> Tensor:
     return torch.empty_like(residual)
 

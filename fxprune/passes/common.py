@@ -156,6 +156,12 @@ def _nodes_in(value: Any) -> list[fx.Node]:
     return found
 
 
+def graph_order(gm: fx.GraphModule) -> Callable[[fx.Node], int]:
+    """Each node's position in ``gm``'s graph as it is now (a sort key: ``max(a, b, key=graph_order(gm))`` is the
+    later of two nodes, after which a node reading both can be inserted)."""
+    return {node: i for i, node in enumerate(gm.graph.nodes)}.__getitem__
+
+
 def _mask_shape(mask: object) -> tuple[int, ...] | None:
     """The shape of an attention mask node's example value; None when it has none (not known)."""
     if not isinstance(mask, fx.Node):
@@ -186,7 +192,7 @@ def select_queries(gm: fx.GraphModule, block: Block, rows: fx.Node) -> fx.Node:
     mask = sdpa_arguments(site.node)["attn_mask"]
     shape = _mask_shape(mask)
     if shape is not None and len(shape) >= 2 and shape[-2] > 1:  # per-query rows: the kept queries' own
-        after = max(mask, queries, key={n: i for i, n in enumerate(gm.graph.nodes)}.__getitem__)
+        after = max(mask, queries, key=graph_order(gm))
         kept_mask = insert_call(gm, after, gather_mask_rows, (mask, rows), {}, block, "kept_mask_rows")
         site.node.replace_input_with(mask, kept_mask)
     with gm.graph.inserting_after(queries):
