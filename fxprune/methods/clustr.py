@@ -19,7 +19,7 @@ from ..analysis import Block, TokenProgram, logits_path, regrouped_keys_refusal,
 from ..errors import PolicyError, UnsupportedModelError
 from ..ops import clustered_attention, padded_cluster_keys_values
 from ..ops.clustering import SEEDINGS
-from ..passes.common import Rewrite, Role, insert_call
+from ..passes.common import Rewrite, Role, graph_order, insert_call
 from ..policies import (
     Policy,
     check_layers,
@@ -140,8 +140,8 @@ def _cluster_explicit(gm: fx.GraphModule, block: Block, cluster: tuple) -> None:
     site = block.attention
     path = logits_path(site)
     product, logits = path[0], path[-1]
-    order = {node: i for i, node in enumerate(gm.graph.nodes)}
-    if order[site.v] > order[product]:
+    order = graph_order(gm)
+    if order(site.v) > order(product):
         raise UnsupportedModelError(
             f"ClusTR cannot rewrite block {block.index} ({block.name}): its values {site.v.name} are computed "
             f"after its attention logits {product.name}. Choose other layers."

@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from ..analysis import Block, PositionTerm, TokenProgram
 from ..ops import POSITIONS, at_positions
-from .common import insert_call, stream_node, tag_of
+from .common import graph_order, insert_call, stream_node, tag_of
 from .state import follow_state, read_state
 
 if TYPE_CHECKING:
@@ -48,10 +48,10 @@ def place_position_terms(gm: fx.GraphModule, program: TokenProgram, rows: Sequen
     reducing = [row.index for row in rows if row.method is not None and row.method.reduces_tokens]
     if not reducing:
         return
-    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    order = graph_order(gm)
     for block in program.blocks[min(reducing):]:
         stream = stream_node(gm, block.index)
-        before = stream is not None and order[stream] < order[block.attention.node]
+        before = stream is not None and order(stream) < order(block.attention.node)
         if not any(_term_readers(block, term) for term in block.position_terms) or \
                 (block.index == min(reducing) and not before):
             continue  # no terms, or the block's rewrite took them at its own rows (AdaViT's used rows)

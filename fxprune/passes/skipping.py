@@ -20,7 +20,7 @@ from ..analysis import Block
 from ..errors import UnsupportedModelError
 from ..ops import graph_op
 from ..ops.gating import add_used_rows, batch_rows, take_rows
-from .common import between, insert_call, reachable
+from .common import between, graph_order, insert_call, reachable
 
 __all__ = ["sublayer_nodes", "run_on_used", "run_if_used", "call_module", "unpack"]
 
@@ -117,8 +117,7 @@ def _run_apart(gm: fx.GraphModule, block: Block, inner: list[fx.Node], exit: fx.
     if any(user not in members for node in inner if node is not exit for user in node.users) or \
             any(user is not add for user in exit.users):
         return
-    position = {node: i for i, node in enumerate(gm.graph.nodes)}
-    inner = sorted(inner, key=position.__getitem__)
+    inner = sorted(inner, key=graph_order(gm))
     modules: dict[str, fx.Node] = {}
     with gm.graph.inserting_before(add):
         for node in inner:

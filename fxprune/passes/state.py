@@ -43,7 +43,7 @@ from ..ops import (
     size_weighted_mean,
     softmax_with_policy,
 )
-from .common import Role, insert_call, inserted, stream_node, tag
+from .common import Role, graph_order, insert_call, inserted, stream_node, tag
 
 if TYPE_CHECKING:
     from ..planning import PlanRow
@@ -96,11 +96,11 @@ def _thread_sizes(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[Plan
     read = any(_readers(gm, row.index, SIZES) for row in rows)
     size: fx.Node | None = read_state(gm, program.blocks[0], SIZES) if read else None
     proportional = padded = False
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    order = graph_order(gm)
     for row in rows:
         block = program.blocks[row.index]
         stream = stream_node(gm, row.index) if row.method is not None else None
-        before = stream is not None and order[stream] < order[block.attention.node]  # reduces the block's input
+        before = stream is not None and order(stream) < order(block.attention.node)  # reduces the block's input
         for reader in _readers(gm, row.index, SIZES):
             if size is not None and reader is not size:
                 reader.replace_all_uses_with(size)
