@@ -3,6 +3,7 @@ executed MACs per image and speed, over several seeds, with an ablation of what 
 
     python benchmarks/adavit_study.py                              # the full study (about an hour on 2 cores)
     python benchmarks/adavit_study.py --usages 0.5 --seeds 0 --steps 60 --ablation "" --cache quick.json
+    python benchmarks/adavit_study.py --ablation "" --weights-only   # only the trained weights adavit_speed.py reads
 
 Every AdaViT run is one ``fxprune.train`` call with the recipe below on the 6000 DigitScenes training scenes of
 ``benchmarks/learned_baselines.py`` (``--steps`` steps of batch ``--batch``, the budget of its DynamicViT runs):
@@ -31,6 +32,8 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import torch
@@ -79,9 +82,32 @@ def _random_usage(base: torch.nn.Module, images: torch.Tensor, macs: float, deci
     return low, best
 
 
+def _train(job: dict):
+    """Train AdaViT at ``job``'s usage, kinds and seed with the study's recipe and write its fine-tuned state to
+    ``--weights-dir``: (the training result, the weights file)."""
+    torch.set_num_threads(1)
+    import fxprune
+    from fxprune.tools.datasets import DigitScenes
+    from fxprune.tools.models import digits_vit
+
+    args = argparse.Namespace(**job["args"])
+    config = fxprune.TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, seed=job["seed"],
+                                 backbone_lr_scale=args.backbone_lr_scale, keep_warmup=args.keep_warmup)
+    result = fxprune.train(digits_vit(), _policy(job["keep"], job["decides"], args.init),
+                           DigitScenes("train", baselines.TRAIN_SCENES, seed=11), config, progress=False)
+    weights = Path(args.weights_dir) / weights_name(job["keep"], job["decides"], job["seed"])
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    fxprune.save_weights(result.model, weights, backbone=True)
+    return result, weights
+
+
+def write_weights(job: dict) -> str:
+    """Train AdaViT for ``job`` and write its weights (``--weights-only``): the weights file."""
+    return str(_train(job)[1])
+
+
 def run_adavit(job: dict) -> dict:
     """Train AdaViT at ``job``'s usage, kinds and seed; measure it and its random-usage baselines."""
-    torch.set_num_threads(1)
     import fxprune
     from fxprune.tools.bench import per_image_macs
     from fxprune.tools.datasets import DigitScenes
@@ -90,13 +116,7 @@ def run_adavit(job: dict) -> dict:
     args = argparse.Namespace(**job["args"])
     model, test = digits_vit(), DigitScenes("test", baselines.TEST_SCENES, seed=1)
     policy = _policy(job["keep"], job["decides"], args.init)
-    config = fxprune.TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, seed=job["seed"],
-                                 backbone_lr_scale=args.backbone_lr_scale, keep_warmup=args.keep_warmup)
-    result = fxprune.train(model, policy, DigitScenes("train", baselines.TRAIN_SCENES, seed=11), config,
-                           progress=False)
-    weights = Path(args.weights_dir) / weights_name(job["keep"], job["decides"], job["seed"])
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    fxprune.save_weights(result.model, weights, backbone=True)
+    result, weights = _train(job)
     images = test_images(args.mac_images)
     correct, _ = baselines._evaluate(result.model, test)
     macs = per_image_macs(result.model, images)
@@ -170,6 +190,9 @@ def main() -> None:
                         help="also count the trained models' MACs again with this version's graph")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--cache", default="learned_baselines.json")
+    parser.add_argument("--weights-only", action="store_true",
+                        help="only train the AdaViT runs and write their weights to --weights-dir (what "
+                             "adavit_speed.py --trained reads), skipping those written already")
     args = parser.parse_args()
     import fxprune
     from fxprune.tools.models import digits_vit
@@ -183,6 +206,13 @@ def main() -> None:
     if args.ablation:
         jobs += [_adavit_job(float(args.ablation), kind, s, args) for kind in ("heads", "sublayers", "tokens")
                  for s in seeds]
+    if args.weights_only:
+        todo = [job for job in jobs if not (Path(args.weights_dir) / weights_name(job["keep"], job["decides"],
+                                                                               job["seed"])).exists()]
+        with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+            for written in pool.map(write_weights, todo):
+                print(f"wrote {written}", flush=True)
+        return
     runs = baselines._run_all(jobs, cache, args.jobs, run_adavit)
 
     def adavit(usage: float, decides: str = ALL) -> list[dict]:

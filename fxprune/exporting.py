@@ -99,7 +99,7 @@ def _program(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.expor
         return torch.export.export(module, inputs, dynamic_shapes=shapes, strict=False)
     except Exception as error:
         raise ExportError(f"torch.export failed on {type(module).__name__}: {type(error).__name__}: "
-                          f"{str(error).splitlines()[0] if str(error) else ''}") from error
+                          f"{_first_line(error)}") from error
 
 
 def _quiet():
@@ -127,6 +127,8 @@ def _write_onnx(program: torch.export.ExportedProgram, path: Path, plan: str) ->
 
 
 def _first_line(error: Exception) -> str:
+    """The line of ``error``'s message that says what failed: its first ``<class …>`` summary line, else its first
+    line, without terminal colours and cut to 300 characters."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
     lines = [line for line in text.splitlines() if line.strip()]
     summary = [line for line in lines if line.startswith("<class")]

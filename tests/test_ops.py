@@ -354,6 +354,22 @@ def test_layers_on_some_heads_equal_the_full_layer_with_the_other_heads_zeroed(h
     torch.testing.assert_close(got, F.linear(zeroed, weight, bias))
 
 
+def test_one_channel_table_serves_every_head_set_in_turn():
+    from fxprune.ops.gating import project_from_heads
+
+    torch.manual_seed(0)
+    weight, bias = torch.randn(7, 12, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
+    table = tuple(tuple(range(h * 3, (h + 1) * 3)) for h in range(4))  # one object, as a graph's constant
+    x = torch.randn(2, 4, 5, 3, dtype=torch.float64)
+    for heads in ([0, 2, 3], [1], [0, 1, 2, 3], [1], [0, 2, 3], []):
+        used = torch.tensor(heads, dtype=torch.long)
+        zeroed = torch.zeros(2, 5, 12, dtype=torch.float64)
+        for h in heads:
+            zeroed[..., h * 3:(h + 1) * 3] = x[:, h]
+        got = project_from_heads(x.index_select(1, used), weight, bias, table, used)
+        torch.testing.assert_close(got, F.linear(zeroed, weight, bias))
+
+
 def test_the_order_computed_for_export_is_the_stable_sort_whatever_the_ties(monkeypatch):
     from fxprune.ops import ordering
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -255,7 +256,7 @@ def place_heads(x: Tensor, heads: Tensor, num_heads: int) -> Tensor:
     return full.index_copy(1, heads, x)
 
 
-def _merged(runs: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+def _merged(runs: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
     """``runs`` ``(first, length)`` with each run that continues the one before joined to it."""
     merged: list[tuple[int, int]] = []
     for first, length in runs:
@@ -263,29 +264,54 @@ def _merged(runs: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
             merged[-1] = (merged[-1][0], merged[-1][1] + length)
         else:
             merged.append((first, length))
-    return merged
+    return tuple(merged)
 
 
-@functools.lru_cache(maxsize=256)
-def _head_runs(channels: tuple[tuple[int, ...], ...]) -> tuple[list[tuple[int, int]], ...]:
-    """Each head's channels as runs ``(first, length)`` of consecutive channels (one run in the usual layouts)."""
-    return tuple(_merged((channel, 1) for channel in head) for head in channels)
+_REMEMBERED = 256  # tables, and head sets per table, that the table functions remember
 
 
-@functools.lru_cache(maxsize=256)
-def _all_runs(channels: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, int], ...]:
-    """The channels of every head, in order, as runs (one, a slice, in the usual layouts)."""
-    return tuple(_merged(run for runs in _head_runs(channels) for run in runs))
+def _per_table(fn: Callable[[Any, tuple[int, ...] | None], Any]) -> Callable[[Any, tuple[int, ...] | None], Any]:
+    """``fn(table, heads)`` remembered for each table object and head set: a graph passes its tables as constants,
+    the same object on every call, so a table is found by its identity (hashing a table of every channel costs more
+    than the rest of a layer's bookkeeping)."""
+    remembered: dict[int, tuple[Any, dict[tuple[int, ...] | None, Any]]] = {}
+
+    @functools.wraps(fn)
+    def lookup(table: Any, heads: tuple[int, ...] | None) -> Any:
+        entry = remembered.get(id(table))
+        if entry is None or entry[0] is not table:
+            if len(remembered) >= _REMEMBERED:
+                remembered.clear()
+            entry = remembered[id(table)] = (table, {})
+        results = entry[1]
+        if heads not in results:
+            if len(results) >= _REMEMBERED:
+                results.clear()
+            results[heads] = fn(table, heads)
+        return results[heads]
+
+    return lookup
 
 
-def _runs(channels: tuple[tuple[int, ...], ...], heads: Tensor) -> list[tuple[int, int]] | tuple[tuple[int, int], ...]:
-    """The channels of ``heads`` ``[h]`` (``channels`` ``[H][d]``), in order, as runs ``(first, length)`` of
-    consecutive channels (one run: a slice of a weight, which needs no copy). Every head (the case example values
-    take, as :func:`used_heads` sorts its heads) reads no data."""
-    if heads.shape[0] == len(channels):
-        return _all_runs(channels)
-    table = _head_runs(channels)
-    return _merged(run for head in heads.tolist() for run in table[head])
+def _head_set(heads: Tensor, count: int) -> tuple[int, ...] | None:
+    """The heads ``heads`` ``[h]`` of ``count`` as a tuple, or None for every head (the case example values take, as
+    :func:`used_heads` sorts its heads: read without data)."""
+    return None if heads.shape[0] == count else tuple(heads.tolist())
+
+
+@_per_table
+def _columns(channels: tuple[tuple[int, ...], ...], heads: tuple[int, ...] | None) -> tuple[tuple[int, int], ...]:
+    """The channels of ``heads`` (None: every head; ``channels`` ``[H][d]``), in order, as runs ``(first, length)``
+    of consecutive channels (one run, a slice, in the usual layouts)."""
+    chosen = range(len(channels)) if heads is None else heads
+    return _merged((channel, 1) for head in chosen for channel in channels[head])
+
+
+@_per_table
+def _joint_rows(tables: tuple[tuple[tuple[int, ...], ...], ...], heads: tuple[int, ...] | None
+                ) -> tuple[tuple[int, int], ...]:
+    """The channels of ``heads`` of each table in turn, as runs (one slice for every head of a fused q, k, v layer)."""
+    return _merged(run for channels in tables for run in _columns(channels, heads))
 
 
 @functools.lru_cache(maxsize=256)
@@ -300,18 +326,10 @@ def _run_index(runs: tuple[tuple[int, int], ...], device: torch.device) -> Tenso
     return torch.tensor([c for first, length in runs for c in range(first, first + length)], device=device)
 
 
-def _take(x: Tensor, dim: int, runs: Sequence[tuple[int, int]]) -> Tensor:
+def _take(x: Tensor, dim: int, runs: tuple[tuple[int, int], ...]) -> Tensor:
     """The channels ``runs`` of ``x`` along ``dim``, in order: a view for one run, a gathered copy for several (one
     op, where a product per run would cost one op each)."""
-    if len(runs) == 1:
-        return x.narrow(dim, *runs[0])
-    return x.index_select(dim, _run_index(tuple(runs), x.device))
-
-
-@functools.lru_cache(maxsize=256)
-def _joint_runs(tables: tuple[tuple[tuple[int, ...], ...], ...]) -> tuple[tuple[int, int], ...]:
-    """The channels of every head of each table in turn, as runs (one slice for a fused q, k, v layer)."""
-    return tuple(_merged(run for channels in tables for run in _all_runs(channels)))
+    return x.narrow(dim, *runs[0]) if len(runs) == 1 else x.index_select(dim, _run_index(runs, x.device))
 
 
 @graph_op()
@@ -322,8 +340,7 @@ def project_heads(
     alone: ``x`` ``[B, N, C]``, the layer's ``weight``/``bias``, ``tables[i][head]`` output ``i``'s channels for each
     element of a head. One ``[B, h, N, d]`` per table, from one product with those rows of the weight (a slice
     where they are consecutive, as for every head of a fused q, k, v layer)."""
-    every = heads.shape[0] == len(tables[0])
-    rows = _joint_runs(tables) if every else _merged(run for channels in tables for run in _runs(channels, heads))
+    rows = _joint_rows(tables, _head_set(heads, len(tables[0])))
     size, head_dim = heads.shape[0], len(tables[0][0])
     if not rows:  # no head used
         return tuple(x.new_zeros(x.shape[0], 0, x.shape[1], head_dim) for _ in tables)
@@ -371,7 +388,7 @@ def project_from_heads(
     """A linear layer on the heads ``heads`` ``[h]`` of ``x`` ``[B, h, N, d]`` alone (the others' inputs are zero):
     ``columns[head]`` its input channels for each element of a head: ``[B, N, out]``."""
     joined = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], x.shape[1] * x.shape[3])
-    runs = _runs(columns, heads)
+    runs = _columns(columns, _head_set(heads, len(columns)))
     return _linear_on_columns(joined, weight, bias, runs, _starts(runs))
 
 
@@ -381,5 +398,6 @@ def project_head_channels(
 ) -> Tensor:
     """A linear layer on the channels of the heads ``heads`` ``[h]`` of ``x`` ``[B, N, H·d]`` alone (the others
     are zero), each image's channels times ``factor`` ``[B, 1, h·d]`` (None: as they are): ``[B, N, out]``."""
-    runs = _runs(_head_channels(x.shape[2] // head_dim, head_dim), heads)
+    channels = _head_channels(x.shape[2] // head_dim, head_dim)
+    runs = _columns(channels, _head_set(heads, len(channels)))
     return _linear_on_columns(x, weight, bias, runs, [first for first, _ in runs], factor)
