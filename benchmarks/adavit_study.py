@@ -82,6 +82,11 @@ def _random_usage(base: torch.nn.Module, images: torch.Tensor, macs: float, deci
     return low, best
 
 
+def _weights_file(job: dict) -> Path:
+    """Where ``job``'s fine-tuned state is written: ``--weights-dir`` / :func:`weights_name`."""
+    return Path(job["args"]["weights_dir"]) / weights_name(job["keep"], job["decides"], job["seed"])
+
+
 def _train(job: dict):
     """Train AdaViT at ``job``'s usage, kinds and seed with the study's recipe and write its fine-tuned state to
     ``--weights-dir``: (the training result, the weights file)."""
@@ -95,7 +100,7 @@ def _train(job: dict):
                                  backbone_lr_scale=args.backbone_lr_scale, keep_warmup=args.keep_warmup)
     result = fxprune.train(digits_vit(), _policy(job["keep"], job["decides"], args.init),
                            DigitScenes("train", baselines.TRAIN_SCENES, seed=11), config, progress=False)
-    weights = Path(args.weights_dir) / weights_name(job["keep"], job["decides"], job["seed"])
+    weights = _weights_file(job)
     weights.parent.mkdir(parents=True, exist_ok=True)
     fxprune.save_weights(result.model, weights, backbone=True)
     return result, weights
@@ -207,8 +212,7 @@ def main() -> None:
         jobs += [_adavit_job(float(args.ablation), kind, s, args) for kind in ("heads", "sublayers", "tokens")
                  for s in seeds]
     if args.weights_only:
-        todo = [job for job in jobs if not (Path(args.weights_dir) / weights_name(job["keep"], job["decides"],
-                                                                               job["seed"])).exists()]
+        todo = [job for job in jobs if not _weights_file(job).exists()]
         with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
             for written in pool.map(write_weights, todo):
                 print(f"wrote {written}", flush=True)
