@@ -5,6 +5,7 @@ and scales each patch token by ``sigmoid(score)`` (differentiable, static shapes
 """
 
 import dataclasses
+import inspect
 import io
 import math
 
@@ -189,3 +190,45 @@ def test_both_graphs_compile_as_one_graph_and_the_training_graph_still_emits():
         with collect() as aux:
             torch.testing.assert_close(compiled(x), gm(x), atol=1e-6, rtol=0)
     assert len(aux["gate"]) == 2  # once compiled, once eager
+
+
+def test_both_graphs_read_modules_and_parameters_from_their_owners_at_each_call():
+    model = timm_vit("deit_small_patch16_224")
+    gm = fxprune.transform(model, Gate((1,)))
+    for forward in (type(gm)._eval_forward, type(gm)._train_forward):
+        source = inspect.getsource(forward)
+        assert "._modules['blocks']._modules['1']" in source and "._parameters['" in source
+    assert "._modules[" not in gm.code  # what the user reads is fx's own code
+    x = image_batch(model)
+    with torch.no_grad():
+        before = {mode: gm.train(mode)(x) for mode in (False, True)}
+        mlp, predictor = gm.get_submodule("blocks.1.mlp"), gm.get_submodule("fxprune.blocks_1.predictor")
+        dense = mlp.fc2
+        mlp.fc2 = nn.Linear(dense.in_features, dense.out_features)
+        predictor.weight = nn.Parameter(-predictor.weight)
+        for mode in (False, True):
+            assert not torch.allclose(gm.train(mode)(x), before[mode])
+        mlp.fc2.load_state_dict(dense.state_dict())
+        predictor.weight = nn.Parameter(-predictor.weight)
+        for mode in (False, True):
+            torch.testing.assert_close(gm.train(mode)(x), before[mode], atol=0, rtol=0)
+
+
+def test_a_step_that_is_not_a_registered_module_or_parameter_is_read_as_an_attribute():
+    from fxprune.passes.learned import _direct_path
+
+    class Shadowed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Linear(2, 2)
+
+        @property
+        def weight(self):  # a class attribute wins over nn.Module's lookup
+            return self.inner.weight
+
+    root = nn.Module()
+    root.block = Shadowed()
+    root.block.register_buffer("scale", torch.ones(1))
+    assert _direct_path(root, "block.inner.bias") == "self._modules['block']._modules['inner']._parameters['bias']"
+    assert _direct_path(root, "block.scale") == "self._modules['block']._buffers['scale']"
+    assert _direct_path(root, "block.weight") == "self._modules['block'].weight"
