@@ -165,26 +165,32 @@ def _qkv_tables(num_heads: int, head_dim: int) -> tuple[tuple[tuple[int, ...], .
                        for h in range(num_heads)) for part in range(3))
 
 
-def _decide(x: torch.Tensor, norm: torch.Tensor, block: torch.nn.Module, decider: torch.nn.Module
-            ) -> tuple[torch.Tensor | None, torch.Tensor, bool, bool]:
+def _decide(x: torch.Tensor, block: torch.nn.Module, decider: torch.nn.Module
+            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, bool, bool] | None:
     """The decisions of ``decider`` (its ``tokens`` head, and its ``heads`` and ``sublayers`` heads where it has
-    them) for one image ``x`` ``[1, N, C]`` entering the timm ``block`` (``norm``: its first norm of ``x``): the
-    used rows (None: all), the used heads ``[h]``, and whether the attention and the MLP are used."""
+    them) for one image ``x`` ``[1, N, C]`` entering the timm ``block``, sub-layers first, as the skipping graph
+    decides: None for a block that uses neither sub-layer (nothing else decided); else the block's first norm of
+    ``x``, the used rows (None: all), the used heads ``[h]``, and whether the attention and the MLP are used."""
+    attention = mlp = True
+    if hasattr(decider, "sublayers"):
+        attention, mlp = (decider.sublayers(x[:, 0])[0] > _logit(SUBLAYER_THRESHOLD)).tolist()
+        if not attention and not mlp:
+            return None
+    norm = block.norm1(x)
     used = decider.tokens(norm[:, 1:])[0, :, 0] > _logit(TOKEN_THRESHOLD)
     rows = None if bool(used.all()) else torch.cat([used.new_ones(1), used]).nonzero()[:, 0]
-    if not hasattr(decider, "heads"):
-        return rows, torch.arange(block.attn.num_heads), True, True
-    token = x[:, 0]
-    heads = (decider.heads(token)[0] > _logit(HEAD_THRESHOLD)).nonzero()[:, 0]
-    attention, mlp = (decider.sublayers(token)[0] > _logit(SUBLAYER_THRESHOLD)).tolist()
-    return rows, heads, attention, mlp
+    heads = (decider.heads(x[:, 0])[0] > _logit(HEAD_THRESHOLD)).nonzero()[:, 0] if hasattr(decider, "heads") \
+        else torch.arange(block.attn.num_heads)
+    return norm, rows, heads, attention, mlp
 
 
 def _decided_block(x: torch.Tensor, block: torch.nn.Module, decider: torch.nn.Module) -> torch.Tensor:
     """One timm block on ``x`` ``[1, N, C]`` as the skipping graph runs it: the decisions of ``decider``, then the
     used sub-layers on the used rows and heads, with the graph's head-sliced products."""
-    attn, norm = block.attn, block.norm1(x)
-    rows, heads, attention, mlp = _decide(x, norm, block, decider)
+    decided = _decide(x, block, decider)
+    if decided is None:
+        return x
+    attn, (norm, rows, heads, attention, mlp) = block.attn, decided
     tables = _qkv_tables(attn.num_heads, attn.head_dim)
     if attention:
         y = norm if rows is None else norm.index_select(1, rows)
@@ -213,8 +219,10 @@ def decided_forward(model: torch.nn.Module, skipping: torch.nn.Module, image: to
         if kept is None:
             x = _decided_block(x, block, decider)
             continue
-        norm = block.norm1(x)
-        rows, heads, attention, mlp = _decide(x, norm, block, decider)
+        decided = _decide(x, block, decider)
+        if decided is None:
+            continue
+        norm, rows, heads, attention, mlp = decided
         key = (index, tuple(heads.tolist()))
         if key not in kept:
             kept[key] = gathered(block, list(key[1]))

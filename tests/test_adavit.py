@@ -461,3 +461,30 @@ def test_set_usage_gives_a_random_usage_of_each_kind():
         assert abs(patches.mean().item() - 0.5) < 0.05 and not (patches == patches[:1]).all()
     set_usage(gm, x, 0.5, parts=("heads",))
     assert all(b.rows.mean() == 1 and (b.sublayers is None or b.sublayers.mean() == 1) for b in usage(gm, x))
+
+
+def test_a_block_whose_sub_layers_no_image_uses_makes_no_other_decision_unless_collected():
+    model = timm_vit("deit_small_patch16_224", depth=4).double()
+    x = image_batch(model, batch=3, dtype=torch.float64)
+    masked = fxprune.transform(model, AdaViT(0.5, init_logit=0.0, skip=False))
+    set_usage(masked, x, {"sublayers": 0.34, "heads": 0.5, "tokens": 0.7})  # 2 of the 6 sub-layers
+    skipping = fxprune.transform(model, AdaViT(0.5, init_logit=0.0))
+    skipping.load_state_dict(masked.state_dict())
+    sublayers = _usage(masked, x)
+    unused = [key[len(SUBLAYERS_KEY):] for key, value in sublayers.items()
+              if key.startswith(SUBLAYERS_KEY) and not value.any()]
+    assert unused and len(unused) < 3  # some blocks use neither sub-layer, others do
+    called = []
+    for name, head in skipping.named_modules():
+        if name.endswith((".heads", ".tokens")):
+            head.register_forward_hook(lambda module, args, out, name=name: called.append(name))
+    with torch.no_grad():
+        for batch in (x, x[:1]):
+            called.clear()
+            torch.testing.assert_close(skipping(batch), masked(batch), atol=1e-10, rtol=0)
+            deciding = {name.split(".")[1].replace("blocks_", "blocks.") for name in called}
+            assert deciding == {f"blocks.{i}" for i in range(4)} - set(unused)  # block 0 decides rows only
+    collected = _usage(skipping, x)  # a collect() context: every block decides, as the masked graph
+    assert collected.keys() == sublayers.keys()
+    for key, value in collected.items():
+        torch.testing.assert_close(value, sublayers[key], atol=0, rtol=0)

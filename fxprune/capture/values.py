@@ -96,6 +96,12 @@ class _ValueInterpreter(fx.Interpreter):
         return value
 
 
+def worst_case_run(gm: fx.GraphModule, *args: Any) -> Any:
+    """``gm(*args)`` with each graph op that declares a worst case giving it (:func:`~fxprune.ops.graph_op`): how a
+    graph op that calls a graph of its own gives an example value."""
+    return _ValueInterpreter(gm).run(*args)
+
+
 class ValuePropagationError(RuntimeError):
     """A node failed while computing example values; ``node`` names it."""
 

@@ -38,9 +38,11 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from ..analysis import Block, TokenProgram, sdpa_arguments
+from ..capture.values import worst_case_run
 from ..errors import PolicyError, UnsupportedModelError
-from ..ops import POSITIONS, at_positions, op_of
+from ..ops import POSITIONS, at_positions, graph_op, op_of
 from ..ops.gating import (
+    add_used_rows,
     apply_factor,
     batch_rows,
     channel_gate,
@@ -67,9 +69,9 @@ from ..ops.gating import (
 )
 from ..passes.common import Rewrite, Role, ancestors, graph_order, insert_call, tag_of
 from ..passes.heads import HeadLayout, has_parameters, head_layout, is_linear, linear_parameters, producer
-from ..passes.learned import LEARNED_PREFIX, emit, insert_module
+from ..passes.learned import LEARNED_PREFIX, collect, collecting, emit, insert_module
 from ..passes.positions import place_terms
-from ..passes.skipping import run_on_used, sublayer_nodes, unpack
+from ..passes.skipping import erase_unused, move_apart, run_if_used, run_on_used, sublayer_nodes, unpack
 from ..passes.state import read_state
 from ..policies import Policy, check_flag, check_layers, option, parse_flag, parse_layers, parse_number, parse_text
 from ..tools.weights import SHIPPED, shipped
@@ -411,7 +413,7 @@ def _terms_at_used_rows(gm: fx.GraphModule, program: TokenProgram, block: Block,
     return {user for term in block.position_terms for user in term.node.users if user.target is at_positions}
 
 
-def skip_unused(gm: fx.GraphModule, program: TokenProgram, block: Block, parts: BlockParts,
+def skip_unused(gm: fx.GraphModule, program: TokenProgram, block: Block, policy: AdaViT, parts: BlockParts,
                 decisions: Decisions) -> None:
     """Compute only what is used: each sub-layer on the images that use it and, in each, on its used rows; the
     attention on the heads some image of the batch uses (the others' outputs are zeros)."""
@@ -458,6 +460,64 @@ def skip_unused(gm: fx.GraphModule, program: TokenProgram, block: Block, parts: 
     nodes = sublayer_nodes(gm, mid, parts.mlp_branch, ancestors([images, index, valid, *ready, *head_inputs]))
     run_on_used(gm, block, nodes, mid, parts.mlp_add, images, index, valid, head_inputs, ready | {index, valid},
                 program.batch, "mlp")
+    if "sublayers" in policy.decided_in(block.index):
+        decide_only_where_used(gm, block, decisions, parts.mlp_add)
+
+
+def _decide_anyway(sublayers: Tensor, count: int, decide: fx.GraphModule, *inputs: Any) -> Any:
+    return worst_case_run(decide, *inputs)
+
+
+@graph_op(worst_case=_decide_anyway)
+def decide_if_used(sublayers: Tensor, count: int, decide: fx.GraphModule, *inputs: Any) -> Any:
+    """The graph ``decide`` on ``inputs``, a block's row and head decisions (``count`` values), where some image
+    uses one of the block's sub-layers (``sublayers`` ``[B, 2]``) or a :func:`~fxprune.collect` context is open;
+    else ``count`` Nones (None for one): a block no image uses needs no other decision. As
+    :func:`~fxprune.passes.skipping.run_if_used`, ``forward`` is called directly."""
+    if not collecting() and not bool(sublayers.any()):
+        return None if count == 1 else (None,) * count
+    return decide.forward(*inputs)
+
+
+def decide_only_where_used(gm: fx.GraphModule, block: Block, decisions: Decisions, end: fx.Node) -> None:
+    """Make ``block``'s row and head decisions, and the nodes only they and the sub-layers read (its first norm),
+    run in a graph of their own that :func:`decide_if_used` calls, after its sub-layer decisions: a block whose
+    sub-layers no image uses then costs those decisions alone. ``end``: the block's last node (its output). Left in
+    place unless every value of them read outside is read by a layout or a skipped sub-layer of this block."""
+    condition = ancestors([decisions.sublayers])
+    order = graph_order(gm)
+    members: set[fx.Node] = set()
+    todo, seen = list(block.input.users), set()
+    while todo:
+        node = todo.pop()
+        if node in seen or node.op == "output" or node.target in (used_layout, run_if_used, add_used_rows):
+            continue
+        seen.add(node)
+        if node not in condition:
+            members.add(node)
+        todo.extend(node.users)
+    members -= erase_unused(gm, [*members, *(user for node in members for user in node.users)])
+    outside = [user for node in members for user in node.users if user not in members]
+    if not members or any(user.target not in (used_layout, run_if_used) or order(user) > order(end)
+                          for user in outside):
+        return
+    before = min(outside, key=order)
+    inputs = {value for node in members for value in node.all_input_nodes if value not in members}
+    for value in inputs:
+        if value.op == "get_attr" and order(value) > order(before):
+            before.prepend(value)
+    if any(order(value) > order(before) for value in inputs):
+        return
+    inner = sorted(members, key=order)
+    outputs = [node for node in inner if any(user not in members for user in node.users)]
+    part, values = move_apart(gm, inner, outputs, before, f"deciding_{block.name.replace('.', '_')}")
+    run = insert_call(gm, part, decide_if_used, (decisions.sublayers, len(outputs), part, *values), {}, block,
+                      "decisions_if_used")
+    decided = [run] if len(outputs) == 1 else unpack(gm, run, block, tuple(f"decided_{node.name}" for node in outputs))
+    for output, value in zip(outputs, decided):
+        output.replace_all_uses_with(value, delete_user_cb=lambda user: user not in members)
+    for node in reversed(inner):
+        gm.graph.erase_node(node)
 
 
 def gate_block(gm: fx.GraphModule, program: TokenProgram, block: Block, policy: AdaViT, train: bool) -> Rewrite:
@@ -468,7 +528,7 @@ def gate_block(gm: fx.GraphModule, program: TokenProgram, block: Block, policy: 
     if train or not policy.skip:
         mask_unused(gm, block, parts, decisions)
     else:
-        skip_unused(gm, program, block, parts, decisions)
+        skip_unused(gm, program, block, policy, parts, decisions)
     return Rewrite()
 
 
@@ -581,7 +641,8 @@ def set_usage(
         head.weight.copy_(torch.randn(head.weight.shape, generator=generator) / math.sqrt(head.weight.shape[1]))
         seen: list[Tensor] = []
         hook = head.register_forward_hook(lambda module, args, out, seen=seen: seen.append(out.flatten()))
-        gm(images)
+        with collect():  # every block decides its rows, also one whose sub-layers no image uses
+            gm(images)
         hook.remove()
         head.bias.fill_(threshold - torch.quantile(torch.cat(seen) - head.bias, 1.0 - shares["tokens"]).item())
 

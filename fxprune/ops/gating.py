@@ -117,13 +117,14 @@ def sublayer_gate(tokens: Tensor, layers: Tensor, which: int) -> Tensor:
     return tokens * layers[:, which, None, None]
 
 
-def _every_row(rows: Tensor, sublayers: Tensor | None, which: int, empty: bool = False) -> tuple[None, None, None]:
+def _every_row(rows: Tensor | None, sublayers: Tensor | None, which: int, empty: bool = False
+               ) -> tuple[None, None, None]:
     return None, None, None
 
 
 @graph_op(worst_case=_every_row)
 def used_layout(
-    rows: Tensor, sublayers: Tensor | None, which: int, empty: bool = False
+    rows: Tensor | None, sublayers: Tensor | None, which: int, empty: bool = False
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Where a sub-layer is used: ``(images, index, valid)``. ``images`` ``[b]`` are the images that use sub-layer
     ``which`` (``sublayers`` ``[B, 2]``: attention, MLP; None: every image); ``index`` ``[b, K]`` their used rows
@@ -131,9 +132,10 @@ def used_layout(
     at row 0 and are not ``valid``. None stands for all: ``images`` when every image uses the sub-layer,
     ``index`` and ``valid`` when every one of them uses every row, ``valid`` alone when there is one image (no
     padding). When no image uses it: no images (``empty``, for a sub-layer that is then not run), or one slot of
-    image 0 that is not valid (shapes are never empty: the sub-layer runs on one row whose result is dropped). The
-    shapes depend on the data (eager only)."""
-    if rows.shape[0] == 1:
+    image 0 that is not valid (shapes are never empty: the sub-layer runs on one row whose result is dropped).
+    ``rows`` may be None where no image uses either sub-layer (the rows were not decided). The shapes depend on the
+    data (eager only)."""
+    if (sublayers if rows is None else rows).shape[0] == 1:
         return _used_layout_of_one(rows, sublayers, which, empty)
     images = None
     if sublayers is not None and not bool(sublayers[:, which].all()):
@@ -141,7 +143,7 @@ def used_layout(
         if images.numel() == 0 and empty:
             return images, None, None
         if images.numel() == 0:
-            nothing = torch.zeros(1, 1, dtype=torch.long, device=rows.device)
+            nothing = torch.zeros(1, 1, dtype=torch.long, device=sublayers.device)
             return nothing[0], nothing, nothing.bool()
     used = (rows if images is None else rows.index_select(0, images))[..., 0] > 0.5
     if bool(used.all()):
@@ -155,12 +157,12 @@ def used_layout(
 
 
 def _used_layout_of_one(
-    rows: Tensor, sublayers: Tensor | None, which: int, empty: bool
+    rows: Tensor | None, sublayers: Tensor | None, which: int, empty: bool
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """:func:`used_layout` of one image (``rows`` ``[1, N, 1]``), from the fewest ops: its used rows need no
     padding, and a sub-layer it does not use has no images or one invalid slot."""
     if sublayers is not None and not sublayers[0, which].item():
-        nothing = torch.zeros(1, 1, dtype=torch.long, device=rows.device)
+        nothing = torch.zeros(1, 1, dtype=torch.long, device=sublayers.device)
         return (nothing[0, :0], None, None) if empty else (nothing[0], nothing, nothing.bool())
     index = (rows[0, :, 0] > 0.5).nonzero().T
     return None, (None if index.shape[1] == rows.shape[1] else index), None

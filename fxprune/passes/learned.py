@@ -36,6 +36,7 @@ from .skipping import call_module, run_if_used
 
 __all__ = [
     "LEARNED_PREFIX", "module_path_for", "add_modules", "insert_module", "TrainEvalGraphModule", "emit", "collect",
+    "collecting",
     "learned_state_dict", "save_weights", "read_weights", "key_mismatch", "load_weights", "drop_eval_identities",
 ]
 
@@ -230,6 +231,11 @@ def emit(value: Tensor, key: str) -> Tensor:
 
 
 fx.node._side_effectful_functions.add(emit)
+
+
+def collecting() -> bool:
+    """Whether a :func:`collect` context is open (a graph's emitted values are being collected)."""
+    return bool(_COLLECTORS)
 
 
 @contextlib.contextmanager

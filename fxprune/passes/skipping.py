@@ -10,7 +10,7 @@ data, so the graph runs in eager mode only.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -22,7 +22,7 @@ from ..ops import graph_op
 from ..ops.gating import add_used_rows, batch_rows, take_rows
 from .common import between, graph_order, insert_call, reachable
 
-__all__ = ["sublayer_nodes", "run_on_used", "run_if_used", "call_module", "unpack"]
+__all__ = ["sublayer_nodes", "run_on_used", "run_if_used", "call_module", "move_apart", "erase_unused", "unpack"]
 
 _SHAPED = ("reshape", "view", "expand")
 
@@ -96,30 +96,45 @@ def call_module(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
 
 
 @graph_op()
-def run_if_used(images: torch.Tensor | None, sublayer: Callable, *inputs: Any) -> Any:
-    """``sublayer(*inputs)``, or None when no image uses the sub-layer (``images`` empty, as :func:`used_layout`
-    gives with ``empty=True``)."""
+def run_if_used(images: torch.Tensor | None, sublayer: fx.GraphModule, *inputs: Any) -> Any:
+    """The graph ``sublayer`` on ``inputs``, or None when no image uses the sub-layer (``images`` empty, as
+    :func:`used_layout` gives with ``empty=True``). Its ``forward`` is called directly: a graph fxprune made has no
+    hooks, and a module call costs more than a small sub-layer's bookkeeping."""
     if images is not None and images.shape[0] == 0:
         return None
-    return sublayer(*inputs)
+    return sublayer.forward(*inputs)
 
 
 def _run_apart(gm: fx.GraphModule, block: Block, inner: list[fx.Node], exit: fx.Node, add: fx.Node,
                images: fx.Node, what: str) -> None:
-    """Move the sub-layer's nodes ``inner`` (``exit`` its result, read by ``add`` only) into a graph of their own,
-    a parameter-free submodule that :func:`run_if_used` calls, so that a sub-layer no image uses is not run at all
-    (at batch 1: skipped outright). Modules it calls are passed in as values, so its weights stay the model's
-    (nothing is added to the ``state_dict``). Left in place when a node of it has a user outside."""
+    """Move the sub-layer's nodes ``inner`` (``exit`` its result, read by ``add`` only) into a graph of their own
+    that :func:`run_if_used` calls, so that a sub-layer no image uses is not run at all (at batch 1: skipped
+    outright). Left in place when a node of it has a user outside."""
     members = set(inner)
     outside = [user for node in inner for user in node.users if user not in members and user is not add]
-    for node in _unused(gm, outside):
-        gm.graph.erase_node(node)  # what the sub-layer's rewrite left unused (e.g. the dense projection it slices)
+    erase_unused(gm, outside)  # what the sub-layer's rewrite left unused (e.g. the dense projection it slices)
     if any(user not in members for node in inner if node is not exit for user in node.users) or \
             any(user is not add for user in exit.users):
         return
+    sublayer, inputs = move_apart(gm, inner, [exit], add, f"skipping_{block.name.replace('.', '_')}_{what}")
+    run = insert_call(gm, sublayer, run_if_used, (images, sublayer, *inputs), {}, block, f"{what}_if_used")
+    add.replace_input_with(exit, run)
+    for node in sorted(inner, key=graph_order(gm), reverse=True):
+        gm.graph.erase_node(node)
+    images.args[0].update_kwarg("empty", True)  # the layout: no image using it gives no images
+
+
+def move_apart(gm: fx.GraphModule, inner: list[fx.Node], outputs: list[fx.Node], before: fx.Node, name: str
+               ) -> tuple[fx.Node, list[fx.Node]]:
+    """Copy the nodes ``inner`` into a parameter-free graph of their own, a submodule ``name`` of ``gm`` returning
+    ``outputs`` (one value, or a tuple of several), and return the node that reads it (inserted before ``before``)
+    and the values to call it with. Modules ``inner`` calls are passed in as values, so the weights stay the
+    model's (nothing is added to the ``state_dict``). The caller inserts the call, makes the users outside read
+    it and erases ``inner``."""
+    members = set(inner)
     inner = sorted(inner, key=graph_order(gm))
     modules: dict[str, fx.Node] = {}
-    with gm.graph.inserting_before(add):
+    with gm.graph.inserting_before(before):
         for node in inner:
             if node.op == "call_module" and node.target not in modules:
                 modules[node.target] = gm.graph.get_attr(node.target)
@@ -135,29 +150,25 @@ def _run_apart(gm: fx.GraphModule, block: Block, inner: list[fx.Node], exit: fx.
             env[node] = sub.call_function(call_module, (env[modules[node.target]], *args), kwargs)
         else:
             env[node] = sub.create_node(node.op, node.target, args, kwargs, name=node.name)
-    sub.output(env[exit])
-    name = f"skipping_{block.name.replace('.', '_')}_{what}"
+    sub.output(env[outputs[0]] if len(outputs) == 1 else tuple(env[node] for node in outputs))
     part = fx.GraphModule(torch.nn.Module(), sub, class_name=name)
     part._tracer_cls = getattr(gm, "_tracer_cls", None)  # torch.load re-traces its code as the model's
     gm.add_submodule(name, part)
-    with gm.graph.inserting_before(add):
-        sublayer = gm.graph.get_attr(name)
-    run = insert_call(gm, sublayer, run_if_used, (images, sublayer, *inputs), {}, block, f"{what}_if_used")
-    add.replace_input_with(exit, run)
-    for node in reversed(inner):
-        gm.graph.erase_node(node)
-    images.args[0].update_kwarg("empty", True)  # the layout: no image using it gives no images
+    with gm.graph.inserting_before(before):
+        return gm.graph.get_attr(name), inputs
 
 
-def _unused(gm: fx.GraphModule, starts: list[fx.Node]) -> list[fx.Node]:
-    """The nodes among ``starts`` and those computed from them that have no effect (pure, read only by nodes with
-    no effect), last first."""
+def erase_unused(gm: fx.GraphModule, starts: Iterable[fx.Node]) -> set[fx.Node]:
+    """Erase the nodes among ``starts`` and those computed from them that have no effect (pure, read only by nodes
+    with no effect); returns them."""
     candidates = reachable(starts, lambda node: node.users)
     unused: dict[fx.Node, None] = {}  # ordered, last first
     for node in reversed(gm.graph.nodes):
         if node in candidates and node.op != "output" and not node.is_impure() and all(u in unused for u in node.users):
             unused[node] = None
-    return list(unused)
+    for node in unused:
+        gm.graph.erase_node(node)
+    return set(unused)
 
 
 def _follow_layout(gm: fx.GraphModule, nodes: list[fx.Node], entry: fx.Node, batch: int, tokens: int
