@@ -496,7 +496,7 @@ def decide_only_where_used(gm: fx.GraphModule, block: Block, decisions: Decision
         if node not in condition:
             members.add(node)
         todo.extend(node.users)
-    members -= erase_unused(gm, [*members, *(user for node in members for user in node.users)])
+    members -= erase_unused(gm, [*members, *(user for node in members for user in node.users)], stop=end)
     outside = [user for node in members for user in node.users if user not in members]
     if not members or any(user.target not in (used_layout, run_if_used) or order(user) > order(end)
                           for user in outside):

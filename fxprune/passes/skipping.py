@@ -158,10 +158,10 @@ def move_apart(gm: fx.GraphModule, inner: list[fx.Node], outputs: list[fx.Node],
         return gm.graph.get_attr(name), inputs
 
 
-def erase_unused(gm: fx.GraphModule, starts: Iterable[fx.Node]) -> set[fx.Node]:
-    """Erase the nodes among ``starts`` and those computed from them that have no effect (pure, read only by nodes
-    with no effect); returns them."""
-    candidates = reachable(starts, lambda node: node.users)
+def erase_unused(gm: fx.GraphModule, starts: Iterable[fx.Node], stop: fx.Node | None = None) -> set[fx.Node]:
+    """Erase the nodes among ``starts`` and those computed from them (not going past ``stop``) that have no effect
+    (pure, read only by nodes with no effect); returns them."""
+    candidates = reachable(starts, lambda node: node.users, stop)
     unused: dict[fx.Node, None] = {}  # ordered, last first
     for node in reversed(gm.graph.nodes):
         if node in candidates and node.op != "output" and not node.is_impure() and all(u in unused for u in node.users):
