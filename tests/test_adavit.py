@@ -470,8 +470,8 @@ def test_a_block_whose_sub_layers_no_image_uses_makes_no_other_decision_unless_c
     set_usage(masked, x, {"sublayers": 0.34, "heads": 0.5, "tokens": 0.7})  # 2 of the 6 sub-layers
     skipping = fxprune.transform(model, AdaViT(0.5, init_logit=0.0))
     skipping.load_state_dict(masked.state_dict())
-    sublayers = _usage(masked, x)
-    unused = [key[len(SUBLAYERS_KEY):] for key, value in sublayers.items()
+    decided = _usage(masked, x)
+    unused = [key[len(SUBLAYERS_KEY):] for key, value in decided.items()
               if key.startswith(SUBLAYERS_KEY) and not value.any()]
     assert unused and len(unused) < 3  # some blocks use neither sub-layer, others do
     called = []
@@ -485,6 +485,6 @@ def test_a_block_whose_sub_layers_no_image_uses_makes_no_other_decision_unless_c
             deciding = {name.split(".")[1].replace("blocks_", "blocks.") for name in called}
             assert deciding == {f"blocks.{i}" for i in range(4)} - set(unused)  # block 0 decides rows only
     collected = _usage(skipping, x)  # a collect() context: every block decides, as the masked graph
-    assert collected.keys() == sublayers.keys()
+    assert collected.keys() == decided.keys()
     for key, value in collected.items():
-        torch.testing.assert_close(value, sublayers[key], atol=0, rtol=0)
+        torch.testing.assert_close(value, decided[key], atol=0, rtol=0)
