@@ -60,6 +60,7 @@ from ..ops.gating import (
     sublayer_gate,
     take_rows,
     threshold_gate,
+    threshold_mask,
     token_gate,
     usage_mask,
     used_heads,
@@ -220,14 +221,10 @@ def _multiply(gm: fx.GraphModule, block: Block, node: fx.Node, factor: fx.Node, 
     return product
 
 
-def _decide(gm: fx.GraphModule, block: Block, logits: fx.Node, threshold: float, train: bool, name: str) -> fx.Node:
-    gate = (gumbel_gate, (logits, threshold)) if train else (threshold_gate, (logits, threshold))
-    return insert_call(gm, logits, gate[0], gate[1], {}, block, name)
-
-
-def _emit(gm: fx.GraphModule, value: fx.Node, key: str) -> fx.Node:
+def _emit(gm: fx.GraphModule, value: fx.Node, key: str, like: fx.Node | None) -> fx.Node:
+    """Emit ``value`` under ``key``, collected in the dtype of ``like`` (None: its own)."""
     with gm.graph.inserting_after(value):
-        return gm.graph.call_function(emit, (value, key))
+        return gm.graph.call_function(emit, (value, key) if like is None else (value, key, like))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,37 +240,40 @@ class Decisions:
     channels: fx.Node | None = None
 
 
-def _decision(gm: fx.GraphModule, block: Block, policy: AdaViT, kind: str, source: fx.Node, train: bool,
+def _decision(gm: fx.GraphModule, block: Block, policy: AdaViT, kind: str, source: fx.Node, gate: Callable,
               count: int, after: fx.Node | None = None) -> fx.Node:
-    """``block``'s decisions of ``kind`` ``[B, count]`` from the decision head reading ``source`` (``[B, C]``, or
-    ``[B, N, C]`` for tokens: ``[B, N, 1]``), inserted after ``after`` (None: ``source``; training samples its
-    noise in the order of the decisions); ones when ``policy`` does not decide ``kind``."""
+    """``block``'s decisions of ``kind`` ``[B, count]`` by ``gate`` from the decision head reading ``source`` (``[B,
+    C]``, or ``[B, N, C]`` for tokens: ``[B, N, 1]``), inserted after ``after`` (None: ``source``; training samples
+    its noise in the order of the decisions); ones when ``policy`` does not decide ``kind``."""
     after = source if after is None else after
     if kind not in policy.decides:
         return insert_call(gm, after, every_one, (source, count), {}, block, f"{kind}_all_used")
     logits = insert_module(gm, after, block, kind, (source,))
     threshold = {"heads": HEAD_THRESHOLD, "sublayers": SUBLAYER_THRESHOLD, "tokens": TOKEN_THRESHOLD}[kind]
-    return _decide(gm, block, logits, threshold, train, f"{kind[:-1]}_decisions")
+    return insert_call(gm, logits, gate, (logits, threshold), {}, block, f"{kind[:-1]}_decisions")
 
 
 def decide(gm: fx.GraphModule, program: TokenProgram, block: Block, policy: AdaViT, parts: BlockParts,
-           train: bool) -> Decisions:
-    """Insert ``block``'s decision heads and decisions, and emit them (those of a kind not decided too: all used)."""
+           gate: Callable) -> Decisions:
+    """Insert ``block``'s decision heads and their decisions by ``gate`` (:func:`gumbel_gate` in training,
+    :func:`threshold_gate` at evaluation, :func:`threshold_mask` where the graph only selects with them), and emit
+    them as 0/1 in the model's dtype (those of a kind not decided too: all used)."""
     prefix = program.prefix_tokens
+    like = block.input if gate is threshold_mask else None
     patches = insert_call(gm, parts.attention_input, operator.getitem,
                           (parts.attention_input, (slice(None), slice(prefix, None))), {}, block, "patches")
-    decided = _decision(gm, block, policy, "tokens", patches, train, 1)
+    decided = _decision(gm, block, policy, "tokens", patches, gate, 1)
     rows = insert_call(gm, decided, token_gate, (decided, prefix), {}, block, "row_decisions")
     _emit(gm, insert_call(gm, rows, operator.getitem, (rows, (Ellipsis, 0)), {}, block, "row_usage"),
-          f"{TOKENS_KEY}{block.name}")
+          f"{TOKENS_KEY}{block.name}", like)
     kinds = policy.decided_in(block.index)
     if "heads" not in kinds and "sublayers" not in kinds:
         return Decisions(rows)
     token = insert_call(gm, block.input, operator.getitem, (block.input, (slice(None), 0)), {}, block, "class_token")
-    heads = _decision(gm, block, policy, "heads", token, train, block.attention.num_heads)
-    sublayers = _decision(gm, block, policy, "sublayers", token, train, 2, after=heads)
-    _emit(gm, heads, f"{HEADS_KEY}{block.name}")
-    _emit(gm, sublayers, f"{SUBLAYERS_KEY}{block.name}")
+    heads = _decision(gm, block, policy, "heads", token, gate, block.attention.num_heads)
+    sublayers = _decision(gm, block, policy, "sublayers", token, gate, 2, after=heads)
+    _emit(gm, heads, f"{HEADS_KEY}{block.name}", like)
+    _emit(gm, sublayers, f"{SUBLAYERS_KEY}{block.name}", like)
     per_head = insert_call(gm, sublayers, head_gate, (heads,), {}, block, "head_factor")
     channels = insert_call(gm, per_head, channel_gate, (heads, block.attention.head_dim), {}, block, "channel_factor")
     return Decisions(rows, heads, sublayers, per_head, channels)
@@ -524,8 +524,10 @@ def gate_block(gm: fx.GraphModule, program: TokenProgram, block: Block, policy: 
     """Decide the usage of ``block``'s heads, sub-layers and patch tokens, and apply it (see the module
     docstring): masked in training and with ``skip=False``, skipped otherwise."""
     parts = block_parts(gm, program, block, policy.method)
-    decisions = decide(gm, program, block, policy, parts, train)
-    if train or not policy.skip:
+    skip = policy.skip and not train
+    decisions = decide(gm, program, block, policy, parts, gumbel_gate if train else threshold_mask if skip
+                       else threshold_gate)
+    if not skip:
         mask_unused(gm, block, parts, decisions)
     else:
         skip_unused(gm, program, block, policy, parts, decisions)

@@ -33,9 +33,17 @@ def gumbel_gate(logits: Tensor, threshold: float, tau: float = 5.0) -> Tensor:
 
 @graph_op()
 def threshold_gate(logits: Tensor, threshold: float) -> Tensor:
-    """Evaluation decisions, the shape of ``logits``: ``1[sigmoid(logits) > threshold]`` (no noise, no τ), compared
-    as ``logits > log(threshold / (1 − threshold))``, which is the same test without the sigmoid."""
-    return (logits > math.log(threshold / (1.0 - threshold))).to(logits.dtype)
+    """Evaluation decisions, the shape of ``logits``: ``1[sigmoid(logits) > threshold]`` (no noise, no τ), in the
+    dtype of ``logits``."""
+    return threshold_mask(logits, threshold).to(logits.dtype)
+
+
+@graph_op()
+def threshold_mask(logits: Tensor, threshold: float) -> Tensor:
+    """Evaluation decisions as booleans, the shape of ``logits``: ``sigmoid(logits) > threshold``, compared as
+    ``logits > log(threshold / (1 − threshold))``, which is the same test without the sigmoid. For a graph that only
+    selects with its decisions (no conversion to the model's dtype)."""
+    return logits > math.log(threshold / (1.0 - threshold))
 
 
 @graph_op()
@@ -128,8 +136,8 @@ def used_layout(
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Where a sub-layer is used: ``(images, index, valid)``. ``images`` ``[b]`` are the images that use sub-layer
     ``which`` (``sublayers`` ``[B, 2]``: attention, MLP; None: every image); ``index`` ``[b, K]`` their used rows
-    (``rows`` ``[B, N, 1]``, 1 = used), first to last, padded to the most rows an image uses with slots that point
-    at row 0 and are not ``valid``. None stands for all: ``images`` when every image uses the sub-layer,
+    (``rows`` ``[B, N, 1]``, 1 or True = used), first to last, padded to the most rows an image uses with slots that
+    point at row 0 and are not ``valid``. None stands for all: ``images`` when every image uses the sub-layer,
     ``index`` and ``valid`` when every one of them uses every row, ``valid`` alone when there is one image (no
     padding). When no image uses it: no images (``empty``, for a sub-layer that is then not run), or one slot of
     image 0 that is not valid (shapes are never empty: the sub-layer runs on one row whose result is dropped).
@@ -145,7 +153,7 @@ def used_layout(
         if images.numel() == 0:
             nothing = torch.zeros(1, 1, dtype=torch.long, device=sublayers.device)
             return nothing[0], nothing, nothing.bool()
-    used = (rows if images is None else rows.index_select(0, images))[..., 0] > 0.5
+    used = _used((rows if images is None else rows.index_select(0, images))[..., 0])
     if bool(used.all()):
         return images, None, None
     if used.shape[0] == 1:  # one image: its used rows, in order, none padded
@@ -156,6 +164,11 @@ def used_layout(
     return images, torch.where(valid, order, 0), valid
 
 
+def _used(decisions: Tensor) -> Tensor:
+    """Decisions as booleans: as they are, or ``> 0.5`` for 0/1 in a floating dtype."""
+    return decisions if decisions.dtype == torch.bool else decisions > 0.5
+
+
 def _used_layout_of_one(
     rows: Tensor | None, sublayers: Tensor | None, which: int, empty: bool
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -164,7 +177,7 @@ def _used_layout_of_one(
     if sublayers is not None and not sublayers[0, which].item():
         nothing = torch.zeros(1, 1, dtype=torch.long, device=sublayers.device)
         return (nothing[0, :0], None, None) if empty else (nothing[0], nothing, nothing.bool())
-    index = (rows[0, :, 0] > 0.5).nonzero().T
+    index = _used(rows[0, :, 0]).nonzero().T
     return None, (None if index.shape[1] == rows.shape[1] else index), None
 
 

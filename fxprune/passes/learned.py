@@ -222,11 +222,12 @@ _COLLECTORS: list[dict[str, list[Tensor]]] = []
 
 
 @graph_op()
-def emit(value: Tensor, key: str) -> Tensor:
-    """Hand ``value`` to the innermost :func:`collect` context under ``key`` (nothing happens outside one); returns
-    ``value``. The graph keeps the call even though nothing reads its result."""
+def emit(value: Tensor, key: str, like: Tensor | None = None) -> Tensor:
+    """Hand ``value`` to the innermost :func:`collect` context under ``key`` (nothing happens outside one), in the
+    dtype of ``like`` where given (e.g. boolean decisions collected as 0/1); returns ``value``. The graph keeps the
+    call even though nothing reads its result."""
     if _COLLECTORS:
-        _COLLECTORS[-1].setdefault(key, []).append(value)
+        _COLLECTORS[-1].setdefault(key, []).append(value if like is None else value.to(like.dtype))
     return value
 
 
