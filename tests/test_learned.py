@@ -213,22 +213,3 @@ def test_both_graphs_read_modules_and_parameters_from_their_owners_at_each_call(
         for mode in (False, True):
             torch.testing.assert_close(gm.train(mode)(x), before[mode], atol=0, rtol=0)
 
-
-def test_a_step_that_is_not_a_registered_module_or_parameter_is_read_as_an_attribute():
-    from fxprune.passes.learned import _direct_path
-
-    class Shadowed(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = nn.Linear(2, 2)
-
-        @property
-        def weight(self):  # a class attribute wins over nn.Module's lookup
-            return self.inner.weight
-
-    root = nn.Module()
-    root.block = Shadowed()
-    root.block.register_buffer("scale", torch.ones(1))
-    assert _direct_path(root, "block.inner.bias") == "self._modules['block']._modules['inner']._parameters['bias']"
-    assert _direct_path(root, "block.scale") == "self._modules['block']._buffers['scale']"
-    assert _direct_path(root, "block.weight") == "self._modules['block'].weight"

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,11 +23,11 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
-from torch.fx.graph import PythonCode, _format_target
-from torch.fx.graph_module import _copy_attr, _format_import_block, _forward_from_src, reduce_graph_module
+from torch.fx.graph_module import _copy_attr, _format_import_block, reduce_graph_module
 from torch.package import sys_importer
 
 from ..analysis import Block
+from ..capture.codegen import direct_forward
 from ..errors import PolicyError
 from ..ops import graph_op
 from .common import Role, insert_call
@@ -94,8 +93,8 @@ class TrainEvalGraphModule(fx.GraphModule):
     def recompile(self):
         code = super().recompile()
         cls = type(self)
-        cls._eval_forward = _direct_forward(self, self.graph, code)
-        cls._train_forward = _direct_forward(self, self.train_graph, self.train_graph.python_code(root_module="self"))
+        cls._eval_forward = direct_forward(self, self.graph, code)
+        cls._train_forward = direct_forward(self, self.train_graph, self.train_graph.python_code(root_module="self"))
         cls.forward = _forward_by_mode
         return code
 
@@ -160,44 +159,6 @@ def _pass_through(part: fx.GraphModule, slot: fx.Node) -> bool:
         part.graph.erase_node(call)
     part.graph.erase_node(slot)
     return True
-
-
-def _store_of(owner: object, name: str) -> str | None:
-    """The dictionary of ``owner`` (``_parameters``, ``_buffers`` or ``_modules``) that ``owner.<name>`` reads where
-    ``nn.Module.__getattr__`` finds it (no instance or class attribute of that name, no other ``__getattr__``); None
-    where something else would."""
-    if not isinstance(owner, nn.Module) or type(owner).__getattr__ is not nn.Module.__getattr__ \
-            or name in owner.__dict__ or hasattr(type(owner), name):
-        return None
-    return next((store for store in ("_parameters", "_buffers", "_modules") if name in owner.__dict__[store]), None)
-
-
-def _direct_path(root: nn.Module, target: str) -> str:
-    """``self.<target>`` (``root`` is ``self``) as an expression that reads each step from its owner's own
-    dictionary where :func:`_store_of` says ``nn.Module`` would (``self._modules['blocks']._modules['3']
-    ._parameters['weight']``), the rest as attributes: the same value, read at each call, without a Python
-    ``__getattr__`` call per step."""
-    expression, owner, parts = "self", root, target.split(".")
-    for position, part in enumerate(parts):
-        store = _store_of(owner, part)
-        if store is None:
-            return _format_target(expression, ".".join(parts[position:]))
-        expression, owner = f"{expression}.{store}[{part!r}]", owner.__dict__[store][part]
-    return expression
-
-
-def _direct_forward(gm: fx.GraphModule, graph: fx.Graph, code: PythonCode) -> Callable[..., Any]:
-    """The forward of ``code``, ``graph``'s Python code for ``gm``, with the modules, parameters and buffers its
-    nodes read found by :func:`_direct_path`. At batch 1 a skipping graph's attribute lookups (five ``__getattr__``
-    calls for ``blocks.3.attn.qkv.weight``, dozens per block) take a measurable share of its time; ``gm.code`` keeps
-    fx's own form."""
-    source = code.src
-    targets = {node.target for node in graph.nodes if node.op in ("get_attr", "call_module")}
-    for target in sorted(targets, key=len, reverse=True):  # a longer path first: a shorter one may begin it
-        plain, direct = _format_target("self", target), _direct_path(gm, target)
-        if direct != plain:
-            source = re.sub(rf"(?<![\w.]){re.escape(plain)}(?![\w.])", lambda _, direct=direct: direct, source)
-    return _forward_from_src(source, code.globals)
 
 
 def _forward_by_mode(self: TrainEvalGraphModule, *args: Any, **kwargs: Any) -> Any:

@@ -1,0 +1,58 @@
+"""Faster generated code for a transformed model: its modules, parameters and buffers read from their owners'
+dictionaries.
+
+fx writes an attribute path as Python attribute reads (``getattr(self.blocks, "3").attn.qkv.weight``); each step
+into a submodule or parameter is a call of ``nn.Module.__getattr__``, a Python function, five for that weight and
+dozens per block. At batch 1 their cost is a measurable share of a small model's time. The code fxprune runs reads
+the same path as ``self._modules['blocks']._modules['3']._modules['attn']._modules['qkv']._parameters['weight']``
+wherever ``nn.Module``'s own lookup would find each step there: the same values, read at each call (a module or
+parameter replaced later is what the next call uses). ``gm.code`` keeps fx's form.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import torch.fx as fx
+from torch import nn
+from torch.fx.graph import PythonCode, _format_target
+from torch.fx.graph_module import _forward_from_src
+
+__all__ = ["direct_path", "direct_forward"]
+
+
+def _store_of(owner: object, name: str) -> str | None:
+    """The dictionary of ``owner`` (``_parameters``, ``_buffers`` or ``_modules``) that ``owner.<name>`` reads where
+    ``nn.Module.__getattr__`` finds it (no instance or class attribute of that name, no other ``__getattr__``); None
+    where something else would."""
+    if not isinstance(owner, nn.Module) or type(owner).__getattr__ is not nn.Module.__getattr__ \
+            or name in owner.__dict__ or hasattr(type(owner), name):
+        return None
+    return next((store for store in ("_parameters", "_buffers", "_modules") if name in owner.__dict__[store]), None)
+
+
+def direct_path(root: nn.Module, target: str) -> str:
+    """``self.<target>`` (``root`` is ``self``) as an expression that reads each step from its owner's own
+    dictionary where :func:`_store_of` says ``nn.Module`` would, the rest as attributes."""
+    expression, owner, parts = "self", root, target.split(".")
+    for position, part in enumerate(parts):
+        store = _store_of(owner, part)
+        if store is None:
+            return _format_target(expression, ".".join(parts[position:]))
+        expression, owner = f"{expression}.{store}[{part!r}]", owner.__dict__[store][part]
+    return expression
+
+
+def direct_forward(gm: fx.GraphModule, graph: fx.Graph, code: PythonCode) -> Callable[..., Any]:
+    """The forward of ``code``, ``graph``'s Python code for ``gm``, with each module, parameter and buffer its nodes
+    read (``get_attr``, ``call_module``) found by :func:`direct_path`."""
+    targets = {node.target for node in graph.nodes if node.op in ("get_attr", "call_module")}
+    direct = {_format_target("self", target): direct_path(gm, target) for target in targets}
+    direct = {plain: path for plain, path in direct.items() if plain != path}
+    source = code.src
+    if direct:  # one pass; a longer path first, as a shorter one may begin it
+        pattern = "|".join(re.escape(plain) for plain in sorted(direct, key=len, reverse=True))
+        source = re.sub(rf"(?<![\w.])(?:{pattern})(?![\w.])", lambda match: direct[match.group(0)], source)
+    return _forward_from_src(source, code.globals)

@@ -1,0 +1,58 @@
+"""The code a transformed model runs reads its modules, parameters and buffers from their owners' dictionaries."""
+
+import copy
+import inspect
+
+import torch
+from torch import nn
+from vits import image_batch, timm_vit
+
+import fxprune
+from fxprune import EViT, ToMe
+from fxprune.capture.codegen import direct_path
+
+
+def test_a_transformed_model_reads_its_weights_directly_and_live():
+    model = timm_vit("deit_small_patch16_224", depth=3)
+    fast = fxprune.transform(model, ToMe(r=4))
+    source = inspect.getsource(type(fast).forward)
+    assert "._modules['blocks']._modules['1']._modules['attn']" in source and "getattr(self" not in source
+    assert "._modules[" not in fast.code  # what the user reads is fx's own code
+    x = image_batch(model)
+    with torch.no_grad():
+        before = fast(x)
+        mlp = fast.get_submodule("blocks.1.mlp")
+        dense = mlp.fc1
+        mlp.fc1 = nn.Linear(dense.in_features, dense.out_features)  # a module replaced after transform
+        assert not torch.allclose(fast(x), before)
+        mlp.fc1.load_state_dict(dense.state_dict())
+        torch.testing.assert_close(fast(x), before, atol=0, rtol=0)
+        copied = copy.deepcopy(fast)  # a copy runs fx's own code: the same outputs
+        assert "._modules[" not in inspect.getsource(type(copied).forward)
+        torch.testing.assert_close(copied(x), before, atol=0, rtol=0)
+
+
+def test_direct_reads_keep_a_compiled_graph_whole():
+    model = timm_vit("deit_small_patch16_224", depth=2)
+    fast = fxprune.transform(model, EViT(keep_rate=0.7, layers=(1,)))
+    x = image_batch(model)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(fast, backend="eager", fullgraph=True)(x), fast(x), atol=1e-6, rtol=0)
+
+
+def test_a_step_that_is_not_a_registered_module_or_parameter_is_read_as_an_attribute():
+    class Shadowed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Linear(2, 2)
+
+        @property
+        def weight(self):  # a class attribute wins over nn.Module's lookup
+            return self.inner.weight
+
+    root = nn.Module()
+    root.block = Shadowed()
+    root.block.register_buffer("scale", torch.ones(1))
+    assert direct_path(root, "block.inner.bias") == "self._modules['block']._modules['inner']._parameters['bias']"
+    assert direct_path(root, "block.scale") == "self._modules['block']._buffers['scale']"
+    assert direct_path(root, "block.weight") == "self._modules['block'].weight"
