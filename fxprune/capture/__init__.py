@@ -15,7 +15,8 @@ reads, so every layer after a token-selection node adapts to fewer tokens) with 
 the attention passes see them like any other attention.
 
 Modules: :mod:`.tracer` builds the ``GraphModule`` (:func:`trace`), :mod:`.values` propagates example
-values on fake tensors (:func:`propagate`), :mod:`.mha` decomposes ``nn.MultiheadAttention``.
+values on fake tensors (:func:`propagate`), :mod:`.mha` decomposes ``nn.MultiheadAttention``, :mod:`.codegen` writes
+the code a transformed model runs (its modules and parameters read directly).
 """
 
 from .mha import decompose_multihead_attention as decompose_multihead_attention
