@@ -68,7 +68,7 @@ from ..ops.gating import (
     valid_keys,
     varying_heads,
 )
-from ..passes.common import Rewrite, Role, ancestors, graph_order, insert_call, tag_of
+from ..passes.common import Rewrite, Role, ancestors, graph_order, insert_call, reachable, tag_of
 from ..passes.heads import HeadLayout, has_parameters, head_layout, is_linear, linear_parameters, producer
 from ..passes.learned import LEARNED_PREFIX, collect, collecting, emit, insert_module
 from ..passes.positions import place_terms
@@ -484,18 +484,13 @@ def decide_only_where_used(gm: fx.GraphModule, block: Block, decisions: Decision
     run in a graph of their own that :func:`decide_if_used` calls, after its sub-layer decisions: a block whose
     sub-layers no image uses then costs those decisions alone. ``end``: the block's last node (its output). Left in
     place unless every value of them read outside is read by a layout or a skipped sub-layer of this block."""
+    def boundary(node: fx.Node) -> bool:  # where the block's decisions are read, or the stream goes on
+        return node.op == "output" or node.target in (used_layout, run_if_used, add_used_rows)
+
     condition = ancestors([decisions.sublayers])
     order = graph_order(gm)
-    members: set[fx.Node] = set()
-    todo, seen = list(block.input.users), set()
-    while todo:
-        node = todo.pop()
-        if node in seen or node.op == "output" or node.target in (used_layout, run_if_used, add_used_rows):
-            continue
-        seen.add(node)
-        if node not in condition:
-            members.add(node)
-        todo.extend(node.users)
+    reached = reachable(block.input.users, lambda node: () if boundary(node) else node.users)
+    members = {node for node in reached if not boundary(node) and node not in condition}
     members -= erase_unused(gm, [*members, *(user for node in members for user in node.users)], stop=end)
     outside = [user for node in members for user in node.users if user not in members]
     if not members or any(user.target not in (used_layout, run_if_used) or order(user) > order(end)
