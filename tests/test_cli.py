@@ -146,18 +146,13 @@ def test_train_fine_tunes_the_relative_bias_variant_and_writes_weights_that_load
 
 
 def test_bench_under_torchrun_shares_the_images_and_reports_what_one_process_does(capsys, tmp_path):
-    import os
-    import subprocess
-    import sys
+    from torchrun import torchrun
 
     args = ["bench", "--policy", "evit:keep=0.7,layers=1,3,4", "--policy", "ats:layers=2-5", "--images", "30",
             "--batch", "10", "--speed-batch", "4", "--repeats", "1"]
     assert main(args) == 0
     alone = capsys.readouterr().out
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fxprune",
-               *args]
-    shared = subprocess.run(command, check=True, capture_output=True, text=True, cwd=tmp_path, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
+    shared = torchrun(["-m", "fxprune", *args], tmp_path)
 
     def columns(table: str) -> list[list[str]]:  # method, top-1, Δ, error, MACs, % of dense: not the speed
         return [line.split("|")[1:7] for line in table.splitlines() if line.startswith("| ") and "method" not in line]

@@ -1,13 +1,11 @@
 """The trainer: it lowers the loss, resumes where it stopped, and under torchrun (2 CPU processes, gloo) takes
 the same steps as one process with the same global batch."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from torchrun import torchrun
 
 import fxprune
 from fxprune.tools.datasets import DigitScenes
@@ -43,11 +41,8 @@ def test_a_frozen_backbone_trains_only_the_learned_parts():
     assert all(torch.isfinite(torch.tensor(result.losses)))
 
 
-def _torchrun(tmp_path: Path, policy: str) -> list[dict]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(HERE / "ddp_train.py"), str(tmp_path), policy]
-    subprocess.run(command, check=True, env=env, cwd=HERE, timeout=300, capture_output=True)
+def _ranks_after_training(tmp_path: Path, policy: str) -> list[dict]:
+    torchrun([str(HERE / "ddp_train.py"), str(tmp_path), policy], HERE)
     return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
 
 
@@ -59,7 +54,7 @@ def _without_keys(qkv_bias: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("policy", ["evit:keep=0.7,layers=1,3,4", "dynamicvit:keep=0.7,layers=1,3,4"])
 def test_two_processes_end_with_identical_weights(tmp_path, policy):
-    ranks = _torchrun(tmp_path, policy)
+    ranks = _ranks_after_training(tmp_path, policy)
     for key, value in ranks[0]["state"].items():
         torch.testing.assert_close(ranks[1]["state"][key], value, atol=0, rtol=0)
     if policy.startswith("evit"):  # deterministic: the same steps as one process with the same global batch
