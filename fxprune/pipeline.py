@@ -13,7 +13,6 @@ from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
 from .analysis import TokenProgram, analyse
 from .capture import trace
-from .capture.codegen import direct_forward
 from .errors import PolicyError
 from .methods import method_of
 from .passes import apply_passes
@@ -143,18 +142,15 @@ def _with_training_graph(gm: fx.GraphModule, train_gm: fx.GraphModule) -> TrainE
 
 
 def _finalize(gm: fx.GraphModule, the_plan: Plan) -> None:
-    """Drop dead nodes (resolved guards) and the example values, which hold fake tensors; the code that runs reads
-    modules and parameters directly (:mod:`fxprune.capture.codegen`; a learned method's two graphs always do, a
-    plain graph module until it is copied or recompiled, when fx's own code runs it: the same values, slower)."""
+    """Drop dead nodes (resolved guards) and the example values, which hold fake tensors; generate the code that
+    runs, which reads modules and parameters directly (:mod:`fxprune.capture.codegen`)."""
     graphs = [gm.graph] + ([gm.train_graph] if isinstance(gm, TrainEvalGraphModule) else [])
     for graph in graphs:
         graph.eliminate_dead_code()
         for node in graph.nodes:
             node.meta.pop("val", None)
             node.meta.pop("macs", None)
-    code = gm.recompile()
-    if not isinstance(gm, TrainEvalGraphModule):
-        type(gm).forward = direct_forward(gm, gm.graph, code)
+    gm.recompile()
     gm.fxprune_plan = the_plan
     gm.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})["fxprune_plan"] = the_plan  # kept by copy.deepcopy
 

@@ -2,6 +2,7 @@
 
 import copy
 import inspect
+import io
 
 import torch
 from torch import nn
@@ -27,9 +28,22 @@ def test_a_transformed_model_reads_its_weights_directly_and_live():
         assert not torch.allclose(fast(x), before)
         mlp.fc1.load_state_dict(dense.state_dict())
         torch.testing.assert_close(fast(x), before, atol=0, rtol=0)
-        copied = copy.deepcopy(fast)  # a copy runs fx's own code: the same outputs
-        assert "._modules[" not in inspect.getsource(type(copied).forward)
-        torch.testing.assert_close(copied(x), before, atol=0, rtol=0)
+
+
+def test_a_copy_and_a_saved_and_loaded_model_read_their_weights_directly_too():
+    model = timm_vit("deit_small_patch16_224", depth=3)
+    fast = fxprune.transform(model, EViT(keep_rate=0.7, layers=(1,)))
+    buffer = io.BytesIO()
+    torch.save(fast, buffer)
+    buffer.seek(0)
+    x = image_batch(model)
+    with torch.no_grad():
+        for copied in (copy.deepcopy(fast), torch.load(buffer, weights_only=False)):
+            source = inspect.getsource(type(copied).forward)
+            assert "._modules['blocks']._modules['1']._modules['attn']" in source and "getattr(self" not in source
+            torch.testing.assert_close(copied(x), fast(x), atol=0, rtol=0)
+            copied.get_submodule("blocks.2.mlp").fc2.bias.data += 1.0  # its own weights, read live
+            assert not torch.allclose(copied(x), fast(x))
 
 
 def test_direct_reads_keep_a_compiled_graph_whole():

@@ -6,7 +6,9 @@ into a submodule or parameter is a call of ``nn.Module.__getattr__``, a Python f
 dozens per block. At batch 1 their cost is a measurable share of a small model's time. The code fxprune runs reads
 the same path as ``self._modules['blocks']._modules['3']._modules['attn']._modules['qkv']._parameters['weight']``
 wherever ``nn.Module``'s own lookup would find each step there: the same values, read at each call (a module or
-parameter replaced later is what the next call uses). ``gm.code`` keeps fx's form.
+parameter replaced later is what the next call uses). ``gm.code`` keeps fx's form. :class:`DirectGraphModule` runs
+such code after every ``recompile``, and so also as a copy (``copy.deepcopy``) and after ``torch.save`` and
+``torch.load``.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 from torch.fx.graph import PythonCode, _format_target
-from torch.fx.graph_module import _forward_from_src
+from torch.fx.graph_module import _deserialize_graph_module, _forward_from_src
 
-__all__ = ["direct_path", "direct_forward"]
+__all__ = ["direct_path", "direct_forward", "DirectGraphModule"]
 
 
 def _store_of(owner: object, name: str) -> str | None:
@@ -56,3 +58,25 @@ def direct_forward(gm: fx.GraphModule, graph: fx.Graph, code: PythonCode) -> Cal
         pattern = "|".join(re.escape(plain) for plain in sorted(direct, key=len, reverse=True))
         source = re.sub(rf"(?<![\w.])(?:{pattern})(?![\w.])", lambda match: direct[match.group(0)], source)
     return _forward_from_src(source, code.globals)
+
+
+class DirectGraphModule(fx.GraphModule):
+    """A ``GraphModule`` whose forward is :func:`direct_forward` of its graph: generated again at each
+    ``recompile``, kept by ``copy.deepcopy`` and rebuilt by ``torch.load`` (pickled as fx pickles a ``GraphModule``,
+    its code; loaded as this class)."""
+
+    def recompile(self) -> PythonCode:
+        code = super().recompile()
+        type(self).forward = direct_forward(self, self.graph, code)
+        return code
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        _, pickled = super().__reduce__()
+        return _load_direct, pickled
+
+
+def _load_direct(body: dict[str, Any], import_block: str) -> DirectGraphModule:
+    """The :class:`DirectGraphModule` pickled as ``body`` (its attributes but the graph) and its code's
+    ``import_block``: the graph traced again from that code, as ``torch.load`` rebuilds a ``GraphModule``."""
+    forward = _forward_from_src(import_block + body["_code"], {})
+    return _deserialize_graph_module(forward, body, DirectGraphModule)

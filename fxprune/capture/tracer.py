@@ -17,6 +17,7 @@ from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
 from ..counting import MacCounter
 from ..errors import TraceError
+from .codegen import DirectGraphModule
 from .mha import decompose_multihead_attention
 from .values import _first_line, fake_mode, fake_weights, propagate
 
@@ -324,7 +325,7 @@ def trace(
     info.class_token_attr = _class_token_attr(model)
     graph, tracer = _trace_with_leaf_retries(root, example_inputs, info)
     info.guards = tracer.guards
-    gm = fx.GraphModule(root, graph, class_name=type(root).__name__)
+    gm = DirectGraphModule(root, graph, class_name=type(root).__name__)
     gm._tracer_cls = ReloadTracer  # torch.load re-traces the generated code with it
     for node in gm.graph.find_nodes(op="get_attr"):
         if "val" not in node.meta:  # tensor constants created by the tracer
