@@ -14,8 +14,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import io
 import math
+import operator
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -110,11 +112,28 @@ def _quiet():
     return stack
 
 
+def _contiguous_attention(program: torch.export.ExportedProgram) -> None:
+    """Give every SDPA output of ``program`` a contiguous copy that its users read instead (ONNX has no strides: the
+    copy is an identity there). ``torch.export`` records the fused kernel's output layout, ``[B, N, H, d]`` in
+    memory, so a ``transpose(1, 2).reshape(B, N, C)`` after it becomes a view; the ONNX exporter then computes SDPA
+    with a mask (relative position bias: ``vit_relpos_*``) from its parts, whose output is laid out ``[B, H, N, d]``,
+    and fails on that view ("Cannot view a tensor with shape …")."""
+    graph = program.graph_module.graph
+    for node in graph.find_nodes(op="call_function", target=torch.ops.aten.scaled_dot_product_attention.default):
+        with graph.inserting_after(node):
+            copied = graph.call_function(torch.ops.aten.clone.default, (node,),
+                                         {"memory_format": torch.contiguous_format})
+        node.replace_all_uses_with(copied, delete_user_cb=functools.partial(operator.is_not, copied))
+        copied.meta = {**node.meta, "val": node.meta["val"].clone(memory_format=torch.contiguous_format)}
+    program.graph_module.recompile()
+
+
 def _write_onnx(program: torch.export.ExportedProgram, path: Path, plan: str) -> None:
     try:
         import onnx
     except ImportError as error:
         raise ExportError("ONNX export needs the export extra: pip install 'fxprune[export]'") from error
+    _contiguous_attention(program)
     try:
         with _quiet():
             onnx_program = torch.onnx.export(program, dynamo=True, opset_version=OPSET, verbose=False)

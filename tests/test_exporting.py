@@ -112,3 +112,10 @@ def test_a_dense_output_exports_with_its_layout_restored(tmp_path):
     rows, positions = load(tmp_path / "ats_rows.onnx")[0](_inputs(4))
     width = reduced.fxprune_plan.rows[-1].tokens_out
     assert rows.shape == (4, width, 64) and positions.shape == (4, width)
+
+
+def test_a_relative_position_bias_vit_exports_to_onnx(tmp_path):
+    model = timm_vit("vit_relpos_medium_patch16_cls_224", img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2)
+    gm = fxprune.transform(model, fxprune.EViT(0.7, (1,)))
+    exported = export(gm, _inputs(), tmp_path / "relpos.onnx")
+    assert all(e <= 1e-4 for _, e in exported.errors)
