@@ -114,8 +114,9 @@ def test_a_dense_output_exports_with_its_layout_restored(tmp_path):
     assert rows.shape == (4, width, 64) and positions.shape == (4, width)
 
 
-def test_a_relative_position_bias_vit_exports_to_onnx(tmp_path):
-    model = timm_vit("vit_relpos_medium_patch16_cls_224", img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2)
+@pytest.mark.parametrize("name", ["vit_relpos_medium_patch16_cls_224", "vit_small_patch16_rope_224"])
+def test_a_vit_with_relative_position_bias_or_rotary_embeddings_exports_to_onnx(name, tmp_path):
+    model = timm_vit(name, img_size=40, patch_size=8, depth=2, embed_dim=64, num_heads=2)  # 25 patches
     gm = fxprune.transform(model, fxprune.EViT(0.7, (1,)))
-    exported = export(gm, _inputs(), tmp_path / "relpos.onnx")
+    exported = export(gm, torch.randn(2, 3, 40, 40), tmp_path / "positions.onnx")
     assert all(e <= 1e-4 for _, e in exported.errors)
