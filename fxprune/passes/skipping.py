@@ -25,6 +25,7 @@ from .common import between, graph_order, insert_call, reachable
 __all__ = ["sublayer_nodes", "run_on_used", "run_if_used", "call_module", "move_apart", "erase_unused", "unpack"]
 
 _SHAPED = ("reshape", "view", "expand")
+PARTS = "fxprune_graphs"  # the plain module holding the graphs moved apart (see move_apart)
 
 
 def sublayer_nodes(gm: fx.GraphModule, entry: fx.Node, exit: fx.Node, outside: set[fx.Node]) -> list[fx.Node]:
@@ -126,11 +127,12 @@ def _run_apart(gm: fx.GraphModule, block: Block, inner: list[fx.Node], exit: fx.
 
 def move_apart(gm: fx.GraphModule, inner: list[fx.Node], outputs: list[fx.Node], before: fx.Node, name: str
                ) -> tuple[fx.Node, list[fx.Node]]:
-    """Copy the nodes ``inner`` into a parameter-free graph of their own, a submodule ``name`` of ``gm`` returning
-    ``outputs`` (one value, or a tuple of several), and return the node that reads it (inserted before ``before``)
-    and the values to call it with. Modules ``inner`` calls are passed in as values, so the weights stay the
-    model's (nothing is added to the ``state_dict``). The caller inserts the call, makes the users outside read
-    it and erases ``inner``."""
+    """Copy the nodes ``inner`` into a parameter-free graph of their own, the submodule ``fxprune_graphs.<name>`` of
+    ``gm`` returning ``outputs`` (one value, or a tuple of several), and return the node that reads it (inserted
+    before ``before``) and the values to call it with. Modules ``inner`` calls are passed in as values, so the
+    weights stay the model's (nothing is added to the ``state_dict``). The caller inserts the call, makes the users
+    outside read it and erases ``inner``. Held one level down, such a graph is not generated again each time
+    ``gm`` is (``GraphModule.recompile`` recompiles its direct children)."""
     members = set(inner)
     inner = sorted(inner, key=graph_order(gm))
     modules: dict[str, fx.Node] = {}
@@ -153,9 +155,9 @@ def move_apart(gm: fx.GraphModule, inner: list[fx.Node], outputs: list[fx.Node],
     sub.output(env[outputs[0]] if len(outputs) == 1 else tuple(env[node] for node in outputs))
     part = fx.GraphModule(torch.nn.Module(), sub, class_name=name)
     part._tracer_cls = getattr(gm, "_tracer_cls", None)  # torch.load re-traces its code as the model's
-    gm.add_submodule(name, part)
+    gm.add_submodule(f"{PARTS}.{name}", part)
     with gm.graph.inserting_before(before):
-        return gm.graph.get_attr(name), inputs
+        return gm.graph.get_attr(f"{PARTS}.{name}"), inputs
 
 
 def erase_unused(gm: fx.GraphModule, starts: Iterable[fx.Node], stop: fx.Node | None = None) -> set[fx.Node]:
