@@ -76,10 +76,12 @@ class TrainEvalGraphModule(fx.GraphModule):
 
     def __init__(self, root: nn.Module, graph: fx.Graph, train_graph: fx.Graph, class_name: str = "GraphModule"):
         self.__dict__["_train_graph"] = train_graph
+        self.__dict__["_incomplete"] = True  # the recompile fx's __init__ makes generates fx's code only
         super().__init__(root, graph, class_name)
         for node in train_graph.nodes:  # what only the training graph reads, e.g. a layer the evaluation graph slices
             if node.op in ("get_attr", "call_module"):
                 _copy_attr(root, self, node.target)
+        del self.__dict__["_incomplete"]
         self.recompile()  # the training graph's own attributes are found directly only now
 
     @property
@@ -92,6 +94,8 @@ class TrainEvalGraphModule(fx.GraphModule):
 
     def recompile(self):
         code = super().recompile()
+        if "_incomplete" in self.__dict__:
+            return code
         cls = type(self)
         cls._eval_forward = direct_forward(self, self.graph, code)
         cls._train_forward = direct_forward(self, self.train_graph, self.train_graph.python_code(root_module="self"))
