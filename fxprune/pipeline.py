@@ -26,6 +26,7 @@ from .passes.learned import (
     module_path_for,
     read_weights,
 )
+from .passes.skipping import add_in_place
 from .planning import Plan, PlanRow, macs_per_block, make_plan, measure_tokens
 from .policies import Compose, Policy
 from .verify import verify, verify_training
@@ -69,6 +70,7 @@ def rewrite(
     )
     if learned:  # the evaluation graph runs in evaluation mode only
         drop_eval_identities(gm)
+    add_in_place(gm)
     _finalize(gm, measured)
     return gm, measured
 

@@ -286,6 +286,23 @@ def test_skipping_graph_equals_the_masked_graph_batched_and_alone(build):
         torch.testing.assert_close(alone, expected, atol=1e-10, rtol=0)
 
 
+def test_skipping_adds_each_sub_layer_into_the_stream_in_place_and_leaves_its_input_and_weights_as_they_were():
+    from fxprune.ops.gating import add_used_rows
+
+    model = _model()
+    masked, skipping = _masked_and_skipping(model)
+    sums = skipping.graph.find_nodes(op="call_function", target=add_used_rows)
+    assert sums and all(node.kwargs.get("in_place") for node in sums)
+    x = image_batch(model, batch=4, dtype=torch.float64)
+    given, weights = x.clone(), {key: value.clone() for key, value in skipping.state_dict().items()}
+    with torch.no_grad():
+        expected = logits(masked(x))
+        torch.testing.assert_close(logits(skipping(x)), expected, atol=1e-10, rtol=0)
+    torch.testing.assert_close(logits(skipping(x)), expected, atol=1e-10, rtol=0)  # with gradients: sums copied
+    assert torch.equal(x, given) and all(torch.equal(value, weights[key])
+                                         for key, value in skipping.state_dict().items())
+
+
 def test_skipping_graph_survives_deepcopy_and_save_load_and_adds_no_state_dict_keys(tmp_path):
     import copy
 

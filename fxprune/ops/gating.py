@@ -213,31 +213,43 @@ def valid_keys(valid: Tensor | None) -> Tensor | None:
     return None if valid is None else valid[:, None, None, :]
 
 
-def _same_as_residual(residual: Tensor, *layout: Tensor) -> Tensor:
+def _same_as_residual(residual: Tensor, *layout: Tensor, in_place: bool = False) -> Tensor:
     return torch.empty_like(residual)
+
+
+def _index_add(x: Tensor, index: Tensor, source: Tensor, in_place: bool) -> Tensor:
+    """``x`` with ``source``'s rows added at rows ``index`` of its first axis: into ``x`` itself (``in_place``)."""
+    return x.index_add_(0, index, source) if in_place else x.index_add(0, index, source)
 
 
 @graph_op(worst_case=_same_as_residual)
 def add_used_rows(
-    residual: Tensor, update: Tensor, images: Tensor | None, index: Tensor | None, valid: Tensor | None
+    residual: Tensor, update: Tensor, images: Tensor | None, index: Tensor | None, valid: Tensor | None,
+    in_place: bool = False,
 ) -> Tensor:
     """``residual`` ``[B, N, C]`` plus a sub-layer's ``update`` ``[b, K, C]`` computed on the used rows: slot ``k`` of
     image ``i`` adds to row ``index[i, k]`` of image ``images[i]``; slots that are not ``valid`` add nothing (None:
-    all, as :func:`used_layout`; ``update`` None: a sub-layer no image used, nothing to add)."""
+    all, as :func:`used_layout`; ``update`` None: a sub-layer no image used, nothing to add). ``in_place``: the sum
+    is made in ``residual``'s own memory, which nothing reads afterwards (:func:`fxprune.passes.skipping.
+    add_in_place` decides), unless a gradient is to flow through it or the dtypes differ."""
     if update is None:
         return residual
+    in_place = in_place and update.dtype == residual.dtype and not (
+        torch.is_grad_enabled() and (residual.requires_grad or update.requires_grad))
+    if index is None and images is None:
+        return residual.add_(update) if in_place else residual + update
     if index is None:
-        return residual + update if images is None else residual.index_add(0, images, update)
+        return _index_add(residual, images, update, in_place)
     if valid is None and residual.shape[0] == 1 and index.shape[0] == 1:  # one image, no padding
-        return residual[0].index_add(0, index[0], update[0])[None]
+        return _index_add(residual[0], index[0], update[0], in_place)[None]
     if images is None:
         images = torch.arange(residual.shape[0], device=residual.device)
     tokens = residual.shape[1]
     slots = images[:, None] * tokens + index
     if valid is not None:  # a slot with no valid key holds NaN: left out, not multiplied
         slots, update = slots[valid], update[valid]
-    summed = residual.reshape(-1, residual.shape[2]).index_add(0, slots.flatten(), update.reshape(-1, update.shape[-1]))
-    return summed.view_as(residual)
+    rows = residual.reshape(-1, residual.shape[2])  # a view where residual is contiguous
+    return _index_add(rows, slots.flatten(), update.reshape(-1, update.shape[-1]), in_place).view_as(residual)
 
 
 def _all_heads(per_head: Tensor) -> Tensor:

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch.utils import _pytree as pytree
 
 from ..analysis import Block
 from ..errors import UnsupportedModelError
@@ -22,7 +23,10 @@ from ..ops import graph_op
 from ..ops.gating import add_used_rows, batch_rows, take_rows
 from .common import between, graph_order, insert_call, reachable
 
-__all__ = ["sublayer_nodes", "run_on_used", "run_if_used", "call_module", "move_apart", "erase_unused", "unpack"]
+__all__ = [
+    "sublayer_nodes", "run_on_used", "run_if_used", "call_module", "move_apart", "erase_unused", "unpack",
+    "add_in_place",
+]
 
 _SHAPED = ("reshape", "view", "expand")
 PARTS = "fxprune_graphs"  # the plain module holding the graphs moved apart (see move_apart)
@@ -206,3 +210,66 @@ def unpack(gm: fx.GraphModule, values: fx.Node, block: Block, names: tuple[str, 
         after = insert_call(gm, after, operator.getitem, (values, position), {}, block, name)
         elements.append(after)
     return tuple(elements)
+
+
+def _storages(value: Any) -> set[int]:
+    """The memory (storage) of each tensor in an example value."""
+    return {leaf.untyped_storage()._cdata for leaf in pytree.tree_leaves(value) if isinstance(leaf, torch.Tensor)}
+
+
+def _shared_memory(gm: fx.GraphModule) -> dict[fx.Node, set[int]] | None:
+    """Each node with tensors in its example value, mapped to the memory they may use, one id per group of storages
+    that may be the same: a view shares its base's (their example values share storage), and a row sum may be made
+    in its residual's (:func:`add_used_rows`). None where a computed node has no example value (nothing can be
+    said)."""
+    parent: dict[int, int] = {}
+
+    def root(key: int) -> int:
+        while parent.setdefault(key, key) != key:
+            key = parent[key]
+        return key
+
+    memory: dict[fx.Node, set[int]] = {}
+    for node in gm.graph.nodes:
+        if node.op in ("call_function", "call_method", "call_module") and "val" not in node.meta:
+            return None
+        if node.op != "output" and (keys := _storages(node.meta.get("val"))):
+            memory[node] = keys
+            if node.target is add_used_rows and node.args[0] in memory:
+                for key in keys | memory[node.args[0]]:
+                    parent[root(key)] = root(next(iter(keys)))
+    return {node: {root(key) for key in keys} for node, keys in memory.items()}
+
+
+def _hands_out(user: fx.Node, value: fx.Node) -> bool:
+    """Whether ``user``, a node with an effect, may keep ``value`` beyond its own call (``emit``'s ``like`` only
+    gives the dtype)."""
+    from .learned import emit  # here: fxprune.passes.learned imports this module
+
+    return user.target is not emit or user.args[0] is value
+
+
+def add_in_place(gm: fx.GraphModule) -> int:
+    """Let each :func:`add_used_rows` of ``gm`` (with the example values of its nodes) make its sum in its residual's
+    memory where that is safe: the residual is computed in the graph (not an input, parameter or buffer, nor a view
+    of one), the update is other memory, and no node after the sum reads the residual's memory as it was (the
+    residual, a view of it, or an earlier row sum made in it), nor does an op with an effect keep it. Saves a copy
+    of the ``[B, N, C]`` stream per used sub-layer. Returns how many sums were changed."""
+    group = _shared_memory(gm)
+    if group is None:
+        return 0
+    order = graph_order(gm)
+    changed = 0
+    for add in gm.graph.find_nodes(op="call_function", target=add_used_rows):
+        residual, update = add.args[:2]
+        if residual not in group or group[residual] & group.get(update, set()):
+            continue
+        shared = [node for node, memory in group.items() if memory & group[residual]]
+        earlier = [node for node in shared if order(node) < order(add)]
+        if any(node.op in ("placeholder", "get_attr") for node in shared) or any(
+                user is not add and (order(user) > order(add) or user.is_impure() and _hands_out(user, node))
+                for node in earlier for user in node.users):
+            continue
+        add.kwargs = {**add.kwargs, "in_place": True}
+        changed += 1
+    return changed
