@@ -61,8 +61,12 @@ def test_an_input_residual_or_an_update_in_the_residual_memory_keeps_the_sum_out
     assert _in_place(gm)[0] is False
 
 
-def test_a_sum_marked_in_place_copies_where_a_gradient_flows_through_it():
+def test_a_sum_marked_in_place_copies_where_a_gradient_flows_through_it_or_its_rows_share_memory():
     residual, update = torch.randn(1, 5, 4, requires_grad=True), torch.randn(1, 5, 4)
     total = add_used_rows(residual * 1.0, update, None, None, None, in_place=True)
     total.sum().backward()
     torch.testing.assert_close(residual.grad, torch.ones_like(residual))
+    expanded = torch.randn(1, 1, 4).expand(2, 5, 4)  # every row one memory location
+    with torch.no_grad():
+        summed = add_used_rows(expanded, torch.ones(2, 5, 4), None, None, None, in_place=True)
+    torch.testing.assert_close(summed, expanded + 1)

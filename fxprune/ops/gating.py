@@ -231,10 +231,11 @@ def add_used_rows(
     image ``i`` adds to row ``index[i, k]`` of image ``images[i]``; slots that are not ``valid`` add nothing (None:
     all, as :func:`used_layout`; ``update`` None: a sub-layer no image used, nothing to add). ``in_place``: the sum
     is made in ``residual``'s own memory, which nothing reads afterwards (:func:`fxprune.passes.skipping.
-    add_in_place` decides), unless a gradient is to flow through it or the dtypes differ."""
+    add_in_place` decides), unless a gradient is to flow through it, the dtypes differ or ``residual`` is not
+    contiguous (an expanded view has rows that share memory)."""
     if update is None:
         return residual
-    in_place = in_place and update.dtype == residual.dtype and not (
+    in_place = in_place and update.dtype == residual.dtype and residual.is_contiguous() and not (
         torch.is_grad_enabled() and (residual.requires_grad or update.requires_grad))
     if index is None and images is None:
         return residual.add_(update) if in_place else residual + update
