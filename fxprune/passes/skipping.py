@@ -255,12 +255,13 @@ def add_in_place(gm: fx.GraphModule) -> int:
     of one), the update is other memory, and no node after the sum reads the residual's memory as it was (the
     residual, a view of it, or an earlier row sum made in it), nor does an op with an effect keep it. Saves a copy
     of the ``[B, N, C]`` stream per used sub-layer. Returns how many sums were changed."""
-    group = _shared_memory(gm)
+    sums = gm.graph.find_nodes(op="call_function", target=add_used_rows)
+    group = _shared_memory(gm) if sums else None
     if group is None:
         return 0
     order = graph_order(gm)
     changed = 0
-    for add in gm.graph.find_nodes(op="call_function", target=add_used_rows):
+    for add in sums:
         residual, update = add.args[:2]
         if residual not in group or group[residual] & group.get(update, set()):
             continue
