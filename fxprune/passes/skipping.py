@@ -13,6 +13,7 @@ import operator
 from collections.abc import Iterable
 from typing import Any
 
+import networkx as nx
 import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
@@ -222,13 +223,7 @@ def _shared_memory(gm: fx.GraphModule) -> dict[fx.Node, set[int]] | None:
     that may be the same: a view shares its base's (their example values share storage), and a row sum may be made
     in its residual's (:func:`add_used_rows`). None where a computed node has no example value (nothing can be
     said)."""
-    parent: dict[int, int] = {}
-
-    def root(key: int) -> int:
-        while parent.setdefault(key, key) != key:
-            key = parent[key]
-        return key
-
+    groups = nx.utils.UnionFind()
     memory: dict[fx.Node, set[int]] = {}
     for node in gm.graph.nodes:
         if node.op in ("call_function", "call_method", "call_module") and "val" not in node.meta:
@@ -236,9 +231,8 @@ def _shared_memory(gm: fx.GraphModule) -> dict[fx.Node, set[int]] | None:
         if node.op != "output" and (keys := _storages(node.meta.get("val"))):
             memory[node] = keys
             if node.target is add_used_rows and node.args[0] in memory:
-                for key in keys | memory[node.args[0]]:
-                    parent[root(key)] = root(next(iter(keys)))
-    return {node: {root(key) for key in keys} for node, keys in memory.items()}
+                groups.union(*keys, *memory[node.args[0]])
+    return {node: {groups[key] for key in keys} for node, keys in memory.items()}
 
 
 def _hands_out(user: fx.Node, value: fx.Node) -> bool:
