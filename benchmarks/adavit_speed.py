@@ -114,14 +114,25 @@ def ceiling_steps(model: torch.nn.Module, skipping: torch.nn.Module, image: torc
 
 
 def _add_rows(x: torch.Tensor, update: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-    """``x`` ``[1, N, C]`` plus ``update`` ``[1, K, C]`` at its rows ``rows`` ``[K]`` (None: every row)."""
-    return x + update if rows is None else x[0].index_add(0, rows, update[0])[None]
+    """``x`` ``[1, N, C]`` plus ``update`` ``[1, K, C]`` (or ``[1, 1, C]``, the same for each) at its rows ``rows``
+    ``[K]`` (None: every row)."""
+    return x + update if rows is None else x[0].index_add(0, rows, update[0].expand(len(rows), -1))[None]
+
+
+_FIRST = torch.zeros(1, dtype=torch.long)
+
+
+def _computed_rows(rows: torch.Tensor | None, heads: int) -> torch.Tensor | None:
+    """The rows a sub-layer that uses ``rows`` (None: all) and ``heads`` heads is computed on: one row where it uses
+    none, since it then gives every row the same result (``fxprune.ops.gating.one_row_without_heads``)."""
+    return rows if heads else _FIRST if rows is None else rows[:1]
 
 
 def _ceiling_block(x: torch.Tensor, step: CeilingStep, norm: torch.Tensor | None = None) -> torch.Tensor:
     """``step``'s block on ``x`` ``[1, N, C]``, computing only what it uses with its gathered weights (``norm``:
     the block's first norm of ``x``, computed already)."""
-    block, rows, slices, dim = step.block, step.rows, step.slices, x.shape[-1]
+    block, slices, dim = step.block, step.slices, x.shape[-1]
+    rows = _computed_rows(step.rows, slices.heads)
     if step.attention:
         y = block.norm1(x if rows is None else x.index_select(1, rows)) if norm is None else \
             norm if rows is None else norm.index_select(1, rows)
@@ -132,13 +143,13 @@ def _ceiling_block(x: torch.Tensor, step: CeilingStep, norm: torch.Tensor | None
             y = F.linear(o, slices.projection, block.attn.proj.bias)
         else:
             y = block.attn.proj.bias.expand(1, y.shape[1], dim)
-        x = _add_rows(x, y, rows)
+        x = _add_rows(x, y, step.rows)
     if step.mlp:
         y = block.norm2(x if rows is None else x.index_select(1, rows))
         fc1 = block.mlp.fc1
         y = fc1(y) if slices.heads == block.attn.num_heads else F.linear(
             y.index_select(2, slices.channels), slices.fc1, fc1.bias)
-        x = _add_rows(x, block.mlp.fc2(block.mlp.act(y)), rows)
+        x = _add_rows(x, block.mlp.fc2(block.mlp.act(y)), step.rows)
     return x
 
 
@@ -190,17 +201,18 @@ def _decided_block(x: torch.Tensor, block: torch.nn.Module, decider: torch.nn.Mo
     decided = _decide(x, block, decider)
     if decided is None:
         return x
-    attn, (norm, rows, heads, attention, mlp) = block.attn, decided
+    attn, (norm, used, heads, attention, mlp) = block.attn, decided
     tables = _qkv_tables(attn.num_heads, attn.head_dim)
+    rows = _computed_rows(used, heads.shape[0])
     if attention:
         y = norm if rows is None else norm.index_select(1, rows)
         o = F.scaled_dot_product_attention(*project_heads(y, attn.qkv.weight, attn.qkv.bias, tables, heads))
-        x = _add_rows(x, project_from_heads(o, attn.proj.weight, attn.proj.bias, tables[0], heads), rows)
+        x = _add_rows(x, project_from_heads(o, attn.proj.weight, attn.proj.bias, tables[0], heads), used)
     if mlp:
         y = block.norm2(x if rows is None else x.index_select(1, rows))
         fc1 = block.mlp.fc1
         y = project_head_channels(y, fc1.weight, fc1.bias, heads, attn.head_dim, None)
-        x = _add_rows(x, block.mlp.fc2(block.mlp.act(y)), rows)
+        x = _add_rows(x, block.mlp.fc2(block.mlp.act(y)), used)
     return x
 
 

@@ -422,6 +422,46 @@ def test_unused_heads_are_not_computed_in_the_projections_around_the_attention()
     assert fxprune.flops(skipping, x[:1]) < 0.8 * fxprune.flops(masked, x[:1])  # 0.99 with the attention alone
 
 
+def _set_heads(gm, kind, bias=None, seed=0):
+    """Set ``gm``'s decision heads of ``kind`` in block 1 to the constant logit ``bias``, or (None) to random
+    weights, so that each image decides differently; the other blocks' decision heads are left as they are."""
+    generator = torch.Generator().manual_seed(seed)
+    head = gm.get_submodule(f"fxprune.blocks_1.{kind}")
+    if bias is None:
+        head.weight.copy_(torch.randn(head.weight.shape, generator=generator, dtype=head.weight.dtype))
+        head.bias.zero_()
+    else:
+        head.weight.zero_()
+        head.bias.fill_(bias)
+
+
+def test_a_sub_layer_that_uses_no_head_is_computed_on_one_row_and_added_to_every_used_row():
+    model = _model()
+    masked, skipping = _masked_and_skipping(model, init_logit=20.0)  # everything used, then block 1 changed
+    x = image_batch(model, batch=4, dtype=torch.float64)
+    with torch.no_grad():
+        for gm in (masked, skipping):  # block 1: no head; sub-layers and rows differ from image to image
+            _set_heads(gm, "heads", -20.0)
+            _set_heads(gm, "sublayers", seed=1)
+            _set_heads(gm, "tokens", seed=2)
+        used = _usage(masked, x)
+        sublayers, rows = used[f"{SUBLAYERS_KEY}blocks.1"], used[f"{TOKENS_KEY}blocks.1"].sum(1)
+        assert (sublayers == 0).any() and (sublayers.sum(0) >= 2).all() and rows.amax() > rows.amin()
+        expected = masked(x)
+        torch.testing.assert_close(skipping(x), expected, atol=1e-10, rtol=0)
+        for i in range(len(x)):
+            torch.testing.assert_close(skipping(x[i : i + 1]), expected[i : i + 1], atol=1e-10, rtol=0)
+        # what block 1's two sub-layers cost one image: one row through the MLP's second layer (its first and the
+        # attention's projections have no channels), beside the row and head decisions a used block makes
+        _set_heads(skipping, "sublayers", 20.0)
+        both = fxprune.flops(skipping, x[:1])
+        _set_heads(skipping, "sublayers", -20.0)
+        neither = fxprune.flops(skipping, x[:1])
+    dim, hidden, tokens = model.embed_dim, model.blocks[1].mlp.fc2.in_features, model.patch_embed.num_patches + 1
+    decisions = (tokens - 1) * dim + 6 * dim + 5 * tokens * dim  # the row and head decision heads, the first norm
+    assert 0 < both - neither <= decisions + 5 * dim + hidden * dim  # the second norm and the MLP's second layer
+
+
 def test_fxprune_train_fine_tunes_adavit_and_reports_its_usage(capsys, tmp_path):
     from fxprune.tools.cli import main
     from fxprune.tools.models import digits_vit

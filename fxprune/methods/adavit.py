@@ -52,6 +52,7 @@ from ..ops.gating import (
     head_gate,
     mask_at_heads,
     mask_logits,
+    one_row_without_heads,
     place_heads,
     project_from_heads,
     project_head_channels,
@@ -413,6 +414,24 @@ def _terms_at_used_rows(gm: fx.GraphModule, program: TokenProgram, block: Block,
     return {user for term in block.position_terms for user in term.node.users if user.target is at_positions}
 
 
+def _one_row_without_heads(gm: fx.GraphModule, block: Block, used: fx.Node | None, layout: tuple[fx.Node, ...],
+                           entry: fx.Node, exit: fx.Node, outside: set[fx.Node]) -> tuple[fx.Node, ...]:
+    """The layout to compute the sub-layer from ``entry`` to ``exit`` on, used in ``layout``: one row when no image
+    uses a head (:func:`one_row_without_heads`), where every way from ``entry`` to ``exit`` goes through a product of
+    the used heads (then its rows give one result, the bias, for every row, as a row-wise MLP after it does), else
+    ``layout`` itself. ``used``: the heads some image uses (None: not decided); ``outside``: the values the
+    sub-layer reads that are not computed in it."""
+    sliced = (project_heads, project_head_channels)
+    inside = set(sublayer_nodes(gm, entry, exit, ancestors([*layout, *outside])))
+    reached = reachable([entry], lambda node: () if node.target in sliced else
+                        [user for user in node.users if user in inside])
+    if used is None or exit in reached or not any(node.target in sliced for node in inside):
+        return layout
+    after = max(used, *layout, key=graph_order(gm))
+    one = insert_call(gm, after, one_row_without_heads, (used, *layout), {}, block, "one_row")
+    return unpack(gm, one, block, tuple(f"one_row_{name}" for name in ("images", "index", "valid")))
+
+
 def skip_unused(gm: fx.GraphModule, program: TokenProgram, block: Block, policy: AdaViT, parts: BlockParts,
                 decisions: Decisions) -> None:
     """Compute only what is used: each sub-layer on the images that use it and, in each, on its used rows; the
@@ -449,17 +468,21 @@ def skip_unused(gm: fx.GraphModule, program: TokenProgram, block: Block, policy:
                 ready.add(at_heads)
             else:
                 per_image = {at_heads: (2, 3)}
-    keys = insert_call(gm, valid, valid_keys, (valid,), {}, block, "valid_keys")
-    _set_attention_mask(gm, block, keys)
-    decided = ancestors([images, index, valid, *ready, *head_inputs])
     branch = _branch(block.mid, block.input)  # after head slicing, which may have replaced the branch's last node
+    layout = images, index, valid
+    computed = _one_row_without_heads(gm, block, used, layout, parts.attention_input, branch, ready | set(
+        head_inputs)) if not block.position_terms and not per_image else layout
+    keys = insert_call(gm, computed[2], valid_keys, (computed[2],), {}, block, "valid_keys")
+    _set_attention_mask(gm, block, keys)
+    decided = ancestors([*layout, *computed, *ready, *head_inputs])
     nodes = sublayer_nodes(gm, parts.attention_input, branch, decided)
-    mid = run_on_used(gm, block, nodes, parts.attention_input, block.mid, images, index, valid,
-                      {**per_image, **head_inputs}, ready | {index, valid, keys}, program.batch, "attention")
-    images, index, valid = _used_layout(gm, block, decisions, 1, "mlp")
-    nodes = sublayer_nodes(gm, mid, parts.mlp_branch, ancestors([images, index, valid, *ready, *head_inputs]))
-    run_on_used(gm, block, nodes, mid, parts.mlp_add, images, index, valid, head_inputs, ready | {index, valid},
-                program.batch, "mlp")
+    mid = run_on_used(gm, block, nodes, parts.attention_input, block.mid, *layout, {**per_image, **head_inputs},
+                      ready | {*computed[1:], keys}, program.batch, "attention", computed)
+    layout = _used_layout(gm, block, decisions, 1, "mlp")
+    computed = _one_row_without_heads(gm, block, used, layout, mid, parts.mlp_branch, ready | set(head_inputs))
+    nodes = sublayer_nodes(gm, mid, parts.mlp_branch, ancestors([*layout, *computed, *ready, *head_inputs]))
+    run_on_used(gm, block, nodes, mid, parts.mlp_add, *layout, head_inputs, ready | set(computed[1:]),
+                program.batch, "mlp", computed)
     if "sublayers" in policy.decided_in(block.index):
         decide_only_where_used(gm, block, decisions, parts.mlp_add)
 
@@ -485,7 +508,7 @@ def decide_only_where_used(gm: fx.GraphModule, block: Block, decisions: Decision
     sub-layers no image uses then costs those decisions alone. ``end``: the block's last node (its output). Left in
     place unless every value of them read outside is read by a layout or a skipped sub-layer of this block."""
     def boundary(node: fx.Node) -> bool:  # where the block's decisions are read, or the stream goes on
-        return node.op == "output" or node.target in (used_layout, run_if_used, add_used_rows)
+        return node.op == "output" or node.target in (used_layout, one_row_without_heads, run_if_used, add_used_rows)
 
     condition = ancestors([decisions.sublayers])
     order = graph_order(gm)
@@ -493,7 +516,8 @@ def decide_only_where_used(gm: fx.GraphModule, block: Block, decisions: Decision
     members = {node for node in reached if not boundary(node) and node not in condition}
     members -= erase_unused(gm, [*members, *(user for node in members for user in node.users)], stop=end)
     outside = [user for node in members for user in node.users if user not in members]
-    if not members or any(user.target not in (used_layout, run_if_used) or order(user) > order(end)
+    if not members or any(user.target not in (used_layout, one_row_without_heads, run_if_used)
+                          or order(user) > order(end)
                           for user in outside):
         return
     before = min(outside, key=order)

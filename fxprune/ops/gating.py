@@ -181,6 +181,28 @@ def _used_layout_of_one(
     return None, (None if index.shape[1] == rows.shape[1] else index), None
 
 
+def _as_laid_out(heads: Tensor | None, images: Tensor | None, index: Tensor | None, valid: Tensor | None
+                 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    return images, index, valid
+
+
+@graph_op(worst_case=_as_laid_out)
+def one_row_without_heads(
+    heads: Tensor | None, images: Tensor | None, index: Tensor | None, valid: Tensor | None
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The layout to compute a sub-layer on, from the layout ``(images, index, valid)`` it is used in
+    (:func:`used_layout`): where no image uses a head (``heads`` ``[h]``, the heads any image uses, empty) a
+    sub-layer that reads its rows only through its heads gives one result for every row of every image, so one slot
+    of the first image (valid where that slot is) stands for them all, and :func:`add_used_rows` adds it at each;
+    else the layout as it is. No images stay no images, and no heads (None: not decided, as for a block no image
+    uses) the layout as it is."""
+    if heads is None or heads.shape[0] > 0 or (images is not None and images.shape[0] == 0):
+        return images, index, valid
+    first = torch.zeros(1, dtype=torch.long, device=heads.device)
+    return (first if images is None else images[:1], first[:, None] if index is None else index[:1, :1],
+            None if valid is None else valid[:1, :1])
+
+
 @graph_op()
 def batch_rows(x: Tensor, images: Tensor | None) -> Tensor:
     """The images ``images`` ``[b]`` of ``x`` ``[B, …]`` (or ``[1, …]``, the same for every image): ``[b, …]``
@@ -229,12 +251,16 @@ def add_used_rows(
 ) -> Tensor:
     """``residual`` ``[B, N, C]`` plus a sub-layer's ``update`` ``[b, K, C]`` computed on the used rows: slot ``k`` of
     image ``i`` adds to row ``index[i, k]`` of image ``images[i]``; slots that are not ``valid`` add nothing (None:
-    all, as :func:`used_layout`; ``update`` None: a sub-layer no image used, nothing to add). ``in_place``: the sum
+    all, as :func:`used_layout`; ``update`` None: a sub-layer no image used, nothing to add; ``update`` ``[1, 1, C]``:
+    the same row at every slot, as :func:`one_row_without_heads` lays it out). ``in_place``: the sum
     is made in ``residual``'s own memory, which nothing reads afterwards (:func:`fxprune.passes.skipping.
     add_in_place` decides), unless a gradient is to flow through it, the dtypes differ or ``residual`` is not
     contiguous (an expanded view has rows that share memory)."""
     if update is None:
         return residual
+    if update.shape[0] == update.shape[1] == 1:  # one row for every slot (one_row_without_heads), or one slot
+        update = update.expand(residual.shape[0] if images is None else images.shape[0],
+                               residual.shape[1] if index is None else index.shape[1], update.shape[2])
     in_place = in_place and update.dtype == residual.dtype and residual.is_contiguous() and not (
         torch.is_grad_enabled() and (residual.requires_grad or update.requires_grad))
     if index is None and images is None:

@@ -54,7 +54,7 @@ def _is_data(node: fx.Node, computed: set[fx.Node]) -> bool:
 def run_on_used(
     gm: fx.GraphModule, block: Block, nodes: list[fx.Node], entry: fx.Node, add: fx.Node, images: fx.Node,
     index: fx.Node, valid: fx.Node, per_image: dict[fx.Node, tuple[int, ...]], ready: set[fx.Node], batch: int,
-    what: str,
+    what: str, computed: tuple[fx.Node, fx.Node, fx.Node] | None = None,
 ) -> fx.Node:
     """Make the sub-layer ``nodes`` run on the images ``images`` ``[b]`` and, in each, the rows ``index`` ``[b, K]``
     (``valid`` marks the real ones) only; the residual sum ``add`` becomes :func:`add_used_rows` (the same node, so
@@ -62,7 +62,10 @@ def run_on_used(
 
     ``entry`` and the per-image values ``per_image`` (node → its token axes) are taken into the used layout; the
     values in ``ready`` are in it already. Any other per-image value the sub-layer reads is refused. ``batch``: the
-    batch size the graph was captured with."""
+    batch size the graph was captured with. ``computed``: the layout ``(images, index, valid)`` the sub-layer is
+    computed on where it differs from the one it is added in (:func:`~fxprune.ops.gating.one_row_without_heads`)."""
+    added = (images, index, valid)
+    images, index, valid = added if computed is None else computed
     inside = set(nodes)
     per_image = {entry: (1,), **per_image}
     exit = next(arg for arg in add.args[:2] if arg in inside)
@@ -90,8 +93,8 @@ def run_on_used(
             node.replace_input_with(value, taken[value])
     created += _follow_layout(gm, nodes, taken[entry], batch=batch, tokens=block.tokens)
     add.op, add.target, add.kwargs = "call_function", add_used_rows, {}
-    add.args = (residual, exit, images, index, valid)
-    _run_apart(gm, block, [*created, *nodes], exit, add, images, what)
+    add.args = (residual, exit, *added)
+    _run_apart(gm, block, [*created, *nodes], exit, add, images, added[0], what)
     return add
 
 
@@ -112,9 +115,10 @@ def run_if_used(images: torch.Tensor | None, sublayer: fx.GraphModule, *inputs: 
 
 
 def _run_apart(gm: fx.GraphModule, block: Block, inner: list[fx.Node], exit: fx.Node, add: fx.Node,
-               images: fx.Node, what: str) -> None:
+               images: fx.Node, used: fx.Node, what: str) -> None:
     """Move the sub-layer's nodes ``inner`` (``exit`` its result, read by ``add`` only) into a graph of their own
-    that :func:`run_if_used` calls, so that a sub-layer no image uses is not run at all (at batch 1: skipped
+    that :func:`run_if_used` calls on the images ``images`` it is computed on, so that a sub-layer no image uses
+    (``used``, the images of its :func:`~fxprune.ops.gating.used_layout`) is not run at all (at batch 1: skipped
     outright). Left in place when a node of it has a user outside."""
     members = set(inner)
     outside = [user for node in inner for user in node.users if user not in members and user is not add]
@@ -127,7 +131,7 @@ def _run_apart(gm: fx.GraphModule, block: Block, inner: list[fx.Node], exit: fx.
     add.replace_input_with(exit, run)
     for node in sorted(inner, key=graph_order(gm), reverse=True):
         gm.graph.erase_node(node)
-    images.args[0].update_kwarg("empty", True)  # the layout: no image using it gives no images
+    used.args[0].update_kwarg("empty", True)  # the layout: no image using it gives no images
 
 
 def move_apart(gm: fx.GraphModule, inner: list[fx.Node], outputs: list[fx.Node], before: fx.Node, name: str
