@@ -205,12 +205,27 @@ def _fields(cls: type) -> dict[str, dataclasses.Field]:
     return names
 
 
+def _policy_strings(text: str) -> list[str]:
+    """``text`` cut at each ``+`` that starts another method's policy (a registered method's name, then ``:`` or
+    nothing); a ``+`` in an option's value, e.g. a file name, stays in it."""
+    from .methods import methods
+
+    names = {method.name for method in methods()}
+    parts: list[str] = []
+    for piece in text.split("+"):
+        if not parts or piece.partition(":")[0].strip().lower() in names:
+            parts.append(piece)
+        else:
+            parts[-1] += "+" + piece
+    return [part.strip() for part in parts if part.strip()]
+
+
 def parse_policy(text: str) -> Policy | Compose:
-    """Parse ``"evit:keep=0.7,layers=3,6,9"``; several policies are joined by ``+``. The method names and each
-    method's options are those registered in :mod:`fxprune.methods`."""
+    """Parse ``"evit:keep=0.7,layers=3,6,9"``; several policies are joined by ``+`` (``+`` and a method's name). The
+    method names and each method's options are those registered in :mod:`fxprune.methods`."""
     from .methods import get_method
 
-    parts = [p.strip() for p in text.split("+") if p.strip()]
+    parts = _policy_strings(text)
     if len(parts) > 1:
         return Compose([parse_policy(p) for p in parts])
     name, _, rest = text.strip().partition(":")

@@ -54,6 +54,16 @@ def test_policy_strings_parse_to_policies():
     )
 
 
+def test_a_plus_inside_an_option_value_is_part_of_it_not_another_policy():
+    from fxprune.methods.adavit import AdaViT
+
+    path = "runs/adavit_0.35_heads+sublayers+tokens_0.pt"
+    assert parse_policy(f"adavit:usage=0.35,weights={path}") == AdaViT(0.35, weights=path)
+    assert parse_policy(f"adavit:usage=0.5,layers=1,weights={path}+evit:keep=0.7,layers=3").policies() == (
+        AdaViT(0.5, (1,), weights=path), EViT(0.7, (3,))
+    )
+
+
 @pytest.mark.parametrize("name", ["evit:keep=0.7", "topk:keep=0.7", "tome:r=2", "ats:k=9", "clustr:m=4"])
 def test_every_policy_takes_ranges_of_layers(name):
     assert parse_policy(f"{name},layers=1-3,7,9-10").layers == (1, 2, 3, 7, 9, 10)
