@@ -206,14 +206,15 @@ def _fields(cls: type) -> dict[str, dataclasses.Field]:
 
 
 def _policy_strings(text: str) -> list[str]:
-    """``text`` cut at each ``+`` that starts another method's policy (a registered method's name, then ``:`` or
-    nothing); a ``+`` in an option's value, e.g. a file name, stays in it."""
+    """``text`` cut at each ``+`` that starts another policy: a method's name, alone or before ``:`` (any name before
+    ``:``, so that an unknown one is reported as such); a ``+`` in an option's value, e.g. a file name, stays in it."""
     from .methods import methods
 
     names = {method.name for method in methods()}
     parts: list[str] = []
     for piece in text.split("+"):
-        if not parts or piece.partition(":")[0].strip().lower() in names:
+        name, colon, _ = piece.partition(":")
+        if not parts or name.strip().lower() in names or (colon and name.strip().isidentifier()):
             parts.append(piece)
         else:
             parts[-1] += "+" + piece

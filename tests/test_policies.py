@@ -79,6 +79,7 @@ def test_every_policy_takes_ranges_of_layers(name):
         ("evit:keep=x,layers=1", "bad value"),
         ("evit:keep=0.5,layers=1-x", "bad value"),
         ("ats:k=many,layers=1", "bad value"),
+        ("evit:keep=0.7,layers=3+tme:r=8,layers=4", "unknown policy 'tme'"),
     ],
 )
 def test_bad_policy_strings_raise_policy_error(text, message):
