@@ -406,15 +406,16 @@ def test_show_draws_each_images_usage_and_reports_it_per_block(tmp_path, capsys)
     assert [b.block for b in blocks] == [1, 2] and blocks[0].heads.shape == (3, model.blocks[0].attn.num_heads)
 
 
-def test_unused_heads_are_not_computed_in_the_projections_around_the_attention():
-    model = _model()
+@pytest.mark.parametrize("build", [_model, lambda: hf_vit().double()], ids=["timm", "hf"])
+def test_unused_heads_are_not_computed_in_the_projections_around_the_attention(build):
+    model = build()
     masked, skipping = _masked_and_skipping(model, init_logit=20.0)  # everything used, then half the heads
     with torch.no_grad():
         for gm in (masked, skipping):
-            for name, head in gm.named_modules():
-                if name.endswith(".heads"):  # block 1 uses none, the others every other one
-                    every_other = [20.0, -20.0] * (head.bias.numel() // 2)
-                    head.bias.copy_(torch.tensor([-20.0] * head.bias.numel() if "blocks_1." in name else every_other))
+            heads = [head for name, head in gm.named_modules() if name.endswith(".heads")]
+            for position, head in enumerate(heads):  # the first decided block uses none, the others every other one
+                every_other = [20.0, -20.0] * (head.bias.numel() // 2)
+                head.bias.copy_(torch.tensor([-20.0] * head.bias.numel() if position == 0 else every_other))
     x = image_batch(model, batch=2, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(skipping(x), masked(x), atol=1e-10, rtol=0)

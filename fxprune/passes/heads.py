@@ -121,6 +121,12 @@ def producer(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     return node
 
 
+def _data_users(node: fx.Node) -> list[fx.Node]:
+    """The users of ``node`` that read its values, not only its shape (``x.shape``, ``x.size()``: example values
+    that are not tensors)."""
+    return [user for user in node.users if isinstance(user.meta.get("val", node.meta.get("val")), torch.Tensor)]
+
+
 def head_layout(gm: fx.GraphModule, block: Block) -> HeadLayout | None:
     """The :class:`HeadLayout` of ``block``'s SDPA attention, or None (see the module docstring)."""
     site = block.attention
@@ -141,7 +147,7 @@ def head_layout(gm: fx.GraphModule, block: Block) -> HeadLayout | None:
         inputs.append((linear, channels))
     projection = site.node
     while projection is not None and not is_linear(gm, projection):
-        users = list(projection.users)
+        users = _data_users(projection)
         projection = users[0] if len(users) == 1 else None
     shape = getattr(site.node.meta.get("val"), "shape", None)
     if projection is None or not has_parameters(gm, projection) or shape is None or len(shape) != 4:
