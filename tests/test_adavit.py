@@ -286,6 +286,22 @@ def test_skipping_graph_equals_the_masked_graph_batched_and_alone(build):
         torch.testing.assert_close(alone, expected, atol=1e-10, rtol=0)
 
 
+def test_skipping_graph_under_torch_compile_gives_each_image_its_eager_output_batched_and_alone():
+    model = timm_vit("vit_tiny_patch16_224", depth=2)  # block 1 decides everything: a short compile (~20 s)
+    skipping = fxprune.transform(model, AdaViT(0.5))
+    x = image_batch(model, batch=4)
+    torch._dynamo.reset()
+    compiled = torch.compile(skipping, dynamic=True)  # the data-dependent ops break the graph
+    with torch.no_grad():
+        set_usage(skipping, image_batch(model, batch=4, seed=5), 0.5)
+        rows = _usage(skipping, x)[f"{TOKENS_KEY}blocks.1"].sum(1)
+        assert rows.amax() > rows.amin()  # images use different numbers of rows
+        expected = skipping(x)
+        torch.testing.assert_close(compiled(x), expected, atol=1e-5, rtol=0)
+        alone = torch.cat([compiled(x[i : i + 1]) for i in range(len(x))])
+        torch.testing.assert_close(alone, expected, atol=1e-4, rtol=0)
+
+
 def test_skipping_adds_each_sub_layer_into_the_stream_in_place_and_leaves_its_input_and_weights_as_they_were():
     from fxprune.ops.gating import add_used_rows
 
