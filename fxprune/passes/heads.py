@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..analysis import Block
-from .common import between
+from .common import between, reachable
 
 __all__ = ["HeadLayout", "head_layout", "is_linear", "producer", "has_parameters", "linear_parameters"]
 
@@ -121,10 +121,24 @@ def producer(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     return node
 
 
+def _reads_values(user: fx.Node) -> bool:
+    """Whether ``user`` reads its inputs' values, not only a shape (``x.shape``, ``x.size()``: an example value that is
+    not a tensor); one with no example value is taken to."""
+    return "val" not in user.meta or isinstance(user.meta["val"], torch.Tensor)
+
+
 def _data_users(node: fx.Node) -> list[fx.Node]:
-    """The users of ``node`` that read its values, not only its shape (``x.shape``, ``x.size()``: example values
-    that are not tensors)."""
-    return [user for user in node.users if isinstance(user.meta.get("val", node.meta.get("val")), torch.Tensor)]
+    """The users of ``node`` that read its values, not only its shape."""
+    return [user for user in node.users if _reads_values(user)]
+
+
+def _shape_read_only_by(node: fx.Node, chain: set[fx.Node]) -> bool:
+    """Whether what is computed from ``node``'s shape (its users that read only that, and the shape values made from
+    them) is read by the nodes of ``chain`` only: after the attention computes fewer heads, its shape says so, which
+    only the rearrangement ``chain`` that the sliced projection replaces may see."""
+    reads = reachable([user for user in node.users if not _reads_values(user)],
+                      lambda read: [user for user in read.users if not _reads_values(user)])
+    return all(user in reads or user in chain for read in reads for user in read.users)
 
 
 def head_layout(gm: fx.GraphModule, block: Block) -> HeadLayout | None:
@@ -153,6 +167,8 @@ def head_layout(gm: fx.GraphModule, block: Block) -> HeadLayout | None:
     if projection is None or not has_parameters(gm, projection) or shape is None or len(shape) != 4:
         return None
     codes = torch.arange(shape[1] * shape[3], dtype=torch.float64).view(1, shape[1], 1, shape[3]).expand(*shape)
+    if not _shape_read_only_by(site.node, set(between(gm, site.node, projection.args[0]))):
+        return None
     carried = _carry(gm, site.node, projection.args[0], codes)
     if carried is None or carried.dim() != 3 or carried.shape[2] != shape[1] * shape[3]:
         return None
