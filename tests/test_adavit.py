@@ -286,6 +286,7 @@ def test_skipping_graph_equals_the_masked_graph_batched_and_alone(build):
         torch.testing.assert_close(alone, expected, atol=1e-10, rtol=0)
 
 
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")  # pure tables of ints
 def test_skipping_graph_under_torch_compile_gives_each_image_its_eager_output_batched_and_alone():
     model = timm_vit("vit_tiny_patch16_224", depth=2)  # block 1 decides everything: a short compile (~20 s)
     skipping = fxprune.transform(model, AdaViT(0.5))
