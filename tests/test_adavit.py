@@ -476,7 +476,8 @@ def test_a_sub_layer_that_uses_no_head_is_computed_on_one_row_and_added_to_every
         _set_heads(skipping, "sublayers", -20.0)
         neither = fxprune.flops(skipping, x[:1])
     dim, hidden, tokens = model.embed_dim, model.blocks[1].mlp.fc2.in_features, model.patch_embed.num_patches + 1
-    decisions = (tokens - 1) * dim + 6 * dim + 5 * tokens * dim  # the row and head decision heads, the first norm
+    heads = model.blocks[1].attn.num_heads
+    decisions = (tokens - 1) * dim + heads * dim + 5 * tokens * dim  # the row and head decision heads, the first norm
     assert 0 < both - neither <= decisions + 5 * dim + hidden * dim  # the second norm and the MLP's second layer
 
 
