@@ -25,7 +25,8 @@ from .methods.evit import EViT, TopK
 from .methods.random_keep import RandomKeep
 from .methods.stride import Stride
 from .methods.tome import ToMe
-from .passes.learned import TrainEvalGraphModule, collect, save_weights
+from .ops.emitting import collect
+from .passes.learned import TrainEvalGraphModule, save_weights
 from .pipeline import plan, transform
 from .planning import Plan, PlanRow
 from .policies import Compose, Policy, parse_policy

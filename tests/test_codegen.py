@@ -70,3 +70,21 @@ def test_a_step_that_is_not_a_registered_module_or_parameter_is_read_as_an_attri
     assert direct_path(root, "block.inner.bias") == "self._modules['block']._modules['inner']._parameters['bias']"
     assert direct_path(root, "block.scale") == "self._modules['block']._buffers['scale']"
     assert direct_path(root, "block.weight") == "self._modules['block'].weight"
+
+
+def test_saving_a_model_pickles_its_graph_as_it_is_and_leaves_its_forward_alone():
+    model = timm_vit("deit_small_patch16_224", depth=2)
+    fast = fxprune.transform(model, EViT(keep_rate=0.7, layers=(1,)))
+    x = image_batch(model)
+    forward = type(fast).forward
+    output = next(iter(fast.graph.find_nodes(op="output")))
+    with fast.graph.inserting_before(output):  # an edit not yet recompiled
+        shifted = fast.graph.call_function(torch.add, (output.args[0], 1.0))
+    output.args = (shifted,)
+    buffer = io.BytesIO()
+    torch.save(fast, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert type(fast).forward is forward  # saving does not recompile
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), fast(x) + 1.0, atol=1e-6, rtol=0)

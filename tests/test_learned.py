@@ -18,9 +18,10 @@ from vits import image_batch, timm_vit
 import fxprune
 from fxprune.methods import Learned, register_method, unregister_method
 from fxprune.ops import gather_tokens, graph_op
+from fxprune.ops.emitting import collect, emit
 from fxprune.ops.selection import after_prefix
 from fxprune.passes.common import Rewrite, Role, insert_call, reroute_stream
-from fxprune.passes.learned import TrainEvalGraphModule, collect, emit, insert_module, save_weights
+from fxprune.passes.learned import TrainEvalGraphModule, insert_module, save_weights
 from fxprune.policies import Policy, check_layers, option, parse_layers
 
 

@@ -12,8 +12,8 @@ import fxprune
 from fxprune import ATS, Compose, EViT, ToMe, TopK
 from fxprune.methods import register_method, unregister_method
 from fxprune.ops import POSITIONS, SIZES
+from fxprune.ops.emitting import collect, emit
 from fxprune.passes.common import Rewrite
-from fxprune.passes.learned import collect, emit
 from fxprune.passes.state import read_state
 from fxprune.policies import Policy, check_layers
 from fxprune.tools.show import token_sources

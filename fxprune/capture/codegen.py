@@ -20,9 +20,10 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 from torch.fx.graph import PythonCode, _format_target
-from torch.fx.graph_module import _deserialize_graph_module, _forward_from_src
+from torch.fx.graph_module import _deserialize_graph_module, _format_import_block, _forward_from_src
+from torch.package import sys_importer
 
-__all__ = ["direct_path", "direct_forward", "DirectGraphModule"]
+__all__ = ["direct_path", "direct_forward", "pickled_code", "DirectGraphModule"]
 
 
 def _store_of(owner: object, name: str) -> str | None:
@@ -60,6 +61,13 @@ def direct_forward(gm: fx.GraphModule, graph: fx.Graph, code: PythonCode) -> Cal
     return _forward_from_src(source, code.globals)
 
 
+def pickled_code(graph: fx.Graph) -> tuple[str, str]:
+    """``graph``'s code as fx pickles a ``GraphModule``'s: its Python source (``self`` the module) and the import
+    block that source needs."""
+    code = graph.python_code(root_module="self")
+    return code.src, _format_import_block(code.globals, sys_importer)
+
+
 class DirectGraphModule(fx.GraphModule):
     """A ``GraphModule`` whose forward is :func:`direct_forward` of its graph: generated again at each
     ``recompile``, kept by ``copy.deepcopy`` and rebuilt by ``torch.load`` (pickled as fx pickles a ``GraphModule``,
@@ -71,8 +79,9 @@ class DirectGraphModule(fx.GraphModule):
         return code
 
     def __reduce__(self) -> tuple[Any, ...]:
-        _, pickled = super().__reduce__()
-        return _load_direct, pickled
+        source, import_block = pickled_code(self.graph)
+        body = {key: value for key, value in self.__dict__.items() if key != "_graph"}
+        return _load_direct, ({**body, "_code": source}, import_block)
 
 
 def _load_direct(body: dict[str, Any], import_block: str) -> DirectGraphModule:

@@ -41,6 +41,7 @@ from ..analysis import Block, TokenProgram, sdpa_arguments
 from ..capture.values import worst_case_run
 from ..errors import PolicyError, UnsupportedModelError
 from ..ops import POSITIONS, at_positions, graph_op, op_of
+from ..ops.emitting import collect, collecting, emit
 from ..ops.gating import (
     add_used_rows,
     apply_factor,
@@ -71,7 +72,7 @@ from ..ops.gating import (
 )
 from ..passes.common import Rewrite, Role, ancestors, graph_order, insert_call, reachable, tag_of
 from ..passes.heads import HeadLayout, has_parameters, head_layout, is_linear, linear_parameters, producer
-from ..passes.learned import LEARNED_PREFIX, collect, collecting, emit, insert_module
+from ..passes.learned import LEARNED_PREFIX, insert_module
 from ..passes.positions import place_terms
 from ..passes.skipping import erase_unused, move_apart, run_if_used, run_on_used, sublayer_nodes, unpack
 from ..passes.state import read_state

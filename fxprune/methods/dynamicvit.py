@@ -28,8 +28,9 @@ from torch import Tensor, nn
 from ..analysis import Block, TokenProgram, final_tokens
 from ..errors import PolicyError, UnsupportedModelError
 from ..ops import KEEP, gather_tokens, gumbel_keep, keep_rows, with_prefix
+from ..ops.emitting import emit
 from ..passes.common import Rewrite, Role, insert_call, reroute_stream
-from ..passes.learned import emit, insert_module
+from ..passes.learned import insert_module
 from ..passes.state import read_state, write_state
 from ..policies import Policy, check_keep_rate, check_layers, option, parse_layers, parse_number, parse_text
 from ..tools.weights import SHIPPED, shipped

@@ -9,33 +9,30 @@ weights, and auxiliary values for losses.
   :class:`TrainEvalGraphModule` holds both over the same parameters and submodules; ``.train()`` / ``.eval()``
   choose which one runs. Its ``graph`` and ``code`` are the evaluation graph's; ``train_graph`` is the other.
 * **Auxiliary values** (keep ratios, predictor scores) reach a training loop without changing the model's
-  outputs: the training graph calls :func:`emit`, which hands them to the innermost :func:`collect` context.
+  outputs: the training graph calls :func:`~fxprune.ops.emitting.emit`, which hands them to the innermost
+  :func:`~fxprune.ops.emitting.collect` context.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
-from torch.fx.graph_module import _copy_attr, _format_import_block, reduce_graph_module
-from torch.package import sys_importer
+from torch.fx.graph_module import _copy_attr, reduce_graph_module
 
 from ..analysis import Block
-from ..capture.codegen import direct_forward
+from ..capture.codegen import direct_forward, pickled_code
 from ..errors import PolicyError
-from ..ops import graph_op
 from .common import Role, insert_call
 from .skipping import call_module, run_if_used
 
 __all__ = [
-    "LEARNED_PREFIX", "module_path_for", "add_modules", "insert_module", "TrainEvalGraphModule", "emit", "collect",
-    "collecting",
+    "LEARNED_PREFIX", "module_path_for", "add_modules", "insert_module", "TrainEvalGraphModule",
     "learned_state_dict", "save_weights", "read_weights", "key_mismatch", "load_weights", "drop_eval_identities",
 ]
 
@@ -104,9 +101,7 @@ class TrainEvalGraphModule(fx.GraphModule):
 
     def __reduce__(self):
         body = {k: v for k, v in self.__dict__.items() if k not in ("_graph", "_train_graph")}
-        codes = [graph.python_code(root_module="self") for graph in (self.graph, self.train_graph)]
-        sources = [(code.src, _format_import_block(code.globals, sys_importer)) for code in codes]
-        return (_two_modes, (body, *sources))
+        return _two_modes, (body, *(pickled_code(graph) for graph in (self.graph, self.train_graph)))
 
     def _deepcopy_init(self):
         def init(copied: TrainEvalGraphModule, root: nn.Module, graph: fx.Graph) -> None:
@@ -181,44 +176,6 @@ def _two_modes(body: dict[str, Any], evaluation: tuple[str, str], training: tupl
             setattr(result, key, value)
     result.meta.update(body.get("meta", {}))
     return result.train(body.get("training", False))
-
-
-_COLLECTORS: list[dict[str, list[Tensor]]] = []
-
-
-@graph_op()
-def emit(value: Tensor, key: str, like: Tensor | None = None) -> Tensor:
-    """Hand ``value`` to the innermost :func:`collect` context under ``key`` (nothing happens outside one), in the
-    dtype of ``like`` where given (e.g. boolean decisions collected as 0/1); returns ``value``. The graph keeps the
-    call even though nothing reads its result."""
-    if _COLLECTORS:
-        _COLLECTORS[-1].setdefault(key, []).append(value if like is None else value.to(like.dtype))
-    return value
-
-
-fx.node._side_effectful_functions.add(emit)
-
-
-def collecting() -> bool:
-    """Whether a :func:`collect` context is open (a graph's emitted values are being collected)."""
-    return bool(_COLLECTORS)
-
-
-@contextlib.contextmanager
-def collect() -> Iterator[dict[str, list[Tensor]]]:
-    """Collect the auxiliary values a learned graph emits while the ``with`` body runs it: key → values, in the
-    order they were emitted (one per call of the model)::
-
-        with fxprune.collect() as aux:
-            logits = model(images)
-        loss = criterion(logits, labels) + penalty(aux["blocks.3/keep"])
-    """
-    values: dict[str, list[Tensor]] = {}
-    _COLLECTORS.append(values)
-    try:
-        yield values
-    finally:
-        _COLLECTORS.remove(values)
 
 
 def learned_state_dict(gm: nn.Module) -> dict[str, Tensor]:

@@ -21,6 +21,7 @@ from torch.utils import _pytree as pytree
 from ..analysis import Block
 from ..errors import UnsupportedModelError
 from ..ops import graph_op
+from ..ops.emitting import emit
 from ..ops.gating import add_used_rows, batch_rows, take_rows
 from .common import between, graph_order, insert_call, reachable
 
@@ -242,8 +243,6 @@ def _shared_memory(gm: fx.GraphModule) -> dict[fx.Node, set[int]] | None:
 def _hands_out(user: fx.Node, value: fx.Node) -> bool:
     """Whether ``user``, a node with an effect, may keep ``value`` beyond its own call (``emit``'s ``like`` only
     gives the dtype)."""
-    from .learned import emit  # here: fxprune.passes.learned imports this module
-
     return user.target is not emit or user.args[0] is value
 
 

@@ -24,8 +24,8 @@ from ..errors import FxPruneError
 from ..methods.adavit import HEADS_KEY, SUBLAYERS_KEY, TOKENS_KEY
 from ..ops import clustered_attention, op_of, padded_cluster_keys_values
 from ..ops.clustering import cluster_assignment, key_weights
+from ..ops.emitting import collect
 from ..passes.common import Role, tag_of
-from ..passes.learned import collect
 
 __all__ = [
     "TokenStep", "token_sources", "kept_counts", "draw_kept_patches", "cluster_maps", "draw_clusters", "BlockUsage",

@@ -39,7 +39,8 @@ from tqdm import tqdm
 from ..losses import distillation, frozen_copy, logits_of
 from ..methods import method_of
 from ..methods.evit import EViT
-from ..passes.learned import LEARNED_PREFIX, collect
+from ..ops.emitting import collect
+from ..passes.learned import LEARNED_PREFIX
 from ..pipeline import transform
 from ..policies import Compose, Policy
 from .distributed import mean_over_processes, process_group
