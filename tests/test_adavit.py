@@ -25,6 +25,10 @@ def _model():
     return timm_vit("deit_small_patch16_224").double()
 
 
+def _rope_model():
+    return timm_vit("vit_small_patch16_rope_224", img_size=32, patch_size=8, depth=4).double()
+
+
 def test_evaluation_graph_matches_the_official_block_in_float64():
     model = _model()
     gm = fxprune.transform(model, AdaViT(0.5))
@@ -62,7 +66,7 @@ def _rotary_reference(model, gates, x, **options):
 
 
 def test_on_a_rotary_vit_masking_matches_the_official_block_and_skipping_takes_the_tables_at_the_used_rows():
-    model = timm_vit("vit_small_patch16_rope_224", img_size=32, patch_size=8, depth=4).double()
+    model = _rope_model()
     torch.nn.init.normal_(model.head.weight)  # timm starts this head at zero
     masked = fxprune.transform(model, AdaViT(0.5, skip=False))
     x = image_batch(model, batch=4, dtype=torch.float64)
@@ -106,7 +110,7 @@ def test_a_relative_position_bias_is_taken_at_the_used_rows_and_heads():
 
 
 def test_after_a_block_that_removes_rows_skipping_takes_the_tables_at_the_used_rows_original_positions():
-    rotary = timm_vit("vit_small_patch16_rope_224", img_size=32, patch_size=8, depth=4).double()
+    rotary = _rope_model()
     torch.nn.init.normal_(rotary.head.weight)
 
     _assert_skipping_computes_what_masking_does(rotary, lambda skip: fxprune.Compose(
@@ -423,7 +427,8 @@ def test_show_draws_each_images_usage_and_reports_it_per_block(tmp_path, capsys)
     assert [b.block for b in blocks] == [1, 2] and blocks[0].heads.shape == (3, model.blocks[0].attn.num_heads)
 
 
-@pytest.mark.parametrize("build", [_model, lambda: hf_vit().double()], ids=["timm", "hf"])
+@pytest.mark.parametrize("build", [_model, lambda: hf_vit().double(), lambda: with_explicit_softmax(_model()),
+                                   _rope_model], ids=["timm", "hf", "explicit-softmax", "rotary"])
 def test_unused_heads_are_not_computed_in_the_projections_around_the_attention(build):
     model = build()
     masked, skipping = _masked_and_skipping(model, init_logit=20.0)  # everything used, then half the heads

@@ -1,6 +1,9 @@
 """Where each head's channels are around an attention (``fxprune.passes.heads``), as AdaViT's skipping uses it to
 compute the used heads only."""
 
+import math
+
+import pytest
 import torch
 import torch.nn.functional as F
 from vits import HandWrittenViT, TokenMixer, image_batch, logits
@@ -22,7 +25,7 @@ class HeadCountingMixer(TokenMixer):
 
 
 def _fused_vit(mixer: type[TokenMixer]) -> HandWrittenViT:
-    """The hand-written ViT (three blocks, float64) with ``mixer`` as every block's attention."""
+    """The hand-written ViT (three blocks, float64) with ``mixer``'s forward in every block's attention."""
     torch.manual_seed(0)
     model = HandWrittenViT(depth=3)
     for stage in model.stages:
@@ -63,3 +66,94 @@ def test_heads_are_cut_from_the_projections_where_the_attention_output_is_only_r
 def test_heads_are_not_cut_where_something_else_reads_how_many_heads_the_attention_output_has():
     skipping = _skipping_equals_masked(_fused_vit(HeadCountingMixer))
     assert _sliced(skipping) == 0
+
+
+def test_heads_are_cut_around_an_explicit_attention_that_computes_each_head_apart():
+    skipping = _skipping_equals_masked(_fused_vit(TokenMixer))  # softmax(q @ kᵀ / √d) @ v written out
+    assert _sliced(skipping) == 2
+
+
+class TemperedMixer(TokenMixer):
+    """Explicit attention whose logits are scaled by a learned temperature per head: the heads are not apart."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__(width, heads)
+        self.temperature = torch.nn.Parameter(torch.linspace(0.5, 2.0, heads).view(heads, 1, 1))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        b, n, c = tokens.shape
+        q, k, v = (t.view(b, n, self.heads, c // self.heads).transpose(1, 2) for t in self.to_qkv(tokens).chunk(3, -1))
+        weights = torch.softmax(q @ k.transpose(-2, -1) * self.temperature, dim=-1)
+        return self.out((weights @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class MapCountingMixer(TokenMixer):
+    """Explicit attention whose output is scaled by the number of heads its attention map has, read from the map."""
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        b, n, c = tokens.shape
+        q, k, v = (t.view(b, n, self.heads, c // self.heads).transpose(1, 2) for t in self.to_qkv(tokens).chunk(3, -1))
+        weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(c // self.heads), dim=-1)
+        return self.out((weights @ v).transpose(1, 2).reshape(b, n, c)) * (weights.shape[1] / self.heads)
+
+
+@pytest.mark.parametrize("mixer", [TemperedMixer, MapCountingMixer], ids=["parameter-per-head", "map-read-elsewhere"])
+def test_heads_are_not_cut_where_the_attention_mixes_them_or_is_read_elsewhere(mixer):
+    torch.manual_seed(0)
+    model = HandWrittenViT(depth=3)
+    for stage in model.stages:
+        stage.mix = mixer(48, 3)
+    skipping = _skipping_equals_masked(model.double().eval())
+    assert _sliced(skipping) == 0
+
+
+
+class NormedMixer(TokenMixer):
+    """Explicit attention with a layer norm over each head's query channels (a module call in the graph)."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__(width, heads)
+        self.q_norm = torch.nn.LayerNorm(width // heads)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        b, n, c = tokens.shape
+        q, k, v = (t.view(b, n, self.heads, c // self.heads).transpose(1, 2) for t in self.to_qkv(tokens).chunk(3, -1))
+        weights = torch.softmax(self.q_norm(q) @ k.transpose(-2, -1) / math.sqrt(c // self.heads), dim=-1)
+        return self.out((weights @ v).transpose(1, 2).reshape(b, n, c))
+
+
+
+class BatchNormedMixer(NormedMixer):
+    """:class:`NormedMixer` with a batch norm over the heads' queries, whose running statistics a run in training
+    mode changes."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__(width, heads)
+        self.q_norm = torch.nn.BatchNorm2d(heads)
+
+
+def test_finding_the_heads_runs_no_module_of_the_model_that_has_hooks_on_its_values():
+    torch.manual_seed(0)
+    model = HandWrittenViT(depth=4)
+    for stage in model.stages:
+        stage.mix = NormedMixer(48, 3)
+    seen = []
+    model.stages[2].mix.q_norm.register_forward_hook(lambda module, inputs, output: seen.append(output))
+    model = model.double().eval()
+    sliced = _sliced(fxprune.transform(model, AdaViT(0.5)))
+    assert seen and not any(type(value) is torch.Tensor for value in seen)  # tracing shows it fake values only
+    assert sliced == 2  # blocks 1 and 3; block 2's norm, hooked, is not run to find whether its heads are apart
+    assert _sliced(_skipping_equals_masked(model)) == 2
+
+
+
+def test_finding_the_heads_does_not_run_a_module_with_buffers_of_a_model_in_training_mode():
+    torch.manual_seed(0)
+    model = HandWrittenViT(depth=3)
+    for stage in model.stages:
+        stage.mix = BatchNormedMixer(48, 3)
+    model = model.double().train()
+    before = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    fxprune.transform(model, AdaViT(0.5))
+    for name, buffer in model.named_buffers():
+        torch.testing.assert_close(buffer, before[name], atol=0, rtol=0)

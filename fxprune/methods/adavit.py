@@ -357,23 +357,22 @@ def _slice_used_heads(gm: fx.GraphModule, block: Block, parts: BlockParts, decis
     varying = insert_call(gm, used, varying_heads, (decisions.heads, used), {}, block, "varying_heads")
     factor = insert_call(gm, varying, head_gate, (varying,), {}, block, "used_head_factor")
     channels = insert_call(gm, factor, channel_gate, (varying, head_dim), {}, block, "used_channel_factor")
-    inputs = list(site.node.args[:3])
     by_layer: dict[fx.Node, list[int]] = {}
-    for position, (linear, _) in enumerate(layout.inputs):
-        by_layer.setdefault(linear, []).append(position)
+    for position, head_input in enumerate(layout.inputs):
+        by_layer.setdefault(head_input.linear, []).append(position)
     for linear, positions in by_layer.items():
         weight, bias = linear_parameters(gm, linear)
         source, names = linear.args[0], ["qkv"[position] for position in positions]
-        tables = tuple(layout.inputs[position][1] for position in positions)
+        tables = tuple(layout.inputs[position].channels for position in positions)
         joint = insert_call(gm, max(source, channels, after, key=graph_order(gm)), project_heads,
                             (source, weight, bias, tables, used), {}, block, f"used_{''.join(names)}")
         for position, name, projected in zip(positions, names, unpack(gm, joint, block, tuple(
                 f"used_{name}" for name in names))):
             gated = _multiply(gm, block, projected, factor, f"gated_{name}", op=apply_factor)
-            site.node.replace_input_with(inputs[position], gated)
+            layout.inputs[position].node.replace_all_uses_with(gated, delete_user_cb=layout.attention.__contains__)
     projection, columns = layout.output
     weight, bias = linear_parameters(gm, projection)
-    gated = insert_call(gm, site.node, apply_factor, (site.node, factor), {}, block, "gated_heads")
+    gated = insert_call(gm, site.output, apply_factor, (site.output, factor), {}, block, "gated_heads")
     output = insert_call(gm, gated, project_from_heads, (gated, weight, bias, columns, used), {}, block,
                          "used_projection")
     projection.replace_all_uses_with(output)
@@ -443,21 +442,21 @@ def skip_unused(gm: fx.GraphModule, program: TokenProgram, block: Block, policy:
             "pads tokens, and their sizes weight its attention; use AdaViT(..., skip=False), which masks them"
         )
     site = block.attention
+    sliced = head_layout(gm, block) if decisions.heads is not None else None  # read before the block changes
     images, index, valid = _used_layout(gm, block, decisions, 0, "attention")
     ready: set[fx.Node] = _terms_at_used_rows(gm, program, block, images, index)
     original_mask = sdpa_arguments(site.node)["attn_mask"] if site.kind == "sdpa" else None
     per_image = {original_mask: (2, 3)} if isinstance(original_mask, fx.Node) else {}
     head_inputs: dict[fx.Node, tuple[int, ...]] = {}
-    used = None  # the heads the SDPA call computes, where it computes some only
+    used = None  # the heads the attention computes, where it computes some only
     if decisions.heads is not None:
-        layout = head_layout(gm, block)
-        if layout is None:
+        if sliced is None:
             _gate_heads(gm, block, parts, decisions)
             if site.kind == "sdpa":
                 used = _select_used_heads(gm, block, decisions.per_head)
             head_inputs = {decisions.per_head: (), decisions.channels: ()}
         else:
-            used, factors = _slice_used_heads(gm, block, parts, decisions, layout, after=valid)
+            used, factors = _slice_used_heads(gm, block, parts, decisions, sliced, after=valid)
             head_inputs = dict.fromkeys(factors, ())
     if used is not None:
         ready.add(used)

@@ -2,14 +2,18 @@
 graph's own rearrangements on numbered channels; what computing some heads only needs.
 
 For the layer that makes the queries (keys, values) the numbers are its output channels, carried through the
-reshapes and permutations between it and the attention's ``[B, H, N, d]`` input; for the output projection,
-the attention's ``(head, element)`` numbers carried to the projection's input. Anything between them that is
-not a pure rearrangement (a norm, a scale, a rotary embedding) changes the numbers, and then there is no layout.
+reshapes and permutations after it as far as a ``[B, H, N, d]`` value that every way to the attention's input
+passes; for the output projection, the attention's ``(head, element)`` numbers carried to the projection's
+input, which only a rearrangement may reach. Between those values and the attention's output, anything that
+computes each head from that head's own inputs (a scale, a norm over the head's channels, a rotary embedding, an
+explicit ``softmax(q @ kᵀ) @ v``) may run on fewer heads: that is checked by running those nodes on random inputs
+for every head and for some.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import torch
@@ -17,17 +21,31 @@ import torch.fx as fx
 from torch import nn
 
 from ..analysis import Block
-from .common import between, reachable
+from ..ops.gating import mask_at_heads
+from .common import ancestors, between, descendants, reachable
 
-__all__ = ["HeadLayout", "head_layout", "is_linear", "producer", "has_parameters", "linear_parameters"]
+__all__ = ["HeadInput", "HeadLayout", "head_layout", "is_linear", "producer", "has_parameters", "linear_parameters"]
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadInput:
+    """How q (k, v) is made: by the linear node ``linear``, whose output channel of each head's elements is
+    ``channels`` (``[H][d]``), laid out per head ``[B, H, N, d]`` at ``node``."""
+
+    linear: fx.Node
+    channels: tuple[tuple[int, ...], ...]
+    node: fx.Node
 
 
 @dataclasses.dataclass(frozen=True)
 class HeadLayout:
-    """``inputs``: for q, k and v, the linear node that makes it and its output channel of each head's elements
-    (``[H][d]``); ``output``: the output projection's linear node and its input channel of each head's elements."""
+    """``inputs``: a :class:`HeadInput` for each of q, k and v; ``attention``: the nodes from their ``node`` on to
+    the attention's output (the attention among them), which compute each head from its own inputs and which
+    nothing else reads; ``output``: the output projection's linear node and its input channel of each head's
+    elements."""
 
-    inputs: tuple[tuple[fx.Node, tuple[tuple[int, ...], ...]], ...]
+    inputs: tuple[HeadInput, ...]
+    attention: frozenset[fx.Node]
     output: tuple[fx.Node, tuple[tuple[int, ...], ...]]
 
 
@@ -67,10 +85,12 @@ def linear_parameters(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, fx.No
         return gm.graph.get_attr(weight), None if bias is None else gm.graph.get_attr(bias)
 
 
-def _carry(gm: fx.GraphModule, start: fx.Node, stop: fx.Node, numbers: torch.Tensor) -> torch.Tensor | None:
-    """``stop``'s value when ``start`` holds ``numbers`` and the nodes between them run on it; None when one reads
-    another tensor or is a module other than a no-op."""
-    env: dict[fx.Node, Any] = {start: numbers}
+def _evaluate(gm: fx.GraphModule, nodes: list[fx.Node], given: dict[fx.Node, Any]) -> dict[fx.Node, Any]:
+    """The values of ``nodes`` (in graph order) computed from ``given`` (node → value) and the example values of
+    their other inputs, as far as the first node that cannot be computed: one reading a tensor it is not given, a
+    module with buffers or hooks (nothing of the model may change or see the values), or one that fails. Dropout
+    and ``nn.Identity`` pass their input on; the others run without gradients."""
+    env = dict(given)
 
     def value(arg: fx.Node) -> Any:
         if arg in env:
@@ -80,22 +100,34 @@ def _carry(gm: fx.GraphModule, start: fx.Node, stop: fx.Node, numbers: torch.Ten
             raise LookupError(arg.name)
         return known
 
-    try:
-        for node in between(gm, start, stop):
-            args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
-            if node.op == "call_module":
-                if not isinstance(gm.get_submodule(node.target), (nn.Identity, nn.Dropout)):
-                    return None
-                env[node] = args[0]
-            elif node.op == "call_function":
-                env[node] = node.target(*args, **kwargs)
-            elif node.op == "call_method":
-                env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
-            else:
-                return None
-    except (LookupError, RuntimeError, TypeError):
-        return None
-    result = env.get(stop)
+    with torch.no_grad():
+        for node in nodes:
+            try:
+                args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
+                if node.op == "call_module":
+                    module = gm.get_submodule(node.target)
+                    if isinstance(module, (nn.Identity, nn.Dropout)):
+                        env[node] = args[0]
+                        continue
+                    if next(module.buffers(), None) is not None or module._forward_hooks \
+                            or module._forward_pre_hooks:
+                        break
+                    env[node] = module(*args, **kwargs)
+                elif node.op == "call_function":
+                    env[node] = node.target(*args, **kwargs)
+                elif node.op == "call_method":
+                    env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+                else:
+                    break
+            except (LookupError, RuntimeError, TypeError, ValueError, IndexError):
+                break
+    return env
+
+
+def _carry(gm: fx.GraphModule, start: fx.Node, stop: fx.Node, numbers: torch.Tensor) -> torch.Tensor | None:
+    """``stop``'s value when ``start`` holds ``numbers`` and the nodes between them run on it (:func:`_evaluate`);
+    None where it cannot be computed."""
+    result = _evaluate(gm, between(gm, start, stop), {start: numbers}).get(stop)
     return result if isinstance(result, torch.Tensor) else None
 
 
@@ -105,9 +137,9 @@ def _a_layout(numbers: torch.Tensor, first: torch.Tensor) -> bool:
     return bool((numbers == first).all() and (first == first.round()).all() and first.unique().numel() == first.numel())
 
 
-def _per_head(numbers: torch.Tensor | None, heads: int) -> tuple[tuple[int, ...], ...] | None:
+def _per_head(numbers: Any, heads: int) -> tuple[tuple[int, ...], ...] | None:
     """``numbers`` ``[B, H, N, d]`` as ``[H][d]`` ints, when they are a rearrangement (:func:`_a_layout`)."""
-    if numbers is None or numbers.dim() != 4 or numbers.shape[1] != heads:
+    if not isinstance(numbers, torch.Tensor) or numbers.dim() != 4 or numbers.shape[1] != heads:
         return None
     first = numbers[:1, :, :1]
     return _table(first[0, :, 0]) if _a_layout(numbers, first) else None
@@ -141,35 +173,98 @@ def _shape_read_only_by(node: fx.Node, chain: set[fx.Node]) -> bool:
     return all(user in reads or user in chain for read in reads for user in read.users)
 
 
-def head_layout(gm: fx.GraphModule, block: Block) -> HeadLayout | None:
-    """The :class:`HeadLayout` of ``block``'s SDPA attention, or None (see the module docstring)."""
-    site = block.attention
-    if site.kind != "sdpa":
+def _value_inputs(node: fx.Node) -> list[fx.Node]:
+    """The inputs whose values ``node`` reads: all but the tensor ``x.type_as(other)`` takes a dtype from."""
+    if node.op == "call_method" and node.target == "type_as":
+        return [node.args[0]] if isinstance(node.args[0], fx.Node) else []
+    return node.all_input_nodes
+
+
+def _head_input(gm: fx.GraphModule, node: fx.Node, heads: int) -> HeadInput | None:
+    """The :class:`HeadInput` of the attention input ``node`` ``[B, H, N, d]``: its nearest linear layer (with its
+    weight as stored) and the last value on the way that has that layer's channels laid out per head and that
+    every way from the layer to ``node`` passes; None: none."""
+    linear = producer(gm, node)
+    shape = getattr(linear.meta.get("val"), "shape", None) if linear is not None else None
+    if linear is None or not has_parameters(gm, linear) or shape is None or len(shape) != 3:
         return None
-    inputs = []
-    for node in (site.q, site.k, site.v):
-        linear = producer(gm, node)
-        shape = getattr(linear.meta.get("val"), "shape", None) if linear is not None else None
-        if linear is not None and not has_parameters(gm, linear):
+    path = between(gm, linear, node)
+    carried = _evaluate(gm, path, {linear: torch.arange(shape[2], dtype=torch.float64).expand(*shape)})
+    on_path = {linear, *path}
+    for candidate in reversed(path):
+        channels = _per_head(carried.get(candidate), heads)
+        if channels is not None and linear not in reachable(
+                [node], lambda n: [value for value in _value_inputs(n) if value in on_path], stop=candidate):
+            return HeadInput(linear, channels, candidate)
+    return None
+
+
+def _example(gm: fx.GraphModule, node: fx.Node, generator: torch.Generator) -> torch.Tensor:
+    """A value for ``node`` (a tensor): the attribute it reads, else random values of its example's shape and dtype
+    (zeros for integers)."""
+    if node.op == "get_attr":
+        return functools.reduce(getattr, node.target.split("."), gm)
+    example = node.meta["val"]
+    if example.dtype == torch.bool:
+        return torch.rand(example.shape, generator=generator) > 0.5
+    if not example.dtype.is_floating_point:
+        return torch.zeros(example.shape, dtype=example.dtype)
+    return torch.randn(example.shape, generator=generator, dtype=example.dtype)
+
+
+def _apart(gm: fx.GraphModule, inputs: tuple[HeadInput, ...], output: fx.Node, heads: int,
+           mask: fx.Node | None) -> frozenset[fx.Node] | None:
+    """The nodes from the ``inputs``' per-head values to the attention's ``output`` ``[B, H, N, d]``, when they
+    compute each head from that head's inputs alone, for any number of heads, and nothing else reads them but
+    ``output``'s users: on random inputs, their result for heads ``1 … H − 1`` (and for none) is those heads of
+    their result for every head, where ``mask`` (an SDPA call's mask; None: none) is taken at those heads too
+    (:func:`~fxprune.ops.gating.mask_at_heads`). None otherwise."""
+    starts = {head_input.node for head_input in inputs}
+    inside = set().union(*(descendants(start) for start in starts)) & ancestors([output])
+    nodes = [node for node in gm.graph.nodes if node in inside]
+    if any(user not in inside for node in nodes if node is not output for user in node.users):
+        return None
+    if not all(isinstance(start.meta.get("val"), torch.Tensor) and start.meta["val"].dim() == 4 for start in starts):
+        return None
+    generator = torch.Generator().manual_seed(0)
+    every = {start: _example(gm, start, generator) for start in starts}
+    read = {value for node in nodes for value in node.all_input_nodes if value not in inside and value not in starts}
+    others = {value: _example(gm, value, generator) for value in read
+              if isinstance(value.meta.get("val"), torch.Tensor)}
+    expected = _evaluate(gm, nodes, {**every, **others}).get(output)
+    for some in (list(range(1, heads)), []):
+        given = {**others, **{start: every[start][:, some] for start in starts}}
+        if mask in others:
+            given[mask] = mask_at_heads(others[mask], torch.tensor(some, dtype=torch.long), heads)
+        result = _evaluate(gm, nodes, given).get(output)
+        if not isinstance(expected, torch.Tensor) or not isinstance(result, torch.Tensor) \
+                or result.shape != expected[:, some].shape \
+                or not torch.allclose(result, expected[:, some], rtol=1e-4, atol=1e-5):
             return None
-        if shape is None or len(shape) != 3:
-            return None
-        numbers = torch.arange(shape[2], dtype=torch.float64).expand(*shape)
-        channels = _per_head(_carry(gm, linear, node, numbers), site.num_heads)
-        if channels is None:
-            return None
-        inputs.append((linear, channels))
-    projection = site.node
+    return frozenset(nodes)
+
+
+def head_layout(gm: fx.GraphModule, block: Block) -> HeadLayout | None:
+    """The :class:`HeadLayout` of ``block``'s attention (fused or explicit), or None (see the module docstring).
+    Reads the example values of the graph's nodes: call it before the block is changed."""
+    site = block.attention
+    inputs = tuple(_head_input(gm, node, site.num_heads) for node in (site.q, site.k, site.v))
+    if any(head_input is None for head_input in inputs):
+        return None
+    attention = _apart(gm, inputs, site.output, site.num_heads, site.mask if site.kind == "sdpa" else None)
+    if attention is None:
+        return None
+    projection = site.output
     while projection is not None and not is_linear(gm, projection):
         users = _data_users(projection)
         projection = users[0] if len(users) == 1 else None
-    shape = getattr(site.node.meta.get("val"), "shape", None)
+    shape = getattr(site.output.meta.get("val"), "shape", None)
     if projection is None or not has_parameters(gm, projection) or shape is None or len(shape) != 4:
         return None
     codes = torch.arange(shape[1] * shape[3], dtype=torch.float64).view(1, shape[1], 1, shape[3]).expand(*shape)
-    if not _shape_read_only_by(site.node, set(between(gm, site.node, projection.args[0]))):
+    if not _shape_read_only_by(site.output, set(between(gm, site.output, projection.args[0]))):
         return None
-    carried = _carry(gm, site.node, projection.args[0], codes)
+    carried = _carry(gm, site.output, projection.args[0], codes)
     if carried is None or carried.dim() != 3 or carried.shape[2] != shape[1] * shape[3]:
         return None
     first = carried[:1, :1]
@@ -177,7 +272,7 @@ def head_layout(gm: fx.GraphModule, block: Block) -> HeadLayout | None:
         return None
     columns = torch.empty(shape[1] * shape[3], dtype=torch.long)
     columns[first[0, 0].long()] = torch.arange(first.numel())
-    return HeadLayout(tuple(inputs), (projection, _table(columns.view(shape[1], shape[3]))))
+    return HeadLayout(inputs, attention, (projection, _table(columns.view(shape[1], shape[3]))))
 
 
 def _table(numbers: torch.Tensor) -> tuple[tuple[int, ...], ...]:
