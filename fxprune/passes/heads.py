@@ -200,16 +200,18 @@ def _head_input(gm: fx.GraphModule, node: fx.Node, heads: int) -> HeadInput | No
 
 
 def _example(gm: fx.GraphModule, node: fx.Node, generator: torch.Generator) -> torch.Tensor:
-    """A value for ``node`` (a tensor): the attribute it reads, else random values of its example's shape and dtype
-    (zeros for integers)."""
+    """A value for ``node`` (a tensor): the attribute it reads, else random values of its example's shape, dtype and
+    device (zeros for integers)."""
     if node.op == "get_attr":
         return functools.reduce(getattr, node.target.split("."), gm)
     example = node.meta["val"]
     if example.dtype == torch.bool:
-        return torch.rand(example.shape, generator=generator) > 0.5
-    if not example.dtype.is_floating_point:
-        return torch.zeros(example.shape, dtype=example.dtype)
-    return torch.randn(example.shape, generator=generator, dtype=example.dtype)
+        value = torch.rand(example.shape, generator=generator) > 0.5
+    elif not example.dtype.is_floating_point:
+        value = torch.zeros(example.shape, dtype=example.dtype)
+    else:
+        value = torch.randn(example.shape, generator=generator, dtype=example.dtype)
+    return value.to(example.device)
 
 
 def _apart(gm: fx.GraphModule, inputs: tuple[HeadInput, ...], output: fx.Node, heads: int,
@@ -235,7 +237,8 @@ def _apart(gm: fx.GraphModule, inputs: tuple[HeadInput, ...], output: fx.Node, h
     for some in (list(range(1, heads)), []):
         given = {**others, **{start: every[start][:, some] for start in starts}}
         if mask in others:
-            given[mask] = mask_at_heads(others[mask], torch.tensor(some, dtype=torch.long), heads)
+            at = torch.tensor(some, dtype=torch.long, device=others[mask].device)
+            given[mask] = mask_at_heads(others[mask], at, heads)
         result = _evaluate(gm, nodes, given).get(output)
         if not isinstance(expected, torch.Tensor) or not isinstance(result, torch.Tensor) \
                 or result.shape != expected[:, some].shape \
