@@ -188,7 +188,7 @@ def test_heads_that_do_not_split_into_the_groups_are_refused_naming_the_block():
 class _CausalMixer(TokenMixer):
     def forward(self, tokens):
         b, n, c = tokens.shape
-        q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2) for t in self.to_qkv(tokens).chunk(3, dim=-1))
+        q, k, v = self.split(tokens)
         return self.out(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, n, c))
 
 
@@ -197,7 +197,7 @@ class _KeyMaskedMixer(TokenMixer):
 
     def forward(self, tokens):
         b, n, c = tokens.shape
-        q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2) for t in self.to_qkv(tokens).chunk(3, dim=-1))
+        q, k, v = self.split(tokens)
         bias = tokens[..., :1].transpose(1, 2).unsqueeze(1).sigmoid().log()
         weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(c // self.heads) + bias, dim=-1)
         return self.out((weights @ v).transpose(1, 2).reshape(b, n, c))

@@ -18,19 +18,19 @@ class HeadCountingMixer(TokenMixer):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         b, n, c = tokens.shape
-        q, k, v = (t.view(b, n, self.heads, c // self.heads).transpose(1, 2) for t in self.to_qkv(tokens).chunk(3, -1))
+        q, k, v = self.split(tokens)
         o = F.scaled_dot_product_attention(q, k, v)
         heads = o.shape[1]
         return self.out(o.transpose(1, 2).reshape(b, n, c)) * (heads / self.heads)
 
 
-def _fused_vit(mixer: type[TokenMixer]) -> HandWrittenViT:
-    """The hand-written ViT (three blocks, float64) with ``mixer``'s forward in every block's attention."""
+def _vit_with(mixer: type[TokenMixer], depth: int = 3, train: bool = False) -> HandWrittenViT:
+    """The hand-written ViT (float64, evaluation mode unless ``train``) with ``mixer`` as every block's attention."""
     torch.manual_seed(0)
-    model = HandWrittenViT(depth=3)
+    model = HandWrittenViT(depth=depth)
     for stage in model.stages:
-        stage.mix.__class__ = mixer
-    return model.double().eval()
+        stage.mix = mixer(48, 3)
+    return model.double().train(train)
 
 
 def _sliced(gm: torch.nn.Module) -> int:
@@ -54,22 +54,21 @@ def test_heads_are_cut_from_the_projections_where_the_attention_output_is_only_r
     class Mixer(TokenMixer):
         def forward(self, tokens: torch.Tensor) -> torch.Tensor:
             b, n, c = tokens.shape
-            q, k, v = (t.view(b, n, self.heads, c // self.heads).transpose(1, 2)
-                       for t in self.to_qkv(tokens).chunk(3, -1))
+            q, k, v = self.split(tokens)
             o = F.scaled_dot_product_attention(q, k, v)
             return self.out(o.transpose(1, 2).reshape(*o.shape[:1], n, c))  # reads the output's shape: a rearrangement
 
-    skipping = _skipping_equals_masked(_fused_vit(Mixer))
+    skipping = _skipping_equals_masked(_vit_with(Mixer))
     assert _sliced(skipping) == 2  # blocks 1 and 2
 
 
 def test_heads_are_not_cut_where_something_else_reads_how_many_heads_the_attention_output_has():
-    skipping = _skipping_equals_masked(_fused_vit(HeadCountingMixer))
+    skipping = _skipping_equals_masked(_vit_with(HeadCountingMixer))
     assert _sliced(skipping) == 0
 
 
 def test_heads_are_cut_around_an_explicit_attention_that_computes_each_head_apart():
-    skipping = _skipping_equals_masked(_fused_vit(TokenMixer))  # softmax(q @ kᵀ / √d) @ v written out
+    skipping = _skipping_equals_masked(_vit_with(TokenMixer))  # softmax(q @ kᵀ / √d) @ v written out
     assert _sliced(skipping) == 2
 
 
@@ -82,7 +81,7 @@ class TemperedMixer(TokenMixer):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         b, n, c = tokens.shape
-        q, k, v = (t.view(b, n, self.heads, c // self.heads).transpose(1, 2) for t in self.to_qkv(tokens).chunk(3, -1))
+        q, k, v = self.split(tokens)
         weights = torch.softmax(q @ k.transpose(-2, -1) * self.temperature, dim=-1)
         return self.out((weights @ v).transpose(1, 2).reshape(b, n, c))
 
@@ -92,20 +91,14 @@ class MapCountingMixer(TokenMixer):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         b, n, c = tokens.shape
-        q, k, v = (t.view(b, n, self.heads, c // self.heads).transpose(1, 2) for t in self.to_qkv(tokens).chunk(3, -1))
+        q, k, v = self.split(tokens)
         weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(c // self.heads), dim=-1)
         return self.out((weights @ v).transpose(1, 2).reshape(b, n, c)) * (weights.shape[1] / self.heads)
 
 
 @pytest.mark.parametrize("mixer", [TemperedMixer, MapCountingMixer], ids=["parameter-per-head", "map-read-elsewhere"])
 def test_heads_are_not_cut_where_the_attention_mixes_them_or_is_read_elsewhere(mixer):
-    torch.manual_seed(0)
-    model = HandWrittenViT(depth=3)
-    for stage in model.stages:
-        stage.mix = mixer(48, 3)
-    skipping = _skipping_equals_masked(model.double().eval())
-    assert _sliced(skipping) == 0
-
+    assert _sliced(_skipping_equals_masked(_vit_with(mixer))) == 0
 
 
 class NormedMixer(TokenMixer):
@@ -117,10 +110,9 @@ class NormedMixer(TokenMixer):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         b, n, c = tokens.shape
-        q, k, v = (t.view(b, n, self.heads, c // self.heads).transpose(1, 2) for t in self.to_qkv(tokens).chunk(3, -1))
+        q, k, v = self.split(tokens)
         weights = torch.softmax(self.q_norm(q) @ k.transpose(-2, -1) / math.sqrt(c // self.heads), dim=-1)
         return self.out((weights @ v).transpose(1, 2).reshape(b, n, c))
-
 
 
 class BatchNormedMixer(NormedMixer):
@@ -133,26 +125,17 @@ class BatchNormedMixer(NormedMixer):
 
 
 def test_finding_the_heads_runs_no_module_of_the_model_that_has_hooks_on_its_values():
-    torch.manual_seed(0)
-    model = HandWrittenViT(depth=4)
-    for stage in model.stages:
-        stage.mix = NormedMixer(48, 3)
+    model = _vit_with(NormedMixer, depth=4)
     seen = []
     model.stages[2].mix.q_norm.register_forward_hook(lambda module, inputs, output: seen.append(output))
-    model = model.double().eval()
     sliced = _sliced(fxprune.transform(model, AdaViT(0.5)))
     assert seen and not any(type(value) is torch.Tensor for value in seen)  # tracing shows it fake values only
     assert sliced == 2  # blocks 1 and 3; block 2's norm, hooked, is not run to find whether its heads are apart
     assert _sliced(_skipping_equals_masked(model)) == 2
 
 
-
 def test_finding_the_heads_does_not_run_a_module_with_buffers_of_a_model_in_training_mode():
-    torch.manual_seed(0)
-    model = HandWrittenViT(depth=3)
-    for stage in model.stages:
-        stage.mix = BatchNormedMixer(48, 3)
-    model = model.double().train()
+    model = _vit_with(BatchNormedMixer, train=True)
     before = {name: buffer.clone() for name, buffer in model.named_buffers()}
     fxprune.transform(model, AdaViT(0.5))
     for name, buffer in model.named_buffers():

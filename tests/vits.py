@@ -69,10 +69,15 @@ class TokenMixer(nn.Module):
         self.to_qkv = nn.Linear(width, 3 * width)
         self.out = nn.Linear(width, width)
 
+    def split(self, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q, k and v of ``tokens`` ``[B, N, C]``, each ``[B, H, N, C / H]``."""
+        b, n, c = tokens.shape
+        return tuple(t.view(b, n, self.heads, c // self.heads).transpose(1, 2)
+                     for t in self.to_qkv(tokens).chunk(3, dim=-1))
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         b, n, c = tokens.shape
-        q, k, v = self.to_qkv(tokens).chunk(3, dim=-1)
-        q, k, v = (t.view(b, n, self.heads, c // self.heads).transpose(1, 2) for t in (q, k, v))
+        q, k, v = self.split(tokens)
         weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(c // self.heads), dim=-1)
         return self.out((weights @ v).transpose(1, 2).reshape(b, n, c))
 
@@ -141,7 +146,7 @@ class BiasedMixer(TokenMixer):
 
     def forward(self, tokens):
         b, n, c = tokens.shape
-        q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2) for t in self.to_qkv(tokens).chunk(3, dim=-1))
+        q, k, v = self.split(tokens)
         weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(c // self.heads) + self.bias, dim=-1)
         return self.out((weights @ v).transpose(1, 2).reshape(b, n, c))
 
@@ -156,7 +161,7 @@ class RotatedMixer(TokenMixer):
 
     def forward(self, tokens):
         b, n, c = tokens.shape
-        q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2) for t in self.to_qkv(tokens).chunk(3, dim=-1))
+        q, k, v = self.split(tokens)
         q = torch.cat([q[:, :, :1], q[:, :, 1:] * self.table], dim=2)
         k = torch.cat([k[:, :, :1], k[:, :, 1:] * self.table], dim=2)
         weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(c // self.heads), dim=-1)
