@@ -119,7 +119,7 @@ def _evaluate(gm: fx.GraphModule, nodes: list[fx.Node], given: dict[fx.Node, Any
                     env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
                 else:
                     break
-            except (LookupError, RuntimeError, TypeError, ValueError, IndexError):
+            except (LookupError, RuntimeError, TypeError, ValueError, IndexError, AssertionError):
                 break
     return env
 
