@@ -7,7 +7,7 @@ passes; for the output projection, the attention's ``(head, element)`` numbers c
 input, which only a rearrangement may reach. Between those values and the attention's output, anything that
 computes each head from that head's own inputs (a scale, a norm over the head's channels, a rotary embedding, an
 explicit ``softmax(q @ kᵀ) @ v``) may run on fewer heads: that is checked by running those nodes on random inputs
-for every head and for some.
+for every head, for some and for none.
 """
 
 from __future__ import annotations
