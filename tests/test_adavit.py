@@ -109,6 +109,13 @@ def test_a_relative_position_bias_is_taken_at_the_used_rows_and_heads():
             model, lambda skip, layers=layers: AdaViT(0.5, layers, skip=skip, init_logit=0.0))
 
 
+def test_a_vit_whose_qkv_bias_is_joined_from_parameters_skips_what_it_masks():
+    beit = timm_vit("beit_base_patch16_224", img_size=32, patch_size=8, depth=3, embed_dim=64, num_heads=2,
+                    global_pool="token").double()  # q, k, v bias: cat(q_bias, k_bias, v_bias) in the graph
+    torch.nn.init.normal_(beit.head.weight)
+    _assert_skipping_computes_what_masking_does(beit, lambda skip: AdaViT(0.5, skip=skip, init_logit=0.0))
+
+
 def test_after_a_block_that_removes_rows_skipping_takes_the_tables_at_the_used_rows_original_positions():
     rotary = _rope_model()
     torch.nn.init.normal_(rotary.head.weight)

@@ -52,6 +52,16 @@ def _is_data(node: fx.Node, computed: set[fx.Node]) -> bool:
     return isinstance(value, torch.Tensor) if value is not None else node in computed
 
 
+def _linear_parameter(node: fx.Node, value: fx.Node, computed: set[fx.Node]) -> bool:
+    """Whether ``value`` is the weight or bias of the ``F.linear`` call ``node`` and is computed from parameters and
+    constants only (not in ``computed``), as BEiT's and EVA's q, k, v bias joined from its parts: the same for every
+    image and row."""
+    if value in computed or node.op != "call_function" or node.target is not torch.nn.functional.linear:
+        return False
+    arguments = {**dict(zip(("input", "weight", "bias"), node.args)), **node.kwargs}
+    return value is arguments.get("weight") or value is arguments.get("bias")
+
+
 def run_on_used(
     gm: fx.GraphModule, block: Block, nodes: list[fx.Node], entry: fx.Node, add: fx.Node, images: fx.Node,
     index: fx.Node, valid: fx.Node, per_image: dict[fx.Node, tuple[int, ...]], ready: set[fx.Node], batch: int,
@@ -76,7 +86,8 @@ def run_on_used(
     computed = _computed_from_inputs(gm)
     for node in nodes:
         for value in node.all_input_nodes:
-            if value in inside or value in ready or not _is_data(value, computed):
+            if value in inside or value in ready or not _is_data(value, computed) \
+                    or _linear_parameter(node, value, computed):
                 continue
             if value not in per_image:
                 raise UnsupportedModelError(
