@@ -29,6 +29,14 @@ def _rope_model():
     return timm_vit("vit_small_patch16_rope_224", img_size=32, patch_size=8, depth=4).double()
 
 
+def _joined_bias_model():
+    """BEiT, read at its class token: its q, k, v bias is cat(q_bias, k_bias, v_bias), computed in the graph."""
+    model = timm_vit("beit_base_patch16_224", img_size=32, patch_size=8, depth=3, embed_dim=64, num_heads=2,
+                     global_pool="token").double()
+    torch.nn.init.normal_(model.head.weight)  # timm starts this head at zero
+    return model
+
+
 def test_evaluation_graph_matches_the_official_block_in_float64():
     model = _model()
     gm = fxprune.transform(model, AdaViT(0.5))
@@ -110,10 +118,8 @@ def test_a_relative_position_bias_is_taken_at_the_used_rows_and_heads():
 
 
 def test_a_vit_whose_qkv_bias_is_joined_from_parameters_skips_what_it_masks():
-    beit = timm_vit("beit_base_patch16_224", img_size=32, patch_size=8, depth=3, embed_dim=64, num_heads=2,
-                    global_pool="token").double()  # q, k, v bias: cat(q_bias, k_bias, v_bias) in the graph
-    torch.nn.init.normal_(beit.head.weight)
-    _assert_skipping_computes_what_masking_does(beit, lambda skip: AdaViT(0.5, skip=skip, init_logit=0.0))
+    _assert_skipping_computes_what_masking_does(_joined_bias_model(),
+                                                lambda skip: AdaViT(0.5, skip=skip, init_logit=0.0))
 
 
 def test_after_a_block_that_removes_rows_skipping_takes_the_tables_at_the_used_rows_original_positions():
@@ -435,7 +441,8 @@ def test_show_draws_each_images_usage_and_reports_it_per_block(tmp_path, capsys)
 
 
 @pytest.mark.parametrize("build", [_model, lambda: hf_vit().double(), lambda: with_explicit_softmax(_model()),
-                                   _rope_model], ids=["timm", "hf", "explicit-softmax", "rotary"])
+                                   _rope_model, _joined_bias_model],
+                         ids=["timm", "hf", "explicit-softmax", "rotary", "joined-qkv-bias"])
 def test_unused_heads_are_not_computed_in_the_projections_around_the_attention(build):
     model = build()
     masked, skipping = _masked_and_skipping(model, init_logit=20.0)  # everything used, then half the heads

@@ -364,8 +364,9 @@ def _slice_used_heads(gm: fx.GraphModule, block: Block, parts: BlockParts, decis
         weight, bias = linear_parameters(gm, linear)
         source, names = linear.args[0], ["qkv"[position] for position in positions]
         tables = tuple(layout.inputs[position].channels for position in positions)
-        joint = insert_call(gm, max(source, channels, after, key=graph_order(gm)), project_heads,
-                            (source, weight, bias, tables, used), {}, block, f"used_{''.join(names)}")
+        read = [source, channels, after, *(value for value in (weight, bias) if value is not None)]
+        joint = insert_call(gm, max(read, key=graph_order(gm)), project_heads, (source, weight, bias, tables, used),
+                            {}, block, f"used_{''.join(names)}")
         for position, name, projected in zip(positions, names, unpack(gm, joint, block, tuple(
                 f"used_{name}" for name in names))):
             gated = _multiply(gm, block, projected, factor, f"gated_{name}", op=apply_factor)
@@ -378,7 +379,7 @@ def _slice_used_heads(gm: fx.GraphModule, block: Block, parts: BlockParts, decis
     projection.replace_all_uses_with(output)
     factors = [factor, channels]
     for first in [user for user in parts.mlp_input.users if is_linear(gm, user)]:
-        if not has_parameters(gm, first):  # its weight is computed: zero the channels instead
+        if not has_parameters(gm, first):  # its weight is computed from the input: zero the channels instead
             _multiply(gm, block, parts.mlp_input, decisions.channels, "gated_mlp_input",
                       users=functools.partial(operator.is_, first))
             factors.append(decisions.channels)

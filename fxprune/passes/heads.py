@@ -56,33 +56,51 @@ def is_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is nn.functional.linear
 
 
-def _parameter_targets(gm: fx.GraphModule, node: fx.Node) -> tuple[str, str | None] | None:
-    """The attribute paths of the weight and bias of the linear layer ``node`` applies, or None when they are
-    computed (e.g. a slice of a joint in-projection)."""
+def _of_parameters(value: fx.Node) -> bool:
+    """Whether ``value`` is computed from parameters and constants only (no input of the graph)."""
+    return not any(node.op == "placeholder" for node in ancestors([value]))
+
+
+def _parameter_targets(gm: fx.GraphModule, node: fx.Node) -> tuple[str | fx.Node, str | fx.Node | None] | None:
+    """The weight and bias of the linear layer ``node`` applies, each an attribute path where it is read as stored,
+    else the node that computes it from parameters and constants only (BEiT's q, k, v bias joined from its parts);
+    None when one is computed from the input."""
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         return f"{node.target}.weight", f"{node.target}.bias" if module.bias is not None else None
     weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
     bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    if not isinstance(weight, fx.Node) or weight.op != "get_attr":
+    given = [value for value in (weight, bias) if value is not None]
+    if weight is None or any(not isinstance(value, fx.Node) or not _of_parameters(value) for value in given):
         return None
-    if bias is not None and (not isinstance(bias, fx.Node) or bias.op != "get_attr"):
-        return None
-    return weight.target, None if bias is None else bias.target
+    return _target(weight), None if bias is None else _target(bias)
+
+
+def _target(value: fx.Node) -> str | fx.Node:
+    """The attribute path ``value`` reads, or ``value`` itself where it computes."""
+    return value.target if value.op == "get_attr" else value
 
 
 def has_parameters(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Whether the linear layer ``node`` applies reads its weight and bias as they are stored (not computed)."""
+    """Whether the linear layer ``node`` applies reads its weight and bias as stored or computed from parameters
+    and constants only (not from the input)."""
     return _parameter_targets(gm, node) is not None
 
 
 def linear_parameters(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, fx.Node | None]:
     """Nodes of the weight and bias (None: none) of the linear layer ``node`` applies (one of a
-    :class:`HeadLayout`), read at the start of the graph so that any node may use them."""
-    weight, bias = _parameter_targets(gm, node)
+    :class:`HeadLayout`): a stored one read at the start of the graph, so that any node may use it; a computed one
+    as it is (a node that uses it comes after it)."""
     start = next(n for n in gm.graph.nodes if n.op != "placeholder")
-    with gm.graph.inserting_before(start):
-        return gm.graph.get_attr(weight), None if bias is None else gm.graph.get_attr(bias)
+
+    def read(target: str | fx.Node | None) -> fx.Node | None:
+        if not isinstance(target, str):
+            return target
+        with gm.graph.inserting_before(start):
+            return gm.graph.get_attr(target)
+
+    weight, bias = _parameter_targets(gm, node)
+    return read(weight), read(bias)
 
 
 def _evaluate(gm: fx.GraphModule, nodes: list[fx.Node], given: dict[fx.Node, Any]) -> dict[fx.Node, Any]:

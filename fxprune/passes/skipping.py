@@ -22,7 +22,14 @@ from ..analysis import Block
 from ..errors import UnsupportedModelError
 from ..ops import graph_op
 from ..ops.emitting import emit
-from ..ops.gating import add_used_rows, batch_rows, take_rows
+from ..ops.gating import (
+    add_used_rows,
+    batch_rows,
+    project_from_heads,
+    project_head_channels,
+    project_heads,
+    take_rows,
+)
 from .common import between, graph_order, insert_call, reachable
 
 __all__ = [
@@ -52,11 +59,14 @@ def _is_data(node: fx.Node, computed: set[fx.Node]) -> bool:
     return isinstance(value, torch.Tensor) if value is not None else node in computed
 
 
+_LINEAR = (torch.nn.functional.linear, project_heads, project_from_heads, project_head_channels)  # (x, weight, bias…)
+
+
 def _linear_parameter(node: fx.Node, value: fx.Node, computed: set[fx.Node]) -> bool:
-    """Whether ``value`` is the weight or bias of the ``F.linear`` call ``node`` and is computed from parameters and
-    constants only (not in ``computed``), as BEiT's and EVA's q, k, v bias joined from its parts: the same for every
-    image and row."""
-    if value in computed or node.op != "call_function" or node.target is not torch.nn.functional.linear:
+    """Whether ``value`` is the weight or bias of the linear layer ``node`` (``F.linear`` or a head-sliced product)
+    and is computed from parameters and constants only (not in ``computed``), as BEiT's and EVA's q, k, v bias joined
+    from its parts: the same for every image and row."""
+    if value in computed or node.op != "call_function" or node.target not in _LINEAR:
         return False
     arguments = {**dict(zip(("input", "weight", "bias"), node.args)), **node.kwargs}
     return value is arguments.get("weight") or value is arguments.get("bias")
