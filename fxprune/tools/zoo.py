@@ -46,6 +46,22 @@ class Entry:
     source: str
     build: Callable[[], nn.Module]
 
+    def model(self) -> nn.Module:
+        """The model, with random weights (std 0.02, seeded) in each linear layer whose weights all start below
+        1e-3 (the classifiers of torchvision's ViT, at zero, and of timm's EVA and BEiT, scaled down) and ones in
+        each layer scale that starts tiny (a vector of one value below 1e-3, as DeiT III's and CaiT's): as built,
+        such a model gives every image nearly the same output, against which every check would pass."""
+        model = self.build()
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for layer in model.modules():
+                if isinstance(layer, nn.Linear) and layer.weight.abs().amax() < 1e-3:
+                    layer.weight.copy_(0.02 * torch.randn(layer.weight.shape, generator=generator))
+            for parameter in model.parameters():
+                if parameter.dim() == 1 and 0 < parameter[0].abs() < 1e-3 and (parameter == parameter[0]).all():
+                    parameter.fill_(1.0)
+        return model
+
 
 def _timm(name: str, **overrides) -> Entry:
     def build() -> nn.Module:
@@ -236,7 +252,7 @@ def try_entry(entry: Entry, names: Sequence[str] | None = None) -> list[Outcome]
     from ..analysis import analyse
     from ..planning import make_plan
 
-    model = entry.build()
+    model = entry.model()
     chosen = [method for method in methods() if names is None or method.name in names]
     try:
         program = analyse(model)
