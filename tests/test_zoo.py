@@ -5,9 +5,8 @@ import functools
 from pathlib import Path
 
 import pytest
-import torch
 
-from fxprune.tools.zoo import MARKERS, ZOO, Outcome, _images, _tensor, table, try_all, with_table
+from fxprune.tools.zoo import MARKERS, ZOO, Outcome, table, try_all, with_table
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -34,17 +33,6 @@ def test_each_method_is_rewritten_and_checked_or_refused_with_a_reason(entry):
         assert outcome.sound, f"{entry.name} with {outcome.method} fails its checks: {outcome}"
         if not outcome.rewritten:  # the reason names the part of the model it is about
             assert any(part in outcome.refusal for part in ("block", "node", "no attention", "class token"))
-
-
-def test_every_rewritten_zoo_model_gives_different_images_clearly_different_outputs():
-    for entry in ZOO:  # else its checks (batched against alone to 1e-4, reduction off to 1e-5) could not fail
-        if not any(outcome.rewritten for outcome in _outcomes(entry)):
-            continue
-        model = entry.model()
-        x = _images(model)
-        with torch.no_grad():
-            outputs = _tensor(model(x))
-        assert (outputs - outputs[:1]).abs().amax() > 1e-2, entry.name
 
 
 def test_plain_vits_and_each_source_take_every_parameter_free_method():

@@ -191,6 +191,7 @@ class Outcome:
     batch_error: float | None = None
     identity_error: float | None = None
     dense_output: bool = False
+    spread: float | None = None  # how far apart the model's own outputs for the batch's images are
 
     @property
     def rewritten(self) -> bool:
@@ -199,13 +200,15 @@ class Outcome:
     @property
     def sound(self) -> bool:
         """Refused with a reason, or rewritten with fewer MACs (or an adaptive method's), each image of a batch
-        given what it gets alone and the identity setting reproducing the model."""
+        given what it gets alone and the identity setting reproducing the model, on a model whose outputs for the
+        batch's images are more than 1e-2 apart (else those checks could not fail)."""
         if not self.rewritten:
             return bool(self.refusal)
         fewer = self.macs_ratio is None or self.macs_ratio > 1.0
         alone = self.batch_error is not None and self.batch_error <= 1e-4
         identity = self.identity_error is None or self.identity_error <= 1e-5
-        return fewer and alone and identity
+        telling = self.spread is not None and self.spread > 1e-2
+        return fewer and alone and identity and telling
 
 
 def _tensor(output: object) -> torch.Tensor:
@@ -237,12 +240,13 @@ def try_method(model: nn.Module, name: str, method: Method, layers: Sequence[int
         return Outcome(name, method.name, refusal=str(error))
     x = _images(model)
     with torch.no_grad():
-        together = _tensor(gm(x))
+        together, original = _tensor(gm(x)), _tensor(model(x))
         batch_error = max(_largest_gap(together[i:i + 1], _tensor(gm(x[i:i + 1]))) for i in range(x.shape[0]))
-        identity_error = None if identity is None else _largest_gap(_tensor(identity(x)), _tensor(model(x)))
+        identity_error = None if identity is None else _largest_gap(_tensor(identity(x)), original)
+    spread = max(_largest_gap(original[i:i + 1], original[:1]) for i in range(1, x.shape[0]))
     plan = gm.fxprune_plan
     ratio = None if method.adaptive else plan.macs_before / plan.macs_after
-    return Outcome(name, method.name, None, ratio, batch_error, identity_error, dense)
+    return Outcome(name, method.name, None, ratio, batch_error, identity_error, dense, spread)
 
 
 def try_entry(entry: Entry, names: Sequence[str] | None = None) -> list[Outcome]:
