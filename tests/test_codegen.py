@@ -88,3 +88,16 @@ def test_saving_a_model_pickles_its_graph_as_it_is_and_leaves_its_forward_alone(
     assert type(fast).forward is forward  # saving does not recompile
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), fast(x) + 1.0, atol=1e-6, rtol=0)
+
+
+
+def test_a_model_pickled_before_emit_moved_still_loads():
+    model = timm_vit("deit_small_patch16_224", depth=2)
+    fast = fxprune.transform(model, fxprune.AdaViT(0.5))
+    load, (body, *codes) = fast.__reduce__()
+    moved, was = "from fxprune.ops.emitting import emit as", "from fxprune.passes.learned import emit as"
+    before = [(source, imports.replace(moved, was)) for source, imports in codes]
+    assert all(moved in imports for _, imports in codes) and not any(moved in imports for _, imports in before)
+    x = image_batch(model)
+    with torch.no_grad():
+        torch.testing.assert_close(load(body, *before)(x), fast(x), atol=0, rtol=0)

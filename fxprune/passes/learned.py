@@ -28,6 +28,7 @@ from torch.fx.graph_module import _copy_attr, reduce_graph_module
 from ..analysis import Block
 from ..capture.codegen import direct_forward, pickled_code
 from ..errors import PolicyError
+from ..ops.emitting import emit  # noqa: F401  (here before it moved: a model pickled then imports it from here)
 from .common import Role, insert_call
 from .skipping import call_module, run_if_used
 
