@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import operator
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -223,6 +224,11 @@ def ancestors(nodes: Iterable[fx.Node]) -> set[fx.Node]:
 def descendants(node: fx.Node) -> set[fx.Node]:
     """Every node computed from ``node`` (not ``node`` itself)."""
     return reachable(node.users, lambda user: user.users)
+
+
+def attribute(gm: fx.GraphModule, node: fx.Node) -> object:
+    """The value the ``get_attr`` node ``node`` reads from ``gm``; None for any other node."""
+    return functools.reduce(getattr, node.target.split("."), gm) if node.op == "get_attr" else None
 
 
 def between(gm: fx.GraphModule, start: fx.Node, stop: fx.Node) -> list[fx.Node]:

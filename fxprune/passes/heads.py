@@ -13,7 +13,6 @@ for every head, for some and for none.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import torch
@@ -22,9 +21,12 @@ from torch import nn
 
 from ..analysis import Block
 from ..ops.gating import mask_at_heads
-from .common import ancestors, between, descendants, reachable
+from .common import ancestors, attribute, between, reachable
 
-__all__ = ["HeadInput", "HeadLayout", "head_layout", "is_linear", "producer", "has_parameters", "linear_parameters"]
+__all__ = [
+    "HeadInput", "HeadLayout", "head_layout", "is_linear", "producer", "has_parameters", "linear_parameters",
+    "weight_and_bias",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +58,13 @@ def is_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is nn.functional.linear
 
 
+def weight_and_bias(node: fx.Node) -> tuple[Any, Any]:
+    """The weight and bias arguments of a call of ``F.linear``, or of a product that takes ``(x, weight, bias, …)``
+    as it does (None where not given)."""
+    return (node.args[1] if len(node.args) > 1 else node.kwargs.get("weight"),
+            node.args[2] if len(node.args) > 2 else node.kwargs.get("bias"))
+
+
 def _of_parameters(value: fx.Node) -> bool:
     """Whether ``value`` is computed from parameters and constants only (no input of the graph)."""
     return not any(node.op == "placeholder" for node in ancestors([value]))
@@ -68,8 +77,7 @@ def _parameter_targets(gm: fx.GraphModule, node: fx.Node) -> tuple[str | fx.Node
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         return f"{node.target}.weight", f"{node.target}.bias" if module.bias is not None else None
-    weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    weight, bias = weight_and_bias(node)
     given = [value for value in (weight, bias) if value is not None]
     if weight is None or any(not isinstance(value, fx.Node) or not _of_parameters(value) for value in given):
         return None
@@ -221,7 +229,7 @@ def _example(gm: fx.GraphModule, node: fx.Node, generator: torch.Generator) -> t
     """A value for ``node`` (a tensor): the attribute it reads, else random values of its example's shape, dtype and
     device (zeros for integers)."""
     if node.op == "get_attr":
-        return functools.reduce(getattr, node.target.split("."), gm)
+        return attribute(gm, node)
     example = node.meta["val"]
     if example.dtype == torch.bool:
         value = torch.rand(example.shape, generator=generator) > 0.5
@@ -240,7 +248,7 @@ def _apart(gm: fx.GraphModule, inputs: tuple[HeadInput, ...], output: fx.Node, h
     their result for every head, where ``mask`` (an SDPA call's mask; None: none) is taken at those heads too
     (:func:`~fxprune.ops.gating.mask_at_heads`). None otherwise."""
     starts = {head_input.node for head_input in inputs}
-    inside = set().union(*(descendants(start) for start in starts)) & ancestors([output])
+    inside = {node for start in starts for node in between(gm, start, output)}
     nodes = [node for node in gm.graph.nodes if node in inside]
     if any(user not in inside for node in nodes if node is not output for user in node.users):
         return None

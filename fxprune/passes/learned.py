@@ -15,7 +15,6 @@ weights, and auxiliary values for losses.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from ..analysis import Block
 from ..capture.codegen import direct_forward, pickled_code
 from ..errors import PolicyError
 from ..ops.emitting import emit  # noqa: F401  (here before it moved: a model pickled then imports it from here)
-from .common import Role, insert_call
+from .common import Role, attribute, insert_call
 from .skipping import call_module, run_if_used
 
 __all__ = [
@@ -122,10 +121,6 @@ def _identity_in_eval(module: object) -> bool:
         (kind.__module__.startswith("torchvision.") and kind.__name__ == "StochasticDepth")
 
 
-def _attribute(gm: fx.GraphModule, node: fx.Node) -> object:
-    return functools.reduce(getattr, node.target.split("."), gm) if node.op == "get_attr" else None
-
-
 def drop_eval_identities(gm: fx.GraphModule) -> None:
     """Remove from ``gm``'s graph, which runs in evaluation mode only (the evaluation graph of a
     :class:`TrainEvalGraphModule`), the calls of modules that return their input there (:func:`_identity_in_eval`),
@@ -138,9 +133,9 @@ def drop_eval_identities(gm: fx.GraphModule) -> None:
             gm.graph.erase_node(node)
         elif node.op == "call_function" and node.target is run_if_used:
             images, sublayer, *inputs = node.args
-            part = _attribute(gm, sublayer)
+            part = attribute(gm, sublayer)
             kept = [value for value, slot in zip(inputs, part.graph.find_nodes(op="placeholder"))
-                    if not (_identity_in_eval(_attribute(gm, value)) and _pass_through(part, slot))]
+                    if not (_identity_in_eval(attribute(gm, value)) and _pass_through(part, slot))]
             part.recompile()
             node.args = (images, sublayer, *kept)
     gm.graph.eliminate_dead_code()

@@ -31,6 +31,7 @@ from ..ops.gating import (
     take_rows,
 )
 from .common import between, graph_order, insert_call, reachable
+from .heads import weight_and_bias
 
 __all__ = [
     "sublayer_nodes", "run_on_used", "run_if_used", "call_module", "move_apart", "erase_unused", "unpack",
@@ -68,8 +69,7 @@ def _linear_parameter(node: fx.Node, value: fx.Node, computed: set[fx.Node]) -> 
     from its parts: the same for every image and row."""
     if value in computed or node.op != "call_function" or node.target not in _LINEAR:
         return False
-    arguments = {**dict(zip(("input", "weight", "bias"), node.args)), **node.kwargs}
-    return value is arguments.get("weight") or value is arguments.get("bias")
+    return any(value is argument for argument in weight_and_bias(node))
 
 
 def run_on_used(
