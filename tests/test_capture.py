@@ -8,7 +8,7 @@ from torch import nn
 from vits import ALL_MODELS, hf_vit, image_batch, logits, timm_vit, torchvision_vit
 
 import fxprune
-from fxprune.capture import default_example_inputs
+from fxprune.capture import default_example_inputs, reusing_captures, tracer
 from fxprune.errors import TraceError
 
 
@@ -129,16 +129,31 @@ def test_example_inputs_follow_the_declared_image_size():
         default_example_inputs(torchvision.models.resnet18())
 
 
-def test_traced_module_survives_save_and_load():
-    model = hf_vit()
-    gm = fxprune.trace(model)
+def _saved_and_loaded(gm: nn.Module) -> nn.Module:
     buffer = io.BytesIO()
     torch.save(gm, buffer)
     buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=False)
+    return torch.load(buffer, weights_only=False)
+
+
+def test_traced_module_survives_save_and_load():
+    model = hf_vit()
+    loaded = _saved_and_loaded(fxprune.trace(model))
     assert isinstance(loaded, fx.GraphModule)
     x = image_batch(model)
     torch.testing.assert_close(loaded(x).logits, model(x).logits)
+
+
+def test_a_model_transformed_from_a_copy_of_a_capture_survives_save_and_load():
+    model = hf_vit()
+    policy = fxprune.TopK(keep_rate=0.5, layers=(1,))
+    with reusing_captures():
+        fxprune.trace(model)
+        copied = fxprune.transform(model, policy)  # from a copy of the capture above
+    for gm in (copied, fxprune.transform(fxprune.trace(model), policy)):  # a capture given to transform is copied
+        x = image_batch(model)
+        with torch.no_grad():
+            torch.testing.assert_close(_saved_and_loaded(gm)(x).logits, gm(x).logits, atol=0, rtol=0)
 
 
 def _failing_add() -> None:
@@ -162,3 +177,36 @@ def test_an_op_failing_on_fake_tensors_raises_without_torch_printing_its_traceba
     with FakeTensorMode():  # leaving it restores torch's logging
         _failing_add()
     assert "failed while attempting to run meta" in capfd.readouterr().err + caplog.text
+
+
+def test_within_reusing_captures_a_model_is_traced_once_per_input_layout_and_mode(monkeypatch):
+    traced, capture = [], tracer._capture
+
+    def counted(model, *args, **kwargs):
+        traced.append(model)
+        return capture(model, *args, **kwargs)
+
+    monkeypatch.setattr(tracer, "_capture", counted)
+    model, other = timm_vit("deit_small_patch16_224", depth=2), timm_vit("deit_small_patch16_224", depth=2)
+    x = image_batch(model, batch=3)
+    with reusing_captures():
+        gms = [fxprune.transform(model, fxprune.TopK(keep_rate=0.5, layers=(1,))), fxprune.analyse(model).gm]
+        with reusing_captures():  # an inner block shares the outer one's captures
+            gms.append(fxprune.transform(model, fxprune.ToMe(r=4), copy_weights=True))
+        assert len(traced) == 1
+        fxprune.trace(model, (x,))
+        fxprune.trace(model.train())
+        fxprune.trace(other)
+        assert traced == [model] * 3 + [other]
+        model.eval()
+    fxprune.trace(model)
+    assert len(traced) == 5  # the captures end with the block
+    topk, captured, tome = gms
+    with torch.no_grad():  # each copy is a model of its own: rewriting one leaves the others as they were
+        expected = {"topk": fxprune.transform(model, fxprune.TopK(keep_rate=0.5, layers=(1,)))(x),
+                    "tome": fxprune.transform(model, fxprune.ToMe(r=4))(x)}
+        torch.testing.assert_close(topk(x), expected["topk"], atol=0, rtol=0)
+        torch.testing.assert_close(tome(x), expected["tome"], atol=0, rtol=0)
+        torch.testing.assert_close(captured(x), model(x), atol=1e-5, rtol=0)
+    assert topk.get_parameter("blocks.0.attn.qkv.weight") is model.blocks[0].attn.qkv.weight  # shared, as always
+    assert tome.get_parameter("blocks.0.attn.qkv.weight") is not model.blocks[0].attn.qkv.weight  # copied on request

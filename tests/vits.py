@@ -194,11 +194,13 @@ def logits(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.logits
 
 
-def assert_same_outputs(rewritten: nn.Module, model: nn.Module, atol: float = 1e-5) -> None:
-    """``rewritten`` gives ``model``'s class scores, to ``atol``, on a batch of three images."""
+def assert_same_outputs(rewritten: nn.Module, model: nn.Module, atol: float = 1e-5, what: str = "") -> None:
+    """``rewritten`` gives ``model``'s class scores, to ``atol``, on a batch of three images (a failure names
+    ``what``)."""
     x = image_batch(model, batch=3)
     with torch.no_grad():
-        torch.testing.assert_close(logits(rewritten(x)), logits(model(x)), atol=atol, rtol=0)
+        torch.testing.assert_close(logits(rewritten(x)), logits(model(x)), atol=atol, rtol=0,
+                                   msg=lambda message: f"{what}: {message}" if what else message)
 
 
 def assert_compiles_once(gm: nn.Module, model: nn.Module) -> None:

@@ -14,17 +14,20 @@ reads, so every layer after a token-selection node adapts to fewer tokens) with 
 ``nn.MultiheadAttention`` leaves are then decomposed into ``linear -> SDPA -> linear`` nodes so that
 the attention passes see them like any other attention.
 
-Modules: :mod:`.tracer` builds the ``GraphModule`` (:func:`trace`), :mod:`.values` propagates example
-values on fake tensors (:func:`propagate`), :mod:`.mha` decomposes ``nn.MultiheadAttention``, :mod:`.codegen` writes
-the code a transformed model runs (its modules and parameters read directly).
+Modules: :mod:`.tracer` builds the ``GraphModule`` (:func:`trace`; :func:`reusing_captures` for work that
+rewrites one model many times), :mod:`.values` propagates example values on fake tensors (:func:`propagate`),
+:mod:`.mha` decomposes ``nn.MultiheadAttention``, :mod:`.codegen` writes the code a transformed model runs (its
+modules and parameters read directly).
 """
 
 from .mha import decompose_multihead_attention as decompose_multihead_attention
-from .tracer import Guard, TraceInfo, default_example_inputs, trace
+from .tracer import Guard, TraceInfo, default_example_inputs, reusing_captures, trace
 from .tracer import ReloadTracer as ReloadTracer  # graphs saved before the split name fxprune.capture.ReloadTracer
 from .values import ValuePropagationError, propagate
 from .values import example_inputs_like as example_inputs_like
 from .values import fake_mode as fake_mode
 from .values import fake_weights as fake_weights
 
-__all__ = ["trace", "TraceInfo", "Guard", "default_example_inputs", "propagate", "ValuePropagationError"]
+__all__ = [
+    "trace", "reusing_captures", "TraceInfo", "Guard", "default_example_inputs", "propagate", "ValuePropagationError",
+]

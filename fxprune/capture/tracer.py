@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import inspect
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -319,14 +320,56 @@ def trace(
     example_inputs = tuple(example_inputs) if example_inputs is not None else default_example_inputs(model)
     if _fxprune_trace(model) is not None:
         return _recapture(model, example_inputs, copy_weights)
+    if _STORES:
+        return _copy_model(_stored_capture(_STORES[-1], model, example_inputs), copy_weights)
+    return _capture(model, example_inputs, copy_weights)
+
+
+# Captures made within the reusing_captures blocks entered and not left: (model, its inputs' and mode's key, capture)
+_STORES: list[list[tuple[nn.Module, tuple, fx.GraphModule]]] = []
+
+
+@contextlib.contextmanager
+def reusing_captures() -> Iterator[None]:
+    """Within the block, :func:`trace` captures a model once for each example-input layout (shapes, dtypes,
+    devices) and train/eval mode, and hands out copies of that capture: each with its own modules and the model's
+    parameters and buffers (``copy_weights=True``: copies of them), as a capture of its own would have.
+
+    For work that rewrites one model many times (the setting search of ``fxprune bench``, the zoo): tracing is the
+    largest part of a small model's :func:`~fxprune.transform`. Within the block the model must keep its modules
+    and attributes; a parameter changed in place is seen (it is shared), one replaced is not. A block within a block
+    shares the outer block's captures.
+    """
+    _STORES.append(_STORES[-1] if _STORES else [])
+    try:
+        yield
+    finally:
+        _STORES.pop()
+
+
+def _stored_capture(
+    store: list[tuple[nn.Module, tuple, fx.GraphModule]], model: nn.Module, example_inputs: tuple[torch.Tensor, ...]
+) -> fx.GraphModule:
+    """The capture of ``model`` on inputs like ``example_inputs`` in ``store``, made and stored when missing."""
+    key = (model.training, *((tuple(t.shape), t.dtype, t.device) for t in example_inputs))
+    for owner, owner_key, gm in store:
+        if owner is model and owner_key == key:
+            return gm
+    gm = _capture(model, example_inputs, copy_weights=False)
+    store.append((model, key, gm))
+    return gm
+
+
+def _capture(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], copy_weights: bool) -> fx.GraphModule:
+    """:func:`trace` of a model that is not a capture of fxprune's."""
     root = _copy_model(model, copy_weights)
     info = TraceInfo(type(model).__name__, [tuple(t.shape) for t in example_inputs])
     info.prefix_tokens_attr = _int_attr(model, "num_prefix_tokens")
     info.class_token_attr = _class_token_attr(model)
     graph, tracer = _trace_with_leaf_retries(root, example_inputs, info)
     info.guards = tracer.guards
+    graph._tracer_cls = ReloadTracer  # torch.load re-traces the generated code with it, also a copy's (deepcopy)
     gm = DirectGraphModule(root, graph, class_name=type(root).__name__)
-    gm._tracer_cls = ReloadTracer  # torch.load re-traces the generated code with it
     for node in gm.graph.find_nodes(op="get_attr"):
         if "val" not in node.meta:  # tensor constants created by the tracer
             value = _fetch_attr(gm, node.target)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+from ..capture import reusing_captures
 from ..counting import MacCounter
 from ..methods import method_of
 from ..pipeline import transform
@@ -146,8 +147,9 @@ def run(
     loader = DataLoader(share if world > 1 else dataset, batch_size=batch_size, shuffle=False)
     example = next(iter(loader))[0][:2]
     models: dict[str, tuple[nn.Module, Policy | Compose | None]] = {"dense": (model, None)}
-    for policy in policies:
-        models[_describe(policy)] = (transform(model, policy, example_inputs=(example,)), policy)
+    with reusing_captures():  # the model is captured once for every policy
+        for policy in policies:
+            models[_describe(policy)] = (transform(model, policy, example_inputs=(example,)), policy)
     rows, dense = [], None
     per_image = any(_per_image(policy) for _, policy in models.values())
     images = torch.cat([x for x, _ in loader]) if per_image else None  # run one by one for their MACs

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..analysis import analyse
+from ..capture import reusing_captures
 from ..methods import Method, SweepContext, method_of, methods
 from ..methods.evit import EViT
 from ..methods.tome import ToMe
@@ -28,6 +29,7 @@ __all__ = [
 ]
 
 
+@reusing_captures()  # the model is captured once for every step
 def fit_policy(
     model: nn.Module,
     family: Callable[[Any], Policy],
@@ -101,6 +103,7 @@ def fit_method(
                       fractions)
 
 
+@reusing_captures()
 def keep_rate_for(
     model: nn.Module, method: type[EViT], layers: Sequence[int], fraction: float, example_inputs=None
 ) -> float:
@@ -110,6 +113,7 @@ def keep_rate_for(
     return fit_method(method_of(method), ctx, fraction).keep_rate
 
 
+@reusing_captures()
 def tome_r_for(model: nn.Module, fraction: float, example_inputs=None) -> int:
     """The ``r`` at which ``ToMe(r)`` (every block) leaves at most ``fraction`` of the dense MACs, as close as
     possible."""
@@ -125,11 +129,13 @@ def default_layers(model: nn.Module, example_inputs=None) -> tuple[int, ...]:
     return _quarters(len(analyse(model, example_inputs).blocks))
 
 
+@reusing_captures()
 def default_policy(model: nn.Module, fraction: float = 0.70, example_inputs=None) -> EViT:
     """EViT at :func:`default_layers`, keeping the tokens that leave ``fraction`` of the dense MACs."""
     return fit_method(method_of(EViT), sweep_context(model, None, example_inputs), fraction)
 
 
+@reusing_captures()  # the model is captured once for every fit
 def sweep_policies(
     model: nn.Module,
     layers: Sequence[int] | None,

@@ -26,8 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from ..capture import reusing_captures
 from ..errors import FxPruneError
 from ..methods import Method, methods
+from ..policies import Policy
 
 __all__ = [
     "Entry", "Glance", "TINY_VIT", "Outcome", "ZOO", "try_method", "try_entry", "try_all", "short_reason", "table",
@@ -228,6 +230,15 @@ def _largest_gap(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max()) if a.shape == b.shape else math.inf
 
 
+def _checked_once(model: nn.Module, policy: Policy) -> nn.Module:
+    """``transform(model, policy)`` with its shapes checked at the captured batch size only: the identity setting
+    is a rewrite of the same kind as the example setting, whose second batch size is checked, and it runs on the
+    zoo's three images, another batch size, for real."""
+    from ..pipeline import rewrite
+
+    return rewrite(model, policy, None, copy_weights=False, second_batch=False)[0]
+
+
 def try_method(model: nn.Module, name: str, method: Method, layers: Sequence[int] = LAYERS) -> Outcome:
     """``method``'s example setting at ``layers`` on ``model`` (called ``name``): see the module docstring."""
     from ..pipeline import transform
@@ -235,7 +246,7 @@ def try_method(model: nn.Module, name: str, method: Method, layers: Sequence[int
     try:
         gm = transform(model, method.example(tuple(layers)))
         dense = any("a dense output" in note for note in gm.fxprune_plan.notes)
-        identity = None if method.identity is None else transform(model, method.identity(tuple(layers)))
+        identity = None if method.identity is None else _checked_once(model, method.identity(tuple(layers)))
     except FxPruneError as error:
         return Outcome(name, method.name, refusal=str(error))
     x = _images(model)
@@ -251,26 +262,28 @@ def try_method(model: nn.Module, name: str, method: Method, layers: Sequence[int
 
 def try_entry(entry: Entry, names: Sequence[str] | None = None) -> list[Outcome]:
     """Every registered method (those named in ``names``) on ``entry``'s model, each at the blocks of
-    :data:`LAYERS` that the model has (block 0 when it has one). The model is analysed once: a method its plan
-    refuses gets the error that ``transform`` would raise there, which starts with the same analysis and plan."""
+    :data:`LAYERS` that the model has (block 0 when it has one). The model is captured once for every method
+    (:func:`~fxprune.capture.reusing_captures`) and analysed once: a method its plan refuses gets the error that
+    ``transform`` would raise there, which starts with the same analysis and plan."""
     from ..analysis import analyse
     from ..planning import make_plan
 
     model = entry.model()
     chosen = [method for method in methods() if names is None or method.name in names]
-    try:
-        program = analyse(model)
-    except FxPruneError as error:
-        return [Outcome(entry.name, method.name, refusal=str(error)) for method in chosen]
-    layers = tuple(layer for layer in LAYERS if layer < len(program.blocks)) or (0,)
-    outcomes = []
-    for method in chosen:
+    with reusing_captures():
         try:
-            make_plan(program, method.example(layers))
+            program = analyse(model)
         except FxPruneError as error:
-            outcomes.append(Outcome(entry.name, method.name, refusal=str(error)))
-            continue
-        outcomes.append(try_method(model, entry.name, method, layers))
+            return [Outcome(entry.name, method.name, refusal=str(error)) for method in chosen]
+        layers = tuple(layer for layer in LAYERS if layer < len(program.blocks)) or (0,)
+        outcomes = []
+        for method in chosen:
+            try:
+                make_plan(program, method.example(layers))
+            except FxPruneError as error:
+                outcomes.append(Outcome(entry.name, method.name, refusal=str(error)))
+                continue
+            outcomes.append(try_method(model, entry.name, method, layers))
     return outcomes
 
 
