@@ -226,6 +226,12 @@ def descendants(node: fx.Node) -> set[fx.Node]:
     return reachable(node.users, lambda user: user.users)
 
 
+def computed_from_inputs(gm: fx.GraphModule) -> set[fx.Node]:
+    """The inputs of ``gm``'s graph and every node computed from them; the others are computed from parameters and
+    constants only."""
+    return reachable(gm.graph.find_nodes(op="placeholder"), lambda node: node.users)
+
+
 def attribute(gm: fx.GraphModule, node: fx.Node) -> object:
     """The value the ``get_attr`` node ``node`` reads from ``gm``; None for any other node."""
     return functools.reduce(getattr, node.target.split("."), gm) if node.op == "get_attr" else None

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..analysis import Block
 from ..ops.gating import mask_at_heads
-from .common import ancestors, attribute, between, reachable
+from .common import attribute, between, computed_from_inputs, reachable
 
 __all__ = [
     "HeadInput", "HeadLayout", "head_layout", "is_linear", "producer", "has_parameters", "linear_parameters",
@@ -65,11 +65,6 @@ def weight_and_bias(node: fx.Node) -> tuple[Any, Any]:
             node.args[2] if len(node.args) > 2 else node.kwargs.get("bias"))
 
 
-def _of_parameters(value: fx.Node) -> bool:
-    """Whether ``value`` is computed from parameters and constants only (no input of the graph)."""
-    return not any(node.op == "placeholder" for node in ancestors([value]))
-
-
 def _parameter_targets(gm: fx.GraphModule, node: fx.Node) -> tuple[str | fx.Node, str | fx.Node | None] | None:
     """The weight and bias of the linear layer ``node`` applies, each an attribute path where it is read as stored,
     else the node that computes it from parameters and constants only (BEiT's q, k, v bias joined from its parts);
@@ -79,7 +74,8 @@ def _parameter_targets(gm: fx.GraphModule, node: fx.Node) -> tuple[str | fx.Node
         return f"{node.target}.weight", f"{node.target}.bias" if module.bias is not None else None
     weight, bias = weight_and_bias(node)
     given = [value for value in (weight, bias) if value is not None]
-    if weight is None or any(not isinstance(value, fx.Node) or not _of_parameters(value) for value in given):
+    from_inputs = computed_from_inputs(gm)
+    if weight is None or any(not isinstance(value, fx.Node) or value in from_inputs for value in given):
         return None
     return _target(weight), None if bias is None else _target(bias)
 

@@ -30,7 +30,7 @@ from ..ops.gating import (
     project_heads,
     take_rows,
 )
-from .common import between, graph_order, insert_call, reachable
+from .common import between, computed_from_inputs, graph_order, insert_call, reachable
 from .heads import weight_and_bias
 
 __all__ = [
@@ -48,26 +48,23 @@ def sublayer_nodes(gm: fx.GraphModule, entry: fx.Node, exit: fx.Node, outside: s
     return [node for node in between(gm, entry, exit) if node not in outside]
 
 
-def _computed_from_inputs(gm: fx.GraphModule) -> set[fx.Node]:
-    return reachable(gm.graph.find_nodes(op="placeholder"), lambda node: node.users)
-
-
-def _is_data(node: fx.Node, computed: set[fx.Node]) -> bool:
-    """Whether ``node`` is a tensor computed from the inputs (not a parameter, constant or shape)."""
+def _is_data(node: fx.Node, from_inputs: set[fx.Node]) -> bool:
+    """Whether ``node`` is a tensor computed from the inputs (not a parameter, constant or shape); ``from_inputs``:
+    :func:`~fxprune.passes.common.computed_from_inputs`."""
     if node.op == "get_attr":
         return False
     value = node.meta.get("val")
-    return isinstance(value, torch.Tensor) if value is not None else node in computed
+    return isinstance(value, torch.Tensor) if value is not None else node in from_inputs
 
 
 _LINEAR = (torch.nn.functional.linear, project_heads, project_from_heads, project_head_channels)  # (x, weight, bias…)
 
 
-def _linear_parameter(node: fx.Node, value: fx.Node, computed: set[fx.Node]) -> bool:
+def _linear_parameter(node: fx.Node, value: fx.Node, from_inputs: set[fx.Node]) -> bool:
     """Whether ``value`` is the weight or bias of the linear layer ``node`` (``F.linear`` or a head-sliced product)
-    and is computed from parameters and constants only (not in ``computed``), as BEiT's and EVA's q, k, v bias joined
-    from its parts: the same for every image and row."""
-    if value in computed or node.op != "call_function" or node.target not in _LINEAR:
+    and is computed from parameters and constants only (not in ``from_inputs``), as BEiT's and EVA's q, k, v bias
+    joined from its parts: the same for every image and row."""
+    if value in from_inputs or node.op != "call_function" or node.target not in _LINEAR:
         return False
     return any(value is argument for argument in weight_and_bias(node))
 
@@ -93,11 +90,11 @@ def run_on_used(
     residual = next(arg for arg in add.args[:2] if arg is not exit)
     taken: dict[fx.Node, fx.Node] = {}
     created: list[fx.Node] = []
-    computed = _computed_from_inputs(gm)
+    from_inputs = computed_from_inputs(gm)
     for node in nodes:
         for value in node.all_input_nodes:
-            if value in inside or value in ready or not _is_data(value, computed) \
-                    or _linear_parameter(node, value, computed):
+            if value in inside or value in ready or not _is_data(value, from_inputs) \
+                    or _linear_parameter(node, value, from_inputs):
                 continue
             if value not in per_image:
                 raise UnsupportedModelError(
