@@ -41,9 +41,16 @@ def test_a_frozen_backbone_trains_only_the_learned_parts():
     assert all(torch.isfinite(torch.tensor(result.losses)))
 
 
-def _ranks_after_training(tmp_path: Path, policy: str) -> list[dict]:
-    torchrun([str(HERE / "ddp_train.py"), str(tmp_path), policy], HERE)
-    return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+DDP_POLICIES = ["evit:keep=0.7,layers=1,3,4", "dynamicvit:keep=0.7,layers=1,3,4"]
+
+
+@pytest.fixture(scope="module")
+def trained_in_two_processes(tmp_path_factory) -> dict[str, list[dict]]:
+    """Each of ``DDP_POLICIES`` → what each of two processes under one torchrun ends with (weights, losses)."""
+    out = tmp_path_factory.mktemp("ddp")
+    torchrun([str(HERE / "ddp_train.py"), str(out), *DDP_POLICIES], HERE)
+    return {policy: [torch.load(out / f"rank{rank}_{i}.pt", weights_only=False) for rank in (0, 1)]
+            for i, policy in enumerate(DDP_POLICIES)}
 
 
 def _without_keys(qkv_bias: torch.Tensor) -> torch.Tensor:
@@ -52,9 +59,9 @@ def _without_keys(qkv_bias: torch.Tensor) -> torch.Tensor:
     return torch.cat([q, v])
 
 
-@pytest.mark.parametrize("policy", ["evit:keep=0.7,layers=1,3,4", "dynamicvit:keep=0.7,layers=1,3,4"])
-def test_two_processes_end_with_identical_weights(tmp_path, policy):
-    ranks = _ranks_after_training(tmp_path, policy)
+@pytest.mark.parametrize("policy", DDP_POLICIES)
+def test_two_processes_end_with_identical_weights(trained_in_two_processes, policy):
+    ranks = trained_in_two_processes[policy]
     for key, value in ranks[0]["state"].items():
         torch.testing.assert_close(ranks[1]["state"][key], value, atol=0, rtol=0)
     if policy.startswith("evit"):  # deterministic: the same steps as one process with the same global batch
