@@ -107,43 +107,53 @@ def linear_parameters(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, fx.No
     return read(weight), read(bias)
 
 
+class _Stop(Exception):
+    """A node :func:`_evaluate` does not run: a module with buffers or hooks."""
+
+
+class _PartialRun(fx.Interpreter):
+    """Runs single nodes of a graph on the values in ``env`` and the example values of their other inputs (not a
+    tensor's: a shape, a dtype); see :func:`_evaluate`."""
+
+    def __init__(self, gm: fx.GraphModule, given: dict[fx.Node, Any]):
+        super().__init__(gm, garbage_collect_values=False)
+        self.env = dict(given)
+
+    def map_nodes_to_values(self, args: Any, n: fx.Node) -> Any:
+        def value(arg: fx.Node) -> Any:
+            if arg in self.env:
+                return self.env[arg]
+            known = arg.meta.get("val")
+            if isinstance(known, torch.Tensor) or known is None:
+                raise LookupError(arg.name)
+            return known
+
+        return fx.node.map_arg(args, value)
+
+    def call_module(self, target: str, args: tuple, kwargs: dict) -> Any:
+        module = self.fetch_attr(target)
+        if isinstance(module, (nn.Identity, nn.Dropout)):
+            return args[0]
+        if next(module.buffers(), None) is not None or module._forward_hooks or module._forward_pre_hooks:
+            raise _Stop(target)
+        return module(*args, **kwargs)
+
+
 def _evaluate(gm: fx.GraphModule, nodes: list[fx.Node], given: dict[fx.Node, Any]) -> dict[fx.Node, Any]:
     """The values of ``nodes`` (in graph order) computed from ``given`` (node → value) and the example values of
     their other inputs, as far as the first node that cannot be computed: one reading a tensor it is not given, a
     module with buffers or hooks (nothing of the model may change or see the values), or one that fails. Dropout
     and ``nn.Identity`` pass their input on; the others run without gradients."""
-    env = dict(given)
-
-    def value(arg: fx.Node) -> Any:
-        if arg in env:
-            return env[arg]
-        known = arg.meta.get("val")
-        if isinstance(known, torch.Tensor) or known is None:
-            raise LookupError(arg.name)
-        return known
-
+    run = _PartialRun(gm, given)
     with torch.no_grad():
         for node in nodes:
-            try:
-                args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
-                if node.op == "call_module":
-                    module = gm.get_submodule(node.target)
-                    if isinstance(module, (nn.Identity, nn.Dropout)):
-                        env[node] = args[0]
-                        continue
-                    if next(module.buffers(), None) is not None or module._forward_hooks \
-                            or module._forward_pre_hooks:
-                        break
-                    env[node] = module(*args, **kwargs)
-                elif node.op == "call_function":
-                    env[node] = node.target(*args, **kwargs)
-                elif node.op == "call_method":
-                    env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
-                else:
-                    break
-            except (LookupError, RuntimeError, TypeError, ValueError, IndexError, AssertionError):
+            if node.op not in ("call_module", "call_function", "call_method"):
                 break
-    return env
+            try:
+                run.env[node] = run.run_node(node)
+            except (_Stop, LookupError, RuntimeError, TypeError, ValueError, IndexError, AssertionError):
+                break
+    return run.env
 
 
 def _carry(gm: fx.GraphModule, start: fx.Node, stop: fx.Node, numbers: torch.Tensor) -> torch.Tensor | None:
