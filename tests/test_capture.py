@@ -1,3 +1,4 @@
+import copy
 import io
 
 import pytest
@@ -144,13 +145,14 @@ def test_traced_module_survives_save_and_load():
     torch.testing.assert_close(loaded(x).logits, model(x).logits)
 
 
-def test_a_model_transformed_from_a_copy_of_a_capture_survives_save_and_load():
+def test_copies_of_captures_and_of_transformed_models_survive_save_and_load():
     model = hf_vit()
     policy = fxprune.TopK(keep_rate=0.5, layers=(1,))
     with reusing_captures():
         fxprune.trace(model)
         copied = fxprune.transform(model, policy)  # from a copy of the capture above
-    for gm in (copied, fxprune.transform(fxprune.trace(model), policy)):  # a capture given to transform is copied
+    recaptured = fxprune.transform(fxprune.trace(model), policy)  # a capture given to transform is copied
+    for gm in (copied, recaptured, copy.deepcopy(fxprune.transform(model, policy))):
         x = image_batch(model)
         with torch.no_grad():
             torch.testing.assert_close(_saved_and_loaded(gm)(x).logits, gm(x).logits, atol=0, rtol=0)
