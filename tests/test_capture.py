@@ -152,7 +152,8 @@ def test_copies_of_captures_and_of_transformed_models_survive_save_and_load():
         fxprune.trace(model)
         copied = fxprune.transform(model, policy)  # from a copy of the capture above
     recaptured = fxprune.transform(fxprune.trace(model), policy)  # a capture given to transform is copied
-    for gm in (copied, recaptured, copy.deepcopy(fxprune.transform(model, policy))):
+    learned = fxprune.transform(model, fxprune.DynamicViT(0.7, (1,)))  # its training graph kept beside
+    for gm in (copied, recaptured, copy.deepcopy(fxprune.transform(model, policy)), copy.deepcopy(learned)):
         x = image_batch(model)
         with torch.no_grad():
             torch.testing.assert_close(_saved_and_loaded(gm)(x).logits, gm(x).logits, atol=0, rtol=0)
