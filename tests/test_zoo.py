@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fxprune.tools.zoo import MARKERS, ZOO, Outcome, table, try_all, with_table
+from fxprune.tools.zoo import MARKERS, ZOO, Outcome, short_reason, table, try_all, with_table
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -40,6 +40,11 @@ def test_plain_vits_and_each_source_take_every_parameter_free_method():
                  "Hugging Face ViTForImageClassification", "hand-written: summary token read alone"):
         entry = next(entry for entry in ZOO if entry.name == name)
         assert all(outcome.rewritten for outcome in _outcomes(entry)), name
+
+
+def test_every_refusal_in_the_table_is_said_in_a_few_words():
+    reasons = {outcome.refusal for entry in ZOO for outcome in _outcomes(entry) if not outcome.rewritten}
+    assert not [reason for reason in reasons if short_reason(reason) == reason[:60]]  # not cut off mid-sentence
 
 
 def test_the_readme_shows_the_table_the_command_prints():

@@ -319,6 +319,7 @@ _SHORT = (  # the reasons of common refusals, said in a few words (the full reas
     (r"tells every later attention", "a later attention over other keys"),
     (r"assumes the original token count", "a later layer needs the original token count"),
     (r"keys of block .* were not found", "attention keys not found"),
+    (r"between q @ kᵀ and the softmax", "a bias added to the attention logits"),
 )
 
 
