@@ -306,14 +306,20 @@ def module_path(node: fx.Node) -> str:
 
 
 def find_attention(gm: fx.GraphModule) -> tuple[list[AttentionSite], list[str]]:
-    """Every SDPA call and explicit ``softmax(q @ kᵀ) @ v`` of ``gm`` with a ``[B, H, N, d]`` query,
-    and a description of each softmax over a square map that does not fit that pattern."""
+    """Every SDPA call and explicit ``softmax(q @ kᵀ) @ v`` of ``gm`` with a ``[B, H, N, d]`` query, and a
+    description of each SDPA call with another query layout and of each softmax over a square map that does not fit
+    that pattern."""
     sites, unrecognised = [], []
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in SDPA_TARGETS:
             args = sdpa_arguments(node)
             q, k, v = args["query"], args["key"], args["value"]
             site = _make_site(node, "sdpa", q, k, v, node, args["scale"], args["attn_mask"])
+            if site is None:
+                unrecognised.append(
+                    f"attention {node.name} on queries {list(_shape(q) or ())} in {module_path(node) or 'forward'} "
+                    "(not [B, H, N, d]: attention within windows or groups, or heads folded into another axis)"
+                )
         elif _is_softmax(node, gm):
             found = _explicit_site(node, gm)
             shape = _shape(node)
@@ -492,8 +498,10 @@ def analyse(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = No
     if not sites:
         raise UnsupportedModelError(
             f"found no attention in {info.model_class}: fxprune rewrites the attention blocks of vision "
-            "transformers (SDPA calls or softmax(q @ kᵀ) @ v)."
+            "transformers (SDPA calls or softmax(q @ kᵀ) @ v over [B, H, N, d] queries, keys and values)."
             + (" Modules kept as leaves may hide it: " + ", ".join(n for n, _ in info.leaves) if info.leaves else "")
+            + (f" It found {len(unrecognised)} attention call(s) it cannot read: " + "; ".join(unrecognised[:2])
+               + ("; …" if len(unrecognised) > 2 else "") if unrecognised else "")
         )
     stream, idom = _stream(gm)
     on_stream = set(stream)

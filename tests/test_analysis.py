@@ -136,6 +136,33 @@ def test_model_without_attention_raises():
         fxprune.analyse(torchvision.models.resnet18(), (torch.randn(2, 3, 64, 64),))
 
 
+class _AttentionWithinWindows(torch.nn.Module):
+    """Attention within each of four windows of four tokens: an SDPA call on ``[B, windows, H, N, d]`` queries."""
+
+    image_size = 32
+
+    def __init__(self, width: int = 16, heads: int = 2):
+        super().__init__()
+        self.embed = torch.nn.Conv2d(3, width, 8, 8)
+        self.qkv = torch.nn.Linear(width, 3 * width)
+        self.head = torch.nn.Linear(width, 10)
+        self.heads = heads
+
+    def forward(self, images):
+        x = self.embed(images).flatten(2).transpose(1, 2)
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, 4, n // 4, 3, self.heads, c // self.heads).permute(3, 0, 1, 4, 2, 5)
+        attended = torch.nn.functional.scaled_dot_product_attention(*qkv.unbind(0))
+        return self.head((x + attended.permute(0, 1, 3, 2, 4).reshape(b, n, c)).mean(1))
+
+
+def test_attention_the_analysis_cannot_read_is_named_where_it_finds_no_other():
+    with pytest.raises(UnsupportedModelError, match=r"found no attention in _AttentionWithinWindows.* It found 1 "
+                       r"attention call\(s\) it cannot read: attention scaled_dot_product_attention on queries "
+                       r"\[2, 4, 2, 4, 8\] in forward \(not \[B, H, N, d\]: attention within windows"):
+        fxprune.analyse(_AttentionWithinWindows())
+
+
 def test_summary_lists_every_block_with_its_status():
     text = str(fxprune.analyse(timm_vit("deit_small_distilled_patch16_224")))
     assert "4 attention blocks, 18 tokens × 384 channels (2 prefix token(s), class token: yes)" in text

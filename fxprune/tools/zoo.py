@@ -307,6 +307,7 @@ _SHORT = (  # the reasons of common refusals, said in a few words (the full reas
     (r"token axes cannot be told", "position tables of unclear axes"),
     (r"windowed attention", "windowed attention"),
     (r"not a \[B, N, C\] token sequence", "not a token sequence (hierarchical)"),
+    (r"attention call\(s\) it cannot read", "attention not over [B, H, N, d]"),
     (r"found no attention", "no attention found"),
     (r"has no class token", "no class token"),
     (r"keys pooled from the tokens", "queries ≠ keys (pooled keys, class attention)"),
