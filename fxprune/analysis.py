@@ -316,9 +316,11 @@ def find_attention(gm: fx.GraphModule) -> tuple[list[AttentionSite], list[str]]:
             q, k, v = args["query"], args["key"], args["value"]
             site = _make_site(node, "sdpa", q, k, v, node, args["scale"], args["attn_mask"])
             if site is None:
+                shape = _shape(q)
                 unrecognised.append(
-                    f"attention {node.name} on queries {list(_shape(q) or ())} in {module_path(node) or 'forward'} "
-                    "(not [B, H, N, d]: attention within windows or groups, or heads folded into another axis)"
+                    f"attention {node.name} on queries {list(shape) if shape else 'of unknown shape'} in "
+                    f"{module_path(node) or 'forward'} (not [B, H, N, d]: attention within windows or groups, or "
+                    "heads folded into another axis)"
                 )
         elif _is_softmax(node, gm):
             found = _explicit_site(node, gm)
