@@ -44,7 +44,7 @@ def test_plain_vits_and_each_source_take_every_parameter_free_method():
 
 def test_every_refusal_in_the_table_is_said_in_a_few_words():
     reasons = {outcome.refusal for entry in ZOO for outcome in _outcomes(entry) if not outcome.rewritten}
-    assert not [reason for reason in reasons if short_reason(reason) == reason[:60]]  # not cut off mid-sentence
+    assert not [reason for reason in reasons if short_reason(reason) == reason[:60]]  # else: its first 60 characters
 
 
 def test_the_readme_shows_the_table_the_command_prints():
