@@ -129,7 +129,7 @@ class TokenProgram:
     stream: list[fx.Node]
     trace: TraceInfo
     model_name: str
-    unrecognised: list[str] = dataclasses.field(default_factory=list)
+    unrecognised: list[str] = dataclasses.field(default_factory=list)  # attention-like parts left as they are
     readout: Readout = Readout(why="not analysed")
 
     def __str__(self) -> str:
@@ -303,6 +303,33 @@ def module_path(node: fx.Node) -> str:
     """Qualified name of the innermost module ``node`` was traced in (``''`` for the top-level forward)."""
     stack = node.meta.get("nn_module_stack") or {}
     return next(reversed(stack)) if stack else ""
+
+
+_ATTENTION_PARTS = {"qkv", "qk", "q", "k", "v", "query", "key", "value", "attn", "attention"}
+
+
+def _holds_attention(module: nn.Module) -> bool:
+    """Whether ``module`` holds what looks like attention: a module of a class named for it (``…Attention``,
+    ``…Attn``, ``nn.MultiheadAttention``) or a part named as attention's are (``qkv``, ``qk``, ``v``, ``query``…)."""
+    for path, inner in module.named_modules():
+        name = type(inner).__name__.lower()
+        if isinstance(inner, nn.MultiheadAttention) or "attn" in name or "attention" in name \
+                or path.rpartition(".")[2] in _ATTENTION_PARTS:
+            return True
+    return False
+
+
+def _kept_whole(gm: fx.GraphModule, info: TraceInfo) -> list[str]:
+    """The modules ``gm`` calls without tracing into them from the start (timm's untraceable modules, registered
+    leaves; not those made leaves when tracing them failed, ``info.leaves``) that hold what looks like attention
+    (:func:`_holds_attention`): attention the analysis cannot see."""
+    failed = {name for name, _ in info.leaves}
+    kept = []
+    for node in gm.graph.find_nodes(op="call_module"):
+        module = gm.get_submodule(node.target)
+        if node.target not in failed and _holds_attention(module):
+            kept.append(f"{node.target} ({type(module).__name__})")
+    return kept
 
 
 def find_attention(gm: fx.GraphModule) -> tuple[list[AttentionSite], list[str]]:
@@ -497,11 +524,14 @@ def analyse(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = No
     gm = model if captured else trace(model, example_inputs)
     info: TraceInfo = gm.meta["fxprune_trace"]
     sites, unrecognised = find_attention(gm)
+    kept = _kept_whole(gm, info)
     if not sites:
+        hidden = [name for name, _ in info.leaves] + kept
         raise UnsupportedModelError(
             f"found no attention in {info.model_class}: fxprune rewrites the attention blocks of vision "
             "transformers (SDPA calls or softmax(q @ kᵀ) @ v over [B, H, N, d] queries, keys and values)."
-            + (" Modules kept as leaves may hide it: " + ", ".join(n for n, _ in info.leaves) if info.leaves else "")
+            + (" Modules called whole may hide it: " + ", ".join(hidden[:4]) + (", …" if len(hidden) > 4 else "")
+               if hidden else "")
             + (f" It found {len(unrecognised)} attention call(s) it cannot read: " + "; ".join(unrecognised[:2])
                + ("; …" if len(unrecognised) > 2 else "") if unrecognised else "")
         )
@@ -531,7 +561,8 @@ def analyse(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = No
     found = readout(gm, _final_tokens(blocks, stream, batch, dim, tokens), prefix, data)
     return TokenProgram(
         gm, blocks, prefix, _has_class_token(found, prefix, info), tokens, dim, batch, stream, info,
-        info.model_class, unrecognised, found,
+        info.model_class, [*unrecognised, *(f"{name}, called whole: attention inside it is not seen" for name in kept)],
+        found,
     )
 
 

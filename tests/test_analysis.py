@@ -163,6 +163,21 @@ def test_attention_the_analysis_cannot_read_is_named_where_it_finds_no_other():
         fxprune.analyse(_AttentionWithinWindows())
 
 
+def _zoo_model(name: str) -> torch.nn.Module:
+    from fxprune.tools.zoo import ZOO
+
+    return next(entry for entry in ZOO if entry.name == name).model()
+
+
+def test_a_module_called_whole_that_holds_attention_is_named_in_the_summary_and_in_a_refusal():
+    program = fxprune.analyse(_zoo_model("convit_tiny"))  # timm keeps its gated positional attention (GPSA) whole
+    assert program.unrecognised == ["blocks.0.attn (GPSA), called whole: attention inside it is not seen"]
+    assert "not recognised as attention (left as is): blocks.0.attn (GPSA)" in str(program)
+    with pytest.raises(UnsupportedModelError, match=r"found no attention in ByobNet.* Modules called whole may hide "
+                       r"it: stages\.2\.1 \(MobileVitBlock\), stages\.3\.1 \(MobileVitBlock\)"):
+        fxprune.analyse(_zoo_model("mobilevit_xxs"))
+
+
 def test_summary_lists_every_block_with_its_status():
     text = str(fxprune.analyse(timm_vit("deit_small_distilled_patch16_224")))
     assert "4 attention blocks, 18 tokens × 384 channels (2 prefix token(s), class token: yes)" in text
