@@ -90,7 +90,6 @@ def test_saving_a_model_pickles_its_graph_as_it_is_and_leaves_its_forward_alone(
         torch.testing.assert_close(loaded(x), fast(x) + 1.0, atol=1e-6, rtol=0)
 
 
-
 def test_a_model_pickled_before_emit_moved_still_loads():
     model = timm_vit("deit_small_patch16_224", depth=2)
     fast = fxprune.transform(model, fxprune.AdaViT(0.5))

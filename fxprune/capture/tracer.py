@@ -213,7 +213,7 @@ class _ValueTracer(_Tracer):
         self._evaluating = True
         try:
             if kind == "get_attr":
-                value = _fetch_attr(self.root, target)
+                value = fetch_attr(self.root, target)
                 return self.fake.from_tensor(value) if isinstance(value, torch.Tensor) else value
             with self.fake, self.macs:
                 if kind == "call_function":
@@ -255,7 +255,8 @@ def _value_of(arg: Any) -> Any:
     return arg
 
 
-def _fetch_attr(root: nn.Module, target: str) -> Any:
+def fetch_attr(root: nn.Module, target: str) -> Any:
+    """``root``'s attribute at the dotted path ``target`` (``"blocks.0.attn.qkv.weight"``)."""
     obj: Any = root
     for atom in target.split("."):
         obj = getattr(obj, atom)
@@ -372,7 +373,7 @@ def _capture(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], copy_we
     gm = DirectGraphModule(root, graph, class_name=type(root).__name__)
     for node in gm.graph.find_nodes(op="get_attr"):
         if "val" not in node.meta:  # tensor constants created by the tracer
-            value = _fetch_attr(gm, node.target)
+            value = fetch_attr(gm, node.target)
             node.meta["val"] = tracer.fake.from_tensor(value) if isinstance(value, torch.Tensor) else value
     gm.meta["fxprune_trace"] = info
     decompose_multihead_attention(gm, info)

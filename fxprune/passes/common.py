@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import functools
 import operator
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import torch.fx as fx
 
 from ..analysis import Block, TokenProgram, sdpa_arguments
+from ..capture.tracer import fetch_attr
 from ..ops import (
     class_attention,
     class_attention_from_probs,
@@ -234,7 +234,7 @@ def computed_from_inputs(gm: fx.GraphModule) -> set[fx.Node]:
 
 def attribute(gm: fx.GraphModule, node: fx.Node) -> object:
     """The value the ``get_attr`` node ``node`` reads from ``gm``; None for any other node."""
-    return functools.reduce(getattr, node.target.split("."), gm) if node.op == "get_attr" else None
+    return fetch_attr(gm, node.target) if node.op == "get_attr" else None
 
 
 def between(gm: fx.GraphModule, start: fx.Node, stop: fx.Node) -> list[fx.Node]:
