@@ -19,7 +19,9 @@ checked against it: ``decided_forward`` makes the same decisions with the same p
 no graph (what the graph's own overhead costs), or with the used heads' weights gathered once per block and head set
 and kept (what the per-call head slicing costs); ``ceiling_forward`` has its decisions read beforehand, the used
 heads' weights gathered beforehand, no decision heads and no graph (how fast an eager program of these shapes can be
-on this machine).
+on this machine). With ``--branch-free`` also, at batch 1, ``branch_free_forward``: what the skipping graph
+computes, written with no Python branch on a decision, eager and compiled as one graph whose sizes are read from the
+data (unbacked), against dense compiled alike (what a skip path without per-op dispatch reaches).
 """
 
 from __future__ import annotations
@@ -242,6 +244,80 @@ def decided_forward(model: torch.nn.Module, skipping: torch.nn.Module, image: to
     return model.forward_head(model.norm(x))
 
 
+@torch.library.custom_op("fxprune_benchmarks::attention", mutates_args=())
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SDPA of ``q``, ``k``, ``v`` ``[B, h, N, d]``, opaque to the compiler: its lowering, and inductor's batched
+    products, branch on sizes that a graph with sizes read from the data cannot know."""
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+@_attention.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(q)
+
+
+def _add_at(x: torch.Tensor, rows: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[1, N, C]`` plus the sum over images of ``update`` ``[a, K, C]`` (``a`` 0 or 1) at its rows ``rows``
+    ``[K]``."""
+    return x.index_copy(1, rows, x.index_select(1, rows) + update.sum(0, keepdim=True))
+
+
+def _branch_free_block(x: torch.Tensor, block: torch.nn.Module, decider: torch.nn.Module) -> torch.Tensor:
+    """One timm block on ``x`` ``[1, N, C]`` as the skipping graph computes it, with no Python branch on a decision:
+    a sub-layer runs on the images that use it (0 or 1), on the used rows (one row where no head is used) and heads,
+    each count read from the data, so that the whole forward compiles as one graph with unbacked sizes."""
+    attn, dim = block.attn, x.shape[-1]
+    norm = block.norm1(x)
+    patches = decider.tokens(norm[:, 1:])[0, :, 0] > _logit(TOKEN_THRESHOLD)
+    rows = torch.cat([patches.new_ones(1), patches]).nonzero()[:, 0]
+    images = [torch.zeros(1, dtype=torch.long)] * 2
+    if hasattr(decider, "sublayers"):
+        used = decider.sublayers(x[:, 0])[0] > _logit(SUBLAYER_THRESHOLD)
+        images = [used[i : i + 1].nonzero()[:, 0] for i in range(2)]
+    heads = torch.ones(attn.num_heads, dtype=torch.bool)
+    if hasattr(decider, "heads"):
+        heads = decider.heads(x[:, 0])[0] > _logit(HEAD_THRESHOLD)
+    some, heads = heads.any(), heads.nonzero()[:, 0]
+    count, size = rows.shape[0], heads.shape[0] * attn.head_dim
+    computed = torch.sym_min(count, 1 + heads.shape[0] * count)  # one row where no head is used
+    torch._check(computed <= count)
+    computed = rows.narrow(0, 0, computed)
+    spread = torch.arange(count) * some  # each used row's computed row
+    channels = (heads[:, None] * attn.head_dim + torch.arange(attn.head_dim)).flatten()
+    qkv_rows = torch.cat([channels + part * dim for part in range(3)])
+    y = norm.index_select(0, images[0]).index_select(1, computed)
+    qkv = F.linear(y, attn.qkv.weight.index_select(0, qkv_rows), attn.qkv.bias.index_select(0, qkv_rows))
+    q, k, v = qkv.view(y.shape[0], y.shape[1], 3, heads.shape[0], attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    o = _attention(q, k, v).transpose(1, 2).reshape(y.shape[0], y.shape[1], size)
+    y = F.linear(o, attn.proj.weight.index_select(1, channels), attn.proj.bias)
+    x = _add_at(x, rows, y.index_select(1, spread))
+    y = block.norm2(x.index_select(0, images[1]).index_select(1, computed)).index_select(2, channels)
+    y = block.mlp.act(F.linear(y, block.mlp.fc1.weight.index_select(1, channels), block.mlp.fc1.bias))
+    return _add_at(x, rows, block.mlp.fc2(y).index_select(1, spread))
+
+
+def branch_free_forward(model: torch.nn.Module, skipping: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
+    """The logits of the timm ViT ``model`` on ``image`` ``[1, 3, H, W]`` as ``skipping`` (``model`` with AdaViT at
+    the official blocks) computes them, written with no branch on its decisions (:func:`_branch_free_block`)."""
+    deciders = skipping.get_submodule(LEARNED_PREFIX)
+    x = model._pos_embed(model.patch_embed(image))
+    for index, block in enumerate(model.blocks):
+        x = _branch_free_block(x, block, deciders.get_submodule(f"blocks_{index}"))
+    return model.forward_head(model.norm(x))
+
+
+def _compiled_whole(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``fn`` compiled as one graph (``fullgraph``) whose sizes may be read from the data (``nonzero``), with
+    inductor's C++ wrapper (the least per-call overhead on the CPU)."""
+    compiled = torch.compile(fn, fullgraph=True, options={"cpp_wrapper": True})
+
+    def run(*args: torch.Tensor) -> torch.Tensor:
+        with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True):
+            return compiled(*args)
+
+    return run
+
+
 def _reached(directory: str, usage: float) -> dict[str, float]:
     """The share of heads, sub-layers and patch rows that the digits ViT models trained at ``usage`` (all three
     kinds decided, every seed in ``directory``) use on the study's 500 test scenes, averaged over the seeds."""
@@ -259,13 +335,13 @@ def _reached(directory: str, usage: float) -> dict[str, float]:
     return {kind: statistics.mean(share[kind] for share in shares) for kind in DECIDED}
 
 
-def _checked_run(forwards: list[Callable[[], torch.Tensor]], skipping: torch.nn.Module, images: torch.Tensor
+def _checked_run(forwards: list[Callable[[], torch.Tensor]], reference: torch.nn.Module, images: torch.Tensor
                  ) -> Callable[[], object]:
     """A callable running ``forwards`` (a forward of each of ``images`` alone), each first checked against
-    ``skipping`` on its image."""
-    with torch.no_grad():
+    ``reference`` on its image."""
+    with torch.inference_mode():  # as the timing runs them: a compiled forward is compiled once
         for image, forward in zip(images, forwards):
-            torch.testing.assert_close(forward(), skipping(image[None]), atol=1e-4, rtol=0)
+            torch.testing.assert_close(forward(), reference(image[None]), atol=1e-4, rtol=0)
 
     def run() -> list[torch.Tensor]:
         return [forward() for forward in forwards]
@@ -285,6 +361,18 @@ def _references(model: torch.nn.Module, skipping: torch.nn.Module, images: torch
                                               for image in images], skipping, images),
         "ceiling": _checked_run([functools.partial(ceiling_forward, model, ceiling_steps(model, skipping, image[None]),
                                                    image[None]) for image in images], skipping, images),
+    }
+
+
+def _branch_free(model: torch.nn.Module, skipping: torch.nn.Module, images: torch.Tensor
+                 ) -> dict[str, Callable[[], object]]:
+    """The forwards of ``images`` one by one with no branch on the decisions (``branch-free``), the same compiled
+    as one graph (``whole``), and dense compiled alike (``dense whole``)."""
+    whole, dense = _compiled_whole(functools.partial(branch_free_forward, model, skipping)), _compiled_whole(model)
+    return {
+        name: _checked_run([functools.partial(fn, image[None]) for image in images], reference, images)
+        for name, fn, reference in (("branch-free", functools.partial(branch_free_forward, model, skipping), skipping),
+                                    ("whole", whole, skipping), ("dense whole", dense, model))
     }
 
 
@@ -309,6 +397,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="also time, at batch 1, hand-written forwards of what the skipping graph computes: "
                              "with its decisions and products but no graph, with its decisions and kept weight "
                              "slices, and with decisions and gathered weights prepared outside the timing (a ceiling)")
+    parser.add_argument("--branch-free", action="store_true",
+                        help="also time, at batch 1, a hand-written forward of what the skipping graph computes with "
+                             "no branch on its decisions, eager and compiled as one graph with sizes read from the "
+                             "data, against dense compiled alike (inductor's C++ wrapper)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     model = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
@@ -320,17 +412,21 @@ def main(argv: list[str] | None = None) -> None:
                     if getattr(args, name) != parser.get_default(name))
     print(f"Command: `python benchmarks/adavit_speed.py --usages {args.usages}{trained} --batches {args.batches}"
           + (" --compile" if args.compile else "") + (" --profile" if args.profile else "")
-          + (" --ceiling" if args.ceiling else "") + tuned + "`  ")
+          + (" --ceiling" if args.ceiling else "") + (" --branch-free" if args.branch_free else "") + tuned + "`  ")
     print(f"Machine: {machine()}  ")
     print(f"deit_small_patch16_224 (random weights), AdaViT at the official blocks with its decision heads set to "
           f"the usage shown; {args.images} images at batch 1, medians of {args.repeats} interleaved rounds.\n")
     compiled = " | batch {b}, masked compiled | batch {b}, skipped compiled" if args.compile else ""
     ceiling = " | batch 1, hand-written with decisions | … and kept slices | batch 1, ceiling" \
         if args.ceiling and 1 in batches else ""
+    whole = " | batch 1, branch-free | … compiled whole | … against dense compiled" \
+        if args.branch_free and 1 in batches else ""
     header = "| usage | of | executed MACs (% of dense) | MAC ratio | " + " | ".join(
-        f"speed ratio, batch {b}, skipped | batch {b}, masked" + compiled.format(b=b) for b in batches) + ceiling + " |"
+        f"speed ratio, batch {b}, skipped | batch {b}, masked" + compiled.format(b=b) for b in batches) \
+        + ceiling + whole + " |"
     print(header)
-    print("|---|---|---|---|" + ("---|" * (4 if args.compile else 2)) * len(batches) + ("---|" * 3 if ceiling else ""))
+    print("|---|---|---|---|" + ("---|" * (4 if args.compile else 2)) * len(batches) + ("---|" * 3 if ceiling else "")
+          + ("---|" * 3 if whole else ""))
     dense_macs = per_image_macs(model, single)
     profiles = []
     for usage in (float(u) for u in args.usages.split(",")):
@@ -355,6 +451,8 @@ def main(argv: list[str] | None = None) -> None:
                 fns = {name: functools.partial(_run, gm, images, batch == 1) for name, gm in models.items()}
                 if ceiling and batch == 1:
                     fns.update(_references(model, skipping, images))
+                if whole and batch == 1:
+                    fns.update(_branch_free(model, skipping, images))
                 timing = interleaved(fns, repeats=args.repeats)
                 cells.append(f"{timing.ratio('dense', 'skipped'):.2f}× | {timing.ratio('dense', 'masked'):.2f}×")
                 if args.compile:
@@ -363,8 +461,13 @@ def main(argv: list[str] | None = None) -> None:
                 if ceiling and batch == 1:
                     ceiling_cells = [f"{timing.ratio('dense', name):.2f}×"
                                      for name in ("decided", "decided, kept slices", "ceiling")]
+                if whole and batch == 1:
+                    whole_cells = [f"{timing.ratio('dense', name):.2f}×" for name in ("branch-free", "whole")] \
+                        + [f"{timing.ratio('dense whole', 'whole'):.2f}×"]
             if ceiling:
                 cells += ceiling_cells
+            if whole:
+                cells += whole_cells
             print(f"| {usage:g} | {part} | {100 * macs / dense_macs:.1f} | {dense_macs / macs:.2f}× | "
                   + " | ".join(cells) + " |")
             if args.profile:

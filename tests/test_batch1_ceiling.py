@@ -73,3 +73,14 @@ def test_adavit_hand_written_forward_decides_and_computes_what_the_skipping_grap
                 torch.testing.assert_close(script["decided_forward"](model, skipping, image[None], slices),
                                            skipping(image[None]), atol=1e-10, rtol=0)
         assert kept and all(key[0] < 4 for key in kept)
+
+
+def test_adavit_branch_free_forward_computes_what_the_skipping_graph_does():
+    script, model, x, skipping = _skipping_deit({"heads": 0.2, "sublayers": 0.6, "tokens": 0.6})
+    with torch.no_grad():
+        used = usage(skipping, x)
+        assert any((block.heads.sum(1) == 0).any() for block in used if block.heads is not None)
+        assert any((block.sublayers == 0).any() for block in used if block.sublayers is not None)
+        for image in x:
+            torch.testing.assert_close(script["branch_free_forward"](model, skipping, image[None]),
+                                       skipping(image[None]), atol=1e-10, rtol=0)
