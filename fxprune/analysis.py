@@ -639,6 +639,37 @@ def pooled_rows(program: TokenProgram, pool: fx.Node) -> tuple[fx.Node, slice] |
     return (source, rows) if source in _stream_after(program.stream, program.blocks[-1]) and full else None
 
 
+_ROW_WISE_MODULES = (nn.Linear, nn.LayerNorm, nn.RMSNorm, nn.Identity, nn.Dropout)
+_ROW_WISE_FUNCTIONS = (F.linear, F.layer_norm, F.rms_norm, F.dropout)
+_REARRANGEMENTS = ("reshape", "view", "permute", "transpose", "unbind", "contiguous")
+
+
+def key_rows(program: TokenProgram, block: Block) -> slice | None:
+    """The rows ``rows`` of the final tokens (:func:`final_tokens`) whose ``x[:, rows]`` ``block``'s attention
+    keys are computed from, each key from its own row (linear layers, norms and head rearrangements on the way):
+    an attention pool after the last block, ``kv(x[:, P:])`` or ``kv(x)``. None where they are not (keys joined
+    from elsewhere, pooled, or no attention pool)."""
+    final = _final_tokens(program.blocks, program.stream, program.batch, program.dim, program.tokens)
+    node = block.attention.k
+    while node is not None and node is not final:
+        if node.op == "call_function" and node.target is operator.getitem:
+            source, index = node.args
+            if source is final and isinstance(index, tuple) and len(index) == 2 and index[0] == slice(None) \
+                    and isinstance(index[1], slice) and index[1].step is None:
+                rows = index[1]
+                break
+            node = source if isinstance(index, int) and isinstance(source, fx.Node) else None
+        elif node.op == "call_method" and node.target in _REARRANGEMENTS or (
+                node.op == "call_function" and node.target in _ROW_WISE_FUNCTIONS) or (
+                node.op == "call_module" and isinstance(program.gm.get_submodule(node.target), _ROW_WISE_MODULES)):
+            node = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        else:
+            node = None
+    else:
+        rows = slice(None)
+    return rows if node is not None and len(range(program.tokens)[rows]) == block.attention.keys else None
+
+
 def _beside_attention(site: AttentionSite, anchor: fx.Node, mid: fx.Node) -> fx.Node | None:
     """The first node of a path from the block input ``anchor`` to the residual branch added at ``mid`` that does
     not pass through the attention's output (shape reads aside), or None when the branch is ``attention(x)``

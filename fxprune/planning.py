@@ -20,6 +20,7 @@ from .analysis import (
     Block,
     TokenProgram,
     bias_per_query,
+    key_rows,
     module_path,
     op_name,
     pooled_rows,
@@ -90,7 +91,8 @@ class Plan:
             for row in self.rows
         )
         return dataclasses.replace(
-            self, rows=rows, other_macs_before=before.get(None, 0), other_macs_after=after.get(None, 0)
+            self, rows=rows, notes=self.notes + _saving_nothing(rows), other_macs_before=before.get(None, 0),
+            other_macs_after=after.get(None, 0),
         )
 
     def rows_for(self, policy: Policy) -> list[PlanRow]:
@@ -117,6 +119,24 @@ class Plan:
         )
         lines.extend(f"  note: {note}" for note in self.notes)
         return "\n".join(lines)
+
+
+def _saving_nothing(rows: Sequence[PlanRow]) -> tuple[str, ...]:
+    """A note for each policy rewriting blocks of ``rows`` (measured) that keep every token they get and cost no
+    fewer MACs than dense: there its setting changes nothing but adds its own work. Not for a method whose cost
+    depends on the image (the rows show its static layout, the most an image keeps)."""
+    idle: dict[int, tuple[Policy, list[PlanRow]]] = {}
+    for row in rows:
+        if (row.policy is not None and not row.method.cost_per_image and row.macs_after >= row.macs_before
+                and row.tokens_in is not None and row.tokens_out is not None and row.tokens_out >= row.tokens_in):
+            idle.setdefault(id(row.policy), (row.policy, []))[1].append(row)
+    notes = []
+    for policy, chosen in idle.values():
+        tokens = ", ".join(dict.fromkeys(str(row.tokens_in) for row in chosen))
+        notes.append(f"{policy.describe()} saves nothing at block(s) {', '.join(str(row.index) for row in chosen)} "
+                     f"on this input: with {tokens} tokens there its setting leaves every token's work as it is and "
+                     f"adds its own (MACs no fewer than dense); reduce more there, or leave those blocks dense")
+    return tuple(notes)
 
 
 def _amount(macs: int) -> str:
@@ -182,12 +202,13 @@ def _check_model(program: TokenProgram, owner: dict[int, Policy]) -> None:
     if weighting:
         first, part = weighting[0]
         for block in program.blocks[first + 1:]:
-            if block.tokens and block.attention.keys != block.tokens:
+            if block.attention.keys != block.tokens and (block.tokens or key_rows(program, block) is None):
+                rows = f"the {block.tokens} rows of the stream" if block.tokens else "rows of the final tokens"
                 raise UnsupportedModelError(
                     f"{part.describe()} tells every later attention the sizes (or the keep policy) of the stream's "
-                    f"rows, but block {block.index} ({block.name}) attends over {block.attention.keys} keys, not the "
-                    f"{block.tokens} rows of the stream (e.g. a class token joined later, as in CaiT). Use EViT, "
-                    "Top-K or another method that carries nothing to later blocks."
+                    f"rows, but block {block.index} ({block.name}) attends over {block.attention.keys} keys, not "
+                    f"{rows} (e.g. a class token joined later, as in CaiT). Use EViT, Top-K or another method that "
+                    "carries nothing to later blocks."
                 )
     masking = sorted((index, part) for index, part in owner.items() if method_of(part).masks_in_training)
     later = sorted((index, part) for index, part in owner.items() if masking and index > masking[0][0]

@@ -200,6 +200,13 @@ def test_an_attention_pool_attends_to_each_images_own_rows_and_is_not_a_block_to
     assert_same_outputs(fxprune.transform(model, ToMe(0)), model)
 
 
+def test_an_attention_pool_over_the_patch_rows_after_register_tokens_takes_the_sizes_of_those_rows():
+    model = timm_vit("vit_tiny_patch16_224", class_token=False, reg_tokens=4, global_pool="map")  # kv(x[:, 4:])
+    for policy in (Compose([ATS(8, (0, 2)), ToMe(2, (1,))]), fxprune.DynamicViT(0.5, (1,))):
+        assert_each_image_gets_what_it_gets_alone(fxprune.transform(model, policy), image_batch(model, batch=4))
+    assert_same_outputs(fxprune.transform(model, ToMe(0)), model)
+
+
 def test_explicit_softmax_attention_selects_after_the_residual_with_the_same_outputs():
     model = with_explicit_softmax(timm_vit("deit3_small_patch16_224").double())
     gm = fxprune.transform(model, ATS(11, (0, 2)))

@@ -5,6 +5,7 @@ import timm
 import torch
 from vits import (
     assert_same_outputs,
+    image_batch,
     timm_vit,
     with_position_bias_in_block_3,
     with_unclear_position_table_in_block_3,
@@ -19,6 +20,17 @@ def test_rows_give_tokens_in_and_out_of_every_block():
     assert [(r.tokens_in, r.tokens_out) for r in plan.rows] == [(17, 17), (17, 10), (10, 7), (7, 7)]
     evit = "evit keep 0.5 + fused token"
     assert [r.action for r in plan.rows] == ["dense", evit, evit, "dense"]
+
+
+def test_blocks_where_a_setting_keeps_every_token_and_saves_nothing_are_noted():
+    model = timm_vit("deit_small_patch16_224")  # 17 tokens
+    idle = fxprune.plan(model, Compose((EViT(1.0, (1, 2)), ClusTR(17, (3,)))), fast=True).notes
+    assert [note.split(" on this input")[0] for note in idle if "saves nothing" in note] == [
+        "evit keep 1 + fused token saves nothing at block(s) 1, 2", "clustr 17 clusters (DPC-KNN) saves nothing at "
+        "block(s) 3"]
+    assert "with 17 tokens there" in idle[-1]
+    for policy in (EViT(0.5, (1, 2)), ClusTR(4, (3,)), ATS(1.0, (1,)), fxprune.AdaViT(1.0, init_logit=20.0)):
+        assert not any("saves nothing" in note for note in fxprune.plan(model, policy, fast=True).notes)
 
 
 def test_rows_carry_macs_before_and_after():
@@ -89,6 +101,27 @@ def test_sizes_are_not_carried_into_an_attention_over_other_keys_than_the_stream
     with pytest.raises(UnsupportedModelError, match=r"block 3 \(blocks_token_only.0.attn\) attends over 17 keys"):
         fxprune.transform(model, fxprune.ToMe(2, (1,)))
     fxprune.transform(model, fxprune.TopK(0.5, (1,)))  # carries nothing to later blocks
+
+
+class _PoolOverOtherKeys(torch.nn.Module):
+    """A ViT whose attention pool attends over its final tokens and their mean: keys that are not its rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.vit = timm_vit("vit_tiny_patch16_224", class_token=False, global_pool="map")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.vit.forward_features(images)
+        return self.vit.head(self.vit.attn_pool(torch.cat([x, x.mean(1, keepdim=True)], 1)))
+
+
+def test_sizes_are_not_carried_into_an_attention_pool_over_other_keys_than_the_final_tokens_rows():
+    model = _PoolOverOtherKeys()
+    x = image_batch(model.vit, batch=2)
+    with pytest.raises(UnsupportedModelError, match=r"block 4 \(vit.attn_pool\) attends over 17 keys, not rows of "
+                                                     r"the final tokens"):
+        fxprune.plan(model, fxprune.ToMe(2, (1,)), (x,))
+    fxprune.transform(model, fxprune.TopK(0.5, (1,)), (x,))  # carries nothing to later blocks
 
 
 def test_a_method_that_removes_rows_or_replaces_the_attention_after_dynamicvit_is_refused_naming_both_blocks():

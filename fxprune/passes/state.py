@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import torch.fx as fx
 
-from ..analysis import Block, TokenProgram, bias_per_query, pooled_rows, sdpa_arguments, token_pooling
+from ..analysis import Block, TokenProgram, bias_per_query, key_rows, pooled_rows, sdpa_arguments, token_pooling
 from ..errors import FxPruneError, UnsupportedModelError
 from ..ops import (
     KEEP,
@@ -110,7 +110,7 @@ def _thread_sizes(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[Plan
                 if op is not None and op.padding is not None:
                     node.update_kwarg(op.padding, True if op.sized else size)
         if size is not None and (proportional or padded) and not before:
-            _add_size_bias(gm, block, size, proportional)
+            _add_size_bias(gm, block, _at_keys(gm, program, block, size), proportional)
         if stream is None:
             continue
         if op_of(stream.target).sized:
@@ -124,6 +124,16 @@ def _thread_sizes(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[Plan
             _add_size_bias(gm, block, size, proportional)
     if size is not None:
         _pool_by_size(gm, program, size)
+
+
+def _at_keys(gm: fx.GraphModule, program: TokenProgram, block: Block, state: fx.Node) -> fx.Node:
+    """``state`` ``[B, N, 1]`` of the stream's rows, at the rows ``block``'s attention keys are computed from:
+    ``state`` itself, or for an attention pool over some rows of the final tokens (``kv(x[:, P:])``) those rows."""
+    rows = None if block.tokens else key_rows(program, block)
+    if rows is None or rows == slice(None):
+        return state
+    return insert_call(gm, block.attention.node.prev, operator.getitem, (state, (slice(None), rows)), {}, block,
+                       "key_rows")
 
 
 def _pool_by_size(gm: fx.GraphModule, program: TokenProgram, size: fx.Node) -> None:
@@ -170,7 +180,7 @@ def _thread_keep(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[PlanR
                 reader.replace_all_uses_with(policy)
         policy = next(reversed(_written(gm, row.index, KEEP)), policy)
         if policy is not None:
-            _attend_with_policy(gm, block, policy)
+            _attend_with_policy(gm, block, _at_keys(gm, program, block, policy))
 
 
 def thread_state(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[PlanRow]) -> None:

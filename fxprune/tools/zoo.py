@@ -144,6 +144,7 @@ ZOO: tuple[Entry, ...] = (
     _timm("deit3_small_patch16_224", **TINY_VIT),
     _timm("vit_small_patch14_reg4_dinov2", **TINY_VIT),
     _timm("vit_base_patch16_siglip_224", **TINY_VIT),
+    _timm("vit_so150m_patch16_reg4_map_256", **TINY_VIT),  # an attention pool over the rows after 4 registers
     _timm("vit_base_patch16_rpn_224", **TINY_VIT),
     _timm("vit_small_patch16_18x2_224", **{**TINY_VIT, "depth": 2}),
     # position-dependent attention: relative position bias, rotary embeddings
