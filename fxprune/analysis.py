@@ -485,17 +485,73 @@ def _sequence_cat(first_input: fx.Node, data: set[fx.Node]) -> fx.Node | None:
     return None
 
 
-def _prefix_tokens(cat: fx.Node | None, info: TraceInfo, data: set[fx.Node]) -> int:
-    """The tokens concatenated before the patches: none without a ``cat`` that builds the sequence (CaiT joins its
-    class token only after its self-attention blocks), else timm's ``num_prefix_tokens`` when the model has it,
-    otherwise the count read from the ``cat``."""
+_ROW_WISE_MODULES = (nn.Linear, nn.LayerNorm, nn.RMSNorm, nn.Identity, nn.Dropout)
+_ROW_WISE_FUNCTIONS = (F.linear, F.layer_norm, F.rms_norm, F.dropout)
+_REARRANGEMENTS = ("reshape", "view", "permute", "transpose", "unbind", "contiguous")
+
+
+def row_slice(index: Any) -> slice | None:
+    """The rows ``a:b`` that the index ``[:, a:b]`` (or ``[:, a:b, :]``, ``[:, a:b, ...]``) of a ``[B, N, C]`` value
+    takes; None for any other index."""
+    if not (isinstance(index, tuple) and 2 <= len(index) <= 3 and index[0] == slice(None)
+            and isinstance(index[1], slice) and index[1].step in (None, 1)):
+        return None
+    return index[1] if len(index) == 2 or index[2] in (slice(None), Ellipsis) else None
+
+
+def _prefix_tokens(first_input: fx.Node, info: TraceInfo, data: set[fx.Node]) -> int:
+    """The tokens before the patches in ``first_input``, the stream entering the first block: none without a
+    ``cat`` that builds the sequence (CaiT joins its class token only after its self-attention blocks), else timm's
+    ``num_prefix_tokens`` when the model has it, otherwise its leading rows that do not depend on the input's values
+    (:func:`_leading_rows`) or, where those cannot be followed, the rows of the ``cat``'s parts before its first
+    part that does."""
+    cat = _sequence_cat(first_input, data)
     if cat is None:
         return 0
     if info.prefix_tokens_attr is not None:
         return info.prefix_tokens_attr
     parts = cat.args[0]
     patch = next(i for i, p in enumerate(parts) if p in data)
-    return sum(_shape(p)[1] for p in parts[:patch])
+    return _leading_rows(first_input, data) or sum(_shape(p)[1] for p in parts[:patch])
+
+
+_ELEMENTWISE = (operator.add, operator.mul, operator.sub, torch.add, torch.mul, "add", "mul", "sub")
+
+
+def _leading_rows(node: fx.Node, data: set[fx.Node]) -> int:
+    """How many leading rows (axis 1) of the ``[B, N, C]`` value ``node`` do not depend on the input's values:
+    followed through ``cat`` along the rows, row slices ``x[:, a:b]``, elementwise arithmetic and row-wise layers
+    (HF's DINOv2 puts its registers between ``x[:, :1]`` and ``x[:, 1:]`` of a sequence that already holds the class
+    token); 0 where it cannot tell."""
+    shape = _shape(node)
+    if shape is None or len(shape) != 3:
+        return 0
+    if node not in data:
+        return shape[1]
+    target = node.target
+    if node.op == "call_function" and target is torch.cat and node.kwargs.get(
+            "dim", node.args[1] if len(node.args) > 1 else 0) in (1, -2):
+        total = 0
+        for part in node.args[0]:
+            rows = _leading_rows(part, data)
+            total += rows
+            if rows < (_shape(part) or (0, 0))[1]:
+                break
+        return total
+    if node.op == "call_function" and target is operator.getitem:
+        source, rows = node.args[0], row_slice(node.args[1])
+        if rows is None or _shape(source) is None:
+            return 0
+        taken = range(_shape(source)[1])[rows]
+        return max(0, min(_leading_rows(source, data), taken.stop) - taken.start) if len(taken) else 0
+    if target in _ELEMENTWISE and node.op in ("call_function", "call_method"):
+        return min((_leading_rows(arg, data) for arg in node.args if isinstance(arg, fx.Node) and arg in data),
+                   default=0)
+    if (node.op == "call_module" and isinstance(node.graph.owning_module.get_submodule(target), _ROW_WISE_MODULES)) \
+            or (node.op == "call_function" and target in _ROW_WISE_FUNCTIONS) \
+            or (node.op == "call_method" and target == "contiguous"):
+        return _leading_rows(node.args[0], data) if isinstance(node.args[0], fx.Node) else 0
+    return 0
 
 
 def _has_class_token(found: Readout, prefix: int, info: TraceInfo) -> bool:
@@ -551,7 +607,7 @@ def analyse(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = No
     first = anchors[0][0]
     batch = _shape(first)[0] if _shape(first) else sites[0].batch
     data = data_nodes(gm)
-    prefix = _prefix_tokens(_sequence_cat(first, data), info, data)
+    prefix = _prefix_tokens(first, info, data)
     blocks = tuple(
         _block(index, site, anchor, mid, batch, prefix, on_stream, data)
         for index, (site, (anchor, mid)) in enumerate(zip(sites, anchors))
@@ -630,18 +686,11 @@ def pooled_rows(program: TokenProgram, pool: fx.Node) -> tuple[fx.Node, slice] |
         return None
     rows = slice(None)
     if source.op == "call_function" and source.target is operator.getitem:
-        index = source.args[1]
-        if not (isinstance(index, tuple) and len(index) == 2 and index[0] == slice(None)
-                and isinstance(index[1], slice) and index[1].step is None):
+        source, rows = source.args[0], row_slice(source.args[1])
+        if rows is None:
             return None
-        source, rows = source.args[0], index[1]
     full = _shape(source) == (program.batch, program.tokens, program.dim)
     return (source, rows) if source in _stream_after(program.stream, program.blocks[-1]) and full else None
-
-
-_ROW_WISE_MODULES = (nn.Linear, nn.LayerNorm, nn.RMSNorm, nn.Identity, nn.Dropout)
-_ROW_WISE_FUNCTIONS = (F.linear, F.layer_norm, F.rms_norm, F.dropout)
-_REARRANGEMENTS = ("reshape", "view", "permute", "transpose", "unbind", "contiguous")
 
 
 def key_rows(program: TokenProgram, block: Block) -> slice | None:
@@ -654,9 +703,8 @@ def key_rows(program: TokenProgram, block: Block) -> slice | None:
     while node is not None and node is not final:
         if node.op == "call_function" and node.target is operator.getitem:
             source, index = node.args
-            if source is final and isinstance(index, tuple) and len(index) == 2 and index[0] == slice(None) \
-                    and isinstance(index[1], slice) and index[1].step is None:
-                rows = index[1]
+            if source is final and row_slice(index) is not None:
+                rows = row_slice(index)
                 break
             node = source if isinstance(index, int) and isinstance(source, fx.Node) else None
         elif node.op == "call_method" and node.target in _REARRANGEMENTS or (

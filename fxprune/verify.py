@@ -79,7 +79,32 @@ def _literals(value: Any, in_slice: bool = False):
             yield from _literals(item, in_slice)
 
 
-def _check_literals(gm: fx.GraphModule, program: TokenProgram, plan: Plan) -> None:
+_SHAPED = ("view", "reshape")
+
+
+def _sized_apart(node: fx.Node, literal: int, dense: dict[fx.Node, Any]) -> bool:
+    """Whether the ``literal`` that ``node`` (``x.view(*shape)``, ``x.reshape(*shape)``) takes as a size is not the
+    token count, though it equals it (a head size of 16 beside 16 tokens): after the rewrite the axes it gives keep
+    that size and the axes whose size changed (``dense``: each node's value before the rewrite) all take their size
+    from the tensor's shape, not from a literal or ``-1``."""
+    if node.op != "call_method" or node.target not in _SHAPED:
+        return False
+    shape = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+    before = dense.get(node)
+    after = node.meta.get("val")
+    if not (isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor) and before.dim() == after.dim()
+            == len(shape)):
+        return False
+    changed = [axis for axis in range(len(shape)) if before.shape[axis] != after.shape[axis]]
+    literal_axes = [axis for axis, size in enumerate(shape) if size == literal and not isinstance(size, bool)]
+    return bool(changed) and all(isinstance(shape[axis], fx.Node) for axis in changed) and all(
+        after.shape[axis] == literal for axis in literal_axes)
+
+
+def _check_literals(gm: fx.GraphModule, program: TokenProgram, plan: Plan, dense: dict[fx.Node, Any]) -> None:
+    """Refuse a literal equal to the token count (or, in a slice, the patch count) that a node after the first
+    reducing block takes, unless it sizes an axis apart from the tokens (:func:`_sized_apart`; ``dense``: each
+    node's example value before the rewrite)."""
     reduced = [r for r in plan.rows if r.policy is not None]
     if not reduced:
         return
@@ -96,7 +121,7 @@ def _check_literals(gm: fx.GraphModule, program: TokenProgram, plan: Plan) -> No
         if node not in data:
             continue
         for value, in_slice in _literals((node.args, node.kwargs)):
-            if value == tokens or (in_slice and value == patches):
+            if (value == tokens or (in_slice and value == patches)) and not _sized_apart(node, value, dense):
                 raise UnsupportedModelError(
                     f"{_where(node)} uses the literal {value}, the token count before block {first.index} reduces "
                     f"tokens ({node.format_node()}); it would compute wrong numbers. Reduce tokens only after it, "
@@ -120,6 +145,7 @@ def verify(gm: fx.GraphModule, program: TokenProgram, plan: Plan, second_batch: 
     """Check the rewritten ``gm`` at the captured batch size and (``second_batch``) one more, which shows
     batch sizes fixed as literals; store the example values."""
     gm.graph.lint()
+    dense = {node: node.meta.get("val") for node in gm.graph.nodes}
     batches = (program.batch + 1, program.batch) if second_batch else (program.batch,)
     for batch in batches:
         values = _propagated(
@@ -129,7 +155,7 @@ def verify(gm: fx.GraphModule, program: TokenProgram, plan: Plan, second_batch: 
         _check_batch(gm, values, batch)
         _check_selections(program, plan, values)
         _check_guards(gm, program, values)
-    _check_literals(gm, program, plan)
+    _check_literals(gm, program, plan, dense)
 
 
 def verify_training(gm: fx.GraphModule, program: TokenProgram, plan: Plan) -> None:

@@ -6,6 +6,7 @@ from vits import (
     ALL_MODELS,
     PREFIX_TOKENS,
     TIMM_SMALL,
+    assert_same_outputs,
     hand_written_vit,
     hf_vit,
     timm_vit,
@@ -43,6 +44,17 @@ def test_prefix_token_is_inferred_from_the_sequence_without_timm_attributes(fact
 def test_register_tokens_count_as_prefix_in_a_hand_written_model():
     program = fxprune.analyse(hand_written_vit(registers=3))
     assert (program.prefix_tokens, program.class_token, program.tokens) == (4, True, 20)
+
+
+def test_registers_placed_after_the_class_token_count_as_prefix_and_keep_their_place():
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersForImageClassification
+
+    torch.manual_seed(0)  # cat([x[:, :1], registers, x[:, 1:]]) of a sequence that already holds the class token
+    model = Dinov2WithRegistersForImageClassification(Dinov2WithRegistersConfig(
+        image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=3, num_attention_heads=3, intermediate_size=96,
+        num_register_tokens=4, num_labels=10)).eval()
+    assert fxprune.analyse(model).prefix_tokens == 5
+    assert_same_outputs(fxprune.transform(model, fxprune.DynamicViT(1.0, (1, 2))), model)  # keep 1 sorts its rows
 
 
 def test_model_without_class_token_is_recognised():

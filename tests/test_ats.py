@@ -207,6 +207,17 @@ def test_an_attention_pool_over_the_patch_rows_after_register_tokens_takes_the_s
     assert_same_outputs(fxprune.transform(model, ToMe(0)), model)
 
 
+def test_a_mean_over_the_patch_rows_indexed_on_every_axis_takes_their_sizes():
+    from transformers import BeitConfig, BeitForImageClassification
+
+    torch.manual_seed(0)  # BEiT's pooler: x[:, 1:, :].mean(1); relative position bias in every block
+    model = BeitForImageClassification(BeitConfig(
+        image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=3, num_attention_heads=3, intermediate_size=96,
+        num_labels=10, use_relative_position_bias=True)).eval()
+    gm = fxprune.transform(model, Compose([ATS(8, (0, 2)), ToMe(2, (1,))]))
+    assert_each_image_gets_what_it_gets_alone(gm, image_batch(model, batch=4))
+
+
 def test_explicit_softmax_attention_selects_after_the_residual_with_the_same_outputs():
     model = with_explicit_softmax(timm_vit("deit3_small_patch16_224").double())
     gm = fxprune.transform(model, ATS(11, (0, 2)))

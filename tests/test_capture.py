@@ -213,3 +213,31 @@ def test_within_reusing_captures_a_model_is_traced_once_per_input_layout_and_mod
         torch.testing.assert_close(captured(x), model(x), atol=1e-5, rtol=0)
     assert topk.get_parameter("blocks.0.attn.qkv.weight") is model.blocks[0].attn.qkv.weight  # shared, as always
     assert tome.get_parameter("blocks.0.attn.qkv.weight") is not model.blocks[0].attn.qkv.weight  # copied on request
+
+
+_TABLES: dict[int, torch.Tensor] = {}  # what _CachedPositions made, by token count
+
+
+class _CachedPositions(nn.Module):
+    """Adds a position table that it makes once per token count and keeps, unless it is being compiled (as Hugging
+    Face's cached relative position index of BEiT); ``int()`` of a traced shape keeps it whole in a capture."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        count = int(x.shape[1])
+        table = torch.linspace(0, 1, count) if torch.compiler.is_compiling() else _TABLES.setdefault(
+            count, torch.linspace(0, 1, count))
+        return x + table[None, :, None]
+
+
+def test_a_module_kept_whole_that_caches_tensors_unless_compiled_caches_no_fake_one_in_a_capture():
+    model = timm_vit("deit_small_patch16_224")
+    model.norm_pre = _CachedPositions()
+    gm = fxprune.transform(model, fxprune.TopK(0.5, (1,)))  # the model itself has not run yet: nothing cached
+    assert "kept as a leaf: norm_pre" in str(fxprune.trace(model).meta["fxprune_trace"])
+    x = image_batch(model)
+    with torch.no_grad():
+        out = model(x)
+        assert type(out) is torch.Tensor and all(type(table) is torch.Tensor for table in _TABLES.values())
+        _TABLES.clear()
+        torch.testing.assert_close(model(x), out, atol=0, rtol=0)
+        assert type(gm(x)) is torch.Tensor

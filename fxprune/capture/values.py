@@ -21,7 +21,11 @@ from ..ops.registry import op_of
 class _QuietFakeTensorMode(FakeTensorMode):
     """A fake-tensor mode that keeps torch from logging the traceback of an op that fails in it: the error is
     raised all the same, and fxprune turns it into its own (a rewrite that fails verification is refused with a
-    reason, without a page of torch's traceback on the user's terminal first)."""
+    reason, without a page of torch's traceback on the user's terminal first). While it is entered,
+    ``torch.compiler.is_compiling()`` is True, as when torch.compile or torch.export trace a model: the model's
+    own code runs in it (modules kept whole) and every tensor it makes is fake, so code that caches tensors
+    unless it is being compiled (Hugging Face's ``compile_compatible_method_lru_cache``, BEiT's relative position
+    index) must not keep one, which every later call of the user's model would get."""
 
     def __enter__(self) -> Any:
         _quiet(+1)
@@ -42,13 +46,19 @@ def _drop(record: logging.LogRecord) -> bool:
     return False
 
 
+_compiling = [False]  # torch.compiler's flag before the outermost quiet mode was entered
+
+
 def _quiet(step: int) -> None:
-    """Count a quiet mode entered (+1) or left (−1); torch's fake-tensor log is silent while any is entered."""
+    """Count a quiet mode entered (+1) or left (−1); while any is entered, torch's fake-tensor log is silent and
+    ``torch.compiler.is_compiling()`` is True."""
     _entered[0] += step
     if _entered[0] == 1 and step > 0:
         _FAKE_LOG.addFilter(_drop)
+        _compiling[0], torch.compiler._is_compiling_flag = torch.compiler._is_compiling_flag, True
     elif _entered[0] == 0:
         _FAKE_LOG.removeFilter(_drop)
+        torch.compiler._is_compiling_flag = _compiling[0]
 
 
 def fake_mode() -> FakeTensorMode:
