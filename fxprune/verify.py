@@ -82,11 +82,12 @@ def _literals(value: Any, in_slice: bool = False):
 _SHAPED = ("view", "reshape")
 
 
-def _sized_apart(node: fx.Node, literal: int, dense: dict[fx.Node, Any]) -> bool:
+def _sized_apart(node: fx.Node, literal: int, dense: dict[fx.Node, Any], static: bool) -> bool:
     """Whether the ``literal`` that ``node`` (``x.view(*shape)``, ``x.reshape(*shape)``) takes as a size is not the
     token count, though it equals it (a head size of 16 beside 16 tokens): after the rewrite the axes it gives keep
     that size and the axes whose size changed (``dense``: each node's value before the rewrite) all take their size
-    from the tensor's shape, not from a literal or ``-1``."""
+    from the tensor's shape, not from a literal or ``-1``; or, where the rewrite's token counts are ``static`` (no
+    image keeps its own), none changed (a keep rate of 1 there)."""
     if node.op != "call_method" or node.target not in _SHAPED:
         return False
     shape = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
@@ -97,7 +98,9 @@ def _sized_apart(node: fx.Node, literal: int, dense: dict[fx.Node, Any]) -> bool
         return False
     changed = [axis for axis in range(len(shape)) if before.shape[axis] != after.shape[axis]]
     literal_axes = [axis for axis, size in enumerate(shape) if size == literal and not isinstance(size, bool)]
-    return bool(changed) and all(isinstance(shape[axis], fx.Node) for axis in changed) and all(
+    if not changed:
+        return static
+    return all(isinstance(shape[axis], fx.Node) for axis in changed) and all(
         after.shape[axis] == literal for axis in literal_axes)
 
 
@@ -109,6 +112,7 @@ def _check_literals(gm: fx.GraphModule, program: TokenProgram, plan: Plan, dense
     if not reduced:
         return
     first = reduced[0]
+    static = not any(row.method.cost_per_image for row in reduced)
     start = stream_node(program.gm, first.index)
     tokens = program.blocks[first.index].tokens
     patches = tokens - program.prefix_tokens
@@ -121,7 +125,7 @@ def _check_literals(gm: fx.GraphModule, program: TokenProgram, plan: Plan, dense
         if node not in data:
             continue
         for value, in_slice in _literals((node.args, node.kwargs)):
-            if (value == tokens or (in_slice and value == patches)) and not _sized_apart(node, value, dense):
+            if (value == tokens or (in_slice and value == patches)) and not _sized_apart(node, value, dense, static):
                 raise UnsupportedModelError(
                     f"{_where(node)} uses the literal {value}, the token count before block {first.index} reduces "
                     f"tokens ({node.format_node()}); it would compute wrong numbers. Reduce tokens only after it, "

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from vits import HandWrittenViT, Stage, assert_each_image_gets_what_it_gets_alone, image_batch
+from vits import HandWrittenViT, Stage, assert_each_image_gets_what_it_gets_alone, assert_same_outputs, image_batch
 
 import fxprune
 from fxprune import EViT, UnsupportedModelError
@@ -63,13 +63,16 @@ def test_the_same_models_are_fine_when_reduction_comes_after_the_problem():
         assert gm(x).shape == (2, 7)
 
 
-def test_a_literal_head_size_equal_to_the_token_count_is_not_taken_for_it():
+def test_a_head_size_equal_to_the_token_count_is_not_taken_for_it():
     from transformers import SiglipConfig, SiglipForImageClassification
 
-    torch.manual_seed(0)  # 16 patch tokens, no class token; heads of 16 channels: view(B, N, -1, 16) in every block
+    # 16 patch tokens and heads of 16 channels: view(B, N, -1, 16) before SDPA and reshape(B, -1, q.shape[2],
+    # v.shape[-1]) after it, in every block; the input size is only in the vision config
+    torch.manual_seed(0)
     vision = dict(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=3, num_attention_heads=3,
-                  intermediate_size=96)  # its input size is only in the vision config
+                  intermediate_size=96)
     model = SiglipForImageClassification(SiglipConfig(vision_config=vision, num_labels=10)).eval()
-    gm = fxprune.transform(model, fxprune.TopK(0.5, (1,)))
-    assert [row.tokens_out for row in gm.fxprune_plan.rows] == [16, 8, 8]
+    gm = fxprune.transform(model, fxprune.TopK(0.6, (1, 2)))
+    assert [row.tokens_out for row in gm.fxprune_plan.rows] == [16, 10, 6]
     assert_each_image_gets_what_it_gets_alone(gm, image_batch(model, batch=3))
+    assert_same_outputs(fxprune.transform(model, EViT(1.0, (1, 2))), model)  # every size as before: nothing to refuse

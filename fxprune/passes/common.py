@@ -14,6 +14,7 @@ import operator
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import torch
 import torch.fx as fx
 
 from ..analysis import Block, TokenProgram, sdpa_arguments
@@ -253,9 +254,36 @@ def _resize_token_axis(gm: fx.GraphModule, start: fx.Node, stop: fx.Node, tokens
             continue
         packed = len(node.args) == 2 and isinstance(node.args[1], (tuple, list))
         shape = list(node.args[1]) if packed else list(node.args[1:])
-        resized = [kept if _read_before(size, downstream) == tokens else size for size in shape]
+        resized = [kept if _read_before(size, downstream) == tokens and not _reads_channels(size) else size
+                   for size in shape]
         if resized != shape:
             node.args = (node.args[0], tuple(resized)) if packed else (node.args[0], *resized)
+
+
+def _reads_channels(size: object) -> bool:
+    """Whether ``size`` reads the last axis of a tensor's shape (``v.shape[-1]``, ``x.size(2)`` of ``[B, N, C]``):
+    channels or a head's size, never the token count, though it may equal it."""
+    if not isinstance(size, fx.Node) or size.op not in ("call_function", "call_method"):
+        return False
+    if size.op == "call_method" and size.target == "size" and len(size.args) == 2:
+        tensor, axes = size.args[0], None
+        axis = size.args[1]
+    elif size.target is operator.getitem and isinstance(size.args[0], fx.Node):
+        shape, axis = size.args
+        axes = None
+        if shape.target is operator.getitem and isinstance(shape.args[1], slice):  # x.shape[:-1][i]
+            shape, axes = shape.args[0], shape.args[1]
+        if not (shape.op == "call_function" and shape.target is getattr and shape.args[1] == "shape"):
+            return False
+        tensor = shape.args[0]
+    else:
+        return False
+    value = tensor.meta.get("val") if isinstance(tensor, fx.Node) else None
+    if not isinstance(value, torch.Tensor) or not isinstance(axis, int):
+        return False
+    dims = range(value.dim())
+    dims = dims if axes is None else dims[axes]
+    return -len(dims) <= axis < len(dims) and dims[axis] == value.dim() - 1
 
 
 def _read_before(size: object, downstream: set[fx.Node]) -> object:

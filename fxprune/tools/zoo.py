@@ -20,6 +20,7 @@ import dataclasses
 import math
 import re
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -86,13 +87,24 @@ def _torchvision() -> nn.Module:
     return torchvision.models.VisionTransformer(32, 8, 3, 3, 48, 96, num_classes=10).eval()
 
 
-def _hugging_face() -> nn.Module:
-    from transformers import ViTConfig, ViTForImageClassification
+_HF_TINY = dict(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=3, num_attention_heads=3,
+                intermediate_size=96)
 
-    torch.manual_seed(0)
-    config = ViTConfig(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=3, num_attention_heads=3,
-                       intermediate_size=96, num_labels=10)
-    return ViTForImageClassification(config).eval()
+
+def _hugging_face(model: str = "ViT", **options: Any) -> Callable[[], nn.Module]:
+    """A builder of the tiny random-weight Hugging Face ``<model>ForImageClassification`` with ``options`` on its
+    config (SigLIP's: on its vision config)."""
+
+    def build() -> nn.Module:
+        import transformers
+
+        torch.manual_seed(0)
+        config = getattr(transformers, f"{model}Config")
+        config = config(vision_config={**_HF_TINY, **options}, num_labels=10) if model == "Siglip" else config(
+            **_HF_TINY, **options, num_labels=10)
+        return getattr(transformers, f"{model}ForImageClassification")(config).eval()
+
+    return build
 
 
 class Glance(nn.Module):
@@ -176,7 +188,12 @@ ZOO: tuple[Entry, ...] = (
     _timm("mobilevit_xxs", **_SMALL),
     # not timm
     Entry("torchvision vit (MultiheadAttention)", "torchvision", _torchvision),
-    Entry("Hugging Face ViTForImageClassification", "hf", _hugging_face),
+    Entry("Hugging Face ViTForImageClassification", "hf", _hugging_face()),
+    Entry("Hugging Face BeitForImageClassification (relative position bias)", "hf",
+          _hugging_face("Beit", use_relative_position_bias=True)),
+    Entry("Hugging Face Dinov2WithRegistersForImageClassification", "hf",
+          _hugging_face("Dinov2WithRegisters", num_register_tokens=4)),
+    Entry("Hugging Face SiglipForImageClassification", "hf", _hugging_face("Siglip")),
     Entry("hand-written: summary token read alone", "hand-written", _glance("summary")),
     Entry("hand-written: mean over every token", "hand-written", _glance("mean")),
     Entry("hand-written: dense output", "hand-written", _glance("all")),
