@@ -273,7 +273,7 @@ def _reads_channels(size: object) -> bool:
         axes = None
         if shape.target is operator.getitem and isinstance(shape.args[1], slice):  # x.shape[:-1][i]
             shape, axes = shape.args[0], shape.args[1]
-        if not (shape.op == "call_function" and shape.target is getattr and shape.args[1] == "shape"):
+        if not (isinstance(shape, fx.Node) and shape.target is getattr and shape.args[1] == "shape"):
             return False
         tensor = shape.args[0]
     else:
