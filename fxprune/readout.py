@@ -4,8 +4,9 @@ A row reaches an output element when a NaN written into that row alone of the fi
 element NaN: only the graph after the final tokens runs, on random values, so this costs a few runs of the model's
 head. From that, a prefix row is a *class row* when it reaches output elements that no patch row reaches (a
 classifier on ``x[:, 0]``, a distillation head on ``x[:, 1]``, the first rows of a dense output); patch rows are
-*pooled* when two of them reach the same element (a mean or attention pool) and *dense* when each reaches its own
-(a backbone that returns every token).
+*pooled* when two of them reach the same element (a mean or attention pool) and *dense* when each reaches elements of
+its own (a backbone that returns every token, also beside a pooled output, as Hugging Face's ``last_hidden_state``
+beside ``pooler_output``).
 """
 
 from __future__ import annotations
@@ -41,10 +42,15 @@ class Readout:
         return f"the output reads {alone}{rows[self.patches]}"
 
 
+_METADATA = ("shape", "dtype", "device", "ndim", "is_cuda")
+_METADATA_METHODS = ("size", "dim", "numel", "get_device", "is_floating_point")
+
+
 def is_shape_read(node: fx.Node) -> bool:
-    """Whether ``node`` reads a tensor's shape (``x.shape``, ``x.size()``, ``x.dim()``), not its values."""
-    return (node.op == "call_function" and node.target is getattr and node.args[1] == "shape") or (
-        node.op == "call_method" and node.target in ("size", "dim")
+    """Whether ``node`` reads a tensor's shape or other metadata (``x.shape``, ``x.size()``, ``x.dim()``,
+    ``x.dtype``, ``x.device``), not its values."""
+    return (node.op == "call_function" and node.target is getattr and node.args[1] in _METADATA) or (
+        node.op == "call_method" and node.target in _METADATA_METHODS
     )
 
 
@@ -126,7 +132,7 @@ def readout(gm: fx.GraphModule, tokens: fx.Node | None, prefix: int, data: set[f
     class_rows = tuple(row for row, mask in enumerate(masks) if mask.any() and not (mask & patches).any())
     if not patches.any():
         kind = "none"
-    elif count - prefix > 1 and not (first & last).any():
+    elif count - prefix > 1 and (first & ~last).any() and (last & ~first).any():
         kind = "dense"
     else:
         kind = "pooled"

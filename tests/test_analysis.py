@@ -57,6 +57,16 @@ def test_registers_placed_after_the_class_token_count_as_prefix_and_keep_their_p
     assert_same_outputs(fxprune.transform(model, fxprune.DynamicViT(1.0, (1, 2))), model)  # keep 1 sorts its rows
 
 
+def test_reading_the_inputs_device_and_dtype_leaves_the_token_stream_as_it_is():
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    torch.manual_seed(0)  # its rotary tables are made on pixel_values.device in pixel_values.dtype
+    model = DINOv3ViTModel(DINOv3ViTConfig(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=3,
+                                           num_attention_heads=2, intermediate_size=96, num_register_tokens=4)).eval()
+    program = fxprune.analyse(model)
+    assert (program.tokens, program.prefix_tokens) == (21, 5) and all(block.reducible for block in program.blocks)
+
+
 def test_model_without_class_token_is_recognised():
     program = fxprune.analyse(timm_vit("vit_tiny_patch16_224", class_token=False, global_pool="avg"))
     assert (program.prefix_tokens, program.class_token) == (0, False)

@@ -201,3 +201,22 @@ def test_a_torchvision_feature_extractor_gets_the_layout_back():
         reduced = fxprune.transform(backbone, fxprune.TopK(0.5, (1, 2)), example)(x)["tokens"]
     torch.testing.assert_close(same, expected, atol=1e-10, rtol=0)
     assert reduced.shape == expected.shape
+
+
+def test_every_token_returned_beside_an_attention_pool_gets_the_layout_back_and_the_pool_reads_it():
+    from transformers import Aimv2VisionConfig, Aimv2VisionModel
+
+    torch.manual_seed(0)  # last_hidden_state (every token) and pooler_output (an attention pool over them)
+    model = Aimv2VisionModel(Aimv2VisionConfig(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=3,
+                                               num_attention_heads=2, intermediate_size=96)).eval()
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        dense = model(x)
+        identity = fxprune.transform(model, fxprune.DynamicViT(1.0, (1, 2)))(x)  # keep 1 sorts the rows
+        reduced = fxprune.transform(model, fxprune.Compose([fxprune.ATS(0.5, (1,)), fxprune.ToMe(3, (2,))]))
+        together = reduced(x)
+        for key in ("last_hidden_state", "pooler_output"):
+            torch.testing.assert_close(identity[key], dense[key], atol=1e-5, rtol=0)
+            assert together[key].shape == dense[key].shape
+            alone = torch.cat([reduced(x[i : i + 1])[key] for i in range(3)])
+            torch.testing.assert_close(together[key], alone, atol=1e-5, rtol=0)

@@ -29,18 +29,16 @@ from .common import Role, insert_call, stream_node, tag, tag_of
 if TYPE_CHECKING:
     from ..planning import PlanRow
 
-__all__ = ["restore_layout", "return_positions"]
+__all__ = ["restore_layout", "restores_layout", "return_positions"]
 
 
 def restore_layout(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[PlanRow], restore: bool = True) -> None:
     """Give a dense-output model the original token layout after its last block (see the module docstring); no
     change when the output reads no patch rows one by one or no block changes the rows. ``restore=False``: keep the
     reduced rows and return, beside the model's output, each row's original position (:func:`return_positions`)."""
-    if program.readout.patches != "dense" or not any(r.method is not None and r.method.reduces_tokens for r in rows):
+    if not restores_layout(program, rows):
         return
     end = _restore_point(program)
-    if end is None:
-        return
     held = recorded = None
     steps: dict[int, list[fx.Node]] = {}
     for node in gm.graph.nodes:
@@ -68,6 +66,14 @@ def restore_layout(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[Pla
     last = program.blocks[max(steps)]
     restored = _insert(gm, end, token_states, (recorded, end, held), last, "restored_layout")
     end.replace_all_uses_with(restored, delete_user_cb=lambda user: user is not restored)
+
+
+def restores_layout(program: TokenProgram, rows: Sequence[PlanRow]) -> bool:
+    """Whether :func:`restore_layout` puts the original token layout back for the plan ``rows``: the output reads
+    patch rows one by one and a block changes the rows. The blocks after the last one of self-attention (an
+    attention pool) then read every original token once."""
+    reduces = any(r.method is not None and r.method.reduces_tokens for r in rows)
+    return program.readout.patches == "dense" and reduces and _restore_point(program) is not None
 
 
 def return_positions(gm: fx.GraphModule, program: TokenProgram, moves: Sequence[fx.Node]) -> None:

@@ -30,7 +30,16 @@ from typing import TYPE_CHECKING
 
 import torch.fx as fx
 
-from ..analysis import Block, TokenProgram, bias_per_query, key_rows, pooled_rows, sdpa_arguments, token_pooling
+from ..analysis import (
+    Block,
+    TokenProgram,
+    bias_per_query,
+    key_rows,
+    last_self_attention,
+    pooled_rows,
+    sdpa_arguments,
+    token_pooling,
+)
 from ..errors import FxPruneError, UnsupportedModelError
 from ..ops import (
     KEEP,
@@ -90,15 +99,19 @@ def follow_state(gm: fx.GraphModule, block: Block, stream: fx.Node, channel: str
     return tag(node, block, Role.STATE, channel)
 
 
-def _thread_sizes(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[PlanRow]) -> None:
+def _thread_sizes(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[PlanRow], restored: bool) -> None:
     """Route the sizes from the first sized stream (or, where a rewrite reads them, from the first block) through
-    every later block (see the module docstring)."""
+    every later block (see the module docstring); with the layout ``restored`` after the last block of
+    self-attention, an attention pool or mean after it reads every original token once, and takes no sizes."""
     read = any(_readers(gm, row.index, SIZES) for row in rows)
     size: fx.Node | None = read_state(gm, program.blocks[0], SIZES) if read else None
     proportional = padded = False
     order = graph_order(gm)
+    last = last_self_attention(program.blocks).index
     for row in rows:
         block = program.blocks[row.index]
+        if restored and row.index > last:
+            break
         stream = stream_node(gm, row.index) if row.method is not None else None
         before = stream is not None and order(stream) < order(block.attention.node)  # reduces the block's input
         for reader in _readers(gm, row.index, SIZES):
@@ -122,7 +135,7 @@ def _thread_sizes(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[Plan
             size = follow_state(gm, block, stream, SIZES, size)
         if size is not None and (proportional or padded) and before:
             _add_size_bias(gm, block, size, proportional)
-    if size is not None:
+    if size is not None and not restored:
         _pool_by_size(gm, program, size)
 
 
@@ -183,15 +196,16 @@ def _thread_keep(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[PlanR
             _attend_with_policy(gm, block, _at_keys(gm, program, block, policy))
 
 
-def thread_state(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[PlanRow]) -> None:
+def thread_state(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[PlanRow], restored: bool = False) -> None:
     """Thread every channel that is started, set or read in ``gm`` through the blocks of the plan ``rows`` (run
     after every block rewrite): the sizes when a sized stream starts them, the keep policy where a rewrite sets
-    it, any other channel a rewrite reads."""
+    it, any other channel a rewrite reads. ``restored``: the original token layout is put back after the last block
+    of self-attention (:func:`~fxprune.passes.restore.restores_layout`)."""
     streams = [stream_node(gm, row.index) for row in rows if row.method is not None]
     if any(node is not None and op_of(node.target).sized for node in streams) or any(
         _readers(gm, row.index, SIZES) for row in rows
     ):
-        _thread_sizes(gm, program, rows)
+        _thread_sizes(gm, program, rows, restored)
     if any(_written(gm, row.index, KEEP) or _readers(gm, row.index, KEEP) for row in rows):
         _thread_keep(gm, program, rows)
     read = {n.args[1] for n in gm.graph.nodes if n.target is initial_state and n.args[1] not in (SIZES, KEEP)}
