@@ -91,9 +91,9 @@ _HF_TINY = dict(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=3
                 intermediate_size=96)
 
 
-def _hugging_face(model: str = "ViT", **options: Any) -> Callable[[], nn.Module]:
-    """A builder of the tiny random-weight Hugging Face ``<model>ForImageClassification`` with ``options`` on its
-    config (SigLIP's: on its vision config)."""
+def _hugging_face(model: str = "ViT", task: str = "ForImageClassification", **options: Any) -> Callable[[], nn.Module]:
+    """A builder of the tiny random-weight Hugging Face ``<model><task>`` with ``options`` on its config (SigLIP's:
+    on its vision config)."""
 
     def build() -> nn.Module:
         import transformers
@@ -101,8 +101,8 @@ def _hugging_face(model: str = "ViT", **options: Any) -> Callable[[], nn.Module]
         torch.manual_seed(0)
         config = getattr(transformers, f"{model}Config")
         config = config(vision_config={**_HF_TINY, **options}, num_labels=10) if model == "Siglip" else config(
-            **_HF_TINY, **options, num_labels=10)
-        return getattr(transformers, f"{model}ForImageClassification")(config).eval()
+            **{**_HF_TINY, **options}, num_labels=10)
+        return getattr(transformers, f"{model}{task}")(config).eval()
 
     return build
 
@@ -194,6 +194,10 @@ ZOO: tuple[Entry, ...] = (
     Entry("Hugging Face Dinov2WithRegistersForImageClassification", "hf",
           _hugging_face("Dinov2WithRegisters", num_register_tokens=4)),
     Entry("Hugging Face SiglipForImageClassification", "hf", _hugging_face("Siglip")),
+    Entry("Hugging Face DINOv3ViTModel (rotary, registers)", "hf",
+          _hugging_face("DINOv3ViT", "Model", num_attention_heads=2, num_register_tokens=4)),
+    Entry("Hugging Face Aimv2VisionModel (every token beside an attention pool)", "hf",
+          _hugging_face("Aimv2Vision", "Model", num_attention_heads=2)),
     Entry("hand-written: summary token read alone", "hand-written", _glance("summary")),
     Entry("hand-written: mean over every token", "hand-written", _glance("mean")),
     Entry("hand-written: dense output", "hand-written", _glance("all")),
