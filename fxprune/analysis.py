@@ -547,11 +547,17 @@ def _leading_rows(node: fx.Node, data: set[fx.Node]) -> int:
     if target in _ELEMENTWISE and node.op in ("call_function", "call_method"):
         return min((_leading_rows(arg, data) for arg in node.args if isinstance(arg, fx.Node) and arg in data),
                    default=0)
-    if (node.op == "call_module" and isinstance(node.graph.owning_module.get_submodule(target), _ROW_WISE_MODULES)) \
-            or (node.op == "call_function" and target in _ROW_WISE_FUNCTIONS) \
-            or (node.op == "call_method" and target == "contiguous"):
+    if _row_wise(node) or (node.op == "call_method" and target == "contiguous"):
         return _leading_rows(node.args[0], data) if isinstance(node.args[0], fx.Node) else 0
     return 0
+
+
+def _row_wise(node: fx.Node) -> bool:
+    """Whether ``node`` is a layer that computes each row of its first input on its own (a linear layer, a norm,
+    dropout), as a module or a function."""
+    if node.op == "call_module":
+        return isinstance(node.graph.owning_module.get_submodule(node.target), _ROW_WISE_MODULES)
+    return node.op == "call_function" and node.target in _ROW_WISE_FUNCTIONS
 
 
 def _has_class_token(found: Readout, prefix: int, info: TraceInfo) -> bool:
@@ -707,9 +713,7 @@ def key_rows(program: TokenProgram, block: Block) -> slice | None:
                 rows = row_slice(index)
                 break
             node = source if isinstance(index, int) and isinstance(source, fx.Node) else None
-        elif node.op == "call_method" and node.target in _REARRANGEMENTS or (
-                node.op == "call_function" and node.target in _ROW_WISE_FUNCTIONS) or (
-                node.op == "call_module" and isinstance(program.gm.get_submodule(node.target), _ROW_WISE_MODULES)):
+        elif _row_wise(node) or (node.op == "call_method" and node.target in _REARRANGEMENTS):
             node = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         else:
             node = None

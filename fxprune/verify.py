@@ -15,7 +15,7 @@ import torch.utils._pytree as pytree
 from .analysis import TokenProgram, module_path
 from .capture import ValuePropagationError, propagate
 from .errors import FxPruneError, UnsupportedModelError
-from .passes.common import stream_node, tag_of
+from .passes.common import reshape_sizes, stream_node, tag_of
 from .planning import Plan, token_count
 from .readout import data_nodes
 
@@ -79,18 +79,15 @@ def _literals(value: Any, in_slice: bool = False):
             yield from _literals(item, in_slice)
 
 
-_SHAPED = ("view", "reshape")
-
-
 def _sized_apart(node: fx.Node, literal: int, dense: dict[fx.Node, Any], static: bool) -> bool:
     """Whether the ``literal`` that ``node`` (``x.view(*shape)``, ``x.reshape(*shape)``) takes as a size is not the
     token count, though it equals it (a head size of 16 beside 16 tokens): after the rewrite the axes it gives keep
     that size and the axes whose size changed (``dense``: each node's value before the rewrite) all take their size
     from the tensor's shape, not from a literal or ``-1``; or, where the rewrite's token counts are ``static`` (no
     image keeps its own), none changed (a keep rate of 1 there)."""
-    if node.op != "call_method" or node.target not in _SHAPED:
+    shape = reshape_sizes(node)
+    if shape is None:
         return False
-    shape = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
     before = dense.get(node)
     after = node.meta.get("val")
     if not (isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor) and before.dim() == after.dim()

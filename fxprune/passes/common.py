@@ -250,14 +250,23 @@ def _resize_token_axis(gm: fx.GraphModule, start: fx.Node, stop: fx.Node, tokens
     the attention (a shape read or a literal equal to ``tokens``) use ``kept`` (the kept queries)."""
     downstream = reachable([start], lambda node: node.users, stop)
     for node in downstream:
-        if node.op != "call_method" or node.target not in _RESHAPES:
+        shape = reshape_sizes(node)
+        if shape is None:
             continue
-        packed = len(node.args) == 2 and isinstance(node.args[1], (tuple, list))
-        shape = list(node.args[1]) if packed else list(node.args[1:])
         resized = [kept if _read_before(size, downstream) == tokens and not _reads_channels(size) else size
                    for size in shape]
         if resized != shape:
+            packed = len(node.args) == 2 and isinstance(node.args[1], (tuple, list))
             node.args = (node.args[0], tuple(resized)) if packed else (node.args[0], *resized)
+
+
+def reshape_sizes(node: fx.Node) -> list[Any] | None:
+    """The sizes ``node`` gives its output when it is ``x.view(*sizes)`` or ``x.reshape(*sizes)`` (sizes passed
+    one by one or as a tuple: ints, ``-1`` or nodes); None for any other node."""
+    if node.op != "call_method" or node.target not in _RESHAPES:
+        return None
+    packed = len(node.args) == 2 and isinstance(node.args[1], (tuple, list))
+    return list(node.args[1]) if packed else list(node.args[1:])
 
 
 def _reads_channels(size: object) -> bool:
