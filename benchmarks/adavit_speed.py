@@ -3,6 +3,7 @@
     python benchmarks/adavit_speed.py                            # usage 0.7 and 0.5 of everything, batches 1 and 32
     python benchmarks/adavit_speed.py --usages 0.5 --parts heads,sublayers,tokens,all --batches 1
     python benchmarks/adavit_speed.py --trained adavit_study     # the usage the trained digits models reach
+    python benchmarks/adavit_speed.py --batches 1 --threads 1    # one torch thread, as a server of one per request
 
 DeiT-S has random weights; its decision heads are set by ``fxprune.methods.adavit.set_usage`` so that each block
 uses about the share ``--usages`` of what ``--parts`` names (heads and sub-layers: that share of all of them, at
@@ -387,6 +388,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", default="1,32")
     parser.add_argument("--images", type=int, default=8, help="images timed one by one at batch 1")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--compile", action="store_true",
                         help="also time the masked graph compiled by fxprune.lower and the skipping graph compiled "
                              "with graph breaks (torch.compile, dynamic shapes), against dense compiled")
@@ -402,13 +404,15 @@ def main(argv: list[str] | None = None) -> None:
                              "no branch on its decisions, eager and compiled as one graph with sizes read from the "
                              "data, against dense compiled alike (inductor's C++ wrapper)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
     batches = [int(b) for b in args.batches.split(",")]
     pool = torch.randn(max(batches + [args.images]), 3, 224, 224)
     single = pool[: args.images]
     trained = f" --trained {args.trained}" if args.trained else f" --parts {args.parts}"
-    tuned = "".join(f" --{name} {getattr(args, name)}" for name in ("images", "repeats")
+    tuned = "".join(f" --{name} {getattr(args, name)}" for name in ("images", "repeats", "threads")
                     if getattr(args, name) != parser.get_default(name))
     print(f"Command: `python benchmarks/adavit_speed.py --usages {args.usages}{trained} --batches {args.batches}"
           + (" --compile" if args.compile else "") + (" --profile" if args.profile else "")

@@ -569,6 +569,16 @@ def _has_class_token(found: Readout, prefix: int, info: TraceInfo) -> bool:
     return prefix > 0 and 0 in found.class_rows
 
 
+def _first_failure(info: TraceInfo) -> str:
+    """Why the first module kept whole could not be traced, on which inputs, and what to do (empty: none failed)."""
+    if not info.leaves:
+        return ""
+    name, why = info.leaves[0]
+    shapes = ", ".join(str(shape) for shape in info.example_shapes)
+    return (f" Tracing {name} failed on inputs {shapes} ({why}): if {info.model_class} expects other inputs, pass "
+            "example_inputs of that shape to fxprune.transform (or trace/analyse).")
+
+
 def analyse(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = None) -> TokenProgram:
     """Describe the attention blocks, token stream and prefix tokens of ``model``.
 
@@ -593,7 +603,7 @@ def analyse(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = No
             f"found no attention in {info.model_class}: fxprune rewrites the attention blocks of vision "
             "transformers (SDPA calls or softmax(q @ kᵀ) @ v over [B, H, N, d] queries, keys and values)."
             + (" Modules called whole may hide it: " + ", ".join(hidden[:4]) + (", …" if len(hidden) > 4 else "")
-               if hidden else "")
+               + "." + _first_failure(info) if hidden else "")
             + (f" It found {len(unrecognised)} attention call(s) it cannot read: " + "; ".join(unrecognised[:2])
                + ("; …" if len(unrecognised) > 2 else "") if unrecognised else "")
         )

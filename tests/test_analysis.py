@@ -200,6 +200,17 @@ def test_a_module_called_whole_that_holds_attention_is_named_in_the_summary_and_
         fxprune.analyse(_zoo_model("mobilevit_xxs"))
 
 
+def test_finding_no_attention_says_why_the_first_module_kept_whole_failed_on_which_inputs_and_what_to_do():
+    from transformers import VivitConfig, VivitModel
+
+    video = VivitModel(VivitConfig(image_size=32, num_frames=4, tubelet_size=[2, 8, 8], hidden_size=48,
+                                   num_hidden_layers=2, num_attention_heads=3, intermediate_size=96)).eval()
+    with pytest.raises(UnsupportedModelError, match=r"found no attention in VivitModel.* Tracing embeddings failed on "
+                       r"inputs \(2, 3, 32, 32\) \(TraceError: .*\): if VivitModel expects other inputs, pass "
+                       "example_inputs"):
+        fxprune.analyse(video, (torch.randn(2, 3, 32, 32),))  # images, where it expects clips [B, T, C, H, W]
+
+
 def test_summary_lists_every_block_with_its_status():
     text = str(fxprune.analyse(timm_vit("deit_small_distilled_patch16_224")))
     assert "4 attention blocks, 18 tokens × 384 channels (2 prefix token(s), class token: yes)" in text

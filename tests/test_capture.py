@@ -130,6 +130,25 @@ def test_example_inputs_follow_the_declared_image_size():
         default_example_inputs(torchvision.models.resnet18())
 
 
+def _vivit() -> nn.Module:
+    from transformers import VivitConfig, VivitForVideoClassification
+
+    torch.manual_seed(0)
+    return VivitForVideoClassification(VivitConfig(
+        image_size=32, num_frames=4, tubelet_size=[2, 8, 8], hidden_size=48, num_hidden_layers=2,
+        num_attention_heads=3, intermediate_size=96, num_labels=10)).eval()
+
+
+def test_a_video_model_that_declares_its_frames_is_captured_on_clips_of_them():
+    model = _vivit()
+    assert default_example_inputs(model)[0].shape == (2, 4, 3, 32, 32)  # [B, T, C, H, W], as HF's video models
+    fast = fxprune.transform(model, fxprune.ToMe(r=4))  # no example_inputs: before, "found no attention"
+    clips = torch.randn(3, 4, 3, 32, 32)
+    assert fxprune.analyse(model).blocks[0].tokens == 33  # 2 × 4 × 4 tubelets and the class token
+    with torch.no_grad():
+        assert logits(fast(clips)).shape == logits(model(clips)).shape == (3, 10)
+
+
 def _saved_and_loaded(gm: nn.Module) -> nn.Module:
     buffer = io.BytesIO()
     torch.save(gm, buffer)

@@ -67,8 +67,9 @@ def _fxprune_trace(model: nn.Module) -> TraceInfo | None:
 
 
 def default_example_inputs(model: nn.Module, batch_size: int = 2) -> tuple[torch.Tensor]:
-    """An image batch ``[batch_size, C, H, W]`` of the size ``model`` declares (timm, torchvision, HF),
-    or of the size a graph returned by fxprune was captured with."""
+    """An image batch ``[batch_size, C, H, W]`` of the size ``model`` declares (timm, torchvision, HF), a batch of
+    clips ``[batch_size, T, C, H, W]`` where it also declares a frame count (Hugging Face's video transformers:
+    ViViT, VideoMAE, TimeSformer), or inputs of the shapes a graph returned by fxprune was captured with."""
     param = next(model.parameters(), None)
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     device = param.device if param is not None else "cpu"
@@ -82,7 +83,9 @@ def default_example_inputs(model: nn.Module, batch_size: int = 2) -> tuple[torch
             f"cannot tell which input size {type(model).__name__} expects: pass example_inputs, "
             "e.g. fxprune.transform(model, policy, example_inputs=(torch.randn(2, 3, 224, 224),))"
         )
-    return (torch.randn(batch_size, chans, *size, dtype=dtype, device=device),)
+    frames = _declared_frames(model)
+    clip = () if frames is None else (frames,)
+    return (torch.randn(batch_size, *clip, chans, *size, dtype=dtype, device=device),)
 
 
 def _as_hw(value: Any) -> tuple[int, int] | None:
@@ -116,9 +119,20 @@ def _declared_image_size(model: nn.Module) -> tuple[int, int] | None:
     return None
 
 
+def _declared_frames(model: nn.Module) -> int | None:
+    """The frames per clip a Hugging Face video model's config declares (``num_frames``), or None."""
+    frames = getattr(getattr(model, "config", None), "num_frames", None)
+    return frames if isinstance(frames, int) else None
+
+
 def _declared_channels(model: nn.Module) -> int:
+    """The input channels ``model`` declares: a Hugging Face config's ``num_channels``, else its first
+    convolution's (a 3-D one embeds a video's tubelets), else 3."""
+    channels = getattr(getattr(model, "config", None), "num_channels", None)
+    if isinstance(channels, int):
+        return channels
     for module in model.modules():
-        if isinstance(module, nn.Conv2d):
+        if isinstance(module, (nn.Conv2d, nn.Conv3d)):
             return module.in_channels
     return 3
 

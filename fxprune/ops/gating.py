@@ -240,7 +240,10 @@ def _same_as_residual(residual: Tensor, *layout: Tensor, in_place: bool = False)
 
 
 def _index_add(x: Tensor, index: Tensor, source: Tensor, in_place: bool) -> Tensor:
-    """``x`` with ``source``'s rows added at rows ``index`` of its first axis: into ``x`` itself (``in_place``)."""
+    """``x`` with ``source``'s rows added at rows ``index`` of its first axis: into ``x`` itself (``in_place``).
+    ``source`` is made contiguous first: on the CPU, adding an expanded one (one row for every slot) takes several
+    times as long as copying it and adding the copy."""
+    source = source.contiguous()
     return x.index_add_(0, index, source) if in_place else x.index_add(0, index, source)
 
 

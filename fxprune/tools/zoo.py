@@ -198,6 +198,8 @@ ZOO: tuple[Entry, ...] = (
           _hugging_face("DINOv3ViT", "Model", num_attention_heads=2, num_register_tokens=4)),
     Entry("Hugging Face Aimv2VisionModel (every token beside an attention pool)", "hf",
           _hugging_face("Aimv2Vision", "Model", num_attention_heads=2)),
+    Entry("Hugging Face VivitForVideoClassification (video: clips of tubelets)", "hf",
+          _hugging_face("Vivit", "ForVideoClassification", num_frames=4, tubelet_size=[2, 8, 8])),
     Entry("hand-written: summary token read alone", "hand-written", _glance("summary")),
     Entry("hand-written: mean over every token", "hand-written", _glance("mean")),
     Entry("hand-written: dense output", "hand-written", _glance("all")),
