@@ -503,7 +503,7 @@ def _prefix_tokens(first_input: fx.Node, info: TraceInfo, data: set[fx.Node]) ->
     """The tokens before the patches in ``first_input``, the stream entering the first block: none without a
     ``cat`` that builds the sequence (CaiT joins its class token only after its self-attention blocks), else timm's
     ``num_prefix_tokens`` when the model has it, otherwise its leading rows that do not depend on the input's values
-    (:func:`_leading_rows`) or, where those cannot be followed, the rows of the ``cat``'s parts before its first
+    (:func:`_constant_rows`) or, where those cannot be followed, the rows of the ``cat``'s parts before its first
     part that does."""
     cat = _sequence_cat(first_input, data)
     if cat is None:
@@ -512,17 +512,31 @@ def _prefix_tokens(first_input: fx.Node, info: TraceInfo, data: set[fx.Node]) ->
         return info.prefix_tokens_attr
     parts = cat.args[0]
     patch = next(i for i, p in enumerate(parts) if p in data)
-    return _leading_rows(first_input, data) or sum(_shape(p)[1] for p in parts[:patch])
+    return _constant_rows(first_input, data) or sum(_shape(p)[1] for p in parts[:patch])
+
+
+def _tokens_after_patches(first_input: fx.Node, prefix: int, data: set[fx.Node]) -> str | None:
+    """Why no block can be reduced when trailing rows of ``first_input``, the stream entering the first block, do not
+    depend on the image (tokens after the patches: YOLOS's detection tokens), else None."""
+    shape = _shape(first_input)
+    rows = _constant_rows(first_input, data, last=True) if shape is not None and len(shape) == 3 else 0
+    if not 0 < rows < shape[1] - prefix:
+        return None
+    count = shape[1]
+    return (f"rows {count - rows}–{count - 1} of the {count} tokens entering the first block do not depend on the "
+            "image: tokens after the patches (detection or query tokens, as YOLOS's), which every method would take "
+            "for patches and drop, merge or cluster (fxprune keeps apart only the tokens before the patches); no "
+            "block of this model can be reduced")
 
 
 _ELEMENTWISE = (operator.add, operator.mul, operator.sub, torch.add, torch.mul, "add", "mul", "sub")
 
 
-def _leading_rows(node: fx.Node, data: set[fx.Node]) -> int:
-    """How many leading rows (axis 1) of the ``[B, N, C]`` value ``node`` do not depend on the input's values:
-    followed through ``cat`` along the rows, row slices ``x[:, a:b]``, elementwise arithmetic and row-wise layers
-    (HF's DINOv2 puts its registers between ``x[:, :1]`` and ``x[:, 1:]`` of a sequence that already holds the class
-    token); 0 where it cannot tell."""
+def _constant_rows(node: fx.Node, data: set[fx.Node], last: bool = False) -> int:
+    """How many leading rows (``last``: trailing rows) on axis 1 of the ``[B, N, C]`` value ``node`` do not depend
+    on the input's values: followed through ``cat`` along the rows, row slices ``x[:, a:b]``, elementwise arithmetic
+    and row-wise layers (HF's DINOv2 puts its registers between ``x[:, :1]`` and ``x[:, 1:]`` of a sequence that
+    already holds the class token; YOLOS puts its detection tokens after the patches); 0 where it cannot tell."""
     shape = _shape(node)
     if shape is None or len(shape) != 3:
         return 0
@@ -532,8 +546,8 @@ def _leading_rows(node: fx.Node, data: set[fx.Node]) -> int:
     if node.op == "call_function" and target is torch.cat and node.kwargs.get(
             "dim", node.args[1] if len(node.args) > 1 else 0) in (1, -2):
         total = 0
-        for part in node.args[0]:
-            rows = _leading_rows(part, data)
+        for part in reversed(node.args[0]) if last else node.args[0]:
+            rows = _constant_rows(part, data, last)
             total += rows
             if rows < (_shape(part) or (0, 0))[1]:
                 break
@@ -542,13 +556,18 @@ def _leading_rows(node: fx.Node, data: set[fx.Node]) -> int:
         source, rows = node.args[0], row_slice(node.args[1])
         if rows is None or _shape(source) is None:
             return 0
-        taken = range(_shape(source)[1])[rows]
-        return max(0, min(_leading_rows(source, data), taken.stop) - taken.start) if len(taken) else 0
+        count = _shape(source)[1]
+        taken, constant = range(count)[rows], _constant_rows(source, data, last)
+        if not taken:
+            return 0
+        if last:
+            return max(0, taken.stop - max(taken.start, count - constant))
+        return max(0, min(constant, taken.stop) - taken.start)
     if target in _ELEMENTWISE and node.op in ("call_function", "call_method"):
-        return min((_leading_rows(arg, data) for arg in node.args if isinstance(arg, fx.Node) and arg in data),
+        return min((_constant_rows(arg, data, last) for arg in node.args if isinstance(arg, fx.Node) and arg in data),
                    default=0)
     if _row_wise(node) or (node.op == "call_method" and target == "contiguous"):
-        return _leading_rows(node.args[0], data) if isinstance(node.args[0], fx.Node) else 0
+        return _constant_rows(node.args[0], data, last) if isinstance(node.args[0], fx.Node) else 0
     return 0
 
 
@@ -628,6 +647,9 @@ def analyse(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = No
         _block(index, site, anchor, mid, batch, prefix, on_stream, data)
         for index, (site, (anchor, mid)) in enumerate(zip(sites, anchors))
     )
+    late = _tokens_after_patches(first, prefix, data)
+    if late is not None:  # every block: the tokens keep their place after the patches
+        blocks = tuple(block if block.refusal else dataclasses.replace(block, refusal=late) for block in blocks)
     shape = _shape(first) or (batch, 0, 0)
     tokens, dim = (shape[1], shape[2]) if len(shape) == 3 else (0, 0)
     found = readout(gm, _final_tokens(blocks, stream, batch, dim, tokens), prefix, data)

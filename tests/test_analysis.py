@@ -211,6 +211,21 @@ def test_finding_no_attention_says_why_the_first_module_kept_whole_failed_on_whi
         fxprune.analyse(video, (torch.randn(2, 3, 32, 32),))  # images, where it expects clips [B, T, C, H, W]
 
 
+def test_tokens_after_the_patches_that_do_not_depend_on_the_image_make_every_block_not_reducible():
+    from transformers import YolosConfig, YolosForObjectDetection
+
+    torch.manual_seed(0)
+    detector = YolosForObjectDetection(YolosConfig(  # [class, 16 patches, 5 detection tokens]
+        image_size=[32, 32], patch_size=8, hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
+        intermediate_size=96, num_detection_tokens=5, use_mid_position_embeddings=False)).eval()
+    program = fxprune.analyse(detector)
+    assert program.prefix_tokens == 1 and not any(block.reducible for block in program.blocks)
+    assert "rows 17–21 of the 22 tokens entering the first block do not depend on the image" in str(program)
+    with pytest.raises(UnsupportedModelError, match=r"block 1 \(vit\.encoder\.layer\.1\): rows 17–21 .* tokens "
+                       "after the patches"):  # before: transformed, the detection tokens scored and dropped as patches
+        fxprune.transform(detector, fxprune.EViT(keep_rate=0.5, layers=(1,)))
+
+
 def test_summary_lists_every_block_with_its_status():
     text = str(fxprune.analyse(timm_vit("deit_small_distilled_patch16_224")))
     assert "4 attention blocks, 18 tokens × 384 channels (2 prefix token(s), class token: yes)" in text

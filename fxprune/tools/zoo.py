@@ -200,6 +200,8 @@ ZOO: tuple[Entry, ...] = (
           _hugging_face("Aimv2Vision", "Model", num_attention_heads=2)),
     Entry("Hugging Face VivitForVideoClassification (video: clips of tubelets)", "hf",
           _hugging_face("Vivit", "ForVideoClassification", num_frames=4, tubelet_size=[2, 8, 8])),
+    Entry("Hugging Face YolosForObjectDetection (detection tokens after the patches)", "hf",
+          _hugging_face("Yolos", "ForObjectDetection", image_size=[32, 32], num_detection_tokens=5)),
     Entry("hand-written: summary token read alone", "hand-written", _glance("summary")),
     Entry("hand-written: mean over every token", "hand-written", _glance("mean")),
     Entry("hand-written: dense output", "hand-written", _glance("all")),
@@ -346,6 +348,7 @@ _SHORT = (  # the reasons of common refusals, said in a few words (the full reas
     (r"assumes the original token count", "a later layer needs the original token count"),
     (r"keys of block .* were not found", "attention keys not found"),
     (r"between q @ kᵀ and the softmax", "a bias added to the attention logits"),
+    (r"tokens after the patches", "tokens after the patches (detection tokens)"),
 )
 
 
