@@ -468,15 +468,30 @@ def _term(node: fx.Node, readers: tuple[fx.Node, ...], site: AttentionSite, toke
     return PositionTerm(node, readers, (), False)
 
 
+def _from_module_called_whole(first_input: fx.Node, data: set[fx.Node]) -> bool:
+    """Whether ``first_input``, the stream entering the first block, is computed from the output of a module with
+    submodules that the capture called whole (a registered leaf, or one it could not trace into), where a ``cat``
+    that builds the sequence cannot be seen."""
+    owner = first_input.graph.owning_module
+    return any(node.op == "call_module" and any(True for _ in owner.get_submodule(node.target).children())
+               for node in _ancestors(first_input) if node in data)
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    """``node`` and every node it is computed from."""
+    found, todo = set(), [node]
+    while todo:
+        current = todo.pop()
+        if current not in found:
+            found.add(current)
+            todo.extend(current.all_input_nodes)
+    return found
+
+
 def _sequence_cat(first_input: fx.Node, data: set[fx.Node]) -> fx.Node | None:
     """The ``cat`` along the token axis that builds the token sequence entering the first block, if any; ``data``:
     the nodes that depend on the input's values."""
-    ancestors, todo = set(), [first_input]
-    while todo:
-        node = todo.pop()
-        if node not in ancestors:
-            ancestors.add(node)
-            todo.extend(node.all_input_nodes)
+    ancestors = _ancestors(first_input)
     for node in reversed(first_input.graph.nodes):
         if node in ancestors and node.op == "call_function" and node.target is torch.cat:
             dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
@@ -506,8 +521,8 @@ def _prefix_tokens(first_input: fx.Node, info: TraceInfo, data: set[fx.Node]) ->
     (:func:`_constant_rows`) or, where those cannot be followed, the rows of the ``cat``'s parts before its first
     part that does."""
     cat = _sequence_cat(first_input, data)
-    if cat is None:
-        return 0
+    if cat is None:  # unless the sequence is built inside a module called whole (timm's NaFlexViT embeddings)
+        return info.prefix_tokens_attr or 0 if _from_module_called_whole(first_input, data) else 0
     if info.prefix_tokens_attr is not None:
         return info.prefix_tokens_attr
     parts = cat.args[0]

@@ -90,10 +90,11 @@ class Plan:
             )
             for row in self.rows
         )
-        return dataclasses.replace(
+        plan = dataclasses.replace(
             self, rows=rows, notes=self.notes + _saving_nothing(rows), other_macs_before=before.get(None, 0),
             other_macs_after=after.get(None, 0),
         )
+        return dataclasses.replace(plan, notes=plan.notes + _costing_more(plan))
 
     def rows_for(self, policy: Policy) -> list[PlanRow]:
         return [r for r in self.rows if r.policy is policy]
@@ -137,6 +138,20 @@ def _saving_nothing(rows: Sequence[PlanRow]) -> tuple[str, ...]:
                      f"on this input: with {tokens} tokens there its setting leaves every token's work as it is and "
                      f"adds its own (MACs no fewer than dense); reduce more there, or leave those blocks dense")
     return tuple(notes)
+
+
+def _costing_more(plan: Plan) -> tuple[str, ...]:
+    """A note when ``plan`` (measured) removes tokens and costs more MACs per image than the dense model: the
+    methods' own work (scoring, matching, clustering) outweighs what they remove. Not for a method whose cost depends
+    on the image (the rows show its static layout)."""
+    rewritten = [row for row in plan.rows if row.policy is not None]
+    removes = any(row.tokens_in is not None and row.tokens_out is not None and row.tokens_out < row.tokens_in
+                  for row in rewritten)  # else every block keeps its tokens: _saving_nothing says so
+    if plan.macs_after <= plan.macs_before or not removes or any(row.method.cost_per_image for row in rewritten):
+        return ()
+    return (f"{plan.policy.describe()} costs more MACs than the dense model on this input ({_amount(plan.macs_after)}"
+            f" against {_amount(plan.macs_before)}): its own work outweighs the tokens' it removes; remove more tokens"
+            " per block, or choose other blocks",)
 
 
 def _amount(macs: int) -> str:

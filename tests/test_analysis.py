@@ -57,6 +57,16 @@ def test_registers_placed_after_the_class_token_count_as_prefix_and_keep_their_p
     assert_same_outputs(fxprune.transform(model, fxprune.DynamicViT(1.0, (1, 2))), model)  # keep 1 sorts its rows
 
 
+def test_registers_joined_inside_an_embedding_module_called_whole_count_as_prefix():
+    model = timm_vit("naflexvit_base_patch16_gap", img_size=40, patch_size=8, depth=2, embed_dim=64, num_heads=2)
+    images = (torch.randn(2, 3, 40, 40),)  # timm registers its embeddings (with the cat) as a module not to trace
+    assert fxprune.analyse(model, images).prefix_tokens == 4  # before: 0, the registers taken for patches
+    rewritten = fxprune.transform(model, fxprune.DynamicViT(1.0, (1,)), example_inputs=images)
+    x = torch.randn(3, 3, 40, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(rewritten(x), model(x), atol=1e-5, rtol=0)  # keep 1 sorts its rows
+
+
 def test_reading_the_inputs_device_and_dtype_leaves_the_token_stream_as_it_is():
     from transformers import DINOv3ViTConfig, DINOv3ViTModel
 

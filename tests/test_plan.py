@@ -33,6 +33,15 @@ def test_blocks_where_a_setting_keeps_every_token_and_saves_nothing_are_noted():
         assert not any("saves nothing" in note for note in fxprune.plan(model, policy, fast=True).notes)
 
 
+def test_a_setting_that_costs_more_macs_than_the_dense_model_is_noted():
+    model = timm_vit("deit_small_patch16_224", img_size=64, patch_size=4, embed_dim=48, num_heads=3)  # 257 tokens
+    costly = fxprune.plan(model, ToMe(1, (1,)), fast=True)  # matching 128 × 128 tokens to merge one pair
+    assert costly.macs_after > costly.macs_before
+    assert [note.split(" (")[0] for note in costly.notes] == ["tome r 1 costs more MACs than the dense model on this "
+                                                               "input"]
+    assert not any("costs more" in note for note in fxprune.plan(model, ToMe(64, (1,)), fast=True).notes)
+
+
 def test_rows_carry_macs_before_and_after():
     plan = fxprune.plan(timm_vit("deit_small_patch16_224"), TopK(0.5, (1,)))
     assert plan.rows[0].macs_after == plan.rows[0].macs_before
