@@ -473,7 +473,7 @@ def _from_module_called_whole(first_input: fx.Node, data: set[fx.Node]) -> bool:
     submodules that the capture called whole (a registered leaf, or one it could not trace into), where a ``cat``
     that builds the sequence cannot be seen."""
     owner = first_input.graph.owning_module
-    return any(node.op == "call_module" and any(True for _ in owner.get_submodule(node.target).children())
+    return any(node.op == "call_module" and next(owner.get_submodule(node.target).children(), None) is not None
                for node in _ancestors(first_input) if node in data)
 
 
@@ -516,13 +516,15 @@ def row_slice(index: Any) -> slice | None:
 
 def _prefix_tokens(first_input: fx.Node, info: TraceInfo, data: set[fx.Node]) -> int:
     """The tokens before the patches in ``first_input``, the stream entering the first block: none without a
-    ``cat`` that builds the sequence (CaiT joins its class token only after its self-attention blocks), else timm's
-    ``num_prefix_tokens`` when the model has it, otherwise its leading rows that do not depend on the input's values
+    ``cat`` that builds the sequence (CaiT joins its class token only after its self-attention blocks) unless a
+    module called whole builds it (timm's NaFlexViT embeddings), else timm's ``num_prefix_tokens`` when the model
+    has it, otherwise its leading rows that do not depend on the input's values
     (:func:`_constant_rows`) or, where those cannot be followed, the rows of the ``cat``'s parts before its first
     part that does."""
     cat = _sequence_cat(first_input, data)
-    if cat is None:  # unless the sequence is built inside a module called whole (timm's NaFlexViT embeddings)
-        return info.prefix_tokens_attr or 0 if _from_module_called_whole(first_input, data) else 0
+    if cat is None:
+        hidden = info.prefix_tokens_attr is not None and _from_module_called_whole(first_input, data)
+        return info.prefix_tokens_attr if hidden else 0
     if info.prefix_tokens_attr is not None:
         return info.prefix_tokens_attr
     parts = cat.args[0]

@@ -150,8 +150,8 @@ def _costing_more(plan: Plan) -> tuple[str, ...]:
     if plan.macs_after <= plan.macs_before or not removes or any(row.method.cost_per_image for row in rewritten):
         return ()
     return (f"{plan.policy.describe()} costs more MACs than the dense model on this input ({_amount(plan.macs_after)}"
-            f" against {_amount(plan.macs_before)}): its own work outweighs the tokens' it removes; remove more tokens"
-            " per block, or choose other blocks",)
+            f" against {_amount(plan.macs_before)}): its own work (scoring, matching, clustering) outweighs what"
+            " removing tokens saves; remove more tokens per block, or choose other blocks",)
 
 
 def _amount(macs: int) -> str:
