@@ -832,10 +832,16 @@ def _refusal(
             f"attention has {site.queries} queries and {site.keys} keys for {shape[1]} tokens (its map is not over "
             "the stream's tokens: channel attention, or attention over another sequence)"
         ), False
-    if mid is None or not _is_add(mid) or anchor not in mid.all_input_nodes:
+    if mid is None or _shape(mid) != shape:
+        after = "ends" if mid is None else f"is {mid.name}, of shape {_shape(mid)}"
+        return (
+            f"the token stream leaves the tokens before its attention's output (after it, the stream {after}): the "
+            "model's output reads the tokens of several blocks apart (hidden states of intermediate blocks, as the "
+            "necks of DPT and Depth Anything read them) or no token sequence after it, and fxprune puts the original "
+            "token layout back only after the last block"
+        ), True
+    if not _is_add(mid) or anchor not in mid.all_input_nodes:
         return "no residual addition of the block input after attention", False
-    if _shape(mid) != shape:
-        return f"the stream after attention has shape {_shape(mid)}, expected {shape}", False
     beside = _beside_attention(site, anchor, mid)
     if beside is not None:
         return (

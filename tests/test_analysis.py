@@ -236,6 +236,23 @@ def test_tokens_after_the_patches_that_do_not_depend_on_the_image_make_every_blo
         fxprune.transform(detector, fxprune.EViT(keep_rate=0.5, layers=(1,)))
 
 
+def test_tokens_of_intermediate_blocks_read_by_a_dense_prediction_neck_are_refused_saying_so():
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
+
+    torch.manual_seed(0)  # the neck reads the hidden states after blocks 0–3 (its input size: the backbone's config)
+    backbone = Dinov2Config(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=4, num_attention_heads=3,
+                            intermediate_size=96, out_indices=[1, 2, 3, 4], reshape_hidden_states=False)
+    depth = DepthAnythingForDepthEstimation(DepthAnythingConfig(
+        backbone_config=backbone, reassemble_hidden_size=48, patch_size=8, fusion_hidden_size=16, head_hidden_size=8,
+        neck_hidden_sizes=[8, 16, 24, 32])).eval()
+    program = fxprune.analyse(depth)  # before: "cannot tell which input size", then "no residual addition"
+    assert [block.reducible for block in program.blocks] == [True, False, False, False]
+    assert all("reads the tokens of several blocks apart" in block.refusal for block in program.blocks[1:])
+    with pytest.raises(UnsupportedModelError, match=r"block 1 \(backbone\.encoder\.layer\.1\.attention\) needs every "
+                       "token: the token stream leaves the tokens"):
+        fxprune.transform(depth, fxprune.ToMe(2, (0,)))
+
+
 def test_summary_lists_every_block_with_its_status():
     text = str(fxprune.analyse(timm_vit("deit_small_distilled_patch16_224")))
     assert "4 attention blocks, 18 tokens × 384 channels (2 prefix token(s), class token: yes)" in text

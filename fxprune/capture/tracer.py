@@ -101,7 +101,8 @@ def _as_hw(value: Any) -> tuple[int, int] | None:
 def _declared_image_size(model: nn.Module) -> tuple[int, int] | None:
     """The input size ``model`` declares: timm's ``patch_embed.img_size`` or ``pretrained_cfg``, an ``image_size``
     attribute, or a Hugging Face config's ``image_size`` (or its ``vision_config``'s, for a model built on a
-    vision-language config such as SigLIP's classifier)."""
+    vision-language config such as SigLIP's classifier; or its ``backbone_config``'s, for a dense predictor such as
+    Depth Anything)."""
     pretrained_cfg = getattr(model, "pretrained_cfg", None)
     config = getattr(model, "config", None)
     candidates = [
@@ -110,6 +111,7 @@ def _declared_image_size(model: nn.Module) -> tuple[int, int] | None:
         getattr(model, "img_size", None),
         getattr(config, "image_size", None),
         getattr(getattr(config, "vision_config", None), "image_size", None),
+        getattr(getattr(config, "backbone_config", None), "image_size", None),
         pretrained_cfg.get("input_size") if isinstance(pretrained_cfg, dict) else None,
     ]
     for value in candidates:

@@ -107,6 +107,19 @@ def _hugging_face(model: str = "ViT", task: str = "ForImageClassification", **op
     return build
 
 
+def _depth_anything() -> nn.Module:
+    """The tiny random-weight Hugging Face Depth Anything: a DINOv2 backbone whose four blocks' tokens a DPT neck
+    reads."""
+    import transformers
+
+    torch.manual_seed(0)
+    backbone = transformers.Dinov2Config(**{**_HF_TINY, "num_hidden_layers": 4}, out_indices=[1, 2, 3, 4],
+                                         reshape_hidden_states=False)
+    return transformers.DepthAnythingForDepthEstimation(transformers.DepthAnythingConfig(
+        backbone_config=backbone, reassemble_hidden_size=48, patch_size=8, fusion_hidden_size=16, head_hidden_size=8,
+        neck_hidden_sizes=[8, 16, 24, 32])).eval()
+
+
 class Glance(nn.Module):
     """A hand-written ViT with none of timm's names: a learned ``summary`` token, positions ``where``, fused
     attention; its output reads ``reads``: ``'summary'`` (``final(x)[:, 0]``), ``'mean'`` (every token averaged)
@@ -202,6 +215,7 @@ ZOO: tuple[Entry, ...] = (
           _hugging_face("Vivit", "ForVideoClassification", num_frames=4, tubelet_size=[2, 8, 8])),
     Entry("Hugging Face YolosForObjectDetection (detection tokens after the patches)", "hf",
           _hugging_face("Yolos", "ForObjectDetection", image_size=[32, 32], num_detection_tokens=5)),
+    Entry("Hugging Face DepthAnythingForDepthEstimation (a neck reads four blocks' tokens)", "hf", _depth_anything),
     Entry("hand-written: summary token read alone", "hand-written", _glance("summary")),
     Entry("hand-written: mean over every token", "hand-written", _glance("mean")),
     Entry("hand-written: dense output", "hand-written", _glance("all")),
@@ -349,6 +363,7 @@ _SHORT = (  # the reasons of common refusals, said in a few words (the full reas
     (r"keys of block .* were not found", "attention keys not found"),
     (r"between q @ kᵀ and the softmax", "a bias added to the attention logits"),
     (r"tokens after the patches", "tokens after the patches (detection tokens)"),
+    (r"tokens of several blocks apart", "tokens of several blocks read apart"),
 )
 
 
