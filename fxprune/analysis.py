@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import networkx as nx
@@ -474,26 +474,37 @@ def _from_module_called_whole(first_input: fx.Node, data: set[fx.Node]) -> bool:
     that builds the sequence cannot be seen."""
     owner = first_input.graph.owning_module
     return any(node.op == "call_module" and next(owner.get_submodule(node.target).children(), None) is not None
-               for node in _ancestors(first_input) if node in data)
+               for node in ancestors([first_input]) if node in data)
 
 
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    """``node`` and every node it is computed from."""
-    found, todo = set(), [node]
+def reachable(starts: Iterable[fx.Node], step: Callable[[fx.Node], Iterable[fx.Node]],
+              stop: fx.Node | None = None) -> set[fx.Node]:
+    """``starts`` and every node reached from them by ``step`` (e.g. a node's users), not going past ``stop``."""
+    seen, todo = set(), list(starts)
     while todo:
-        current = todo.pop()
-        if current not in found:
-            found.add(current)
-            todo.extend(current.all_input_nodes)
-    return found
+        node = todo.pop()
+        if node not in seen and node is not stop:
+            seen.add(node)
+            todo.extend(step(node))
+    return seen
+
+
+def ancestors(nodes: Iterable[fx.Node]) -> set[fx.Node]:
+    """``nodes`` and every node they are computed from."""
+    return reachable(nodes, lambda node: node.all_input_nodes)
+
+
+def descendants(node: fx.Node) -> set[fx.Node]:
+    """Every node computed from ``node`` (not ``node`` itself)."""
+    return reachable(node.users, lambda user: user.users)
 
 
 def _sequence_cat(first_input: fx.Node, data: set[fx.Node]) -> fx.Node | None:
     """The ``cat`` along the token axis that builds the token sequence entering the first block, if any; ``data``:
     the nodes that depend on the input's values."""
-    ancestors = _ancestors(first_input)
+    before = ancestors([first_input])
     for node in reversed(first_input.graph.nodes):
-        if node in ancestors and node.op == "call_function" and node.target is torch.cat:
+        if node in before and node.op == "call_function" and node.target is torch.cat:
             dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
             if dim in (1, -2) and any(p in data for p in node.args[0]):
                 return node

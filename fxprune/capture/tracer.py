@@ -102,7 +102,7 @@ def _declared_image_size(model: nn.Module) -> tuple[int, int] | None:
     """The input size ``model`` declares: timm's ``patch_embed.img_size`` or ``pretrained_cfg``, an ``image_size``
     attribute, or a Hugging Face config's ``image_size`` (or its ``vision_config``'s, for a model built on a
     vision-language config such as SigLIP's classifier; or its ``backbone_config``'s, for a dense predictor such as
-    Depth Anything)."""
+    Depth Anything; or V-JEPA 2's ``crop_size``)."""
     pretrained_cfg = getattr(model, "pretrained_cfg", None)
     config = getattr(model, "config", None)
     candidates = [
@@ -112,6 +112,7 @@ def _declared_image_size(model: nn.Module) -> tuple[int, int] | None:
         getattr(config, "image_size", None),
         getattr(getattr(config, "vision_config", None), "image_size", None),
         getattr(getattr(config, "backbone_config", None), "image_size", None),
+        getattr(config, "crop_size", None),
         pretrained_cfg.get("input_size") if isinstance(pretrained_cfg, dict) else None,
     ]
     for value in candidates:
@@ -122,15 +123,18 @@ def _declared_image_size(model: nn.Module) -> tuple[int, int] | None:
 
 
 def _declared_frames(model: nn.Module) -> int | None:
-    """The frames per clip a Hugging Face video model's config declares (``num_frames``), or None."""
-    frames = getattr(getattr(model, "config", None), "num_frames", None)
+    """The frames per clip a Hugging Face video model's config declares (``num_frames``; V-JEPA 2's
+    ``frames_per_clip``), or None."""
+    config = getattr(model, "config", None)
+    frames = getattr(config, "num_frames", getattr(config, "frames_per_clip", None))
     return frames if isinstance(frames, int) else None
 
 
 def _declared_channels(model: nn.Module) -> int:
-    """The input channels ``model`` declares: a Hugging Face config's ``num_channels``, else its first
-    convolution's (a 3-D one embeds a video's tubelets), else 3."""
-    channels = getattr(getattr(model, "config", None), "num_channels", None)
+    """The input channels ``model`` declares: a Hugging Face config's ``num_channels`` (V-JEPA 2's ``in_chans``),
+    else its first convolution's (a 3-D one embeds a video's tubelets), else 3."""
+    config = getattr(model, "config", None)
+    channels = getattr(config, "num_channels", getattr(config, "in_chans", None))
     if isinstance(channels, int):
         return channels
     for module in model.modules():

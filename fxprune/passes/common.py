@@ -11,13 +11,13 @@ from __future__ import annotations
 import dataclasses
 import enum
 import operator
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.fx as fx
 
-from ..analysis import Block, TokenProgram, sdpa_arguments
+from ..analysis import Block, TokenProgram, ancestors, descendants, reachable, sdpa_arguments
 from ..capture.tracer import fetch_attr
 from ..ops import (
     class_attention,
@@ -203,28 +203,6 @@ def select_queries(gm: fx.GraphModule, block: Block, rows: fx.Node) -> fx.Node:
     residual = insert_call(gm, block.mid.prev, gather_tokens, (block.input, rows), {}, block, "kept_residual")
     block.mid.replace_input_with(block.input, residual)
     return residual
-
-
-def reachable(starts: Iterable[fx.Node], step: Callable[[fx.Node], Iterable[fx.Node]],
-              stop: fx.Node | None = None) -> set[fx.Node]:
-    """``starts`` and every node reached from them by ``step`` (e.g. a node's users), not going past ``stop``."""
-    seen, todo = set(), list(starts)
-    while todo:
-        node = todo.pop()
-        if node not in seen and node is not stop:
-            seen.add(node)
-            todo.extend(step(node))
-    return seen
-
-
-def ancestors(nodes: Iterable[fx.Node]) -> set[fx.Node]:
-    """``nodes`` and every node they are computed from."""
-    return reachable(nodes, lambda node: node.all_input_nodes)
-
-
-def descendants(node: fx.Node) -> set[fx.Node]:
-    """Every node computed from ``node`` (not ``node`` itself)."""
-    return reachable(node.users, lambda user: user.users)
 
 
 def computed_from_inputs(gm: fx.GraphModule) -> set[fx.Node]:
