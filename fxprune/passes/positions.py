@@ -9,15 +9,17 @@ attention reads them (:func:`~fxprune.ops.at_positions`).
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 import torch.fx as fx
 
-from ..analysis import Block, PositionTerm, TokenProgram
+from ..analysis import Block, PositionTerm, TokenProgram, descendants, reachable
 from ..ops import POSITIONS, at_positions
-from .common import graph_order, insert_call, stream_node, tag_of
+from ..readout import data_nodes, is_shape_read
+from .common import graph_order, insert_call, model_tokens, stream_node, tag_of
 from .state import follow_state, read_state
 
 if TYPE_CHECKING:
@@ -49,16 +51,44 @@ def place_position_terms(gm: fx.GraphModule, program: TokenProgram, rows: Sequen
     if not reducing:
         return
     order = graph_order(gm)
+    shortened, data = descendants(program.blocks[min(reducing)].input), data_nodes(gm)
     for block in program.blocks[min(reducing):]:
         stream = stream_node(gm, block.index)
         before = stream is not None and order(stream) < order(block.attention.node)
         if not any(_term_readers(block, term) for term in block.position_terms) or \
                 (block.index == min(reducing) and not before):
             continue  # no terms, or the block's rewrite took them at its own rows (AdaViT's used rows)
+        _count_every_token(gm, program, block, shortened, data)
         positions = read_state(gm, block, POSITIONS)
         if before:
             positions = follow_state(gm, block, stream, POSITIONS, positions)
         place_terms(gm, program, block, positions)
+
+
+def _count_every_token(gm: fx.GraphModule, program: TokenProgram, block: Block, shortened: set[fx.Node],
+                       data: set[fx.Node]) -> None:
+    """Make ``block``'s position terms count every token where they count the rows of a value that a reduction
+    shortens (``shortened``; V-JEPA 2 numbers its rotary positions ``arange(x.size(1))`` of its attention's input):
+    so they stay laid out for every token, as the positions channel indexes them, and do not follow the rows that
+    remain. ``data``: the nodes computed from the input's values, where the search for such counts stops."""
+    if block.tokens != program.tokens:
+        return
+    for term in block.position_terms:
+        computing = reachable([term.node], lambda node: () if node in data else node.all_input_nodes)
+        for count in [node for node in computing if node in shortened and _counts_rows(node, block.tokens)]:
+            every = model_tokens(gm, program)
+            for user in [user for user in count.users if user in computing]:
+                user.replace_input_with(count, every)
+
+
+def _counts_rows(node: fx.Node, tokens: int) -> bool:
+    """Whether ``node`` reads a tensor's size along its token axis (``x.size(1)``, ``x.shape[1]``, valued
+    ``tokens``): a count of its rows."""
+    value = node.meta.get("val")
+    if not isinstance(value, int) or isinstance(value, bool) or value != tokens or tag_of(node) is not None:
+        return False
+    return is_shape_read(node) or (node.op == "call_function" and node.target is operator.getitem
+                                   and isinstance(node.args[0], fx.Node) and is_shape_read(node.args[0]))
 
 
 def _term_readers(block: Block, term: PositionTerm) -> list[fx.Node]:
