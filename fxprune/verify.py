@@ -15,6 +15,7 @@ import torch.utils._pytree as pytree
 from .analysis import TokenProgram, module_path
 from .capture import ValuePropagationError, propagate
 from .errors import FxPruneError, UnsupportedModelError
+from .ops import at_positions
 from .passes.common import reshape_sizes, stream_node, tag_of
 from .planning import Plan, token_count
 from .readout import data_nodes
@@ -46,6 +47,24 @@ def _check_selections(program: TokenProgram, plan: Plan, values: dict[fx.Node, A
             raise FxPruneError(
                 f"internal error: block {row.index} keeps {got} of {received} tokens, {row.policy.describe()} "
                 f"should keep {expected}"
+            )
+
+
+def _check_position_terms(gm: fx.GraphModule, program: TokenProgram, values: dict[fx.Node, Any]) -> None:
+    """Each position term taken at the rows' positions is laid out for every token of its block (or every patch) on
+    the axes it is taken along: the positions index the dense model's tokens, which example values do not bound."""
+    for node in gm.graph.nodes:
+        if node.target is not at_positions or not isinstance(values.get(node.args[0]), torch.Tensor):
+            continue
+        term, axes, patches_only, prefix = values[node.args[0]], node.args[2], node.args[3], node.args[4]
+        tokens = program.blocks[tag_of(node).block].tokens
+        needed = tokens - prefix if patches_only else tokens
+        short = [term.shape[axis] for axis in axes if term.shape[axis] != needed]
+        if short:
+            raise UnsupportedModelError(
+                f"after the rewrite the position table {node.args[0].name} ({_where(node.args[0])}) is laid out for "
+                f"{short[0]} positions where the dense model has {needed}: it is computed from something the "
+                "reduction changes, so the kept rows' positions cannot be taken from it. Reduce tokens only after it."
             )
 
 
@@ -156,6 +175,7 @@ def verify(gm: fx.GraphModule, program: TokenProgram, plan: Plan, second_batch: 
         _check_batch(gm, values, batch)
         _check_selections(program, plan, values)
         _check_guards(gm, program, values)
+        _check_position_terms(gm, program, values)
     _check_literals(gm, program, plan, dense)
 
 

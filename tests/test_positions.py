@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 from reference import with_keys_masked
-from vits import assert_compiles_once
+from vits import assert_compiles_once, rows_counting_video
 
 import fxprune
 from fxprune.tools.show import token_sources
@@ -125,22 +125,9 @@ def test_under_a_per_query_bias_only_the_kept_queries_attend_with_their_rows_of_
         assert row_inside.macs_after < row_after.macs_after
 
 
-def _rows_counting_video() -> torch.nn.Module:
-    """Hugging Face's V-JEPA 2 classifier at test size (2 × 6 × 6 = 72 tubelets, no prefix token, an attention
-    pool): each block numbers its rotary positions ``arange(x.size(1))`` of the rows its attention is given."""
-    from transformers import VJEPA2Config, VJEPA2ForVideoClassification
-
-    torch.manual_seed(0)
-    model = VJEPA2ForVideoClassification(VJEPA2Config(
-        crop_size=48, frames_per_clip=4, tubelet_size=2, patch_size=8, hidden_size=48, num_hidden_layers=3,
-        num_attention_heads=3, mlp_ratio=2.0, num_labels=10, num_pooler_layers=1))
-    torch.nn.init.normal_(model.classifier.weight)  # outputs far apart from clip to clip
-    return model.eval().double()
-
-
 @pytest.mark.parametrize("method", ["topk", "ats"])
 def test_rotary_positions_numbered_from_the_rows_count_every_token(method):
-    model, (policy, before) = _rows_counting_video(), POLICIES[method]
+    model, (policy, before) = rows_counting_video(), POLICIES[method]
     gm = fxprune.transform(model, policy)  # before: an index out of range (tables for the remaining rows)
     clips = torch.randn(2, 4, 3, 48, 48, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     with torch.no_grad():

@@ -1,6 +1,13 @@
 import pytest
 import torch
-from vits import HandWrittenViT, Stage, assert_each_image_gets_what_it_gets_alone, assert_same_outputs, image_batch
+from vits import (
+    HandWrittenViT,
+    Stage,
+    assert_each_image_gets_what_it_gets_alone,
+    assert_same_outputs,
+    image_batch,
+    rows_counting_video,
+)
 
 import fxprune
 from fxprune import EViT, UnsupportedModelError
@@ -76,3 +83,12 @@ def test_a_head_size_equal_to_the_token_count_is_not_taken_for_it():
     assert [row.tokens_out for row in gm.fxprune_plan.rows] == [16, 10, 6]
     assert_each_image_gets_what_it_gets_alone(gm, image_batch(model, batch=3))
     assert_same_outputs(fxprune.transform(model, EViT(1.0, (1, 2))), model)  # every size as before: nothing to refuse
+
+
+def test_a_position_table_laid_out_for_fewer_positions_than_the_dense_model_is_refused(monkeypatch):
+    from fxprune.passes import positions
+
+    monkeypatch.setattr(positions, "_count_every_token", lambda *args: None)  # V-JEPA 2's tables then follow the rows
+    with pytest.raises(UnsupportedModelError, match=r"the position table \w+ .* is laid out for \d+ positions where "
+                       "the dense model has 72"):  # before: transformed, and its run failed on an index out of range
+        fxprune.transform(rows_counting_video(), fxprune.TopK(0.6, (1, 2)))

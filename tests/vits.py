@@ -259,3 +259,16 @@ ALL_MODELS = {
     "hf_vit": hf_vit,
     "hand_written": hand_written_vit,
 }
+
+
+def rows_counting_video() -> torch.nn.Module:
+    """Hugging Face's V-JEPA 2 classifier at test size (2 × 6 × 6 = 72 tubelets, no prefix token, an attention
+    pool): each block numbers its rotary positions ``arange(x.size(1))`` of the rows its attention is given."""
+    from transformers import VJEPA2Config, VJEPA2ForVideoClassification
+
+    torch.manual_seed(0)
+    model = VJEPA2ForVideoClassification(VJEPA2Config(
+        crop_size=48, frames_per_clip=4, tubelet_size=2, patch_size=8, hidden_size=48, num_hidden_layers=3,
+        num_attention_heads=3, mlp_ratio=2.0, num_labels=10, num_pooler_layers=1))
+    torch.nn.init.normal_(model.classifier.weight)  # outputs far apart from clip to clip
+    return model.eval().double()
