@@ -48,7 +48,7 @@ def place_position_terms(gm: fx.GraphModule, program: TokenProgram, rows: Sequen
     rows' positions (run before token-state threading, which wires the positions channel it reads). The first
     block that removes rows sees them all unless it removes them before its attention (DynamicViT, at its input)."""
     reducing = [row.index for row in rows if row.method is not None and row.method.reduces_tokens]
-    if not reducing:
+    if not reducing or not any(block.position_terms for block in program.blocks[min(reducing):]):
         return
     order = graph_order(gm)
     shortened, data = descendants(program.blocks[min(reducing)].input), data_nodes(gm)
