@@ -655,6 +655,15 @@ def analyse(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = No
                + ("; …" if len(unrecognised) > 2 else "") if unrecognised else "")
         )
     stream, idom = _stream(gm)
+    unreached = [site for site in sites if site.node not in idom]  # e.g. a decoder's self-attention of its queries
+    unrecognised += [f"attention {site.node.name} in {site.module or 'forward'} (computed from no value of the "
+                     "input: learned queries attending to each other)" for site in unreached]
+    sites = [site for site in sites if site.node in idom]
+    if not sites:
+        raise UnsupportedModelError(
+            f"found no attention over the input's tokens in {info.model_class}: its attention ("
+            + "; ".join(unrecognised[:2]) + ") is computed from no value of the input"
+        )
     on_stream = set(stream)
     position = {n: i for i, n in enumerate(gm.graph.nodes)}
     anchors = []

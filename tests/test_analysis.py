@@ -253,6 +253,41 @@ def test_tokens_of_intermediate_blocks_read_by_a_dense_prediction_neck_are_refus
         fxprune.transform(depth, fxprune.ToMe(2, (0,)))
 
 
+def test_attention_of_learned_queries_alone_is_listed_and_left_as_is():
+    from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
+
+    torch.manual_seed(0)  # the decoder's first self-attention reads its learned queries only
+    backbone = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1],
+                            out_features=["stage4"])
+    detector = DetrForObjectDetection(DetrConfig(
+        use_timm_backbone=False, backbone_config=backbone, use_pretrained_backbone=False, d_model=32, encoder_layers=2,
+        decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+        decoder_ffn_dim=64, num_queries=5, num_labels=10)).eval()
+    program = fxprune.analyse(detector, (torch.randn(2, 3, 64, 64),))  # before: a KeyError
+    assert [block.name for block in program.blocks] == [
+        "model.encoder.layers.0", "model.encoder.layers.1", "model.decoder.layers.0.encoder_attn"]
+    assert program.unrecognised == ["attention scaled_dot_product_attention_2 in model.decoder.layers.0.self_attn "
+                                    "(computed from no value of the input: learned queries attending to each other)"]
+
+
+class _QueriesAlone(torch.nn.Module):
+    """Attention of learned queries [B, 2, 4, 8] among themselves, added to a pooled image: none over the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.queries = torch.nn.Parameter(torch.randn(1, 2, 4, 8))
+
+    def forward(self, x):
+        q = self.queries.expand(x.shape[0], -1, -1, -1)
+        return torch.nn.functional.scaled_dot_product_attention(q, q, q).flatten(1) + x.mean((1, 2, 3))[:, None]
+
+
+def test_a_model_whose_only_attention_reads_no_value_of_the_input_is_refused_saying_so():
+    with pytest.raises(UnsupportedModelError, match=r"found no attention over the input's tokens in _QueriesAlone: "
+                       r"its attention \(attention scaled_dot_product_attention in forward \(computed from no value"):
+        fxprune.analyse(_QueriesAlone(), (torch.randn(2, 3, 8, 8),))
+
+
 def test_summary_lists_every_block_with_its_status():
     text = str(fxprune.analyse(timm_vit("deit_small_distilled_patch16_224")))
     assert "4 attention blocks, 18 tokens × 384 channels (2 prefix token(s), class token: yes)" in text
