@@ -82,8 +82,9 @@ def _count_every_token(gm: fx.GraphModule, program: TokenProgram, block: Block, 
 
 
 def _counts_rows(node: fx.Node, tokens: int) -> bool:
-    """Whether ``node`` reads a tensor's size along its token axis (``x.size(1)``, ``x.shape[1]``, valued
-    ``tokens``): a count of its rows."""
+    """Whether ``node`` reads a size from a tensor's shape (``x.size(1)``, ``x.shape[1]``) that equals ``tokens``:
+    a count of its rows, or a size of another axis that happens to equal it, which no reduction changes, so reading
+    the model's token count in its place gives the same value."""
     value = node.meta.get("val")
     if not isinstance(value, int) or isinstance(value, bool) or value != tokens or tag_of(node) is not None:
         return False
