@@ -87,6 +87,9 @@ class PositionTerm:
         return f"{name} {list(_shape(self.node) or ())}"
 
 
+ReadsApart = tuple[tuple[fx.Node, fx.Node], ...]
+
+
 @dataclasses.dataclass(frozen=True)
 class Block:
     """A transformer block on the token stream, anchored on its attention site.
@@ -131,6 +134,7 @@ class TokenProgram:
     model_name: str
     unrecognised: list[str] = dataclasses.field(default_factory=list)  # attention-like parts left as they are
     readout: Readout = Readout(why="not analysed")
+    reads_apart: ReadsApart = ()  # (stream value, reader): intermediate blocks' tokens read beside the stream
 
     def __str__(self) -> str:
         head = (
@@ -398,16 +402,46 @@ def _dataflow(start: fx.Node) -> nx.DiGraph:
     return graph
 
 
-def _stream(gm: fx.GraphModule) -> tuple[list[fx.Node], dict[fx.Node, fx.Node]]:
-    """Dominators of the output (input first), and the immediate-dominator map."""
+def _stream(
+    gm: fx.GraphModule, sites: Sequence[AttentionSite]
+) -> tuple[list[fx.Node], dict[fx.Node, fx.Node], ReadsApart]:
+    """The token stream: dominators of the output (input first), once the values read apart from it are left out
+    (:func:`_reads_apart`, before the last self-attention of ``sites`` computed from the input: an attention pool
+    or class attention after it reads the final tokens); the immediate-dominator map; and those reads."""
     start = next(iter(gm.graph.find_nodes(op="placeholder")))
     output = next(iter(gm.graph.find_nodes(op="output")))
     flow = _dataflow(start)
     idom = nx.immediate_dominators(flow, start)
+    last = [site.output for site in sites if site.output in idom and site.queries == site.keys]
+    reads = _reads_apart(flow, idom, start, last[-1], output) if last else ()
+    if reads:
+        flow.remove_edges_from(reads)
+        idom = nx.immediate_dominators(flow, start)
     chain = [output]
     while chain[-1] is not start:
         chain.append(idom[chain[-1]])
-    return chain[::-1], idom
+    return chain[::-1], idom, reads
+
+
+def _reads_apart(flow: nx.DiGraph, idom: dict[fx.Node, fx.Node], start: fx.Node, last: fx.Node,
+                 output: fx.Node) -> ReadsApart:
+    """The pairs ``(value, reader)`` where the output reads a value of the token stream apart from it (the hidden
+    states of intermediate blocks that a dense-prediction neck, a list of feature maps or of hidden states reads):
+    ``value``, computed from the input, comes before the last self-attention's output ``last`` and leads to it
+    (every path from the input to ``last`` passes it); ``reader`` does not lead to ``last``, and it and what it
+    computes meet what ``last`` does only in values of another shape than ``value``'s (a parallel branch beside
+    the attention meets it in the block's residual addition, a token sequence: no read apart; an output structure
+    holding the hidden states and the final tokens is one)."""
+    chain = [idom[last]]
+    while chain[-1] is not start:  # the input itself is no token value
+        chain.append(idom[chain[-1]])
+    chain.pop()
+    before, after, wanted = ancestors([last]), descendants(last), ancestors([output])
+    return tuple(
+        (value, reader) for value in reversed(chain) for reader in flow.successors(value)
+        if reader not in before and reader in wanted
+        and not any(_shape(node) == _shape(value) for node in ({reader} | descendants(reader)) & after)
+    )
 
 
 def _is_add(node: fx.Node) -> bool:
@@ -654,7 +688,7 @@ def analyse(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = No
             + (f" It found {len(unrecognised)} attention call(s) it cannot read: " + "; ".join(unrecognised[:2])
                + ("; …" if len(unrecognised) > 2 else "") if unrecognised else "")
         )
-    stream, idom = _stream(gm)
+    stream, idom, reads = _stream(gm, sites)
     unreached = [site for site in sites if site.node not in idom]  # e.g. a decoder's self-attention of its queries
     unrecognised += [f"attention {site.node.name} in {site.module or 'forward'} (computed from no value of the "
                      "input: learned queries attending to each other)" for site in unreached]
@@ -693,7 +727,7 @@ def analyse(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = No
     return TokenProgram(
         gm, blocks, prefix, _has_class_token(found, prefix, info), tokens, dim, batch, stream, info,
         info.model_class, [*unrecognised, *(f"{name}, called whole: attention inside it is not seen" for name in kept)],
-        found,
+        found, reads,
     )
 
 
@@ -856,9 +890,8 @@ def _refusal(
         after = "ends" if mid is None else f"is {mid.name}, of shape {_shape(mid)}"
         return (
             f"the token stream leaves the tokens before its attention's output (after it, the stream {after}): the "
-            "model's output reads the tokens of several blocks apart (hidden states of intermediate blocks, as the "
-            "necks of DPT and Depth Anything read them) or no token sequence after it, and fxprune puts the original "
-            "token layout back only after the last block"
+            "model's output reads no token sequence after it, or reads an earlier block's tokens and joins them with "
+            "a later block's as a token sequence (a sum of several blocks' outputs)"
         ), True
     if not _is_add(mid) or anchor not in mid.all_input_nodes:
         return "no residual addition of the block input after attention", False

@@ -29,6 +29,7 @@ from .analysis import (
 from .errors import PolicyError, UnsupportedModelError
 from .methods import Method, method_of
 from .passes.common import stream_node, tag_of
+from .passes.restore import restores_output
 from .policies import Compose, Policy
 
 __all__ = ["Plan", "PlanRow", "make_plan", "block_of", "macs_per_block", "measure_tokens", "token_count"]
@@ -267,6 +268,60 @@ def _depth(program: TokenProgram) -> int:
 
 
 DENSE_OUTPUT = "the output reads every patch row (a dense output)"
+ORDERED_OUTPUT = "the output reads every patch row in its place (convolutions over their grid)"
+
+
+def _check_restore(program: TokenProgram, reducing: Sequence[int], restore: bool) -> None:
+    """Refuse ``restore=False`` where the reduced rows would reach a part of the model that reads the tokens in
+    their places: their grid, or intermediate blocks' tokens read apart from the stream."""
+    if restore or not reducing:
+        return
+    reads = []
+    if program.reads_apart:
+        readers = ", ".join(module_path(reader) or reader.name for _, reader in program.reads_apart)
+        reads.append(f"{_tokens_after([_read_after(program, value) for value, _ in program.reads_apart])} apart "
+                     f"from the stream (at {readers})")
+    if program.readout.patches == "ordered":
+        reads.append("the final tokens in their places (convolutions over their grid)")
+    if reads:
+        raise PolicyError(
+            f"restore=False returns the reduced rows as they are, but {program.model_name} reads "
+            f"{' and '.join(reads)}, which needs the original token layout: leave restore=True"
+        )
+
+
+def _read_after(program: TokenProgram, value: fx.Node) -> int | None:
+    """Which block's tokens the stream value ``value`` is: the last block whose residual add after its attention
+    comes before it (None: the embeddings)."""
+    place = program.stream.index(value)
+    done = [b.index for b in program.blocks if b.mid in program.stream and program.stream.index(b.mid) < place]
+    return done[-1] if done else None
+
+
+def _tokens_after(blocks: Sequence[int | None]) -> str:
+    """``blocks`` (None: the embeddings) said in words: "the tokens after the embeddings and blocks 1, 2"."""
+    named = [str(index) for index in sorted(set(b for b in blocks if b is not None))]
+    parts = (["the embeddings"] if None in blocks else []) + (
+        [f"block{'s' if len(named) > 1 else ''} {', '.join(named)}"] if named else [])
+    return "the tokens after " + " and ".join(parts)
+
+
+def _layout_notes(program: TokenProgram, restore: bool) -> list[str]:
+    """What a plan that reduces tokens says of the token layout the output reads."""
+    notes = []
+    if restores_output(program):
+        reads = DENSE_OUTPUT if program.readout.patches == "dense" else ORDERED_OUTPUT
+        notes.append(f"{reads}: the original token layout is put back after the last block (a kept or merged token "
+                     "takes the row that holds it, a dropped one its state where its block dropped it; "
+                     "docs/methods.md)" if restore else
+                     f"{reads}: with restore=False it returns the reduced rows, in the order the methods leave them, "
+                     "and each row's original position beside the output")
+    if program.reads_apart:
+        after = _tokens_after([_read_after(program, value) for value, _ in program.reads_apart])
+        notes.append(f"the output also reads {after} apart from the stream (a "
+                     "dense-prediction neck, intermediate features): each read gets the original token layout as "
+                     "it is there")
+    return notes
 
 
 def make_plan(program: TokenProgram, policy: Policy | Compose, restore: bool = True) -> Plan:
@@ -278,6 +333,8 @@ def make_plan(program: TokenProgram, policy: Policy | Compose, restore: bool = T
     owner = _owner(program, policy)
     _check_blocks(program, owner)
     _check_model(program, owner)
+    reducing = [index for index, part in owner.items() if method_of(part).reduces_tokens]
+    _check_restore(program, reducing, restore)
     rows = []
     for block in program.blocks:
         part = owner.get(block.index)
@@ -297,7 +354,6 @@ def make_plan(program: TokenProgram, policy: Policy | Compose, restore: bool = T
     notes += [f"{part.describe()} scores tokens by {SCORES[program.class_token]}"
               + ("" if program.class_token else f" (no class token: {program.readout})")
               for part in policy.policies() if method_of(part).scores_tokens]
-    reducing = [index for index, part in owner.items() if method_of(part).reduces_tokens]
     placed = [b.index for b in program.blocks[min(reducing) + 1:] if b.position_terms] if reducing else []
     if placed:
         notes.append(f"block(s) {', '.join(map(str, placed))} read position terms (relative position bias, rotary "
@@ -314,12 +370,8 @@ def make_plan(program: TokenProgram, policy: Policy | Compose, restore: bool = T
     notes += [f"{name} at block(s) {', '.join(map(str, blocks))}: the attention has a bias per query and key "
               "(a relative position bias); each query's bias to a cluster is log Σ exp of its members' biases "
               "(docs/methods.md)" for name, blocks in biased.items() if blocks]
-    if program.readout.patches == "dense" and any(method_of(part).reduces_tokens for part in policy.policies()):
-        notes.append(f"{DENSE_OUTPUT}: the original token layout is put back after the last block (a kept or "
-                     "merged token takes the row that holds it, a dropped one its state where its block dropped it; "
-                     "docs/methods.md)" if restore else
-                     f"{DENSE_OUTPUT}: with restore=False it returns the reduced rows, in the order the methods "
-                     "leave them, and each row's original position beside the output")
+    if reducing:
+        notes += _layout_notes(program, restore)
     return Plan(program.model_name, policy, tuple(rows), program.prefix_tokens, shape, tuple(notes))
 
 

@@ -4,14 +4,16 @@ A row reaches an output element when a NaN written into that row alone of the fi
 element NaN: only the graph after the final tokens runs, on random values, so this costs a few runs of the model's
 head. From that, a prefix row is a *class row* when it reaches output elements that no patch row reaches (a
 classifier on ``x[:, 0]``, a distillation head on ``x[:, 1]``, the first rows of a dense output); patch rows are
-*pooled* when two of them reach the same element (a mean or attention pool) and *dense* when each reaches elements of
-its own (a backbone that returns every token, also beside a pooled output, as Hugging Face's ``last_hidden_state``
-beside ``pooler_output``).
+*dense* when each reaches elements of its own (a backbone that returns every token, also beside a pooled output, as
+Hugging Face's ``last_hidden_state`` beside ``pooler_output``); when two of them reach the same element, *pooled* if
+the output does not depend on the patch rows' order (a mean or attention pool) and *ordered* if it does (convolutions
+over the patch grid: a dense-prediction neck).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,8 +28,9 @@ class Readout:
     """How a model's output reads the rows of its final ``[B, N, C]`` tokens (P prefix rows first).
 
     ``class_rows``: the prefix rows that reach output elements no patch row reaches; ``patches``: ``'none'`` (no
-    patch row reaches the output), ``'pooled'`` (patch rows meet in the same output elements) or ``'dense'`` (each
-    patch row reaches output elements of its own); ``why``: set when the rows could not be tested."""
+    patch row reaches the output), ``'dense'`` (each patch row reaches output elements of its own), ``'pooled'``
+    (patch rows meet in the same output elements, whatever their order) or ``'ordered'`` (they meet, and their order
+    changes the output: convolutions over their grid); ``why``: set when the rows could not be tested."""
 
     class_rows: tuple[int, ...] = ()
     patches: str = "none"
@@ -36,7 +39,8 @@ class Readout:
     def __str__(self) -> str:
         if self.why is not None:
             return f"not read ({self.why})"
-        rows = {"none": "no patch row", "pooled": "a pool over the patch rows", "dense": "every patch row"}
+        rows = {"none": "no patch row", "pooled": "a pool over the patch rows", "dense": "every patch row",
+                "ordered": "every patch row in its place (convolutions over their grid)"}
         alone = (f"prefix row(s) {', '.join(map(str, self.class_rows))} alone, "
                  if self.class_rows else "no prefix row alone, ")
         return f"the output reads {alone}{rows[self.patches]}"
@@ -100,19 +104,30 @@ class _Tail(fx.Interpreter):
             return self.values[node]
         return super().run_node(node)
 
-    def nan_mask(self, rows: torch.Tensor | None) -> torch.Tensor:
-        """Which output elements are NaN when the token rows ``rows`` (a bool ``[N]``; None: none) are NaN."""
+    def outputs(self, change: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """The output's tensors, flattened and joined, with the token rows taken through ``change`` first."""
         clean = self.values[self.tokens]
-        self.values[self.tokens] = clean if rows is None else clean.masked_fill(rows[None, :, None], float("nan"))
+        self.values[self.tokens] = clean if change is None else change(clean)
         try:
             with torch.no_grad():
                 out = self.run(*[None] * len(self.graph.find_nodes(op="placeholder")))
         finally:
             self.values[self.tokens] = clean
-        leaves = [leaf for leaf in pytree.tree_leaves(out) if isinstance(leaf, torch.Tensor)]
-        if not leaves:
-            return torch.zeros(0, dtype=torch.bool)
-        return torch.cat([leaf.isnan().flatten() for leaf in leaves])
+        leaves = [leaf.flatten() for leaf in pytree.tree_leaves(out) if isinstance(leaf, torch.Tensor)]
+        return torch.cat(leaves) if leaves else torch.zeros(0)
+
+    def nan_mask(self, rows: torch.Tensor | None) -> torch.Tensor:
+        """Which output elements are NaN when the token rows ``rows`` (a bool ``[N]``; None: none) are NaN."""
+        if rows is None:
+            return self.outputs().isnan()
+        return self.outputs(lambda x: x.masked_fill(rows[None, :, None], float("nan"))).isnan()
+
+    def reads_order(self, prefix: int) -> bool:
+        """Whether the output changes when the patch rows (after ``prefix`` rows) come in reverse order."""
+        clean, flipped = self.outputs(), self.outputs(lambda x: torch.cat([x[:, :prefix], x[:, prefix:].flip(1)], 1))
+        if not clean.is_floating_point():
+            return not torch.equal(clean, flipped)
+        return bool(((clean - flipped).abs() > 1e-4 * clean.abs().amax().clamp(min=1e-6)).any())
 
 
 def readout(gm: fx.GraphModule, tokens: fx.Node | None, prefix: int, data: set[fx.Node]) -> Readout:
@@ -135,5 +150,5 @@ def readout(gm: fx.GraphModule, tokens: fx.Node | None, prefix: int, data: set[f
     elif count - prefix > 1 and (first & ~last).any() and (last & ~first).any():
         kind = "dense"
     else:
-        kind = "pooled"
+        kind = "ordered" if tail.reads_order(prefix) else "pooled"
     return Readout(class_rows, kind)

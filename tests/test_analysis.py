@@ -236,7 +236,7 @@ def test_tokens_after_the_patches_that_do_not_depend_on_the_image_make_every_blo
         fxprune.transform(detector, fxprune.EViT(keep_rate=0.5, layers=(1,)))
 
 
-def test_tokens_of_intermediate_blocks_read_by_a_dense_prediction_neck_are_refused_saying_so():
+def test_tokens_of_intermediate_blocks_read_by_a_neck_are_read_apart_and_the_stream_runs_through_every_block():
     from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
 
     torch.manual_seed(0)  # the neck reads the hidden states after blocks 0–3 (its input size: the backbone's config)
@@ -245,12 +245,12 @@ def test_tokens_of_intermediate_blocks_read_by_a_dense_prediction_neck_are_refus
     depth = DepthAnythingForDepthEstimation(DepthAnythingConfig(
         backbone_config=backbone, reassemble_hidden_size=48, patch_size=8, fusion_hidden_size=16, head_hidden_size=8,
         neck_hidden_sizes=[8, 16, 24, 32])).eval()
-    program = fxprune.analyse(depth)  # before: "cannot tell which input size", then "no residual addition"
-    assert [block.reducible for block in program.blocks] == [True, False, False, False]
-    assert all("reads the tokens of several blocks apart" in block.refusal for block in program.blocks[1:])
-    with pytest.raises(UnsupportedModelError, match=r"block 1 \(backbone\.encoder\.layer\.1\.attention\) needs every "
-                       "token: the token stream leaves the tokens"):
-        fxprune.transform(depth, fxprune.ToMe(2, (0,)))
+    program = fxprune.analyse(depth)  # before: block 0 alone reducible, blocks 1–3 "the token stream leaves"
+    assert all(block.reducible for block in program.blocks)
+    assert all(block.mid in program.stream for block in program.blocks)
+    assert [program.blocks[i + 1].input for i in range(3)] == [value for value, _ in program.reads_apart]
+    assert {reader.target for _, reader in program.reads_apart} == {"backbone.layernorm"}
+    assert program.readout.patches == "ordered"  # its neck convolves the last block's tokens as a grid
 
 
 def test_attention_of_learned_queries_alone_is_listed_and_left_as_is():

@@ -149,6 +149,14 @@ def test_a_video_model_that_declares_its_frames_is_captured_on_clips_of_them():
         assert logits(fast(clips)).shape == logits(model(clips)).shape == (3, 10)
 
 
+def test_a_timm_feature_wrapper_is_captured_at_the_size_of_the_model_it_wraps():
+    import timm
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                              features_only=True, out_indices=(0, 1))  # its own pretrained_cfg says 224
+    assert default_example_inputs(model)[0].shape == (2, 3, 32, 32)  # before: 224, and no attention read
+
+
 def _saved_and_loaded(gm: nn.Module) -> nn.Module:
     buffer = io.BytesIO()
     torch.save(gm, buffer)

@@ -1,7 +1,14 @@
 import pytest
 import timm
 import torch
-from vits import assert_same_outputs, hand_written_vit, image_batch, lookout, timm_vit
+from vits import (
+    assert_each_image_gets_what_it_gets_alone,
+    assert_same_outputs,
+    hand_written_vit,
+    image_batch,
+    lookout,
+    timm_vit,
+)
 
 import fxprune
 from fxprune.errors import UnsupportedModelError
@@ -35,6 +42,31 @@ def test_a_mean_over_every_token_has_no_class_token():
 def test_a_dense_output_keeps_its_class_token_and_says_every_patch_row_is_read():
     program = fxprune.analyse(lookout("all"))
     assert (program.class_token, program.readout.class_rows, program.readout.patches) == (True, (0,), "dense")
+
+
+class _GridHead(torch.nn.Module):
+    """A timm backbone whose patch tokens a convolution reads as their 4×4 grid, then a linear classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = _tiny("vit_tiny_patch16_224", num_classes=0, global_pool="")
+        self.conv = torch.nn.Conv2d(192, 8, 3, padding=1)
+        self.head = torch.nn.Linear(8 * 16, 10)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        grid = self.backbone(images)[:, 1:].transpose(1, 2).reshape(images.shape[0], 192, 4, 4)
+        return self.head(self.conv(grid).flatten(1))
+
+
+def test_patch_rows_a_convolution_reads_as_their_grid_are_ordered_and_get_their_layout_back():
+    model = _GridHead().eval()
+    assert fxprune.analyse(model).readout.patches == "ordered"  # every patch row meets every output, in its place
+    reduced = fxprune.transform(model, fxprune.TopK(0.5, (1,)))  # before: refused (the grid's reshape failed)
+    assert any("in its place" in note and "put back" in note for note in reduced.fxprune_plan.notes)
+    assert_each_image_gets_what_it_gets_alone(reduced, image_batch(model))
+    assert_same_outputs(fxprune.transform(model, fxprune.TopK(1.0, (1,))), model)
+    with pytest.raises(fxprune.PolicyError, match="reads the final tokens in their places"):
+        fxprune.transform(model, fxprune.TopK(0.5, (1,)), restore=False)
 
 
 def test_a_class_token_that_the_output_does_not_read_is_no_class_token():

@@ -220,3 +220,99 @@ def test_every_token_returned_beside_an_attention_pool_gets_the_layout_back_and_
             assert together[key].shape == dense[key].shape
             alone = torch.cat([reduced(x[i : i + 1])[key] for i in range(3)])
             torch.testing.assert_close(together[key], alone, atol=1e-5, rtol=0)
+
+
+def _feature_maps() -> torch.nn.Module:
+    torch.manual_seed(0)  # timm's features_only: the patch tokens after each of its 4 blocks, as [B, C, 4, 4] maps
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=4,
+                              features_only=True, out_indices=(0, 1, 2, 3))
+    return model.eval().double()
+
+
+def _maps_with_reductions(net: torch.nn.Module, image: torch.Tensor, kept: dict[int, list[int]],
+                          before_block: bool) -> list[torch.Tensor]:
+    """Eager reference for one image ``[1, 3, H, W]``: each block's patch tokens ``[1, N - 1, C]`` in the original
+    layout, block ``i`` of ``kept`` keeping the original tokens ``kept[i]``: the kept ones run on (queries of the
+    reducing block attending to every token it receives; ``before_block``: only the kept ones enter it), a dropped
+    one stays as it entered the block that dropped it."""
+    vit = net.model
+    canvas = vit.norm_pre(vit._pos_embed(vit.patch_embed(image)))
+    active = list(range(canvas.shape[1]))
+    maps = []
+    for i, block in enumerate(vit.blocks):
+        tokens = canvas[:, active]
+        if i in kept:
+            rows = [active.index(token) for token in kept[i]]
+            if before_block:
+                tokens = block(tokens[:, rows])
+            else:
+                tokens = (tokens + block.ls1(block.attn(block.norm1(tokens))))[:, rows]
+                tokens = tokens + block.ls2(block.mlp(block.norm2(tokens)))
+            active = kept[i]
+        else:
+            tokens = block(tokens)
+        canvas = canvas.index_copy(1, torch.tensor(active), tokens)
+        maps.append(canvas[:, 1:])
+    return maps
+
+
+@pytest.mark.parametrize("policy, before_block", [(fxprune.TopK(0.5, (1, 2)), False),
+                                                   (fxprune.DynamicViT(0.5, (1, 2)), True)], ids=["topk", "dynamicvit"])
+def test_every_block_output_read_apart_gets_the_layout_its_reductions_leave_and_each_image_what_it_gets_alone(
+        policy, before_block):
+    net = _feature_maps()
+    gm = fxprune.transform(net, policy)
+    assert any("reads the tokens after blocks 0, 1, 2 apart from the stream" in note for note in gm.fxprune_plan.notes)
+    x = _images()
+    with torch.no_grad():
+        maps = gm(x)
+        alone = [gm(x[i:i + 1]) for i in range(x.shape[0])]
+    steps = token_sources(gm, x)
+    for b in range(x.shape[0]):
+        kept = {step.block: sorted(step.sources[b].argmax(-1)[step.sources[b].sum(-1) > 0].tolist()) for step in steps}
+        assert [len(tokens) for tokens in kept.values()] == [9, 5]  # the class token and 8, then 4 patches
+        with torch.no_grad():
+            expected = _maps_with_reductions(net, x[b:b + 1], kept, before_block)
+        for got, one, want in zip(maps, alone[b], expected):
+            torch.testing.assert_close(got[b:b + 1].flatten(2).transpose(1, 2), want, atol=1e-10, rtol=0)
+            torch.testing.assert_close(got[b:b + 1], one, atol=1e-10, rtol=0)
+
+
+def test_keeping_every_token_reproduces_every_feature_map_and_a_compiled_padded_batch_its_own():
+    net = _feature_maps()
+    x = _images()
+    with torch.no_grad():
+        expected = net(x)
+        for policy in IDENTITIES:
+            for got, want in zip(fxprune.transform(net, policy)(x), expected):
+                torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+    assert_compiles_once(fxprune.transform(net.float(), fxprune.ATS(0.5, (1, 2))), net)
+
+
+def test_without_restoring_reads_of_intermediate_blocks_are_refused():
+    with pytest.raises(fxprune.PolicyError, match=r"reads the tokens after blocks 0, 1, 2 apart from the stream "
+                       r"\(at getitem_\d+, getitem_\d+, getitem_\d+\).*leave restore=True"):
+        fxprune.transform(_feature_maps(), fxprune.TopK(0.5, (1,)), restore=False)
+
+
+def test_every_hidden_state_of_a_hugging_face_backbone_gets_the_layout_and_those_before_a_reduction_are_as_dense():
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)  # hidden_states: the embeddings' tokens and each block's, beside last_hidden_state
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                       intermediate_size=128, output_hidden_states=True)
+    model = ViTModel(config, add_pooling_layer=False).eval().double()
+    x = _images()
+    reduced = fxprune.transform(model, fxprune.ToMe(3, (1, 2)))  # before: refused, "the token stream leaves"
+    with torch.no_grad():
+        dense, together = model(x), reduced(x)
+        alone = [reduced(x[i:i + 1]) for i in range(x.shape[0])]
+        same = fxprune.transform(model, fxprune.ToMe(0, (1, 2)))(x)
+    for k, hidden in enumerate(together.hidden_states):
+        assert hidden.shape == dense.hidden_states[k].shape == (3, 17, 64)
+        torch.testing.assert_close(same.hidden_states[k], dense.hidden_states[k], atol=1e-10, rtol=0)
+        for i in range(x.shape[0]):
+            torch.testing.assert_close(hidden[i:i + 1], alone[i].hidden_states[k], atol=1e-10, rtol=0)
+    for k in (0, 1):  # the embeddings' and block 0's: before block 1's merge
+        torch.testing.assert_close(together.hidden_states[k], dense.hidden_states[k], atol=1e-10, rtol=0)
+    assert not torch.allclose(together.hidden_states[2], dense.hidden_states[2], atol=1e-3)

@@ -99,14 +99,17 @@ def _as_hw(value: Any) -> tuple[int, int] | None:
 
 
 def _declared_image_size(model: nn.Module) -> tuple[int, int] | None:
-    """The input size ``model`` declares: timm's ``patch_embed.img_size`` or ``pretrained_cfg``, an ``image_size``
+    """The input size ``model`` declares: timm's ``patch_embed.img_size`` (also of a model it wraps, as timm's
+    ``features_only`` wrapper does) or ``pretrained_cfg``, an ``image_size``
     attribute, or a Hugging Face config's ``image_size`` (or its ``vision_config``'s, for a model built on a
     vision-language config such as SigLIP's classifier; or its ``backbone_config``'s, for a dense predictor such as
     Depth Anything; or V-JEPA 2's ``crop_size``)."""
     pretrained_cfg = getattr(model, "pretrained_cfg", None)
     config = getattr(model, "config", None)
+    embedding = next((m.patch_embed for m in model.modules() if isinstance(getattr(m, "patch_embed", None), nn.Module)),
+                     None)  # the model's own, or that of a model it wraps (timm's features_only)
     candidates = [
-        getattr(getattr(model, "patch_embed", None), "img_size", None),
+        getattr(embedding, "img_size", None),
         getattr(model, "image_size", None),
         getattr(model, "img_size", None),
         getattr(config, "image_size", None),

@@ -14,7 +14,7 @@ from ..errors import FxPruneError
 from ..ops import op_of
 from .common import Rewrite, Role, tag
 from .positions import place_position_terms
-from .restore import restore_layout, restores_layout
+from .restore import restore_layout, restores_layout, restores_output
 from .state import thread_state
 
 if TYPE_CHECKING:
@@ -72,7 +72,8 @@ def apply_passes(
     layout back (``restore=False``: return each row's original position beside it)."""
     rewrite_blocks(gm, program, rows, train)
     place_position_terms(gm, program, rows)
-    thread_state(gm, program, rows, restored=not train and restore and restores_layout(program, rows))
+    thread_state(gm, program, rows,
+                 restored=not train and restore and restores_layout(program, rows) and restores_output(program))
     if not train:  # a training graph keeps every row
         restore_layout(gm, program, rows, restore)
     gm.graph.lint()

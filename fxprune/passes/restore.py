@@ -1,5 +1,6 @@
-"""The original token layout for a model whose output is every token (a dense output: patch features, a
-segmentation head on the token grid).
+"""The original token layout for a model whose output reads every token in its place (a dense output: patch
+features; a segmentation or depth head over the token grid), and wherever it reads intermediate blocks' tokens apart
+from the stream (the necks of DPT and Depth Anything, timm's ``features_only``).
 
 After the rewrites, each reducing block's stream node is also applied to the identity over its input rows
 (:func:`~fxprune.ops.restoring.row_identity`), which gives its row map; the maps, followed from the model's first
@@ -8,8 +9,9 @@ reduction records the state of every token it receives (:func:`~fxprune.ops.rest
 last block the stream is replaced by the original layout: each token's holding row (kept, or the row it was merged
 into), or, once dropped, its state where its block dropped it (the value the block's selection read: its input
 for a selection made before the attention, EViT's after it; EViT's fused token holds no token, its row map
-leaves it out: ``fxprune.ops.selection.evit_select_rows``). Everything is static in shape: per image in a padded
-batch, one graph under ``torch.compile``, and the MACs of the extra nodes count in their blocks.
+leaves it out: ``fxprune.ops.selection.evit_select_rows``). A read of an intermediate block's tokens gets the same,
+from the reductions made before it. Everything is static in shape: per image in a padded batch, one graph under
+``torch.compile``, and the MACs of the extra nodes count in their blocks.
 """
 
 from __future__ import annotations
@@ -20,26 +22,25 @@ from typing import TYPE_CHECKING
 
 import torch.fx as fx
 
-from ..analysis import TokenProgram, final_tokens, last_self_attention, module_path
+from ..analysis import Block, TokenProgram, final_tokens, last_self_attention, module_path
 from ..capture.values import propagate
 from ..ops import POSITIONS, ROWS, initial_state, op_of
 from ..ops.restoring import first_rows, follow_rows, pad_reduced_rows, row_identity, token_states
-from .common import Role, insert_call, stream_node, tag, tag_of
+from .common import Role, graph_order, insert_call, stream_node, tag, tag_of
 
 if TYPE_CHECKING:
     from ..planning import PlanRow
 
-__all__ = ["restore_layout", "restores_layout", "return_positions"]
+__all__ = ["restore_layout", "restores_layout", "restores_output", "return_positions"]
 
 
 def restore_layout(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[PlanRow], restore: bool = True) -> None:
-    """Give a dense-output model the original token layout after its last block (see the module docstring); no
-    change when the output reads no patch rows one by one or no block changes the rows. ``restore=False``: keep the
-    reduced rows and return, beside the model's output, each row's original position (:func:`return_positions`)."""
+    """Give a model whose output reads its tokens in their places the original token layout after its last block,
+    and each value of the stream that it reads apart (intermediate blocks' tokens) where it reads it (see the
+    module docstring); no change when no block changes the rows. ``restore=False``: keep the reduced rows and
+    return, beside the model's output, each row's original position (:func:`return_positions`)."""
     if not restores_layout(program, rows):
         return
-    end = _restore_point(program)
-    held = recorded = None
     steps: dict[int, list[fx.Node]] = {}
     for node in gm.graph.nodes:
         if _moves_rows(node):
@@ -49,7 +50,38 @@ def restore_layout(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[Pla
     if not restore:  # the channel follows each block's stream node (its rule includes the block's row choice)
         return_positions(gm, program, [node for index in steps if (node := stream_node(gm, index)) is not None])
         return
-    for index, nodes in steps.items():  # one row map per block: its stream functions in turn on the identity
+    states = _token_states(gm, program, steps)
+    if restores_output(program):
+        end = _restore_point(program)
+        _restore_at(gm, program.blocks[max(steps)], states[max(steps)], end, "restored_layout", list(end.users))
+    order = graph_order(gm)
+    reads = [(reader, next(node for node in reader.all_input_nodes if _read_in_place_of(node, value)))
+             for value, reader in program.reads_apart]
+    for reader, read in reads:
+        done = [index for index, nodes in steps.items() if order(nodes[-1]) <= order(read)]
+        if done:
+            _restore_at(gm, program.blocks[done[-1]], states[done[-1]], read, "read_apart_layout", [reader])
+
+
+def _read_in_place_of(node: fx.Node, value: fx.Node) -> bool:
+    """Whether a reader of ``value`` that now reads ``node`` reads it in place of ``value``: ``node`` is ``value``,
+    or a selection made at it (a stream function on ``value``, or its tokens: DynamicViT's at a block's input)."""
+    if node is value:
+        return True
+    if node.target is operator.getitem:
+        node = node.args[0]
+    return _moves_rows(node) and node.args[0] is value
+
+
+def _token_states(
+    gm: fx.GraphModule, program: TokenProgram, steps: dict[int, list[fx.Node]]
+) -> dict[int, tuple[fx.Node, fx.Node]]:
+    """For each block with stream functions ``steps``: the recorded states of the tokens it and earlier blocks
+    dropped, and the row holding each original token after it (each block's row map: its stream functions in turn
+    on the identity)."""
+    held = recorded = None
+    states = {}
+    for index, nodes in steps.items():
         block, tokens = program.blocks[index], nodes[0].args[0]
         anchor = nodes[0].prev
         if held is None:
@@ -63,17 +95,33 @@ def restore_layout(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[Pla
             if op_of(node.target).sized:
                 mapped = anchor = _insert(gm, anchor, operator.getitem, (mapped, 0), block, "row_map_rows")
         held = _insert(gm, anchor, follow_rows, (held, mapped), block, "held_rows")
-    last = program.blocks[max(steps)]
-    restored = _insert(gm, end, token_states, (recorded, end, held), last, "restored_layout")
-    end.replace_all_uses_with(restored, delete_user_cb=lambda user: user is not restored)
+        states[index] = (recorded, held)
+    return states
+
+
+def _restore_at(gm: fx.GraphModule, block: Block, state: tuple[fx.Node, fx.Node], value: fx.Node, name: str,
+                readers: Sequence[fx.Node]) -> None:
+    """Make ``readers`` of the token rows ``value``, left by ``block`` and earlier reductions with ``state`` (their
+    recorded tokens and held rows), read the original token layout instead."""
+    recorded, held = state
+    restored = _insert(gm, value, token_states, (recorded, value, held), block, name)
+    for reader in readers:
+        reader.replace_input_with(value, restored)
 
 
 def restores_layout(program: TokenProgram, rows: Sequence[PlanRow]) -> bool:
-    """Whether :func:`restore_layout` puts the original token layout back for the plan ``rows``: the output reads
-    patch rows one by one and a block changes the rows. The blocks after the last one of self-attention (an
-    attention pool) then read every original token once."""
+    """Whether :func:`restore_layout` puts the original token layout back for the plan ``rows``: a block changes
+    the rows, and the output reads them in their places (:func:`restores_output`) or reads intermediate blocks'
+    tokens apart from the stream."""
     reduces = any(r.method is not None and r.method.reduces_tokens for r in rows)
-    return program.readout.patches == "dense" and reduces and _restore_point(program) is not None
+    return reduces and (restores_output(program) or bool(program.reads_apart))
+
+
+def restores_output(program: TokenProgram) -> bool:
+    """Whether the final tokens get the original layout back once reduced: the output reads every patch row in its
+    place (a dense output, or convolutions over their grid). The blocks after the last one of self-attention (an
+    attention pool) then read every original token once."""
+    return program.readout.patches in ("dense", "ordered") and _restore_point(program) is not None
 
 
 def return_positions(gm: fx.GraphModule, program: TokenProgram, moves: Sequence[fx.Node]) -> None:

@@ -66,14 +66,16 @@ class Entry:
         return model
 
 
-def _timm(name: str, **overrides) -> Entry:
+def _timm(name: str, label: str = "", **overrides) -> Entry:
+    """timm's ``name`` with ``overrides``, listed as ``name`` and ``label``."""
+
     def build() -> nn.Module:
         import timm
 
         torch.manual_seed(0)
         return timm.create_model(name, pretrained=False, **overrides).eval()
 
-    return Entry(name, "timm", build)
+    return Entry(f"{name} {label}".strip(), "timm", build)
 
 
 TINY_VIT = dict(img_size=40, patch_size=8, depth=3, embed_dim=64, num_heads=2)  # 25 patches: no size is another's
@@ -109,15 +111,21 @@ def _hugging_face(model: str = "ViT", task: str = "ForImageClassification", **op
 
 def _depth_anything() -> nn.Module:
     """The tiny random-weight Hugging Face Depth Anything: a DINOv2 backbone whose four blocks' tokens a DPT neck
-    reads."""
+    reads, its head giving metric depth (up to 20). The neck and head take PyTorch's default initialisation: with
+    Hugging Face's (std 0.02) every image's depth is within 1e-6 of zero."""
     import transformers
 
     torch.manual_seed(0)
     backbone = transformers.Dinov2Config(**{**_HF_TINY, "num_hidden_layers": 4}, out_indices=[1, 2, 3, 4],
                                          reshape_hidden_states=False)
-    return transformers.DepthAnythingForDepthEstimation(transformers.DepthAnythingConfig(
+    model = transformers.DepthAnythingForDepthEstimation(transformers.DepthAnythingConfig(
         backbone_config=backbone, reassemble_hidden_size=48, patch_size=8, fusion_hidden_size=16, head_hidden_size=8,
-        neck_hidden_sizes=[8, 16, 24, 32])).eval()
+        neck_hidden_sizes=[8, 16, 24, 32], depth_estimation_type="metric", max_depth=20)).eval()
+    for part in (model.neck, model.head):
+        for layer in part.modules():
+            if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
+                layer.reset_parameters()
+    return model
 
 
 class Glance(nn.Module):
@@ -178,6 +186,8 @@ ZOO: tuple[Entry, ...] = (
     _timm("eva02_tiny_patch14_224", **TINY_VIT),
     _timm("vit_small_patch16_rope_224", **TINY_VIT),
     _timm("vit_small_patch16_dinov3", **TINY_VIT),
+    _timm("vit_tiny_patch16_224", "features_only (every block's feature map)", **TINY_VIT, features_only=True,
+          out_indices=(0, 1, 2)),
     _timm("vit_base_patch16_xp_224", **TINY_VIT),
     # other attention or token layouts
     _timm("cait_xxs24_224", **TINY_VIT, depth_token_only=1),
@@ -285,7 +295,7 @@ def try_method(model: nn.Module, name: str, method: Method, layers: Sequence[int
 
     try:
         gm = transform(model, method.example(tuple(layers)))
-        dense = any("a dense output" in note for note in gm.fxprune_plan.notes)
+        dense = any("the original token layout" in note for note in gm.fxprune_plan.notes)
         identity = None if method.identity is None else _checked_once(model, method.identity(tuple(layers)))
     except FxPruneError as error:
         return Outcome(name, method.name, refusal=str(error))
@@ -363,7 +373,7 @@ _SHORT = (  # the reasons of common refusals, said in a few words (the full reas
     (r"keys of block .* were not found", "attention keys not found"),
     (r"between q @ kᵀ and the softmax", "a bias added to the attention logits"),
     (r"tokens after the patches", "tokens after the patches (detection tokens)"),
-    (r"tokens of several blocks apart", "tokens of several blocks read apart"),
+    (r"stream leaves the tokens", "the token stream leaves the tokens"),
 )
 
 
