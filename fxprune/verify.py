@@ -74,12 +74,20 @@ def _check_guards(gm: fx.GraphModule, program: TokenProgram, values: dict[fx.Nod
         node = nodes.get(guard.node)
         if node is None or node not in values:
             continue
-        if bool(values[node]) != guard.value:
+        now = type(guard.value)(values[node])
+        if now == guard.value:
+            continue
+        if isinstance(guard.value, bool):
             raise UnsupportedModelError(
                 f"the model's code at {guard.where} took a branch on a shape at capture ({guard.node} was "
                 f"{guard.value}); after the rewrite it would take the other branch, which the captured graph does "
                 "not contain. Reduce tokens in later blocks only, or make that code independent of the token count."
             )
+        raise UnsupportedModelError(
+            f"the model's code at {guard.where} made a size a Python number at capture ({guard.node} was "
+            f"{guard.value}), which the captured graph holds from there on; after the rewrite, or for another batch "
+            f"size, it is {now}. Reduce tokens only after that code, or make it read the size from the tensor."
+        )
 
 
 def _literals(value: Any, in_slice: bool = False):

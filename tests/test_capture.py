@@ -157,6 +157,22 @@ def test_a_timm_feature_wrapper_is_captured_at_the_size_of_the_model_it_wraps():
     assert default_example_inputs(model)[0].shape == (2, 3, 32, 32)  # before: 224, and no attention read
 
 
+def test_position_embeddings_interpolated_to_another_size_are_traced_and_their_class_token_found():
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)  # declared for 32², run at 48²: interpolate_pos_encoding makes sizes Python numbers
+    model = Dinov2Model(Dinov2Config(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=2,
+                                     num_attention_heads=3, intermediate_size=96)).eval()
+    x = torch.randn(2, 3, 48, 48)
+    program = fxprune.analyse(model, (x,))
+    assert program.trace.leaves == [] and program.trace.guards  # before: embeddings kept whole, no prefix token
+    assert (program.prefix_tokens, program.tokens) == (1, 37)
+    gm = fxprune.transform(model, fxprune.TopK(1.0, (1,)), example_inputs=(x,))
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x).last_hidden_state, model(x).last_hidden_state, atol=1e-5, rtol=0)
+        assert gm(torch.randn(3, 3, 48, 48)).last_hidden_state.shape == (3, 37, 48)
+
+
 def _saved_and_loaded(gm: nn.Module) -> nn.Module:
     buffer = io.BytesIO()
     torch.save(gm, buffer)
@@ -247,10 +263,10 @@ _TABLES: dict[int, torch.Tensor] = {}  # what _CachedPositions made, by token co
 
 class _CachedPositions(nn.Module):
     """Adds a position table that it makes once per token count and keeps, unless it is being compiled (as Hugging
-    Face's cached relative position index of BEiT); ``int()`` of a traced shape keeps it whole in a capture."""
+    Face's cached relative position index of BEiT); ``len()`` of a traced tensor keeps it whole in a capture."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        count = int(x.shape[1])
+        count = len(x[0])
         table = torch.linspace(0, 1, count) if torch.compiler.is_compiling() else _TABLES.setdefault(
             count, torch.linspace(0, 1, count))
         return x + table[None, :, None]

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from vits import (
@@ -28,6 +30,11 @@ class _BranchesOnTokenCount(Stage):
         return super().forward(tokens)
 
 
+class _ScalesByTokenCount(Stage):
+    def forward(self, tokens):
+        return super().forward(tokens / math.sqrt(float(tokens.shape[1])))  # a size made a Python number
+
+
 class _ReshapesToLiteralTokens(Stage):
     def forward(self, tokens):
         return super().forward(tokens.reshape(tokens.shape[0], 17, -1))
@@ -53,6 +60,15 @@ def test_branch_taken_on_the_token_count_is_refused():
         fxprune.transform(model, EViT(0.5, (1,)))
 
 
+def test_a_token_count_made_a_python_number_is_traced_and_refused_when_a_rewrite_changes_it():
+    model = _model(stage=_ScalesByTokenCount)  # before: stages.2 kept whole (float() of a proxy), its attention unseen
+    assert [n for n, _ in fxprune.trace(model).meta["fxprune_trace"].leaves] == []
+    assert_same_outputs(fxprune.transform(model, EViT(1.0, (2,))), model)
+    with pytest.raises(UnsupportedModelError, match=r"made a size a Python number at capture \(\w+ was 17.0\).* it is "
+                       r"10.0"):  # the class token, 8 kept patches and EViT's fused token
+        fxprune.transform(model, EViT(0.5, (1,)))
+
+
 def test_shape_failure_after_rewrite_is_refused_naming_the_module():
     with pytest.raises(UnsupportedModelError, match=r"in stages\.2 fails on a batch of 3: RuntimeError"):
         fxprune.transform(_model(stage=_ReshapesToLiteralTokens), EViT(0.5, (1,)))
@@ -64,7 +80,8 @@ def test_a_fast_plan_still_checks_the_rewrite_at_the_captured_batch_size():
 
 
 def test_the_same_models_are_fine_when_reduction_comes_after_the_problem():
-    for model in (_model(stage=_BranchesOnTokenCount), _model(stage=_ReshapesToLiteralTokens)):
+    for model in (_model(stage=_BranchesOnTokenCount), _model(stage=_ReshapesToLiteralTokens),
+                  _model(stage=_ScalesByTokenCount)):
         gm = fxprune.transform(model, EViT(0.5, (3,)))
         x = torch.randn(2, 3, 32, 32)
         assert gm(x).shape == (2, 7)

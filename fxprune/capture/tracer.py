@@ -28,7 +28,8 @@ _MAX_LEAF_RETRIES = 32
 
 @dataclasses.dataclass(frozen=True)
 class Guard:
-    """A Python condition resolved during capture with the example inputs' shapes and dtypes."""
+    """A Python condition (``value`` a bool) or number (an int or float: a size made a Python number) resolved
+    during capture with the example inputs' shapes and dtypes."""
 
     node: str
     value: Any
@@ -54,8 +55,12 @@ class TraceInfo:
             lines.append(f"  kept as a leaf: {name} ({why})")
         for name in self.decomposed:
             lines.append(f"  decomposed: {name} (nn.MultiheadAttention -> linear, SDPA, linear)")
-        if self.guards:
-            lines.append(f"  {len(self.guards)} condition(s) resolved from example shapes, re-checked after rewrites")
+        conditions = sum(isinstance(guard.value, bool) for guard in self.guards)
+        if conditions:
+            lines.append(f"  {conditions} condition(s) resolved from example shapes, re-checked after rewrites")
+        if len(self.guards) > conditions:
+            lines.append(f"  {len(self.guards) - conditions} size(s) made Python numbers from example shapes, "
+                         "re-checked after rewrites")
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
 
@@ -151,13 +156,20 @@ def _declared_channels(model: nn.Module) -> int:
 
 
 class _ValueProxy(fx.Proxy):
-    """A proxy that knows its example value, so ``len()`` of a shape works during tracing."""
+    """A proxy that knows its example value, so ``len()`` of a shape works during tracing, and ``int()`` or
+    ``float()`` of a size (an interpolation's output size, a grid side) takes its example value as a guard."""
 
     def __len__(self) -> int:
         val = self.node.meta.get("val", _MISSING)
         if isinstance(val, (tuple, list, torch.Size)):
             return len(val)
         raise TraceError(f"len() of {self.node.name} depends on data or the batch size and cannot be traced")
+
+    def __int__(self) -> int:
+        return self.tracer.to_number(self, int)
+
+    def __float__(self) -> float:
+        return self.tracer.to_number(self, float)
 
 
 class _Tracer(fx.Tracer):
@@ -265,6 +277,15 @@ class _ValueTracer(_Tracer):
             raise TraceError(f"control flow depends on tensor data ({obj.node.name})")
         self.guards.append(Guard(obj.node.name, bool(val), _user_frame()))
         return bool(val)
+
+    def to_number(self, obj: fx.Proxy, kind: type) -> Any:
+        """``kind(obj)`` (int or float) from its example value, kept as a guard (re-checked after rewrites and at
+        another batch size, since the graph holds the number from here on)."""
+        val = obj.node.meta.get("val", _MISSING)
+        if val is _MISSING or isinstance(val, torch.Tensor):
+            raise TraceError(f"{kind.__name__}() of {obj.node.name} depends on tensor data and cannot be traced")
+        self.guards.append(Guard(obj.node.name, kind(val), _user_frame()))
+        return kind(val)
 
     def iter(self, obj: fx.Proxy):
         val = obj.node.meta.get("val", _MISSING)
