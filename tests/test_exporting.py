@@ -114,6 +114,18 @@ def test_a_dense_output_exports_with_its_layout_restored(tmp_path):
     assert rows.shape == (4, width, 64) and positions.shape == (4, width)
 
 
+def test_feature_maps_of_several_blocks_with_padded_reductions_scored_without_a_class_token_export(tmp_path):
+    import timm
+
+    torch.manual_seed(0)  # no class token read: ATS scores by attention received, over a padded batch's real rows
+    maps = timm.create_model("deit_small_patch16_224", img_size=32, patch_size=8, depth=3, embed_dim=64, num_heads=2,
+                             features_only=True, out_indices=(1, 2)).eval()
+    gm = fxprune.transform(maps, fxprune.ATS(0.5, (1, 2)))  # before: ONNX Runtime refused a ReduceMax of booleans
+    exported = export(gm, _inputs(), tmp_path / "ats_maps.onnx")
+    assert all(e <= 1e-4 for _, e in exported.errors)
+    assert [out.shape for out in load(tmp_path / "ats_maps.onnx")[0](_inputs(4))] == [(4, 64, 4, 4)] * 2
+
+
 @pytest.mark.parametrize("name", ["vit_relpos_medium_patch16_cls_224", "vit_small_patch16_rope_224"])
 def test_a_vit_with_relative_position_bias_or_rotary_embeddings_exports_to_onnx(name, tmp_path):
     model = timm_vit(name, img_size=40, patch_size=8, depth=2, embed_dim=64, num_heads=2)  # 25 patches

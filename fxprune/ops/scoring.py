@@ -61,7 +61,7 @@ def _real_rows(attn_mask: Tensor) -> Tensor:
     Returns ``[B|1, N]`` booleans."""
     allowed = attn_mask if attn_mask.dtype == torch.bool else attn_mask > float("-inf")
     rows = allowed[..., 0, :] if allowed.shape[-2] == 1 else allowed.diagonal(dim1=-2, dim2=-1)
-    return rows.amax(dim=1) if rows.dim() == 3 else rows
+    return rows.any(dim=1) if rows.dim() == 3 else rows
 
 
 @graph_op(reads_mask=True)
