@@ -54,6 +54,13 @@ class PlanRow:
         """The registered method of the row's policy (None: the block is left dense)."""
         return None if self.policy is None else method_of(self.policy)
 
+    @property
+    def removes_tokens(self) -> bool | None:
+        """Whether the block leaves fewer tokens than it gets (None: not measured)."""
+        if self.tokens_in is None or self.tokens_out is None:
+            return None
+        return self.tokens_out < self.tokens_in
+
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
@@ -130,7 +137,7 @@ def _saving_nothing(rows: Sequence[PlanRow]) -> tuple[str, ...]:
     idle: dict[int, tuple[Policy, list[PlanRow]]] = {}
     for row in rows:
         if (row.policy is not None and not row.method.cost_per_image and row.macs_after >= row.macs_before
-                and row.tokens_in is not None and row.tokens_out is not None and row.tokens_out >= row.tokens_in):
+                and row.removes_tokens is False):
             idle.setdefault(id(row.policy), (row.policy, []))[1].append(row)
     notes = []
     for policy, chosen in idle.values():
@@ -146,8 +153,7 @@ def _costing_more(plan: Plan) -> tuple[str, ...]:
     methods' own work (scoring, matching, clustering) outweighs what they remove. Not for a method whose cost depends
     on the image (the rows show its static layout)."""
     rewritten = [row for row in plan.rows if row.policy is not None]
-    removes = any(row.tokens_in is not None and row.tokens_out is not None and row.tokens_out < row.tokens_in
-                  for row in rewritten)  # else every block keeps its tokens: _saving_nothing says so
+    removes = any(row.removes_tokens for row in rewritten)  # else _saving_nothing says so
     if plan.macs_after <= plan.macs_before or not removes or any(row.method.cost_per_image for row in rewritten):
         return ()
     return (f"{plan.policy.describe()} costs more MACs than the dense model on this input ({_amount(plan.macs_after)}"
