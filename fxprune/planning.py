@@ -19,6 +19,7 @@ from .analysis import (
     SCORES,
     Block,
     TokenProgram,
+    ancestors,
     bias_per_query,
     key_rows,
     module_path,
@@ -421,9 +422,13 @@ def measure_tokens(program: TokenProgram, plan: Plan) -> dict[int, tuple[int | N
 
 
 def macs_per_block(gm: fx.GraphModule, blocks: Sequence[Block], batch: int) -> dict[int | None, int]:
-    """MACs per image of each block (key None: outside blocks) from the nodes' recorded ``meta['macs']``."""
+    """MACs per image of each block (key None: outside blocks) from the recorded ``meta['macs']`` of the nodes the
+    output is computed from (not of dead code, which the returned graph drops)."""
     totals: dict[int | None, int] = {}
+    live = ancestors(gm.graph.find_nodes(op="output"))
     for node in gm.graph.nodes:
+        if node not in live:
+            continue
         key = block_of(node, blocks)
         totals[key] = totals.get(key, 0) + node.meta.get("macs", 0)
     return {key: round(value / batch) for key, value in totals.items()}

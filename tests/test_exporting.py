@@ -96,34 +96,24 @@ def test_an_unknown_format_is_refused_naming_the_choices(tiny, tmp_path):
         fxprune.export(tiny, _inputs(), tmp_path / "model.bin")
 
 
-def test_a_dense_output_exports_with_its_layout_restored(tmp_path):
+def test_dense_outputs_export_with_their_layout_restored_or_their_rows_and_positions(tmp_path):
     import timm
 
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # feature maps after blocks 1 and 2; no class token read, so ATS scores by attention
+    maps = timm.create_model("deit_small_patch16_224", img_size=32, patch_size=8, depth=3, embed_dim=64, num_heads=2,
+                             features_only=True, out_indices=(1, 2)).eval()  # received over a padded batch's rows
+    gm = fxprune.transform(maps, fxprune.ATS(0.5, (1, 2)))  # before: ONNX Runtime refused a ReduceMax of booleans
+    exported = export(gm, _inputs(), tmp_path / "ats_maps.onnx")
+    assert all(e <= 1e-4 for _, e in exported.errors)
+    assert [out.shape for out in load(tmp_path / "ats_maps.onnx")[0](_inputs(4))] == [(4, 64, 4, 4)] * 2
     backbone = timm.create_model("deit_small_patch16_224", img_size=32, patch_size=8, depth=3, embed_dim=64,
                                  num_heads=2, num_classes=0, global_pool="").eval()
-    gm = fxprune.transform(backbone, fxprune.ATS(0.5, (1, 2)))
-    exported = export(gm, _inputs(), tmp_path / "ats_dense.onnx")
-    assert all(e <= 1e-4 for _, e in exported.errors)
-    assert load(tmp_path / "ats_dense.onnx")[0](_inputs(4))[0].shape == (4, 17, 64)
     reduced = fxprune.transform(backbone, fxprune.ATS(0.5, (1, 2)), restore=False)  # rows and positions
     exported = export(reduced, _inputs(), tmp_path / "ats_rows.onnx")
     assert all(e <= 1e-4 for _, e in exported.errors)
     rows, positions = load(tmp_path / "ats_rows.onnx")[0](_inputs(4))
     width = reduced.fxprune_plan.rows[-1].tokens_out
     assert rows.shape == (4, width, 64) and positions.shape == (4, width)
-
-
-def test_feature_maps_of_several_blocks_with_padded_reductions_scored_without_a_class_token_export(tmp_path):
-    import timm
-
-    torch.manual_seed(0)  # no class token read: ATS scores by attention received, over a padded batch's real rows
-    maps = timm.create_model("deit_small_patch16_224", img_size=32, patch_size=8, depth=3, embed_dim=64, num_heads=2,
-                             features_only=True, out_indices=(1, 2)).eval()
-    gm = fxprune.transform(maps, fxprune.ATS(0.5, (1, 2)))  # before: ONNX Runtime refused a ReduceMax of booleans
-    exported = export(gm, _inputs(), tmp_path / "ats_maps.onnx")
-    assert all(e <= 1e-4 for _, e in exported.errors)
-    assert [out.shape for out in load(tmp_path / "ats_maps.onnx")[0](_inputs(4))] == [(4, 64, 4, 4)] * 2
 
 
 @pytest.mark.parametrize("name", ["vit_relpos_medium_patch16_cls_224", "vit_small_patch16_rope_224"])

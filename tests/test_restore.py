@@ -316,3 +316,25 @@ def test_every_hidden_state_of_a_hugging_face_backbone_gets_the_layout_and_those
     for k in (0, 1):  # the embeddings' and block 0's: before block 1's merge
         torch.testing.assert_close(together.hidden_states[k], dense.hidden_states[k], atol=1e-10, rtol=0)
     assert not torch.allclose(together.hidden_states[2], dense.hidden_states[2], atol=1e-3)
+
+
+def test_blocks_after_the_last_one_the_output_reads_are_dead_code_and_the_layout_comes_back_before_them():
+    from transformers import Dinov2Backbone, Dinov2Config
+
+    torch.manual_seed(0)  # returns the tokens after block 1 (of 4): blocks 2 and 3 run, and nothing reads them
+    model = Dinov2Backbone(Dinov2Config(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=4,
+                                        num_attention_heads=3, intermediate_size=96, out_indices=[2])).eval().double()
+    program = fxprune.analyse(model)
+    assert len(program.blocks) == 2
+    assert sum("the output reads nothing it computes" in u for u in program.unrecognised) == 2
+    x = _images()
+    reduced = fxprune.transform(model, fxprune.TopK(0.5, (1,)))  # before: an index out of range when run
+    same = fxprune.transform(model, fxprune.TopK(1.0, (1,)))
+    with torch.no_grad():
+        together = reduced(x).feature_maps[0]
+        alone = torch.cat([reduced(x[i:i + 1]).feature_maps[0] for i in range(x.shape[0])])
+        torch.testing.assert_close(same(x).feature_maps[0], model(x).feature_maps[0], atol=1e-10, rtol=0)
+    torch.testing.assert_close(together, alone, atol=1e-10, rtol=0)
+    assert together.shape == (3, 48, 4, 4)
+    plan = same.fxprune_plan  # the plan counts the code that runs: the model's own runs blocks 2 and 3 too
+    assert plan.macs_before < fxprune.flops(model, x[:1]) and plan.macs_after == fxprune.flops(same, x[:1])
