@@ -211,10 +211,12 @@ def _check_blocks(program: TokenProgram, owner: dict[int, Policy]) -> None:
             )
 
 
-def _check_model(program: TokenProgram, owner: dict[int, Policy]) -> None:
-    """Refuse a plan the model's blocks or output cannot take as a whole."""
+def _check_model(program: TokenProgram, owner: dict[int, Policy], restore: bool) -> None:
+    """Refuse a plan the model's blocks or output cannot take as a whole (``restore`` as :func:`make_plan` takes
+    it: a pool over the restored layout reads every original token once, no padding)."""
     padding = next((part for part in owner.values() if method_of(part).pads_tokens), None)
-    if padding is not None and (pooling := _token_pooling(program)) is not None:
+    restored = restore and restores_output(program)
+    if padding is not None and not restored and (pooling := _token_pooling(program)) is not None:
         raise UnsupportedModelError(
             f"{padding.describe()} keeps a different number of tokens per image and pads the batch, but "
             f"{program.model_name} pools over all tokens after its last block ({pooling}), which would "
@@ -339,7 +341,7 @@ def make_plan(program: TokenProgram, policy: Policy | Compose, restore: bool = T
     policy = policy.bind(_depth(program), program.tokens - program.prefix_tokens)
     owner = _owner(program, policy)
     _check_blocks(program, owner)
-    _check_model(program, owner)
+    _check_model(program, owner, restore)
     reducing = [index for index, part in owner.items() if method_of(part).reduces_tokens]
     _check_restore(program, reducing, restore)
     rows = []

@@ -338,3 +338,20 @@ def test_blocks_after_the_last_one_the_output_reads_are_dead_code_and_the_layout
     assert together.shape == (3, 48, 4, 4)
     plan = same.fxprune_plan  # the plan counts the code that runs: the model's own runs blocks 2 and 3 too
     assert plan.macs_before < fxprune.flops(model, x[:1]) and plan.macs_after == fxprune.flops(same, x[:1])
+
+
+def test_a_mean_pool_over_the_restored_layout_takes_a_padded_batch():
+    from transformers import BeitConfig, BeitModel
+
+    torch.manual_seed(0)  # pooler_output: a mean over the final patch rows, beside last_hidden_state and hidden_states
+    config = BeitConfig(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=4, num_attention_heads=3,
+                        intermediate_size=96, output_hidden_states=True)
+    model = BeitModel(config).eval().double()
+    x = _images()
+    reduced = fxprune.transform(model, fxprune.ATS(0.5, (1, 2)))  # before: refused, "pools over all tokens"
+    with torch.no_grad():
+        together = reduced(x)
+        for i in range(x.shape[0]):  # padding rows hold no token of the restored layout that the mean reads
+            alone = reduced(x[i:i + 1])
+            for key in ("pooler_output", "last_hidden_state"):
+                torch.testing.assert_close(together[key][i:i + 1], alone[key], atol=1e-10, rtol=0)
