@@ -403,17 +403,17 @@ def _dataflow(start: fx.Node) -> nx.DiGraph:
 
 
 def _stream(
-    gm: fx.GraphModule, sites: Sequence[AttentionSite]
+    gm: fx.GraphModule, sites: Sequence[AttentionSite], wanted: set[fx.Node]
 ) -> tuple[list[fx.Node], dict[fx.Node, fx.Node], ReadsApart]:
     """The token stream: dominators of the output (input first), once the values read apart from it are left out
     (:func:`_reads_apart`, before the last self-attention of ``sites`` that is computed from the input and reaches
-    the output: an attention pool or class attention after it reads the final tokens, blocks after it whose
-    output nothing reads are dead code); the immediate-dominator map; and those reads."""
+    the output, one of the nodes ``wanted`` it is computed from: an attention pool or class attention after it
+    reads the final tokens, blocks after it whose output nothing reads are dead code); the immediate-dominator
+    map; and those reads."""
     start = next(iter(gm.graph.find_nodes(op="placeholder")))
     output = next(iter(gm.graph.find_nodes(op="output")))
     flow = _dataflow(start)
     idom = nx.immediate_dominators(flow, start)
-    wanted = ancestors([output])
     last = [site.output for site in sites if site.output in idom and site.output in wanted
             and site.queries == site.keys]
     reads = _reads_apart(flow, idom, start, last[-1], wanted) if last else ()
@@ -432,10 +432,10 @@ def _reads_apart(flow: nx.DiGraph, idom: dict[fx.Node, fx.Node], start: fx.Node,
     states of intermediate blocks that a dense-prediction neck, a list of feature maps or of hidden states reads):
     ``value``, computed from the input, comes before the last self-attention's output ``last`` and leads to it
     (every path from the input to ``last`` passes it); ``reader``, one of the nodes the output is computed from
-    (``wanted``), does not lead to ``last``, and it and what it
-    computes meet what ``last`` does only in values of another shape than ``value``'s (a parallel branch beside
-    the attention meets it in the block's residual addition, a token sequence: no read apart; an output structure
-    holding the hidden states and the final tokens is one)."""
+    (``wanted``), does not lead to ``last``, and it and what it computes meet what ``last`` does only in values
+    of another shape than ``value``'s (a parallel branch beside the attention meets it in the block's residual
+    addition, a token sequence: no read apart; an output structure holding the hidden states and the final tokens
+    is one)."""
     chain = [idom[last]]
     while chain[-1] is not start:  # the input itself is no token value
         chain.append(idom[chain[-1]])
@@ -692,11 +692,11 @@ def analyse(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = No
             + (f" It found {len(unrecognised)} attention call(s) it cannot read: " + "; ".join(unrecognised[:2])
                + ("; …" if len(unrecognised) > 2 else "") if unrecognised else "")
         )
-    stream, idom, reads = _stream(gm, sites)
+    wanted = ancestors(gm.graph.find_nodes(op="output"))
+    stream, idom, reads = _stream(gm, sites, wanted)
     unreached = [site for site in sites if site.node not in idom]  # e.g. a decoder's self-attention of its queries
     unrecognised += [f"attention {site.node.name} in {site.module or 'forward'} (computed from no value of the "
                      "input: learned queries attending to each other)" for site in unreached]
-    wanted = ancestors(gm.graph.find_nodes(op="output"))
     unrecognised += [f"attention {site.node.name} in {site.module or 'forward'} (the output reads nothing it "
                      "computes: a block after the last one the output reads, which the rewritten model drops as "
                      "dead code)"

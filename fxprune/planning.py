@@ -288,8 +288,7 @@ def _check_restore(program: TokenProgram, reducing: Sequence[int], restore: bool
     reads = []
     if program.reads_apart:
         readers = ", ".join(module_path(reader) or reader.name for _, reader in program.reads_apart)
-        reads.append(f"{_tokens_after([_read_after(program, value) for value, _ in program.reads_apart])} apart "
-                     f"from the stream (at {readers})")
+        reads.append(f"{_read_apart(program)} apart from the stream (at {readers})")
     if program.readout.patches == "ordered":
         reads.append("the final tokens in their places (convolutions over their grid)")
     if reads:
@@ -299,18 +298,14 @@ def _check_restore(program: TokenProgram, reducing: Sequence[int], restore: bool
         )
 
 
-def _read_after(program: TokenProgram, value: fx.Node) -> int | None:
-    """Which block's tokens the stream value ``value`` is: the last block whose residual add after its attention
-    comes before it (None: the embeddings)."""
-    place = program.stream.index(value)
-    done = [b.index for b in program.blocks if b.mid in program.stream and program.stream.index(b.mid) < place]
-    return done[-1] if done else None
-
-
-def _tokens_after(blocks: Sequence[int | None]) -> str:
-    """``blocks`` (None: the embeddings) said in words: "the tokens after the embeddings and blocks 1, 2"."""
-    named = [str(index) for index in sorted(set(b for b in blocks if b is not None))]
-    parts = (["the embeddings"] if None in blocks else []) + (
+def _read_apart(program: TokenProgram) -> str:
+    """Which tokens the output reads apart from the stream, in words: "the tokens after the embeddings and blocks
+    1, 2" (each read value's block: the last whose residual add after its attention comes before it)."""
+    order = {node: i for i, node in enumerate(program.gm.graph.nodes)}
+    after = {max((b.index for b in program.blocks if b.mid is not None and order[b.mid] < order[value]), default=None)
+             for value, _ in program.reads_apart}
+    named = [str(index) for index in sorted(index for index in after if index is not None)]
+    parts = (["the embeddings"] if None in after else []) + (
         [f"block{'s' if len(named) > 1 else ''} {', '.join(named)}"] if named else [])
     return "the tokens after " + " and ".join(parts)
 
@@ -326,10 +321,8 @@ def _layout_notes(program: TokenProgram, restore: bool) -> list[str]:
                      f"{reads}: with restore=False it returns the reduced rows, in the order the methods leave them, "
                      "and each row's original position beside the output")
     if program.reads_apart:
-        after = _tokens_after([_read_after(program, value) for value, _ in program.reads_apart])
-        notes.append(f"the output also reads {after} apart from the stream (a "
-                     "dense-prediction neck, intermediate features): each read gets the original token layout as "
-                     "it is there")
+        notes.append(f"the output also reads {_read_apart(program)} apart from the stream (a dense-prediction "
+                     "neck, intermediate features): each read gets the original token layout as it is there")
     return notes
 
 
