@@ -142,6 +142,10 @@ class TokenProgram:
             f"({self.prefix_tokens} prefix token(s), class token: {'yes' if self.class_token else 'no'})"
         )
         lines = [head, str(self.trace), f"  readout: {self.readout}"]
+        if self.reads_apart:
+            readers = ", ".join(dict.fromkeys(module_path(reader) or reader.name for _, reader in self.reads_apart))
+            lines.append(f"  read apart from the stream: {len(self.reads_apart)} value(s) of intermediate blocks, by "
+                         f"{readers} (each gets the original token layout where it is read)")
         lines.extend(f"  not recognised as attention (left as is): {u}" for u in self.unrecognised)
         lines.append(f"  token scores (EViT, Top-K, ATS): {SCORES[self.class_token]}")
         lines.append(f"  {'#':>3}  {'block':<36} {'attention':<10} {'heads':>5} {'tokens':>6}  {'position terms':<16}  "

@@ -250,6 +250,7 @@ def test_tokens_of_intermediate_blocks_read_by_a_neck_are_read_apart_and_the_str
     assert all(block.mid in program.stream for block in program.blocks)
     assert [program.blocks[i + 1].input for i in range(3)] == [value for value, _ in program.reads_apart]
     assert {reader.target for _, reader in program.reads_apart} == {"backbone.layernorm"}
+    assert "read apart from the stream: 3 value(s) of intermediate blocks, by backbone.layernorm" in str(program)
     assert program.readout.patches == "ordered"  # its neck convolves the last block's tokens as a grid
 
 
