@@ -105,10 +105,10 @@ def _as_hw(value: Any) -> tuple[int, int] | None:
 
 def _declared_image_size(model: nn.Module) -> tuple[int, int] | None:
     """The input size ``model`` declares: timm's ``patch_embed.img_size`` (also of a model it wraps, as timm's
-    ``features_only`` wrapper does) or ``pretrained_cfg``, an ``image_size``
-    attribute, or a Hugging Face config's ``image_size`` (or its ``vision_config``'s, for a model built on a
-    vision-language config such as SigLIP's classifier; or its ``backbone_config``'s, for a dense predictor such as
-    Depth Anything; or V-JEPA 2's ``crop_size``)."""
+    ``features_only`` wrapper does) or ``pretrained_cfg``, an ``image_size`` attribute, or a Hugging Face config's
+    ``image_size`` (or its ``vision_config``'s, for a model built on a vision-language config such as SigLIP's
+    classifier; or its ``backbone_config``'s, for a dense predictor such as Depth Anything; or V-JEPA 2's
+    ``crop_size``)."""
     pretrained_cfg = getattr(model, "pretrained_cfg", None)
     config = getattr(model, "config", None)
     embedding = next((m.patch_embed for m in model.modules() if isinstance(getattr(m, "patch_embed", None), nn.Module)),
@@ -272,18 +272,20 @@ class _ValueTracer(_Tracer):
 
     # -- control flow
     def to_bool(self, obj: fx.Proxy) -> bool:
-        val = obj.node.meta.get("val", _MISSING)
-        if val is _MISSING or isinstance(val, torch.Tensor):
-            raise TraceError(f"control flow depends on tensor data ({obj.node.name})")
-        self.guards.append(Guard(obj.node.name, bool(val), _user_frame()))
-        return bool(val)
+        return self._resolved(obj, bool, f"control flow depends on tensor data ({obj.node.name})")
 
     def to_number(self, obj: fx.Proxy, kind: type) -> Any:
         """``kind(obj)`` (int or float) from its example value, kept as a guard (re-checked after rewrites and at
         another batch size, since the graph holds the number from here on)."""
+        return self._resolved(obj, kind, f"{kind.__name__}() of {obj.node.name} depends on tensor data and cannot be "
+                                         "traced")
+
+    def _resolved(self, obj: fx.Proxy, kind: type, error: str) -> Any:
+        """``kind`` of ``obj``'s example value, recorded as a guard; a ``TraceError`` saying ``error`` when the value
+        is unknown or a tensor (data)."""
         val = obj.node.meta.get("val", _MISSING)
         if val is _MISSING or isinstance(val, torch.Tensor):
-            raise TraceError(f"{kind.__name__}() of {obj.node.name} depends on tensor data and cannot be traced")
+            raise TraceError(error)
         self.guards.append(Guard(obj.node.name, kind(val), _user_frame()))
         return kind(val)
 
