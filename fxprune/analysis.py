@@ -708,8 +708,9 @@ def analyse(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = No
     sites = [site for site in sites if site.node in idom and site.output in wanted]
     if not sites:
         raise UnsupportedModelError(
-            f"found no attention over the input's tokens in {info.model_class}: its attention ("
-            + "; ".join(unrecognised[:2]) + ") is computed from no value of the input"
+            f"found no attention over the input's tokens whose result the output reads in {info.model_class}: "
+            + "; ".join(unrecognised[:2]) + ("; …" if len(unrecognised) > 2 else "")
+            + ". fxprune rewrites the attention blocks that the model's output is computed from."
         )
     on_stream = set(stream)
     position = {n: i for i, n in enumerate(gm.graph.nodes)}

@@ -284,9 +284,30 @@ class _QueriesAlone(torch.nn.Module):
 
 
 def test_a_model_whose_only_attention_reads_no_value_of_the_input_is_refused_saying_so():
-    with pytest.raises(UnsupportedModelError, match=r"found no attention over the input's tokens in _QueriesAlone: "
-                       r"its attention \(attention scaled_dot_product_attention in forward \(computed from no value"):
+    with pytest.raises(UnsupportedModelError, match=r"found no attention over the input's tokens whose result the "
+                       r"output reads in _QueriesAlone: attention scaled_dot_product_attention in forward \(computed "
+                       r"from no value"):
         fxprune.analyse(_QueriesAlone(), (torch.randn(2, 3, 8, 8),))
+
+
+class _AttentionUnread(torch.nn.Module):
+    """Attention over the patches ``[B, 1, 4, 8]`` whose result the output never reads (it is the patches' mean)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Conv2d(3, 8, 4, 4)
+
+    def forward(self, x):
+        tokens = self.embed(x).flatten(2).transpose(1, 2)[:, None]
+        torch.nn.functional.scaled_dot_product_attention(tokens, tokens, tokens)
+        return tokens.mean((1, 2))
+
+
+def test_a_model_whose_output_reads_none_of_its_attention_is_refused_saying_so():
+    with pytest.raises(UnsupportedModelError, match=r"found no attention over the input's tokens whose result the "
+                       r"output reads in _AttentionUnread: attention scaled_dot_product_attention in forward \(the "
+                       r"output reads nothing it computes"):  # before: "… is computed from no value of the input"
+        fxprune.analyse(_AttentionUnread(), (torch.randn(2, 3, 8, 8),))
 
 
 def test_summary_lists_every_block_with_its_status():
