@@ -177,7 +177,7 @@ def test_without_restoring_keeping_every_token_returns_the_model_output_and_ever
     assert torch.equal(positions, torch.arange(17).expand(3, -1))
 
 
-def test_the_macs_count_the_row_maps_of_the_restoration():
+def test_the_macs_count_the_restoration():
     model = _backbone()
     x = _images(1)
     for policy in (fxprune.ToMe(3, (1, 2)), fxprune.EViT(0.5, (1, 2))):

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .ordering import stable_argsort
-from .registry import POSITIONS, follows, graph_op
+from .registry import POSITIONS, ROWS, follows, graph_op
 from .scoring import with_attn_mask
 from .selection import add_rows, gather_tokens
 
@@ -151,6 +151,41 @@ def tome_merge_positions(
                 return merge_sum(x, unmerged, into, destination, prefix)
         anchored, own = merged(anchor) > 0, merged(positions * (real - anchor))
         return torch.where(anchored, merged(positions * anchor), torch.where(merged(real) > 0, own, -1))
+
+
+@follows(tome_merge, ROWS)
+def tome_merge_rows(
+    x: Tensor, size: Tensor | None, keys: Tensor, r: int, prefix: int, padded: bool = False
+) -> Tensor:
+    """Where :func:`tome_merge` with the same arguments sends each row of ``x`` ``[B, N, C]``: a token that merged
+    nothing to its own row, a merged one to its destination's, padding nowhere (−1): ``[B, N]``. Repeats the
+    matching, as :func:`tome_merge_positions` does."""
+    rows = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+    r = tome_merged_tokens(x.shape[1], prefix, r)
+    if r == 0:
+        return rows
+    with torch.no_grad():
+        if not padded:
+            return merged_rows(*bipartite_matching(keys.mean(dim=1), r, prefix), prefix, x.shape[1])
+        real = size[..., 0] > 0
+        return torch.where(real, padded_merge_rows(keys.mean(dim=1), r, prefix, real, x.shape[1] - r), -1)
+
+
+def merged_rows(unmerged: Tensor, merged: Tensor, destination: Tensor, prefix: int, tokens: int) -> Tensor:
+    """The output row ``[B, N]`` of each of ``tokens`` rows in :func:`merge_sum` with the same matching (the A rows
+    ``unmerged`` ``[B, Na − r]`` kept, ``merged`` ``[B, r]`` summed into the B rows ``destination`` ``[B, r]``)."""
+    batch, kept = unmerged.shape
+    device = unmerged.device
+    output_row = torch.arange(kept + tokens // 2, device=device)  # of each row of cat([kept A, B])
+    if prefix > 1:
+        order = torch.tensor(_output_order(kept, tokens // 2, prefix), device=device)
+        output_row = torch.empty_like(order).scatter(0, order, output_row)
+    a_rows = torch.empty(batch, (tokens + 1) // 2, dtype=torch.long, device=device)
+    a_rows = a_rows.scatter(1, unmerged, output_row[:kept].expand(batch, -1))
+    a_rows = a_rows.scatter(1, merged, output_row[kept + destination])
+    rows = torch.empty(batch, tokens, dtype=torch.long, device=device)
+    rows[:, ::2], rows[:, 1::2] = a_rows, output_row[kept:].expand(batch, -1)
+    return rows
 
 
 def _sum_rows(x: Tensor, rows: Tensor, width: int) -> Tensor:

@@ -10,9 +10,11 @@ declaration says what later stages need to know without looking at the function:
 * ``carries``: the token-state channels (``"sizes"``, ``"positions"``, per-row ``[B, N, 1]`` tensors) that follow
   it by applying the function itself to the state: ``f(state, *args)`` (a row gather). Other channels follow by a
   function declared with :func:`follows`, called as ``g(state, *args[1:], **kwargs)`` with the stream call's
-  arguments. A sized op carries ``"sizes"`` itself. ``"rows"`` (its row map, for restoring a dense output's
-  token layout) is the function itself on the identity unless a rule says otherwise (EViT's fused token
-  summarises the dropped rows, it does not hold them).
+  arguments. A sized op carries ``"sizes"`` itself. ``"rows"`` (for restoring a dense output's token layout) is
+  where it sends each input row, ``[B, N_in]`` (the output row that holds it, −1: none), from a rule
+  ``g(tokens, *args[1:], **kwargs)``; with no rule declared, the output row with the largest weight in the function's
+  result on the identity over its input rows (EViT's rule leaves out its fused token: it summarises the dropped
+  rows, it does not hold them).
 * ``reads_mask``: it reads the attention's per-key bias as its ``attn_mask`` keyword (scores, clustering),
   so a bias added to that attention later must reach it too.
 * ``padding``: the keyword that, in a padded batch (padding has size 0 and comes after each image's own rows),
@@ -35,7 +37,7 @@ __all__ = ["GraphOp", "graph_op", "follows", "op_of", "graph_functions", "SIZES"
 SIZES = "sizes"  # patches each row stands for; 0 marks padding
 POSITIONS = "positions"  # the index of each row in the first block's input; -1 for a row made of several
 KEEP = "keep"  # a training graph's keep policy: 1 kept, 0 dropped but not removed (attention ignores it as a key)
-ROWS = "rows"  # a stream function's row map: its result on the identity over its input rows (a dense output's layout)
+ROWS = "rows"  # where a stream function sends each input row: the output row holding it, -1 for none
 
 F = TypeVar("F", bound=Callable)
 

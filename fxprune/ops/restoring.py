@@ -1,12 +1,12 @@
 """The original token layout of a reduced stream, for a model whose output is every token (a dense output).
 
-Every stream function combines its input rows with weights that do not depend on the tokens' values
-(:mod:`fxprune.ops.registry`), so applied to the identity over its input rows it gives where each input row went:
-its *row map* ``[B, N_out, N_in]``. Following the row maps block by block gives, for each original token, the row
-that holds it now (:func:`follow_rows`): its own row if kept, the row it was merged into (a ToMe merge, EViT's
-fused token), or none once dropped. A dropped token keeps the state it had when it was dropped
-(:func:`token_states`, which after the last block also puts the original layout back: every original token gets
-the row that holds it, or its recorded state).
+Every stream function sends each of its input rows to at most one output row that holds it (kept, or merged
+into it) or to none (dropped): its *destinations* ``[B, N_in]`` (:data:`~fxprune.ops.ROWS`, declared with each
+built-in stream function; for another, the output row with its largest weight in the function's result on the
+identity over its input rows, :func:`heaviest_rows`). Following the destinations block by block gives, for each
+original token, the row that holds it now (:func:`follow_rows`), or none once dropped. A dropped token keeps the
+state it had when it was dropped (:func:`token_states`, which after the last block also puts the original layout
+back: every original token gets the row that holds it, or its recorded state).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .registry import graph_op
+from .selection import gather_tokens
 
 
 @graph_op()
@@ -31,15 +32,21 @@ def first_rows(x: Tensor) -> Tensor:
 
 
 @graph_op()
-def follow_rows(rows: Tensor, row_map: Tensor) -> Tensor:
-    """The row ``[B, N0]`` that holds each original token after a stream function with row map ``row_map``
-    ``[B, N_out, N_in]``, given the row ``rows`` ``[B, N0]`` that held it before (−1: dropped). A row goes to the
-    output row with its largest weight (the first on a tie); a row with no weight anywhere is dropped."""
-    weight, target = row_map.max(dim=1)  # [B, N_in]: each input row's heaviest output row
-    held = rows.clamp(min=0)
-    moved = target.gather(1, held)
-    kept = (rows >= 0) & (weight.gather(1, held) > 0)
-    return torch.where(kept, moved, -1)
+def heaviest_rows(row_map: Tensor) -> Tensor:
+    """The destinations ``[B, N_in]`` of a stream function from its row map ``[B, N_out, N_in]`` (its result on
+    the identity over its input rows): each input row's output row with its largest weight (the first on a tie);
+    −1 for a row with no weight anywhere (dropped)."""
+    weight, target = row_map.max(dim=1)
+    return torch.where(weight > 0, target, -1)
+
+
+@graph_op()
+def follow_rows(rows: Tensor, destinations: Tensor) -> Tensor:
+    """The row ``[B, N0]`` that holds each original token after a stream function that sends its input rows to
+    ``destinations`` ``[B, N_in]`` (−1: dropped), given the row ``rows`` ``[B, N0]`` that held it before (−1:
+    dropped)."""
+    moved = destinations.gather(1, rows.clamp(min=0))
+    return torch.where(rows >= 0, moved, -1)
 
 
 @graph_op()
@@ -48,7 +55,7 @@ def token_states(recorded: Tensor | None, x: Tensor, rows: Tensor) -> Tensor:
     has one, else what ``recorded`` held (None: the tokens of ``x`` are every original token, in order)."""
     if recorded is None:
         return x
-    taken = x.gather(1, rows.clamp(min=0).unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    taken = gather_tokens(x, rows.clamp(min=0))
     return torch.where((rows >= 0).unsqueeze(-1), taken, recorded)
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .ordering import count_below, stable_argsort
-from .registry import POSITIONS, follows, graph_op
+from .registry import POSITIONS, ROWS, follows, graph_op
 from .scoring import mask_4d
 from .selection import after_prefix, gather_tokens
 
@@ -162,6 +162,14 @@ def ats_pad(x: Tensor, size: Tensor | None, index: Tensor, valid: Tensor) -> tup
     keep = valid.unsqueeze(-1).to(x.dtype)
     sizes = keep if size is None else gather_tokens(size, index) * keep
     return x * keep, sizes
+
+
+@follows(ats_pad, ROWS)
+def ats_pad_rows(x: Tensor, size: Tensor | None, index: Tensor, valid: Tensor) -> Tensor:
+    """Where :func:`ats_pad` sends each row of ``x`` ``[B, K, C]``: a kept token stays in its row, a padding slot
+    holds no token (−1): ``[B, K]``."""
+    slot = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+    return torch.where(valid, slot, -1)
 
 
 @follows(ats_pad, POSITIONS)

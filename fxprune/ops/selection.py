@@ -48,6 +48,21 @@ def gather_tokens(tokens: Tensor, index: Tensor) -> Tensor:
     return flat.view(batch, index.shape[1], *rest)
 
 
+@follows(gather_tokens, ROWS)
+def gather_tokens_rows(tokens: Tensor, index: Tensor) -> Tensor:
+    """Where :func:`gather_tokens` sends each row of ``tokens`` ``[B, N, …]``: its first slot in ``index``
+    ``[B, K]``, −1 for a row not gathered: ``[B, N]``."""
+    return index_slots(index, tokens.shape[1])
+
+
+def index_slots(index: Tensor, rows: int) -> Tensor:
+    """The first slot of each of ``rows`` rows in ``index`` ``[B, K]``, −1 for a row it does not hold: ``[B, rows]``."""
+    batch, slots = index.shape
+    slot = torch.arange(slots, device=index.device).expand(batch, slots)
+    first = index.new_full((batch, rows), slots).scatter_reduce(1, index, slot, "amin")
+    return torch.where(first < slots, first, -1)
+
+
 def add_rows(target: Tensor, index: Tensor, source: Tensor) -> Tensor:
     """``target`` ``[B, M, c]`` with each row of ``source`` ``[B, K, c]`` added to its row ``index`` ``[B, K]``."""
     batch, rows, width = target.shape
@@ -158,13 +173,15 @@ def evit_select_sizes(
 
 @follows(evit_select, ROWS)
 def evit_select_rows(
-    identity: Tensor, scores: Tensor, keep_rate: float, num_prefix: int, fuse: bool, size: Tensor | None = None
+    x: Tensor, scores: Tensor, keep_rate: float, num_prefix: int, fuse: bool, size: Tensor | None = None
 ) -> Tensor:
-    """The row map of :func:`evit_select` with the same arguments, on the identity over its input rows: the kept
-    tokens' rows only. The fused token summarises the dropped tokens (Σ aⱼxⱼ over all of them) but stands for none
-    of them, so a restored layout gives each dropped token its state when it was dropped (a better stand-in for a
-    patch under a dense head, BENCHMARKS.md "Dense outputs"); the kept rows come first either way."""
-    return evit_select(identity, scores, keep_rate, num_prefix, False, size)
+    """Where :func:`evit_select` with the same arguments sends each row of ``x`` ``[B, N, C]``: a kept token to
+    its row, a dropped one nowhere (−1): ``[B, N]``. The fused token summarises the dropped tokens (Σ aⱼxⱼ over all
+    of them) but stands for none of them, so a restored layout gives each dropped token its state when it was
+    dropped (a better stand-in for a patch under a dense head, BENCHMARKS.md "Dense outputs")."""
+    if not _drops_tokens(x.shape[1], keep_rate, num_prefix):
+        return torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+    return index_slots(topk_rows(scores, keep_rate, num_prefix, size), x.shape[1])
 
 
 @follows(evit_select, POSITIONS)

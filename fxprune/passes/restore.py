@@ -2,14 +2,14 @@
 features; a segmentation or depth head over the token grid), and wherever it reads intermediate blocks' tokens apart
 from the stream (the necks of DPT and Depth Anything, timm's ``features_only``).
 
-After the rewrites, each reducing block's stream node is also applied to the identity over its input rows
-(:func:`~fxprune.ops.restoring.row_identity`), which gives its row map; the maps, followed from the model's first
-stream, say which row holds each original token (:func:`~fxprune.ops.restoring.follow_rows`), and each
-reduction records the state of every token it receives (:func:`~fxprune.ops.restoring.token_states`). After the
+After the rewrites, each reducing block's stream functions also say where they send each input row (their
+destinations, :mod:`fxprune.ops.restoring`); followed from the model's first stream, these say which row holds
+each original token (:func:`~fxprune.ops.restoring.follow_rows`), and each reduction records the state of every
+token it receives (:func:`~fxprune.ops.restoring.token_states`). After the
 last block the stream is replaced by the original layout: each token's holding row (kept, or the row it was merged
 into), or, once dropped, its state where its block dropped it (the value the block's selection read: its input
-for a selection made before the attention, EViT's after it; EViT's fused token holds no token, its row map
-leaves it out: ``fxprune.ops.selection.evit_select_rows``). A read of an intermediate block's tokens gets the same,
+for a selection made before the attention, EViT's after it; EViT's fused token holds no token, its destinations
+leave it out: ``fxprune.ops.selection.evit_select_rows``). A read of an intermediate block's tokens gets the same,
 from the reductions made before it. Everything is static in shape: per image in a padded batch, one graph under
 ``torch.compile``, and the MACs of the extra nodes count in their blocks.
 """
@@ -25,7 +25,7 @@ import torch.fx as fx
 from ..analysis import Block, TokenProgram, final_tokens, last_self_attention, module_path
 from ..capture.values import propagate
 from ..ops import POSITIONS, ROWS, initial_state, op_of
-from ..ops.restoring import first_rows, follow_rows, pad_reduced_rows, row_identity, token_states
+from ..ops.restoring import first_rows, follow_rows, heaviest_rows, pad_reduced_rows, row_identity, token_states
 from .common import Role, graph_order, insert_call, stream_node, tag, tag_of
 
 if TYPE_CHECKING:
@@ -77,8 +77,8 @@ def _token_states(
     gm: fx.GraphModule, program: TokenProgram, steps: dict[int, list[fx.Node]]
 ) -> dict[int, tuple[fx.Node, fx.Node]]:
     """For each block with stream functions ``steps``: the recorded states of the tokens it and earlier blocks
-    dropped, and the row holding each original token after it (each block's row map: its stream functions in turn
-    on the identity)."""
+    dropped, and the row holding each original token after it (its stream functions' destinations, followed in
+    turn)."""
     held = recorded = None
     states = {}
     for index, nodes in steps.items():
@@ -86,17 +86,26 @@ def _token_states(
         anchor = nodes[0].prev
         if held is None:
             held = anchor = _insert(gm, anchor, first_rows, (tokens,), block, "first_rows")
-        recorded = anchor = _insert(gm, anchor, token_states, (recorded, tokens, held), block, "token_states")
-        mapped = anchor = _insert(gm, anchor, row_identity, (tokens,), block, "row_identity")
+        recorded = _insert(gm, anchor, token_states, (recorded, tokens, held), block, "token_states")
         for node in nodes:  # each right before its stream function, whose arguments are computed by then
-            rule = op_of(node.target).follows_with(ROWS) or node.target
-            mapped = anchor = _insert(gm, node.prev, rule, (mapped, *node.args[1:]), block, "row_map",
-                                      dict(node.kwargs))
-            if op_of(node.target).sized:
-                mapped = anchor = _insert(gm, anchor, operator.getitem, (mapped, 0), block, "row_map_rows")
-        held = _insert(gm, anchor, follow_rows, (held, mapped), block, "held_rows")
+            destinations = _destinations(gm, node, block)
+            held = _insert(gm, destinations, follow_rows, (held, destinations), block, "held_rows")
         states[index] = (recorded, held)
     return states
+
+
+def _destinations(gm: fx.GraphModule, node: fx.Node, block: Block) -> fx.Node:
+    """Where the stream function ``node`` sends each of its input rows (:data:`~fxprune.ops.ROWS`), computed right
+    before it: its declared rule, else the heaviest rows of its result on the identity over its input rows."""
+    op = op_of(node.target)
+    rule, args, kwargs = op.follows_with(ROWS), node.args[1:], dict(node.kwargs)
+    if rule is not None:
+        return _insert(gm, node.prev, rule, node.args, block, "destinations", kwargs)
+    identity = _insert(gm, node.prev, row_identity, (node.args[0],), block, "row_identity")
+    mapped = _insert(gm, identity, node.target, (identity, *args), block, "row_map", kwargs)
+    if op.sized:
+        mapped = _insert(gm, mapped, operator.getitem, (mapped, 0), block, "row_map_rows")
+    return _insert(gm, mapped, heaviest_rows, (mapped,), block, "destinations")
 
 
 def _restore_at(gm: fx.GraphModule, block: Block, state: tuple[fx.Node, fx.Node], value: fx.Node, name: str,
