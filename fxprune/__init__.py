@@ -14,7 +14,7 @@ from . import methods
 from .analysis import AttentionSite, Block, TokenProgram, analyse
 from .capture import TraceInfo, trace
 from .counting import flops
-from .errors import FxPruneError, PolicyError, TraceError, UnsupportedModelError
+from .errors import CapturedShapeError, FxPruneError, PolicyError, TraceError, UnsupportedModelError
 from .exporting import ExportError, export
 from .lowering import LoweredModule, lower
 from .methods.adavit import AdaViT
@@ -39,7 +39,7 @@ __all__ = [
     "parse_policy", "Plan", "TokenProgram",
     "collect", "save_weights", "methods", "train", "TrainConfig",
     "PlanRow", "Block", "AttentionSite", "TraceInfo", "LoweredModule", "TrainEvalGraphModule",
-    "FxPruneError", "TraceError", "UnsupportedModelError", "PolicyError", "export", "ExportError",
+    "FxPruneError", "TraceError", "UnsupportedModelError", "PolicyError", "CapturedShapeError", "export", "ExportError",
 ]
 
 _TOOLS = ("bench", "cli", "datasets", "demo", "models", "show", "speed")

@@ -15,3 +15,9 @@ class UnsupportedModelError(FxPruneError):
 
 class PolicyError(FxPruneError, ValueError):
     """A policy is invalid for itself or for the model it is applied to."""
+
+
+class CapturedShapeError(FxPruneError, ValueError):
+    """A transformed model was called on an input for which the model's code takes another branch on a shape, or
+    makes another size a Python number, than on the inputs it was captured with: its graph is not the model's
+    program for that input."""

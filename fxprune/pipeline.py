@@ -16,6 +16,7 @@ from .capture import trace
 from .errors import PolicyError
 from .methods import method_of
 from .passes import apply_passes
+from .passes.guards import check_guards_at_run
 from .passes.learned import (
     LEARNED_PREFIX,
     TrainEvalGraphModule,
@@ -59,10 +60,12 @@ def rewrite(
     dense_macs = macs_per_block(program.gm, program.blocks, program.batch)
     gm = apply_passes(_with_modules(program, learned), program, rows, restore=restore)
     verify(gm, program, planned, second_batch)
+    check_guards_at_run(gm, program.trace)
     if learned:
         training = analyse(trace(model, example_inputs, copy_weights=False))
         train_gm = apply_passes(_with_modules(training, learned), training, rows, train=True)
         verify_training(train_gm, training, planned)
+        check_guards_at_run(train_gm, training.trace)
         gm = _with_training_graph(gm, train_gm)
     gm.graph.eliminate_dead_code()  # what the rewrites left unused does not run, so its MACs do not count
     measured = planned.measured(

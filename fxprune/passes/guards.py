@@ -1,0 +1,74 @@
+"""Guards at run time: each Python condition or number that capture resolved from the example inputs' shapes
+(:class:`~fxprune.capture.Guard`) is checked again on every call of a transformed model. An input for which the
+model's code would take another branch or size (another image size for a model that resamples its position
+embeddings to the input) then raises :class:`~fxprune.errors.CapturedShapeError`, naming that code, instead of
+running a graph that is not the model's program for it. The checks read shapes only; under ``torch.compile`` they
+become compile-time guards, with no graph break."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx.node import has_side_effect
+
+from ..analysis import ancestors
+from ..capture import Guard, TraceInfo
+from ..errors import CapturedShapeError
+from ..ops.registry import graph_op
+
+__all__ = ["check_guard", "check_guards_at_run"]
+
+
+@graph_op()
+def check_guard(value: Any, expected: bool | int | float, captured: str) -> None:
+    """Raise :class:`~fxprune.errors.CapturedShapeError` (``captured`` says what capture resolved, and where) when
+    ``value``, a condition or size the model's code computes from its input's shape, is not ``expected``."""
+    now = type(expected)(value)
+    if now != expected:
+        raise CapturedShapeError(
+            f"{captured}; for this input it is {now}, so the transformed graph is not what the model computes for "
+            "it. Transform the model again with example_inputs of this input's shape (fxprune.transform(model, "
+            "policy, example_inputs=(x,)))."
+        )
+
+
+has_side_effect(check_guard)  # kept by dead-code elimination, which would drop a call whose result is unused
+
+
+def check_guards_at_run(gm: fx.GraphModule, trace: TraceInfo) -> None:
+    """Make ``gm`` check each guard of its capture ``trace`` right after its node, where the output is computed
+    from the tensors whose shapes it reads (a guard in code whose result nothing reads is left out: checking it
+    would run that code)."""
+    live = ancestors(gm.graph.find_nodes(op="output"))
+    nodes = {node.name: node for node in gm.graph.nodes}
+    for guard in trace.guards:
+        node = nodes.get(guard.node)
+        if node is not None and not _reads_dead_tensors(node, live):
+            with gm.graph.inserting_after(node):
+                gm.graph.call_function(check_guard, (node, guard.value, _captured(guard, trace.example_shapes)))
+
+
+def _reads_dead_tensors(node: fx.Node, live: set[fx.Node]) -> bool:
+    """Whether ``node`` is computed from a tensor (its example value) that the output is not computed from."""
+    todo, seen = [node], set()
+    while todo:
+        current = todo.pop()
+        if current in live or current in seen:
+            continue
+        seen.add(current)
+        if isinstance(current.meta.get("val"), torch.Tensor):
+            return True
+        todo.extend(current.all_input_nodes)
+    return False
+
+
+def _captured(guard: Guard, shapes: Sequence[tuple[int, ...]]) -> str:
+    inputs = ", ".join(str(list(shape)) for shape in shapes)
+    if isinstance(guard.value, bool):
+        return (f"the model's code at {guard.where} took a branch on a shape when captured on inputs {inputs} "
+                f"({guard.node} was {guard.value})")
+    return (f"the model's code at {guard.where} made a size a Python number when captured on inputs {inputs} "
+            f"({guard.node} was {guard.value})")
