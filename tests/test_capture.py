@@ -284,3 +284,10 @@ def test_a_module_kept_whole_that_caches_tensors_unless_compiled_caches_no_fake_
         _TABLES.clear()
         torch.testing.assert_close(model(x), out, atol=0, rtol=0)
         assert type(gm(x)) is torch.Tensor
+
+
+def test_a_model_compiled_by_torch_compile_is_refused_saying_to_pass_the_module_it_compiles():
+    compiled = torch.compile(timm_vit("deit_small_patch16_224"))  # before: "missing the required forward function"
+    with pytest.raises(TraceError, match=r"VisionTransformer compiled by torch.compile.*model\._orig_mod.*fxprune\."
+                                         r"lower"):
+        fxprune.transform(compiled, fxprune.EViT(0.5, (1,)))

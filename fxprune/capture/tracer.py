@@ -7,6 +7,7 @@ import contextlib
 import copy
 import dataclasses
 import inspect
+import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -369,12 +370,23 @@ def trace(
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected an nn.Module, got {type(model).__name__}")
+    if _compiled(model):
+        raise TraceError(
+            f"the model is {type(model._orig_mod).__name__} compiled by torch.compile, whose code fxprune cannot read: "
+            "pass the module it compiles (model._orig_mod) and compile the transformed model (fxprune.lower)"
+        )
     example_inputs = tuple(example_inputs) if example_inputs is not None else default_example_inputs(model)
     if _fxprune_trace(model) is not None:
         return _recapture(model, example_inputs, copy_weights)
     if _STORES:
         return _copy_model(_stored_capture(_STORES[-1], model, example_inputs), copy_weights)
     return _capture(model, example_inputs, copy_weights)
+
+
+def _compiled(model: nn.Module) -> bool:
+    """Whether ``model`` is the wrapper ``torch.compile`` returns (only made once dynamo is imported)."""
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")
+    return dynamo is not None and isinstance(model, dynamo.OptimizedModule)
 
 
 # Captures made within the reusing_captures blocks entered and not left: (model, its inputs' and mode's key, capture)
