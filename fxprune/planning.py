@@ -330,7 +330,9 @@ def make_plan(program: TokenProgram, policy: Policy | Compose, restore: bool = T
     """Validate ``policy`` against ``program`` and give each block its action (tokens and MACs come later);
     ``restore`` as :func:`fxprune.transform` takes it, for what the plan says of a dense output."""
     if not isinstance(policy, (Policy, Compose)):
-        raise PolicyError(f"expected an fxprune policy (e.g. fxprune.EViT(0.7, (3, 6, 9))), got {policy!r}")
+        text = f": a policy's text, as the command line takes it, is read by fxprune.parse_policy({policy!r})"
+        raise PolicyError(f"expected an fxprune policy (e.g. fxprune.EViT(0.7, (3, 6, 9))), got {policy!r}"
+                          + (text if isinstance(policy, str) else ""))
     policy = policy.bind(_depth(program), program.tokens - program.prefix_tokens)
     owner = _owner(program, policy)
     _check_blocks(program, owner)

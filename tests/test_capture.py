@@ -291,3 +291,10 @@ def test_a_model_compiled_by_torch_compile_is_refused_saying_to_pass_the_module_
     with pytest.raises(TraceError, match=r"VisionTransformer compiled by torch.compile.*model\._orig_mod.*fxprune\."
                                          r"lower"):
         fxprune.transform(compiled, fxprune.EViT(0.5, (1,)))
+
+
+def test_example_inputs_the_model_rejects_are_refused_with_its_own_check_and_their_shape():
+    model = timm_vit("deit_small_patch16_224")  # made for 32²; before: "found no attention … queries of unknown shape"
+    with pytest.raises(TraceError, match=r"rejects the example inputs \[2, 3, 48, 48\] in patch_embed: Input height "
+                                         r"\(48\) doesn't match model \(32\)\. Pass example_inputs"):
+        fxprune.transform(model, fxprune.EViT(0.5, (1,)), example_inputs=(torch.randn(2, 3, 48, 48),))

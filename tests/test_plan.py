@@ -74,6 +74,8 @@ def test_layer_out_of_range_names_the_field_and_the_block_count():
 def test_non_policy_is_refused():
     with pytest.raises(PolicyError, match="expected an fxprune policy"):
         fxprune.plan(timm_vit("deit_small_patch16_224"), {"keep_rate": 0.5})
+    with pytest.raises(PolicyError, match=r"got 'evit:keep=0\.7': a policy's text.* fxprune\.parse_policy\("):
+        fxprune.plan(timm_vit("deit_small_patch16_224"), "evit:keep=0.7")
 
 
 def test_a_method_that_reads_the_class_token_needs_one_that_the_output_reads():

@@ -7,6 +7,7 @@ import contextlib
 import copy
 import dataclasses
 import inspect
+import re
 import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -257,6 +258,8 @@ class _ValueTracer(_Tracer):
                 value = fetch_attr(self.root, target)
                 return self.fake.from_tensor(value) if isinstance(value, torch.Tensor) else value
             with self.fake, self.macs:
+                if kind == "call_function" and target is torch._assert:
+                    return _checked(target, a, kw, self._scope, self.example_args, self.graph)
                 if kind == "call_function":
                     return target(*a, **kw)
                 if kind == "call_method":
@@ -265,6 +268,8 @@ class _ValueTracer(_Tracer):
                     module = self.root.get_submodule(target)
                     with fake_weights(module, self.fake):
                         return module(*a, **kw)
+        except InputRejected:
+            raise
         except Exception:
             return _MISSING
         finally:
@@ -295,6 +300,29 @@ class _ValueTracer(_Tracer):
         if isinstance(val, (tuple, list, torch.Size)):
             return iter([obj[i] for i in range(len(val))])
         return super().iter(obj)
+
+
+class InputRejected(TraceError):
+    """The model's own check of its input (``torch._assert``) fails on the example inputs."""
+
+
+def _checked(
+    check: Callable, args: tuple, kwargs: dict, scope: list[str], inputs: dict[str, Any], graph: fx.Graph
+) -> Any:
+    """The model's input check ``check(*args, **kwargs)`` on the example values; :class:`InputRejected` when it
+    fails, naming the module (``scope``) and the example inputs' shapes (a node its message names, as code that
+    formats a traced size does, is given its example value from ``graph``)."""
+    try:
+        return check(*args, **kwargs)
+    except AssertionError as err:
+        values = {node.name: node.meta.get("val") for node in graph.nodes}
+        message = re.sub(r"Proxy\((\w+)\)", lambda m: str(values.get(m.group(1), m.group(0))), str(err))
+        where = next((name for name in reversed(scope) if name), "its forward")
+        shapes = ", ".join(str(list(value.shape)) for value in inputs.values() if isinstance(value, torch.Tensor))
+        raise InputRejected(
+            f"the model rejects the example inputs {shapes} in {where}: {message.rstrip('.')}. Pass example_inputs "
+            "of a shape it takes (fxprune.transform(model, policy, example_inputs=(x,)))"
+        ) from err
 
 
 def _value_of(arg: Any) -> Any:
@@ -466,6 +494,8 @@ def _trace_with_leaf_retries(
             try:
                 graph = tracer.trace(root)
                 break
+            except InputRejected:
+                raise
             except Exception as err:  # noqa: BLE001 - any failure inside user code leads to leafing
                 scope = [s for s in (tracer.failed_scope or []) if s and s not in leaf_names]
                 if not scope:
