@@ -2,6 +2,7 @@
 block, decisions per image, gradients, and the policy."""
 
 import pytest
+import timm
 import torch
 from reference import adavit_own_attention, adavit_vit
 from vits import hf_vit, image_batch, logits, timm_vit, with_explicit_softmax
@@ -583,3 +584,18 @@ def test_a_block_whose_sub_layers_no_image_uses_makes_no_other_decision_unless_c
     assert collected.keys() == decided.keys()
     for key, value in collected.items():
         torch.testing.assert_close(value, decided[key], atol=0, rtol=0)
+
+
+def test_the_skipping_graph_runs_under_cpu_autocast_as_in_full_precision():
+    torch.manual_seed(0)  # a sub-layer without heads and sub-layers on some images (before: dtype errors)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=4,
+                              num_classes=5).eval()
+    skipping = fxprune.transform(model, AdaViT(0.5))
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    for images in (x[:1], x):
+        with torch.no_grad():
+            full = skipping(images)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                low = skipping(images)
+        assert low.dtype == torch.bfloat16
+        torch.testing.assert_close(low.float(), full, atol=0.05, rtol=0)

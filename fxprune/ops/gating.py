@@ -240,10 +240,12 @@ def _same_as_residual(residual: Tensor, *layout: Tensor, in_place: bool = False)
 
 
 def _index_add(x: Tensor, index: Tensor, source: Tensor, in_place: bool) -> Tensor:
-    """``x`` with ``source``'s rows added at rows ``index`` of its first axis: into ``x`` itself (``in_place``).
-    ``source`` is made contiguous first: on the CPU, adding an expanded one (one row for every slot) takes several
-    times as long as copying it and adding the copy."""
-    source = source.contiguous()
+    """``x`` with ``source``'s rows added at rows ``index`` of its first axis: into ``x`` itself (``in_place``), in
+    the dtype ``x + source`` has (under autocast a sub-layer's output can be of a lower precision than the
+    residual). ``source`` is made contiguous first: on the CPU, adding an expanded one (one row for every slot)
+    takes several times as long as copying it and adding the copy."""
+    dtype = torch.promote_types(x.dtype, source.dtype)
+    x, source = x.to(dtype), source.to(dtype).contiguous()
     return x.index_add_(0, index, source) if in_place else x.index_add(0, index, source)
 
 
@@ -425,8 +427,8 @@ def _linear_on_columns(
         part = part.reshape(rows, length)
         if total is None:  # the first run makes the sum (with the bias); the others add to it in place
             total = part @ columns_t if bias is None else torch.addmm(bias, part, columns_t)
-        else:
-            total.addmm_(part, columns_t)
+        else:  # in the dtype of the first product (under autocast, a lower precision than the weight's)
+            total.addmm_(part.to(total.dtype), columns_t.to(total.dtype))
         offset += length
     if total is None:
         total = x.new_zeros(rows, out_features) if bias is None else bias.expand(rows, out_features).clone()
