@@ -420,6 +420,10 @@ def _stream(
     idom = nx.immediate_dominators(flow, start)
     last = [site.output for site in sites if site.output in idom and site.output in wanted
             and site.queries == site.keys]
+    other = _other_elements(flow, ancestors([last[-1]])) if last else []
+    if other:
+        flow.remove_edges_from(other)
+        idom = nx.immediate_dominators(flow, start)
     reads = _reads_apart(flow, idom, start, last[-1], wanted) if last else ()
     if reads:
         flow.remove_edges_from(reads)
@@ -428,6 +432,22 @@ def _stream(
     while chain[-1] is not start:
         chain.append(idom[chain[-1]])
     return chain[::-1], idom, reads
+
+
+def _other_elements(flow: nx.DiGraph, before: set[fx.Node]) -> list[tuple[fx.Node, fx.Node]]:
+    """The edges from a tuple of values that leads to the last self-attention (a module's outputs: ViTMAE's
+    embeddings give the tokens, the mask and the order that restores it) to reads of its other elements than the
+    ones ``before`` it (what that attention is computed from) reads: they read no tokens. None where the tuple is
+    also read whole."""
+    cut = []
+    for node in before & flow.nodes:
+        readers = list(flow.successors(node))
+        if not isinstance(node.meta.get("val"), (tuple, list)) or not all(
+                reader.op == "call_function" and reader.target is operator.getitem for reader in readers):
+            continue
+        kept = {reader.args[1] for reader in readers if reader in before}
+        cut += [(node, reader) for reader in readers if reader.args[1] not in kept]
+    return cut
 
 
 def _reads_apart(flow: nx.DiGraph, idom: dict[fx.Node, fx.Node], start: fx.Node, last: fx.Node,
@@ -735,6 +755,12 @@ def analyse(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = No
     late = _tokens_after_patches(first, prefix, data)
     if late is not None:  # every block: the tokens keep their place after the patches
         blocks = tuple(block if block.refusal else dataclasses.replace(block, refusal=late) for block in blocks)
+    maps = [block.name for block in blocks if _map_read(block.attention, wanted)]
+    if maps:  # every block: the stream ends where the first map read is computed
+        read = (f"the model's output reads the attention maps of {', '.join(maps[:3])}{', …' if len(maps) > 3 else ''}"
+                " (Hugging Face's output_attentions=True), whose sizes a reduction would change; transform the model "
+                "with output_attentions=False (in its config), or reduce tokens only after the last map it returns")
+        blocks = tuple(dataclasses.replace(block, refusal=read, needs_all_tokens=True) for block in blocks)
     shape = _shape(first) or (batch, 0, 0)
     tokens, dim = (shape[1], shape[2]) if len(shape) == 3 else (0, 0)
     found = readout(gm, _final_tokens(blocks, stream, batch, dim, tokens), prefix, data)
@@ -743,6 +769,17 @@ def analyse(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = No
         info.model_class, [*unrecognised, *(f"{name}, called whole: attention inside it is not seen" for name in kept)],
         found, reads,
     )
+
+
+def _map_read(site: AttentionSite, wanted: set[fx.Node]) -> bool:
+    """Whether the output reads ``site``'s attention map (an explicit softmax's probabilities, or that map after
+    dropout on its way to the product with the values) apart from that product: a node the output is computed
+    from (``wanted``) reads it and does not lead to the attention's output (the map returned beside it)."""
+    if site.kind != "softmax":
+        return False
+    path, shape = ancestors([site.output]), _shape(site.node)
+    maps = [node for node in path & descendants(site.node) | {site.node} if _shape(node) == shape]
+    return any(user in wanted and user not in path and not is_shape_read(user) for node in maps for user in node.users)
 
 
 def final_tokens(program: TokenProgram) -> fx.Node | None:

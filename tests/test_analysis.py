@@ -340,3 +340,37 @@ def test_rotary_tables_computed_from_the_patch_grid_are_position_terms():
     program = fxprune.analyse(_zoo("vit_small_patch16_dinov3"))  # a shape read builds them, not a parameter
     assert all(b.position_terms and all(t.axes == (0,) and t.patches_only for t in b.position_terms)
                for b in program.blocks)
+
+
+def test_reads_of_a_modules_other_outputs_beside_its_tokens_leave_the_stream_through_every_block():
+    from transformers import ViTMAEConfig, ViTMAEModel
+
+    torch.manual_seed(0)  # the embeddings give (tokens, mask, ids_restore); the output reads all three
+    model = ViTMAEModel(ViTMAEConfig(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=3,
+                                     num_attention_heads=3, intermediate_size=96, mask_ratio=0.5)).eval()
+    program = fxprune.analyse(model)  # before: "the stream entering it is None" in every block
+    assert [block.reducible for block in program.blocks] == [True] * 3
+    x = torch.randn(3, 3, 32, 32)
+    for policy in (fxprune.ToMe(0, (1, 2)), fxprune.EViT(1.0, (1, 2))):  # the masking draws noise: same seed
+        reduced = fxprune.transform(model, policy)
+        torch.manual_seed(1)
+        expected = model(x)
+        torch.manual_seed(1)
+        out = reduced(x)
+        torch.testing.assert_close(out.last_hidden_state, expected.last_hidden_state, atol=1e-5, rtol=0)
+        assert torch.equal(out.mask, expected.mask) and torch.equal(out.ids_restore, expected.ids_restore)
+
+
+def test_a_model_that_returns_its_attention_maps_is_refused_saying_so():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=3,
+                                                num_attention_heads=3, intermediate_size=96, output_attentions=True,
+                                                attn_implementation="eager")).eval()
+    program = fxprune.analyse(model)  # before: "the token stream leaves the tokens before its attention's output"
+    assert all(block.refusal.startswith("the model's output reads the attention maps of vit.layers.0.attention, "
+                                        "vit.layers.1.attention, vit.layers.2.attention (Hugging Face's "
+                                        "output_attentions=True)") for block in program.blocks)
+    model.config.output_attentions = False
+    assert all(block.reducible for block in fxprune.analyse(model).blocks)
