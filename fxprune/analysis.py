@@ -437,7 +437,7 @@ def _stream(
 def _other_elements(flow: nx.DiGraph, before: set[fx.Node]) -> list[tuple[fx.Node, fx.Node]]:
     """The edges from a tuple of values that leads to the last self-attention (a module's outputs: ViTMAE's
     embeddings give the tokens, the mask and the order that restores it) to reads of its other elements than the
-    ones ``before`` it (what that attention is computed from) reads: they read no tokens. None where the tuple is
+    ones ``before`` it (what that attention is computed from) reads: they read no tokens. No edge of a tuple that is
     also read whole."""
     cut = []
     for node in before & flow.nodes:
