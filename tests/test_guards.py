@@ -66,3 +66,13 @@ def test_an_input_that_changes_a_size_made_a_python_number_raises_saying_so():
 def test_the_checks_compile_into_one_graph():
     model = _resampling_vit()
     assert_compiles_once(fxprune.transform(model, fxprune.EViT(0.5, (1, 2))), model)
+
+
+def test_compiled_an_input_of_another_size_raises_with_the_same_reason():
+    model = _resampling_vit()
+    lowered = fxprune.lower(fxprune.transform(model, fxprune.EViT(0.5, (1, 2))))
+    with torch.no_grad():
+        lowered(torch.randn(2, 3, 32, 32))
+        with pytest.raises(Exception, match=r"took a branch on a shape when captured on inputs \[2, 3, 32, 32\]"):
+            lowered(torch.randn(2, 3, 48, 48))  # before: "BooleanAtom not allowed in this context"
+    torch._dynamo.reset()

@@ -3,7 +3,8 @@
 model's code would take another branch or size (another image size for a model that resamples its position
 embeddings to the input) then raises :class:`~fxprune.errors.CapturedShapeError`, naming that code, instead of
 running a graph that is not the model's program for it. The checks read shapes only; under ``torch.compile`` they
-become compile-time guards, with no graph break."""
+become compile-time guards, with no graph break (a compiled model called on such an input raises dynamo's own
+error, which carries this one's message)."""
 
 from __future__ import annotations
 
@@ -26,12 +27,12 @@ __all__ = ["check_guard", "check_guards_at_run"]
 def check_guard(value: Any, expected: bool | int | float, captured: str) -> None:
     """Raise :class:`~fxprune.errors.CapturedShapeError` (``captured`` says what capture resolved, and where) when
     ``value``, a condition or size the model's code computes from its input's shape, is not ``expected``."""
-    now = type(expected)(value)
-    if now != expected:
+    held = (value if expected else not value) if isinstance(expected, bool) else value == expected
+    if not held:  # a condition is tested as such: under torch.compile it may be symbolic, never compared to a bool
         raise CapturedShapeError(
-            f"{captured}; for this input it is {now}, so the transformed graph is not what the model computes for "
-            "it. Transform the model again with example_inputs of this input's shape (fxprune.transform(model, "
-            "policy, example_inputs=(x,)))."
+            f"{captured}; for this input it is {type(expected)(value)}, so the transformed graph is not what the model "
+            "computes for it. Transform the model again with example_inputs of this input's shape "
+            "(fxprune.transform(model, policy, example_inputs=(x,)))."
         )
 
 
