@@ -29,7 +29,7 @@ from .analysis import (
 )
 from .errors import PolicyError, UnsupportedModelError
 from .methods import Method, method_of
-from .passes.common import stream_node, tag_of
+from .passes.common import graph_order, stream_node, tag_of
 from .passes.restore import restores_output
 from .policies import Compose, Policy
 
@@ -301,8 +301,8 @@ def _check_restore(program: TokenProgram, reducing: Sequence[int], restore: bool
 def _read_apart(program: TokenProgram) -> str:
     """Which tokens the output reads apart from the stream, in words: "the tokens after the embeddings and blocks
     1, 2" (each read value's block: the last whose residual add after its attention comes before it)."""
-    order = {node: i for i, node in enumerate(program.gm.graph.nodes)}
-    after = {max((b.index for b in program.blocks if b.mid is not None and order[b.mid] < order[value]), default=None)
+    order = graph_order(program.gm)
+    after = {max((b.index for b in program.blocks if b.mid is not None and order(b.mid) < order(value)), default=None)
              for value, _ in program.reads_apart}
     named = [str(index) for index in sorted(index for index in after if index is not None)]
     parts = (["the embeddings"] if None in after else []) + (

@@ -79,14 +79,14 @@ def _check_guards(gm: fx.GraphModule, program: TokenProgram, values: dict[fx.Nod
             continue
         if isinstance(guard.value, bool):
             raise UnsupportedModelError(
-                f"the model's code at {guard.where} took a branch on a shape at capture ({guard.node} was "
-                f"{guard.value}); after the rewrite it would take the other branch, which the captured graph does "
-                "not contain. Reduce tokens in later blocks only, or make that code independent of the token count."
+                f"{guard.resolved('at capture')}; after the rewrite it would take the other branch, which the "
+                "captured graph does not contain. Reduce tokens in later blocks only, or make that code independent "
+                "of the token count."
             )
         raise UnsupportedModelError(
-            f"the model's code at {guard.where} made a size a Python number at capture ({guard.node} was "
-            f"{guard.value}), which the captured graph holds from there on; after the rewrite, or for another batch "
-            f"size, it is {now}. Reduce tokens only after that code, or make it read the size from the tensor."
+            f"{guard.resolved('at capture')}, which the captured graph holds from there on; after the rewrite, or for "
+            f"another batch size, it is {now}. Reduce tokens only after that code, or make it read the size from the "
+            "tensor."
         )
 
 

@@ -37,6 +37,11 @@ class Guard:
     value: Any
     where: str
 
+    def resolved(self, when: str) -> str:
+        """What capture resolved, ``when`` (e.g. "at capture"): the model's code, the kind of guard and its value."""
+        kind = "took a branch on a shape" if isinstance(self.value, bool) else "made a size a Python number"
+        return f"the model's code at {self.where} {kind} {when} ({self.node} was {self.value})"
+
 
 @dataclasses.dataclass
 class TraceInfo:

@@ -179,8 +179,6 @@ def evit_select_rows(
     its row, a dropped one nowhere (−1): ``[B, N]``. The fused token summarises the dropped tokens (Σ aⱼxⱼ over all
     of them) but stands for none of them, so a restored layout gives each dropped token its state when it was
     dropped (a better stand-in for a patch under a dense head, BENCHMARKS.md "Dense outputs")."""
-    if not _drops_tokens(x.shape[1], keep_rate, num_prefix):
-        return torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
     return index_slots(topk_rows(scores, keep_rate, num_prefix, size), x.shape[1])
 
 

@@ -8,7 +8,6 @@ error, which carries this one's message)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -16,7 +15,7 @@ import torch.fx as fx
 from torch.fx.node import has_side_effect
 
 from ..analysis import ancestors
-from ..capture import Guard, TraceInfo
+from ..capture import TraceInfo
 from ..errors import CapturedShapeError
 from ..ops.registry import graph_op
 
@@ -45,11 +44,12 @@ def check_guards_at_run(gm: fx.GraphModule, trace: TraceInfo) -> None:
     would run that code)."""
     live = ancestors(gm.graph.find_nodes(op="output"))
     nodes = {node.name: node for node in gm.graph.nodes}
+    when = "when captured on inputs " + ", ".join(str(list(shape)) for shape in trace.example_shapes)
     for guard in trace.guards:
         node = nodes.get(guard.node)
         if node is not None and not _reads_dead_tensors(node, live):
             with gm.graph.inserting_after(node):
-                gm.graph.call_function(check_guard, (node, guard.value, _captured(guard, trace.example_shapes)))
+                gm.graph.call_function(check_guard, (node, guard.value, guard.resolved(when)))
 
 
 def _reads_dead_tensors(node: fx.Node, live: set[fx.Node]) -> bool:
@@ -64,12 +64,3 @@ def _reads_dead_tensors(node: fx.Node, live: set[fx.Node]) -> bool:
             return True
         todo.extend(current.all_input_nodes)
     return False
-
-
-def _captured(guard: Guard, shapes: Sequence[tuple[int, ...]]) -> str:
-    inputs = ", ".join(str(list(shape)) for shape in shapes)
-    if isinstance(guard.value, bool):
-        return (f"the model's code at {guard.where} took a branch on a shape when captured on inputs {inputs} "
-                f"({guard.node} was {guard.value})")
-    return (f"the model's code at {guard.where} made a size a Python number when captured on inputs {inputs} "
-            f"({guard.node} was {guard.value})")

@@ -5,12 +5,12 @@ from the stream (the necks of DPT and Depth Anything, timm's ``features_only``).
 After the rewrites, each reducing block's stream functions also say where they send each input row (their
 destinations, :mod:`fxprune.ops.restoring`); followed from the model's first stream, these say which row holds
 each original token (:func:`~fxprune.ops.restoring.follow_rows`), and each reduction records the state of every
-token it receives (:func:`~fxprune.ops.restoring.token_states`). After the
-last block the stream is replaced by the original layout: each token's holding row (kept, or the row it was merged
-into), or, once dropped, its state where its block dropped it (the value the block's selection read: its input
-for a selection made before the attention, EViT's after it; EViT's fused token holds no token, its destinations
-leave it out: ``fxprune.ops.selection.evit_select_rows``). A read of an intermediate block's tokens gets the same,
-from the reductions made before it. Everything is static in shape: per image in a padded batch, one graph under
+token it receives (:func:`~fxprune.ops.restoring.token_states`). After the last block the stream is replaced by the
+original layout: each token's holding row (kept, or the row it was merged into), or, once dropped, its state where
+its block dropped it (the value the block's selection read: its input for a selection made before the attention,
+EViT's after it; EViT's fused token holds no token, its destinations leave it out:
+``fxprune.ops.selection.evit_select_rows``). A read of an intermediate block's tokens gets the same, from the
+reductions made before it. Everything is static in shape: per image in a padded batch, one graph under
 ``torch.compile``, and the MACs of the extra nodes count in their blocks.
 """
 
