@@ -225,6 +225,27 @@ def test_an_op_failing_on_fake_tensors_raises_without_torch_printing_its_traceba
     assert "failed while attempting to run meta" in capfd.readouterr().err + caplog.text
 
 
+def test_a_weight_is_made_fake_once_and_again_when_changed_in_place():
+    from fxprune.capture.values import fake_mode, fake_tensor
+
+    layer = nn.Linear(4, 3)
+    fake = fake_tensor(layer.weight)
+    assert fake_tensor(layer.weight) is fake and fake.fake_mode is fake_mode()
+    layer.double()  # replaces the parameter's data, the parameter stays
+    with fake_mode():  # as within a capture
+        assert fake_tensor(layer.weight).dtype == torch.float64
+    layer.requires_grad_(False)
+    assert not fake_tensor(layer.weight).requires_grad
+
+
+def test_a_model_changed_to_float64_after_a_transform_is_transformed_at_its_new_dtype():
+    model = timm_vit("vit_tiny_patch16_224")
+    fxprune.transform(model, fxprune.EViT(keep_rate=1.0, layers=(1,)))
+    x = image_batch(model).double()
+    gm = fxprune.transform(model.double(), fxprune.EViT(keep_rate=1.0, layers=(1,)), [x])
+    torch.testing.assert_close(gm(x), model(x), atol=1e-12, rtol=0)
+
+
 def test_within_reusing_captures_a_model_is_traced_once_per_input_layout_and_mode(monkeypatch):
     traced, capture = [], tracer._capture
 

@@ -22,7 +22,7 @@ from ..counting import MacCounter
 from ..errors import TraceError
 from .codegen import DirectGraphModule
 from .mha import decompose_multihead_attention
-from .values import _first_line, fake_mode, fake_weights, propagate
+from .values import _first_line, fake_mode, fake_tensor, fake_weights, propagate
 
 _MISSING = object()
 _MAX_LEAF_RETRIES = 32
@@ -261,7 +261,7 @@ class _ValueTracer(_Tracer):
         try:
             if kind == "get_attr":
                 value = fetch_attr(self.root, target)
-                return self.fake.from_tensor(value) if isinstance(value, torch.Tensor) else value
+                return fake_tensor(value) if isinstance(value, torch.Tensor) else value
             with self.fake, self.macs:
                 if kind == "call_function" and target is torch._assert:
                     return _checked(target, a, kw, self._scope, self.example_args, self.graph)
@@ -271,7 +271,7 @@ class _ValueTracer(_Tracer):
                     return getattr(a[0], target)(*a[1:], **kw)
                 if kind == "call_module":
                     module = self.root.get_submodule(target)
-                    with fake_weights(module, self.fake):
+                    with fake_weights(module):
                         return module(*a, **kw)
         except InputRejected:
             raise
@@ -470,7 +470,7 @@ def _capture(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], copy_we
     for node in gm.graph.find_nodes(op="get_attr"):
         if "val" not in node.meta:  # tensor constants created by the tracer
             value = fetch_attr(gm, node.target)
-            node.meta["val"] = tracer.fake.from_tensor(value) if isinstance(value, torch.Tensor) else value
+            node.meta["val"] = fake_tensor(value) if isinstance(value, torch.Tensor) else value
     gm.meta["fxprune_trace"] = info
     decompose_multihead_attention(gm, info)
     _restore_state(gm, root)
@@ -495,7 +495,7 @@ def _trace_with_leaf_retries(
     try:
         for _ in range(_MAX_LEAF_RETRIES):
             tracer = _ValueTracer(leaf_types, leaf_names, autowrap)
-            tracer.example_args = {n: tracer.fake.from_tensor(t) for n, t in zip(names, example_inputs)}
+            tracer.example_args = {n: fake_tensor(t) for n, t in zip(names, example_inputs)}
             try:
                 graph = tracer.trace(root)
                 break
@@ -523,9 +523,8 @@ def _recapture(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], cop
     new = _copy_model(gm, copy_weights)
     new.__dict__.pop("fxprune_plan", None)
     new.meta.get(_USER_PRESERVED_ATTRIBUTES_KEY, {}).pop("fxprune_plan", None)
-    mode = fake_mode()
     for node, tensor in zip(new.graph.find_nodes(op="placeholder"), example_inputs):
-        node.meta["val"] = mode.from_tensor(tensor)
+        node.meta["val"] = fake_tensor(tensor)
     new.meta["fxprune_trace"] = dataclasses.replace(
         new.meta["fxprune_trace"], example_shapes=[tuple(t.shape) for t in example_inputs]
     )

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.nn.utils.stateless import _reparametrize_module
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..counting import MacCounter
 from ..ops.registry import op_of
@@ -61,20 +63,51 @@ def _quiet(step: int) -> None:
         torch.compiler._is_compiling_flag = _compiling[0]
 
 
+class _Fakes(threading.local):
+    """This thread's fake-tensor mode and the fakes of the real tensors it has seen (weights, inputs)."""
+
+    def __init__(self) -> None:
+        self.mode = _QuietFakeTensorMode(allow_non_fake_inputs=True)
+        self.of: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+_FAKES = _Fakes()
+
+
 def fake_mode() -> FakeTensorMode:
-    """A fake-tensor mode with static shapes that accepts real tensors (parameters) as constants; an op that fails
-    in it raises without torch logging its traceback."""
-    return _QuietFakeTensorMode(allow_non_fake_inputs=True)
+    """The fake-tensor mode of fxprune's example values (static shapes, real tensors accepted as constants; an op
+    that fails in it raises without torch logging its traceback): one per thread, so that every example value is
+    of the same mode and each weight is made fake once (:func:`fake_tensor`)."""
+    return _FAKES.mode
+
+
+def _layout(t: torch.Tensor) -> tuple:
+    return t.dtype, t.shape, t.stride(), t.storage_offset(), t.device, t.requires_grad
+
+
+def fake_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s fake tensor in :func:`fake_mode`, made once while ``t`` lives and keeps its layout (dtype, shape,
+    strides, device, ``requires_grad``); a tensor changed in place since (``module.double()`` replaces each
+    parameter's data) gets a new one."""
+    fake = _FAKES.of.get(t)
+    if fake is None or _layout(fake) != _layout(t):
+        fake = _FAKES.mode.from_tensor(t)
+        if _layout(fake) != _layout(t):  # the mode's own memo still holds t as it was: convert an alias of it
+            with unset_fake_temporarily():
+                alias = t.detach()
+            fake = _FAKES.mode.from_tensor(alias).requires_grad_(t.requires_grad)
+        _FAKES.of[t] = fake
+    return fake
 
 
 @contextlib.contextmanager
-def fake_weights(module: nn.Module, mode: FakeTensorMode) -> Iterator[None]:
-    """Within the block, ``module``'s parameters and buffers are fake tensors of ``mode``.
+def fake_weights(module: nn.Module) -> Iterator[None]:
+    """Within the block, ``module``'s parameters and buffers are their fake tensors (:func:`fake_tensor`).
 
     Ops on fake weights hit the fake-tensor dispatch cache; ops mixing in real weights convert them on
     every call, several times slower.
     """
-    state = {name: mode.from_tensor(t) for name, t in [*module.named_parameters(), *module.named_buffers()]}
+    state = {name: fake_tensor(t) for name, t in [*module.named_parameters(), *module.named_buffers()]}
     with _reparametrize_module(module, state):
         yield
 
@@ -146,7 +179,7 @@ def propagate(gm: fx.GraphModule, batch_size: int | None = None, store: bool = T
     inputs = example_inputs_like(gm, batch_size)
     interp = _ValueInterpreter(gm)
     mode = fake_mode()
-    with fake_weights(gm, mode), mode, torch.no_grad():
+    with fake_weights(gm), mode, torch.no_grad():
         interp.run(*inputs)
     if store:
         for node, value in interp.values.items():
