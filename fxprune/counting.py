@@ -10,6 +10,7 @@ per element with affine, 4 without, as fvcore). Element-wise ops, softmax and ac
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -17,8 +18,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-
-from .errors import FxPruneError
 
 __all__ = ["flops", "count_macs", "MacCounter"]
 
@@ -88,21 +87,34 @@ for _name in (
         _COUNTERS[getattr(aten, _name).default] = _attention
 
 
+@functools.cache
+def _composite(func: Any) -> bool:
+    """Whether ``func`` is an ATen op made of other ops (``linear``, ``layer_norm``): such an op reaches a dispatch
+    mode whole only where autograd is off for its inputs (inference mode, inference tensors)."""
+    return (
+        isinstance(func, torch._ops.OpOverload)
+        and func is not torch.ops.prim.device.default
+        and torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), torch._C.DispatchKey.CompositeImplicitAutograd)
+    )
+
+
 class MacCounter(TorchDispatchMode):
-    """Dispatch mode that adds up the MACs of the ATen ops run under it in ``self.total``."""
+    """Dispatch mode that adds up the MACs of the ATen ops run under it in ``self.total`` (composite ops as the ops
+    they are made of, as in autograd mode, also within ``torch.inference_mode()``)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.total = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if torch.is_inference_mode_enabled():
-            raise FxPruneError(
-                "MACs cannot be counted under torch.inference_mode(): composite ops such as linear are not "
-                "decomposed there and would count as zero. Use torch.no_grad() instead."
-            )
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
         counter = _COUNTERS.get(func)
+        if counter is None and _composite(func):  # counted as the ops it is made of
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        out = func(*args, **kwargs)
         if counter is not None:
             self.total += counter(args, out)
         return out

@@ -246,6 +246,15 @@ def test_a_model_changed_to_float64_after_a_transform_is_transformed_at_its_new_
     torch.testing.assert_close(gm(x), model(x), atol=1e-12, rtol=0)
 
 
+def test_a_model_made_and_transformed_within_inference_mode_is_reproduced_by_its_identity_setting():
+    with torch.inference_mode():  # its weights and inputs are inference tensors
+        model = timm_vit("vit_tiny_patch16_224")
+        x = image_batch(model)
+        gm = fxprune.transform(model, fxprune.EViT(keep_rate=1.0, layers=(1, 2)), [x])
+        assert gm.fxprune_plan.macs_after == fxprune.flops(gm, x)
+        torch.testing.assert_close(gm(x), model(x), atol=1e-5, rtol=0)
+
+
 def test_within_reusing_captures_a_model_is_traced_once_per_input_layout_and_mode(monkeypatch):
     traced, capture = [], tracer._capture
 

@@ -388,6 +388,7 @@ def _input_names(model: nn.Module, count: int) -> list[str]:
 # Public entry point
 
 
+@torch.inference_mode(False)  # fake tensors and their MACs are made outside it
 def trace(
     model: nn.Module,
     example_inputs: Sequence[torch.Tensor] | None = None,
@@ -398,8 +399,8 @@ def trace(
 
     ``model`` is never modified: its modules are deep-copied first, keeping the same parameter and
     buffer tensors (``copy_weights=True`` copies those too). Returns a ``GraphModule`` with the original's module
-    names, in the original's train/eval mode; ``gm.meta['fxprune_trace']`` is a :class:`TraceInfo`.
-    Raises :class:`~fxprune.TraceError` when the model cannot be captured.
+    names, in the original's train/eval mode; ``gm.meta['fxprune_trace']`` is a :class:`TraceInfo`. Works within
+    ``torch.inference_mode()`` as without it. Raises :class:`~fxprune.TraceError` when the model cannot be captured.
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected an nn.Module, got {type(model).__name__}")

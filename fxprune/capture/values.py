@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -82,22 +82,27 @@ def fake_mode() -> FakeTensorMode:
 
 
 def _layout(t: torch.Tensor) -> tuple:
-    return t.dtype, t.shape, t.stride(), t.storage_offset(), t.device, t.requires_grad
+    return t.dtype, t.shape, t.stride(), t.device, t.requires_grad
 
 
 def fake_tensor(t: torch.Tensor) -> torch.Tensor:
     """``t``'s fake tensor in :func:`fake_mode`, made once while ``t`` lives and keeps its layout (dtype, shape,
     strides, device, ``requires_grad``); a tensor changed in place since (``module.double()`` replaces each
-    parameter's data) gets a new one."""
+    parameter's data) gets a new one. The fake of an inference tensor (made under ``torch.inference_mode()``) is a
+    normal one, as fxprune computes example values outside that mode."""
     fake = _FAKES.of.get(t)
     if fake is None or _layout(fake) != _layout(t):
-        fake = _FAKES.mode.from_tensor(t)
-        if _layout(fake) != _layout(t):  # the mode's own memo still holds t as it was: convert an alias of it
-            with unset_fake_temporarily():
-                alias = t.detach()
-            fake = _FAKES.mode.from_tensor(alias).requires_grad_(t.requires_grad)
+        fake = None if t.is_inference() else _FAKES.mode.from_tensor(t)
+        if fake is None or _layout(fake) != _layout(t):  # the mode's own memo may hold t as it was
+            fake = _empty_like(t)
         _FAKES.of[t] = fake
     return fake
+
+
+def _empty_like(t: torch.Tensor) -> torch.Tensor:
+    """A new fake tensor of ``t``'s layout, outside inference mode."""
+    with torch.inference_mode(False), _FAKES.mode:
+        return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device, requires_grad=t.requires_grad)
 
 
 @contextlib.contextmanager
@@ -168,6 +173,7 @@ def example_inputs_like(gm: fx.GraphModule, batch_size: int | None = None) -> li
     return inputs
 
 
+@torch.inference_mode(False)  # as the capture
 def propagate(gm: fx.GraphModule, batch_size: int | None = None, store: bool = True) -> dict[fx.Node, Any]:
     """Example values of every node of ``gm`` on fake inputs like the captured ones (no real compute; an op whose
     shapes depend on the data gives its worst case, :func:`~fxprune.ops.graph_op`).
