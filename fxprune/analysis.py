@@ -688,7 +688,16 @@ def _first_failure(info: TraceInfo) -> str:
             "example_inputs of that shape to fxprune.transform (or trace/analyse).")
 
 
-def analyse(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = None) -> TokenProgram:
+def _failed_value(info: TraceInfo) -> str:
+    """Where example values stopped during capture, on which inputs, and what to do (empty: nowhere)."""
+    if info.failed_value is None:
+        return ""
+    shapes = ", ".join(str(shape) for shape in info.example_shapes)
+    return (f" Example values stop at {info.failed_value} on inputs {shapes}: if {info.model_class} expects other "
+            "inputs, pass example_inputs of that shape to fxprune.transform (or trace/analyse).")
+
+
+def analyse(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None) -> TokenProgram:
     """Describe the attention blocks, token stream and prefix tokens of ``model``.
 
     ``model`` is captured with :func:`fxprune.trace` first, unless it is a ``GraphModule`` that
@@ -714,7 +723,8 @@ def analyse(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = No
             + (" Modules called whole may hide it: " + ", ".join(hidden[:4]) + (", …" if len(hidden) > 4 else "")
                + "." + _first_failure(info) if hidden else "")
             + (f" It found {len(unrecognised)} attention call(s) it cannot read: " + "; ".join(unrecognised[:2])
-               + ("; …" if len(unrecognised) > 2 else "") if unrecognised else "")
+               + (f"; and {len(unrecognised) - 2} more" if len(unrecognised) > 2 else "") + "." + _failed_value(info)
+               if unrecognised else "")
         )
     wanted = ancestors(gm.graph.find_nodes(op="output"))
     stream, idom, reads = _stream(gm, sites, wanted)

@@ -38,7 +38,7 @@ __all__ = ["transform", "plan"]
 def rewrite(
     model: nn.Module,
     policy: Policy | Compose,
-    example_inputs: Sequence[torch.Tensor] | None,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor | None,
     copy_weights: bool,
     second_batch: bool = True,
     restore: bool = True,
@@ -163,7 +163,7 @@ def _finalize(gm: fx.GraphModule, the_plan: Plan) -> None:
 def plan(
     model: nn.Module,
     policy: Policy | Compose,
-    example_inputs: Sequence[torch.Tensor] | None = None,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
     *,
     fast: bool = False,
 ) -> Plan:
@@ -180,7 +180,7 @@ def plan(
 def transform(
     model: nn.Module,
     policy: Policy | Compose,
-    example_inputs: Sequence[torch.Tensor] | None = None,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
     *,
     copy_weights: bool = False,
     verbose: bool = False,
@@ -190,9 +190,9 @@ def transform(
 
     ``model`` is not modified: its modules are deep-copied before tracing. Parameters and buffers are
     shared with ``model`` (as with ``torch.fx.symbolic_trace``), so training the result trains ``model``
-    too; ``copy_weights=True`` gives the result its own copy. ``example_inputs`` fixes the input size the plan
-    is made for (default: the size the model declares, batch 2). The result carries the plan as
-    ``.fxprune_plan``; ``verbose=True`` prints it. Raises :class:`~fxprune.PolicyError` for an invalid
+    too; ``copy_weights=True`` gives the result its own copy. ``example_inputs`` (a tensor, or one per input)
+    fixes the input size the plan is made for (default: the size the model declares, batch 2). The result carries
+    the plan as ``.fxprune_plan``; ``verbose=True`` prints it. Raises :class:`~fxprune.PolicyError` for an invalid
     policy and :class:`~fxprune.UnsupportedModelError` when a rewrite would compute wrong numbers.
 
     A model whose output is every token (a dense output) gets the original token layout back after its last

@@ -221,6 +221,14 @@ def test_finding_no_attention_says_why_the_first_module_kept_whole_failed_on_whi
         fxprune.analyse(video, (torch.randn(2, 3, 32, 32),))  # images, where it expects clips [B, T, C, H, W]
 
 
+def test_finding_no_attention_says_where_example_values_stopped_on_which_inputs_and_what_to_do():
+    model = timm_vit("deit_small_patch16_224")
+    with pytest.raises(UnsupportedModelError, match=r"queries of unknown shape.* Example values stop at getitem in "
+                       r"patch_embed \(IndexError: .*\) on inputs \(3, 32, 32\): if VisionTransformer expects other "
+                       "inputs, pass example_inputs"):
+        fxprune.analyse(model, torch.randn(3, 32, 32))  # an image without its batch axis
+
+
 def test_tokens_after_the_patches_that_do_not_depend_on_the_image_make_every_block_not_reducible():
     from transformers import YolosConfig, YolosForObjectDetection
 

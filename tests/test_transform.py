@@ -46,6 +46,8 @@ def test_example_inputs_set_the_input_size_planned_for():
     gm = fxprune.transform(model, EViT(0.5, (1,)), example_inputs=(torch.randn(2, 3, 48, 48),))
     assert gm.fxprune_plan.rows[0].tokens_in == 37
     assert gm(torch.randn(2, 3, 48, 48)).shape == (2, 1000)
+    alone = fxprune.transform(model, EViT(0.5, (1,)), example_inputs=torch.randn(2, 3, 48, 48))  # the one input
+    assert alone.fxprune_plan.rows[0].tokens_in == 37  # before: a tensor was taken as B inputs, "found no attention"
 
 
 @pytest.mark.parametrize(

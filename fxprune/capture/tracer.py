@@ -55,6 +55,7 @@ class TraceInfo:
     notes: list[str] = dataclasses.field(default_factory=list)
     prefix_tokens_attr: int | None = None
     class_token_attr: bool | None = None
+    failed_value: str | None = None  # the first op whose example value could not be computed, and why
 
     def __str__(self) -> str:
         lines = [f"captured {self.model_class} on inputs {', '.join(map(str, self.example_shapes))}"]
@@ -211,6 +212,7 @@ class _ValueTracer(_Tracer):
         self._evaluating = False
         self._scope: list[str] = []
         self.failed_scope: list[str] | None = None
+        self.failed_value: str | None = None
 
     # -- leaves and scopes
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
@@ -275,7 +277,11 @@ class _ValueTracer(_Tracer):
                         return module(*a, **kw)
         except InputRejected:
             raise
-        except Exception:
+        except Exception as err:
+            if self.failed_value is None:
+                where = self._scope[-1] if self._scope else "forward"
+                self.failed_value = f"{getattr(target, '__name__', target)} in {where} ({type(err).__name__}: " \
+                                    f"{_first_line(err)})"
             return _MISSING
         finally:
             self._evaluating = False
@@ -391,13 +397,14 @@ def _input_names(model: nn.Module, count: int) -> list[str]:
 @torch.inference_mode(False)  # fake tensors and their MACs are made outside it
 def trace(
     model: nn.Module,
-    example_inputs: Sequence[torch.Tensor] | None = None,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
     *,
     copy_weights: bool = False,
 ) -> fx.GraphModule:
     """Capture ``model`` as a ``GraphModule`` with example values on every node.
 
-    ``model`` is never modified: its modules are deep-copied first, keeping the same parameter and
+    ``example_inputs``: the model's inputs (a tensor for its one input), by default those of the size it declares,
+    batch 2. ``model`` is never modified: its modules are deep-copied first, keeping the same parameter and
     buffer tensors (``copy_weights=True`` copies those too). Returns a ``GraphModule`` with the original's module
     names, in the original's train/eval mode; ``gm.meta['fxprune_trace']`` is a :class:`TraceInfo`. Works within
     ``torch.inference_mode()`` as without it. Raises :class:`~fxprune.TraceError` when the model cannot be captured.
@@ -409,6 +416,8 @@ def trace(
             f"the model is {type(model._orig_mod).__name__} compiled by torch.compile, whose code fxprune cannot read: "
             "pass the module it compiles (model._orig_mod) and compile the transformed model (fxprune.lower)"
         )
+    if isinstance(example_inputs, torch.Tensor):  # the model's one input
+        example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs) if example_inputs is not None else default_example_inputs(model)
     if _fxprune_trace(model) is not None:
         return _recapture(model, example_inputs, copy_weights)
@@ -466,6 +475,7 @@ def _capture(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], copy_we
     info.class_token_attr = _class_token_attr(model)
     graph, tracer = _trace_with_leaf_retries(root, example_inputs, info)
     info.guards = tracer.guards
+    info.failed_value = tracer.failed_value
     graph._tracer_cls = ReloadTracer  # torch.load re-traces the generated code with it, also a copy's (deepcopy)
     gm = DirectGraphModule(root, graph, class_name=type(root).__name__)
     for node in gm.graph.find_nodes(op="get_attr"):
