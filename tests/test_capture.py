@@ -323,6 +323,15 @@ def test_a_model_compiled_by_torch_compile_is_refused_saying_to_pass_the_module_
         fxprune.transform(compiled, fxprune.EViT(0.5, (1,)))
 
 
+def test_the_models_own_input_checks_say_the_sizes_of_the_input_they_reject():
+    model = timm_vit("deit_small_patch16_224")  # made for 32²; before: "Input height (Proxy(getitem_2)) doesn't …"
+    gm = fxprune.transform(model, fxprune.EViT(0.5, (1,)))
+    for rewritten in (gm, copy.deepcopy(gm), fxprune.trace(model)):
+        with pytest.raises(AssertionError, match=r"^Input width \(40\) doesn't match model \(32\)\.$"):
+            rewritten(torch.randn(2, 3, 32, 40))
+    assert gm(torch.randn(2, 3, 32, 32)).shape == (2, 1000)
+
+
 def test_example_inputs_the_model_rejects_are_refused_with_its_own_check_and_their_shape():
     model = timm_vit("deit_small_patch16_224")  # made for 32²; before: "found no attention … queries of unknown shape"
     with pytest.raises(TraceError, match=r"rejects the example inputs \[2, 3, 48, 48\] in patch_embed: Input height "

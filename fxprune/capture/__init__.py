@@ -16,8 +16,9 @@ the attention passes see them like any other attention.
 
 Modules: :mod:`.tracer` builds the ``GraphModule`` (:func:`trace`; :func:`reusing_captures` for work that
 rewrites one model many times), :mod:`.values` propagates example values on fake tensors (:func:`propagate`),
-:mod:`.mha` decomposes ``nn.MultiheadAttention``, :mod:`.codegen` writes the code a transformed model runs (its
-modules and parameters read directly).
+:mod:`.mha` decomposes ``nn.MultiheadAttention``, :mod:`.asserts` completes the messages of the model's own input
+checks at run time, :mod:`.codegen` writes the code a transformed model runs (its modules and parameters read
+directly).
 """
 
 from .mha import decompose_multihead_attention as decompose_multihead_attention

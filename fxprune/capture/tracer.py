@@ -7,7 +7,6 @@ import contextlib
 import copy
 import dataclasses
 import inspect
-import re
 import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -20,6 +19,7 @@ from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
 from ..counting import MacCounter
 from ..errors import TraceError
+from .asserts import PROXY, complete_assert_messages
 from .codegen import DirectGraphModule
 from .mha import decompose_multihead_attention
 from .values import _first_line, fake_mode, fake_tensor, fake_weights, propagate
@@ -327,7 +327,7 @@ def _checked(
         return check(*args, **kwargs)
     except AssertionError as err:
         values = {node.name: node.meta.get("val") for node in graph.nodes}
-        message = re.sub(r"Proxy\((\w+)\)", lambda m: str(values.get(m.group(1), m.group(0))), str(err))
+        message = PROXY.sub(lambda m: str(values.get(m.group(1), m.group(0))), str(err))
         where = next((name for name in reversed(scope) if name), "its forward")
         shapes = ", ".join(str(list(value.shape)) for value in inputs.values() if isinstance(value, torch.Tensor))
         raise InputRejected(
@@ -476,6 +476,7 @@ def _capture(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], copy_we
     graph, tracer = _trace_with_leaf_retries(root, example_inputs, info)
     info.guards = tracer.guards
     info.failed_value = tracer.failed_value
+    complete_assert_messages(graph)
     graph._tracer_cls = ReloadTracer  # torch.load re-traces the generated code with it, also a copy's (deepcopy)
     gm = DirectGraphModule(root, graph, class_name=type(root).__name__)
     for node in gm.graph.find_nodes(op="get_attr"):

@@ -1,0 +1,41 @@
+"""The model's own input checks (``torch._assert``) with their messages completed when they fail.
+
+Code that formats a traced size into its message (timm's ``f"Input height ({H}) doesn't match model"``) formats a
+proxy at trace time, so the captured check would say ``Proxy(getitem_2)`` whatever the input; after capture each
+such check names the size's node instead and puts its value in the message when it fails.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx.node import has_side_effect
+
+from ..ops.registry import graph_op
+
+PROXY = re.compile(r"Proxy\((\w+)\)")  # a traced value formatted into a string: its node's name
+
+
+@graph_op()
+def check_input(condition: Any, parts: tuple[str, ...], *values: Any) -> None:
+    """``torch._assert(condition, message)`` for a message that is ``parts`` with ``values`` between them."""
+    if not condition:
+        raise AssertionError("".join(part + str(value) for part, value in zip(parts, (*values, ""))))
+
+
+has_side_effect(check_input)  # kept by dead-code elimination, as torch._assert is
+
+
+def complete_assert_messages(graph: fx.Graph) -> None:
+    """Make each ``torch._assert`` of ``graph`` whose message names traced values a :func:`check_input` of them."""
+    nodes = {node.name: node for node in graph.nodes}
+    for node in graph.find_nodes(op="call_function", target=torch._assert):
+        condition, message = (*node.args, *node.kwargs.values(), None)[:2]
+        names = PROXY.findall(message) if isinstance(message, str) else []
+        if names and all(name in nodes for name in names):
+            node.target = check_input
+            node.args = (condition, tuple(PROXY.split(message)[::2]), *(nodes[name] for name in names))
+            node.kwargs = {}
