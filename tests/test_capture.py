@@ -332,6 +332,15 @@ def test_the_models_own_input_checks_say_the_sizes_of_the_input_they_reject():
     assert gm(torch.randn(2, 3, 32, 32)).shape == (2, 1000)
 
 
+def test_an_input_check_whose_message_another_trace_formatted_keeps_its_message():
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    backbone = create_feature_extractor(torchvision_vit(), {"encoder": "tokens"})  # its code holds the messages
+    checks = [node for node in fxprune.trace(backbone, torch.randn(2, 3, 32, 32)).graph.nodes  # of its own trace
+              if node.op == "call_function" and node.target is torch._assert]
+    assert any("Proxy(" in node.args[1] for node in checks)  # before: another node of the same name, run first
+
+
 def test_example_inputs_the_model_rejects_are_refused_with_its_own_check_and_their_shape():
     model = timm_vit("deit_small_patch16_224")  # made for 32²; before: "found no attention … queries of unknown shape"
     with pytest.raises(TraceError, match=r"rejects the example inputs \[2, 3, 48, 48\] in patch_embed: Input height "

@@ -16,7 +16,7 @@ from torch.fx.node import has_side_effect
 
 from ..ops.registry import graph_op
 
-PROXY = re.compile(r"Proxy\((\w+)\)")  # a traced value formatted into a string: its node's name
+PROXY = re.compile(r"Proxy\((\w+)\)")  # a traced value formatted into a string
 
 
 @graph_op()
@@ -29,13 +29,17 @@ def check_input(condition: Any, parts: tuple[str, ...], *values: Any) -> None:
 has_side_effect(check_input)  # kept by dead-code elimination, as torch._assert is
 
 
-def complete_assert_messages(graph: fx.Graph) -> None:
-    """Make each ``torch._assert`` of ``graph`` whose message names traced values a :func:`check_input` of them."""
-    nodes = {node.name: node for node in graph.nodes}
+def complete_assert_messages(graph: fx.Graph, formatted: dict[str, fx.Node]) -> None:
+    """Make each ``torch._assert`` of ``graph`` whose message shows traced values a :func:`check_input` of them.
+
+    ``formatted``: the text of each proxy of the trace that made ``graph`` formatted into a string, and its node. A
+    message formatted by another trace (a ``GraphModule``'s code holds the text of its own trace's proxies) names
+    nodes of that trace, and is left as it is.
+    """
     for node in graph.find_nodes(op="call_function", target=torch._assert):
         condition, message = (*node.args, *node.kwargs.values(), None)[:2]
-        names = PROXY.findall(message) if isinstance(message, str) else []
-        if names and all(name in nodes for name in names):
+        shown = [match.group(0) for match in PROXY.finditer(message)] if isinstance(message, str) else []
+        if shown and all(text in formatted and formatted[text].graph is graph for text in shown):
             node.target = check_input
-            node.args = (condition, tuple(PROXY.split(message)[::2]), *(nodes[name] for name in names))
+            node.args = (condition, tuple(PROXY.split(message)[::2]), *(formatted[text] for text in shown))
             node.kwargs = {}

@@ -7,6 +7,7 @@ import contextlib
 import copy
 import dataclasses
 import inspect
+import re
 import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -179,6 +180,11 @@ class _ValueProxy(fx.Proxy):
     def __float__(self) -> float:
         return self.tracer.to_number(self, float)
 
+    def __repr__(self) -> str:  # what a size formatted into a string (an input check's message) shows
+        text = super().__repr__()
+        self.tracer.formatted[text] = self.node
+        return text
+
 
 class _Tracer(fx.Tracer):
     """``fx.Tracer`` that rebuilds dict-like dataclasses (Hugging Face ``ModelOutput``) instead of flattening them."""
@@ -213,6 +219,7 @@ class _ValueTracer(_Tracer):
         self._scope: list[str] = []
         self.failed_scope: list[str] | None = None
         self.failed_value: str | None = None
+        self.formatted: dict[str, fx.Node] = {}  # the text of each proxy formatted into a string, and its node
 
     # -- leaves and scopes
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
@@ -266,7 +273,7 @@ class _ValueTracer(_Tracer):
                 return fake_tensor(value) if isinstance(value, torch.Tensor) else value
             with self.fake, self.macs:
                 if kind == "call_function" and target is torch._assert:
-                    return _checked(target, a, kw, self._scope, self.example_args, self.graph)
+                    return _checked(target, a, kw, self._scope, self.example_args, self.formatted)
                 if kind == "call_function":
                     return target(*a, **kw)
                 if kind == "call_method":
@@ -318,16 +325,20 @@ class InputRejected(TraceError):
 
 
 def _checked(
-    check: Callable, args: tuple, kwargs: dict, scope: list[str], inputs: dict[str, Any], graph: fx.Graph
+    check: Callable, args: tuple, kwargs: dict, scope: list[str], inputs: dict[str, Any],
+    formatted: dict[str, fx.Node],
 ) -> Any:
     """The model's input check ``check(*args, **kwargs)`` on the example values; :class:`InputRejected` when it
-    fails, naming the module (``scope``) and the example inputs' shapes (a node its message names, as code that
-    formats a traced size does, is given its example value from ``graph``)."""
+    fails, naming the module (``scope``) and the example inputs' shapes (a size its message shows as a proxy,
+    as code that formats a traced size does, is given its example value: ``formatted``, a proxy's text → its node)."""
     try:
         return check(*args, **kwargs)
     except AssertionError as err:
-        values = {node.name: node.meta.get("val") for node in graph.nodes}
-        message = PROXY.sub(lambda m: str(values.get(m.group(1), m.group(0))), str(err))
+        def value(match: re.Match) -> str:
+            node = formatted.get(match.group(0))
+            return match.group(0) if node is None else str(node.meta.get("val", match.group(0)))
+
+        message = PROXY.sub(value, str(err))
         where = next((name for name in reversed(scope) if name), "its forward")
         shapes = ", ".join(str(list(value.shape)) for value in inputs.values() if isinstance(value, torch.Tensor))
         raise InputRejected(
@@ -476,7 +487,7 @@ def _capture(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], copy_we
     graph, tracer = _trace_with_leaf_retries(root, example_inputs, info)
     info.guards = tracer.guards
     info.failed_value = tracer.failed_value
-    complete_assert_messages(graph)
+    complete_assert_messages(graph, tracer.formatted)
     graph._tracer_cls = ReloadTracer  # torch.load re-traces the generated code with it, also a copy's (deepcopy)
     gm = DirectGraphModule(root, graph, class_name=type(root).__name__)
     for node in gm.graph.find_nodes(op="get_attr"):
