@@ -10,6 +10,7 @@ from vits import ALL_MODELS, hf_vit, image_batch, logits, timm_vit, torchvision_
 
 import fxprune
 from fxprune.capture import default_example_inputs, reusing_captures, tracer
+from fxprune.capture.asserts import check_input
 from fxprune.errors import TraceError
 
 
@@ -330,6 +331,18 @@ def test_the_models_own_input_checks_say_the_sizes_of_the_input_they_reject():
         with pytest.raises(AssertionError, match=r"^Input width \(40\) doesn't match model \(32\)\.$"):
             rewritten(torch.randn(2, 3, 32, 40))
     assert gm(torch.randn(2, 3, 32, 32)).shape == (2, 1000)
+
+
+def test_an_input_check_of_data_stays_torchs_own():
+    class Checked(nn.Module):
+        def forward(self, x):
+            torch._assert(x.shape[1] == 8, f"want 8 columns, got {x.shape[1]}")
+            torch._assert((x > -100).all(), f"values out of range in a batch of {x.shape[0]}")  # a tensor: data
+            return x * 2
+
+    called = [node.target for node in fxprune.trace(Checked(), torch.randn(2, 8)).graph.nodes
+              if node.op == "call_function"]
+    assert check_input in called and torch._assert in called  # compile and export handle a check of data apart
 
 
 def test_an_input_check_whose_message_another_trace_formatted_keeps_its_message():

@@ -30,7 +30,8 @@ has_side_effect(check_input)  # kept by dead-code elimination, as torch._assert 
 
 
 def complete_assert_messages(graph: fx.Graph, formatted: dict[str, fx.Node]) -> None:
-    """Make each ``torch._assert`` of ``graph`` whose message shows traced values a :func:`check_input` of them.
+    """Make each ``torch._assert`` of ``graph`` on a condition of shapes (not a tensor: torch.compile and export treat
+    a check of data apart) whose message shows traced values a :func:`check_input` of them.
 
     ``formatted``: the text of each proxy of the trace that made ``graph`` formatted into a string, and its node. A
     message formatted by another trace (a ``GraphModule``'s code holds the text of its own trace's proxies) names
@@ -39,7 +40,8 @@ def complete_assert_messages(graph: fx.Graph, formatted: dict[str, fx.Node]) -> 
     for node in graph.find_nodes(op="call_function", target=torch._assert):
         condition, message = (*node.args, *node.kwargs.values(), None)[:2]
         shown = [match.group(0) for match in PROXY.finditer(message)] if isinstance(message, str) else []
-        if shown and all(text in formatted and formatted[text].graph is graph for text in shown):
+        on_data = isinstance(condition, fx.Node) and isinstance(condition.meta.get("val"), torch.Tensor)
+        if shown and not on_data and all(text in formatted and formatted[text].graph is graph for text in shown):
             node.target = check_input
             node.args = (condition, tuple(PROXY.split(message)[::2]), *(formatted[text] for text in shown))
             node.kwargs = {}
