@@ -17,21 +17,29 @@ __all__ = ["lower", "LoweredModule"]
 
 
 class LoweredModule(nn.Module):
-    """A compiled module: marks dimension 0 of every input dynamic, then calls the compiled graph.
+    """A compiled module: marks dimension 0 of every input dynamic (``dynamic_batch``), then calls the compiled
+    graph. An input the graph cannot be compiled for raises what the module raises in eager mode, where it raises
+    (a transformed model's :class:`~fxprune.CapturedShapeError` for an input of another size), not torch's error.
 
     The wrapped module stays available as ``.module`` (its parameters are this module's parameters).
     """
 
-    def __init__(self, module: nn.Module, compiled: Any):
+    def __init__(self, module: nn.Module, compiled: Any, dynamic_batch: bool = True):
         super().__init__()
         self.module = module
         self._compiled = compiled
+        self.dynamic_batch = dynamic_batch
 
     def forward(self, *args: Any) -> Any:
-        for arg in args:
-            if isinstance(arg, torch.Tensor) and arg.dim() > 0:
-                torch._dynamo.maybe_mark_dynamic(arg, 0)
-        return self._compiled(*args)
+        if self.dynamic_batch:
+            for arg in args:
+                if isinstance(arg, torch.Tensor) and arg.dim() > 0:
+                    torch._dynamo.maybe_mark_dynamic(arg, 0)
+        try:
+            return self._compiled(*args)
+        except torch._dynamo.exc.Unsupported:  # e.g. an exception the module raises for these inputs, as compiled
+            self.module(*args)
+            raise
 
 
 def lower(
@@ -53,7 +61,7 @@ def lower(
         raise FxPruneError("fxprune.lower always compiles with fullgraph=True")
     _refuse_data_dependent(model)
     compiled = torch.compile(model, fullgraph=True, **compile_kwargs)
-    lowered = LoweredModule(model, compiled) if dynamic_batch else compiled
+    lowered = LoweredModule(model, compiled, dynamic_batch)
     if check_inputs is not None:
         _check(model, lowered, tuple(check_inputs), atol)
     return lowered
