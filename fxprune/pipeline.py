@@ -13,6 +13,7 @@ from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
 from .analysis import TokenProgram, analyse
 from .capture import trace
+from .capture.values import one_at_a_time
 from .errors import PolicyError
 from .methods import method_of
 from .passes import apply_passes
@@ -35,6 +36,7 @@ from .verify import verify, verify_training
 __all__ = ["transform", "plan"]
 
 
+@one_at_a_time  # captures, propagates and checks in one go
 def rewrite(
     model: nn.Module,
     policy: Policy | Compose,

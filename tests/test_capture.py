@@ -6,7 +6,7 @@ import torch
 import torch.fx as fx
 import torchvision
 from torch import nn
-from vits import ALL_MODELS, hf_vit, image_batch, logits, timm_vit, torchvision_vit
+from vits import ALL_MODELS, assert_same_outputs, hf_vit, image_batch, logits, timm_vit, torchvision_vit
 
 import fxprune
 from fxprune.capture import default_example_inputs, reusing_captures, tracer
@@ -254,6 +254,24 @@ def test_a_model_made_and_transformed_within_inference_mode_is_reproduced_by_its
         gm = fxprune.transform(model, fxprune.EViT(keep_rate=1.0, layers=(1, 2)), [x])
         assert gm.fxprune_plan.macs_after == fxprune.flops(gm, x)
         torch.testing.assert_close(gm(x), model(x), atol=1e-5, rtol=0)
+
+
+def test_transforms_in_several_threads_at_once_each_reproduce_the_model():
+    import threading
+
+    model, transformed = timm_vit("vit_tiny_patch16_224"), {}
+
+    def transform(index: int) -> None:  # before: "Found multiple different tracers", "CURRENT_PATCHER is None"
+        transformed[index] = fxprune.transform(model, fxprune.EViT(keep_rate=1.0, layers=(1, 2)))
+
+    threads = [threading.Thread(target=transform, args=(index,)) for index in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(transformed) == 3
+    for gm in transformed.values():
+        assert_same_outputs(gm, model, atol=1e-5)
 
 
 def test_within_reusing_captures_a_model_is_traced_once_per_input_layout_and_mode(monkeypatch):

@@ -23,7 +23,7 @@ from ..errors import TraceError
 from .asserts import PROXY, complete_assert_messages
 from .codegen import DirectGraphModule
 from .mha import decompose_multihead_attention
-from .values import _first_line, fake_mode, fake_tensor, fake_weights, propagate
+from .values import _first_line, fake_mode, fake_tensor, fake_weights, one_at_a_time, propagate
 
 _MISSING = object()
 _MAX_LEAF_RETRIES = 32
@@ -405,6 +405,7 @@ def _input_names(model: nn.Module, count: int) -> list[str]:
 # Public entry point
 
 
+@one_at_a_time
 @torch.inference_mode(False)  # fake tensors and their MACs are made outside it
 def trace(
     model: nn.Module,
@@ -418,7 +419,8 @@ def trace(
     batch 2. ``model`` is never modified: its modules are deep-copied first, keeping the same parameter and
     buffer tensors (``copy_weights=True`` copies those too). Returns a ``GraphModule`` with the original's module
     names, in the original's train/eval mode; ``gm.meta['fxprune_trace']`` is a :class:`TraceInfo`. Works within
-    ``torch.inference_mode()`` as without it. Raises :class:`~fxprune.TraceError` when the model cannot be captured.
+    ``torch.inference_mode()`` as without it, and in threads (one capture at a time). Raises
+    :class:`~fxprune.TraceError` when the model cannot be captured.
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected an nn.Module, got {type(model).__name__}")

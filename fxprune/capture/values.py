@@ -4,10 +4,11 @@ through a captured graph (``node.meta['val']`` and ``node.meta['macs']``) after 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import torch
 import torch.fx as fx
@@ -18,6 +19,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..counting import MacCounter
 from ..ops.registry import op_of
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class _QuietFakeTensorMode(FakeTensorMode):
@@ -72,6 +75,21 @@ class _Fakes(threading.local):
 
 
 _FAKES = _Fakes()
+
+_LOCK = threading.RLock()
+
+
+def one_at_a_time(fn: F) -> F:
+    """``fn``, run by one thread at a time in the process (others wait): torch.fx tracing patches process-wide state,
+    as does the quiet fake-tensor mode (torch's log filter and compiling flag), so captures, propagations and
+    rewrites do not overlap."""
+
+    @functools.wraps(fn)
+    def alone(*args: Any, **kwargs: Any) -> Any:
+        with _LOCK:
+            return fn(*args, **kwargs)
+
+    return alone  # type: ignore[return-value]
 
 
 def fake_mode() -> FakeTensorMode:
@@ -173,6 +191,7 @@ def example_inputs_like(gm: fx.GraphModule, batch_size: int | None = None) -> li
     return inputs
 
 
+@one_at_a_time
 @torch.inference_mode(False)  # as the capture
 def propagate(gm: fx.GraphModule, batch_size: int | None = None, store: bool = True) -> dict[fx.Node, Any]:
     """Example values of every node of ``gm`` on fake inputs like the captured ones (no real compute; an op whose
