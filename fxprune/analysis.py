@@ -683,18 +683,22 @@ def _first_failure(info: TraceInfo) -> str:
     if not info.leaves:
         return ""
     name, why = info.leaves[0]
-    shapes = ", ".join(str(shape) for shape in info.example_shapes)
-    return (f" Tracing {name} failed on inputs {shapes} ({why}): if {info.model_class} expects other inputs, pass "
-            "example_inputs of that shape to fxprune.transform (or trace/analyse).")
+    return _failed_on_inputs(info, f"Tracing {name} failed", f" ({why})")
 
 
 def _failed_value(info: TraceInfo) -> str:
     """Where example values stopped during capture, on which inputs, and what to do (empty: nowhere)."""
     if info.failed_value is None:
         return ""
+    return _failed_on_inputs(info, f"Example values stop at {info.failed_value}")
+
+
+def _failed_on_inputs(info: TraceInfo, failure: str, detail: str = "") -> str:
+    """`` {failure} on inputs {shapes}{detail}``, the shapes of the example inputs it was captured on, and what to do
+    if the model expects other inputs."""
     shapes = ", ".join(str(shape) for shape in info.example_shapes)
-    return (f" Example values stop at {info.failed_value} on inputs {shapes}: if {info.model_class} expects other "
-            "inputs, pass example_inputs of that shape to fxprune.transform (or trace/analyse).")
+    return (f" {failure} on inputs {shapes}{detail}: if {info.model_class} expects other inputs, pass example_inputs "
+            "of that shape to fxprune.transform (or trace/analyse).")
 
 
 def analyse(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None) -> TokenProgram:

@@ -41,7 +41,7 @@ def complete_assert_messages(graph: fx.Graph, formatted: dict[str, fx.Node]) -> 
         condition, message = (*node.args, *node.kwargs.values(), None)[:2]
         shown = [match.group(0) for match in PROXY.finditer(message)] if isinstance(message, str) else []
         on_data = isinstance(condition, fx.Node) and isinstance(condition.meta.get("val"), torch.Tensor)
-        if shown and not on_data and all(text in formatted and formatted[text].graph is graph for text in shown):
+        if shown and not on_data and all(text in formatted for text in shown):
             node.target = check_input
             node.args = (condition, tuple(PROXY.split(message)[::2]), *(formatted[text] for text in shown))
             node.kwargs = {}

@@ -3,8 +3,8 @@
 model's code would take another branch or size (another image size for a model that resamples its position
 embeddings to the input) then raises :class:`~fxprune.errors.CapturedShapeError`, naming that code, instead of
 running a graph that is not the model's program for it. The checks read shapes only; under ``torch.compile`` they
-become compile-time guards, with no graph break (a compiled model called on such an input raises dynamo's own
-error, which carries this one's message)."""
+become compile-time guards, with no graph break (a model lowered by :func:`fxprune.lower` called on such an input
+raises this error as in eager mode; under a bare ``torch.compile``, dynamo's own error carries its message)."""
 
 from __future__ import annotations
 
