@@ -1,6 +1,8 @@
 """AdaViT: the masked training and evaluation graphs against an eager float64 implementation of the official
 block, decisions per image, gradients, and the policy."""
 
+import math
+
 import pytest
 import timm
 import torch
@@ -8,7 +10,7 @@ from reference import adavit_own_attention, adavit_vit
 from vits import hf_vit, image_batch, logits, timm_vit, with_explicit_softmax
 
 import fxprune
-from fxprune.methods.adavit import HEADS_KEY, SUBLAYERS_KEY, TOKENS_KEY, AdaViT, set_usage
+from fxprune.methods.adavit import HEADS_KEY, SUBLAYERS_KEY, TOKEN_THRESHOLD, TOKENS_KEY, AdaViT, set_usage
 
 
 def _gates(gm, depth):
@@ -557,6 +559,27 @@ def test_set_usage_gives_a_random_usage_of_each_kind():
         assert abs(patches.mean().item() - 0.5) < 0.05 and not (patches == patches[:1]).all()
     set_usage(gm, x, 0.5, parts=("heads",))
     assert all(b.rows.mean() == 1 and (b.sublayers is None or b.sublayers.mean() == 1) for b in usage(gm, x))
+
+
+def test_set_usage_cuts_the_token_decisions_midway_between_the_rows_it_separates():
+    """Each row's token logit as far from the threshold as the rows allow: another CPU's rounding (a hand-written
+    reference beside the graph) does not flip a decision."""
+    model = timm_vit("deit_small_patch16_224", depth=3)
+    gm = fxprune.transform(model, AdaViT(0.5))
+    x = image_batch(model, batch=6)
+    set_usage(gm, x, {"tokens": 0.75})
+    logits = []
+    hooks = [head.register_forward_hook(lambda module, args, out: logits.append(out.flatten()))
+             for name, head in gm.named_modules() if name.endswith(".tokens")]
+    with torch.no_grad(), fxprune.collect():
+        gm(x)
+    for hook in hooks:
+        hook.remove()
+    assert len(logits) == 3
+    for block in logits:
+        margin = block - math.log(TOKEN_THRESHOLD / (1 - TOKEN_THRESHOLD))
+        assert (margin > 0).sum() == round(0.75 * block.numel())
+        torch.testing.assert_close(margin[margin > 0].min(), -margin[margin <= 0].max())
 
 
 def test_a_block_whose_sub_layers_no_image_uses_makes_no_other_decision_unless_collected():

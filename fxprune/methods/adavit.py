@@ -641,7 +641,8 @@ def set_usage(
     ``parts`` used, all of the others (``usage`` a mapping: its share for each kind it names, all of the others).
     Heads and sub-layers: ``round(share · count)`` of all the model's heads (of all its sub-layers) chosen at
     random, the same for every image; rows: token heads with random weights whose bias lets that share of the
-    patch rows of ``images`` pass, block after block, so each image uses different rows. The random-usage
+    patch rows of ``images`` pass (the bias midway between the last row that passes and the first that does not),
+    block after block, so each image uses different rows. The random-usage
     baseline, and a way to time skipping at a usage without training."""
     shares = dict(usage) if isinstance(usage, Mapping) else dict.fromkeys(parts, usage)
     generator = torch.Generator().manual_seed(seed)
@@ -666,7 +667,18 @@ def set_usage(
         with collect():  # every block decides its rows, also one whose sub-layers no image uses
             gm(images)
         hook.remove()
-        head.bias.fill_(threshold - torch.quantile(torch.cat(seen) - head.bias, 1.0 - shares["tokens"]).item())
+        head.bias.fill_(threshold - _cut(torch.cat(seen) - head.bias, shares["tokens"]))
+
+
+def _cut(values: Tensor, share: float) -> float:
+    """A value that ``round(share · n)`` of the ``n`` ``values`` exceed, midway between the two values it separates
+    (a rounding of another CPU's kernels does not move a value across it)."""
+    ordered, passing = values.sort().values, round(share * values.numel())
+    if passing == 0:
+        return ordered[-1].item() + 1.0
+    if passing == values.numel():
+        return ordered[0].item() - 1.0
+    return (ordered[-passing - 1].item() + ordered[-passing].item()) / 2
 
 
 def _heads_of_kind(gm: nn.Module, kind: str) -> list[nn.Linear]:
