@@ -1,6 +1,7 @@
 """Export (``fxprune.export``): every method's rewritten graph as ONNX, a ``torch.export`` program and an
-AOTInductor package, each checked against eager PyTorch at two batch sizes. Budget: under a minute of the suite
-(tiny models; every method in two compositions; AOTInductor on one policy)."""
+AOTInductor package, each checked against eager PyTorch at two batch sizes; and ``torch.jit.trace`` of the same
+graphs. Budget: under a minute of the suite (tiny models; every method in two compositions; AOTInductor on one
+policy)."""
 
 import onnx
 import pytest
@@ -48,6 +49,24 @@ def test_every_method_exports_to_onnx_and_runs_as_in_eager_at_any_batch_size(nam
     five = _inputs(5)
     with torch.no_grad():
         torch.testing.assert_close(run(five)[0], gm(five), atol=1e-4, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("name", sorted(EVERY_METHOD))
+def test_torch_jit_trace_of_every_method_runs_as_in_eager_at_other_batch_sizes(name):
+    model = timm_vit("deit_small_patch16_224", depth=6, embed_dim=64, num_heads=2)
+    gm = fxprune.transform(model, EVERY_METHOD[name])
+    with torch.no_grad():
+        traced = torch.jit.trace(gm, _inputs(), check_trace=False)
+        for batch in (2, 3, 1):
+            torch.testing.assert_close(traced(_inputs(batch)), gm(_inputs(batch)), atol=1e-5, rtol=0)
+
+
+def test_torch_jit_trace_of_skipping_adavit_is_refused(tiny):
+    gm = fxprune.transform(tiny, fxprune.AdaViT(0.5, (1, 2)))
+    with torch.no_grad(), pytest.raises(fxprune.FxPruneError, match=r"torch\.jit\.trace would keep the example "
+                                        r"inputs' choices .* skip=False"):
+        torch.jit.trace(gm, _inputs(), check_trace=False)
 
 
 def test_a_pt2_program_keeps_the_plan_a_dynamic_batch_and_bfloat16(tiny, tmp_path):

@@ -63,7 +63,7 @@ def random_scores(tokens: Tensor, seed: int, block: int) -> Tensor:
     from a hash of ``(seed, block, row)``; no two rows tie (the row index fills the low bits), so every backend
     keeps the same rows."""
     tokens_in = tokens.shape[1]
-    row_bits = max(tokens_in - 1, 1).bit_length()
+    row_bits = max(int(tokens_in) - 1, 1).bit_length()  # int: a traced size (torch.jit.trace) is a tensor
     rows = torch.arange(tokens_in, device=tokens.device, dtype=torch.int64)
     key = _mix(_mix(seed & _MASK) ^ (block & _MASK))
     hashed = _mix(_mix(rows ^ key) ^ key) >> (32 - 24 + row_bits)

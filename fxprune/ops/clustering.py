@@ -151,7 +151,7 @@ def farthest_point_seeds(features: Tensor, weights: Tensor, clusters: int) -> tu
         candidates = torch.where(real, priority, -1.0).masked_fill(taken, -math.inf)
         seed = candidates.argmax(-1, keepdim=True)
         column = squared_distances(features, _rows(features, seed)).squeeze(-1)
-        taken = taken.scatter(1, seed, True)
+        taken = taken.scatter(1, seed, 1)  # 1, not True: torch.jit.trace has no bool value
         priority = column if m == 0 else priority.minimum(column)
         seeds.append(seed)
         columns.append(column)

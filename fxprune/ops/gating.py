@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..errors import FxPruneError
 from .registry import graph_op
 from .scoring import with_attn_mask
 
@@ -125,6 +126,17 @@ def sublayer_gate(tokens: Tensor, layers: Tensor, which: int) -> Tensor:
     return tokens * layers[:, which, None, None]
 
 
+def _refuse_jit_trace() -> None:
+    """Raise within ``torch.jit.trace`` (also the TorchScript ONNX exporter): what an op whose shapes depend on the
+    data chose for the example inputs would be kept for every input."""
+    if torch.jit.is_tracing():
+        raise FxPruneError(
+            "the model skips what each image does not use, so its shapes depend on the data, and torch.jit.trace "
+            "would keep the example inputs' choices for every input; transform it with the method's static setting "
+            "for tracing and export (AdaViT: skip=False, which masks instead)"
+        )
+
+
 def _every_row(rows: Tensor | None, sublayers: Tensor | None, which: int, empty: bool = False
                ) -> tuple[None, None, None]:
     return None, None, None
@@ -143,6 +155,7 @@ def used_layout(
     image 0 that is not valid (shapes are never empty: the sub-layer runs on one row whose result is dropped).
     ``rows`` may be None where no image uses either sub-layer (the rows were not decided). The shapes depend on the
     data (eager only)."""
+    _refuse_jit_trace()
     if (sublayers if rows is None else rows).shape[0] == 1:
         return _used_layout_of_one(rows, sublayers, which, empty)
     images = None
@@ -291,6 +304,7 @@ def _all_heads(per_head: Tensor) -> Tensor:
 @graph_op(worst_case=_all_heads)
 def used_heads(per_head: Tensor) -> Tensor:
     """The heads any image uses (``per_head`` ``[b, H, 1, 1]``): indices ``[h]``."""
+    _refuse_jit_trace()
     used = per_head.flatten() if per_head.shape[0] == 1 else per_head.flatten(1).amax(dim=0)
     return used.nonzero().flatten()
 

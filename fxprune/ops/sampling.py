@@ -95,7 +95,7 @@ def ats_picks(significance: Tensor, points: int, real: Tensor) -> tuple[Tensor, 
     start = torch.where(torch.isinf(start), torch.ones_like(start), start)  # one token: every point at 1
     steps = torch.linspace(0, 1, points, dtype=cdf.dtype, device=cdf.device)
     picks = _nearest(cdf, start + (1 - start) * steps) if cdf.shape[1] > 1 else torch.zeros_like(cdf, dtype=torch.long)
-    picked = torch.zeros_like(real).scatter(1, picks, True)
+    picked = torch.zeros_like(real).scatter(1, picks, 1)  # 1, not True: torch.jit.trace has no bool value
     return order, picked
 
 
