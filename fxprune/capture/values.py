@@ -140,13 +140,16 @@ def fake_weights(module: nn.Module) -> Iterator[None]:
 
 
 class _ValueInterpreter(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule):
+    """Example values of each node (``values``) and, with ``count``, the MACs each computes (``macs``)."""
+
+    def __init__(self, gm: fx.GraphModule, count: bool = True):
         super().__init__(gm, garbage_collect_values=False)
         self.values: dict[fx.Node, Any] = {}
         self.macs: dict[fx.Node, int] = {}
+        self.count = count
 
     def run_node(self, n: fx.Node) -> Any:
-        counter = MacCounter()
+        counter = MacCounter() if self.count else contextlib.nullcontext()
         declared = op_of(n.target) if n.op == "call_function" else None
         try:
             with counter:
@@ -158,7 +161,8 @@ class _ValueInterpreter(fx.Interpreter):
         except Exception as err:
             raise ValuePropagationError(n, err) from err
         self.values[n] = value
-        self.macs[n] = counter.total
+        if self.count:
+            self.macs[n] = counter.total
         return value
 
 
@@ -202,7 +206,7 @@ def propagate(gm: fx.GraphModule, batch_size: int | None = None, store: bool = T
     after a rewrite).
     """
     inputs = example_inputs_like(gm, batch_size)
-    interp = _ValueInterpreter(gm)
+    interp = _ValueInterpreter(gm, count=store)
     mode = fake_mode()
     with fake_weights(gm), mode, torch.no_grad():
         interp.run(*inputs)

@@ -58,6 +58,7 @@ from ..ops.gating import (
     project_from_heads,
     project_head_channels,
     project_heads,
+    refuse_jit_trace,
     select_heads,
     sublayer_gate,
     take_rows,
@@ -498,6 +499,7 @@ def decide_if_used(sublayers: Tensor, count: int, decide: fx.GraphModule, *input
     uses one of the block's sub-layers (``sublayers`` ``[B, 2]``) or a :func:`~fxprune.collect` context is open;
     else ``count`` Nones (None for one): a block no image uses needs no other decision. As
     :func:`~fxprune.passes.skipping.run_if_used`, ``forward`` is called directly."""
+    refuse_jit_trace()
     if not collecting() and not bool(sublayers.any()):
         return None if count == 1 else (None,) * count
     return decide.forward(*inputs)

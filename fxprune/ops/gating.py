@@ -126,7 +126,7 @@ def sublayer_gate(tokens: Tensor, layers: Tensor, which: int) -> Tensor:
     return tokens * layers[:, which, None, None]
 
 
-def _refuse_jit_trace() -> None:
+def refuse_jit_trace() -> None:
     """Raise within ``torch.jit.trace`` (also the TorchScript ONNX exporter): what an op whose shapes depend on the
     data chose for the example inputs would be kept for every input."""
     if torch.jit.is_tracing():
@@ -155,7 +155,7 @@ def used_layout(
     image 0 that is not valid (shapes are never empty: the sub-layer runs on one row whose result is dropped).
     ``rows`` may be None where no image uses either sub-layer (the rows were not decided). The shapes depend on the
     data (eager only)."""
-    _refuse_jit_trace()
+    refuse_jit_trace()
     if (sublayers if rows is None else rows).shape[0] == 1:
         return _used_layout_of_one(rows, sublayers, which, empty)
     images = None
@@ -304,7 +304,7 @@ def _all_heads(per_head: Tensor) -> Tensor:
 @graph_op(worst_case=_all_heads)
 def used_heads(per_head: Tensor) -> Tensor:
     """The heads any image uses (``per_head`` ``[b, H, 1, 1]``): indices ``[h]``."""
-    _refuse_jit_trace()
+    refuse_jit_trace()
     used = per_head.flatten() if per_head.shape[0] == 1 else per_head.flatten(1).amax(dim=0)
     return used.nonzero().flatten()
 
