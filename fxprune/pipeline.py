@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
+from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY, _copy_attr
 
 from .analysis import TokenProgram, analyse
 from .capture import trace
@@ -46,12 +47,14 @@ def rewrite(
     restore: bool = True,
 ) -> tuple[fx.GraphModule, Plan]:
     """The rewritten module and its plan: what :func:`transform` returns (``second_batch=False``: checked at the
-    captured batch size only, as :func:`plan` with ``fast``; ``restore`` as there) and :func:`plan` reports. A plan
-    with learned methods also gets a training graph (:class:`~fxprune.passes.learned.TrainEvalGraphModule`), from
-    a second capture."""
+    captured batch size only, as :func:`plan` with ``fast``; ``restore`` as there) and :func:`plan` reports. The
+    graph is the model's code in evaluation mode. A plan with learned methods also gets a training graph
+    (:class:`~fxprune.passes.learned.TrainEvalGraphModule`), from a second capture in training mode; so does a model
+    in training mode whose code differs between the modes (it branches on ``self.training``), rewritten alike."""
     files = _weights_files(policy)
     backbone = next(((path, saved["backbone"]) for path, saved in files.items() if "backbone" in saved), None)
-    program = analyse(trace(model, example_inputs, copy_weights=copy_weights or backbone is not None))
+    program = analyse(trace(model, example_inputs, copy_weights=copy_weights or backbone is not None, training=False))
+    evaluation_code = program.gm.code
     planned = make_plan(program, policy, restore)
     written = tuple(f"{Path(path).name}: {note}" for path, saved in files.items() for note in saved.get("notes", ()))
     planned = dataclasses.replace(planned, notes=(*planned.notes, *written))
@@ -64,20 +67,27 @@ def rewrite(
     verify(gm, program, planned, second_batch)
     check_guards_at_run(gm, program.trace)
     if learned:
-        training = analyse(trace(model, example_inputs, copy_weights=False))
+        training = analyse(trace(model, example_inputs, copy_weights=False, training=True))
         train_gm = apply_passes(_with_modules(training, learned), training, rows, train=True)
         verify_training(train_gm, training, planned)
+        check_guards_at_run(train_gm, training.trace)
+        gm = _with_training_graph(gm, train_gm)
+    elif model.training and (captured := trace(model, example_inputs, copy_weights=False, training=True)).code \
+            != evaluation_code:
+        training = analyse(captured)
+        train_gm = apply_passes(training.gm, training, rows, restore=restore)
+        verify(train_gm, training, planned, second_batch)
         check_guards_at_run(train_gm, training.trace)
         gm = _with_training_graph(gm, train_gm)
     gm.graph.eliminate_dead_code()  # what the rewrites left unused does not run, so its MACs do not count
     measured = planned.measured(
         measure_tokens(program, planned), dense_macs, macs_per_block(gm, program.blocks, program.batch)
     )
-    if learned:  # the evaluation graph runs in evaluation mode only
+    if isinstance(gm, TrainEvalGraphModule):  # the evaluation graph runs in evaluation mode only
         drop_eval_identities(gm)
     add_in_place(gm)
     _finalize(gm, measured)
-    return gm, measured
+    return gm.train(model.training), measured
 
 
 def _weights_files(policy: Policy | Compose) -> dict[str, dict]:
@@ -141,11 +151,25 @@ def _with_modules(program: TokenProgram, modules: dict[int, dict[str, nn.Module]
 
 
 def _with_training_graph(gm: fx.GraphModule, train_gm: fx.GraphModule) -> TrainEvalGraphModule:
-    """One module running ``gm``'s graph in evaluation mode and ``train_gm``'s in training mode."""
+    """One module running ``gm``'s graph in evaluation mode and ``train_gm``'s in training mode; a module only the
+    training graph calls (one that the evaluation mode's code skips, as timm's patch dropout) is taken from
+    ``train_gm``."""
+    for node in train_gm.graph.nodes:
+        if node.op in ("call_module", "get_attr") and not _has_attr(gm, node.target):
+            _copy_attr(train_gm, gm, node.target)
     both = TrainEvalGraphModule(gm, gm.graph, train_gm.graph, type(gm).__name__)
     both.meta.update(gm.meta)
     both._tracer_cls = gm._tracer_cls
-    return both.train(gm.training)
+    return both
+
+
+def _has_attr(module: nn.Module, target: str) -> bool:
+    """Whether ``module`` has the attribute at the dotted path ``target``."""
+    try:
+        functools.reduce(getattr, target.split("."), module)
+    except AttributeError:
+        return False
+    return True
 
 
 def _finalize(gm: fx.GraphModule, the_plan: Plan) -> None:

@@ -36,6 +36,30 @@ def test_weights_are_shared_unless_copy_is_asked_for():
     assert copied.get_parameter("head.weight") is not model.head.weight
 
 
+def test_a_model_transformed_in_training_mode_evaluates_as_the_original_and_trains_with_its_dropout():
+    model = timm_vit("deit_small_patch16_224", depth=3, attn_drop_rate=0.5).train()  # SDPA's dropout_p reads the mode
+    x = image_batch(model)
+    gm = fxprune.transform(model, EViT(1.0, (1, 2)))
+    assert gm.training and model.training
+    assert "dropout_p = 0.5" in gm.train_code and "dropout_p = 0.5" not in gm.code
+    with torch.no_grad():
+        assert not torch.equal(gm(x), gm(x))  # training mode: its dropout
+        gm.eval(), model.eval()
+        torch.testing.assert_close(gm(x), model(x), atol=1e-5, rtol=0)
+
+
+def test_a_model_whose_code_does_not_branch_on_its_mode_keeps_one_graph_in_training_mode():
+    gm = fxprune.transform(timm_vit("deit_small_patch16_224", depth=3).train(), EViT(0.7, (1,)))
+    assert gm.training and not hasattr(gm, "train_graph")
+
+
+def test_a_learned_method_trains_with_the_models_training_code_transformed_in_evaluation_mode():
+    model = timm_vit("deit_small_patch16_224", depth=3, attn_drop_rate=0.5)
+    gm = fxprune.transform(model, fxprune.DynamicViT(0.7, (1,)))
+    assert not gm.training
+    assert "dropout_p = 0.5" in gm.train_code and "dropout_p = 0.5" not in gm.code
+
+
 def test_verbose_prints_the_plan(capsys):
     fxprune.transform(timm_vit("deit_small_patch16_224"), EViT(0.5, (1,)), verbose=True)
     assert "fxprune plan for VisionTransformer" in capsys.readouterr().out

@@ -412,13 +412,16 @@ def trace(
     example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
     *,
     copy_weights: bool = False,
+    training: bool | None = None,
 ) -> fx.GraphModule:
     """Capture ``model`` as a ``GraphModule`` with example values on every node.
 
     ``example_inputs``: the model's inputs (a tensor for its one input), by default those of the size it declares,
     batch 2. ``model`` is never modified: its modules are deep-copied first, keeping the same parameter and
-    buffer tensors (``copy_weights=True`` copies those too). Returns a ``GraphModule`` with the original's module
-    names, in the original's train/eval mode; ``gm.meta['fxprune_trace']`` is a :class:`TraceInfo`. Works within
+    buffer tensors (``copy_weights=True`` copies those too). ``training``: the mode whose code is captured (a
+    branch on ``self.training`` keeps it), by default the model's. Returns a ``GraphModule`` with the original's
+    module names, in the mode captured (a capture of fxprune's: its own graph, in the model's mode);
+    ``gm.meta['fxprune_trace']`` is a :class:`TraceInfo`. Works within
     ``torch.inference_mode()`` as without it, and in threads (one capture at a time). Raises
     :class:`~fxprune.TraceError` when the model cannot be captured.
     """
@@ -434,9 +437,10 @@ def trace(
     example_inputs = tuple(example_inputs) if example_inputs is not None else default_example_inputs(model)
     if _fxprune_trace(model) is not None:
         return _recapture(model, example_inputs, copy_weights)
+    training = model.training if training is None else training
     if _STORES:
-        return _copy_model(_stored_capture(_STORES[-1], model, example_inputs), copy_weights)
-    return _capture(model, example_inputs, copy_weights)
+        return _copy_model(_stored_capture(_STORES[-1], model, example_inputs, training), copy_weights)
+    return _capture(model, example_inputs, copy_weights, training)
 
 
 def _compiled(model: nn.Module) -> bool:
@@ -468,21 +472,24 @@ def reusing_captures() -> Iterator[None]:
 
 
 def _stored_capture(
-    store: list[tuple[nn.Module, tuple, fx.GraphModule]], model: nn.Module, example_inputs: tuple[torch.Tensor, ...]
+    store: list[tuple[nn.Module, tuple, fx.GraphModule]], model: nn.Module, example_inputs: tuple[torch.Tensor, ...],
+    training: bool,
 ) -> fx.GraphModule:
-    """The capture of ``model`` on inputs like ``example_inputs`` in ``store``, made and stored when missing."""
-    key = (model.training, *((tuple(t.shape), t.dtype, t.device) for t in example_inputs))
+    """The capture of ``model`` in mode ``training`` on inputs like ``example_inputs`` in ``store``, made and stored
+    when missing."""
+    key = (training, *((tuple(t.shape), t.dtype, t.device) for t in example_inputs))
     for owner, owner_key, gm in store:
         if owner is model and owner_key == key:
             return gm
-    gm = _capture(model, example_inputs, copy_weights=False)
+    gm = _capture(model, example_inputs, False, training)
     store.append((model, key, gm))
     return gm
 
 
-def _capture(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], copy_weights: bool) -> fx.GraphModule:
-    """:func:`trace` of a model that is not a capture of fxprune's."""
-    root = _copy_model(model, copy_weights)
+def _capture(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], copy_weights: bool, training: bool
+             ) -> fx.GraphModule:
+    """:func:`trace` of a model that is not a capture of fxprune's, in mode ``training``."""
+    root = _copy_model(model, copy_weights).train(training)
     info = TraceInfo(type(model).__name__, [tuple(t.shape) for t in example_inputs])
     info.prefix_tokens_attr = _int_attr(model, "num_prefix_tokens")
     info.class_token_attr = _class_token_attr(model)
@@ -499,7 +506,7 @@ def _capture(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], copy_we
     gm.meta["fxprune_trace"] = info
     decompose_multihead_attention(gm, info)
     _restore_state(gm, root)
-    gm.train(model.training)
+    gm.train(training)
     return gm
 
 

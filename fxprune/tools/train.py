@@ -217,7 +217,8 @@ def train(
     local = config.batch_size // world
     torch.manual_seed(config.seed)
     example = torch.stack([data[i][0] for i in range(2)])
-    base = copy.deepcopy(model)  # the weights every graph of the student shares; ``model`` stays as it is
+    base = copy.deepcopy(model).train()  # the weights every graph of the student shares; ``model`` stays as it is;
+    # in training mode, so that a model whose code branches on it (attention dropout) trains with that code
     student = transform(base, policy, example_inputs=(example,)).train()
     criterion = _criterion(model, policy, config, example)
     warm = _warmup_graphs(base, policy, config, example, criterion)
