@@ -53,8 +53,9 @@ def rewrite(
     in training mode whose code differs between the modes (it branches on ``self.training``), rewritten alike."""
     files = _weights_files(policy)
     backbone = next(((path, saved["backbone"]) for path, saved in files.items() if "backbone" in saved), None)
-    program = analyse(trace(model, example_inputs, copy_weights=copy_weights or backbone is not None, training=False))
-    evaluation_code = program.gm.code
+    captured = trace(model, example_inputs, copy_weights=copy_weights or backbone is not None, training=False)
+    evaluation_code = captured.code
+    program = analyse(captured)
     planned = make_plan(program, policy, restore)
     written = tuple(f"{Path(path).name}: {note}" for path, saved in files.items() for note in saved.get("notes", ()))
     planned = dataclasses.replace(planned, notes=(*planned.notes, *written))
@@ -66,17 +67,18 @@ def rewrite(
     gm = apply_passes(_with_modules(program, learned), program, rows, restore=restore)
     verify(gm, program, planned, second_batch)
     check_guards_at_run(gm, program.trace)
+    train_gm = None
     if learned:
         training = analyse(trace(model, example_inputs, copy_weights=False, training=True))
         train_gm = apply_passes(_with_modules(training, learned), training, rows, train=True)
         verify_training(train_gm, training, planned)
-        check_guards_at_run(train_gm, training.trace)
-        gm = _with_training_graph(gm, train_gm)
-    elif model.training and (captured := trace(model, example_inputs, copy_weights=False, training=True)).code \
-            != evaluation_code:
-        training = analyse(captured)
-        train_gm = apply_passes(training.gm, training, rows, restore=restore)
-        verify(train_gm, training, planned, second_batch)
+    elif model.training:
+        captured = trace(model, example_inputs, copy_weights=False, training=True)
+        if captured.code != evaluation_code:  # the model's code branches on its mode
+            training = analyse(captured)
+            train_gm = apply_passes(training.gm, training, rows, restore=restore)
+            verify(train_gm, training, planned, second_batch)
+    if train_gm is not None:
         check_guards_at_run(train_gm, training.trace)
         gm = _with_training_graph(gm, train_gm)
     gm.graph.eliminate_dead_code()  # what the rewrites left unused does not run, so its MACs do not count

@@ -481,7 +481,7 @@ def _stored_capture(
     for owner, owner_key, gm in store:
         if owner is model and owner_key == key:
             return gm
-    gm = _capture(model, example_inputs, False, training)
+    gm = _capture(model, example_inputs, copy_weights=False, training=training)
     store.append((model, key, gm))
     return gm
 
