@@ -44,7 +44,8 @@ def test_a_model_transformed_in_training_mode_evaluates_as_the_original_and_trai
     assert "dropout_p = 0.5" in gm.train_code and "dropout_p = 0.5" not in gm.code
     with torch.no_grad():
         assert not torch.equal(gm(x), gm(x))  # training mode: its dropout
-        gm.eval(), model.eval()
+        gm.eval()
+        model.eval()
         torch.testing.assert_close(gm(x), model(x), atol=1e-5, rtol=0)
 
 
