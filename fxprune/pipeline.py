@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY, _copy_attr
+from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
 from .analysis import TokenProgram, analyse
 from .capture import trace
@@ -153,25 +152,12 @@ def _with_modules(program: TokenProgram, modules: dict[int, dict[str, nn.Module]
 
 
 def _with_training_graph(gm: fx.GraphModule, train_gm: fx.GraphModule) -> TrainEvalGraphModule:
-    """One module running ``gm``'s graph in evaluation mode and ``train_gm``'s in training mode; a module only the
-    training graph calls (one that the evaluation mode's code skips, as timm's patch dropout) is taken from
-    ``train_gm``."""
-    for node in train_gm.graph.nodes:
-        if node.op in ("call_module", "get_attr") and not _has_attr(gm, node.target):
-            _copy_attr(train_gm, gm, node.target)
-    both = TrainEvalGraphModule(gm, gm.graph, train_gm.graph, type(gm).__name__)
+    """One module running ``gm``'s graph in evaluation mode and ``train_gm``'s in training mode (a module only the
+    training graph calls, one that evaluation-mode code skips as timm's patch dropout, is ``train_gm``'s)."""
+    both = TrainEvalGraphModule(gm, gm.graph, train_gm.graph, type(gm).__name__, train_root=train_gm)
     both.meta.update(gm.meta)
     both._tracer_cls = gm._tracer_cls
     return both
-
-
-def _has_attr(module: nn.Module, target: str) -> bool:
-    """Whether ``module`` has the attribute at the dotted path ``target``."""
-    try:
-        functools.reduce(getattr, target.split("."), module)
-    except AttributeError:
-        return False
-    return True
 
 
 def _finalize(gm: fx.GraphModule, the_plan: Plan) -> None:

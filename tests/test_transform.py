@@ -49,6 +49,18 @@ def test_a_model_transformed_in_training_mode_evaluates_as_the_original_and_trai
         torch.testing.assert_close(gm(x), model(x), atol=1e-5, rtol=0)
 
 
+def test_a_module_only_training_code_calls_is_kept_for_the_training_graph():
+    model = timm_vit("deit_small_patch16_224", depth=3, patch_drop_rate=0.5).train()  # skipped in evaluation mode
+    x = image_batch(model)
+    gm = fxprune.transform(model, EViT(1.0, (1, 2)))
+    assert "self.patch_drop(" in gm.train_code and "patch_drop" not in gm.code
+    with torch.no_grad():
+        assert not torch.equal(gm(x), gm(x))
+        gm.eval()
+        model.eval()
+        torch.testing.assert_close(gm(x), model(x), atol=1e-5, rtol=0)
+
+
 def test_a_model_whose_code_does_not_branch_on_its_mode_keeps_one_graph_in_training_mode():
     gm = fxprune.transform(timm_vit("deit_small_patch16_224", depth=3).train(), EViT(0.7, (1,)))
     assert gm.training and not hasattr(gm, "train_graph")

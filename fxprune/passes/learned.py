@@ -26,6 +26,7 @@ from torch.fx.graph_module import _copy_attr, reduce_graph_module
 
 from ..analysis import Block
 from ..capture.codegen import direct_forward, pickled_code
+from ..capture.tracer import fetch_attr
 from ..errors import PolicyError
 from ..ops.emitting import emit  # noqa: F401  (here before it moved: a model pickled then imports it from here)
 from .common import Role, attribute, insert_call
@@ -71,13 +72,17 @@ class TrainEvalGraphModule(fx.GraphModule):
     """A ``GraphModule`` with a second graph, run in training mode, over the same parameters (see the module
     docstring). ``graph``/``code`` are the evaluation graph's; ``train_graph``/``train_code`` the training one's."""
 
-    def __init__(self, root: nn.Module, graph: fx.Graph, train_graph: fx.Graph, class_name: str = "GraphModule"):
+    def __init__(self, root: nn.Module, graph: fx.Graph, train_graph: fx.Graph, class_name: str = "GraphModule",
+                 train_root: nn.Module | None = None):
         self.__dict__["_train_graph"] = train_graph
         self.__dict__["_incomplete"] = True  # the recompile fx's __init__ makes generates fx's code only
         super().__init__(root, graph, class_name)
-        for node in train_graph.nodes:  # what only the training graph reads, e.g. a layer the evaluation graph slices
+        # what only the training graph reads: a layer the evaluation graph slices (``root`` has it), or a module only
+        # training-mode code calls (``train_root`` has it)
+        for node in train_graph.nodes:
             if node.op in ("get_attr", "call_module"):
-                _copy_attr(root, self, node.target)
+                owner = root if train_root is None or _has_attr(root, node.target) else train_root
+                _copy_attr(owner, self, node.target)
         del self.__dict__["_incomplete"]
         self.recompile()  # the training graph's own attributes are found directly only now
 
@@ -109,6 +114,15 @@ class TrainEvalGraphModule(fx.GraphModule):
             fx.GraphModule.__init__(copied, root, graph)
 
         return init
+
+
+def _has_attr(module: nn.Module, target: str) -> bool:
+    """Whether ``module`` has an attribute at the dotted path ``target``."""
+    try:
+        fetch_attr(module, target)
+    except AttributeError:
+        return False
+    return True
 
 
 def _identity_in_eval(module: object) -> bool:
