@@ -20,7 +20,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .capture import TraceInfo, trace
+from .capture import ExampleInputs, TraceInfo, trace
 from .errors import UnsupportedModelError
 from .ops.clustering import holds_one_value_per_key
 from .readout import Readout, data_nodes, is_shape_read, readout
@@ -701,7 +701,7 @@ def _failed_on_inputs(info: TraceInfo, failure: str, detail: str = "") -> str:
             "of that shape to fxprune.transform (or trace/analyse).")
 
 
-def analyse(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None) -> TokenProgram:
+def analyse(model: nn.Module, example_inputs: ExampleInputs = None) -> TokenProgram:
     """Describe the attention blocks, token stream and prefix tokens of ``model``.
 
     ``model`` is captured with :func:`fxprune.trace` first, unless it is a ``GraphModule`` that

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -120,21 +120,24 @@ class MacCounter(TorchDispatchMode):
         return out
 
 
-def count_macs(model: nn.Module, inputs: Sequence[torch.Tensor]) -> int:
-    """Total MACs of one forward of ``model`` on ``inputs`` (real execution, no autograd)."""
+def count_macs(model: nn.Module, inputs: Sequence[torch.Tensor] | Mapping[str, Any]) -> int:
+    """Total MACs of one forward of ``model`` on ``inputs`` (its positional arguments, or its arguments by name;
+    real execution, no autograd)."""
     counter = MacCounter()
     with torch.no_grad(), counter:
-        model(*inputs)
+        model(**inputs) if isinstance(inputs, Mapping) else model(*inputs)
     return counter.total
 
 
-def flops(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor) -> int:
-    """MACs per image, in the papers' convention, averaged over the batch ``example_inputs``.
+def flops(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor | Mapping[str, Any]) -> int:
+    """MACs per image, in the papers' convention, averaged over the batch ``example_inputs`` (a tensor, the
+    model's positional arguments, or its arguments by name; the first tensor's first axis is the batch).
 
     Works on any module: the original model or one returned by :func:`fxprune.transform`. For methods
     whose token counts depend on the image, pass real images; the mean over them is returned.
     """
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    batch = example_inputs[0].shape[0]
+    values = example_inputs.values() if isinstance(example_inputs, Mapping) else example_inputs
+    batch = next(value for value in values if isinstance(value, torch.Tensor)).shape[0]
     return round(count_macs(model, example_inputs) / batch)

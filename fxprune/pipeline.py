@@ -6,13 +6,12 @@ import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 import torch.fx as fx
 from torch import nn
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
 from .analysis import TokenProgram, analyse
-from .capture import trace
+from .capture import ExampleInputs, trace
 from .capture.values import one_at_a_time
 from .errors import PolicyError
 from .methods import method_of
@@ -40,7 +39,7 @@ __all__ = ["transform", "plan"]
 def rewrite(
     model: nn.Module,
     policy: Policy | Compose,
-    example_inputs: Sequence[torch.Tensor] | torch.Tensor | None,
+    example_inputs: ExampleInputs,
     copy_weights: bool,
     second_batch: bool = True,
     restore: bool = True,
@@ -177,7 +176,7 @@ def _finalize(gm: fx.GraphModule, the_plan: Plan) -> None:
 def plan(
     model: nn.Module,
     policy: Policy | Compose,
-    example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
+    example_inputs: ExampleInputs = None,
     *,
     fast: bool = False,
 ) -> Plan:
@@ -194,7 +193,7 @@ def plan(
 def transform(
     model: nn.Module,
     policy: Policy | Compose,
-    example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
+    example_inputs: ExampleInputs = None,
     *,
     copy_weights: bool = False,
     verbose: bool = False,
@@ -204,8 +203,9 @@ def transform(
 
     ``model`` is not modified: its modules are deep-copied before tracing. Parameters and buffers are
     shared with ``model`` (as with ``torch.fx.symbolic_trace``), so training the result trains ``model``
-    too; ``copy_weights=True`` gives the result its own copy. ``example_inputs`` (a tensor, or one per input)
-    fixes the input size the plan is made for (default: the size the model declares, batch 2). The result carries
+    too; ``copy_weights=True`` gives the result its own copy. ``example_inputs`` (a tensor, one per input, or the
+    model's arguments by name, :func:`~fxprune.trace`) fixes the inputs the result takes and the input size the plan
+    is made for (default: the size the model declares, batch 2). The result carries
     the plan as ``.fxprune_plan``; ``verbose=True`` prints it. Raises :class:`~fxprune.PolicyError` for an invalid
     policy and :class:`~fxprune.UnsupportedModelError` when a rewrite would compute wrong numbers.
 

@@ -42,6 +42,50 @@ def test_hugging_face_output_type_is_kept():
     assert out.logits.shape == (3, 10)
 
 
+def test_arguments_given_by_name_are_the_graphs_inputs_and_the_others_are_fixed_for_the_capture():
+    model = hf_vit()
+    x, labels = image_batch(model), torch.tensor([1, 7, 3])
+    arguments = {"pixel_values": x, "labels": labels, "output_hidden_states": True}
+    expected = model(**arguments)
+    kept = fxprune.transform(model, fxprune.EViT(keep_rate=1.0, layers=(1, 2)), example_inputs=arguments)
+    assert [node.target for node in kept.graph.find_nodes(op="placeholder")] == ["pixel_values", "labels"]
+    for out in (kept(x, labels), kept(labels=labels, pixel_values=x)):
+        torch.testing.assert_close(out.loss, expected.loss, atol=1e-5, rtol=0)
+        assert len(out.hidden_states) == len(expected.hidden_states)
+        torch.testing.assert_close(out.hidden_states[-1], expected.hidden_states[-1], atol=1e-5, rtol=0)
+    reduced = fxprune.transform(model, fxprune.EViT(keep_rate=0.5, layers=(1, 2)), example_inputs=arguments)
+    out = reduced(pixel_values=x, labels=labels)
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits, labels))
+    out.loss.backward()
+    assert model.classifier.weight.grad is not None
+    assert "fixed for the capture: output_hidden_states=True" in str(reduced.meta["fxprune_trace"])
+    with reusing_captures():  # other fixed arguments: another capture
+        assert fxprune.trace(model, {"pixel_values": x})(x).hidden_states is None
+        assert fxprune.trace(model, {"pixel_values": x, "output_hidden_states": True})(x).hidden_states is not None
+
+
+def test_a_graph_with_an_integer_input_is_captured_again_on_inputs_given_in_any_order_or_made_up():
+    model = hf_vit()
+    x, labels = image_batch(model), torch.tensor([1, 7, 3])
+    captured = fxprune.trace(model, {"pixel_values": x, "labels": labels})
+    again = fxprune.trace(captured, {"labels": labels, "pixel_values": x})
+    torch.testing.assert_close(again(x, labels).loss, model(x, labels=labels).loss, atol=1e-5, rtol=0)
+    made_up = default_example_inputs(captured, batch_size=4)
+    assert [(t.shape, t.dtype) for t in made_up] == [(x[:1].expand(4, -1, -1, -1).shape, x.dtype),
+                                                     ((4,), torch.long)]
+    assert not made_up[1].any()  # a label every classifier has
+    with pytest.raises(TraceError, match="takes the inputs pixel_values, labels"):
+        fxprune.trace(captured, {"pixel_values": x})
+
+
+def test_an_argument_the_models_forward_does_not_take_is_refused_naming_it():
+    model = timm_vit("deit_small_patch16_224", depth=2)
+    with pytest.raises(TraceError, match="takes no keyword argument 'labels'"):
+        fxprune.trace(model, {"x": image_batch(model), "labels": torch.tensor([1, 2, 3])})
+    with pytest.raises(TraceError, match="hold no tensor"):
+        fxprune.trace(hf_vit(), {"return_dict": True})
+
+
 def test_shape_conditions_resolved_during_capture_are_recorded_as_guards():
     info = fxprune.trace(hf_vit()).meta["fxprune_trace"]
     assert info.guards, "HF's dtype and sequence-length checks are resolved from example values"
@@ -292,8 +336,8 @@ def test_within_reusing_captures_a_model_is_traced_once_per_input_layout_and_mod
         fxprune.trace(model, (x,))
         fxprune.trace(model.train())
         fxprune.trace(other)
+        fxprune.trace(model.eval(), {"x": x})  # the same input by name: the same capture
         assert traced == [model] * 3 + [other]
-        model.eval()
     fxprune.trace(model)
     assert len(traced) == 5  # the captures end with the block
     topk, captured, tome = gms

@@ -51,6 +51,14 @@ def test_flops_is_per_image_and_linear_counts_in_times_out():
     assert fxprune.flops(linear, torch.randn(5, 7, 3)) == 7 * 3 * 4
 
 
+def test_flops_of_arguments_by_name_counts_per_image_of_the_first_tensor():
+    mha = nn.MultiheadAttention(16, 4, batch_first=True)
+    x, memory = torch.randn(5, 3, 16), torch.randn(5, 7, 16)
+    positional = fxprune.flops(mha, (x, memory, memory))
+    assert positional == 3 * 16 * 16 + 2 * 7 * 16 * 16 + 2 * 3 * 7 * 16 + 3 * 16 * 16
+    assert fxprune.flops(mha, {"query": x, "key": memory, "value": memory, "need_weights": False}) == positional
+
+
 def test_plan_macs_match_measured_flops():
     model = timm_vit("deit_small_patch16_224")
     gm = fxprune.transform(model, EViT(0.5, (1, 2)))

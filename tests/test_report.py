@@ -10,7 +10,7 @@ def test_report_shows_plan_capture_and_inserted_nodes():
     text = str(fxprune.report(gm))
     assert "fxprune plan for VisionTransformer" in text
     assert "MACs per image:" in text
-    assert "captured VisionTransformer on inputs (2, 3, 32, 32)" in text
+    assert "captured VisionTransformer on inputs x [2, 3, 32, 32]" in text
     assert "inserted nodes (4):" in text
     assert "blocks_1_class_attn = fxprune.ops.scoring.class_attention(" in text
     assert "blocks_2_evit = fxprune.ops.selection.evit_select(" in text

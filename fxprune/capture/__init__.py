@@ -22,6 +22,7 @@ directly).
 """
 
 from .mha import decompose_multihead_attention as decompose_multihead_attention
+from .tracer import ExampleInputs as ExampleInputs
 from .tracer import Guard, TraceInfo, default_example_inputs, reusing_captures, trace
 from .tracer import ReloadTracer as ReloadTracer  # graphs saved before the split name fxprune.capture.ReloadTracer
 from .values import ValuePropagationError, propagate

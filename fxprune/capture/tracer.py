@@ -10,7 +10,7 @@ import inspect
 import re
 import sys
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -24,6 +24,9 @@ from .asserts import PROXY, complete_assert_messages
 from .codegen import DirectGraphModule
 from .mha import decompose_multihead_attention
 from .values import _first_line, fake_mode, fake_tensor, fake_weights, one_at_a_time, propagate
+
+ExampleInputs = Sequence[torch.Tensor] | torch.Tensor | Mapping[str, Any] | None
+"""A model's example inputs: one tensor, a sequence of its first positional arguments, or its arguments by name."""
 
 _MISSING = object()
 _MAX_LEAF_RETRIES = 32
@@ -50,6 +53,9 @@ class TraceInfo:
 
     model_class: str
     example_shapes: list[tuple[int, ...]]
+    input_names: list[str] = dataclasses.field(default_factory=list)
+    example_dtypes: list[torch.dtype] = dataclasses.field(default_factory=list)
+    fixed: dict[str, Any] = dataclasses.field(default_factory=dict)  # arguments given a value for the capture
     leaves: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     guards: list[Guard] = dataclasses.field(default_factory=list)
     decomposed: list[str] = dataclasses.field(default_factory=list)
@@ -59,7 +65,10 @@ class TraceInfo:
     failed_value: str | None = None  # the first op whose example value could not be computed, and why
 
     def __str__(self) -> str:
-        lines = [f"captured {self.model_class} on inputs {', '.join(map(str, self.example_shapes))}"]
+        inputs = ", ".join(f"{name} {list(shape)}" for name, shape in zip(self.input_names, self.example_shapes))
+        lines = [f"captured {self.model_class} on inputs {inputs}"]
+        if self.fixed:
+            lines.append("  fixed for the capture: " + ", ".join(f"{k}={v!r}" for k, v in self.fixed.items()))
         for name, why in self.leaves:
             lines.append(f"  kept as a leaf: {name} ({why})")
         for name in self.decomposed:
@@ -89,7 +98,8 @@ def default_example_inputs(model: nn.Module, batch_size: int = 2) -> tuple[torch
     device = param.device if param is not None else "cpu"
     info = _fxprune_trace(model)
     if info is not None:
-        return tuple(torch.randn(batch_size, *shape[1:], dtype=dtype, device=device) for shape in info.example_shapes)
+        return tuple(_example_like((batch_size, *shape[1:]), kind, dtype, device)
+                     for shape, kind in zip(info.example_shapes, info.example_dtypes))
     size = _declared_image_size(model)
     chans = _declared_channels(model)
     if size is None:
@@ -100,6 +110,15 @@ def default_example_inputs(model: nn.Module, batch_size: int = 2) -> tuple[torch
     frames = _declared_frames(model)
     clip = () if frames is None else (frames,)
     return (torch.randn(batch_size, *clip, chans, *size, dtype=dtype, device=device),)
+
+
+def _example_like(shape: tuple[int, ...], kind: torch.dtype, dtype: torch.dtype, device: torch.device | str
+                  ) -> torch.Tensor:
+    """An example input of ``shape`` on ``device`` for one captured with dtype ``kind``: normal samples in ``dtype``
+    (the model's) for a floating one, zeros of ``kind`` for an integer or boolean one (labels, masks)."""
+    if kind.is_floating_point:
+        return torch.randn(shape, dtype=dtype, device=device)
+    return torch.zeros(shape, dtype=kind, device=device)
 
 
 def _as_hw(value: Any) -> tuple[int, int] | None:
@@ -383,22 +402,68 @@ def _registries() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
     return tuple(get_notrace_modules()), tuple(get_notrace_functions()) + graph_functions()
 
 
-def _entry_class(cls: type, names: Sequence[str]) -> type:
-    """A subclass of ``cls`` whose ``forward`` takes exactly ``names``; every other argument keeps its default."""
-    params = ", ".join(names)
-    namespace: dict[str, Any] = {"_forward": cls.forward}
-    exec(f"def forward(self, {params}):\n    return _forward(self, {params})\n", namespace)
+@dataclasses.dataclass(frozen=True)
+class _Inputs:
+    """What a capture calls the model with: ``tensors``, its inputs, given as the arguments ``names`` (by keyword
+    where ``by_keyword``, else positionally), and the arguments ``fixed`` for the capture (the others keep their
+    defaults)."""
+
+    names: tuple[str, ...]
+    tensors: tuple[torch.Tensor, ...]
+    fixed: dict[str, Any]
+    by_keyword: bool = False
+
+    def key(self) -> tuple:
+        """What tells two captures' inputs apart: names, shapes, dtypes, devices and fixed arguments."""
+        return (self.names, *((tuple(t.shape), t.dtype, t.device) for t in self.tensors), repr(self.fixed))
+
+
+def _entry_class(cls: type, inputs: _Inputs) -> type:
+    """A subclass of ``cls`` whose ``forward`` takes exactly ``inputs.names`` and calls ``cls.forward`` with them and
+    ``inputs.fixed``; every other argument keeps its default."""
+    params = ", ".join(inputs.names)
+    passed = [f"{name}={name}" for name in inputs.names] if inputs.by_keyword else list(inputs.names)
+    namespace: dict[str, Any] = {"_forward": cls.forward, "_fixed": inputs.fixed}
+    exec(f"def forward(self, {params}):\n    return _forward(self, {', '.join(passed)}, **_fixed)\n", namespace)
     return type(cls.__name__, (cls,), {"forward": namespace["forward"], "__module__": cls.__module__})
 
 
-def _input_names(model: nn.Module, count: int) -> list[str]:
-    names = []
-    for p in inspect.signature(model.forward).parameters.values():
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
-            names.append(p.name)
-    names = names[:count]
-    names += [f"input_{i}" for i in range(len(names), count)]
-    return names
+def _positional_inputs(model: nn.Module, tensors: tuple[torch.Tensor, ...]) -> _Inputs:
+    """``tensors`` as ``model``'s first positional arguments (``input_<i>`` past the ones its forward names)."""
+    names = [p.name for p in inspect.signature(model.forward).parameters.values()
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][: len(tensors)]
+    names += [f"input_{i}" for i in range(len(names), len(tensors))]
+    return _Inputs(tuple(names), tensors, {})
+
+
+def _named_inputs(model: nn.Module, arguments: Mapping[str, Any]) -> _Inputs:
+    """``arguments`` of ``model``'s forward by name: the tensors its inputs, in that order, the other values fixed
+    for the capture. Raises :class:`~fxprune.TraceError` for a name the forward does not take, or no tensor."""
+    parameters = inspect.signature(model.forward).parameters
+    any_keyword = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    for name in arguments:
+        if not any_keyword and (name not in parameters or parameters[name].kind is parameters[name].POSITIONAL_ONLY):
+            raise TraceError(
+                f"{type(model).__name__}.forward takes no keyword argument {name!r} (it takes "
+                f"{', '.join(parameters)}): name its arguments in example_inputs"
+            )
+    tensors = {name: value for name, value in arguments.items() if isinstance(value, torch.Tensor)}
+    if not tensors:
+        raise TraceError(f"example_inputs {list(arguments)} hold no tensor: give {type(model).__name__} at least one")
+    fixed = {name: value for name, value in arguments.items() if name not in tensors}
+    return _Inputs(tuple(tensors), tuple(tensors.values()), fixed, by_keyword=True)
+
+
+def _graph_inputs(gm: fx.GraphModule, arguments: Mapping[str, Any]) -> tuple[torch.Tensor, ...]:
+    """``arguments`` of a graph fxprune made, by name, in the order of its inputs. Raises
+    :class:`~fxprune.TraceError` unless they are tensors for exactly its inputs."""
+    names = [node.target for node in gm.graph.find_nodes(op="placeholder")]
+    if sorted(arguments) != sorted(names) or not all(isinstance(v, torch.Tensor) for v in arguments.values()):
+        raise TraceError(
+            f"the graph fxprune made takes the inputs {', '.join(names)} (its other arguments were fixed when it was "
+            f"captured): give a tensor for each, not {', '.join(arguments)}"
+        )
+    return tuple(arguments[name] for name in names)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -409,19 +474,23 @@ def _input_names(model: nn.Module, count: int) -> list[str]:
 @torch.inference_mode(False)  # fake tensors and their MACs are made outside it
 def trace(
     model: nn.Module,
-    example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
+    example_inputs: ExampleInputs = None,
     *,
     copy_weights: bool = False,
     training: bool | None = None,
 ) -> fx.GraphModule:
     """Capture ``model`` as a ``GraphModule`` with example values on every node.
 
-    ``example_inputs``: the model's inputs (a tensor for its one input), by default those of the size it declares,
-    batch 2. ``model`` is never modified: its modules are deep-copied first, keeping the same parameter and
-    buffer tensors (``copy_weights=True`` copies those too). ``training``: the mode whose code is captured (a
+    ``example_inputs``: the model's inputs (a tensor for its one input; a sequence, its first positional
+    arguments), by default those of the size it declares, batch 2; or its arguments by name, a mapping: the tensors
+    are the graph's inputs, in that order, and the other values are fixed for the capture (a Hugging Face model's
+    ``{"pixel_values": x, "labels": y, "output_hidden_states": True}``: its graph takes ``pixel_values`` and
+    ``labels``, positionally or by name, and returns the loss and the hidden states). Every argument not given
+    keeps its default. ``model`` is never modified: its modules are deep-copied first, keeping the same parameter
+    and buffer tensors (``copy_weights=True`` copies those too). ``training``: the mode whose code is captured (a
     branch on ``self.training`` keeps it), by default the model's. Returns a ``GraphModule`` with the original's
-    module names, in the mode captured (a capture of fxprune's: its own graph, in the model's mode);
-    ``gm.meta['fxprune_trace']`` is a :class:`TraceInfo`. Works within
+    module names, in the mode captured (a capture of fxprune's: its own graph, in the model's mode; its inputs by
+    name are its own inputs'); ``gm.meta['fxprune_trace']`` is a :class:`TraceInfo`. Works within
     ``torch.inference_mode()`` as without it, and in threads (one capture at a time). Raises
     :class:`~fxprune.TraceError` when the model cannot be captured.
     """
@@ -434,13 +503,19 @@ def trace(
         )
     if isinstance(example_inputs, torch.Tensor):  # the model's one input
         example_inputs = (example_inputs,)
-    example_inputs = tuple(example_inputs) if example_inputs is not None else default_example_inputs(model)
+    elif example_inputs is None:
+        example_inputs = default_example_inputs(model)
     if _fxprune_trace(model) is not None:
-        return _recapture(model, example_inputs, copy_weights)
+        named = isinstance(example_inputs, Mapping)
+        return _recapture(model, _graph_inputs(model, example_inputs) if named else tuple(example_inputs), copy_weights)
+    if isinstance(example_inputs, Mapping):
+        inputs = _named_inputs(model, example_inputs)
+    else:
+        inputs = _positional_inputs(model, tuple(example_inputs))
     training = model.training if training is None else training
     if _STORES:
-        return _copy_model(_stored_capture(_STORES[-1], model, example_inputs, training), copy_weights)
-    return _capture(model, example_inputs, copy_weights, training)
+        return _copy_model(_stored_capture(_STORES[-1], model, inputs, training), copy_weights)
+    return _capture(model, inputs, copy_weights, training)
 
 
 def _compiled(model: nn.Module) -> bool:
@@ -472,28 +547,27 @@ def reusing_captures() -> Iterator[None]:
 
 
 def _stored_capture(
-    store: list[tuple[nn.Module, tuple, fx.GraphModule]], model: nn.Module, example_inputs: tuple[torch.Tensor, ...],
-    training: bool,
+    store: list[tuple[nn.Module, tuple, fx.GraphModule]], model: nn.Module, inputs: _Inputs, training: bool
 ) -> fx.GraphModule:
-    """The capture of ``model`` in mode ``training`` on inputs like ``example_inputs`` in ``store``, made and stored
-    when missing."""
-    key = (training, *((tuple(t.shape), t.dtype, t.device) for t in example_inputs))
+    """The capture of ``model`` in mode ``training`` on inputs like ``inputs`` in ``store``, made and stored when
+    missing."""
+    key = (training, inputs.key())
     for owner, owner_key, gm in store:
         if owner is model and owner_key == key:
             return gm
-    gm = _capture(model, example_inputs, copy_weights=False, training=training)
+    gm = _capture(model, inputs, copy_weights=False, training=training)
     store.append((model, key, gm))
     return gm
 
 
-def _capture(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], copy_weights: bool, training: bool
-             ) -> fx.GraphModule:
+def _capture(model: nn.Module, inputs: _Inputs, copy_weights: bool, training: bool) -> fx.GraphModule:
     """:func:`trace` of a model that is not a capture of fxprune's, in mode ``training``."""
     root = _copy_model(model, copy_weights).train(training)
-    info = TraceInfo(type(model).__name__, [tuple(t.shape) for t in example_inputs])
+    info = TraceInfo(type(model).__name__, [tuple(t.shape) for t in inputs.tensors], list(inputs.names),
+                     [t.dtype for t in inputs.tensors], inputs.fixed)
     info.prefix_tokens_attr = _int_attr(model, "num_prefix_tokens")
     info.class_token_attr = _class_token_attr(model)
-    graph, tracer = _trace_with_leaf_retries(root, example_inputs, info)
+    graph, tracer = _trace_with_leaf_retries(root, inputs, info)
     info.guards = tracer.guards
     info.failed_value = tracer.failed_value
     complete_assert_messages(graph, tracer.formatted)
@@ -510,24 +584,21 @@ def _capture(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], copy_we
     return gm
 
 
-def _trace_with_leaf_retries(
-    root: nn.Module, example_inputs: tuple[torch.Tensor, ...], info: TraceInfo
-) -> tuple[fx.Graph, _ValueTracer]:
-    """Trace ``root`` on ``example_inputs``; when a submodule's code fails, make it a leaf and retry.
+def _trace_with_leaf_retries(root: nn.Module, inputs: _Inputs, info: TraceInfo) -> tuple[fx.Graph, _ValueTracer]:
+    """Trace ``root`` on ``inputs``; when a submodule's code fails, make it a leaf and retry.
 
     Each leaf added is recorded in ``info.leaves``. During tracing ``root``'s forward takes exactly one argument
-    per example input. Returns the graph and the tracer that made it (its guards and fake mode).
+    per input tensor (:func:`_entry_class`). Returns the graph and the tracer that made it (its guards and fake mode).
     Raises :class:`~fxprune.TraceError` when the failure is outside any submodule or after too many retries.
     """
     leaf_types, autowrap = _registries()
     leaf_names: set[str] = set()
     cls = type(root)
-    names = _input_names(root, len(example_inputs))
-    root.__class__ = _entry_class(cls, names)
+    root.__class__ = _entry_class(cls, inputs)
     try:
         for _ in range(_MAX_LEAF_RETRIES):
             tracer = _ValueTracer(leaf_types, leaf_names, autowrap)
-            tracer.example_args = {n: fake_tensor(t) for n, t in zip(names, example_inputs)}
+            tracer.example_args = {n: fake_tensor(t) for n, t in zip(inputs.names, inputs.tensors)}
             try:
                 graph = tracer.trace(root)
                 break
@@ -558,7 +629,8 @@ def _recapture(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], cop
     for node, tensor in zip(new.graph.find_nodes(op="placeholder"), example_inputs):
         node.meta["val"] = fake_tensor(tensor)
     new.meta["fxprune_trace"] = dataclasses.replace(
-        new.meta["fxprune_trace"], example_shapes=[tuple(t.shape) for t in example_inputs]
+        new.meta["fxprune_trace"], example_shapes=[tuple(t.shape) for t in example_inputs],
+        example_dtypes=[t.dtype for t in example_inputs],
     )
     propagate(new)
     return new
