@@ -76,6 +76,9 @@ def rewrite(
             training = analyse(captured)
             train_gm = apply_passes(training.gm, training, rows, restore=restore)
             verify(train_gm, training, planned, second_batch)
+            note = ("the model's code differs in training mode (it branches on self.training, as dropout does): "
+                    "that code is rewritten alike and runs in training mode; this plan is the evaluation code's")
+            planned = dataclasses.replace(planned, notes=(*planned.notes, note))
     if train_gm is not None:
         check_guards_at_run(train_gm, training.trace)
         gm = _with_training_graph(gm, train_gm)

@@ -42,6 +42,7 @@ def test_a_model_transformed_in_training_mode_evaluates_as_the_original_and_trai
     gm = fxprune.transform(model, EViT(1.0, (1, 2)))
     assert gm.training and model.training
     assert "dropout_p = 0.5" in gm.train_code and "dropout_p = 0.5" not in gm.code
+    assert any("differs in training mode" in note for note in gm.fxprune_plan.notes)
     with torch.no_grad():
         assert not torch.equal(gm(x), gm(x))  # training mode: its dropout
         gm.eval()
@@ -64,6 +65,7 @@ def test_a_module_only_training_code_calls_is_kept_for_the_training_graph():
 def test_a_model_whose_code_does_not_branch_on_its_mode_keeps_one_graph_in_training_mode():
     gm = fxprune.transform(timm_vit("deit_small_patch16_224", depth=3).train(), EViT(0.7, (1,)))
     assert gm.training and not hasattr(gm, "train_graph")
+    assert not any("differs in training mode" in note for note in gm.fxprune_plan.notes)
 
 
 def test_a_learned_method_trains_with_the_models_training_code_transformed_in_evaluation_mode():
