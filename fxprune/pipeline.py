@@ -76,7 +76,7 @@ def rewrite(
             training = analyse(captured)
             train_gm = apply_passes(training.gm, training, rows, restore=restore)
             verify(train_gm, training, planned, second_batch)
-            note = ("the model's code differs in training mode (it branches on self.training, as dropout does): "
+            note = ("the model's code differs in training mode (it branches on self.training, e.g. for dropout): "
                     "that code is rewritten alike and runs in training mode; this plan is the evaluation code's")
             planned = dataclasses.replace(planned, notes=(*planned.notes, note))
     if train_gm is not None:

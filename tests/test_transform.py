@@ -50,6 +50,21 @@ def test_a_model_transformed_in_training_mode_evaluates_as_the_original_and_trai
         torch.testing.assert_close(gm(x), model(x), atol=1e-5, rtol=0)
 
 
+def test_multihead_attention_keeps_its_attention_dropout_in_training_mode():
+    model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=3, num_heads=4,
+                                                 hidden_dim=64, mlp_dim=128, attention_dropout=0.5).train()
+    torch.nn.init.normal_(model.heads.head.weight, std=0.02)  # torchvision starts it at zero: all logits 0
+    x = image_batch(model)
+    gm = fxprune.transform(model, EViT(1.0, (1, 2)))
+    assert "dropout_p = 0.5" in gm.train_code and "dropout_p" not in gm.code
+    with torch.no_grad():
+        torch.manual_seed(1)
+        expected = model(x)
+        torch.manual_seed(1)
+        torch.testing.assert_close(gm(x), expected, atol=1e-5, rtol=0)  # the same attention weights dropped
+        assert not torch.equal(gm(x), gm(x))
+
+
 def test_a_module_only_training_code_calls_is_kept_for_the_training_graph():
     model = timm_vit("deit_small_patch16_224", depth=3, patch_drop_rate=0.5).train()  # skipped in evaluation mode
     x = image_batch(model)

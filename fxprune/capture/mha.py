@@ -17,23 +17,25 @@ if TYPE_CHECKING:
     from .tracer import TraceInfo
 
 
-def _mha_self_attention(x, in_w, in_b, out_w, out_b, num_heads: int, batch_first: bool):
-    """Self-attention of ``nn.MultiheadAttention`` as primitives: ``[B, N, C]`` (or ``[N, B, C]``) in and out."""
+def _mha_self_attention(x, in_w, in_b, out_w, out_b, num_heads: int, batch_first: bool, dropout_p: float):
+    """Self-attention of ``nn.MultiheadAttention`` as primitives, its attention weights dropped with probability
+    ``dropout_p`` (in training mode): ``[B, N, C]`` (or ``[N, B, C]``) in and out."""
     if not batch_first:
         x = x.transpose(0, 1)
     B, N, C = x.shape
     qkv = F.linear(x, in_w, in_b).reshape(B, N, 3, num_heads, C // num_heads).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
-    o = F.scaled_dot_product_attention(q, k, v)
+    o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p) if dropout_p else \
+        F.scaled_dot_product_attention(q, k, v)
     o = F.linear(o.transpose(1, 2).reshape(B, N, C), out_w, out_b)
     if not batch_first:
         o = o.transpose(0, 1)
     return o
 
 
-def _mha_graph(num_heads: int, batch_first: bool) -> fx.Graph:
+def _mha_graph(num_heads: int, batch_first: bool, dropout_p: float) -> fx.Graph:
     def self_attention(x, in_w, in_b, out_w, out_b):
-        return _mha_self_attention(x, in_w, in_b, out_w, out_b, num_heads, batch_first)
+        return _mha_self_attention(x, in_w, in_b, out_w, out_b, num_heads, batch_first, dropout_p)
 
     return fx.Tracer().trace(self_attention)
 
@@ -56,7 +58,7 @@ def _mha_refusal(mha: nn.MultiheadAttention, node: fx.Node) -> str | None:
 def decompose_multihead_attention(gm: fx.GraphModule, info: TraceInfo) -> None:
     """Canonicalising pass run by :func:`~fxprune.capture.trace`: every ``nn.MultiheadAttention`` leaf of ``gm``
     called as plain self-attention becomes ``linear -> SDPA -> linear`` nodes, so that the attention passes see
-    it like any other attention.
+    it like any other attention (with the module's attention dropout where it is in training mode).
 
     Decomposed modules are listed in ``info.decomposed``; a module left as a leaf gets a note in ``info.notes``
     saying why. When anything was decomposed, ``gm`` is recompiled and its example values propagated again.
@@ -70,12 +72,7 @@ def decompose_multihead_attention(gm: fx.GraphModule, info: TraceInfo) -> None:
         if why is not None:
             info.notes.append(f"{node.target} (nn.MultiheadAttention) left as a leaf: {why}")
             continue
-        if mha.dropout > 0:
-            info.notes.append(
-                f"{node.target}: attention dropout p={mha.dropout} is not part of the decomposed graph "
-                "(inference is exact; training runs without attention dropout)"
-            )
-        sub = _mha_graph(mha.num_heads, mha.batch_first)
+        sub = _mha_graph(mha.num_heads, mha.batch_first, mha.dropout if mha.training else 0.0)
         with gm.graph.inserting_before(node):
             attrs = [
                 gm.graph.get_attr(f"{node.target}.{p}")
