@@ -16,6 +16,7 @@ from .capture.values import one_at_a_time
 from .errors import PolicyError
 from .methods import method_of
 from .passes import apply_passes
+from .passes.common import remove_dead_code
 from .passes.guards import check_guards_at_run
 from .passes.learned import (
     LEARNED_PREFIX,
@@ -48,7 +49,8 @@ def rewrite(
     captured batch size only, as :func:`plan` with ``fast``; ``restore`` as there) and :func:`plan` reports. The
     graph is the model's code in evaluation mode. A plan with learned methods also gets a training graph
     (:class:`~fxprune.passes.learned.TrainEvalGraphModule`), from a second capture in training mode; so does a model
-    in training mode whose code differs between the modes (it branches on ``self.training``), rewritten alike."""
+    whose code differs between the modes (it branches on ``self.training``), rewritten alike, where it is in
+    training mode or has a dropout rate (:func:`_has_dropout`; a model with neither is captured once)."""
     files = _weights_files(policy)
     backbone = next(((path, saved["backbone"]) for path, saved in files.items() if "backbone" in saved), None)
     captured = trace(model, example_inputs, copy_weights=copy_weights or backbone is not None, training=False)
@@ -70,7 +72,7 @@ def rewrite(
         training = analyse(trace(model, example_inputs, copy_weights=False, training=True))
         train_gm = apply_passes(_with_modules(training, learned), training, rows, train=True)
         verify_training(train_gm, training, planned)
-    elif model.training:
+    elif model.training or _has_dropout(model):
         captured = trace(model, example_inputs, copy_weights=False, training=True)
         if captured.code != evaluation_code:  # the model's code branches on its mode
             training = analyse(captured)
@@ -82,7 +84,7 @@ def rewrite(
     if train_gm is not None:
         check_guards_at_run(train_gm, training.trace)
         gm = _with_training_graph(gm, train_gm)
-    gm.graph.eliminate_dead_code()  # what the rewrites left unused does not run, so its MACs do not count
+    remove_dead_code(gm.graph)  # what the rewrites left unused does not run, so its MACs do not count
     measured = planned.measured(
         measure_tokens(program, planned), dense_macs, macs_per_block(gm, program.blocks, program.batch)
     )
@@ -91,6 +93,16 @@ def rewrite(
     add_in_place(gm)
     _finalize(gm, measured)
     return gm.train(model.training), measured
+
+
+def _has_dropout(model: nn.Module) -> bool:
+    """Whether a module of ``model`` has a positive dropout rate: a float attribute ``p`` or ``prob``, or one whose
+    name says "drop", above 0 (``nn.Dropout``, timm's drop path and patch dropout, ``nn.MultiheadAttention``'s and
+    Hugging Face's attention dropout): the code that uses it may differ in training mode."""
+    return any(
+        isinstance(value, float) and value > 0 and (name in ("p", "prob") or "drop" in name.lower())
+        for module in model.modules() for name, value in vars(module).items()
+    )
 
 
 def _weights_files(policy: Policy | Compose) -> dict[str, dict]:
@@ -167,7 +179,7 @@ def _finalize(gm: fx.GraphModule, the_plan: Plan) -> None:
     runs, which reads modules and parameters directly (:mod:`fxprune.capture.codegen`)."""
     graphs = [gm.graph] + ([gm.train_graph] if isinstance(gm, TrainEvalGraphModule) else [])
     for graph in graphs:
-        graph.eliminate_dead_code()
+        remove_dead_code(graph)
         for node in graph.nodes:
             node.meta.pop("val", None)
             node.meta.pop("macs", None)

@@ -50,6 +50,34 @@ def test_a_model_transformed_in_training_mode_evaluates_as_the_original_and_trai
         torch.testing.assert_close(gm(x), model(x), atol=1e-5, rtol=0)
 
 
+def _same_in_training(gm: torch.nn.Module, model: torch.nn.Module, x: torch.Tensor) -> None:
+    """Assert that ``gm`` and ``model`` in training mode give ``x`` the same output from the same random seed."""
+    gm.train()
+    model.train()
+    with torch.no_grad():
+        torch.manual_seed(1)
+        expected = model(x)
+        torch.manual_seed(1)
+        torch.testing.assert_close(gm(x), expected, atol=1e-5, rtol=0)
+
+
+def test_a_model_with_dropout_transformed_in_evaluation_mode_trains_with_it():
+    model = timm_vit("deit_small_patch16_224", depth=3, attn_drop_rate=0.5).eval()
+    x = image_batch(model)
+    gm = fxprune.transform(model, EViT(1.0, (1, 2)))
+    assert not gm.training and "dropout_p = 0.5" in gm.train_code
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), atol=1e-5, rtol=0)
+    _same_in_training(gm, model, x)  # the same attention weights dropped
+
+
+def test_drop_path_in_a_rewritten_training_graph_scales_the_paths_it_keeps():
+    model = timm_vit("deit_small_patch16_224", depth=3, drop_path_rate=0.5).train()
+    gm = fxprune.transform(model, EViT(1.0, (1, 2)))
+    assert ".div_(" in gm.train_code  # in place, its result unused: not dead code
+    _same_in_training(gm, model, image_batch(model))
+
+
 def test_multihead_attention_keeps_its_attention_dropout_in_training_mode():
     model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=3, num_heads=4,
                                                  hidden_dim=64, mlp_dim=128, attention_dropout=0.5).train()
@@ -57,12 +85,7 @@ def test_multihead_attention_keeps_its_attention_dropout_in_training_mode():
     x = image_batch(model)
     gm = fxprune.transform(model, EViT(1.0, (1, 2)))
     assert "dropout_p = 0.5" in gm.train_code and "dropout_p" not in gm.code
-    with torch.no_grad():
-        torch.manual_seed(1)
-        expected = model(x)
-        torch.manual_seed(1)
-        torch.testing.assert_close(gm(x), expected, atol=1e-5, rtol=0)  # the same attention weights dropped
-        assert not torch.equal(gm(x), gm(x))
+    _same_in_training(gm, model, x)  # the same attention weights dropped
 
 
 def test_a_module_only_training_code_calls_is_kept_for_the_training_graph():

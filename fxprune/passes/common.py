@@ -64,6 +64,21 @@ class Rewrite:
     rows: fx.Node | None = None
 
 
+def _changes_an_argument(node: fx.Node) -> bool:
+    """Whether ``node`` calls an in-place method or function (``x.div_(p)``, ``torch.relu_(x)``): one whose result
+    nothing reads may have changed a tensor that something does."""
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return node.op in ("call_method", "call_function") and isinstance(name, str) and name.endswith("_") \
+        and not name.endswith("__")
+
+
+def remove_dead_code(graph: fx.Graph) -> None:
+    """Remove the nodes of ``graph`` whose values nothing uses, as ``fx.Graph.eliminate_dead_code`` does, but for
+    in-place calls, which it removes too: timm's drop path scales its random mask in place
+    (``mask.div_(keep_prob)``) and reads the mask, not the call's result."""
+    graph.eliminate_dead_code(is_impure_node=lambda node: node.is_impure() or _changes_an_argument(node))
+
+
 def tag_of(node: fx.Node) -> Tag | None:
     """The tag of a node fxprune inserted, else None."""
     return node.meta.get("fxprune")

@@ -29,7 +29,7 @@ from ..capture.codegen import direct_forward, pickled_code
 from ..capture.tracer import fetch_attr
 from ..errors import PolicyError
 from ..ops.emitting import emit  # noqa: F401  (here before it moved: a model pickled then imports it from here)
-from .common import Role, attribute, insert_call
+from .common import Role, attribute, insert_call, remove_dead_code
 from .skipping import call_module, run_if_used
 
 __all__ = [
@@ -152,7 +152,7 @@ def drop_eval_identities(gm: fx.GraphModule) -> None:
                     if not (_identity_in_eval(attribute(gm, value)) and _pass_through(part, slot))]
             part.recompile()
             node.args = (images, sublayer, *kept)
-    gm.graph.eliminate_dead_code()
+    remove_dead_code(gm.graph)
     gm.recompile()
 
 
