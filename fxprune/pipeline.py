@@ -58,7 +58,7 @@ def rewrite(
     program = analyse(captured)
     planned = make_plan(program, policy, restore)
     written = tuple(f"{Path(path).name}: {note}" for path, saved in files.items() for note in saved.get("notes", ()))
-    planned = dataclasses.replace(planned, notes=(*planned.notes, *written))
+    planned = dataclasses.replace(planned, notes=(*planned.notes, *written, *_checkpointing_notes(model)))
     rows = planned.rows
     learned = _learned_modules(model, program, rows, files)
     if backbone is not None:
@@ -93,6 +93,22 @@ def rewrite(
     add_in_place(gm)
     _finalize(gm, measured)
     return gm.train(model.training), measured
+
+
+_CHECKPOINTING = ("grad_checkpointing", "gradient_checkpointing", "activation_checkpointing")
+
+
+def _checkpointing_notes(model: nn.Module) -> tuple[str, ...]:
+    """A note where a module of ``model`` has gradient checkpointing on (timm's ``set_grad_checkpointing``, Hugging
+    Face's ``gradient_checkpointing_enable``): the capture runs through ``torch.utils.checkpoint``, so the graph
+    keeps every activation for the backward pass."""
+    on = [name or type(model).__name__ for name, module in model.named_modules()
+          if any(getattr(module, flag, False) is True for flag in _CHECKPOINTING)]
+    if not on:
+        return ()
+    return (f"gradient checkpointing (on in {', '.join(on[:3])}{', …' if len(on) > 3 else ''}) is not kept: the "
+            "graph runs every block whole and keeps its activations for the backward pass (training needs the "
+            "memory it needs without checkpointing)",)
 
 
 def _has_dropout(model: nn.Module) -> bool:
