@@ -58,7 +58,8 @@ def rewrite(
     program = analyse(captured)
     planned = make_plan(program, policy, restore)
     written = tuple(f"{Path(path).name}: {note}" for path, saved in files.items() for note in saved.get("notes", ()))
-    planned = dataclasses.replace(planned, notes=(*planned.notes, *written, *_checkpointing_notes(model)))
+    captured_notes = (*program.trace.notes, *_checkpointing_notes(model))
+    planned = dataclasses.replace(planned, notes=(*planned.notes, *written, *captured_notes))
     rows = planned.rows
     learned = _learned_modules(model, program, rows, files)
     if backbone is not None:

@@ -86,6 +86,16 @@ def test_an_argument_the_models_forward_does_not_take_is_refused_naming_it():
         fxprune.trace(hf_vit(), {"return_dict": True})
 
 
+def test_hooks_of_modules_the_graph_runs_the_code_of_are_noted_in_the_plan():
+    model = timm_vit("deit_small_patch16_224", depth=3)
+    model.blocks[1].register_forward_hook(lambda module, args, out: None)
+    model.blocks[2].attn.qkv.register_forward_pre_hook(lambda module, args: None)  # a leaf: the graph calls it
+    notes = fxprune.plan(model, fxprune.EViT(0.5, (1, 2)), fast=True).notes
+    assert [note for note in notes if "hooks" in note] == [
+        "the hooks of blocks.1 do not run: the graph runs the code of these modules, not the modules (register hooks "
+        "on the modules the graph calls, its leaves, or read values from the graph's nodes)"]
+
+
 def test_shape_conditions_resolved_during_capture_are_recorded_as_guards():
     info = fxprune.trace(hf_vit()).meta["fxprune_trace"]
     assert info.guards, "HF's dtype and sequence-length checks are resolved from example values"

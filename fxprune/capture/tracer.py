@@ -579,9 +579,25 @@ def _capture(model: nn.Module, inputs: _Inputs, copy_weights: bool, training: bo
             node.meta["val"] = fake_tensor(value) if isinstance(value, torch.Tensor) else value
     gm.meta["fxprune_trace"] = info
     decompose_multihead_attention(gm, info)
+    info.notes.extend(_hook_notes(model, gm))
     _restore_state(gm, root)
     gm.train(training)
     return gm
+
+
+_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+def _hook_notes(model: nn.Module, gm: fx.GraphModule) -> list[str]:
+    """A note naming the modules of ``model`` with forward or backward hooks that ``gm``, its capture, does not call
+    (its code was traced through, or the model itself): their hooks do not run in the graph."""
+    called = {node.target for node in gm.graph.find_nodes(op="call_module")}
+    hooked = [name or type(model).__name__ for name, module in model.named_modules()
+              if name not in called and any(getattr(module, hooks, None) for hooks in _HOOKS)]
+    if not hooked:
+        return []
+    return [f"the hooks of {', '.join(hooked)} do not run: the graph runs the code of these modules, not the modules "
+            "(register hooks on the modules the graph calls, its leaves, or read values from the graph's nodes)"]
 
 
 def _trace_with_leaf_retries(root: nn.Module, inputs: _Inputs, info: TraceInfo) -> tuple[fx.Graph, _ValueTracer]:
