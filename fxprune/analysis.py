@@ -907,6 +907,22 @@ def _beside_attention(site: AttentionSite, anchor: fx.Node, mid: fx.Node) -> fx.
     return None
 
 
+def _residual_addition(site: AttentionSite) -> fx.Node | None:
+    """The first addition after the attention's output that adds a value the attention is computed from (the
+    block's residual addition), or None."""
+    before = ancestors([site.node])
+    todo, seen = [site.output], set()
+    while todo:
+        node = todo.pop(0)
+        if node in seen:
+            continue
+        seen.add(node)
+        if _is_add(node) and any(arg in before for arg in node.all_input_nodes):
+            return node
+        todo.extend(user for user in node.users if not is_shape_read(user))
+    return None
+
+
 def _block(
     index: int, site: AttentionSite, anchor: fx.Node, mid: fx.Node | None, batch: int, prefix: int,
     on_stream: set[fx.Node], data: set[fx.Node],
@@ -959,6 +975,13 @@ def _refusal(
             "a later block's as a token sequence (a sum of several blocks' outputs)"
         ), True
     if not _is_add(mid) or anchor not in mid.all_input_nodes:
+        residual = _residual_addition(site)
+        if residual is not None:
+            return (
+                f"its residual addition {residual.name} is not on the token stream: the model's output also reads "
+                "this block's tokens and joins them with a later block's as a token sequence (a sum of several "
+                "blocks' outputs)"
+            ), True
         return "no residual addition of the block input after attention", False
     beside = _beside_attention(site, anchor, mid)
     if beside is not None:

@@ -2,6 +2,7 @@ import pytest
 import timm
 import torch
 import torchvision
+from torch import nn
 from vits import (
     ALL_MODELS,
     PREFIX_TOKENS,
@@ -17,6 +18,7 @@ from vits import (
 )
 
 import fxprune
+from fxprune import EViT
 from fxprune.errors import UnsupportedModelError
 
 
@@ -260,6 +262,34 @@ def test_tokens_of_intermediate_blocks_read_by_a_neck_are_read_apart_and_the_str
     assert {reader.target for _, reader in program.reads_apart} == {"backbone.layernorm"}
     assert "read apart from the stream: 3 value(s) of intermediate blocks, by backbone.layernorm" in str(program)
     assert program.readout.patches == "ordered"  # its neck convolves the last block's tokens as a grid
+
+
+class _SummedStages(nn.Module):
+    """The hand-written ViT whose output reads the sum of every stage's tokens (or, ``residual=False``, whose stages
+    add no residual)."""
+
+    image_size = 32
+
+    def __init__(self, residual: bool = True):
+        super().__init__()
+        self.vit, self.residual = hand_written_vit(), residual
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        tokens, total = self.vit.embed(images), 0
+        for stage in self.vit.stages:
+            tokens = stage(tokens) if self.residual else stage.ffn(stage.mix(stage.pre_mix(tokens)))
+            total = total + tokens
+        return self.vit.classifier(total[:, 0])
+
+
+def test_a_sum_of_several_blocks_tokens_is_refused_as_such_and_a_block_without_residual_as_that():
+    summed = fxprune.analyse(_SummedStages())
+    assert [block.reducible for block in summed.blocks] == [True, False, False, False]
+    assert all("a sum of several blocks' outputs" in block.refusal for block in summed.blocks[1:])
+    with pytest.raises(UnsupportedModelError, match="its residual addition add_.* is not on the token stream"):
+        fxprune.transform(_SummedStages(), EViT(0.5, (2,)))
+    refusals = {block.refusal for block in fxprune.analyse(_SummedStages(residual=False)).blocks[1:]}
+    assert refusals == {"no residual addition of the block input after attention"}
 
 
 def test_attention_of_learned_queries_alone_is_listed_and_left_as_is():

@@ -374,6 +374,7 @@ _SHORT = (  # the reasons of common refusals, said in a few words (the full reas
     (r"between q @ kᵀ and the softmax", "a bias added to the attention logits"),
     (r"tokens after the patches", "tokens after the patches (detection tokens)"),
     (r"stream leaves the tokens", "the token stream leaves the tokens"),
+    (r"residual addition .* is not on the token stream", "a sum of several blocks' tokens"),
 )
 
 
