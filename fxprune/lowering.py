@@ -18,7 +18,7 @@ __all__ = ["lower", "LoweredModule"]
 
 class LoweredModule(nn.Module):
     """A compiled module: marks dimension 0 of every input dynamic (``dynamic_batch``), then calls the compiled
-    graph. An input the graph cannot be compiled for raises what the module raises in eager mode, where it raises
+    graph with them (by position or by name, as the module takes them). An input the graph cannot be compiled for raises what the module raises in eager mode, where it raises
     (a transformed model's :class:`~fxprune.CapturedShapeError` for an input of another size), not torch's error.
 
     The wrapped module stays available as ``.module`` (its parameters are this module's parameters).
@@ -30,15 +30,15 @@ class LoweredModule(nn.Module):
         self._compiled = compiled
         self.dynamic_batch = dynamic_batch
 
-    def forward(self, *args: Any) -> Any:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.dynamic_batch:
-            for arg in args:
+            for arg in (*args, *kwargs.values()):
                 if isinstance(arg, torch.Tensor) and arg.dim() > 0:
                     torch._dynamo.maybe_mark_dynamic(arg, 0)
         try:
-            return self._compiled(*args)
+            return self._compiled(*args, **kwargs)
         except torch._dynamo.exc.Unsupported:  # e.g. an exception the module raises for these inputs, as compiled
-            self.module(*args)
+            self.module(*args, **kwargs)
             raise
 
 

@@ -24,6 +24,19 @@ def test_hugging_face_model_compiles_as_one_graph():
     assert counter.frame_count == 1
 
 
+def test_inputs_given_by_name_compile_once_for_every_batch():
+    model = hf_vit()
+    arguments = {"pixel_values": image_batch(model), "labels": torch.tensor([1, 7, 3])}
+    gm = fxprune.transform(model, EViT(0.5, (1,)), example_inputs=arguments)
+    counter = CompileCounter()
+    lowered = fxprune.lower(gm, backend=counter)
+    for batch in (2, 5):
+        x, labels = image_batch(model, batch=batch), torch.arange(batch)
+        with torch.no_grad():
+            torch.testing.assert_close(lowered(labels=labels, pixel_values=x).loss, gm(x, labels).loss)
+    assert counter.frame_count == 1
+
+
 def test_inductor_output_matches_eager():
     model = timm_vit("vit_tiny_patch16_224", depth=2)
     gm = fxprune.transform(model, EViT(0.5, (0,)))
