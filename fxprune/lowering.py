@@ -18,8 +18,9 @@ __all__ = ["lower", "LoweredModule"]
 
 class LoweredModule(nn.Module):
     """A compiled module: marks dimension 0 of every input dynamic (``dynamic_batch``), then calls the compiled
-    graph with them (by position or by name, as the module takes them). An input the graph cannot be compiled for raises what the module raises in eager mode, where it raises
-    (a transformed model's :class:`~fxprune.CapturedShapeError` for an input of another size), not torch's error.
+    graph with them (by position or by name, as the module takes them). An input the graph cannot be compiled for
+    raises what the module raises in eager mode, where it raises (a transformed model's
+    :class:`~fxprune.CapturedShapeError` for an input of another size), not torch's error.
 
     The wrapped module stays available as ``.module`` (its parameters are this module's parameters).
     """

@@ -84,6 +84,8 @@ def test_an_argument_the_models_forward_does_not_take_is_refused_naming_it():
         fxprune.trace(model, {"x": image_batch(model), "labels": torch.tensor([1, 2, 3])})
     with pytest.raises(TraceError, match="hold no tensor"):
         fxprune.trace(hf_vit(), {"return_dict": True})
+    with pytest.raises(TraceError, match=r"example_inputs\['x'\] holds tensors in a list"):
+        fxprune.trace(model, {"x": [image_batch(model)]})
 
 
 def test_hooks_of_modules_the_graph_runs_the_code_of_are_noted_in_the_plan():

@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
+from torch.utils import _pytree as pytree
 
 from ..counting import MacCounter
 from ..errors import TraceError
@@ -438,7 +439,8 @@ def _positional_inputs(model: nn.Module, tensors: tuple[torch.Tensor, ...]) -> _
 
 def _named_inputs(model: nn.Module, arguments: Mapping[str, Any]) -> _Inputs:
     """``arguments`` of ``model``'s forward by name: the tensors its inputs, in that order, the other values fixed
-    for the capture. Raises :class:`~fxprune.TraceError` for a name the forward does not take, or no tensor."""
+    for the capture. Raises :class:`~fxprune.TraceError` for a name the forward does not take, no tensor, or a
+    value that holds tensors (a list of them: it would be fixed)."""
     parameters = inspect.signature(model.forward).parameters
     any_keyword = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
     for name in arguments:
@@ -448,9 +450,15 @@ def _named_inputs(model: nn.Module, arguments: Mapping[str, Any]) -> _Inputs:
                 f"{', '.join(parameters)}): name its arguments in example_inputs"
             )
     tensors = {name: value for name, value in arguments.items() if isinstance(value, torch.Tensor)}
+    fixed = {name: value for name, value in arguments.items() if name not in tensors}
+    for name, value in fixed.items():
+        if any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(value)):
+            raise TraceError(
+                f"example_inputs[{name!r}] holds tensors in a {type(value).__name__}: only a tensor is an input of "
+                "the graph, and other values are fixed for the capture; give each tensor as an argument of its own"
+            )
     if not tensors:
         raise TraceError(f"example_inputs {list(arguments)} hold no tensor: give {type(model).__name__} at least one")
-    fixed = {name: value for name, value in arguments.items() if name not in tensors}
     return _Inputs(tuple(tensors), tuple(tensors.values()), fixed, by_keyword=True)
 
 
