@@ -133,6 +133,24 @@ def test_after_a_block_that_removes_rows_skipping_takes_the_tables_at_the_used_r
         [fxprune.TopK(0.7, layers=(1,)), AdaViT(0.5, layers=(2, 3), skip=skip, init_logit=0.0)]))
 
 
+def _dynamically_quantized(model: torch.nn.Module) -> torch.nn.Module:
+    quantize = getattr(torch.ao.quantization, "quantize_dynamic", None)  # deprecated in torch 2.10
+    if quantize is None:
+        pytest.skip("this torch has no torch.ao.quantization.quantize_dynamic")
+    return quantize(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def test_a_quantized_projection_is_refused_naming_its_layer_while_parameter_free_methods_reduce_the_model():
+    quantized = _dynamically_quantized(timm_vit("deit_small_patch16_224", depth=3))
+    with pytest.raises(fxprune.UnsupportedModelError,
+                       match=r"queries come from blocks.1.attn.qkv, a torch.ao.nn.quantized.dynamic.*Linear, not an "):
+        fxprune.transform(quantized, AdaViT(0.5, layers=(1,)))
+    x = image_batch(quantized)
+    with torch.no_grad():
+        torch.testing.assert_close(fxprune.transform(quantized, fxprune.EViT(1.0, (1, 2)))(x), quantized(x),
+                                   atol=1e-5, rtol=0)
+
+
 def test_training_graph_matches_the_official_block_with_the_same_noise():
     model = _model()
     gm = fxprune.transform(model, AdaViT(0.5, layers=(1, 2))).train()

@@ -180,6 +180,21 @@ def _branch(add: fx.Node, residual: fx.Node) -> fx.Node | None:
     return others[0] if len(others) == 1 and isinstance(others[0], fx.Node) else None
 
 
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _module_producer(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The nearest call of a module whose class is named a linear layer (a quantized or low-rank one, as
+    ``DynamicQuantizedLinear``) that ``node`` is computed from, through the first node each reads; None: none."""
+    def named_linear(node: fx.Node) -> bool:
+        return node.op == "call_module" and "Linear" in type(gm.get_submodule(node.target)).__name__
+
+    while node is not None and not named_linear(node):
+        node = next(iter(node.all_input_nodes), None)
+    return node
+
+
 def block_parts(gm: fx.GraphModule, program: TokenProgram, block: Block, what: str) -> BlockParts:
     """Find :class:`BlockParts` of ``block`` structurally; raises :class:`~fxprune.UnsupportedModelError` naming the
     block and the part ``what`` (the method) could not find."""
@@ -193,7 +208,11 @@ def block_parts(gm: fx.GraphModule, program: TokenProgram, block: Block, what: s
         raise refuse("its keys and values are not one per query head")
     q_linear = producer(gm, site.q)
     if q_linear is None:
-        raise refuse("no linear layer makes its queries")
+        other = _module_producer(gm, site.q)
+        raise refuse("no linear layer makes its queries" if other is None else (
+            f"its queries come from {other.target}, a {_qualified(type(gm.get_submodule(other.target)))}, not an "
+            "nn.Linear or F.linear whose heads it can mask and slice (a quantized layer: AdaViT needs the float "
+            "model)"))
     attention_branch = _branch(block.mid, block.input) if block.mid is not None else None
     position = program.stream.index(block.mid) if block.mid in program.stream else -1
     mlp_add = program.stream[position + 1] if 0 <= position < len(program.stream) - 1 else None
