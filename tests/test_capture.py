@@ -78,12 +78,15 @@ def test_a_graph_with_an_integer_input_is_captured_again_on_inputs_given_in_any_
         fxprune.trace(captured, {"pixel_values": x})
 
 
-def test_an_argument_the_models_forward_does_not_take_is_refused_naming_it():
+def test_an_argument_the_models_forward_does_not_take_is_refused_naming_it_and_one_it_does_not_read_is_noted():
     model = timm_vit("deit_small_patch16_224", depth=2)
     with pytest.raises(TraceError, match="takes no keyword argument 'labels'"):
         fxprune.trace(model, {"x": image_batch(model), "labels": torch.tensor([1, 2, 3])})
     with pytest.raises(TraceError, match="hold no tensor"):
         fxprune.trace(hf_vit(), {"return_dict": True})
+    misspelt = {"pixel_values": image_batch(model), "lables": torch.tensor([1, 2, 3])}  # taken by **kwargs, unread
+    assert "the model does not read its input lables: nothing it computes depends on it" in \
+        fxprune.plan(hf_vit(), fxprune.EViT(0.5, (1,)), misspelt, fast=True).notes
     with pytest.raises(TraceError, match=r"example_inputs\['x'\] holds tensors in a list"):
         fxprune.trace(model, {"x": [image_batch(model)]})
 

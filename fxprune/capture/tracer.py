@@ -588,6 +588,8 @@ def _capture(model: nn.Module, inputs: _Inputs, copy_weights: bool, training: bo
     gm.meta["fxprune_trace"] = info
     decompose_multihead_attention(gm, info)
     info.notes.extend(_hook_notes(model, gm))
+    info.notes.extend(f"the model does not read its input {node.target}: nothing it computes depends on it"
+                      for node in gm.graph.find_nodes(op="placeholder") if not node.users)
     _restore_state(gm, root)
     gm.train(training)
     return gm
