@@ -12,10 +12,11 @@ from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
 from .analysis import TokenProgram, analyse
 from .capture import ExampleInputs, trace
-from .capture.values import one_at_a_time
+from .capture.values import one_at_a_time, propagate
 from .errors import PolicyError
 from .methods import method_of
 from .passes import apply_passes
+from .passes.checkpointing import checkpoint_blocks, checkpointing_on
 from .passes.common import remove_dead_code
 from .passes.guards import check_guards_at_run
 from .passes.learned import (
@@ -58,8 +59,8 @@ def rewrite(
     program = analyse(captured)
     planned = make_plan(program, policy, restore)
     written = tuple(f"{Path(path).name}: {note}" for path, saved in files.items() for note in saved.get("notes", ()))
-    captured_notes = (*program.trace.notes, *_checkpointing_notes(model))
-    planned = dataclasses.replace(planned, notes=(*planned.notes, *written, *captured_notes))
+    checkpointing = checkpointing_on(model)
+    planned = dataclasses.replace(planned, notes=(*planned.notes, *written, *program.trace.notes))
     rows = planned.rows
     learned = _learned_modules(model, program, rows, files)
     if backbone is not None:
@@ -73,17 +74,25 @@ def rewrite(
         training = analyse(trace(model, example_inputs, copy_weights=False, training=True))
         train_gm = apply_passes(_with_modules(training, learned), training, rows, train=True)
         verify_training(train_gm, training, planned)
-    elif model.training or _has_dropout(model):
+    elif model.training or _has_dropout(model) or checkpointing:
         captured = trace(model, example_inputs, copy_weights=False, training=True)
         if captured.code != evaluation_code:  # the model's code branches on its mode
-            training = analyse(captured)
-            train_gm = apply_passes(training.gm, training, rows, restore=restore)
-            verify(train_gm, training, planned, second_batch)
             note = ("the model's code differs in training mode (it branches on self.training, e.g. for dropout): "
                     "that code is rewritten alike and runs in training mode; this plan is the evaluation code's")
             planned = dataclasses.replace(planned, notes=(*planned.notes, note))
+        if captured.code != evaluation_code or checkpointing:
+            training = analyse(captured)
+            train_gm = apply_passes(training.gm, training, rows, restore=restore)
+            verify(train_gm, training, planned, second_batch)
     if train_gm is not None:
         check_guards_at_run(train_gm, training.trace)
+        if checkpointing:
+            note = (f"gradient checkpointing (on in {', '.join(checkpointing[:3])}"
+                    f"{', …' if len(checkpointing) > 3 else ''}): the training graph runs each of its "
+                    f"{checkpoint_blocks(train_gm, training)} blocks checkpointed, its activations computed again in "
+                    "the backward pass")
+            propagate(train_gm, store=False)
+            planned = dataclasses.replace(planned, notes=(*planned.notes, note))
         gm = _with_training_graph(gm, train_gm)
     remove_dead_code(gm.graph)  # what the rewrites left unused does not run, so its MACs do not count
     measured = planned.measured(
@@ -94,22 +103,6 @@ def rewrite(
     add_in_place(gm)
     _finalize(gm, measured)
     return gm.train(model.training), measured
-
-
-_CHECKPOINTING = ("grad_checkpointing", "gradient_checkpointing", "activation_checkpointing")
-
-
-def _checkpointing_notes(model: nn.Module) -> tuple[str, ...]:
-    """A note where a module of ``model`` has gradient checkpointing on (timm's ``set_grad_checkpointing``, Hugging
-    Face's ``gradient_checkpointing_enable``): the capture runs through ``torch.utils.checkpoint``, so the graph
-    keeps every activation for the backward pass."""
-    on = [name or type(model).__name__ for name, module in model.named_modules()
-          if any(getattr(module, flag, False) is True for flag in _CHECKPOINTING)]
-    if not on:
-        return ()
-    return (f"gradient checkpointing (on in {', '.join(on[:3])}{', …' if len(on) > 3 else ''}) is not kept: the "
-            "graph runs every block whole and keeps its activations for the backward pass (training needs the "
-            "memory it needs without checkpointing)",)
 
 
 def _has_dropout(model: nn.Module) -> bool:

@@ -98,14 +98,6 @@ def test_reducing_before_a_block_that_needs_every_token_is_refused():
         fxprune.transform(with_unclear_position_table_in_block_3(), EViT(0.5, (1,)))
 
 
-def test_gradient_checkpointing_that_the_graph_does_not_keep_is_noted():
-    model = timm_vit("deit_small_patch16_224", depth=2)
-    assert not any("checkpointing" in note for note in fxprune.plan(model, EViT(0.5, (1,)), fast=True).notes)
-    model.set_grad_checkpointing(True)
-    notes = fxprune.plan(model, EViT(0.5, (1,)), fast=True).notes
-    assert any("gradient checkpointing (on in VisionTransformer) is not kept" in note for note in notes)
-
-
 def test_plan_leaves_the_model_unchanged():
     model = timm_vit("deit_small_patch16_224")
     x = torch.randn(2, 3, 32, 32)
