@@ -73,7 +73,7 @@ def _checkpoint_region(gm: fx.GraphModule, inner: list[fx.Node], emits: list[fx.
 
 def checkpoint_blocks(gm: fx.GraphModule, program: TokenProgram) -> int:
     """Run each block of ``gm``, a training graph of ``program``, as one :func:`checkpointed` call (see the module
-    docstring). Returns how many blocks are."""
+    docstring). Returns how many blocks it checkpointed."""
     order = graph_order(gm)
     regions = []
     for entering, leaving in _ends(program):
