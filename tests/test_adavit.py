@@ -140,6 +140,7 @@ def _dynamically_quantized(model: torch.nn.Module) -> torch.nn.Module:
     return quantize(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")  # torch's own deprecation
 def test_a_quantized_projection_is_refused_naming_its_layer_while_parameter_free_methods_reduce_the_model():
     quantized = _dynamically_quantized(timm_vit("deit_small_patch16_224", depth=3))
     with pytest.raises(fxprune.UnsupportedModelError,
