@@ -957,6 +957,12 @@ def _refusal(
         ), False
     if shape is None or len(shape) != 3 or shape[0] != batch:
         return f"the stream entering it is {shape}, not a [B, N, C] token sequence", True
+    if site.batch != batch and (shape[0], shape[1]) == (site.queries, site.batch):
+        return (
+            f"the stream entering it is sequence first ({list(shape)}: [N, B, C], as nn.TransformerEncoder and "
+            "nn.MultiheadAttention lay it out unless batch_first=True); fxprune reduces a [B, N, C] stream: build "
+            "the model with batch_first=True"
+        ), True
     if site.batch != batch:
         return (
             f"attention runs over {site.batch} sequences for a batch of {batch} (windowed attention); "

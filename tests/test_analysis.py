@@ -292,6 +292,32 @@ def test_a_sum_of_several_blocks_tokens_is_refused_as_such_and_a_block_without_r
     assert refusals == {"no residual addition of the block input after attention"}
 
 
+def test_a_vit_on_torch_transformer_encoder_layers_is_traced_through_to_their_attention():
+    from fxprune.tools.zoo import Stack
+
+    torch.manual_seed(0)
+    program = fxprune.analyse(Stack(norm_first=False).eval())  # before: the encoder a module called whole
+    assert [block.name for block in program.blocks] == [f"encoder.layers.{i}" for i in range(3)]
+    assert all(block.reducible for block in program.blocks)
+
+
+class _SequenceFirst(nn.Module):
+    """Tokens ``[B, N, C]`` through ``nn.TransformerEncoder`` layers laid out ``[N, B, C]`` (PyTorch's default)."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(48, 3, 96), 2, enable_nested_tensor=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.encoder(tokens.transpose(0, 1))[0]
+
+
+def test_a_sequence_first_stream_is_refused_saying_so():
+    program = fxprune.analyse(_SequenceFirst().eval(), torch.randn(2, 17, 48))  # before: "windowed attention"
+    assert {block.refusal.split(":")[0] for block in program.blocks} == {
+        "the stream entering it is sequence first ([17, 2, 48]"}
+
+
 def test_attention_of_learned_queries_alone_is_listed_and_left_as_is():
     from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
 

@@ -30,6 +30,7 @@ ExampleInputs = Sequence[torch.Tensor] | torch.Tensor | Mapping[str, Any] | None
 """A model's example inputs: one tensor, a sequence of its first positional arguments, or its arguments by name."""
 
 _MISSING = object()
+_TRACED_THROUGH = (nn.TransformerEncoder, nn.TransformerEncoderLayer)  # torch.nn modules that hold attention
 _MAX_LEAF_RETRIES = 32
 
 
@@ -245,6 +246,8 @@ class _ValueTracer(_Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.leaf_names or isinstance(m, self.leaf_types):
             return True
+        if type(m) in _TRACED_THROUGH:
+            return False
         return super().is_leaf_module(m, qualname)
 
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:

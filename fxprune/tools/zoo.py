@@ -33,8 +33,8 @@ from ..methods import Method, methods
 from ..policies import Policy
 
 __all__ = [
-    "Entry", "Glance", "TINY_VIT", "Outcome", "ZOO", "try_method", "try_entry", "try_all", "short_reason", "table",
-    "with_table",
+    "Entry", "Glance", "Stack", "TINY_VIT", "Outcome", "ZOO", "try_method", "try_entry", "try_all", "short_reason",
+    "table", "with_table",
     "MARKERS",
 ]
 
@@ -162,6 +162,35 @@ class Glance(nn.Module):
         return self.decide(x.mean(1)) if self.reads == "mean" else x
 
 
+class Stack(nn.Module):
+    """A hand-written ViT on ``torch.nn.TransformerEncoder`` (batch first; ``norm_first``: pre-norm layers, else
+    post-norm as PyTorch's default), its output reading the class token."""
+
+    image_size = 32
+
+    def __init__(self, norm_first: bool, width: int = 48, heads: int = 3, depth: int = 3, patch: int = 8):
+        super().__init__()
+        self.patches = nn.Conv2d(3, width, patch, stride=patch)
+        self.cls = nn.Parameter(torch.randn(1, 1, width) * 0.02)
+        self.positions = nn.Parameter(torch.randn(1, (self.image_size // patch) ** 2 + 1, width) * 0.02)
+        layer = nn.TransformerEncoderLayer(width, heads, 2 * width, batch_first=True, norm_first=norm_first)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.head = nn.Linear(width, 5)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.patches(images).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.positions
+        return self.head(self.encoder(x)[:, 0])
+
+
+def _stack(norm_first: bool) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return Stack(norm_first).eval()
+
+    return build
+
+
 def _glance(reads: str) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         torch.manual_seed(0)
@@ -229,6 +258,8 @@ ZOO: tuple[Entry, ...] = (
     Entry("hand-written: summary token read alone", "hand-written", _glance("summary")),
     Entry("hand-written: mean over every token", "hand-written", _glance("mean")),
     Entry("hand-written: dense output", "hand-written", _glance("all")),
+    Entry("hand-written on nn.TransformerEncoder (pre-norm)", "hand-written", _stack(norm_first=True)),
+    Entry("hand-written on nn.TransformerEncoder (post-norm)", "hand-written", _stack(norm_first=False)),
 )
 
 
@@ -375,6 +406,7 @@ _SHORT = (  # the reasons of common refusals, said in a few words (the full reas
     (r"tokens after the patches", "tokens after the patches (detection tokens)"),
     (r"stream leaves the tokens", "the token stream leaves the tokens"),
     (r"residual addition .* is not on the token stream", "a sum of several blocks' tokens"),
+    (r"not a pre-norm block", "not a pre-norm block"),
 )
 
 
