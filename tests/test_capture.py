@@ -101,6 +101,19 @@ def test_hooks_of_modules_the_graph_runs_the_code_of_are_noted_in_the_plan():
         "on the modules the graph calls, its leaves, or read values from the graph's nodes)"]
 
 
+def test_einops_calls_are_kept_whole_so_the_graph_takes_any_batch_and_survives_save_and_load():
+    einops = pytest.importorskip("einops")
+    from fxprune.tools.zoo import ZOO
+
+    model = next(entry for entry in ZOO if "einops" in entry.name).model()
+    gm = fxprune.trace(model)  # before: "Tensor type unknown to einops"
+    assert {einops.rearrange, einops.repeat} <= {node.target for node in gm.graph.nodes if node.op == "call_function"}
+    x = image_batch(model, batch=5)
+    with torch.no_grad():
+        for captured in (gm, _saved_and_loaded(gm)):
+            torch.testing.assert_close(captured(x), model(x), atol=1e-5, rtol=0)
+
+
 def test_shape_conditions_resolved_during_capture_are_recorded_as_guards():
     info = fxprune.trace(hf_vit()).meta["fxprune_trace"]
     assert info.guards, "HF's dtype and sequence-length checks are resolved from example values"

@@ -10,6 +10,7 @@ import inspect
 import re
 import sys
 import traceback
+import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -223,6 +224,7 @@ class ReloadTracer(_Tracer):
 
     def __init__(self) -> None:
         super().__init__(autowrap_functions=_registries()[1])
+        _wrapped_in_place(self)
 
 
 class _ValueTracer(_Tracer):
@@ -230,6 +232,7 @@ class _ValueTracer(_Tracer):
 
     def __init__(self, leaf_types: tuple[type, ...], leaf_names: set[str], autowrap: tuple[Callable, ...]):
         super().__init__(autowrap_functions=autowrap, param_shapes_constant=False)
+        _wrapped_in_place(self)
         self.leaf_types = leaf_types
         self.leaf_names = leaf_names
         self.fake = fake_mode()
@@ -395,15 +398,37 @@ def _user_frame() -> str:
     return "?"
 
 
+_EINOPS_FUNCTIONS = ("rearrange", "repeat", "reduce", "einsum", "pack", "unpack")
+_EINOPS_LAYERS = ("Rearrange", "Reduce", "EinMix")
+
+
+def _einops() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
+    """einops' functions and torch layers, where the model's code imported einops: kept as single calls, which
+    compute their shapes from the tensors they get (traced, they would fix the example batch size)."""
+    einops, layers = sys.modules.get("einops"), sys.modules.get("einops.layers.torch")
+    functions = tuple(getattr(einops, name) for name in _EINOPS_FUNCTIONS if hasattr(einops, name)) if einops else ()
+    modules = tuple(getattr(layers, name) for name in _EINOPS_LAYERS if hasattr(layers, name)) if layers else ()
+    return modules, functions
+
+
 def _registries() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
-    """Leaf module types and functions kept as single calls: timm's registries and fxprune's own ops."""
+    """Leaf module types and functions kept as single calls: timm's registries, einops' (where imported) and
+    fxprune's own ops."""
     from ..ops import graph_functions
 
+    modules, functions = _einops()
     try:
         from timm.layers import get_notrace_functions, get_notrace_modules
     except ImportError:
-        return (), graph_functions()
-    return tuple(get_notrace_modules()), tuple(get_notrace_functions()) + graph_functions()
+        return modules, functions + graph_functions()
+    return modules + tuple(get_notrace_modules()), functions + tuple(get_notrace_functions()) + graph_functions()
+
+
+def _wrapped_in_place(tracer: fx.Tracer) -> None:
+    """Make ``tracer`` also wrap its functions where code reads them as attributes of their module
+    (``einops.rearrange(...)``), not only where it imported them (``from einops import rearrange``)."""
+    if "einops" in sys.modules:
+        tracer._autowrap_search.append(sys.modules["einops"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -424,12 +449,17 @@ class _Inputs:
 
 def _entry_class(cls: type, inputs: _Inputs) -> type:
     """A subclass of ``cls`` whose ``forward`` takes exactly ``inputs.names`` and calls ``cls.forward`` with them and
-    ``inputs.fixed``; every other argument keeps its default."""
+    ``inputs.fixed``; every other argument keeps its default. Its globals are ``cls.forward``'s, where fx wraps the
+    functions it keeps as single calls (einops' ``repeat`` in the model's own forward)."""
     params = ", ".join(inputs.names)
     passed = [f"{name}={name}" for name in inputs.names] if inputs.by_keyword else list(inputs.names)
-    namespace: dict[str, Any] = {"_forward": cls.forward, "_fixed": inputs.fixed}
-    exec(f"def forward(self, {params}):\n    return _forward(self, {', '.join(passed)}, **_fixed)\n", namespace)
-    return type(cls.__name__, (cls,), {"forward": namespace["forward"], "__module__": cls.__module__})
+    namespace: dict[str, Any] = {}
+    exec(f"def make(_forward, _fixed):\n    def forward(self, {params}):\n"
+         f"        return _forward(self, {', '.join(passed)}, **_fixed)\n    return forward\n", namespace)
+    made = namespace["make"](cls.forward, inputs.fixed)
+    forward = types.FunctionType(made.__code__, getattr(cls.forward, "__globals__", {}), "forward", None,
+                                 made.__closure__)
+    return type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})
 
 
 def _positional_inputs(model: nn.Module, tensors: tuple[torch.Tensor, ...]) -> _Inputs:

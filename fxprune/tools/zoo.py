@@ -183,6 +183,52 @@ class Stack(nn.Module):
         return self.head(self.encoder(x)[:, 0])
 
 
+def _einops_vit() -> nn.Module:
+    """A hand-written ViT in the style of einops users (``vit-pytorch``): patches cut by an einops ``Rearrange``
+    layer, heads split and joined by ``einops.rearrange``, the class token copied by ``einops.repeat``, attention
+    an ``nn.Softmax`` over ``q @ kᵀ``, residuals added after each branch."""
+    import einops
+    from einops.layers.torch import Rearrange
+
+    class Attend(nn.Module):
+        def __init__(self, width: int, heads: int):
+            super().__init__()
+            self.heads, self.scale = heads, (width // heads) ** -0.5
+            self.norm, self.softmax = nn.LayerNorm(width), nn.Softmax(dim=-1)
+            self.qkv, self.out = nn.Linear(width, 3 * width, bias=False), nn.Linear(width, width)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q, k, v = (einops.rearrange(t, "b n (h d) -> b h n d", h=self.heads)
+                       for t in self.qkv(self.norm(x)).chunk(3, dim=-1))
+            weights = self.softmax(q @ k.transpose(-1, -2) * self.scale)
+            return self.out(einops.rearrange(weights @ v, "b h n d -> b n (h d)"))
+
+    class EinopsViT(nn.Module):
+        image_size = 32
+
+        def __init__(self, width: int = 48, heads: int = 3, depth: int = 3, patch: int = 8):
+            super().__init__()
+            self.embed = nn.Sequential(Rearrange("b c (h p) (w q) -> b (h w) (p q c)", p=patch, q=patch),
+                                       nn.Linear(3 * patch * patch, width))
+            self.cls = nn.Parameter(torch.randn(1, 1, width) * 0.02)
+            self.positions = nn.Parameter(torch.randn(1, (self.image_size // patch) ** 2 + 1, width) * 0.02)
+            self.layers = nn.ModuleList(nn.ModuleList([Attend(width, heads), nn.Sequential(
+                nn.LayerNorm(width), nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))])
+                for _ in range(depth))
+            self.head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 5))
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            x = self.embed(images)
+            x = torch.cat([einops.repeat(self.cls, "1 1 c -> b 1 c", b=x.shape[0]), x], dim=1) + self.positions
+            for attend, mlp in self.layers:
+                x = attend(x) + x
+                x = mlp(x) + x
+            return self.head(x[:, 0])
+
+    torch.manual_seed(0)
+    return EinopsViT().eval()
+
+
 def _stack(norm_first: bool) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         torch.manual_seed(0)
@@ -260,6 +306,7 @@ ZOO: tuple[Entry, ...] = (
     Entry("hand-written: dense output", "hand-written", _glance("all")),
     Entry("hand-written on nn.TransformerEncoder (pre-norm)", "hand-written", _stack(norm_first=True)),
     Entry("hand-written on nn.TransformerEncoder (post-norm)", "hand-written", _stack(norm_first=False)),
+    Entry("hand-written with einops (vit-pytorch style)", "hand-written", _einops_vit),
 )
 
 
