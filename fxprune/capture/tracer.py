@@ -10,13 +10,13 @@ import inspect
 import re
 import sys
 import traceback
-import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.fx._symbolic_trace import _create_wrapped_func
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 from torch.utils import _pytree as pytree
 
@@ -449,17 +449,27 @@ class _Inputs:
 
 def _entry_class(cls: type, inputs: _Inputs) -> type:
     """A subclass of ``cls`` whose ``forward`` takes exactly ``inputs.names`` and calls ``cls.forward`` with them and
-    ``inputs.fixed``; every other argument keeps its default. Its globals are ``cls.forward``'s, where fx wraps the
-    functions it keeps as single calls (einops' ``repeat`` in the model's own forward)."""
+    ``inputs.fixed``; every other argument keeps its default."""
     params = ", ".join(inputs.names)
     passed = [f"{name}={name}" for name in inputs.names] if inputs.by_keyword else list(inputs.names)
-    namespace: dict[str, Any] = {}
-    exec(f"def make(_forward, _fixed):\n    def forward(self, {params}):\n"
-         f"        return _forward(self, {', '.join(passed)}, **_fixed)\n    return forward\n", namespace)
-    made = namespace["make"](cls.forward, inputs.fixed)
-    forward = types.FunctionType(made.__code__, getattr(cls.forward, "__globals__", {}), "forward", None,
-                                 made.__closure__)
-    return type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})
+    namespace: dict[str, Any] = {"_forward": cls.forward, "_fixed": inputs.fixed}
+    exec(f"def forward(self, {params}):\n    return _forward(self, {', '.join(passed)}, **_fixed)\n", namespace)
+    return type(cls.__name__, (cls,), {"forward": namespace["forward"], "__module__": cls.__module__})
+
+
+@contextlib.contextmanager
+def _einops_kept_whole(namespace: dict[str, Any] | None) -> Iterator[None]:
+    """Within the block, the einops functions in ``namespace`` (the globals of the model's own forward, which fx
+    does not wrap: it wraps those of the submodules it calls) are kept as single calls by fx."""
+    ids = {id(function) for function in _einops()[1]}
+    names = [name for name, value in (namespace or {}).items() if id(value) in ids]
+    originals = {name: namespace[name] for name in names}
+    try:
+        for name in names:
+            namespace[name] = _create_wrapped_func(originals[name])
+        yield
+    finally:
+        namespace.update(originals)
 
 
 def _positional_inputs(model: nn.Module, tensors: tuple[torch.Tensor, ...]) -> _Inputs:
@@ -659,7 +669,8 @@ def _trace_with_leaf_retries(root: nn.Module, inputs: _Inputs, info: TraceInfo) 
             tracer = _ValueTracer(leaf_types, leaf_names, autowrap)
             tracer.example_args = {n: fake_tensor(t) for n, t in zip(inputs.names, inputs.tensors)}
             try:
-                graph = tracer.trace(root)
+                with _einops_kept_whole(getattr(cls.forward, "__globals__", None)):
+                    graph = tracer.trace(root)
                 break
             except InputRejected:
                 raise
