@@ -51,7 +51,9 @@ def rewrite(
     graph is the model's code in evaluation mode. A plan with learned methods also gets a training graph
     (:class:`~fxprune.passes.learned.TrainEvalGraphModule`), from a second capture in training mode; so does a model
     whose code differs between the modes (it branches on ``self.training``), rewritten alike, where it is in
-    training mode or has a dropout rate (:func:`_has_dropout`; a model with neither is captured once)."""
+    training mode or has a dropout rate (:func:`_has_dropout`; a model with neither is captured once), and a model
+    with gradient checkpointing on, whose training graph runs each block checkpointed
+    (:mod:`fxprune.passes.checkpointing`)."""
     files = _weights_files(policy)
     backbone = next(((path, saved["backbone"]) for path, saved in files.items() if "backbone" in saved), None)
     captured = trace(model, example_inputs, copy_weights=copy_weights or backbone is not None, training=False)
@@ -87,11 +89,11 @@ def rewrite(
     if train_gm is not None:
         check_guards_at_run(train_gm, training.trace)
         if checkpointing:
+            blocks = checkpoint_blocks(train_gm, training)
+            propagate(train_gm, store=False)  # the checkpointed graph runs on example values
             note = (f"gradient checkpointing (on in {', '.join(checkpointing[:3])}"
-                    f"{', …' if len(checkpointing) > 3 else ''}): the training graph runs each of its "
-                    f"{checkpoint_blocks(train_gm, training)} blocks checkpointed, its activations computed again in "
-                    "the backward pass")
-            propagate(train_gm, store=False)
+                    f"{', …' if len(checkpointing) > 3 else ''}): the training graph runs each of its {blocks} blocks "
+                    "checkpointed, its activations computed again in the backward pass")
             planned = dataclasses.replace(planned, notes=(*planned.notes, note))
         gm = _with_training_graph(gm, train_gm)
     remove_dead_code(gm.graph)  # what the rewrites left unused does not run, so its MACs do not count
