@@ -11,14 +11,14 @@ reads, so every layer after a token-selection node adapts to fewer tokens) with 
 * a module whose code still cannot be traced (data-dependent control flow, untraceable dispatch) is
   made a leaf and the trace retried; the reason is recorded.
 
-``nn.MultiheadAttention`` leaves are then decomposed into ``linear -> SDPA -> linear`` nodes so that
-the attention passes see them like any other attention.
+``nn.MultiheadAttention`` leaves are then decomposed into ``linear -> SDPA -> linear`` nodes, and two-operand
+``einsum`` matrix products written as ``@``, so that the attention passes see them like any other attention.
 
 Modules: :mod:`.tracer` builds the ``GraphModule`` (:func:`trace`; :func:`reusing_captures` for work that
 rewrites one model many times), :mod:`.values` propagates example values on fake tensors (:func:`propagate`),
-:mod:`.mha` decomposes ``nn.MultiheadAttention``, :mod:`.asserts` completes the messages of the model's own input
-checks at run time, :mod:`.codegen` writes the code a transformed model runs (its modules and parameters read
-directly).
+:mod:`.mha` decomposes ``nn.MultiheadAttention``, :mod:`.einsum` writes ``einsum`` products as ``@``,
+:mod:`.asserts` completes the messages of the model's own input checks at run time, :mod:`.codegen` writes the
+code a transformed model runs (its modules and parameters read directly).
 """
 
 from .mha import decompose_multihead_attention as decompose_multihead_attention

@@ -24,6 +24,7 @@ from ..counting import MacCounter
 from ..errors import TraceError
 from .asserts import PROXY, complete_assert_messages
 from .codegen import DirectGraphModule
+from .einsum import canonicalise_einsum
 from .mha import decompose_multihead_attention
 from .values import _first_line, fake_mode, fake_tensor, fake_weights, one_at_a_time, propagate
 
@@ -630,6 +631,7 @@ def _capture(model: nn.Module, inputs: _Inputs, copy_weights: bool, training: bo
             node.meta["val"] = fake_tensor(value) if isinstance(value, torch.Tensor) else value
     gm.meta["fxprune_trace"] = info
     decompose_multihead_attention(gm, info)
+    canonicalise_einsum(gm)
     info.notes.extend(_hook_notes(model, gm))
     info.notes.extend(f"the model does not read its input {node.target}: nothing it computes depends on it"
                       for node in gm.graph.find_nodes(op="placeholder") if not node.users)
