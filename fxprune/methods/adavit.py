@@ -184,15 +184,10 @@ def _qualified(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _module_producer(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
-    """The nearest call of a module whose class is named a linear layer (a quantized or low-rank one, as
-    ``DynamicQuantizedLinear``) that ``node`` is computed from, through the first node each reads; None: none."""
-    def named_linear(node: fx.Node) -> bool:
-        return node.op == "call_module" and "Linear" in type(gm.get_submodule(node.target)).__name__
-
-    while node is not None and not named_linear(node):
-        node = next(iter(node.all_input_nodes), None)
-    return node
+def _named_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` calls a module whose class is named a linear layer (a quantized or low-rank one, as
+    ``DynamicQuantizedLinear``)."""
+    return node.op == "call_module" and "Linear" in type(gm.get_submodule(node.target)).__name__
 
 
 def block_parts(gm: fx.GraphModule, program: TokenProgram, block: Block, what: str) -> BlockParts:
@@ -208,7 +203,7 @@ def block_parts(gm: fx.GraphModule, program: TokenProgram, block: Block, what: s
         raise refuse("its keys and values are not one per query head")
     q_linear = producer(gm, site.q)
     if q_linear is None:
-        other = _module_producer(gm, site.q)
+        other = producer(gm, site.q, _named_linear)
         raise refuse("no linear layer makes its queries" if other is None else (
             f"its queries come from {other.target}, a {_qualified(type(gm.get_submodule(other.target)))}, not an "
             "nn.Linear or F.linear whose heads it can mask and slice (a quantized layer: AdaViT needs the float "

@@ -13,6 +13,7 @@ for every head, for some and for none.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -177,10 +178,12 @@ def _per_head(numbers: Any, heads: int) -> tuple[tuple[int, ...], ...] | None:
     return _table(first[0, :, 0]) if _a_layout(numbers, first) else None
 
 
-def producer(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
-    """The nearest linear layer ``node`` is computed from, through the first node each reads (into a list: the
-    first part of a ``cat``, as rotary embeddings join the rows they rotate to the others); None: none."""
-    while node is not None and not is_linear(gm, node):
+def producer(gm: fx.GraphModule, node: fx.Node,
+             found: Callable[[fx.GraphModule, fx.Node], bool] = is_linear) -> fx.Node | None:
+    """The nearest linear layer (``found``: the nearest node it accepts) ``node`` is computed from, through the
+    first node each reads (into a list: the first part of a ``cat``, as rotary embeddings join the rows they rotate
+    to the others); None: none."""
+    while node is not None and not found(gm, node):
         node = next(iter(node.all_input_nodes), None)
     return node
 
