@@ -225,7 +225,6 @@ class ReloadTracer(_Tracer):
 
     def __init__(self) -> None:
         super().__init__(autowrap_functions=_registries()[1])
-        _wrapped_in_place(self)
 
 
 class _ValueTracer(_Tracer):
@@ -233,7 +232,6 @@ class _ValueTracer(_Tracer):
 
     def __init__(self, leaf_types: tuple[type, ...], leaf_names: set[str], autowrap: tuple[Callable, ...]):
         super().__init__(autowrap_functions=autowrap, param_shapes_constant=False)
-        _wrapped_in_place(self)
         self.leaf_types = leaf_types
         self.leaf_names = leaf_names
         self.fake = fake_mode()
@@ -425,11 +423,6 @@ def _registries() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
     return modules + tuple(get_notrace_modules()), functions + tuple(get_notrace_functions()) + graph_functions()
 
 
-def _wrapped_in_place(tracer: fx.Tracer) -> None:
-    """Make ``tracer`` also wrap its functions where code reads them as attributes of their module
-    (``einops.rearrange(...)``), not only where it imported them (``from einops import rearrange``)."""
-    if "einops" in sys.modules:
-        tracer._autowrap_search.append(sys.modules["einops"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -459,18 +452,22 @@ def _entry_class(cls: type, inputs: _Inputs) -> type:
 
 
 @contextlib.contextmanager
-def _einops_kept_whole(namespace: dict[str, Any] | None) -> Iterator[None]:
-    """Within the block, the einops functions in ``namespace`` (the globals of the model's own forward, which fx
-    does not wrap: it wraps those of the submodules it calls) are kept as single calls by fx."""
+def _einops_kept_whole(model_globals: dict[str, Any] | None) -> Iterator[None]:
+    """Within the block, fx keeps einops' functions as single calls where fx's own wrapping does not reach: in
+    ``model_globals``, the globals of the model's own forward (fx wraps those of the submodules it calls), and in
+    einops' namespace (code that calls ``einops.rearrange``)."""
     ids = {id(function) for function in _einops()[1]}
-    names = [name for name, value in (namespace or {}).items() if id(value) in ids]
-    originals = {name: namespace[name] for name in names}
+    einops = sys.modules.get("einops")
+    namespaces = [namespace for namespace in (model_globals, vars(einops) if einops else None) if namespace]
+    originals = [(namespace, {name: value for name, value in namespace.items() if id(value) in ids})
+                 for namespace in namespaces]
     try:
-        for name in names:
-            namespace[name] = _create_wrapped_func(originals[name])
+        for namespace, functions in originals:
+            namespace.update({name: _create_wrapped_func(function) for name, function in functions.items()})
         yield
     finally:
-        namespace.update(originals)
+        for namespace, functions in originals:
+            namespace.update(functions)
 
 
 def _positional_inputs(model: nn.Module, tensors: tuple[torch.Tensor, ...]) -> _Inputs:
