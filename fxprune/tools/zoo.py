@@ -229,18 +229,12 @@ def _einops_vit() -> nn.Module:
     return EinopsViT().eval()
 
 
-def _stack(norm_first: bool) -> Callable[[], nn.Module]:
+def _seeded(cls: type[nn.Module], *args: Any) -> Callable[[], nn.Module]:
+    """A builder of ``cls(*args)`` in evaluation mode, its weights drawn after seeding with 0."""
+
     def build() -> nn.Module:
         torch.manual_seed(0)
-        return Stack(norm_first).eval()
-
-    return build
-
-
-def _glance(reads: str) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
-        torch.manual_seed(0)
-        return Glance(reads).eval()
+        return cls(*args).eval()
 
     return build
 
@@ -301,11 +295,11 @@ ZOO: tuple[Entry, ...] = (
     Entry("Hugging Face YolosForObjectDetection (detection tokens after the patches)", "hf",
           _hugging_face("Yolos", "ForObjectDetection", image_size=[32, 32], num_detection_tokens=5)),
     Entry("Hugging Face DepthAnythingForDepthEstimation (a neck reads four blocks' tokens)", "hf", _depth_anything),
-    Entry("hand-written: summary token read alone", "hand-written", _glance("summary")),
-    Entry("hand-written: mean over every token", "hand-written", _glance("mean")),
-    Entry("hand-written: dense output", "hand-written", _glance("all")),
-    Entry("hand-written on nn.TransformerEncoder (pre-norm)", "hand-written", _stack(norm_first=True)),
-    Entry("hand-written on nn.TransformerEncoder (post-norm)", "hand-written", _stack(norm_first=False)),
+    Entry("hand-written: summary token read alone", "hand-written", _seeded(Glance, "summary")),
+    Entry("hand-written: mean over every token", "hand-written", _seeded(Glance, "mean")),
+    Entry("hand-written: dense output", "hand-written", _seeded(Glance, "all")),
+    Entry("hand-written on nn.TransformerEncoder (pre-norm)", "hand-written", _seeded(Stack, True)),
+    Entry("hand-written on nn.TransformerEncoder (post-norm)", "hand-written", _seeded(Stack, False)),
     Entry("hand-written with einops (vit-pytorch style)", "hand-written", _einops_vit),
 )
 
