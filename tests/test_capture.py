@@ -1,12 +1,20 @@
 import copy
-import io
 
 import pytest
 import torch
 import torch.fx as fx
 import torchvision
 from torch import nn
-from vits import ALL_MODELS, assert_same_outputs, hf_vit, image_batch, logits, timm_vit, torchvision_vit
+from vits import (
+    ALL_MODELS,
+    assert_same_outputs,
+    hf_vit,
+    image_batch,
+    logits,
+    saved_and_loaded,
+    timm_vit,
+    torchvision_vit,
+)
 
 import fxprune
 from fxprune.capture import default_example_inputs, reusing_captures, tracer
@@ -110,7 +118,7 @@ def test_einops_calls_are_kept_whole_so_the_graph_takes_any_batch_and_survives_s
     assert {einops.rearrange, einops.repeat} <= {node.target for node in gm.graph.nodes if node.op == "call_function"}
     x = image_batch(model, batch=5)
     with torch.no_grad():
-        for captured in (gm, _saved_and_loaded(gm)):
+        for captured in (gm, saved_and_loaded(gm)):
             torch.testing.assert_close(captured(x), model(x), atol=1e-5, rtol=0)
 
 
@@ -246,16 +254,9 @@ def test_position_embeddings_interpolated_to_another_size_are_traced_and_their_c
         assert gm(torch.randn(3, 3, 48, 48)).last_hidden_state.shape == (3, 37, 48)
 
 
-def _saved_and_loaded(gm: nn.Module) -> nn.Module:
-    buffer = io.BytesIO()
-    torch.save(gm, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=False)
-
-
 def test_traced_module_survives_save_and_load():
     model = hf_vit()
-    loaded = _saved_and_loaded(fxprune.trace(model))
+    loaded = saved_and_loaded(fxprune.trace(model))
     assert isinstance(loaded, fx.GraphModule)
     x = image_batch(model)
     torch.testing.assert_close(loaded(x).logits, model(x).logits)
@@ -272,7 +273,7 @@ def test_copies_of_captures_and_of_transformed_models_survive_save_and_load():
     for gm in (copied, recaptured, copy.deepcopy(fxprune.transform(model, policy)), copy.deepcopy(learned)):
         x = image_batch(model)
         with torch.no_grad():
-            torch.testing.assert_close(_saved_and_loaded(gm)(x).logits, gm(x).logits, atol=0, rtol=0)
+            torch.testing.assert_close(saved_and_loaded(gm)(x).logits, gm(x).logits, atol=0, rtol=0)
 
 
 def _failing_add() -> None:

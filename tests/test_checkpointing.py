@@ -1,9 +1,8 @@
 import copy
-import io
 
 import pytest
 import torch
-from vits import image_batch, timm_vit
+from vits import image_batch, saved_and_loaded, timm_vit
 
 import fxprune
 from fxprune.passes.checkpointing import checkpointed
@@ -14,13 +13,6 @@ def _saved_tensors(run) -> tuple[object, int]:
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         return run(), len(saved)
-
-
-def _saved_and_loaded(gm: torch.nn.Module) -> torch.nn.Module:
-    buffer = io.BytesIO()
-    torch.save(gm, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=False)
 
 
 def _trained(gm: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int, dict, dict]:
@@ -48,7 +40,7 @@ def test_a_model_with_gradient_checkpointing_trains_each_block_checkpointed_as_w
     assert len(gm.train_graph.find_nodes(op="call_function", target=checkpointed)) == 3
     assert any("the training graph runs each of its 3 blocks checkpointed" in note for note in gm.fxprune_plan.notes)
     expected, saved_without, grads, emitted = _trained(plain, x)
-    for trained in (gm, copy.deepcopy(gm), _saved_and_loaded(gm)):
+    for trained in (gm, copy.deepcopy(gm), saved_and_loaded(gm)):
         out, saved, checkpointed_grads, checkpointed_emitted = _trained(trained, x)
         torch.testing.assert_close(out, expected, atol=0, rtol=0)  # the same dropped paths and Gumbel noise
         assert checkpointed_grads.keys() == grads.keys()

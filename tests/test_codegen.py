@@ -2,11 +2,10 @@
 
 import copy
 import inspect
-import io
 
 import torch
 from torch import nn
-from vits import image_batch, timm_vit
+from vits import image_batch, saved_and_loaded, timm_vit
 
 import fxprune
 from fxprune import EViT, ToMe
@@ -33,12 +32,9 @@ def test_a_transformed_model_reads_its_weights_directly_and_live():
 def test_a_copy_and_a_saved_and_loaded_model_read_their_weights_directly_too():
     model = timm_vit("deit_small_patch16_224", depth=3)
     fast = fxprune.transform(model, EViT(keep_rate=0.7, layers=(1,)))
-    buffer = io.BytesIO()
-    torch.save(fast, buffer)
-    buffer.seek(0)
     x = image_batch(model)
     with torch.no_grad():
-        for copied in (copy.deepcopy(fast), torch.load(buffer, weights_only=False)):
+        for copied in (copy.deepcopy(fast), saved_and_loaded(fast)):
             source = inspect.getsource(type(copied).forward)
             assert "._modules['blocks']._modules['1']._modules['attn']" in source and "getattr(self" not in source
             torch.testing.assert_close(copied(x), fast(x), atol=0, rtol=0)
@@ -81,10 +77,7 @@ def test_saving_a_model_pickles_its_graph_as_it_is_and_leaves_its_forward_alone(
     with fast.graph.inserting_before(output):  # an edit not yet recompiled
         shifted = fast.graph.call_function(torch.add, (output.args[0], 1.0))
     output.args = (shifted,)
-    buffer = io.BytesIO()
-    torch.save(fast, buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=False)
+    loaded = saved_and_loaded(fast)
     assert type(fast).forward is forward  # saving does not recompile
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), fast(x) + 1.0, atol=1e-6, rtol=0)

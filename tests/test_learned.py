@@ -6,14 +6,13 @@ and scales each patch token by ``sigmoid(score)`` (differentiable, static shapes
 
 import dataclasses
 import inspect
-import io
 import math
 
 import pytest
 import timm
 import torch
 from torch import Tensor, nn
-from vits import image_batch, timm_vit
+from vits import image_batch, saved_and_loaded, timm_vit
 
 import fxprune
 from fxprune.methods import Learned, register_method, unregister_method
@@ -167,10 +166,7 @@ def test_both_graphs_survive_save_load_and_deepcopy(copy):
     model = timm_vit("deit_small_patch16_224")
     gm = fxprune.transform(model, Gate((1,)))
     if copy == "save-load":
-        buffer = io.BytesIO()
-        torch.save(gm, buffer)
-        buffer.seek(0)
-        restored = torch.load(buffer, weights_only=False)
+        restored = saved_and_loaded(gm)
     else:
         restored = copying.deepcopy(gm)
     assert isinstance(restored, TrainEvalGraphModule) and restored.fxprune_plan == gm.fxprune_plan

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 
 import timm
@@ -272,3 +273,11 @@ def rows_counting_video() -> torch.nn.Module:
         num_attention_heads=3, mlp_ratio=2.0, num_labels=10, num_pooler_layers=1))
     torch.nn.init.normal_(model.classifier.weight)  # outputs far apart from clip to clip
     return model.eval().double()
+
+
+def saved_and_loaded(module: nn.Module) -> nn.Module:
+    """``module`` saved with ``torch.save`` and loaded back."""
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
