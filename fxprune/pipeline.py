@@ -78,23 +78,20 @@ def rewrite(
         verify_training(train_gm, training, planned)
     elif model.training or _has_dropout(model) or checkpointing:
         captured = trace(model, example_inputs, copy_weights=False, training=True)
-        if captured.code != evaluation_code:  # the model's code branches on its mode
+        differs = captured.code != evaluation_code  # the model's code branches on its mode
+        if differs:
             note = ("the model's code differs in training mode (it branches on self.training, e.g. for dropout): "
                     "that code is rewritten alike and runs in training mode; this plan is the evaluation code's")
             planned = dataclasses.replace(planned, notes=(*planned.notes, note))
-        if captured.code != evaluation_code or checkpointing:
+        if differs or checkpointing:
             training = analyse(captured)
             train_gm = apply_passes(training.gm, training, rows, restore=restore)
             verify(train_gm, training, planned, second_batch)
     if train_gm is not None:
         check_guards_at_run(train_gm, training.trace)
         if checkpointing:
-            blocks = checkpoint_blocks(train_gm, training)
-            propagate(train_gm, store=False)  # the checkpointed graph runs on example values
-            note = (f"gradient checkpointing (on in {', '.join(checkpointing[:3])}"
-                    f"{', …' if len(checkpointing) > 3 else ''}): the training graph runs each of its {blocks} blocks "
-                    "checkpointed, its activations computed again in the backward pass")
-            planned = dataclasses.replace(planned, notes=(*planned.notes, note))
+            planned = dataclasses.replace(planned, notes=(
+                *planned.notes, _checkpointed(train_gm, training, checkpointing)))
         gm = _with_training_graph(gm, train_gm)
     remove_dead_code(gm.graph)  # what the rewrites left unused does not run, so its MACs do not count
     measured = planned.measured(
@@ -105,6 +102,16 @@ def rewrite(
     add_in_place(gm)
     _finalize(gm, measured)
     return gm.train(model.training), measured
+
+
+def _checkpointed(train_gm: fx.GraphModule, training: TokenProgram, modules: Sequence[str]) -> str:
+    """Run each block of ``train_gm`` (the training graph of ``training``) checkpointed, check that it still runs on
+    example values, and say so in a note naming ``modules``, those with gradient checkpointing on."""
+    blocks = checkpoint_blocks(train_gm, training)
+    propagate(train_gm, store=False)
+    named = ", ".join(modules[:3]) + (", …" if len(modules) > 3 else "")
+    return (f"gradient checkpointing (on in {named}): the training graph runs each of its {blocks} blocks "
+            "checkpointed, its activations computed again in the backward pass")
 
 
 def _has_dropout(model: nn.Module) -> bool:
