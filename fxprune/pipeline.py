@@ -13,7 +13,7 @@ from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 from .analysis import TokenProgram, analyse
 from .capture import ExampleInputs, trace
 from .capture.values import one_at_a_time, propagate
-from .errors import PolicyError
+from .errors import PolicyError, UnsupportedModelError
 from .methods import method_of
 from .passes import apply_passes
 from .passes.checkpointing import checkpoint_blocks, checkpointing_on
@@ -54,6 +54,7 @@ def rewrite(
     training mode or has a dropout rate (:func:`_has_dropout`; a model with neither is captured once), and a model
     with gradient checkpointing on, whose training graph runs each block checkpointed
     (:mod:`fxprune.passes.checkpointing`)."""
+    _refuse_training_graph(model)
     files = _weights_files(policy)
     backbone = next(((path, saved["backbone"]) for path, saved in files.items() if "backbone" in saved), None)
     captured = trace(model, example_inputs, copy_weights=copy_weights or backbone is not None, training=False)
@@ -102,6 +103,21 @@ def rewrite(
     add_in_place(gm)
     _finalize(gm, measured)
     return gm.train(model.training), measured
+
+
+def _refuse_training_graph(model: nn.Module) -> None:
+    """Refuse to rewrite a model fxprune transformed with a training graph beside its evaluation graph: a capture
+    of it is its evaluation graph alone, so the result would train with that graph."""
+    if isinstance(model, TrainEvalGraphModule):
+        earlier = getattr(model, "fxprune_plan", None)
+        raise UnsupportedModelError(
+            f"{type(model).__name__} was transformed by fxprune"
+            + (f" ({earlier.policy.describe()})" if earlier is not None else "")
+            + " with a training graph beside its evaluation graph (a learned method, or code that differs in "
+            "training mode); transforming it again would keep its evaluation graph alone. Transform the original "
+            "model with all the policies in one transform (fxprune.Compose); a learned method's trained parts load "
+            "with its weights= (fxprune.save_weights writes them)"
+        )
 
 
 def _checkpointed(train_gm: fx.GraphModule, training: TokenProgram, modules: Sequence[str]) -> str:

@@ -29,7 +29,7 @@ from .analysis import (
 )
 from .errors import PolicyError, UnsupportedModelError
 from .methods import Method, method_of
-from .passes.common import graph_order, stream_node, tag_of
+from .passes.common import Role, graph_order, rewritten_blocks, stream_node, tag_of
 from .passes.restore import restores_output
 from .policies import Compose, Policy
 
@@ -185,6 +185,42 @@ def _owner(program: TokenProgram, policy: Policy | Compose) -> dict[int, Policy]
     return owner
 
 
+_COMPOSE = "transform the original model with all the policies in one transform (fxprune.Compose)"
+
+
+def _check_earlier_rewrites(program: TokenProgram, policy: Policy | Compose) -> None:
+    """Refuse a plan for a model an earlier fxprune transform rewrote (its blocks tagged in the graph) that would
+    rewrite one of those blocks again, a block from one whose attention it replaced on (the analysis no longer finds
+    that attention, so it numbers the later blocks otherwise than the model), or a block before one of them with a
+    method that tells every later attention the sizes or keep policy of the rows (the earlier rewrite's nodes do not
+    pass them on)."""
+    earlier = rewritten_blocks(program.gm)
+    if not earlier:
+        return
+    hidden = min((index for index, roles in earlier.items() if Role.ATTENTION in roles), default=None)
+    for part in policy.policies():
+        for index in sorted(part.layers):
+            if hidden is not None and index >= hidden:
+                raise UnsupportedModelError(
+                    f"cannot apply {part.describe()} to block {index}: an earlier fxprune transform replaced the "
+                    f"attention of block {hidden} (clustered attention), which the analysis does not find again, so "
+                    f"the blocks from {hidden} on are not numbered as in the model. Choose blocks before {hidden}, or "
+                    f"{_COMPOSE}."
+                )
+            if index in earlier:
+                raise UnsupportedModelError(
+                    f"cannot apply {part.describe()} to block {index} ({program.blocks[index].name}): an earlier "
+                    f"fxprune transform rewrote it, and a block takes one method. Choose other layers, or {_COMPOSE}."
+                )
+            later = [other for other in sorted(earlier) if other > index]
+            if later and method_of(part).weights_later_keys:
+                raise UnsupportedModelError(
+                    f"{part.describe()} at block {index} tells every later attention the sizes (or the keep policy) "
+                    f"of the stream's rows, but an earlier fxprune transform rewrote block {later[0]}, whose nodes do "
+                    f"not pass them on. Choose blocks after {later[-1]}, or {_COMPOSE}."
+                )
+
+
 def _check_blocks(program: TokenProgram, owner: dict[int, Policy]) -> None:
     """Refuse a block its policy cannot rewrite."""
     for index, part in sorted(owner.items()):
@@ -334,6 +370,7 @@ def make_plan(program: TokenProgram, policy: Policy | Compose, restore: bool = T
         raise PolicyError(f"expected an fxprune policy (e.g. fxprune.EViT(0.7, (3, 6, 9))), got {policy!r}"
                           + (text if isinstance(policy, str) else ""))
     policy = policy.bind(_depth(program), program.tokens - program.prefix_tokens)
+    _check_earlier_rewrites(program, policy)
     owner = _owner(program, policy)
     _check_blocks(program, owner)
     _check_model(program, owner, restore)

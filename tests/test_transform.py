@@ -5,7 +5,7 @@ import torchvision
 from vits import ALL_MODELS, image_batch, timm_vit
 
 import fxprune
-from fxprune import ATS, EViT, ToMe, TopK, UnsupportedModelError
+from fxprune import ATS, ClusTR, DynamicViT, EViT, ToMe, TopK, UnsupportedModelError
 
 
 def test_transform_leaves_the_users_model_untouched():
@@ -145,6 +145,33 @@ def test_transforming_a_transformed_model_equals_composing_the_policies(first, t
     x = image_batch(model)
     torch.testing.assert_close(stacked(x), composed(x), atol=0, rtol=0)
     assert set(stacked.state_dict()) == set(model.state_dict())
+
+
+@pytest.mark.parametrize("first, second", [(TopK(0.7, (2,)), EViT(0.7, (1,))), (EViT(0.7, (2,)), ClusTR(4, (1,)))],
+                         ids=["evit-before-topk", "clustr-before-evit"])
+def test_a_method_before_an_earlier_transforms_block_equals_composing_the_policies(first, second):
+    model = timm_vit("deit_small_patch16_224")
+    stacked = fxprune.transform(fxprune.transform(model, first), second)
+    composed = fxprune.transform(model, fxprune.Compose([first, second]))
+    x = image_batch(model)
+    torch.testing.assert_close(stacked(x), composed(x), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "first, second, message",
+    [
+        (EViT(0.7, (1,)), ToMe(2, (1,)), r"block 1 \(blocks\.1\): an earlier fxprune transform rewrote it"),
+        (EViT(0.7, (2,)), ToMe(2, (1,)), r"tome r 2 at block 1 tells every later attention .* earlier fxprune "
+                                         r"transform rewrote block 2"),
+        (ClusTR(4, (1,)), EViT(0.7, (2,)), r"block 2: an earlier fxprune transform replaced the attention of block 1"),
+        (DynamicViT(0.7, (2,)), EViT(0.7, (1,)), r"\(dynamicvit keep 0\.7 \(untrained\)\) with a training graph"),
+    ],
+    ids=["same-block", "sizes-through-an-earlier-block", "after-replaced-attention", "learned"],
+)
+def test_transforming_a_transformed_model_where_the_earlier_rewrite_is_in_the_way_is_refused(first, second, message):
+    transformed = fxprune.transform(timm_vit("deit_small_patch16_224"), first)  # before: crashes, or block 3 rewritten
+    with pytest.raises(UnsupportedModelError, match=message + r".*fxprune\.Compose"):
+        fxprune.transform(transformed, second)
 
 
 @pytest.mark.parametrize("first", [ATS(9, (1,)), ToMe(2, (1,))], ids=["ats", "tome"])

@@ -123,10 +123,27 @@ def model_tokens(gm: fx.GraphModule, program: TokenProgram) -> fx.Node:
     """A node reading the number of tokens entering the model's first block (``N`` of its ``[B, N, C]``
     input), inserted once and shared."""
     first = program.blocks[0].input
-    existing = [n for n in first.users if n.name.endswith("_model_tokens") and tag_of(n) is not None]
+    existing = [n for n in first.users if _is_model_tokens(n)]
     if existing:
         return existing[0]
     return insert_call(gm, first, "size", (first, 1), {}, program.blocks[0], "model_tokens", op="call_method")
+
+
+def _is_model_tokens(node: fx.Node) -> bool:
+    """Whether ``node`` is the shared read of :func:`model_tokens` (an inserted node, but no block's rewrite)."""
+    return node.name.endswith("_model_tokens") and tag_of(node) is not None
+
+
+def rewritten_blocks(gm: fx.GraphModule) -> dict[int, set[Role]]:
+    """The blocks of ``gm`` that an fxprune transform rewrote, with the roles of the nodes it inserted there (in the
+    numbering of the model it rewrote): not the blocks that only take state an earlier block threads to them (a size
+    bias, a state channel), nor the shared :func:`model_tokens` read."""
+    found: dict[int, set[Role]] = {}
+    for node in gm.graph.nodes:
+        found_tag = tag_of(node)
+        if found_tag is not None and found_tag.role not in (Role.BIAS, Role.STATE) and not _is_model_tokens(node):
+            found.setdefault(found_tag.block, set()).add(found_tag.role)
+    return found
 
 
 def token_scores(gm: fx.GraphModule, block: Block, class_token: bool, before: bool = False) -> fx.Node:
