@@ -232,8 +232,10 @@ def _check_blocks(program: TokenProgram, owner: dict[int, Policy]) -> None:
             )
         if method.needs_class_token and not program.class_token:
             raise UnsupportedModelError(
-                f"{part.describe()} reads the class token, but {program.model_name} has no class token: "
-                f"{program.readout}. Use a model whose output reads a class token, or a method that needs none."
+                f"{part.describe()} reads the class token, but {program.model_name} has no class token"
+                + (f" that its output reads (it has {program.prefix_tokens} prefix token(s))" if program.prefix_tokens
+                   else "")
+                + f": {program.readout}. Use a model whose output reads a class token, or a method that needs none."
             )
         if method.needs_keys and block.attention.k is None:
             raise UnsupportedModelError(

@@ -80,7 +80,8 @@ def test_non_policy_is_refused():
 
 def test_a_method_that_reads_the_class_token_needs_one_that_the_output_reads():
     model = timm_vit("vit_tiny_patch16_224", global_pool="avg")  # a class token, but the head averages patches
-    with pytest.raises(UnsupportedModelError, match="has no class token: the output reads no prefix row alone"):
+    message = r"has no class token that its output reads \(it has 1 prefix token\(s\)\): the output reads no prefix row"
+    with pytest.raises(UnsupportedModelError, match=message):
         fxprune.transform(model, fxprune.AdaViT(0.5))
 
 
