@@ -39,3 +39,11 @@ def test_keeping_rows_inside_the_attention_gives_the_outputs_of_selecting_after_
     x = image_batch(model, batch=4, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(logits(inside(x)), logits(after(x)), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("policy", [ATS(9, (1,)), TopK(0.5, (1,))], ids=["ats", "topk"])
+def test_kept_queries_keep_the_batch_read_when_the_batch_equals_the_token_count(policy):
+    model = timm_vit("deit_small_patch16_224")  # 17 tokens: captured on 17 images, B and N read alike
+    gm = fxprune.transform(model, policy, example_inputs=torch.randn(17, 3, 32, 32))  # before: refused at batch 18
+    x = image_batch(model, batch=3)
+    torch.testing.assert_close(gm(x)[1:2], gm(x[1:2]), atol=1e-5, rtol=0)

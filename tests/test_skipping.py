@@ -1,13 +1,16 @@
 """Row sums made in place (``fxprune.passes.skipping.add_in_place``): only where nothing reads the residual's memory
-afterwards, and then with the same results."""
+afterwards, and then with the same results; shape reads from before a sub-layer follow its used layout."""
 
 import operator
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+import fxprune
 from fxprune.capture.values import fake_mode
+from fxprune.methods.adavit import set_usage
 from fxprune.ops.gating import add_used_rows
 from fxprune.passes.skipping import add_in_place
 
@@ -70,3 +73,46 @@ def test_a_sum_marked_in_place_copies_where_a_gradient_flows_through_it_or_its_r
     with torch.no_grad():
         summed = add_used_rows(expanded, torch.ones(2, 5, 4), None, None, None, in_place=True)
     torch.testing.assert_close(summed, expanded + 1)
+
+
+class _ShapeFirst(nn.Module):
+    """A pre-norm block that reads its input's shape before the norm (outside its attention sub-layer)."""
+
+    def __init__(self, width: int = 32, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        x = x + self.proj(nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+        return x + self.mlp(self.norm2(x))
+
+
+class _ShapeFirstViT(nn.Module):
+    def __init__(self, width: int = 32):
+        super().__init__()
+        self.patches, self.cls_token = nn.Conv2d(3, width, 8, 8), nn.Parameter(torch.randn(1, 1, width))
+        self.blocks = nn.Sequential(*[_ShapeFirst(width) for _ in range(3)])
+        self.norm, self.head = nn.LayerNorm(width), nn.Linear(width, 10)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.patches(images).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+
+def test_a_shape_read_before_a_skipped_sub_layer_follows_its_axis_when_the_batch_equals_the_token_count():
+    torch.manual_seed(0)
+    model, x = _ShapeFirstViT().eval(), torch.randn(3, 3, 32, 32)
+    captured = torch.randn(17, 3, 32, 32)  # 17 tokens: B and N read before the sub-layer have one value
+    skipping = fxprune.transform(model, fxprune.AdaViT(0.5, init_logit=0.0), example_inputs=captured)
+    set_usage(skipping, x, 0.5)  # before: refused, the token count taken for the batch
+    masked = fxprune.transform(model, fxprune.AdaViT(0.5, init_logit=0.0, skip=False), example_inputs=captured)
+    masked.load_state_dict(skipping.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(skipping(x), masked(x), atol=1e-5, rtol=0)
+        torch.testing.assert_close(skipping(x[1:2]), masked(x[1:2]), atol=1e-5, rtol=0)

@@ -263,7 +263,7 @@ def _resize_token_axis(gm: fx.GraphModule, start: fx.Node, stop: fx.Node, tokens
         shape = reshape_sizes(node)
         if shape is None:
             continue
-        resized = [kept if _read_before(size, downstream) == tokens and not _reads_channels(size) else size
+        resized = [kept if _read_before(size, downstream) == tokens and not _reads_batch_or_channels(size) else size
                    for size in shape]
         if resized != shape:
             packed = len(node.args) == 2 and isinstance(node.args[1], (tuple, list))
@@ -279,11 +279,11 @@ def reshape_sizes(node: fx.Node) -> list[Any] | None:
     return list(node.args[1]) if packed else list(node.args[1:])
 
 
-def _reads_channels(size: object) -> bool:
-    """Whether ``size`` reads the last axis of a tensor's shape (``v.shape[-1]``, ``x.size(2)`` of ``[B, N, C]``):
-    channels or a head's size, never the token count, though it may equal it."""
+def axis_read(size: object) -> tuple[int, int] | None:
+    """``(axis, dims)`` where ``size`` reads axis ``axis`` (counted from 0) of the shape of a tensor of ``dims`` axes
+    (``x.shape[1]``, ``x.size(-1)``, ``x.shape[:-1][i]``), else None (a literal, or any other value)."""
     if not isinstance(size, fx.Node) or size.op not in ("call_function", "call_method"):
-        return False
+        return None
     if size.op == "call_method" and size.target == "size" and len(size.args) == 2:
         tensor, axes = size.args[0], None
         axis = size.args[1]
@@ -293,16 +293,24 @@ def _reads_channels(size: object) -> bool:
         if shape.target is operator.getitem and isinstance(shape.args[1], slice):  # x.shape[:-1][i]
             shape, axes = shape.args[0], shape.args[1]
         if not (isinstance(shape, fx.Node) and shape.target is getattr and shape.args[1] == "shape"):
-            return False
+            return None
         tensor = shape.args[0]
     else:
-        return False
+        return None
     value = tensor.meta.get("val") if isinstance(tensor, fx.Node) else None
     if not isinstance(value, torch.Tensor) or not isinstance(axis, int):
-        return False
+        return None
     dims = range(value.dim())
     dims = dims if axes is None else dims[axes]
-    return -len(dims) <= axis < len(dims) and dims[axis] == value.dim() - 1
+    return (dims[axis], value.dim()) if -len(dims) <= axis < len(dims) else None
+
+
+def _reads_batch_or_channels(size: object) -> bool:
+    """Whether ``size`` reads the first or the last axis of a tensor's shape (``x.shape[0]``, ``v.shape[-1]``,
+    ``x.size(2)`` of ``[B, N, C]``): the batch, channels or a head's size, never the token count, though it may equal
+    it (a batch of as many images as there are tokens)."""
+    read = axis_read(size)
+    return read is not None and read[0] in (0, read[1] - 1)
 
 
 def _read_before(size: object, downstream: set[fx.Node]) -> object:

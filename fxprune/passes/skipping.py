@@ -30,7 +30,7 @@ from ..ops.gating import (
     project_heads,
     take_rows,
 )
-from .common import between, computed_from_inputs, graph_order, insert_call, reachable
+from .common import axis_read, between, computed_from_inputs, graph_order, insert_call, reachable
 from .heads import weight_and_bias
 
 __all__ = [
@@ -212,8 +212,10 @@ def _follow_layout(gm: fx.GraphModule, nodes: list[fx.Node], entry: fx.Node, bat
 
     def follow(size: object) -> object:
         if isinstance(size, fx.Node) and size not in inside:
-            value = size.meta.get("val")
-            return used_images if value == batch else used_tokens if value == tokens else size
+            value, read = size.meta.get("val"), axis_read(size)
+            axis = None if read is None else read[0]  # a batch of as many images as tokens or heads: by its axis
+            return used_images if value == batch and axis in (None, 0) else \
+                used_tokens if value == tokens and axis != 0 else size
         return used_tokens if size == tokens and not isinstance(size, bool) else size
 
     for node in nodes:
