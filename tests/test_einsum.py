@@ -13,7 +13,10 @@ from fxprune.capture.einsum import _as_product
     ("b h i d, b h j d -> b h i j", True, True),  # einops' names
     ("bhid,bhjd->bhji", False, None),  # the product transposed
     ("bhid,bhid->bhi", False, None),  # a row-wise product
-    ("...id,...jd->...ij", False, None),  # an ellipsis
+    ("...id,...jd->...ij", False, True),  # leading axes as an ellipsis
+    ("... i j, ... j d -> ... i d", True, False),  # einops' names, an ellipsis
+    ("b...id,b...jd->b...ij", False, None),  # an ellipsis after a leading axis: broadcast otherwise
+    ("...id,...jd->ij", False, None),  # summed over the leading axes
     ("bhid,bjd->bhij", False, None),  # other leading axes
 ])
 def test_an_einsum_is_a_matrix_product_only_on_the_same_leading_axes(equation, named, expected):
@@ -23,21 +26,25 @@ def test_an_einsum_is_a_matrix_product_only_on_the_same_leading_axes(equation, n
 class _EinsumMixer(nn.Module):
     """Multi-head self-attention whose products are ``torch.einsum`` calls."""
 
-    def __init__(self, mixer: nn.Module):
+    def __init__(self, mixer: nn.Module, scores: str, mixing: str):
         super().__init__()
-        self.mixer = mixer
+        self.mixer, self.scores, self.mixing = mixer, scores, mixing
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         q, k, v = self.mixer.split(tokens)
-        weights = (torch.einsum("bhid,bhjd->bhij", q, k) * q.shape[-1] ** -0.5).softmax(dim=-1)
-        mixed = torch.einsum("bhij,bhjd->bhid", weights, v)
+        weights = (torch.einsum(self.scores, q, k) * q.shape[-1] ** -0.5).softmax(dim=-1)
+        mixed = torch.einsum(self.mixing, weights, v)
         return self.mixer.out(mixed.transpose(1, 2).reshape(tokens.shape))
 
 
-def test_attention_written_with_einsum_is_found_and_rewritten():
+@pytest.mark.parametrize(
+    "equations", [("bhid,bhjd->bhij", "bhij,bhjd->bhid"), ("...id,...jd->...ij", "...ij,...jd->...id")],
+    ids=["letters", "ellipsis"],
+)
+def test_attention_written_with_einsum_is_found_and_rewritten(equations):
     model = hand_written_vit()
     for stage in model.stages:
-        stage.mix = _EinsumMixer(stage.mix)
+        stage.mix = _EinsumMixer(stage.mix, *equations)
     assert all(block.reducible for block in fxprune.analyse(model).blocks)  # before: "found no attention"
     x = image_batch(model)
     with torch.no_grad():

@@ -15,8 +15,11 @@ from .values import propagate
 
 def _axes(term: str, named: bool) -> list[str]:
     """The axis names of one operand or result of an equation: one letter each, or (``named``, einops) separated
-    by spaces."""
-    return term.split() if named else list(term.replace(" ", ""))
+    by spaces; an ellipsis ``...`` is one name."""
+    if named:
+        return term.split()
+    head, ellipsis, tail = term.replace(" ", "").partition("...")
+    return [*head, *([ellipsis] if ellipsis else []), *tail]
 
 
 def _operands_and_equation(node: fx.Node) -> tuple[list[fx.Node], str, bool] | None:
@@ -34,8 +37,9 @@ def _operands_and_equation(node: fx.Node) -> tuple[list[fx.Node], str, bool] | N
 
 def _as_product(operands: list[fx.Node], equation: str, named: bool) -> bool | None:
     """Whether ``equation`` over two operands is ``a @ bᵀ`` (True) or ``a @ b`` (False) on the same leading axes,
-    or None when it is neither."""
-    if len(operands) != 2 or "->" not in equation or "." in equation:
+    or None when it is neither. An ellipsis may stand first for leading axes (``...id,...jd->...ij``): einsum then
+    broadcasts them from the right, as the matrix product broadcasts its leading axes."""
+    if len(operands) != 2 or "->" not in equation:
         return None
     inputs, output = equation.split("->")
     terms = inputs.split(",")
@@ -44,7 +48,7 @@ def _as_product(operands: list[fx.Node], equation: str, named: bool) -> bool | N
     a, b, out = _axes(terms[0], named), _axes(terms[1], named), _axes(output, named)
     if len(a) < 3 or not len(a) == len(b) == len(out) or a[:-2] != b[:-2] or a[:-2] != out[:-2]:
         return None
-    if len(set(a)) != len(a) or len(set(b)) != len(b):
+    if len(set(a)) != len(a) or len(set(b)) != len(b) or "..." in a[1:-2]:
         return None
     if a[-1] == b[-1] and out[-2:] == [a[-2], b[-2]] and a[-2] != b[-2]:
         return True
