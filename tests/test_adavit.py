@@ -641,3 +641,11 @@ def test_the_skipping_graph_runs_under_cpu_autocast_as_in_full_precision():
                 low = skipping(images)
         assert low.dtype == torch.bfloat16
         torch.testing.assert_close(low.float(), full, atol=0.05, rtol=0)
+
+
+def test_an_empty_batch_runs_through_blocks_whose_sub_layers_no_image_uses():
+    model = timm_vit("deit_small_patch16_224")
+    skipping = fxprune.transform(model, AdaViT(0.5))  # every block but the first decides its sub-layers
+    empty = image_batch(model)[:0]  # no image uses a sub-layer: before, the layout read rows never decided
+    with torch.no_grad():
+        assert logits(skipping(empty)).shape == model(empty).shape

@@ -83,6 +83,14 @@ def test_a_padded_batch_gives_each_image_what_it_gets_alone(method):
     assert_each_image_gets_what_it_gets_alone(gm, x, atol=1e-4)
 
 
+def test_an_empty_batch_gives_an_empty_output_in_both_modes(method):
+    model = _deit()
+    gm = fxprune.transform(model, method.example(LAYERS))
+    empty = image_batch(model)[:0]
+    for training in (False, True):  # before: ATS, ClusTR and AdaViT's skipping graph failed on it
+        assert logits(gm.train(training)(empty)).shape == model(empty).shape
+
+
 def test_gradients_reach_the_backbone(method):
     model = _deit().train()
     gm = fxprune.transform(model, method.example(LAYERS))

@@ -204,7 +204,7 @@ def _token_major(x: Tensor) -> Tensor:
 
 def _head_major(x: Tensor, heads: int) -> Tensor:
     """``[B, M, H·d]`` → ``[B, H, M, d]``."""
-    return x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
+    return x.view(x.shape[0], x.shape[1], heads, x.shape[2] // heads).transpose(1, 2)
 
 
 def cluster_keys_values(

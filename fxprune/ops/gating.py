@@ -153,10 +153,13 @@ def used_layout(
     ``index`` and ``valid`` when every one of them uses every row, ``valid`` alone when there is one image (no
     padding). When no image uses it: no images (``empty``, for a sub-layer that is then not run), or one slot of
     image 0 that is not valid (shapes are never empty: the sub-layer runs on one row whose result is dropped).
-    ``rows`` may be None where no image uses either sub-layer (the rows were not decided). The shapes depend on the
-    data (eager only)."""
+    ``rows`` may be None where no image uses either sub-layer (the rows were not decided). An empty batch: no images.
+    The shapes depend on the data (eager only)."""
     refuse_jit_trace()
-    if (sublayers if rows is None else rows).shape[0] == 1:
+    batch = (sublayers if rows is None else rows).shape[0]
+    if batch == 0:  # an empty batch: no image uses it
+        return torch.zeros(0, dtype=torch.long, device=(sublayers if rows is None else rows).device), None, None
+    if batch == 1:
         return _used_layout_of_one(rows, sublayers, which, empty)
     images = None
     if sublayers is not None and not bool(sublayers[:, which].all()):

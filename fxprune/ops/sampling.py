@@ -120,8 +120,8 @@ def ats_index(
     Places ``ref_tokens − P`` points (:func:`ats_picks`) on the significance of ``class_row`` ``[B, N]`` and
     ``v`` ``[B, H, N, d]`` over each image's own tokens (``size`` ``[B, N, 1]`` of 0 marks padding); of the
     distinct picks each image keeps at most ``ats_budget(its tokens, cap) − P``, the most significant ones,
-    in ascending significance. ``K`` is the static ``ats_budget(N, cap)`` when compiling, else the batch's
-    largest ``P + K'`` (a single image keeps exactly ``P + K'``); padding slots come last.
+    in ascending significance. ``K`` is the static ``ats_budget(N, cap)`` when compiling (and for an empty batch),
+    else the batch's largest ``P + K'`` (a single image keeps exactly ``P + K'``); padding slots come last.
     """
     batch, tokens = class_row.shape
     real = real_tokens(size, batch, tokens, class_row.device)[:, num_prefix:]
@@ -129,7 +129,7 @@ def ats_index(
     own = real.sum(dim=1) + num_prefix
     kept = _keep_most_significant(picked, ats_budgets(own, cap) - num_prefix)
     counts = kept.sum(dim=1, keepdim=True)
-    if _static_shapes(class_row):
+    if _static_shapes(class_row) or batch == 0:  # an empty batch has no largest count: the static one
         width = min(ats_budget(tokens, cap), ref_tokens) - num_prefix
     else:
         width = int(counts.max())
