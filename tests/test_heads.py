@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from vits import HandWrittenViT, TokenMixer, image_batch, logits
+from vits import HandWrittenViT, TokenMixer, image_batch, logits, timm_vit
 
 import fxprune
 from fxprune.methods.adavit import AdaViT, set_usage
@@ -140,3 +140,18 @@ def test_finding_the_heads_does_not_run_a_module_with_buffers_of_a_model_in_trai
     fxprune.transform(model, AdaViT(0.5))
     for name, buffer in model.named_buffers():
         torch.testing.assert_close(buffer, before[name], atol=0, rtol=0)
+
+
+def test_a_model_made_on_the_meta_device_gets_the_graph_that_slices_its_heads():
+    with torch.device("meta"):  # a model made without memory, its weights loaded later
+        empty = timm_vit("deit_small_patch16_224", qk_norm=True)
+    made = fxprune.transform(empty, AdaViT(0.5))  # before: the check that heads are computed apart failed on meta
+    model = timm_vit("deit_small_patch16_224", qk_norm=True)
+    expected = fxprune.transform(model, AdaViT(0.5))
+    assert made.code == expected.code and any(n.target is project_heads for part in made.fxprune_graphs.children()
+                                              for n in part.graph.nodes)
+    made = made.to_empty(device="cpu")
+    made.load_state_dict(expected.state_dict())
+    x = image_batch(model)
+    with torch.no_grad():
+        torch.testing.assert_close(logits(made(x)), logits(expected(x)), atol=0, rtol=0)

@@ -236,17 +236,18 @@ def _head_input(gm: fx.GraphModule, node: fx.Node, heads: int) -> HeadInput | No
 
 def _example(gm: fx.GraphModule, node: fx.Node, generator: torch.Generator) -> torch.Tensor:
     """A value for ``node`` (a tensor): the attribute it reads, else random values of its example's shape, dtype and
-    device (zeros for integers)."""
-    if node.op == "get_attr":
-        return attribute(gm, node)
-    example = node.meta["val"]
+    device (zeros for integers). On the meta device (a model made without memory), random values on the CPU
+    instead: what is checked with them holds for any values."""
+    example = attribute(gm, node) if node.op == "get_attr" else node.meta["val"]
+    if node.op == "get_attr" and not (isinstance(example, torch.Tensor) and example.is_meta):
+        return example
     if example.dtype == torch.bool:
         value = torch.rand(example.shape, generator=generator) > 0.5
     elif not example.dtype.is_floating_point:
         value = torch.zeros(example.shape, dtype=example.dtype)
     else:
         value = torch.randn(example.shape, generator=generator, dtype=example.dtype)
-    return value.to(example.device)
+    return value if example.is_meta else value.to(example.device)
 
 
 def _apart(gm: fx.GraphModule, inputs: tuple[HeadInput, ...], output: fx.Node, heads: int,
