@@ -777,7 +777,10 @@ def analyse(model: nn.Module, example_inputs: ExampleInputs = None) -> TokenProg
         blocks = tuple(dataclasses.replace(block, refusal=read, needs_all_tokens=True) for block in blocks)
     shape = _shape(first) or (batch, 0, 0)
     tokens, dim = (shape[1], shape[2]) if len(shape) == 3 else (0, 0)
-    found = readout(gm, _final_tokens(blocks, stream, batch, dim, tokens), prefix, data)
+    final = _final_tokens(blocks, stream, batch, dim, tokens)
+    if final is None and any("fxprune" in node.meta for node in gm.graph.nodes):  # an earlier transform's rows
+        final = _final_tokens(blocks, stream, batch, dim)
+    found = readout(gm, final, prefix, data)
     return TokenProgram(
         gm, blocks, prefix, _has_class_token(found, prefix, info), tokens, dim, batch, stream, info,
         info.model_class, [*unrecognised, *(f"{name}, called whole: attention inside it is not seen" for name in kept)],

@@ -2,7 +2,7 @@ import pytest
 import timm
 import torch
 import torchvision
-from vits import ALL_MODELS, image_batch, timm_vit
+from vits import ALL_MODELS, hf_vit, image_batch, logits, timm_vit, torchvision_vit
 
 import fxprune
 from fxprune import ATS, ClusTR, DynamicViT, EViT, ToMe, TopK, UnsupportedModelError
@@ -145,6 +145,17 @@ def test_transforming_a_transformed_model_equals_composing_the_policies(first, t
     x = image_batch(model)
     torch.testing.assert_close(stacked(x), composed(x), atol=0, rtol=0)
     assert set(stacked.state_dict()) == set(model.state_dict())
+
+
+@pytest.mark.parametrize("factory", [hf_vit, torchvision_vit], ids=["hf", "torchvision"])
+def test_a_transformed_model_keeps_its_class_token_for_the_next_transform(factory):
+    model = factory()  # no timm attribute to fall back on: the class token is found by what the output reads
+    first = fxprune.transform(model, EViT(0.7, (1,)))
+    assert fxprune.analyse(first).class_token  # before: its reduced rows were not found, EViT scored otherwise
+    stacked = fxprune.transform(first, EViT(0.7, (2,)))
+    composed = fxprune.transform(model, fxprune.Compose([EViT(0.7, (1,)), EViT(0.7, (2,))]))
+    x = image_batch(model)
+    torch.testing.assert_close(logits(stacked(x)), logits(composed(x)), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("first, second", [(TopK(0.7, (2,)), EViT(0.7, (1,))), (EViT(0.7, (2,)), ClusTR(4, (1,)))],
