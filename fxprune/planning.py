@@ -30,7 +30,7 @@ from .analysis import (
 from .errors import PolicyError, UnsupportedModelError
 from .methods import Method, method_of
 from .passes.common import Role, graph_order, rewritten_blocks, stream_node, tag_of
-from .passes.restore import restores_output
+from .passes.restore import layout_restored, restores_output
 from .policies import Compose, Policy
 
 __all__ = ["Plan", "PlanRow", "make_plan", "block_of", "macs_per_block", "measure_tokens", "token_count"]
@@ -189,14 +189,20 @@ _COMPOSE = "transform the original model with all the policies in one transform 
 
 
 def _check_earlier_rewrites(program: TokenProgram, policy: Policy | Compose) -> None:
-    """Refuse a plan for a model an earlier fxprune transform rewrote (its blocks tagged in the graph) that would
-    rewrite one of those blocks again, a block from one whose attention it replaced on (the analysis no longer finds
-    that attention, so it numbers the later blocks otherwise than the model), or a block before one of them with a
-    method that tells every later attention the sizes or keep policy of the rows (the earlier rewrite's nodes do not
-    pass them on)."""
+    """Refuse a plan for a model an earlier fxprune transform rewrote (its blocks tagged in the graph) where it put
+    the original token layout back, or that would rewrite one of those blocks again, a block from one whose
+    attention it replaced on (the analysis no longer finds that attention, so it numbers the later blocks otherwise
+    than the model), or a block before one of them with a method that tells every later attention the sizes or keep
+    policy of the rows (the earlier rewrite's nodes do not pass them on)."""
     earlier = rewritten_blocks(program.gm)
     if not earlier:
         return
+    if layout_restored(program.gm):
+        raise UnsupportedModelError(
+            f"cannot apply {policy.describe()}: an earlier fxprune transform of {program.model_name} put the original "
+            "token layout back where its output reads every token, so the rows its blocks keep are no longer followed "
+            f"to the output; {_COMPOSE}."
+        )
     hidden = min((index for index, roles in earlier.items() if Role.ATTENTION in roles), default=None)
     for part in policy.policies():
         for index in sorted(part.layers):

@@ -185,6 +185,13 @@ def test_transforming_a_transformed_model_where_the_earlier_rewrite_is_in_the_wa
         fxprune.transform(transformed, second)
 
 
+def test_transforming_a_model_whose_dense_output_was_restored_is_refused():
+    transformed = fxprune.transform(timm_vit("deit_small_patch16_224", num_classes=0, global_pool=""), EViT(0.7, (1,)))
+    message = r"put the original token layout back where its output reads every token.*fxprune\.Compose"
+    with pytest.raises(UnsupportedModelError, match=message):  # before: refused as channel attention
+        fxprune.transform(transformed, EViT(0.7, (2,)))
+
+
 @pytest.mark.parametrize("first", [ATS(9, (1,)), ToMe(2, (1,))], ids=["ats", "tome"])
 def test_blocks_after_an_earlier_transforms_sized_stream_are_refused_with_the_way_out(first):
     transformed = fxprune.transform(timm_vit("deit_small_patch16_224"), first)

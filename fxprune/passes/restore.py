@@ -133,6 +133,11 @@ def restores_output(program: TokenProgram) -> bool:
     return program.readout.patches in ("dense", "ordered") and _restore_point(program) is not None
 
 
+def layout_restored(gm: fx.GraphModule) -> bool:
+    """Whether an fxprune transform put the original token layout back in ``gm`` (it follows the rows' channel)."""
+    return any((found := tag_of(node)) is not None and found.channel == ROWS for node in gm.graph.nodes)
+
+
 def return_positions(gm: fx.GraphModule, program: TokenProgram, moves: Sequence[fx.Node]) -> None:
     """Make ``gm`` return ``(output, positions)``: ``positions`` ``[B, N']`` the original index of each row of the
     final tokens (the positions channel after the blocks' stream nodes ``moves``, in order: a row standing for
