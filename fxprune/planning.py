@@ -209,9 +209,9 @@ def _check_earlier_rewrites(program: TokenProgram, policy: Policy | Compose) -> 
             if hidden is not None and index >= hidden:
                 raise UnsupportedModelError(
                     f"cannot apply {part.describe()} to block {index}: an earlier fxprune transform replaced the "
-                    f"attention of block {hidden} (clustered attention), which the analysis does not find again, so "
-                    f"the blocks from {hidden} on are not numbered as in the model. Choose blocks before {hidden}, or "
-                    f"{_COMPOSE}."
+                    f"attention of block {hidden} with its own (ClusTR's clustered attention), which the analysis does "
+                    f"not find again, so the blocks from {hidden} on are not numbered as in the model. Choose blocks "
+                    f"before {hidden}, or {_COMPOSE}."
                 )
             if index in earlier:
                 raise UnsupportedModelError(
