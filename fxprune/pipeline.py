@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 import torch.fx as fx
 from torch import nn
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
@@ -102,6 +103,7 @@ def rewrite(
         drop_eval_identities(gm)
     add_in_place(gm)
     _finalize(gm, measured)
+    _keep_descriptions(gm, model)
     return gm.train(model.training), measured
 
 
@@ -207,6 +209,21 @@ def _with_training_graph(gm: fx.GraphModule, train_gm: fx.GraphModule) -> TrainE
     both.meta.update(gm.meta)
     both._tracer_cls = gm._tracer_cls
     return both
+
+
+def _keep_descriptions(gm: fx.GraphModule, model: nn.Module) -> None:
+    """Give ``gm`` the attributes of ``model`` that describe it, shared: its own data that is no module, tensor,
+    callable, flag or None, and whose name ``gm`` does not use (timm's ``pretrained_cfg`` and ``num_classes``, which
+    ``timm.data.resolve_data_config`` reads for the preprocessing, Hugging Face's ``config`` with its labels). Flags
+    are left out: they switch code (``dynamic_img_size``, ``grad_checkpointing``) that the graph has fixed. Kept by
+    ``copy.deepcopy`` and ``torch.save``, as the plan."""
+    preserved = gm.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})
+    for name, value in vars(model).items():
+        if name.startswith("_") or hasattr(gm, name) or value is None or isinstance(value, bool) or callable(value) \
+                or isinstance(value, (nn.Module, torch.Tensor)):
+            continue
+        setattr(gm, name, value)
+        preserved[name] = value
 
 
 def _finalize(gm: fx.GraphModule, the_plan: Plan) -> None:

@@ -1,8 +1,10 @@
+import copy
+
 import pytest
 import timm
 import torch
 import torchvision
-from vits import ALL_MODELS, hf_vit, image_batch, logits, timm_vit, torchvision_vit
+from vits import ALL_MODELS, hf_vit, image_batch, logits, saved_and_loaded, timm_vit, torchvision_vit
 
 import fxprune
 from fxprune import ATS, ClusTR, DynamicViT, EViT, ToMe, TopK, UnsupportedModelError
@@ -18,6 +20,17 @@ def test_transform_leaves_the_users_model_untouched():
     assert [(n, type(m)) for n, m in model.named_modules()] == modules
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before_state.items())
     torch.testing.assert_close(model(x), before_out, atol=0, rtol=0)
+
+
+def test_a_transformed_model_keeps_what_describes_the_model_but_not_its_code_flags():
+    model = timm_vit("deit_small_patch16_224", dynamic_img_size=True)
+    gm = fxprune.transform(model, EViT(0.5, (1,)))  # before: no pretrained_cfg, so timm's default preprocessing
+    for kept in (gm, copy.deepcopy(gm), saved_and_loaded(gm)):
+        assert kept.pretrained_cfg is not None and kept.num_classes == model.num_classes
+        assert timm.data.resolve_data_config({}, model=kept) == timm.data.resolve_data_config({}, model=model)
+        assert not hasattr(kept, "dynamic_img_size")  # the graph is of the captured image size
+    labelled = hf_vit()
+    assert fxprune.transform(labelled, EViT(0.5, (1,))).config is labelled.config  # its labels, shared
 
 
 @pytest.mark.parametrize("name", sorted(ALL_MODELS))
