@@ -203,7 +203,7 @@ def _check_earlier_rewrites(program: TokenProgram, policy: Policy | Compose) -> 
             "token layout back where its output reads every token, so the rows its blocks keep are no longer followed "
             f"to the output; {_COMPOSE}."
         )
-    hidden = min((index for index, roles in earlier.items() if Role.ATTENTION in roles), default=None)
+    hidden = _replaced_attention(program)
     for part in policy.policies():
         for index in sorted(part.layers):
             if hidden is not None and index >= hidden:
@@ -225,6 +225,13 @@ def _check_earlier_rewrites(program: TokenProgram, policy: Policy | Compose) -> 
                     f"of the stream's rows, but an earlier fxprune transform rewrote block {later[0]}, whose nodes do "
                     f"not pass them on. Choose blocks after {later[-1]}, or {_COMPOSE}."
                 )
+
+
+def _replaced_attention(program: TokenProgram) -> int | None:
+    """The first block whose attention an earlier fxprune transform replaced with its own (ClusTR's), in the
+    numbering of the model it rewrote, or None."""
+    earlier = rewritten_blocks(program.gm)
+    return min((index for index, roles in earlier.items() if Role.ATTENTION in roles), default=None)
 
 
 def _check_blocks(program: TokenProgram, owner: dict[int, Policy]) -> None:
@@ -398,6 +405,10 @@ def make_plan(program: TokenProgram, policy: Policy | Compose, restore: bool = T
         rows.append(PlanRow(block.index, block.name, action, part))
     shape = tuple(program.gm.graph.find_nodes(op="placeholder")[0].meta["val"].shape)
     notes = [f"not recognised as attention, left as is: {u}" for u in program.unrecognised]
+    if (hidden := _replaced_attention(program)) is not None:
+        notes.append(f"block {hidden} is not listed: an earlier fxprune transform replaced its attention (ClusTR's "
+                     f"clustered attention), which the analysis does not find again; its MACs count outside the "
+                     f"blocks, and the blocks after it are numbered from {hidden}")
     notes += [f"kept as a leaf during capture: {name} ({why})" for name, why in program.trace.leaves]
     notes += [note for part in policy.policies() for note in part.plan_notes()]
     notes += [f"{part.describe()} scores tokens by {SCORES[program.class_token]}"

@@ -181,6 +181,16 @@ def test_a_method_before_an_earlier_transforms_block_equals_composing_the_polici
     torch.testing.assert_close(stacked(x), composed(x), atol=0, rtol=0)
 
 
+def test_the_plan_says_which_block_an_earlier_clustered_attention_leaves_out():
+    model = timm_vit("deit_small_patch16_224")
+    stacked = fxprune.transform(fxprune.transform(model, ClusTR(4, (2,))), EViT(0.7, (1,)))
+    assert any(note.startswith("block 2 is not listed: an earlier fxprune transform replaced its attention")
+               for note in stacked.fxprune_plan.notes)  # before: the plan's rows skipped it silently
+    composed = fxprune.transform(model, fxprune.Compose([ClusTR(4, (2,)), EViT(0.7, (1,))]))
+    x = image_batch(model)
+    torch.testing.assert_close(stacked(x), composed(x), atol=0, rtol=0)
+
+
 @pytest.mark.parametrize(
     "first, second, message",
     [
