@@ -199,9 +199,9 @@ def _check_earlier_rewrites(program: TokenProgram, policy: Policy | Compose) -> 
         return
     if layout_restored(program.gm):
         raise UnsupportedModelError(
-            f"cannot apply {policy.describe()}: an earlier fxprune transform of {program.model_name} put the original "
-            "token layout back where its output reads every token, so the rows its blocks keep are no longer followed "
-            f"to the output; {_COMPOSE}."
+            f"cannot apply {policy.describe()}: an earlier fxprune transform of {program.model_name} follows the rows "
+            "its blocks keep to an output that reads every token (it put their original layout back, or returns their "
+            f"original positions), which a second transform would not follow; {_COMPOSE}."
         )
     hidden = _replaced_attention(program)
     for part in policy.policies():

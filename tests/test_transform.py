@@ -208,11 +208,13 @@ def test_transforming_a_transformed_model_where_the_earlier_rewrite_is_in_the_wa
         fxprune.transform(transformed, second)
 
 
-def test_transforming_a_model_whose_dense_output_was_restored_is_refused():
-    transformed = fxprune.transform(timm_vit("deit_small_patch16_224", num_classes=0, global_pool=""), EViT(0.7, (1,)))
-    message = r"put the original token layout back where its output reads every token.*fxprune\.Compose"
+@pytest.mark.parametrize("restore", [True, False], ids=["layout-restored", "positions-returned"])
+def test_transforming_a_model_whose_dense_output_follows_its_rows_is_refused(restore):
+    dense = timm_vit("deit_small_patch16_224", num_classes=0, global_pool="")
+    transformed = fxprune.transform(dense, EViT(0.7, (1,)), restore=restore)
+    message = r"follows the rows its blocks keep to an output that reads every token.*fxprune\.Compose"
     with pytest.raises(UnsupportedModelError, match=message):  # before: refused as channel attention
-        fxprune.transform(transformed, EViT(0.7, (2,)))
+        fxprune.transform(transformed, EViT(0.7, (2,)), restore=restore)
 
 
 @pytest.mark.parametrize("first", [ATS(9, (1,)), ToMe(2, (1,))], ids=["ats", "tome"])

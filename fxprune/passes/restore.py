@@ -134,7 +134,8 @@ def restores_output(program: TokenProgram) -> bool:
 
 
 def layout_restored(gm: fx.GraphModule) -> bool:
-    """Whether an fxprune transform put the original token layout back in ``gm`` (it follows the rows' channel)."""
+    """Whether an fxprune transform follows the rows of ``gm``'s blocks to its output (it put the original token
+    layout back, or returns each row's original position): its nodes carry the rows' channel."""
     return any((found := tag_of(node)) is not None and found.channel == ROWS for node in gm.graph.nodes)
 
 
