@@ -189,8 +189,8 @@ _COMPOSE = "transform the original model with all the policies in one transform 
 
 
 def _check_earlier_rewrites(program: TokenProgram, policy: Policy | Compose) -> None:
-    """Refuse a plan for a model an earlier fxprune transform rewrote (its blocks tagged in the graph) where it put
-    the original token layout back, or that would rewrite one of those blocks again, a block from one whose
+    """Refuse a plan for a model an earlier fxprune transform rewrote (its blocks tagged in the graph) where it
+    follows the rows to a dense output, or that would rewrite one of those blocks again, a block from one whose
     attention it replaced on (the analysis no longer finds that attention, so it numbers the later blocks otherwise
     than the model), or a block before one of them with a method that tells every later attention the sizes or keep
     policy of the rows (the earlier rewrite's nodes do not pass them on)."""
