@@ -941,6 +941,9 @@ def _block(
     return Block(index, name, site, anchor, mid, tokens, refusal, needs_all_tokens, terms)
 
 
+_JOINED = "joins them with a later block's as a token sequence (a sum of several blocks' outputs)"
+
+
 def _refusal(
     site: AttentionSite, anchor: fx.Node, mid: fx.Node | None, shape: tuple[int, ...] | None, batch: int,
     terms: tuple[PositionTerm, ...],
@@ -980,16 +983,14 @@ def _refusal(
         after = "ends" if mid is None else f"is {mid.name}, of shape {_shape(mid)}"
         return (
             f"the token stream leaves the tokens before its attention's output (after it, the stream {after}): the "
-            "model's output reads no token sequence after it, or reads an earlier block's tokens and joins them with "
-            "a later block's as a token sequence (a sum of several blocks' outputs)"
+            f"model's output reads no token sequence after it, or reads an earlier block's tokens and {_JOINED}"
         ), True
     if not _is_add(mid) or anchor not in mid.all_input_nodes:
         residual = _residual_addition(site)
         if residual is not None:
             return (
                 f"its residual addition {residual.name} is not on the token stream: the model's output also reads "
-                "this block's tokens and joins them with a later block's as a token sequence (a sum of several "
-                "blocks' outputs)"
+                f"this block's tokens and {_JOINED}"
             ), True
         return "no residual addition of the block input after attention", False
     beside = _beside_attention(site, anchor, mid)

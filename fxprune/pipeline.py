@@ -31,7 +31,7 @@ from .passes.learned import (
     read_weights,
 )
 from .passes.skipping import add_in_place
-from .planning import Plan, PlanRow, macs_per_block, make_plan, measure_tokens
+from .planning import ONE_TRANSFORM, Plan, PlanRow, macs_per_block, make_plan, measure_tokens
 from .policies import Compose, Policy
 from .verify import verify, verify_training
 
@@ -116,9 +116,8 @@ def _refuse_training_graph(model: nn.Module) -> None:
             f"{type(model).__name__} was transformed by fxprune"
             + (f" ({earlier.policy.describe()})" if earlier is not None else "")
             + " with a training graph beside its evaluation graph (a learned method, or code that differs in "
-            "training mode); transforming it again would keep its evaluation graph alone. Transform the original "
-            "model with all the policies in one transform (fxprune.Compose); a learned method's trained parts load "
-            "with its weights= (fxprune.save_weights writes them)"
+            f"training mode); transforming it again would keep its evaluation graph alone: {ONE_TRANSFORM}, a "
+            "learned method's trained parts loaded with its weights= (fxprune.save_weights writes them)"
         )
 
 
@@ -217,13 +216,18 @@ def _keep_descriptions(gm: fx.GraphModule, model: nn.Module) -> None:
     ``timm.data.resolve_data_config`` reads for the preprocessing, Hugging Face's ``config`` with its labels). Flags
     are left out: they switch code (``dynamic_img_size``, ``grad_checkpointing``) that the graph has fixed. Kept by
     ``copy.deepcopy`` and ``torch.save``, as the plan."""
-    preserved = gm.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})
     for name, value in vars(model).items():
         if name.startswith("_") or hasattr(gm, name) or value is None or isinstance(value, bool) or callable(value) \
                 or isinstance(value, (nn.Module, torch.Tensor)):
             continue
-        setattr(gm, name, value)
-        preserved[name] = value
+        _keep(gm, name, value)
+
+
+def _keep(gm: fx.GraphModule, name: str, value: object) -> None:
+    """Set attribute ``name`` of ``gm`` to ``value``, kept by ``copy.deepcopy`` (``GraphModule`` copies only what its
+    meta names) and ``torch.save``."""
+    setattr(gm, name, value)
+    gm.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})[name] = value
 
 
 def _finalize(gm: fx.GraphModule, the_plan: Plan) -> None:
@@ -236,8 +240,7 @@ def _finalize(gm: fx.GraphModule, the_plan: Plan) -> None:
             node.meta.pop("val", None)
             node.meta.pop("macs", None)
     gm.recompile()
-    gm.fxprune_plan = the_plan
-    gm.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})["fxprune_plan"] = the_plan  # kept by copy.deepcopy
+    _keep(gm, "fxprune_plan", the_plan)
 
 
 def plan(

@@ -185,25 +185,25 @@ def _owner(program: TokenProgram, policy: Policy | Compose) -> dict[int, Policy]
     return owner
 
 
-_COMPOSE = "transform the original model with all the policies in one transform (fxprune.Compose)"
+ONE_TRANSFORM = "transform the original model with all the policies in one transform (fxprune.Compose)"
 
 
-def _check_earlier_rewrites(program: TokenProgram, policy: Policy | Compose) -> None:
+def _check_earlier_rewrites(program: TokenProgram, policy: Policy | Compose, earlier: dict[int, set[Role]]) -> None:
     """Refuse a plan for a model an earlier fxprune transform rewrote (its blocks tagged in the graph) where it
     follows the rows to a dense output, or that would rewrite one of those blocks again, a block from one whose
     attention it replaced on (the analysis no longer finds that attention, so it numbers the later blocks otherwise
     than the model), or a block before one of them with a method that tells every later attention the sizes or keep
-    policy of the rows (the earlier rewrite's nodes do not pass them on)."""
-    earlier = rewritten_blocks(program.gm)
+    policy of the rows (the earlier rewrite's nodes do not pass them on). ``earlier``: the blocks it rewrote
+    (:func:`~fxprune.passes.common.rewritten_blocks`)."""
     if not earlier:
         return
     if layout_restored(program.gm):
         raise UnsupportedModelError(
             f"cannot apply {policy.describe()}: an earlier fxprune transform of {program.model_name} follows the rows "
             "its blocks keep to an output that reads every token (it put their original layout back, or returns their "
-            f"original positions), which a second transform would not follow; {_COMPOSE}."
+            f"original positions), which a second transform would not follow; {ONE_TRANSFORM}."
         )
-    hidden = _replaced_attention(program)
+    hidden = _replaced_attention(earlier)
     for part in policy.policies():
         for index in sorted(part.layers):
             if hidden is not None and index >= hidden:
@@ -211,26 +211,26 @@ def _check_earlier_rewrites(program: TokenProgram, policy: Policy | Compose) -> 
                     f"cannot apply {part.describe()} to block {index}: an earlier fxprune transform replaced the "
                     f"attention of block {hidden} with its own (ClusTR's clustered attention), which the analysis does "
                     f"not find again, so the blocks from {hidden} on are not numbered as in the model. Choose blocks "
-                    f"before {hidden}, or {_COMPOSE}."
+                    f"before {hidden}, or {ONE_TRANSFORM}."
                 )
             if index in earlier:
                 raise UnsupportedModelError(
                     f"cannot apply {part.describe()} to block {index} ({program.blocks[index].name}): an earlier "
-                    f"fxprune transform rewrote it, and a block takes one method. Choose other layers, or {_COMPOSE}."
+                    f"fxprune transform rewrote it, and a block takes one method. Choose other layers, or "
+                    f"{ONE_TRANSFORM}."
                 )
             later = [other for other in sorted(earlier) if other > index]
             if later and method_of(part).weights_later_keys:
                 raise UnsupportedModelError(
                     f"{part.describe()} at block {index} tells every later attention the sizes (or the keep policy) "
                     f"of the stream's rows, but an earlier fxprune transform rewrote block {later[0]}, whose nodes do "
-                    f"not pass them on. Choose blocks after {later[-1]}, or {_COMPOSE}."
+                    f"not pass them on. Choose blocks after {later[-1]}, or {ONE_TRANSFORM}."
                 )
 
 
-def _replaced_attention(program: TokenProgram) -> int | None:
-    """The first block whose attention an earlier fxprune transform replaced with its own (ClusTR's), in the
-    numbering of the model it rewrote, or None."""
-    earlier = rewritten_blocks(program.gm)
+def _replaced_attention(earlier: dict[int, set[Role]]) -> int | None:
+    """The first of the blocks an earlier fxprune transform rewrote, ``earlier`` (with the roles of what it inserted),
+    whose attention it replaced with its own (ClusTR's), in the numbering of the model it rewrote, or None."""
     return min((index for index, roles in earlier.items() if Role.ATTENTION in roles), default=None)
 
 
@@ -385,7 +385,8 @@ def make_plan(program: TokenProgram, policy: Policy | Compose, restore: bool = T
         raise PolicyError(f"expected an fxprune policy (e.g. fxprune.EViT(0.7, (3, 6, 9))), got {policy!r}"
                           + (text if isinstance(policy, str) else ""))
     policy = policy.bind(_depth(program), program.tokens - program.prefix_tokens)
-    _check_earlier_rewrites(program, policy)
+    earlier = rewritten_blocks(program.gm)
+    _check_earlier_rewrites(program, policy, earlier)
     owner = _owner(program, policy)
     _check_blocks(program, owner)
     _check_model(program, owner, restore)
@@ -405,7 +406,7 @@ def make_plan(program: TokenProgram, policy: Policy | Compose, restore: bool = T
         rows.append(PlanRow(block.index, block.name, action, part))
     shape = tuple(program.gm.graph.find_nodes(op="placeholder")[0].meta["val"].shape)
     notes = [f"not recognised as attention, left as is: {u}" for u in program.unrecognised]
-    if (hidden := _replaced_attention(program)) is not None:
+    if (hidden := _replaced_attention(earlier)) is not None:
         notes.append(f"block {hidden} is not listed: an earlier fxprune transform replaced its attention (ClusTR's "
                      f"clustered attention), which the analysis does not find again; its MACs count outside the "
                      f"blocks, and the blocks after it are numbered from {hidden}")

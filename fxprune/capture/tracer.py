@@ -423,8 +423,6 @@ def _registries() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
     return modules + tuple(get_notrace_modules()), functions + tuple(get_notrace_functions()) + graph_functions()
 
 
-
-
 @dataclasses.dataclass(frozen=True)
 class _Inputs:
     """What a capture calls the model with: ``tensors``, its inputs, given as the arguments ``names`` (by keyword

@@ -156,10 +156,10 @@ def used_layout(
     ``rows`` may be None where no image uses either sub-layer (the rows were not decided). An empty batch: no images.
     The shapes depend on the data (eager only)."""
     refuse_jit_trace()
-    batch = (sublayers if rows is None else rows).shape[0]
-    if batch == 0:  # an empty batch: no image uses it
-        return torch.zeros(0, dtype=torch.long, device=(sublayers if rows is None else rows).device), None, None
-    if batch == 1:
+    decided = sublayers if rows is None else rows
+    if decided.shape[0] == 0:  # an empty batch: no image uses it
+        return torch.zeros(0, dtype=torch.long, device=decided.device), None, None
+    if decided.shape[0] == 1:
         return _used_layout_of_one(rows, sublayers, which, empty)
     images = None
     if sublayers is not None and not bool(sublayers[:, which].all()):

@@ -225,8 +225,7 @@ def _einops_vit() -> nn.Module:
                 x = mlp(x) + x
             return self.head(x[:, 0])
 
-    torch.manual_seed(0)
-    return EinopsViT().eval()
+    return _seeded(EinopsViT)()
 
 
 def _seeded(cls: type[nn.Module], *args: Any) -> Callable[[], nn.Module]:
