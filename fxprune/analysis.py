@@ -733,8 +733,7 @@ def analyse(model: nn.Module, example_inputs: ExampleInputs = None) -> TokenProg
     wanted = ancestors(gm.graph.find_nodes(op="output"))
     stream, idom, reads = _stream(gm, sites, wanted)
     unreached = [site for site in sites if site.node not in idom]  # e.g. a decoder's self-attention of its queries
-    unrecognised += [f"attention {site.node.name} in {site.module or 'forward'} (computed from no value of the "
-                     "input: learned queries attending to each other)" for site in unreached]
+    unrecognised += [_unreached(gm, site, sites) for site in unreached]
     unrecognised += [f"attention {site.node.name} in {site.module or 'forward'} (the output reads nothing it "
                      "computes: a block after the last one the output reads, which the rewritten model drops as "
                      "dead code)"
@@ -766,6 +765,10 @@ def analyse(model: nn.Module, example_inputs: ExampleInputs = None) -> TokenProg
         _block(index, site, anchor, mid, batch, prefix, on_stream, data)
         for index, (site, (anchor, mid)) in enumerate(zip(sites, anchors))
     )
+    towers = _stream_towers(sites)
+    if len(towers) > 1:  # every block: no one token stream
+        several = _several_streams(towers)
+        blocks = tuple(dataclasses.replace(block, refusal=several, needs_all_tokens=True) for block in blocks)
     late = _tokens_after_patches(first, prefix, data)
     if late is not None:  # every block: the tokens keep their place after the patches
         blocks = tuple(block if block.refusal else dataclasses.replace(block, refusal=late) for block in blocks)
@@ -786,6 +789,70 @@ def analyse(model: nn.Module, example_inputs: ExampleInputs = None) -> TokenProg
         info.model_class, [*unrecognised, *(f"{name}, called whole: attention inside it is not seen" for name in kept)],
         found, reads,
     )
+
+
+def _calls(site: AttentionSite) -> list[str]:
+    """The module calls ``site`` was traced in, outermost first (``name@k``: the module's call after its first k)."""
+    return list(site.node.meta.get("nn_module_stack") or {})
+
+
+def _tower(site: AttentionSite, others: Iterable[AttentionSite]) -> str:
+    """The qualified name of the outermost module whose call holds ``site`` and none of the attentions ``others``:
+    the tower it runs in, or the module called once per stream ('' where no module call holds it alone)."""
+    taken = {call for other in others for call in _calls(other)}
+    return next((call for call in _calls(site) if call not in taken), "").partition("@")[0]
+
+
+def _stream_towers(sites: Sequence[AttentionSite]) -> list[str]:
+    """The :func:`_tower` of each token stream the attentions ``sites`` (in graph order) run on, in the order of
+    their first attentions. Two attentions are on one stream when one is computed from the other's output, directly
+    or through others (a block's parallel branches meet in their sum, so they are one stream); an ensemble, or a
+    module called on several views of the input, has one stream per tower or call."""
+    index = {site.output: i for i, site in enumerate(sites)}
+    streams = nx.utils.UnionFind(range(len(sites)))
+    after: dict[fx.Node, frozenset[int]] = {}  # the attentions each node is computed from
+    for node in sites[0].node.graph.nodes if sites else ():
+        found = frozenset().union(*(after[value] for value in node.all_input_nodes if value in after))
+        if node in index:
+            streams.union(index[node], *found)
+            found = frozenset({index[node]})
+        if found:
+            after[node] = found
+    groups = sorted((sorted(group) for group in streams.to_sets()), key=min)
+    return [_tower(sites[group[0]], [sites[i] for i in range(len(sites)) if i not in group]) for group in groups]
+
+
+def _several_streams(towers: list[str]) -> str:
+    """Why no block of a model whose attentions run on the token streams of ``towers`` (:func:`_stream_towers`) is
+    reduced, and what to do."""
+    if "" in towers:
+        advice = "transform a module that runs each stream on its own"
+    elif len(set(towers)) == 1:
+        advice = (f"transform {towers[0]} itself, model.{towers[0]} = fxprune.transform(model.{towers[0]}, policy), "
+                  "and every call runs the rewritten graph")
+    else:
+        advice = f"transform each on its own, e.g. model.{towers[0]} = fxprune.transform(model.{towers[0]}, policy)"
+    named = ", ".join(dict.fromkeys(tower or "forward" for tower in towers))
+    runs = f"{towers[0]} runs on {len(towers)} token streams (it is called once for each, e.g. on views of the " \
+        "input)" if len(set(towers)) == 1 and towers[0] else \
+        f"the model's attention runs on {len(towers)} token streams ({named}: an ensemble, or a model with several " \
+        "towers)"
+    return f"{runs}, which the output joins only after their blocks; fxprune reduces one token stream: {advice}"
+
+
+def _unreached(gm: fx.GraphModule, site: AttentionSite, sites: Sequence[AttentionSite]) -> str:
+    """What an attention not computed from the first input's values is (said when it is left as is): computed from
+    another input (a model run on several inputs) or from no input (learned queries)."""
+    first, *others = gm.graph.find_nodes(op="placeholder")
+    source = next((value for value in others if site.node in descendants(value)), None)
+    where = f"attention {site.node.name} in {site.module or 'forward'}"
+    if source is None:
+        return f"{where} (computed from no value of the input: learned queries attending to each other)"
+    tower = _tower(site, [other for other in sites if other.node not in descendants(source)])
+    advice = f"transform {tower} on its own, model.{tower} = fxprune.transform(model.{tower}, policy), to reduce " \
+        "each of its calls" if tower else "transform a module that runs it on its own"
+    return f"{where} (computed from the input {source.name}, not {first.name}, whose token stream fxprune reduces: " \
+        f"{advice})"
 
 
 def _map_read(site: AttentionSite, wanted: set[fx.Node]) -> bool:

@@ -241,7 +241,9 @@ def _check_blocks(program: TokenProgram, owner: dict[int, Policy]) -> None:
         if not block.reducible:
             raise UnsupportedModelError(
                 f"cannot apply {part.describe()} to block {index} ({block.name}): {block.refusal}. "
-                "Choose other layers; fxprune.analyse(model) lists which blocks are reducible."
+                + ("Choose other layers; fxprune.analyse(model) lists which blocks are reducible."
+                   if any(other.reducible for other in program.blocks) else
+                   f"No block of {program.model_name} is reducible.")
             )
         if method.needs_class_token and not program.class_token:
             raise UnsupportedModelError(

@@ -354,6 +354,66 @@ def test_a_model_whose_only_attention_reads_no_value_of_the_input_is_refused_say
         fxprune.analyse(_QueriesAlone(), (torch.randn(2, 3, 8, 8),))
 
 
+class _TwoInputs(torch.nn.Module):
+    """One timm ViT called on each of two inputs, its logits subtracted (a siamese model)."""
+
+    def __init__(self):
+        super().__init__()
+        self.vit = timm_vit("vit_tiny_patch16_224", depth=2)
+
+    def forward(self, a, b):
+        return self.vit(a) - self.vit(b)
+
+
+def test_an_attention_on_a_second_input_is_left_as_is_naming_that_input_and_the_module_to_transform():
+    model, images = _TwoInputs(), (torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32))
+    program = fxprune.analyse(model, images)
+    assert [block.name for block in program.blocks] == ["vit.blocks.0", "vit.blocks.1"]
+    assert all(block.reducible for block in program.blocks)
+    assert len(program.unrecognised) == 2  # before: "computed from no value of the input: learned queries"
+    assert all("vit.blocks." in text and "(computed from the input b, not a, whose token stream fxprune reduces: "
+               "transform vit on its own, model.vit = fxprune.transform(model.vit, policy), to reduce each of its "
+               "calls)" in text for text in program.unrecognised)
+    plan = str(fxprune.transform(model, EViT(0.5, (1,)), images).fxprune_plan)
+    assert "note: not recognised as attention, left as is: attention" in plan and "the input b, not a" in plan
+
+
+def test_a_module_called_on_two_views_is_refused_naming_the_module_to_transform_which_then_reduces_both():
+    from fxprune.tools.zoo import Towers
+
+    torch.manual_seed(0)
+    model, images = Towers(views=True).eval(), torch.randn(3, 3, 32, 32)
+    program = fxprune.analyse(model)
+    assert [block.name for block in program.blocks] == ["a"] * 3 + ["a@1"] * 3  # its attention is in its forward
+    assert {block.refusal for block in program.blocks} == {
+        "a runs on 2 token streams (it is called once for each, e.g. on views of the input), which the output joins "
+        "only after their blocks; fxprune reduces one token stream: transform a itself, model.a = "
+        "fxprune.transform(model.a, policy), and every call runs the rewritten graph"}  # before: "not a [B, N, C] …"
+    with pytest.raises(UnsupportedModelError, match=r"to block 1 \(a\): a runs on 2 token streams .* No "
+                       r"block of Towers is reducible\.$"):
+        fxprune.transform(model, EViT(0.5, (1,)))
+    reduced = fxprune.transform(model.a, EViT(0.5, (1,)))
+    model.a = reduced
+    torch.testing.assert_close(model(images), reduced(images) + reduced(images.flip(-1)))
+    assert reduced.fxprune_plan.macs_after < reduced.fxprune_plan.macs_before
+
+
+def test_an_ensemble_is_refused_naming_each_tower():
+    from fxprune.tools.zoo import Towers
+
+    program = fxprune.analyse(Towers(views=False).eval())
+    assert [block.name for block in program.blocks] == ["a"] * 3 + ["b"] * 3
+    assert {block.refusal for block in program.blocks} == {
+        "the model's attention runs on 2 token streams (a, b: an ensemble, or a model with several towers), which the "
+        "output joins only after their blocks; fxprune reduces one token stream: transform each on its own, e.g. "
+        "model.a = fxprune.transform(model.a, policy)"}
+
+
+def test_parallel_branches_of_a_block_are_one_token_stream():
+    program = fxprune.analyse(timm_vit("vit_small_patch16_18x2_224", img_size=32, patch_size=8, depth=2))
+    assert all("parallel branches" in block.refusal for block in program.blocks)
+
+
 class _AttentionUnread(torch.nn.Module):
     """Attention over the patches ``[B, 1, 4, 8]`` whose result the output never reads (it is the patches' mean)."""
 

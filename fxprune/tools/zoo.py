@@ -33,8 +33,8 @@ from ..methods import Method, methods
 from ..policies import Policy
 
 __all__ = [
-    "Entry", "Glance", "Stack", "TINY_VIT", "Outcome", "ZOO", "try_method", "try_entry", "try_all", "short_reason",
-    "table", "with_table",
+    "Entry", "Glance", "Stack", "Towers", "TINY_VIT", "Outcome", "ZOO", "try_method", "try_entry", "try_all",
+    "short_reason", "table", "with_table",
     "MARKERS",
 ]
 
@@ -183,6 +183,22 @@ class Stack(nn.Module):
         return self.head(self.encoder(x)[:, 0])
 
 
+class Towers(nn.Module):
+    """Several token streams: two hand-written ViTs (:class:`Glance`) whose logits are summed (``views=False``: an
+    ensemble), or one called on the images and on their mirror images (``views=True``: test-time augmentation)."""
+
+    image_size = Glance.image_size
+
+    def __init__(self, views: bool):
+        super().__init__()
+        self.views, self.a = views, Glance("summary")
+        if not views:
+            self.b = Glance("summary")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.a(images) + (self.a(images.flip(-1)) if self.views else self.b(images))
+
+
 def _einops_vit() -> nn.Module:
     """A hand-written ViT in the style of einops users (``vit-pytorch``): patches cut by an einops ``Rearrange``
     layer, heads split and joined by ``einops.rearrange``, the class token copied by ``einops.repeat``, attention
@@ -297,6 +313,8 @@ ZOO: tuple[Entry, ...] = (
     Entry("hand-written: summary token read alone", "hand-written", _seeded(Glance, "summary")),
     Entry("hand-written: mean over every token", "hand-written", _seeded(Glance, "mean")),
     Entry("hand-written: dense output", "hand-written", _seeded(Glance, "all")),
+    Entry("hand-written: two ViTs summed (an ensemble)", "hand-written", _seeded(Towers, False)),
+    Entry("hand-written: one ViT on the images and on their mirror images", "hand-written", _seeded(Towers, True)),
     Entry("hand-written on nn.TransformerEncoder (pre-norm)", "hand-written", _seeded(Stack, True)),
     Entry("hand-written on nn.TransformerEncoder (post-norm)", "hand-written", _seeded(Stack, False)),
     Entry("hand-written with einops (vit-pytorch style)", "hand-written", _einops_vit),
@@ -447,6 +465,7 @@ _SHORT = (  # the reasons of common refusals, said in a few words (the full reas
     (r"stream leaves the tokens", "the token stream leaves the tokens"),
     (r"residual addition .* is not on the token stream", "a sum of several blocks' tokens"),
     (r"not a pre-norm block", "not a pre-norm block"),
+    (r"token streams", "several token streams (towers, views)"),
 )
 
 
