@@ -14,7 +14,14 @@ from . import methods
 from .analysis import AttentionSite, Block, TokenProgram, analyse
 from .capture import TraceInfo, trace
 from .counting import flops
-from .errors import CapturedShapeError, FxPruneError, PolicyError, TraceError, UnsupportedModelError
+from .errors import (
+    CapturedArgumentError,
+    CapturedShapeError,
+    FxPruneError,
+    PolicyError,
+    TraceError,
+    UnsupportedModelError,
+)
 from .exporting import ExportError, export
 from .lowering import LoweredModule, lower
 from .methods.adavit import AdaViT
@@ -39,7 +46,8 @@ __all__ = [
     "parse_policy", "Plan", "TokenProgram",
     "collect", "save_weights", "methods", "train", "TrainConfig",
     "PlanRow", "Block", "AttentionSite", "TraceInfo", "LoweredModule", "TrainEvalGraphModule",
-    "FxPruneError", "TraceError", "UnsupportedModelError", "PolicyError", "CapturedShapeError", "export", "ExportError",
+    "FxPruneError", "TraceError", "UnsupportedModelError", "PolicyError", "CapturedShapeError", "CapturedArgumentError",
+    "export", "ExportError",
 ]
 
 _TOOLS = ("bench", "cli", "datasets", "demo", "models", "show", "speed")

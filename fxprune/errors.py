@@ -21,3 +21,8 @@ class CapturedShapeError(FxPruneError, ValueError):
     """A transformed model was called on an input for which the model's code takes another branch on a shape, or
     makes another size a Python number, than on the inputs it was captured with: its graph is not the model's
     program for that input."""
+
+
+class CapturedArgumentError(FxPruneError, TypeError):
+    """A captured or transformed model was called with an argument its graph does not take, or with one of the
+    model's other arguments at a value for which the model runs other code than the graph has."""

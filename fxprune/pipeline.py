@@ -9,10 +9,11 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
 from .analysis import TokenProgram, analyse
 from .capture import ExampleInputs, trace
+from .capture.arguments import ARGUMENTS
+from .capture.codegen import keep_attribute
 from .capture.values import one_at_a_time, propagate
 from .errors import PolicyError, UnsupportedModelError
 from .methods import method_of
@@ -103,6 +104,7 @@ def rewrite(
         drop_eval_identities(gm)
     add_in_place(gm)
     _finalize(gm, measured)
+    keep_attribute(gm, ARGUMENTS, program.trace.arguments)
     _keep_descriptions(gm, model)
     return gm.train(model.training), measured
 
@@ -220,14 +222,7 @@ def _keep_descriptions(gm: fx.GraphModule, model: nn.Module) -> None:
         if name.startswith("_") or hasattr(gm, name) or value is None or isinstance(value, bool) or callable(value) \
                 or isinstance(value, (nn.Module, torch.Tensor)):
             continue
-        _keep(gm, name, value)
-
-
-def _keep(gm: fx.GraphModule, name: str, value: object) -> None:
-    """Set attribute ``name`` of ``gm`` to ``value``, kept by ``copy.deepcopy`` (``GraphModule`` copies only what its
-    meta names) and ``torch.save``."""
-    setattr(gm, name, value)
-    gm.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})[name] = value
+        keep_attribute(gm, name, value)
 
 
 def _finalize(gm: fx.GraphModule, the_plan: Plan) -> None:
@@ -240,7 +235,7 @@ def _finalize(gm: fx.GraphModule, the_plan: Plan) -> None:
             node.meta.pop("val", None)
             node.meta.pop("macs", None)
     gm.recompile()
-    _keep(gm, "fxprune_plan", the_plan)
+    keep_attribute(gm, "fxprune_plan", the_plan)
 
 
 def plan(

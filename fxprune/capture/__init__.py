@@ -18,7 +18,8 @@ Modules: :mod:`.tracer` builds the ``GraphModule`` (:func:`trace`; :func:`reusin
 rewrites one model many times), :mod:`.values` propagates example values on fake tensors (:func:`propagate`),
 :mod:`.mha` decomposes ``nn.MultiheadAttention``, :mod:`.einsum` writes ``einsum`` products as ``@``,
 :mod:`.asserts` completes the messages of the model's own input checks at run time, :mod:`.codegen` writes the
-code a transformed model runs (its modules and parameters read directly).
+code a transformed model runs (its modules and parameters read directly), :mod:`.arguments` lets its call take the
+model's other arguments at the values it was captured with.
 """
 
 from .mha import decompose_multihead_attention as decompose_multihead_attention

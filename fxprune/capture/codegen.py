@@ -20,10 +20,17 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 from torch.fx.graph import PythonCode, _format_target
-from torch.fx.graph_module import _deserialize_graph_module, _format_import_block, _forward_from_src
+from torch.fx.graph_module import (
+    _USER_PRESERVED_ATTRIBUTES_KEY,
+    _deserialize_graph_module,
+    _format_import_block,
+    _forward_from_src,
+)
 from torch.package import sys_importer
 
-__all__ = ["direct_path", "direct_forward", "pickled_code", "DirectGraphModule"]
+from .arguments import TakesCapturedArguments
+
+__all__ = ["direct_path", "direct_forward", "pickled_code", "DirectGraphModule", "keep_attribute"]
 
 
 def _store_of(owner: object, name: str) -> str | None:
@@ -68,10 +75,18 @@ def pickled_code(graph: fx.Graph) -> tuple[str, str]:
     return code.src, _format_import_block(code.globals, sys_importer)
 
 
-class DirectGraphModule(fx.GraphModule):
+def keep_attribute(gm: fx.GraphModule, name: str, value: object) -> None:
+    """Set attribute ``name`` of ``gm`` to ``value``, kept by ``copy.deepcopy`` (``GraphModule`` copies only what its
+    meta names) and ``torch.save``."""
+    setattr(gm, name, value)
+    gm.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})[name] = value
+
+
+class DirectGraphModule(TakesCapturedArguments, fx.GraphModule):
     """A ``GraphModule`` whose forward is :func:`direct_forward` of its graph: generated again at each
     ``recompile``, kept by ``copy.deepcopy`` and rebuilt by ``torch.load`` (pickled as fx pickles a ``GraphModule``,
-    its code; loaded as this class)."""
+    its code; loaded as this class). Its call also takes the model's other arguments at their captured values
+    (:class:`~fxprune.capture.arguments.TakesCapturedArguments`)."""
 
     def recompile(self) -> PythonCode:
         code = super().recompile()

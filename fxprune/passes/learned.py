@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.fx.graph_module import _copy_attr, reduce_graph_module
 
 from ..analysis import Block
+from ..capture.arguments import TakesCapturedArguments
 from ..capture.codegen import direct_forward, pickled_code
 from ..capture.tracer import fetch_attr
 from ..errors import PolicyError
@@ -68,7 +69,7 @@ def insert_module(
     return insert_call(gm, after, path, args, {}, block, name, Role.MODULE, op="call_module")
 
 
-class TrainEvalGraphModule(fx.GraphModule):
+class TrainEvalGraphModule(TakesCapturedArguments, fx.GraphModule):
     """A ``GraphModule`` with a second graph, run in training mode, over the same parameters (see the module
     docstring). ``graph``/``code`` are the evaluation graph's; ``train_graph``/``train_code`` the training one's."""
 
