@@ -57,6 +57,7 @@ def rewrite(
     with gradient checkpointing on, whose training graph runs each block checkpointed
     (:mod:`fxprune.passes.checkpointing`)."""
     _refuse_training_graph(model)
+    _refuse_loaded(model)
     files = _weights_files(policy)
     backbone = next(((path, saved["backbone"]) for path, saved in files.items() if "backbone" in saved), None)
     captured = trace(model, example_inputs, copy_weights=copy_weights or backbone is not None, training=False)
@@ -120,6 +121,20 @@ def _refuse_training_graph(model: nn.Module) -> None:
             + " with a training graph beside its evaluation graph (a learned method, or code that differs in "
             f"training mode); transforming it again would keep its evaluation graph alone: {ONE_TRANSFORM}, a "
             "learned method's trained parts loaded with its weights= (fxprune.save_weights writes them)"
+        )
+
+
+def _refuse_loaded(model: nn.Module) -> None:
+    """Refuse to rewrite a model fxprune transformed that was saved and loaded (``torch.save``/``torch.load``): that
+    keeps its code and plan but not the record of what the transform rewrote in its graph, by which a second
+    transform checks that its rewrites fit the first's."""
+    earlier = getattr(model, "fxprune_plan", None)
+    if isinstance(model, fx.GraphModule) and isinstance(earlier, Plan) and "fxprune_trace" not in model.meta:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} was transformed by fxprune ({earlier.policy.describe()}) and saved and loaded "
+            "since: torch.save keeps its code, not the record of what that transform rewrote, so another transform "
+            f"could not check that it fits the first; {ONE_TRANSFORM} (its weights load into it: fast.load_state_dict("
+            "loaded.state_dict()))"
         )
 
 

@@ -83,6 +83,16 @@ def test_saving_a_model_pickles_its_graph_as_it_is_and_leaves_its_forward_alone(
         torch.testing.assert_close(loaded(x), fast(x) + 1.0, atol=1e-6, rtol=0)
 
 
+def test_a_saved_and_loaded_model_keeps_its_class_name_and_is_captured_again_with_its_own_numbers():
+    model = timm_vit("vit_tiny_patch16_224")
+    x = image_batch(model)
+    for fast in (fxprune.transform(model, EViT(0.5, (1,))), fxprune.transform(model, fxprune.AdaViT(0.5))):
+        loaded = saved_and_loaded(fast)
+        assert type(loaded).__name__ == "VisionTransformer"  # before: GraphModule
+        torch.testing.assert_close(fxprune.trace(loaded, x)(x), fast(x), rtol=0, atol=0)  # before: a TraceError
+        assert fxprune.flops(loaded, x) == fxprune.flops(fast, x) < fxprune.flops(model, x)
+
+
 def test_a_model_pickled_before_emit_moved_still_loads():
     model = timm_vit("deit_small_patch16_224", depth=2)
     fast = fxprune.transform(model, fxprune.AdaViT(0.5))

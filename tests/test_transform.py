@@ -208,6 +208,14 @@ def test_transforming_a_transformed_model_where_the_earlier_rewrite_is_in_the_wa
         fxprune.transform(transformed, second)
 
 
+def test_transforming_a_transformed_model_saved_and_loaded_is_refused_naming_why():
+    loaded = saved_and_loaded(fxprune.transform(timm_vit("deit_small_patch16_224"), ToMe(2, (1,))))
+    with pytest.raises(UnsupportedModelError, match=r"VisionTransformer was transformed by fxprune \(tome r 2\) and "
+                       r"saved and loaded since: torch\.save keeps its code, not the record of what that transform "
+                       r"rewrote.*fxprune\.Compose"):  # before: a TraceError in the model's own forward
+        fxprune.transform(loaded, EViT(0.7, (3,)), image_batch(loaded))
+
+
 @pytest.mark.parametrize("restore", [True, False], ids=["layout-restored", "positions-returned"])
 def test_transforming_a_model_whose_dense_output_follows_its_rows_is_refused(restore):
     dense = timm_vit("deit_small_patch16_224", num_classes=0, global_pool="")

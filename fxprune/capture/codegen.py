@@ -30,7 +30,7 @@ from torch.package import sys_importer
 
 from .arguments import TakesCapturedArguments
 
-__all__ = ["direct_path", "direct_forward", "pickled_code", "DirectGraphModule", "keep_attribute"]
+__all__ = ["direct_path", "direct_forward", "pickled_code", "DirectGraphModule", "keep_attribute", "traceable_forward"]
 
 
 def _store_of(owner: object, name: str) -> str | None:
@@ -75,6 +75,18 @@ def pickled_code(graph: fx.Graph) -> tuple[str, str]:
     return code.src, _format_import_block(code.globals, sys_importer)
 
 
+def traceable_forward(module: nn.Module) -> Callable[..., Any]:
+    """The forward to trace ``module`` with: for a graph that runs the code :func:`direct_forward` writes (its class
+    says ``runs_direct_code``), fx's own code of the graph it runs in its mode (``train_graph`` in training mode,
+    where it has one), whose attribute reads a tracer sees (the direct code reads parameters past it); else its
+    class's forward."""
+    if not getattr(type(module), "runs_direct_code", False):
+        return type(module).forward
+    graph = module.train_graph if module.training and hasattr(module, "train_graph") else module.graph
+    code = graph.python_code(root_module="self")
+    return _forward_from_src(code.src, code.globals)
+
+
 def keep_attribute(gm: fx.GraphModule, name: str, value: object) -> None:
     """Set attribute ``name`` of ``gm`` to ``value``, kept by ``copy.deepcopy`` (``GraphModule`` copies only what its
     meta names) and ``torch.save``."""
@@ -88,6 +100,8 @@ class DirectGraphModule(TakesCapturedArguments, fx.GraphModule):
     its code; loaded as this class). Its call also takes the model's other arguments at their captured values
     (:class:`~fxprune.capture.arguments.TakesCapturedArguments`)."""
 
+    runs_direct_code = True  # traced again through fx's own code (traceable_forward)
+
     def recompile(self) -> PythonCode:
         code = super().recompile()
         type(self).forward = direct_forward(self, self.graph, code)
@@ -96,7 +110,7 @@ class DirectGraphModule(TakesCapturedArguments, fx.GraphModule):
     def __reduce__(self) -> tuple[Any, ...]:
         source, import_block = pickled_code(self.graph)
         body = {key: value for key, value in self.__dict__.items() if key != "_graph"}
-        return _load_direct, ({**body, "_code": source}, import_block)
+        return _load_direct, ({**body, "_code": source, "_graphmodule_cls_name": type(self).__name__}, import_block)
 
 
 def _load_direct(body: dict[str, Any], import_block: str) -> DirectGraphModule:

@@ -24,7 +24,7 @@ from ..counting import MacCounter
 from ..errors import TraceError
 from .arguments import ARGUMENTS, CapturedArguments, captured_arguments
 from .asserts import PROXY, complete_assert_messages
-from .codegen import DirectGraphModule, keep_attribute
+from .codegen import DirectGraphModule, keep_attribute, traceable_forward
 from .einsum import canonicalise_einsum
 from .mha import decompose_multihead_attention
 from .values import _first_line, fake_mode, fake_tensor, fake_weights, one_at_a_time, propagate
@@ -441,12 +441,13 @@ class _Inputs:
         return (self.names, *((tuple(t.shape), t.dtype, t.device) for t in self.tensors), repr(self.fixed))
 
 
-def _entry_class(cls: type, inputs: _Inputs) -> type:
-    """A subclass of ``cls`` whose ``forward`` takes exactly ``inputs.names`` and calls ``cls.forward`` with them and
-    ``inputs.fixed``; every other argument keeps its default."""
+def _entry_class(cls: type, inputs: _Inputs, forward: Callable[..., Any]) -> type:
+    """A subclass of ``cls`` whose ``forward`` takes exactly ``inputs.names`` and calls ``forward`` (``cls``'s, or
+    what stands for it: :func:`~fxprune.capture.codegen.traceable_forward`) with them and ``inputs.fixed``; every
+    other argument keeps its default."""
     params = ", ".join(inputs.names)
     passed = [f"{name}={name}" for name in inputs.names] if inputs.by_keyword else list(inputs.names)
-    namespace: dict[str, Any] = {"_forward": cls.forward, "_fixed": inputs.fixed}
+    namespace: dict[str, Any] = {"_forward": forward, "_fixed": inputs.fixed}
     exec(f"def forward(self, {params}):\n    return _forward(self, {', '.join(passed)}, **_fixed)\n", namespace)
     return type(cls.__name__, (cls,), {"forward": namespace["forward"], "__module__": cls.__module__})
 
@@ -664,7 +665,7 @@ def _trace_with_leaf_retries(root: nn.Module, inputs: _Inputs, info: TraceInfo) 
     leaf_types, autowrap = _registries()
     leaf_names: set[str] = set()
     cls = type(root)
-    root.__class__ = _entry_class(cls, inputs)
+    root.__class__ = _entry_class(cls, inputs, traceable_forward(root))
     try:
         for _ in range(_MAX_LEAF_RETRIES):
             tracer = _ValueTracer(leaf_types, leaf_names, autowrap)

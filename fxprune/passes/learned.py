@@ -73,6 +73,8 @@ class TrainEvalGraphModule(TakesCapturedArguments, fx.GraphModule):
     """A ``GraphModule`` with a second graph, run in training mode, over the same parameters (see the module
     docstring). ``graph``/``code`` are the evaluation graph's; ``train_graph``/``train_code`` the training one's."""
 
+    runs_direct_code = True  # traced again through fx's own code (capture.codegen.traceable_forward)
+
     def __init__(self, root: nn.Module, graph: fx.Graph, train_graph: fx.Graph, class_name: str = "GraphModule",
                  train_root: nn.Module | None = None):
         self.__dict__["_train_graph"] = train_graph
@@ -107,6 +109,7 @@ class TrainEvalGraphModule(TakesCapturedArguments, fx.GraphModule):
 
     def __reduce__(self):
         body = {k: v for k, v in self.__dict__.items() if k not in ("_graph", "_train_graph")}
+        body["_graphmodule_cls_name"] = type(self).__name__
         return _two_modes, (body, *(pickled_code(graph) for graph in (self.graph, self.train_graph)))
 
     def _deepcopy_init(self):
