@@ -848,7 +848,8 @@ def _unreached(gm: fx.GraphModule, site: AttentionSite, sites: Sequence[Attentio
     where = f"attention {site.node.name} in {site.module or 'forward'}"
     if source is None:
         return f"{where} (computed from no value of the input: learned queries attending to each other)"
-    tower = _tower(site, [other for other in sites if other.node not in descendants(source)])
+    reached = descendants(source)
+    tower = _tower(site, [other for other in sites if other.node not in reached])
     advice = f"transform {tower} on its own, model.{tower} = fxprune.transform(model.{tower}, policy), to reduce " \
         "each of its calls" if tower else "transform a module that runs it on its own"
     return f"{where} (computed from the input {source.name}, not {first.name}, whose token stream fxprune reduces: " \

@@ -36,6 +36,7 @@ def _same(value: Any, captured: Any) -> bool:
 
 
 def _described(value: Any) -> str:
+    """``value`` in a few words: its repr, or its type (a tensor: its shape)."""
     if isinstance(value, torch.Tensor):
         return f"a tensor of shape {list(value.shape)}"
     text = repr(value)
@@ -88,8 +89,9 @@ class CapturedArguments:
 
 
 def _from_config(config: object, name: str) -> Any:
-    """The value a Hugging Face model reads from its ``config`` for its output switch ``name`` when the caller
-    leaves it None or out (None: no such value)."""
+    """The value a Hugging Face model reads from its ``config`` for the argument ``name`` when the caller leaves it
+    None or out (``output_hidden_states``: ``config.output_hidden_states``); None where the config has no plain
+    value of that name."""
     value = getattr(config, name, None)
     return value if isinstance(value, _PLAIN) else None
 
