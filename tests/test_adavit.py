@@ -152,6 +152,28 @@ def test_a_quantized_projection_is_refused_naming_its_layer_while_parameter_free
                                    atol=1e-5, rtol=0)
 
 
+class _Adapted(torch.nn.Module):
+    """A linear layer with a low-rank adapter beside it, as LoRA adds one: ``base(x) + up(down(x))``."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 2):
+        super().__init__()
+        self.base = base
+        self.down = torch.nn.Linear(base.in_features, rank, bias=False)
+        self.up = torch.nn.Linear(rank, base.out_features, bias=False)
+
+    def forward(self, x):
+        return self.base(x) + self.up(self.down(x * 1.0))
+
+
+def test_an_mlp_with_an_adapter_beside_its_first_layer_is_refused_naming_both_and_how_to_merge():
+    model = timm_vit("deit_small_patch16_224", depth=3)
+    model.blocks[1].mlp.fc1 = _Adapted(model.blocks[1].mlp.fc1)
+    with pytest.raises(fxprune.UnsupportedModelError, match=r"blocks.1: its MLP does not start with linear layers on "
+                       r"one input \(it starts with blocks.1.mlp.fc1.base, blocks.1.mlp.fc1.down: an adapter beside a "
+                       r"layer, such as LoRA's, is merged into it first"):
+        fxprune.transform(model, AdaViT(0.5, layers=(1,)))
+
+
 def test_training_graph_matches_the_official_block_with_the_same_noise():
     model = _model()
     gm = fxprune.transform(model, AdaViT(0.5, layers=(1, 2))).train()

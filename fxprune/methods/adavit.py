@@ -224,7 +224,9 @@ def block_parts(gm: fx.GraphModule, program: TokenProgram, block: Block, what: s
             (linears.add if is_linear(gm, user) else todo.append)(user)
     inputs = {node.args[0] for node in linears}
     if len(inputs) != 1:
-        raise refuse("its MLP does not start with linear layers on one input")
+        starts = ", ".join(sorted(str(node.target) if node.op == "call_module" else node.name for node in linears))
+        raise refuse(f"its MLP does not start with linear layers on one input (it starts with {starts}: an adapter "
+                     "beside a layer, such as LoRA's, is merged into it first, e.g. by peft's merge_and_unload())")
     return BlockParts(q_linear.args[0], attention_branch, mlp_add, mlp_branch, inputs.pop())
 
 
