@@ -133,8 +133,8 @@ def _refuse_loaded(model: nn.Module) -> None:
         raise UnsupportedModelError(
             f"{type(model).__name__} was transformed by fxprune ({earlier.policy.describe()}) and saved and loaded "
             "since: torch.save keeps its code, not the record of what that transform rewrote, so another transform "
-            f"could not check that it fits the first; {ONE_TRANSFORM} (its weights load into it: fast.load_state_dict("
-            "loaded.state_dict()))"
+            f"could not check that it fits the first; {ONE_TRANSFORM}, and load the saved model's weights into the "
+            "result (result.load_state_dict(loaded.state_dict()))"
         )
 
 
