@@ -849,9 +849,11 @@ def _unreached(gm: fx.GraphModule, site: AttentionSite, sites: Sequence[Attentio
     if source is None:
         return f"{where} (computed from no value of the input: learned queries attending to each other)"
     reached = descendants(source)
-    tower = _tower(site, [other for other in sites if other.node not in reached])
+    others = [other for other in sites if other.node not in reached]
+    tower = _tower(site, others)
+    shared = any(call.partition("@")[0] == tower for other in others for call in _calls(other))  # siamese
     advice = f"transform {tower} on its own, model.{tower} = fxprune.transform(model.{tower}, policy), to reduce " \
-        "each of its calls" if tower else "transform a module that runs it on its own"
+        + ("each of its calls" if shared else "its tokens") if tower else "transform a module that runs it on its own"
     return f"{where} (computed from the input {source.name}, not {first.name}, whose token stream fxprune reduces: " \
         f"{advice})"
 

@@ -234,6 +234,13 @@ def _replaced_attention(earlier: dict[int, set[Role]]) -> int | None:
     return min((index for index, roles in earlier.items() if Role.ATTENTION in roles), default=None)
 
 
+def _elsewhere(program: TokenProgram) -> str:
+    """The attention the analysis left as is because it runs on another input than the first, said beside a refusal
+    of every block (the model's own blocks may be there: a vision tower on a second input)."""
+    other = next((text for text in program.unrecognised if "(computed from the input " in text), None)
+    return "" if other is None else f" Its attention on another input is left as is: {other}."
+
+
 def _check_blocks(program: TokenProgram, owner: dict[int, Policy]) -> None:
     """Refuse a block its policy cannot rewrite."""
     for index, part in sorted(owner.items()):
@@ -243,7 +250,7 @@ def _check_blocks(program: TokenProgram, owner: dict[int, Policy]) -> None:
                 f"cannot apply {part.describe()} to block {index} ({block.name}): {block.refusal}. "
                 + ("Choose other layers; fxprune.analyse(model) lists which blocks are reducible."
                    if any(other.reducible for other in program.blocks) else
-                   f"No block of {program.model_name} is reducible.")
+                   f"No block of {program.model_name} is reducible." + _elsewhere(program))
             )
         if method.needs_class_token and not program.class_token:
             raise UnsupportedModelError(

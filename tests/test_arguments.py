@@ -7,7 +7,7 @@ import io
 import pytest
 import torch
 import transformers
-from vits import hand_written_vit
+from vits import hand_written_vit, hf_clip
 
 import fxprune
 from fxprune import CapturedArgumentError, EViT
@@ -50,14 +50,7 @@ def test_an_argument_fixed_for_the_capture_is_taken_at_that_value_only():
 
 
 def test_a_transformed_tower_replaces_the_one_its_parent_calls_with_its_full_signature():
-    torch.manual_seed(0)
-    text = transformers.CLIPTextConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=2, max_position_embeddings=16, bos_token_id=0,
-                                       eos_token_id=1, pad_token_id=1)
-    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                           num_attention_heads=2, image_size=32, patch_size=8)
-    clip = transformers.CLIPModel(transformers.CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
-                                                          projection_dim=16)).eval()
+    clip = hf_clip()
     ids, x = torch.randint(2, 100, (2, 7), generator=torch.Generator().manual_seed(2)), _images()
     reduced = fxprune.transform(clip.vision_model, EViT(0.5, (1,)), {"pixel_values": x})
     clip.vision_model = reduced  # CLIPModel calls it with interpolate_pos_encoding= and return_dict=

@@ -4,7 +4,7 @@ import pytest
 import timm
 import torch
 import torchvision
-from vits import ALL_MODELS, hf_vit, image_batch, logits, saved_and_loaded, timm_vit, torchvision_vit
+from vits import ALL_MODELS, hf_clip, hf_vit, image_batch, logits, saved_and_loaded, timm_vit, torchvision_vit
 
 import fxprune
 from fxprune import ATS, ClusTR, DynamicViT, EViT, ToMe, TopK, UnsupportedModelError
@@ -206,6 +206,17 @@ def test_transforming_a_transformed_model_where_the_earlier_rewrite_is_in_the_wa
     transformed = fxprune.transform(timm_vit("deit_small_patch16_224"), first)  # before: crashes, or block 3 rewritten
     with pytest.raises(UnsupportedModelError, match=message + r".*fxprune\.Compose"):
         fxprune.transform(transformed, second)
+
+
+def test_a_refusal_of_every_block_names_the_attention_on_another_input_and_the_tower_to_transform():
+    clip = hf_clip()  # input_ids first: its text stream's blocks are refused, its vision tower is on pixel_values
+    inputs = {"input_ids": torch.randint(2, 100, (2, 7)), "pixel_values": torch.randn(2, 3, 32, 32)}
+    with pytest.raises(UnsupportedModelError, match=r"No block of CLIPModel is reducible\. Its attention on another "
+                       r"input is left as is: attention .* in vision_model\.encoder\.layers\.0\.self_attn \(computed "
+                       r"from the input pixel_values, not input_ids, whose token stream fxprune reduces: transform "
+                       r"vision_model on its own, model\.vision_model = fxprune\.transform\(model\.vision_model, "
+                       r"policy\), to reduce its tokens\)\.$"):
+        fxprune.transform(clip, EViT(0.5, (1,)), inputs)
 
 
 def test_transforming_a_transformed_model_saved_and_loaded_is_refused_naming_why():

@@ -62,6 +62,20 @@ def hf_vit(depth: int = 4) -> nn.Module:
     return ViTForImageClassification(config).eval()
 
 
+def hf_clip() -> nn.Module:
+    """Hugging Face's ``CLIPModel`` at test size: a text tower (``input_ids``) and a vision tower (``pixel_values``,
+    32² images)."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+
+    torch.manual_seed(0)
+    text = CLIPTextConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
+                          pad_token_id=1)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=8)
+    return CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16)).eval()
+
+
 class TokenMixer(nn.Module):
     """Multi-head self-attention written out: ``softmax(q @ kᵀ / √d) @ v``."""
 
