@@ -7,7 +7,7 @@ import io
 import pytest
 import torch
 import transformers
-from vits import hand_written_vit, hf_clip
+from vits import hand_written_vit, hf_clip, saved_and_loaded, timm_vit
 
 import fxprune
 from fxprune import CapturedArgumentError, EViT
@@ -79,3 +79,16 @@ def test_an_argument_the_forward_does_not_take_is_refused_naming_what_the_graph_
     with pytest.raises(CapturedArgumentError, match=r"HandWrittenViT.forward takes 1 positional argument\(s\) "
                        r"\(images\); this call gives 2"):
         fast(_images(), _images())
+
+
+def test_a_method_of_the_model_the_graph_does_not_have_is_said_to_be_left_out_and_what_to_do():
+    model = timm_vit("vit_tiny_patch16_224", depth=2)
+    for fast in (fxprune.transform(model, EViT(0.5, (1,))), fxprune.transform(model, fxprune.AdaViT(0.5))):
+        for graph in (fast, copy.deepcopy(fast), saved_and_loaded(fast)):
+            with pytest.raises(AttributeError, match=r"VisionTransformer.forward_features is not kept: a model fxprune "
+                               r"captured or transformed is a graph of the model's forward alone.*num_classes=0, "
+                               r"global_pool=''"):  # before: 'VisionTransformer' object has no attribute …
+                _ = graph.forward_features
+            with pytest.raises(AttributeError, match=r"object has no attribute 'anything_else'$"):
+                _ = graph.anything_else
+            assert graph.blocks.get_submodule("0") is graph.get_submodule("blocks.0")  # found as before

@@ -8,7 +8,8 @@ Face model that calls its vision tower with ``output_attentions=…, return_dict
 run the code the graph has: the value fixed, else the default, and for a default of None the value a Hugging Face
 model reads from its config in its place (``output_hidden_states=None`` runs as ``config.output_hidden_states``).
 :class:`TakesCapturedArguments` lets a graph's call take them, dropping those values and refusing any other with a
-:class:`~fxprune.errors.CapturedArgumentError` that names the argument and how to capture it.
+:class:`~fxprune.errors.CapturedArgumentError` that names the argument and how to capture it; asked for a method
+of the model's class, which a graph of its forward does not have, it says so and what to do.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class CapturedArguments:
     positional: tuple[str, ...]
     values: Mapping[str, tuple[Any, ...]]
     fixed: frozenset[str] = frozenset()
+    methods: frozenset[str] = frozenset()  # the public methods of the model's class beyond nn.Module's
 
     def passes_others(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> bool:
         """Whether a call with ``args`` and ``kwargs`` passes more than the graph's inputs."""
@@ -116,15 +118,33 @@ def captured_arguments(model: nn.Module, inputs: Sequence[str], fixed: Mapping[s
     values.update({name: (value,) for name, value in fixed.items()})
     positional = tuple(p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
     inputs = tuple(inputs)
+    methods = frozenset(name for name, value in inspect.getmembers(type(model), callable)
+                        if not name.startswith("_") and not hasattr(nn.Module, name))
     return CapturedArguments(type(model).__name__, inputs, positional,
                              {name: accepted for name, accepted in values.items() if name not in inputs},
-                             frozenset(fixed))
+                             frozenset(fixed), methods)
 
 
 class TakesCapturedArguments(nn.Module):
     """A module whose call also takes the other arguments its :class:`CapturedArguments` (the attribute
     :data:`ARGUMENTS`) records, at the values its code runs with: they are dropped, and the call passes its inputs
-    by name. A call with its inputs only is passed on as it is."""
+    by name. A call with its inputs only is passed on as it is. A method of the model's class it does not have
+    (timm's ``forward_features``, Hugging Face's ``save_pretrained``) is said to be left out, and what to do."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError as missing:
+            arguments = self.__dict__.get(ARGUMENTS)
+            if arguments is None or name not in arguments.methods:
+                raise
+            raise AttributeError(
+                f"{arguments.model}.{name} is not kept: a model fxprune captured or transformed is a graph of the "
+                f"model's forward alone. Call {name} on the model before transforming it where it changes the model "
+                "(as reset_classifier or set_grad_checkpointing do), or transform a module whose forward computes "
+                "what it returns (for timm's forward_features: the model made with num_classes=0, global_pool='', "
+                "which returns every token)"
+            ) from missing
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         arguments = self.__dict__.get(ARGUMENTS)

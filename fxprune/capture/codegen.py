@@ -33,11 +33,15 @@ from .arguments import TakesCapturedArguments
 __all__ = ["direct_path", "direct_forward", "pickled_code", "DirectGraphModule", "keep_attribute", "traceable_forward"]
 
 
+_MODULE_LOOKUPS = (nn.Module.__getattr__, TakesCapturedArguments.__getattr__)
+
+
 def _store_of(owner: object, name: str) -> str | None:
     """The dictionary of ``owner`` (``_parameters``, ``_buffers`` or ``_modules``) that ``owner.<name>`` reads where
-    ``nn.Module.__getattr__`` finds it (no instance or class attribute of that name, no other ``__getattr__``); None
-    where something else would."""
-    if not isinstance(owner, nn.Module) or type(owner).__getattr__ is not nn.Module.__getattr__ \
+    ``nn.Module.__getattr__`` finds it (no instance or class attribute of that name, and ``nn.Module``'s own
+    ``__getattr__`` or :class:`~fxprune.capture.arguments.TakesCapturedArguments`', which finds the same); None where
+    something else would."""
+    if not isinstance(owner, nn.Module) or type(owner).__getattr__ not in _MODULE_LOOKUPS \
             or name in owner.__dict__ or hasattr(type(owner), name):
         return None
     return next((store for store in ("_parameters", "_buffers", "_modules") if name in owner.__dict__[store]), None)
