@@ -2,22 +2,13 @@
 refuses others naming the argument. Budget: about 10 s of the suite."""
 
 import copy
-import io
 
 import pytest
 import torch
-import transformers
-from vits import hand_written_vit, hf_clip, saved_and_loaded, timm_vit
+from vits import hand_written_vit, hf_clip, hf_vit, saved_and_loaded, timm_vit
 
 import fxprune
 from fxprune import CapturedArgumentError, EViT
-
-
-def _hf_vit() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=2,
-                                    num_attention_heads=3, intermediate_size=96, num_labels=5)
-    return transformers.ViTForImageClassification(config).eval()
 
 
 def _images(batch: int = 2) -> torch.Tensor:
@@ -25,7 +16,7 @@ def _images(batch: int = 2) -> torch.Tensor:
 
 
 def test_a_hugging_face_model_takes_its_output_switches_at_the_values_it_was_captured_with():
-    fast, x = fxprune.transform(_hf_vit(), EViT(0.5, (1,))), _images()
+    fast, x = fxprune.transform(hf_vit(depth=2), EViT(0.5, (1,))), _images()
     expected = fast(x).logits
     switches = dict(return_dict=True, output_attentions=False, output_hidden_states=False,
                     interpolate_pos_encoding=None, labels=None)
@@ -41,7 +32,7 @@ def test_a_hugging_face_model_takes_its_output_switches_at_the_values_it_was_cap
 
 
 def test_an_argument_fixed_for_the_capture_is_taken_at_that_value_only():
-    model, x = _hf_vit(), _images()
+    model, x = hf_vit(depth=2), _images()
     fast = fxprune.transform(model, EViT(0.5, (1,)), {"pixel_values": x, "output_hidden_states": True})
     assert len(fast(x, output_hidden_states=True).hidden_states) == 3
     with pytest.raises(CapturedArgumentError, match=r"captured with output_hidden_states=True \(fixed for the "
@@ -59,13 +50,10 @@ def test_a_transformed_tower_replaces_the_one_its_parent_calls_with_its_full_sig
 
 
 def test_the_other_arguments_are_kept_by_copies_saved_models_and_training_graphs():
-    model, x = _hf_vit(), _images()
+    model, x = hf_vit(depth=2), _images()
     for fast in (fxprune.transform(model, EViT(0.5, (1,))), fxprune.transform(model, fxprune.AdaViT(0.5)),
                  fxprune.trace(model)):
-        saved = io.BytesIO()
-        torch.save(fast, saved)
-        saved.seek(0)
-        for copied in (copy.deepcopy(fast), torch.load(saved, weights_only=False)):
+        for copied in (copy.deepcopy(fast), saved_and_loaded(fast)):
             torch.testing.assert_close(copied(x, return_dict=True).logits, fast(x).logits, rtol=0, atol=0)
             with pytest.raises(CapturedArgumentError, match="output_attentions=True"):
                 copied(x, output_attentions=True)
