@@ -72,7 +72,7 @@ def test_an_argument_the_forward_does_not_take_is_refused_naming_what_the_graph_
 def test_a_method_of_the_model_the_graph_does_not_have_is_said_to_be_left_out_and_what_to_do():
     model = timm_vit("vit_tiny_patch16_224", depth=2)
     for fast in (fxprune.transform(model, EViT(0.5, (1,))), fxprune.transform(model, fxprune.AdaViT(0.5))):
-        for graph in (fast, copy.deepcopy(fast), saved_and_loaded(fast)):
+        for graph in (fast, copy.deepcopy(fast), saved_and_loaded(fast), copy.deepcopy(saved_and_loaded(fast))):
             with pytest.raises(AttributeError, match=r"VisionTransformer.forward_features is not kept: a model fxprune "
                                r"captured or transformed is a graph of the model's forward alone.*num_classes=0, "
                                r"global_pool=''"):  # before: 'VisionTransformer' object has no attribute …

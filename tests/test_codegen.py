@@ -91,6 +91,9 @@ def test_a_saved_and_loaded_model_keeps_its_class_name_and_is_captured_again_wit
         assert type(loaded).__name__ == "VisionTransformer"  # before: GraphModule
         torch.testing.assert_close(fxprune.trace(loaded, x)(x), fast(x), rtol=0, atol=0)  # before: a TraceError
         assert fxprune.flops(loaded, x) == fxprune.flops(fast, x) < fxprune.flops(model, x)
+        copied = copy.deepcopy(loaded)  # before: a copy of a loaded model lost its plan and descriptions
+        assert copied.fxprune_plan.policy == fast.fxprune_plan.policy and copied.pretrained_cfg == model.pretrained_cfg
+        assert {type(copied).__name__, type(copy.deepcopy(fast)).__name__} == {"VisionTransformer"}  # not GraphModule
 
 
 def test_a_model_pickled_before_emit_moved_still_loads():

@@ -13,6 +13,7 @@ such code after every ``recompile``, and so also as a copy (``copy.deepcopy``) a
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from typing import Any
@@ -111,6 +112,10 @@ class DirectGraphModule(TakesCapturedArguments, fx.GraphModule):
         type(self).forward = direct_forward(self, self.graph, code)
         return code
 
+    def _deepcopy_init(self) -> Callable[[fx.GraphModule, nn.Module, fx.Graph], None]:
+        """How ``copy.deepcopy`` initialises the copy: as ``GraphModule`` does, keeping the class name."""
+        return functools.partial(fx.GraphModule.__init__, class_name=type(self).__name__)
+
     def __reduce__(self) -> tuple[Any, ...]:
         source, import_block = pickled_code(self.graph)
         body = {key: value for key, value in self.__dict__.items() if key != "_graph"}
@@ -119,6 +124,11 @@ class DirectGraphModule(TakesCapturedArguments, fx.GraphModule):
 
 def _load_direct(body: dict[str, Any], import_block: str) -> DirectGraphModule:
     """The :class:`DirectGraphModule` pickled as ``body`` (its attributes but the graph) and its code's
-    ``import_block``: the graph traced again from that code, as ``torch.load`` rebuilds a ``GraphModule``."""
+    ``import_block``: the graph traced again from that code, as ``torch.load`` rebuilds a ``GraphModule``, with the
+    names of the attributes a copy keeps (:func:`keep_attribute`; the rest of its meta describes the graph it had)."""
     forward = _forward_from_src(import_block + body["_code"], {})
-    return _deserialize_graph_module(forward, body, DirectGraphModule)
+    gm = _deserialize_graph_module(forward, body, DirectGraphModule)
+    kept = body.get("meta", {}).get(_USER_PRESERVED_ATTRIBUTES_KEY)
+    if kept:
+        gm.meta[_USER_PRESERVED_ATTRIBUTES_KEY] = kept
+    return gm

@@ -113,9 +113,11 @@ class TrainEvalGraphModule(TakesCapturedArguments, fx.GraphModule):
         return _two_modes, (body, *(pickled_code(graph) for graph in (self.graph, self.train_graph)))
 
     def _deepcopy_init(self):
+        name = type(self).__name__
+
         def init(copied: TrainEvalGraphModule, root: nn.Module, graph: fx.Graph) -> None:
             copied.__dict__["_train_graph"] = root.__dict__["_train_graph"]
-            fx.GraphModule.__init__(copied, root, graph)
+            fx.GraphModule.__init__(copied, root, graph, class_name=name)
 
         return init
 
