@@ -125,14 +125,15 @@ def _refuse_training_graph(model: nn.Module) -> None:
 
 
 def _refuse_loaded(model: nn.Module) -> None:
-    """Refuse to rewrite a model fxprune transformed that was saved and loaded (``torch.save``/``torch.load``): that
-    keeps its code and plan but not the record of what the transform rewrote in its graph, by which a second
-    transform checks that its rewrites fit the first's."""
+    """Refuse to rewrite a model fxprune transformed that was saved and loaded (``torch.save``/``torch.load``)
+    without the record of what the transform rewrote in its graph (a file saved before fxprune kept it, or one
+    whose graph, traced again from its code, did not match it), by which a second transform checks that its
+    rewrites fit the first's."""
     earlier = getattr(model, "fxprune_plan", None)
     if isinstance(model, fx.GraphModule) and isinstance(earlier, Plan) and "fxprune_trace" not in model.meta:
         raise UnsupportedModelError(
             f"{type(model).__name__} was transformed by fxprune ({earlier.policy.describe()}) and saved and loaded "
-            "since: torch.save keeps its code, not the record of what that transform rewrote, so another transform "
+            "since: torch.save kept its code, not the record of what that transform rewrote, so another transform "
             f"could not check that it fits the first; {ONE_TRANSFORM}, and load the saved model's weights into the "
             "result (result.load_state_dict(loaded.state_dict()))"
         )

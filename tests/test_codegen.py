@@ -94,12 +94,15 @@ def test_a_saved_and_loaded_model_keeps_its_class_name_and_is_captured_again_wit
         copied = copy.deepcopy(loaded)  # before: a copy of a loaded model lost its plan and descriptions
         assert copied.fxprune_plan.policy == fast.fxprune_plan.policy and copied.pretrained_cfg == model.pretrained_cfg
         assert {type(copied).__name__, type(copy.deepcopy(fast)).__name__} == {"VisionTransformer"}  # not GraphModule
+        report, saved = fxprune.report(loaded), fxprune.report(fast)  # before: a KeyError
+        assert (str(report.plan), str(report.trace), len(report.inserted)) == \
+            (str(saved.plan), str(saved.trace), len(saved.inserted))  # the inserted nodes' names are made again
 
 
 def test_a_model_pickled_before_emit_moved_still_loads():
     model = timm_vit("deit_small_patch16_224", depth=2)
     fast = fxprune.transform(model, fxprune.AdaViT(0.5))
-    load, (body, *codes) = fast.__reduce__()
+    load, (body, *codes, _) = fast.__reduce__()  # a file from then has no node records either
     moved, was = "from fxprune.ops.emitting import emit as", "from fxprune.passes.learned import emit as"
     before = [(source, imports.replace(moved, was)) for source, imports in codes]
     assert all(moved in imports for _, imports in codes) and not any(moved in imports for _, imports in before)

@@ -219,12 +219,20 @@ def test_a_refusal_of_every_block_names_the_attention_on_another_input_and_the_t
         fxprune.transform(clip, EViT(0.5, (1,)), inputs)
 
 
-def test_transforming_a_transformed_model_saved_and_loaded_is_refused_naming_why():
-    loaded = saved_and_loaded(fxprune.transform(timm_vit("deit_small_patch16_224"), ToMe(2, (1,))))
+def test_a_transformed_model_saved_and_loaded_is_transformed_again_as_the_one_saved():
+    model = timm_vit("deit_small_patch16_224")
+    x = image_batch(model)
+    loaded = saved_and_loaded(fxprune.transform(model, EViT(0.7, (1,))))
+    composed = fxprune.transform(model, fxprune.Compose([EViT(0.7, (1,)), TopK(0.7, (2,))]))
+    torch.testing.assert_close(fxprune.transform(loaded, TopK(0.7, (2,)), x)(x), composed(x), rtol=0, atol=0)
+    sized = saved_and_loaded(fxprune.transform(model, ToMe(2, (1,))))  # before: a TraceError in its own forward
+    with pytest.raises(UnsupportedModelError, match=r"block 3 .*earlier fxprune transform.*fxprune\.Compose"):
+        fxprune.transform(sized, EViT(0.7, (3,)), x)
+    del sized.meta["fxprune_trace"]  # as a file saved without the record of its rewrites loads
     with pytest.raises(UnsupportedModelError, match=r"VisionTransformer was transformed by fxprune \(tome r 2\) and "
-                       r"saved and loaded since: torch\.save keeps its code, not the record of what that transform "
-                       r"rewrote.*fxprune\.Compose"):  # before: a TraceError in the model's own forward
-        fxprune.transform(loaded, EViT(0.7, (3,)), image_batch(loaded))
+                       r"saved and loaded since: torch\.save kept its code, not the record of what that transform "
+                       r"rewrote.*fxprune\.Compose"):
+        fxprune.transform(sized, EViT(0.7, (3,)), x)
 
 
 @pytest.mark.parametrize("restore", [True, False], ids=["layout-restored", "positions-returned"])

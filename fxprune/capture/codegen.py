@@ -31,7 +31,10 @@ from torch.package import sys_importer
 
 from .arguments import TakesCapturedArguments
 
-__all__ = ["direct_path", "direct_forward", "pickled_code", "DirectGraphModule", "keep_attribute", "traceable_forward"]
+__all__ = [
+    "direct_path", "direct_forward", "pickled_code", "DirectGraphModule", "keep_attribute", "traceable_forward",
+    "node_records", "put_back_records",
+]
 
 
 _MODULE_LOOKUPS = (nn.Module.__getattr__, TakesCapturedArguments.__getattr__)
@@ -119,7 +122,8 @@ class DirectGraphModule(TakesCapturedArguments, fx.GraphModule):
     def __reduce__(self) -> tuple[Any, ...]:
         source, import_block = pickled_code(self.graph)
         body = {key: value for key, value in self.__dict__.items() if key != "_graph"}
-        return _load_direct, ({**body, "_code": source, "_graphmodule_cls_name": type(self).__name__}, import_block)
+        return _load_direct, ({**body, "_code": source, "_graphmodule_cls_name": type(self).__name__,
+                               _RECORDS: node_records(self.graph)}, import_block)
 
 
 def _load_direct(body: dict[str, Any], import_block: str) -> DirectGraphModule:
@@ -128,7 +132,54 @@ def _load_direct(body: dict[str, Any], import_block: str) -> DirectGraphModule:
     names of the attributes a copy keeps (:func:`keep_attribute`; the rest of its meta describes the graph it had)."""
     forward = _forward_from_src(import_block + body["_code"], {})
     gm = _deserialize_graph_module(forward, body, DirectGraphModule)
-    kept = body.get("meta", {}).get(_USER_PRESERVED_ATTRIBUTES_KEY)
-    if kept:
-        gm.meta[_USER_PRESERVED_ATTRIBUTES_KEY] = kept
+    meta = body.get("meta", {})
+    if put_back_records(gm.graph, gm.__dict__.pop(_RECORDS, None)):
+        gm.meta.update(meta)
+    elif _USER_PRESERVED_ATTRIBUTES_KEY in meta:
+        gm.meta[_USER_PRESERVED_ATTRIBUTES_KEY] = meta[_USER_PRESERVED_ATTRIBUTES_KEY]
     return gm
+
+
+_RECORDS = "_fxprune_nodes"  # the key of the node records in a pickled DirectGraphModule
+_RECORDED = ("fxprune", "nn_module_stack")  # what the analysis and a later transform read of a node, besides values
+
+
+def _target_name(target: Any) -> str:
+    """A node target as text: its name, or a function's qualified name."""
+    if isinstance(target, str):
+        return target
+    return f"{getattr(target, '__module__', None)}.{getattr(target, '__qualname__', repr(target))}"
+
+
+def node_records(graph: fx.Graph) -> list[tuple[str, str, dict[str, Any]]]:
+    """Each node of ``graph``, in order: its op, its target (:func:`_target_name`) and its meta :data:`_RECORDED`
+    (an inserted node's tag, the module calls it was traced in: each module's class by name, as a class made inside
+    a function cannot be pickled)."""
+    def recorded(node: fx.Node) -> dict[str, Any]:
+        meta = {key: node.meta[key] for key in _RECORDED if key in node.meta}
+        if "nn_module_stack" in meta:
+            meta["nn_module_stack"] = {call: (path, _target_name(cls)) for call, (path, cls) in
+                                       meta["nn_module_stack"].items()}
+        return meta
+
+    return [(node.op, _target_name(node.target), recorded(node)) for node in graph.nodes]
+
+
+def put_back_records(graph: fx.Graph, records: list[tuple[str, str, dict[str, Any]]] | None) -> bool:
+    """Give the nodes of ``graph``, traced again from the code of the graph ``records`` were taken from
+    (:func:`node_records`), their meta back: the other nodes one for one, in order, the attribute reads by their
+    target (tracing makes them where they are first read); False (nothing changed) where there are no records or
+    the nodes are not the same ops on the same targets."""
+    if records is None:
+        return False
+    nodes = [node for node in graph.nodes if node.op != "get_attr"]
+    taken = [record for record in records if record[0] != "get_attr"]
+    reads = {target: meta for op, target, meta in records if op == "get_attr"}
+    if len(nodes) != len(taken) or {node.target for node in graph.nodes if node.op == "get_attr"} != set(reads) \
+            or any((node.op, _target_name(node.target)) != record[:2] for node, record in zip(nodes, taken)):
+        return False
+    for node, (_, _, meta) in zip(nodes, taken):
+        node.meta.update(meta)
+    for node in graph.find_nodes(op="get_attr"):
+        node.meta.update(reads[node.target])
+    return True

@@ -26,7 +26,7 @@ from torch.fx.graph_module import _copy_attr, reduce_graph_module
 
 from ..analysis import Block
 from ..capture.arguments import TakesCapturedArguments
-from ..capture.codegen import direct_forward, pickled_code
+from ..capture.codegen import direct_forward, node_records, pickled_code, put_back_records
 from ..capture.tracer import fetch_attr
 from ..errors import PolicyError
 from ..ops.emitting import emit  # noqa: F401  (here before it moved: a model pickled then imports it from here)
@@ -110,7 +110,8 @@ class TrainEvalGraphModule(TakesCapturedArguments, fx.GraphModule):
     def __reduce__(self):
         body = {k: v for k, v in self.__dict__.items() if k not in ("_graph", "_train_graph")}
         body["_graphmodule_cls_name"] = type(self).__name__
-        return _two_modes, (body, *(pickled_code(graph) for graph in (self.graph, self.train_graph)))
+        graphs = (self.graph, self.train_graph)
+        return _two_modes, (body, *(pickled_code(graph) for graph in graphs), tuple(map(node_records, graphs)))
 
     def _deepcopy_init(self):
         name = type(self).__name__
@@ -181,11 +182,15 @@ def _forward_by_mode(self: TrainEvalGraphModule, *args: Any, **kwargs: Any) -> A
     return forward(self, *args, **kwargs)
 
 
-def _two_modes(body: dict[str, Any], evaluation: tuple[str, str], training: tuple[str, str]) -> TrainEvalGraphModule:
+def _two_modes(body: dict[str, Any], evaluation: tuple[str, str], training: tuple[str, str],
+               records: tuple[Any, Any] = (None, None)) -> TrainEvalGraphModule:
     """Rebuild a pickled :class:`TrainEvalGraphModule`: each graph is traced again from its code (as ``torch.load``
-    rebuilds a ``GraphModule``), over the one set of modules in ``body``."""
+    rebuilds a ``GraphModule``), over the one set of modules in ``body``, and gets its nodes' ``records`` back
+    (:func:`~fxprune.capture.codegen.node_records`; none in a file saved before they were kept)."""
     eval_module, train_module = (reduce_graph_module({**body, "_code": src}, imports) for src, imports in
                                  (evaluation, training))
+    for module, taken in zip((eval_module, train_module), records):
+        put_back_records(module.graph, taken)
     result = TrainEvalGraphModule(eval_module, eval_module.graph, train_module.graph, type(eval_module).__name__)
     for key, value in body.items():
         if not hasattr(result, key):
