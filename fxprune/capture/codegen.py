@@ -128,8 +128,9 @@ class DirectGraphModule(TakesCapturedArguments, fx.GraphModule):
 
 def _load_direct(body: dict[str, Any], import_block: str) -> DirectGraphModule:
     """The :class:`DirectGraphModule` pickled as ``body`` (its attributes but the graph) and its code's
-    ``import_block``: the graph traced again from that code, as ``torch.load`` rebuilds a ``GraphModule``, with the
-    names of the attributes a copy keeps (:func:`keep_attribute`; the rest of its meta describes the graph it had)."""
+    ``import_block``: the graph traced again from that code, as ``torch.load`` rebuilds a ``GraphModule``, with its
+    nodes' records and its meta where the records fit that graph (:func:`put_back_records`), else with the names of
+    the attributes a copy keeps (:func:`keep_attribute`) alone: the rest of its meta describes the graph it had."""
     forward = _forward_from_src(import_block + body["_code"], {})
     gm = _deserialize_graph_module(forward, body, DirectGraphModule)
     meta = body.get("meta", {})
