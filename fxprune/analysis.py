@@ -733,7 +733,10 @@ def analyse(model: nn.Module, example_inputs: ExampleInputs = None) -> TokenProg
     wanted = ancestors(gm.graph.find_nodes(op="output"))
     stream, idom, reads = _stream(gm, sites, wanted)
     unreached = [site for site in sites if site.node not in idom]  # e.g. a decoder's self-attention of its queries
-    unrecognised += [_unreached(gm, site, sites) for site in unreached]
+    if unreached:
+        first, *others = gm.graph.find_nodes(op="placeholder")
+        reached = {value: descendants(value) for value in others}
+        unrecognised += [_unreached(site, first, reached, sites) for site in unreached]
     unrecognised += [f"attention {site.node.name} in {site.module or 'forward'} (the output reads nothing it "
                      "computes: a block after the last one the output reads, which the rewritten model drops as "
                      "dead code)"
@@ -840,21 +843,24 @@ def _several_streams(towers: list[str]) -> str:
     return f"{runs}, which the output joins only after their blocks; fxprune reduces one token stream: {advice}"
 
 
-def _unreached(gm: fx.GraphModule, site: AttentionSite, sites: Sequence[AttentionSite]) -> str:
-    """What an attention not computed from the first input's values is (said when it is left as is): computed from
-    another input (a model run on several inputs) or from no input (learned queries)."""
-    first, *others = gm.graph.find_nodes(op="placeholder")
-    source = next((value for value in others if site.node in descendants(value)), None)
+FROM_ANOTHER_INPUT = "computed from the input"  # how a note on an attention left on another input begins
+
+
+def _unreached(site: AttentionSite, first: fx.Node, reached: dict[fx.Node, set[fx.Node]],
+               sites: Sequence[AttentionSite]) -> str:
+    """What an attention not computed from the values of the first input ``first`` is (said when it is left as is):
+    computed from another input (a model run on several inputs; ``reached``: each other input and the nodes computed
+    from it) or from no input (learned queries)."""
+    source = next((value for value, nodes in reached.items() if site.node in nodes), None)
     where = f"attention {site.node.name} in {site.module or 'forward'}"
     if source is None:
         return f"{where} (computed from no value of the input: learned queries attending to each other)"
-    reached = descendants(source)
-    others = [other for other in sites if other.node not in reached]
-    tower = _tower(site, others)
-    shared = any(call.partition("@")[0] == tower for other in others for call in _calls(other))  # siamese
+    elsewhere = [other for other in sites if other.node not in reached[source]]
+    tower = _tower(site, elsewhere)
+    shared = any(call.partition("@")[0] == tower for other in elsewhere for call in _calls(other))  # siamese
     advice = f"transform {tower} on its own, model.{tower} = fxprune.transform(model.{tower}, policy), to reduce " \
         + ("each of its calls" if shared else "its tokens") if tower else "transform a module that runs it on its own"
-    return f"{where} (computed from the input {source.name}, not {first.name}, whose token stream fxprune reduces: " \
+    return f"{where} ({FROM_ANOTHER_INPUT} {source.name}, not {first.name}, whose token stream fxprune reduces: " \
         f"{advice})"
 
 

@@ -105,7 +105,7 @@ def rewrite(
         drop_eval_identities(gm)
     add_in_place(gm)
     _finalize(gm, measured)
-    keep_attribute(gm, ARGUMENTS, program.trace.arguments)
+    keep_attribute(gm, ARGUMENTS, getattr(program.gm, ARGUMENTS, None))  # the capture's record
     _keep_descriptions(gm, model)
     return gm.train(model.training), measured
 

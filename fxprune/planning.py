@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 
 from .analysis import (
+    FROM_ANOTHER_INPUT,
     SCORES,
     Block,
     TokenProgram,
@@ -237,7 +238,7 @@ def _replaced_attention(earlier: dict[int, set[Role]]) -> int | None:
 def _elsewhere(program: TokenProgram) -> str:
     """The attention the analysis left as is because it runs on another input than the first, said beside a refusal
     of every block (the model's own blocks may be there: a vision tower on a second input)."""
-    other = next((text for text in program.unrecognised if "(computed from the input " in text), None)
+    other = next((text for text in program.unrecognised if f"({FROM_ANOTHER_INPUT} " in text), None)
     return "" if other is None else f" Its attention on another input is left as is: {other}."
 
 

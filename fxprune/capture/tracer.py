@@ -22,7 +22,7 @@ from torch.utils import _pytree as pytree
 
 from ..counting import MacCounter
 from ..errors import TraceError
-from .arguments import ARGUMENTS, CapturedArguments, captured_arguments
+from .arguments import ARGUMENTS, captured_arguments
 from .asserts import PROXY, complete_assert_messages
 from .codegen import DirectGraphModule, keep_attribute, traceable_forward
 from .einsum import canonicalise_einsum
@@ -68,7 +68,6 @@ class TraceInfo:
     prefix_tokens_attr: int | None = None
     class_token_attr: bool | None = None
     failed_value: str | None = None  # the first op whose example value could not be computed, and why
-    arguments: CapturedArguments | None = None  # the forward's other arguments, at the values the capture ran with
 
     def __str__(self) -> str:
         inputs = ", ".join(f"{name} {list(shape)}" for name, shape in zip(self.input_names, self.example_shapes))
@@ -628,8 +627,7 @@ def _capture(model: nn.Module, inputs: _Inputs, copy_weights: bool, training: bo
             value = fetch_attr(gm, node.target)
             node.meta["val"] = fake_tensor(value) if isinstance(value, torch.Tensor) else value
     gm.meta["fxprune_trace"] = info
-    info.arguments = captured_arguments(model, inputs.names, inputs.fixed)
-    keep_attribute(gm, ARGUMENTS, info.arguments)
+    keep_attribute(gm, ARGUMENTS, captured_arguments(model, inputs.names, inputs.fixed))
     decompose_multihead_attention(gm, info)
     canonicalise_einsum(gm)
     info.notes.extend(_hook_notes(model, gm))
