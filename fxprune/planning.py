@@ -391,9 +391,12 @@ def make_plan(program: TokenProgram, policy: Policy | Compose, restore: bool = T
     """Validate ``policy`` against ``program`` and give each block its action (tokens and MACs come later);
     ``restore`` as :func:`fxprune.transform` takes it, for what the plan says of a dense output."""
     if not isinstance(policy, (Policy, Compose)):
-        text = f": a policy's text, as the command line takes it, is read by fxprune.parse_policy({policy!r})"
-        raise PolicyError(f"expected an fxprune policy (e.g. fxprune.EViT(0.7, (3, 6, 9))), got {policy!r}"
-                          + (text if isinstance(policy, str) else ""))
+        hint = ""
+        if isinstance(policy, str):
+            hint = f": a policy's text, as the command line takes it, is read by fxprune.parse_policy({policy!r})"
+        elif isinstance(policy, (list, tuple)) and policy and all(isinstance(part, Policy) for part in policy):
+            hint = ": several policies, each on its own blocks, are one fxprune.Compose([...])"
+        raise PolicyError(f"expected an fxprune policy (e.g. fxprune.EViT(0.7, (3, 6, 9))), got {policy!r}{hint}")
     policy = policy.bind(_depth(program), program.tokens - program.prefix_tokens)
     earlier = rewritten_blocks(program.gm)
     _check_earlier_rewrites(program, policy, earlier)

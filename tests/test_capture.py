@@ -192,6 +192,56 @@ def test_untraceable_submodule_becomes_a_leaf_and_the_reason_is_recorded():
     torch.testing.assert_close(gm(-x.abs() - 10), model(-x.abs() - 10))
 
 
+class _CheckedBlock(nn.Module):
+    """A block that checks its input's values before running the block it wraps: its code branches on tensor data."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        if torch.isnan(x).any():
+            raise ValueError("NaN in the tokens")
+        return self.block(x)
+
+
+def test_a_block_kept_whole_as_it_branches_on_data_has_example_values_so_the_blocks_after_it_are_found():
+    model = timm_vit("vit_tiny_patch16_224")
+    model.blocks[1] = _CheckedBlock(model.blocks[1])
+    program = fxprune.analyse(model)  # before: blocks.2 and .3 "on queries of unknown shape", and no class token
+    assert "kept as a leaf: blocks.1 (TraceError: control flow depends on tensor data" in str(program.trace)
+    assert [block.name for block in program.blocks] == ["blocks.0", "blocks.2", "blocks.3"]
+    assert program.class_token and program.unrecognised == []
+    fast = fxprune.transform(model, fxprune.EViT(0.5, (1, 2)))
+    assert "kept as a leaf during capture: blocks.1" in str(fast.fxprune_plan)
+    x = image_batch(model, batch=3)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x)[1:], fast(x[1:]), atol=1e-5, rtol=0)
+    assert_same_outputs(fxprune.transform(model, fxprune.EViT(1.0, (1, 2))), model)
+
+
+def test_a_torchscript_block_is_called_whole_and_the_plan_says_attention_inside_it_is_not_seen():
+    model = timm_vit("vit_tiny_patch16_224")
+    model.blocks[1] = torch.jit.script(model.blocks[1])
+    gm = fxprune.trace(model)  # before: a call of its compiled forward on the TorchScript object (blocks.1._c)
+    assert "blocks.1" in {node.target for node in gm.graph.find_nodes(op="call_module")}
+    assert not any(node.target.startswith("blocks.1.") for node in gm.graph.find_nodes(op="get_attr"))
+    fast = fxprune.transform(model, fxprune.EViT(0.5, (1, 2)))
+    assert [row.name for row in fast.fxprune_plan.rows] == ["blocks.0", "blocks.2", "blocks.3"]
+    assert "blocks.1 (RecursiveScriptModule), called whole: attention inside it is not seen" in str(fast.fxprune_plan)
+    assert_same_outputs(fxprune.transform(model, fxprune.EViT(1.0, (1, 2))), model)
+
+
+@pytest.mark.parametrize("make", [torch.jit.script, lambda model: torch.jit.trace(model, image_batch(model))],
+                         ids=["script", "trace"])
+def test_a_torchscript_model_is_refused_saying_to_pass_the_module_it_was_made_from(make):
+    model = timm_vit("vit_tiny_patch16_224")
+    scripted = make(model)  # before: AttributeError, "no signature found", or "cannot tell which input size"
+    for example_inputs in (None, image_batch(model)):
+        with pytest.raises(TraceError, match=r"TorchScript module .*pass the nn.Module it was made from"):
+            fxprune.transform(scripted, fxprune.EViT(0.5, (1,)), example_inputs=example_inputs)
+
+
 class _UntraceableRoot(nn.Module):
     def forward(self, x):
         if x.mean() > 0:

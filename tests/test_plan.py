@@ -76,6 +76,8 @@ def test_non_policy_is_refused():
         fxprune.plan(timm_vit("deit_small_patch16_224"), {"keep_rate": 0.5})
     with pytest.raises(PolicyError, match=r"got 'evit:keep=0\.7': a policy's text.* fxprune\.parse_policy\("):
         fxprune.plan(timm_vit("deit_small_patch16_224"), "evit:keep=0.7")
+    with pytest.raises(PolicyError, match=r"got \[EViT.*, ToMe.*\]: several policies.* fxprune\.Compose\(\[\.\.\.\]\)"):
+        fxprune.plan(timm_vit("deit_small_patch16_224"), [EViT(0.5, (1,)), fxprune.ToMe(2, (2,))])
 
 
 def test_a_method_that_reads_the_class_token_needs_one_that_the_output_reads():

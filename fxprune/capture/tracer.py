@@ -27,7 +27,7 @@ from .asserts import PROXY, complete_assert_messages
 from .codegen import DirectGraphModule, keep_attribute, traceable_forward
 from .einsum import canonicalise_einsum
 from .mha import decompose_multihead_attention
-from .values import _first_line, fake_mode, fake_tensor, fake_weights, one_at_a_time, propagate
+from .values import _first_line, fake_mode, fake_tensor, fake_weights, on_stand_ins, one_at_a_time, propagate
 
 ExampleInputs = Sequence[torch.Tensor] | torch.Tensor | Mapping[str, Any] | None
 """A model's example inputs: one tensor, a sequence of its first positional arguments, or its arguments by name."""
@@ -247,7 +247,7 @@ class _ValueTracer(_Tracer):
 
     # -- leaves and scopes
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if qualname in self.leaf_names or isinstance(m, self.leaf_types):
+        if qualname in self.leaf_names or isinstance(m, (*self.leaf_types, torch.jit.ScriptModule)):
             return True
         if type(m) in _TRACED_THROUGH:
             return False
@@ -306,8 +306,13 @@ class _ValueTracer(_Tracer):
                     return getattr(a[0], target)(*a[1:], **kw)
                 if kind == "call_module":
                     module = self.root.get_submodule(target)
-                    with fake_weights(module):
-                        return module(*a, **kw)
+                    try:
+                        with fake_weights(module):
+                            return module(*a, **kw)
+                    except InputRejected:
+                        raise
+                    except Exception:  # noqa: BLE001 - code that cannot run on fake tensors runs on stand-ins
+                        return on_stand_ins(module, a, kw)
         except InputRejected:
             raise
         except Exception as err:
@@ -545,6 +550,12 @@ def trace(
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected an nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TraceError(
+            f"the model is a TorchScript module ({type(model).__name__}, made by torch.jit.script or torch.jit.trace), "
+            "whose Python code fxprune cannot read: pass the nn.Module it was made from; the transformed model is "
+            "exported with fxprune.export"
+        )
     if _compiled(model):
         raise TraceError(
             f"the model is {type(model._orig_mod).__name__} compiled by torch.compile, whose code fxprune cannot read: "

@@ -7,14 +7,15 @@ import contextlib
 import functools
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import torch
 import torch.fx as fx
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 from torch.nn.utils.stateless import _reparametrize_module
+from torch.utils import _pytree as pytree
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..counting import MacCounter
@@ -123,6 +124,11 @@ def _empty_like(t: torch.Tensor) -> torch.Tensor:
         return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device, requires_grad=t.requires_grad)
 
 
+def _tensors_of(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """``module``'s parameters and buffers, by name."""
+    return [*module.named_parameters(), *module.named_buffers()]
+
+
 @contextlib.contextmanager
 def fake_weights(module: nn.Module) -> Iterator[None]:
     """Within the block, ``module``'s parameters and buffers are their fake tensors (:func:`fake_tensor`).
@@ -130,9 +136,35 @@ def fake_weights(module: nn.Module) -> Iterator[None]:
     Ops on fake weights hit the fake-tensor dispatch cache; ops mixing in real weights convert them on
     every call, several times slower.
     """
-    state = {name: fake_tensor(t) for name, t in [*module.named_parameters(), *module.named_buffers()]}
+    state = {name: fake_tensor(t) for name, t in _tensors_of(module)}
     with _reparametrize_module(module, state):
         yield
+
+
+def _stand_in(value: Any, generator: torch.Generator) -> Any:
+    """A real tensor of the fake tensor ``value``'s shape, dtype and device: random normal values where it holds
+    floating-point numbers, zeros otherwise (any index is then in range); anything else as it is."""
+    if not isinstance(value, FakeTensor):
+        return value
+    if value.dtype.is_floating_point or value.dtype.is_complex:
+        return torch.randn(value.shape, dtype=value.dtype, generator=generator).to(value.device)
+    return torch.zeros(value.shape, dtype=value.dtype, device=value.device)
+
+
+def on_stand_ins(module: nn.Module, args: tuple, kwargs: dict, weights: Mapping[str, torch.Tensor] | None = None
+                 ) -> Any:
+    """The example value of a call of ``module``, a module the graph calls whole, whose code does not run on fake
+    tensors (it branches on tensor data, or is TorchScript): ``module(*args, **kwargs)`` run for real on stand-ins
+    of the fake tensors among the arguments (:func:`_stand_in`), with its parameters and buffers ``weights`` (by
+    name; None: its own), without gradients and keeping the global random state; its tensors as fake tensors. Its
+    shapes are those the code gives for the stand-ins: the right ones unless they depend on the values."""
+    generator = torch.Generator().manual_seed(0)
+    with unset_fake_temporarily(), torch.random.fork_rng(devices=[]), torch.no_grad(), contextlib.ExitStack() as stack:
+        if weights is not None:
+            stack.enter_context(_reparametrize_module(module, dict(weights)))
+        real_args, real_kwargs = pytree.tree_map(lambda value: _stand_in(value, generator), (args, kwargs))
+        value = module(*real_args, **real_kwargs)
+    return pytree.tree_map_only(torch.Tensor, fake_tensor, value)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -140,13 +172,26 @@ def fake_weights(module: nn.Module) -> Iterator[None]:
 
 
 class _ValueInterpreter(fx.Interpreter):
-    """Example values of each node (``values``) and, with ``count``, the MACs each computes (``macs``)."""
+    """Example values of each node (``values``) and, with ``count``, the MACs each computes (``macs``). ``weights``:
+    the real parameters and buffers of ``gm`` by name, for a module it calls whose code does not run on fake
+    tensors (:func:`on_stand_ins`; None: such a call fails)."""
 
-    def __init__(self, gm: fx.GraphModule, count: bool = True):
+    def __init__(self, gm: fx.GraphModule, count: bool = True, weights: Mapping[str, torch.Tensor] | None = None):
         super().__init__(gm, garbage_collect_values=False)
         self.values: dict[fx.Node, Any] = {}
         self.macs: dict[fx.Node, int] = {}
         self.count = count
+        self.weights = weights
+
+    def call_module(self, target: str, args: tuple, kwargs: dict) -> Any:
+        try:
+            return super().call_module(target, args, kwargs)
+        except Exception:
+            if self.weights is None:
+                raise
+            prefix = f"{target}."
+            own = {name[len(prefix):]: t for name, t in self.weights.items() if name.startswith(prefix)}
+            return on_stand_ins(self.fetch_attr(target), args, kwargs, own)
 
     def run_node(self, n: fx.Node) -> Any:
         counter = MacCounter() if self.count else contextlib.nullcontext()
@@ -206,7 +251,7 @@ def propagate(gm: fx.GraphModule, batch_size: int | None = None, store: bool = T
     after a rewrite).
     """
     inputs = example_inputs_like(gm, batch_size)
-    interp = _ValueInterpreter(gm, count=store)
+    interp = _ValueInterpreter(gm, count=store, weights=dict(_tensors_of(gm)))
     mode = fake_mode()
     with fake_weights(gm), mode, torch.no_grad():
         interp.run(*inputs)
