@@ -580,6 +580,8 @@ def test_shipped_digits_states_load_for_their_usages_and_skip_part_of_the_model(
         fxprune.transform(model, AdaViT(0.35, weights="digits"))
     with pytest.raises(fxprune.PolicyError, match="ships for usages 0.7, 0.5"):
         fxprune.transform(model, AdaViT(0.5, decides=("heads",), weights="digits"))
+    with pytest.raises(fxprune.PolicyError, match=r"\(for adavit usage 0\.5\) do not fit"):  # not "(untrained)"
+        fxprune.transform(timm_vit("deit_small_patch16_224", depth=4), AdaViT(0.5, weights="digits"))
 
 
 def test_set_usage_gives_a_random_usage_of_each_kind():

@@ -91,8 +91,8 @@ def test_policy_parses_plans_its_counts_and_says_when_its_predictors_are_untrain
     x = image_batch(model)
     with torch.no_grad():
         torch.testing.assert_close(trained(x), gm(x), atol=0, rtol=0)
-    with pytest.raises(fxprune.PolicyError, match="do not fit"):
-        fxprune.transform(model, DynamicViT(0.5, (1, 3), weights=str(path)))
+    with pytest.raises(fxprune.PolicyError, match=r"\(for dynamicvit keep 0\.5 on VisionTransformer\) do not fit"):
+        fxprune.transform(model, DynamicViT(0.5, (1, 3), weights=str(path)))  # before: "keep 0.5 (untrained)"
 
 
 def test_an_official_checkpoint_loads_its_backbone_into_the_model_and_its_predictors_into_the_policy(tmp_path):

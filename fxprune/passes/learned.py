@@ -15,6 +15,7 @@ weights, and auxiliary values for losses.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from ..capture.codegen import direct_forward, node_records, pickled_code, put_ba
 from ..capture.tracer import fetch_attr
 from ..errors import PolicyError
 from ..ops.emitting import emit  # noqa: F401  (here before it moved: a model pickled then imports it from here)
+from ..policies import Compose, Policy
 from .common import Role, attribute, insert_call, remove_dead_code
 from .skipping import call_module, run_if_used
 
@@ -205,6 +207,15 @@ def learned_state_dict(gm: nn.Module) -> dict[str, Tensor]:
     return {k[len(prefix):]: v.detach().cpu() for k, v in gm.state_dict().items() if k.startswith(prefix)}
 
 
+def _as_trained(policy: Policy | Compose, weights: str) -> Policy | Compose:
+    """``policy`` with its learned parts' ``weights`` the file ``weights``: what a file of its trained weights
+    holds, as its description says (not "untrained")."""
+    if isinstance(policy, Compose):
+        return Compose([_as_trained(part, weights) for part in policy.parts])
+    trained = any(field.name == "weights" for field in dataclasses.fields(policy))
+    return dataclasses.replace(policy, weights=weights) if trained else policy
+
+
 def save_weights(gm: nn.Module, path: str | Path, backbone: bool = False, notes: Sequence[str] = ()) -> Path:
     """Write the trained weights of ``gm``'s learned submodules, with the plan's policy, to ``path`` (a file
     ``fxprune.transform(model, Policy(..., weights=path))`` loads); ``backbone``: the rest of its weights too (a
@@ -214,7 +225,8 @@ def save_weights(gm: nn.Module, path: str | Path, backbone: bool = False, notes:
     if not state:
         raise PolicyError("this model has no learned submodules: nothing to save")
     plan = getattr(gm, "fxprune_plan", None)
-    saved = {"policy": None if plan is None else plan.policy.describe(), "state_dict": state, "notes": list(notes)}
+    described = None if plan is None else f"{_as_trained(plan.policy, Path(path).name).describe()} on {plan.model_name}"
+    saved = {"policy": described, "state_dict": state, "notes": list(notes)}
     if backbone:
         prefix = LEARNED_PREFIX + "."
         saved["backbone"] = {k: v.detach().cpu() for k, v in gm.state_dict().items() if not k.startswith(prefix)}
@@ -263,8 +275,10 @@ def load_weights(
                 for name, module in modules.items() for key, value in module.state_dict().items()}
     detail = key_mismatch(expected, state)
     if detail is not None:
+        # a file written before this version described the policy of a model in training as untrained
+        described = (saved.get("policy") or "another model").removesuffix(" (untrained)")
         raise PolicyError(
-            f"{what}: the weights in {str(path)!r} (for {saved.get('policy', 'another model')}) do not fit this "
+            f"{what}: the weights in {str(path)!r} (for {described}) do not fit this "
             f"model and policy: {detail}. Use weights trained for the same model, blocks and method."
         )
     for name, module in modules.items():
