@@ -137,3 +137,15 @@ def test_rotary_positions_numbered_from_the_rows_count_every_token(method):
         kept = _kept(gm, clip, before)
         assert all(len(rows) < 72 for _, rows in kept)
         torch.testing.assert_close(batched[i:i + 1], with_keys_masked(model, clip, kept).logits, atol=1e-5, rtol=0)
+
+
+def test_a_term_of_each_image_is_taken_at_that_images_rows_and_a_shared_one_at_every_images():
+    from fxprune.ops.positions import at_positions
+
+    positions = torch.tensor([[0, 2, 3], [0, 1, 1]])[..., None]  # [B, N', 1]: each image's rows' positions
+    for term in (torch.randn(2, 1, 4, 4), torch.randn(1, 1, 4, 4)):  # a mask made per image, a bias shared by all
+        out = at_positions(term, positions, (2, 3), False, 1, 4)  # before: [B, B, 1, N', N'] for the first
+        assert out.shape == (2, 1, 3, 3)
+        for image, rows in enumerate(positions[..., 0]):
+            own = term[image if term.shape[0] > 1 else 0, 0]
+            torch.testing.assert_close(out[image, 0], own[rows][:, rows], atol=0, rtol=0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import inspect
 import re
 import sys
@@ -475,6 +476,36 @@ def _einops_kept_whole(model_globals: dict[str, Any] | None) -> Iterator[None]:
             namespace.update(functions)
 
 
+_SIZED_FACTORIES = ("zeros", "ones", "empty", "rand", "randn")  # torch functions that take sizes one by one
+
+
+def _sizes_packed(factory: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``factory`` (as ``torch.zeros``) that takes traced sizes one by one, ``factory(B, N, C)``, as it takes them
+    in one tuple, ``factory((B, N, C))``, which fx records (torch's parser rejects the former); else as it is."""
+
+    @functools.wraps(factory)
+    def packed(*size: Any, **kwargs: Any) -> torch.Tensor:
+        if len(size) > 1 and any(isinstance(value, fx.Proxy) for value in size):
+            return factory(size, **kwargs)
+        return factory(*size, **kwargs)
+
+    return packed
+
+
+@contextlib.contextmanager
+def _factories_take_traced_sizes() -> Iterator[None]:
+    """Within the block, torch's factories that take sizes one by one (:data:`_SIZED_FACTORIES`) take sizes read
+    from traced shapes too (:func:`_sizes_packed`): ``torch.zeros(B * heads, N, N)`` in a model's code."""
+    originals = {name: getattr(torch, name) for name in _SIZED_FACTORIES}
+    try:
+        for name, factory in originals.items():
+            setattr(torch, name, _sizes_packed(factory))
+        yield
+    finally:
+        for name, factory in originals.items():
+            setattr(torch, name, factory)
+
+
 def _positional_inputs(model: nn.Module, tensors: tuple[torch.Tensor, ...]) -> _Inputs:
     """``tensors`` as ``model``'s first positional arguments (``input_<i>`` past the ones its forward names)."""
     names = [p.name for p in inspect.signature(model.forward).parameters.values()
@@ -680,7 +711,7 @@ def _trace_with_leaf_retries(root: nn.Module, inputs: _Inputs, info: TraceInfo) 
             tracer = _ValueTracer(leaf_types, leaf_names, autowrap)
             tracer.example_args = {n: fake_tensor(t) for n, t in zip(inputs.names, inputs.tensors)}
             try:
-                with _einops_kept_whole(getattr(cls.forward, "__globals__", None)):
+                with _einops_kept_whole(getattr(cls.forward, "__globals__", None)), _factories_take_traced_sizes():
                     graph = tracer.trace(root)
                 break
             except InputRejected:

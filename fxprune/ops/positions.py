@@ -21,14 +21,13 @@ def at_positions(term: Tensor, positions: Tensor, axes: tuple[int, ...], patches
     """``term`` (a tensor laid out per token position along ``axes``: every token, or ``patches_only``) at the
     positions ``positions`` ``[B, N', 1]`` of each image's rows, with the batch axis first and of rank ``rank``
     (the rank of the values it meets): a rotary table ``[N, d]`` becomes ``[B, 1, N', d]``, a bias ``[1, H, N,
-    N]`` becomes ``[B, H, N', N']``."""
+    N]`` becomes ``[B, H, N', N']``, and one of each image, ``[B, H, N, N]``, is taken at that image's rows."""
     batch = positions.shape[0]
-    base = term[0] if term.dim() == rank and term.shape[0] == 1 else term
     index = _index(positions, prefix, patches_only)
-    shift = base.dim() - term.dim()
-    out = base.unsqueeze(0).expand(batch, *base.shape)
+    batched = term.dim() == rank and term.shape[0] in (1, batch)  # its first axis is the batch's
+    out = term.expand(batch, *term.shape[1:]) if batched else term.unsqueeze(0).expand(batch, *term.shape)
     for axis in axes:
-        axis = (axis % term.dim()) + shift + 1
+        axis = (axis % term.dim()) + (0 if batched else 1)
         shape = [batch] + [1] * (out.dim() - 1)
         shape[axis] = index.shape[1]
         expanded = list(out.shape)
