@@ -14,6 +14,7 @@ from vits import (
     saved_and_loaded,
     timm_vit,
     torchvision_vit,
+    zeros_bias_vit,
 )
 
 import fxprune
@@ -242,25 +243,8 @@ def test_a_torchscript_model_is_refused_saying_to_pass_the_module_it_was_made_fr
             fxprune.transform(scripted, fxprune.EViT(0.5, (1,)), example_inputs=example_inputs)
 
 
-class _ZerosBiasAttention(nn.Module):
-    """Attention with an additive bias made by ``torch.zeros`` from sizes read from its input, one by one."""
-
-    def __init__(self, attention: nn.Module):
-        super().__init__()
-        self.heads, self.qkv, self.proj = attention.num_heads, attention.qkv, attention.proj
-
-    def forward(self, x, attn_mask=None, is_causal=False):
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        bias = torch.zeros(B, 1, N, N, dtype=x.dtype, device=x.device)
-        o = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        return self.proj(o.transpose(1, 2).reshape(B, N, C))
-
-
 def test_torch_factories_given_traced_sizes_one_by_one_are_traced_and_follow_the_reduced_tokens():
-    model = timm_vit("vit_tiny_patch16_224")
-    for block in model.blocks:
-        block.attn = _ZerosBiasAttention(block.attn)
+    model = zeros_bias_vit()
     gm = fxprune.trace(model)  # before: each attention a leaf ("zeros() takes 1 positional argument")
     assert gm.meta["fxprune_trace"].leaves == []
     fast = fxprune.transform(model, fxprune.EViT(0.5, (1, 2)))

@@ -295,3 +295,27 @@ def saved_and_loaded(module: nn.Module) -> nn.Module:
     torch.save(module, buffer)
     buffer.seek(0)
     return torch.load(buffer, weights_only=False)
+
+
+class ZerosBiasAttention(nn.Module):
+    """Attention with an additive bias made by ``torch.zeros`` from sizes read from its input, one by one."""
+
+    def __init__(self, attention: nn.Module):
+        super().__init__()
+        self.heads, self.qkv, self.proj = attention.num_heads, attention.qkv, attention.proj
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        bias = torch.zeros(B, 1, N, N, dtype=x.dtype, device=x.device)
+        o = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.proj(o.transpose(1, 2).reshape(B, N, C))
+
+
+def zeros_bias_vit() -> nn.Module:
+    """A tiny timm ViT whose attentions add a zero bias ``[B, 1, N, N]`` made from their input's sizes: a position
+    term with a table per image."""
+    model = timm_vit("vit_tiny_patch16_224")
+    for block in model.blocks:
+        block.attn = ZerosBiasAttention(block.attn)
+    return model

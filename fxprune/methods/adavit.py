@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from ..analysis import Block, TokenProgram, sdpa_arguments
 from ..capture.values import worst_case_run
 from ..errors import PolicyError, UnsupportedModelError
-from ..ops import POSITIONS, at_positions, graph_op, op_of
+from ..ops import POSITIONS, graph_op, op_of
 from ..ops.emitting import collect, collecting, emit
 from ..ops.gating import (
     add_used_rows,
@@ -428,8 +428,7 @@ def _terms_at_used_rows(gm: fx.GraphModule, program: TokenProgram, block: Block,
                             "used_images_positions")
     positions = insert_call(gm, max(of_images, index, key=graph_order(gm)), take_rows, (of_images, index, 1), {},
                             block, "used_positions")
-    place_terms(gm, program, block, positions)
-    return {user for term in block.position_terms for user in term.node.users if user.target is at_positions}
+    return set(place_terms(gm, program, block, positions, images))
 
 
 def _one_row_without_heads(gm: fx.GraphModule, block: Block, used: fx.Node | None, layout: tuple[fx.Node, ...],

@@ -18,6 +18,7 @@ import torch.fx as fx
 
 from ..analysis import Block, PositionTerm, TokenProgram, descendants, reachable
 from ..ops import POSITIONS, at_positions
+from ..ops.gating import batch_rows
 from ..readout import data_nodes, is_shape_read
 from .common import graph_order, insert_call, model_tokens, stream_node, tag_of
 from .state import follow_state, read_state
@@ -100,12 +101,28 @@ def _term_readers(block: Block, term: PositionTerm) -> list[fx.Node]:
             and (user in term.readers or ((found := tag_of(user)) is not None and found.block == block.index))]
 
 
-def place_terms(gm: fx.GraphModule, program: TokenProgram, block: Block, positions: fx.Node) -> None:
+def _per_image(term: fx.Node, rank: int, batch: int) -> bool:
+    """Whether ``term`` has a table per image (``[B, …]`` of the ``rank`` of the values it meets, ``batch`` the
+    captured batch size): a mask made from the batch's size."""
+    shape = term.meta["val"].shape
+    return len(shape) == rank and shape[0] == batch > 1
+
+
+def place_terms(gm: fx.GraphModule, program: TokenProgram, block: Block, positions: fx.Node,
+                images: fx.Node | None = None) -> list[fx.Node]:
     """Make each reader of ``block``'s position terms (its attention's, and what the block's rewrite inserted
-    beside it, such as scores reading its mask) read them at ``positions`` ``[B, N', 1]``."""
+    beside it, such as scores reading its mask) read them at ``positions`` ``[B, N', 1]``; ``images`` ``[b]``: the
+    images of the batch those are of (None: all), at which a term with a table per image is taken first. Returns
+    the nodes that take them."""
+    placed_all = []
     for term in block.position_terms:
         for reader in _term_readers(block, term):
-            rank = _rank(reader, term.node)
-            args = (term.node, positions, term.axes, term.patches_only, program.prefix_tokens, rank)
-            placed = insert_call(gm, reader.prev, at_positions, args, {}, block, "at_positions")
+            rank, value = _rank(reader, term.node), term.node
+            if images is not None and _per_image(term.node, rank, program.batch):
+                value = insert_call(gm, reader.prev, batch_rows, (value, images), {}, block, "term_images")
+            args = (value, positions, term.axes, term.patches_only, program.prefix_tokens, rank)
+            after = reader.prev if value is term.node else value
+            placed = insert_call(gm, after, at_positions, args, {}, block, "at_positions")
             reader.replace_input_with(term.node, placed)
+            placed_all.append(placed)
+    return placed_all
