@@ -302,14 +302,16 @@ def test_a_vit_on_torch_transformer_encoder_layers_is_traced_through_to_their_at
 
 
 class _SequenceFirst(nn.Module):
-    """Tokens ``[B, N, C]`` through ``nn.TransformerEncoder`` layers laid out ``[N, B, C]`` (PyTorch's default)."""
+    """Tokens ``[B, N, C]`` through ``nn.TransformerEncoder`` layers laid out ``[N, B, C]`` (PyTorch's default),
+    pooled in that layout (a sum over its first axis: an op that depends on the layout, so the tokens stay
+    sequence first; ``fxprune.capture.layout``)."""
 
     def __init__(self):
         super().__init__()
         self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(48, 3, 96), 2, enable_nested_tensor=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.encoder(tokens.transpose(0, 1))[0]
+        return self.encoder(tokens.transpose(0, 1)).sum(0)
 
 
 def test_a_sequence_first_stream_is_refused_saying_so():

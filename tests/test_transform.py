@@ -101,11 +101,11 @@ def test_multihead_attention_keeps_its_attention_dropout_in_training_mode():
     _same_in_training(gm, model, x)  # the same attention weights dropped
 
 
-def test_a_module_only_training_code_calls_is_kept_for_the_training_graph():
+def test_code_only_training_runs_is_kept_for_the_training_graph():
     model = timm_vit("deit_small_patch16_224", depth=3, patch_drop_rate=0.5).train()  # skipped in evaluation mode
     x = image_batch(model)
     gm = fxprune.transform(model, EViT(1.0, (1, 2)))
-    assert "self.patch_drop(" in gm.train_code and "patch_drop" not in gm.code
+    assert "torch.argsort(" in gm.train_code and "argsort" not in gm.code  # patch dropout's random order
     with torch.no_grad():
         assert not torch.equal(gm(x), gm(x))
         gm.eval()

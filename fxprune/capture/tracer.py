@@ -27,6 +27,7 @@ from .arguments import ARGUMENTS, captured_arguments
 from .asserts import PROXY, complete_assert_messages
 from .codegen import DirectGraphModule, keep_attribute, traceable_forward
 from .einsum import canonicalise_einsum
+from .layout import batch_first_tokens
 from .mha import decompose_multihead_attention
 from .values import _first_line, fake_mode, fake_tensor, fake_weights, on_stand_ins, one_at_a_time, propagate
 
@@ -671,6 +672,7 @@ def _capture(model: nn.Module, inputs: _Inputs, copy_weights: bool, training: bo
     gm.meta["fxprune_trace"] = info
     keep_attribute(gm, ARGUMENTS, captured_arguments(model, inputs.names, inputs.fixed))
     decompose_multihead_attention(gm, info)
+    batch_first_tokens(gm, info)
     canonicalise_einsum(gm)
     info.notes.extend(_hook_notes(model, gm))
     info.notes.extend(f"the model does not read its input {node.target}: nothing it computes depends on it"

@@ -33,9 +33,8 @@ from ..methods import Method, methods
 from ..policies import Policy
 
 __all__ = [
-    "Entry", "Glance", "Stack", "Towers", "TINY_VIT", "Outcome", "ZOO", "try_method", "try_entry", "try_all",
-    "short_reason", "table", "with_table",
-    "MARKERS",
+    "Entry", "Glance", "Stack", "SequenceFirst", "Towers", "TINY_VIT", "Outcome", "ZOO", "try_method", "try_entry",
+    "try_all", "short_reason", "table", "with_table", "MARKERS",
 ]
 
 LAYERS = (1, 2)  # where each method's example setting reduces: two blocks in a row, after a dense one
@@ -163,24 +162,66 @@ class Glance(nn.Module):
 
 
 class Stack(nn.Module):
-    """A hand-written ViT on ``torch.nn.TransformerEncoder`` (batch first; ``norm_first``: pre-norm layers, else
-    post-norm as PyTorch's default), its output reading the class token."""
+    """A hand-written ViT on ``torch.nn.TransformerEncoder`` (``norm_first``: pre-norm layers, else post-norm as
+    PyTorch's default; ``batch_first``: tokens ``[B, N, C]``, else ``[N, B, C]`` as PyTorch's default), its output
+    reading the class token."""
 
     image_size = 32
 
-    def __init__(self, norm_first: bool, width: int = 48, heads: int = 3, depth: int = 3, patch: int = 8):
+    def __init__(self, norm_first: bool, batch_first: bool = True, width: int = 48, heads: int = 3, depth: int = 3,
+                 patch: int = 8):
         super().__init__()
+        self.batch_first = batch_first
         self.patches = nn.Conv2d(3, width, patch, stride=patch)
         self.cls = nn.Parameter(torch.randn(1, 1, width) * 0.02)
         self.positions = nn.Parameter(torch.randn(1, (self.image_size // patch) ** 2 + 1, width) * 0.02)
-        layer = nn.TransformerEncoderLayer(width, heads, 2 * width, batch_first=True, norm_first=norm_first)
+        layer = nn.TransformerEncoderLayer(width, heads, 2 * width, batch_first=batch_first, norm_first=norm_first)
         self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.head = nn.Linear(width, 5)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.patches(images).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.positions
-        return self.head(self.encoder(x)[:, 0])
+        if self.batch_first:
+            return self.head(self.encoder(x)[:, 0])
+        return self.head(self.encoder(x.transpose(0, 1))[0])
+
+
+class _ResidualAttention(nn.Module):
+    """A pre-norm block on ``[N, B, C]`` tokens with ``nn.MultiheadAttention``, as OpenAI's CLIP writes it."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.attn, self.ln_1, self.ln_2 = nn.MultiheadAttention(width, heads), nn.LayerNorm(width), nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.ln_1(x)
+        x = x + self.attn(y, y, y, need_weights=False)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class SequenceFirst(nn.Module):
+    """A hand-written ViT in OpenAI CLIP's visual layout: its blocks run on ``[N, B, C]`` tokens (``permute(1, 0,
+    2)`` before and after them), its output reads the class token."""
+
+    image_size = 32
+
+    def __init__(self, width: int = 48, heads: int = 3, depth: int = 3, patch: int = 8):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, patch, stride=patch, bias=False)
+        self.class_embedding = nn.Parameter(torch.randn(width) * 0.02)
+        self.positional_embedding = nn.Parameter(torch.randn((self.image_size // patch) ** 2 + 1, width) * 0.02)
+        self.ln_pre, self.ln_post = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.resblocks = nn.Sequential(*(_ResidualAttention(width, heads) for _ in range(depth)))
+        self.proj = nn.Linear(width, 5)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(images).flatten(2).permute(0, 2, 1)
+        x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], dim=1)
+        x = self.ln_pre(x + self.positional_embedding)
+        x = self.resblocks(x.permute(1, 0, 2)).permute(1, 0, 2)
+        return self.proj(self.ln_post(x[:, 0, :]))
 
 
 class Towers(nn.Module):
@@ -317,6 +358,10 @@ ZOO: tuple[Entry, ...] = (
     Entry("hand-written: one ViT on the images and on their mirror images", "hand-written", _seeded(Towers, True)),
     Entry("hand-written on nn.TransformerEncoder (pre-norm)", "hand-written", _seeded(Stack, True)),
     Entry("hand-written on nn.TransformerEncoder (post-norm)", "hand-written", _seeded(Stack, False)),
+    Entry("hand-written on nn.TransformerEncoder (pre-norm, [N, B, C] tokens: PyTorch's default)", "hand-written",
+          _seeded(Stack, True, False)),
+    Entry("hand-written in OpenAI CLIP's layout ([N, B, C] tokens in its blocks)", "hand-written",
+          _seeded(SequenceFirst)),
     Entry("hand-written with einops (vit-pytorch style)", "hand-written", _einops_vit),
 )
 
