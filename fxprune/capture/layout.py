@@ -64,6 +64,7 @@ def _row_index(node: fx.Node) -> int | slice | None:
 
 
 def _rank(node: object) -> int | None:
+    """The rank of the tensor ``node``'s example value (None: not a tensor node)."""
     value = node.meta.get("val") if isinstance(node, fx.Node) else None
     return value.dim() if isinstance(value, torch.Tensor) else None
 
@@ -75,10 +76,12 @@ def _swapped(node: fx.Node) -> fx.Node | None:
         return None
     source, rest = node.args[0], node.args[1:]
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
-    if name in ("transpose", "swapaxes", "swapdims") and len(rest) == 2:
-        return source if {axis % 3 for axis in rest} == {0, 1} else None
+    dims = tuple(rest[0]) if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else tuple(rest)
+    if not all(isinstance(axis, int) for axis in dims):
+        return None
+    if name in ("transpose", "swapaxes", "swapdims") and len(dims) == 2:
+        return source if {axis % 3 for axis in dims} == {0, 1} else None
     if name == "permute":
-        dims = tuple(rest[0]) if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else tuple(rest)
         return source if tuple(axis % 3 for axis in dims) == (1, 0, 2) else None
     return None
 
