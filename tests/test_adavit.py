@@ -673,3 +673,21 @@ def test_an_empty_batch_runs_through_blocks_whose_sub_layers_no_image_uses():
     empty = image_batch(model)[:0]  # no image uses a sub-layer: before, the layout read rows never decided
     with torch.no_grad():
         assert logits(skipping(empty)).shape == model(empty).shape
+
+
+def test_a_layer_whose_weight_a_hook_computes_is_called_as_a_module_and_skipping_still_equals_masking():
+    from torch.nn.utils import prune
+
+    model = timm_vit("deit_small_patch16_224", depth=3)
+    for block in model.blocks:  # its weight: a plain attribute, weight_orig · weight_mask, set by a hook per call
+        prune.l1_unstructured(block.attn.qkv, "weight", amount=0.5)
+    skipping = fxprune.transform(model, AdaViT(0.5))  # before: its products read the weight the capture left fake
+    masked = fxprune.transform(model, AdaViT(0.5, skip=False))
+    masked.load_state_dict(skipping.state_dict())
+    x = image_batch(model, batch=3)
+    with torch.no_grad():
+        for _ in range(2):  # and again once the weight the hook computes has changed, as in training
+            out = skipping(x)
+            torch.testing.assert_close(out, masked(x), atol=1e-5, rtol=0)
+            torch.testing.assert_close(out[1:], skipping(x[1:]), atol=1e-5, rtol=0)
+            model.blocks[1].attn.qkv.weight_orig.mul_(2.0)

@@ -254,6 +254,19 @@ def test_torch_factories_given_traced_sizes_one_by_one_are_traced_and_follow_the
     assert_same_outputs(fxprune.transform(model, fxprune.EViT(1.0, (1, 2))), model)
 
 
+def test_a_model_pruned_with_torch_nn_utils_prune_is_captured_and_its_pruned_weights_follow_their_parameters():
+    from torch.nn.utils import prune
+
+    model = timm_vit("vit_tiny_patch16_224")
+    for block in model.blocks:  # a plain tensor attribute that autograd computed: it cannot be deep-copied
+        prune.l1_unstructured(block.mlp.fc1, "weight", amount=0.5)
+    identity = fxprune.transform(model, fxprune.EViT(1.0, (1, 2)))  # before: RuntimeError from copy.deepcopy
+    assert_same_outputs(identity, model)
+    with torch.no_grad():
+        model.blocks[2].mlp.fc1.weight_orig.mul_(2.0)  # the hook computes the pruned weight again at each call
+    assert_same_outputs(identity, model)
+
+
 class _UntraceableRoot(nn.Module):
     def forward(self, x):
         if x.mean() > 0:

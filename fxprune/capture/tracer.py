@@ -761,10 +761,17 @@ def _class_token_attr(model: nn.Module) -> bool | None:
 
 
 def _copy_model(model: nn.Module, copy_weights: bool) -> nn.Module:
+    """A deep copy of ``model`` that shares its parameters and buffers (``copy_weights``: copies them) and the
+    tensors its modules hold that autograd computed (``torch.nn.utils.prune``'s ``weight``, which a hook computes
+    again at each call): those cannot be deep-copied."""
     memo: dict[int, Any] = {}
     if not copy_weights:
         for t in [*model.parameters(), *model.buffers()]:
             memo[id(t)] = t
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value
     return copy.deepcopy(model, memo)
 
 

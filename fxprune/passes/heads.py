@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..analysis import Block
 from ..ops.gating import mask_at_heads
@@ -69,9 +70,11 @@ def weight_and_bias(node: fx.Node) -> tuple[Any, Any]:
 def _parameter_targets(gm: fx.GraphModule, node: fx.Node) -> tuple[str | fx.Node, str | fx.Node | None] | None:
     """The weight and bias of the linear layer ``node`` applies, each an attribute path where it is read as stored,
     else the node that computes it from parameters and constants only (BEiT's q, k, v bias joined from its parts);
-    None when one is computed from the input."""
+    None when one is computed from the input, or by a hook of its module."""
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
+        if not all(_stored(module, name) for name in ("weight", "bias") if getattr(module, name) is not None):
+            return None
         return f"{node.target}.weight", f"{node.target}.bias" if module.bias is not None else None
     weight, bias = weight_and_bias(node)
     given = [value for value in (weight, bias) if value is not None]
@@ -79,6 +82,15 @@ def _parameter_targets(gm: fx.GraphModule, node: fx.Node) -> tuple[str | fx.Node
     if weight is None or any(not isinstance(value, fx.Node) or value in from_inputs for value in given):
         return None
     return _target(weight), None if bias is None else _target(bias)
+
+
+def _stored(module: nn.Module, name: str) -> bool:
+    """Whether ``module``'s ``name`` is what its call uses, read where it is stored: a parameter or buffer (or one
+    computed by a parametrization, ``torch.nn.utils.parametrize``) of a module with no hook around its call (the
+    ``weight`` of ``torch.nn.utils.prune`` is a plain attribute that a hook computes at each call)."""
+    if module._forward_pre_hooks or module._forward_hooks:
+        return False
+    return name in module._parameters or name in module._buffers or parametrize.is_parametrized(module, name)
 
 
 def _target(value: fx.Node) -> str | fx.Node:
