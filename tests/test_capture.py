@@ -5,6 +5,7 @@ import torch
 import torch.fx as fx
 import torchvision
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 from vits import (
     ALL_MODELS,
     assert_same_outputs,
@@ -261,10 +262,13 @@ def test_a_model_pruned_with_torch_nn_utils_prune_is_captured_and_its_pruned_wei
     for block in model.blocks:  # a plain tensor attribute that autograd computed: it cannot be deep-copied
         prune.l1_unstructured(block.mlp.fc1, "weight", amount=0.5)
     identity = fxprune.transform(model, fxprune.EViT(1.0, (1, 2)))  # before: RuntimeError from copy.deepcopy
+    held = [module.weight for name, module in identity.named_modules() if name.endswith("mlp.fc1")]
+    assert len(held) == 4 and not any(isinstance(weight, FakeTensor) for weight in held)  # as the hook left them
     assert_same_outputs(identity, model)
     with torch.no_grad():
         model.blocks[2].mlp.fc1.weight_orig.mul_(2.0)  # the hook computes the pruned weight again at each call
     assert_same_outputs(identity, model)
+    assert_same_outputs(saved_and_loaded(identity), model)  # before: a fake weight, which cannot be pickled
 
 
 class _UntraceableRoot(nn.Module):

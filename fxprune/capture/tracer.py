@@ -29,7 +29,16 @@ from .codegen import DirectGraphModule, keep_attribute, traceable_forward
 from .einsum import canonicalise_einsum
 from .layout import batch_first_tokens
 from .mha import decompose_multihead_attention
-from .values import _first_line, fake_mode, fake_tensor, fake_weights, on_stand_ins, one_at_a_time, propagate
+from .values import (
+    _first_line,
+    fake_mode,
+    fake_tensor,
+    fake_weights,
+    fakes_not_kept,
+    on_stand_ins,
+    one_at_a_time,
+    propagate,
+)
 
 ExampleInputs = Sequence[torch.Tensor] | torch.Tensor | Mapping[str, Any] | None
 """A model's example inputs: one tensor, a sequence of its first positional arguments, or its arguments by name."""
@@ -713,7 +722,8 @@ def _trace_with_leaf_retries(root: nn.Module, inputs: _Inputs, info: TraceInfo) 
             tracer = _ValueTracer(leaf_types, leaf_names, autowrap)
             tracer.example_args = {n: fake_tensor(t) for n, t in zip(inputs.names, inputs.tensors)}
             try:
-                with _einops_kept_whole(getattr(cls.forward, "__globals__", None)), _factories_take_traced_sizes():
+                with _einops_kept_whole(getattr(cls.forward, "__globals__", None)), _factories_take_traced_sizes(), \
+                        fakes_not_kept(root):
                     graph = tracer.trace(root)
                 break
             except InputRejected:

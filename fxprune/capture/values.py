@@ -141,6 +141,26 @@ def fake_weights(module: nn.Module) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def fakes_not_kept(module: nn.Module) -> Iterator[None]:
+    """Within the block, code run on fake tensors may set tensor attributes of ``module``'s modules (the hook of
+    ``torch.nn.utils.prune`` sets its module's ``weight`` at each call): on leaving it, each attribute that holds a
+    fake tensor is put back as it was, or removed where there was none, so that no module keeps a fake tensor."""
+    before = {(id(owner), name): value for owner in module.modules() for name, value in vars(owner).items()
+              if isinstance(value, torch.Tensor)}
+    try:
+        yield
+    finally:
+        for owner in module.modules():
+            for name, value in list(vars(owner).items()):
+                if isinstance(value, FakeTensor):
+                    kept = before.get((id(owner), name))
+                    if kept is None:
+                        del owner.__dict__[name]
+                    else:
+                        owner.__dict__[name] = kept
+
+
 def _stand_in(value: Any, generator: torch.Generator) -> Any:
     """A real tensor of the fake tensor ``value``'s shape, dtype and device: random normal values where it holds
     floating-point numbers, zeros otherwise (any index is then in range); anything else as it is."""
@@ -253,7 +273,7 @@ def propagate(gm: fx.GraphModule, batch_size: int | None = None, store: bool = T
     inputs = example_inputs_like(gm, batch_size)
     interp = _ValueInterpreter(gm, count=store, weights=dict(_tensors_of(gm)))
     mode = fake_mode()
-    with fake_weights(gm), mode, torch.no_grad():
+    with fakes_not_kept(gm), fake_weights(gm), mode, torch.no_grad():
         interp.run(*inputs)
     if store:
         for node, value in interp.values.items():
