@@ -410,13 +410,19 @@ def _stream(
     gm: fx.GraphModule, sites: Sequence[AttentionSite], wanted: set[fx.Node]
 ) -> tuple[list[fx.Node], dict[fx.Node, fx.Node], ReadsApart]:
     """The token stream: dominators of the output (input first), once the values read apart from it are left out
-    (:func:`_reads_apart`, before the last self-attention of ``sites`` that is computed from the input and reaches
-    the output, one of the nodes ``wanted`` it is computed from: an attention pool or class attention after it
-    reads the final tokens, blocks after it whose output nothing reads are dead code); the immediate-dominator
-    map; and those reads."""
+    (reads of the input itself that lead to no attention, as a loss on the pixels; :func:`_reads_apart`, before
+    the last self-attention of ``sites`` that is computed from the input and reaches the output, one of the nodes
+    ``wanted`` it is computed from: an attention pool or class attention after it reads the final tokens, blocks
+    after it whose output nothing reads are dead code); the immediate-dominator map; and those reads."""
     start = next(iter(gm.graph.find_nodes(op="placeholder")))
     output = next(iter(gm.graph.find_nodes(op="output")))
     flow = _dataflow(start)
+    attentions = {site.node for site in sites}
+    apart = [(start, reader) for reader in flow.successors(start) if not attentions & ({reader} | descendants(reader))]
+    if apart:  # the input read apart from the tokens (a loss on the pixels), where the output also reads them
+        kept = flow.copy()
+        kept.remove_edges_from(apart)
+        flow = kept if nx.has_path(kept, start, output) else flow
     idom = nx.immediate_dominators(flow, start)
     last = [site.output for site in sites if site.output in idom and site.output in wanted
             and site.queries == site.keys]

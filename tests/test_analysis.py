@@ -500,3 +500,21 @@ def test_a_model_that_returns_its_attention_maps_is_refused_saying_so():
                                         "output_attentions=True)") for block in program.blocks)
     model.config.output_attentions = False
     assert all(block.reducible for block in fxprune.analyse(model).blocks)
+
+
+def test_an_output_that_also_reads_the_input_apart_from_the_tokens_keeps_its_token_stream():
+    from transformers import ViTConfig, ViTForMaskedImageModeling
+
+    torch.manual_seed(0)  # its loss compares the pixels with the reconstruction from the tokens
+    model = ViTForMaskedImageModeling(ViTConfig(
+        image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=3, num_attention_heads=3,
+        intermediate_size=96, encoder_stride=8)).eval()
+    images, masked = torch.randn(3, 3, 32, 32), torch.rand(3, 16) > 0.5
+    inputs = {"pixel_values": images[:2], "bool_masked_pos": masked[:2]}
+    program = fxprune.analyse(model, inputs)  # before: every block "the stream entering it is (2, 3, 32, 32)"
+    assert all(block.reducible for block in program.blocks) and program.tokens == 17
+    fast = fxprune.transform(model, fxprune.ToMe(2, (0, 1, 2)), example_inputs=inputs)
+    with torch.no_grad():
+        out = fast(pixel_values=images, bool_masked_pos=masked).reconstruction
+        torch.testing.assert_close(out[1:], fast(pixel_values=images[1:], bool_masked_pos=masked[1:]).reconstruction,
+                                   atol=1e-5, rtol=0)
