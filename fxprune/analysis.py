@@ -22,6 +22,7 @@ from torch import nn
 
 from .capture import ExampleInputs, TraceInfo, trace
 from .errors import UnsupportedModelError
+from .ops import op_of
 from .ops.clustering import holds_one_value_per_key
 from .readout import Readout, data_nodes, is_shape_read, readout
 
@@ -330,14 +331,24 @@ def _holds_attention(module: nn.Module) -> bool:
 def _kept_whole(gm: fx.GraphModule, info: TraceInfo) -> list[str]:
     """The modules ``gm`` calls without tracing into them from the start (timm's untraceable modules, registered
     leaves; not those made leaves when tracing them failed, ``info.leaves``) that hold what looks like attention
-    (:func:`_holds_attention`): attention the analysis cannot see."""
+    (:func:`_holds_attention`), and the functions it calls whole that are named for it (torchvision's
+    ``shifted_window_attention``, which it marks for fx to keep whole): attention the analysis cannot see."""
     failed = {name for name, _ in info.leaves}
     kept = []
     for node in gm.graph.find_nodes(op="call_module"):
         module = gm.get_submodule(node.target)
         if node.target not in failed and _holds_attention(module):
             kept.append(f"{node.target} ({type(module).__name__})")
+    functions = dict.fromkeys(node.target for node in gm.graph.nodes
+                              if node.op == "call_function" and _named_attention(node.target))
+    kept += [f"{function.__module__}.{function.__name__} (a function called whole)" for function in functions]
     return kept
+
+
+def _named_attention(function: Callable) -> bool:
+    """Whether ``function``, called by a graph, is named for attention and is neither SDPA nor one of fxprune's."""
+    name = getattr(function, "__name__", "").lower()
+    return ("attn" in name or "attention" in name) and function not in SDPA_TARGETS and op_of(function) is None
 
 
 def find_attention(gm: fx.GraphModule) -> tuple[list[AttentionSite], list[str]]:
@@ -366,6 +377,10 @@ def find_attention(gm: fx.GraphModule) -> tuple[list[AttentionSite], list[str]]:
                 continue
             q, kt, v, out = found
             site = _make_site(node, "softmax", q, _untranspose(kt), v, out, None, None)
+            if site is None:
+                unrecognised.append(f"softmax {node.name} over {list(shape) if shape else 'a map of unknown shape'} "
+                                    f"in {module_path(node) or 'forward'} (queries not [B, H, N, d]: attention "
+                                    "within windows or groups, or heads folded into another axis)")
         else:
             continue
         if site is not None:
@@ -730,8 +745,8 @@ def analyse(model: nn.Module, example_inputs: ExampleInputs = None) -> TokenProg
         raise UnsupportedModelError(
             f"found no attention in {info.model_class}: fxprune rewrites the attention blocks of vision "
             "transformers (SDPA calls or softmax(q @ kᵀ) @ v over [B, H, N, d] queries, keys and values)."
-            + (" Modules called whole may hide it: " + ", ".join(hidden[:4]) + (", …" if len(hidden) > 4 else "")
-               + "." + _first_failure(info) if hidden else "")
+            + (" Modules or functions called whole may hide it: " + ", ".join(hidden[:4])
+               + (", …" if len(hidden) > 4 else "") + "." + _first_failure(info) if hidden else "")
             + (f" It found {len(unrecognised)} attention call(s) it cannot read: " + "; ".join(unrecognised[:2])
                + (f"; and {len(unrecognised) - 2} more" if len(unrecognised) > 2 else "") + "." + _failed_value(info)
                if unrecognised else "")

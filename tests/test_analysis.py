@@ -207,9 +207,36 @@ def test_a_module_called_whole_that_holds_attention_is_named_in_the_summary_and_
     program = fxprune.analyse(_zoo_model("convit_tiny"))  # timm keeps its gated positional attention (GPSA) whole
     assert program.unrecognised == ["blocks.0.attn (GPSA), called whole: attention inside it is not seen"]
     assert "not recognised as attention (left as is): blocks.0.attn (GPSA)" in str(program)
-    with pytest.raises(UnsupportedModelError, match=r"found no attention in ByobNet.* Modules called whole may hide "
-                       r"it: stages\.2\.1 \(MobileVitBlock\), stages\.3\.1 \(MobileVitBlock\)"):
+    with pytest.raises(UnsupportedModelError, match=r"found no attention in ByobNet.* Modules or functions called "
+                       r"whole may hide it: stages\.2\.1 \(MobileVitBlock\), stages\.3\.1 \(MobileVitBlock\)"):
         fxprune.analyse(_zoo_model("mobilevit_xxs"))
+
+
+class _FoldedHeads(nn.Module):
+    """Attention with its heads folded into the batch: ``softmax(q @ kᵀ) @ v`` over ``[B·H, N, d]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, 2, C // 2).permute(2, 0, 3, 1, 4).reshape(3, B * 2, N, C // 2)
+        return ((qkv[0] @ qkv[1].transpose(1, 2)).softmax(-1) @ qkv[2]).reshape(B, 2, N, -1).transpose(1, 2).flatten(2)
+
+
+def test_attention_in_a_function_called_whole_or_with_its_heads_folded_is_named_where_none_is_found():
+    import torchvision
+
+    torch.manual_seed(0)
+    swin = torchvision.models.SwinTransformer([4, 4], 16, [1, 1], [2, 4], [2, 2]).eval()
+    with pytest.raises(UnsupportedModelError, match=r"found no attention in SwinTransformer.* called whole may hide "
+                       r"it: torchvision\.models\.swin_transformer\.shifted_window_attention \(a function called "
+                       r"whole\)"):  # before: "found no attention", and nothing about it
+        fxprune.analyse(swin, torch.randn(2, 3, 32, 32))
+    with pytest.raises(UnsupportedModelError, match=r"found no attention in _FoldedHeads.* cannot read: softmax "
+                       r"softmax over \[4, 5, 5\] in forward \(queries not \[B, H, N, d\]"):  # before: nothing said
+        fxprune.analyse(_FoldedHeads(), torch.randn(2, 5, 16))
 
 
 def test_finding_no_attention_says_why_the_first_module_kept_whole_failed_on_which_inputs_and_what_to_do():

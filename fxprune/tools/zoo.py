@@ -492,7 +492,7 @@ _SHORT = (  # the reasons of common refusals, said in a few words (the full reas
     (r"windowed attention", "windowed attention"),
     (r"not a \[B, N, C\] token sequence", "not a token sequence (hierarchical)"),
     (r"attention call\(s\) it cannot read", "attention not over [B, H, N, d]"),
-    (r"Modules called whole may hide it", "attention inside modules kept whole"),
+    (r"Modules or functions called whole may hide it", "attention inside modules kept whole"),
     (r"found no attention", "no attention found"),
     (r"has no class token", "no class token"),
     (r"keys pooled from the tokens", "queries ≠ keys (pooled keys, class attention)"),
