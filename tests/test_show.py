@@ -73,3 +73,20 @@ def test_cluster_picture_has_one_panel_per_clustr_block_and_needs_one(tmp_path):
     assert width >= 3 * 128
     with pytest.raises(FxPruneError, match="no ClusTR block"):
         cluster_maps(fxprune.transform(digits_vit(), ToMe(4, (1,))), _images(2))
+
+
+def test_pictures_of_images_that_are_not_square_lay_the_patches_out_in_the_images_proportions(tmp_path):
+    import timm
+
+    from fxprune.tools.show import _grid, _per_pixel
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=(32, 48), patch_size=8, depth=3,
+                              embed_dim=32, num_heads=2).eval()
+    images = torch.rand(2, 3, 32, 48)
+    gm = fxprune.transform(model, ToMe(3, (0, 1)))
+    path = draw_kept_patches(gm, images, tmp_path / "kept.png", scale=2)  # before: "not a square grid"
+    assert Image.open(path).size[1] > 2 * 32 * 2
+    assert _grid(24, images) == (4, 6)
+    spread = _per_pixel(torch.arange(24), (4, 6), images.shape[-2:])
+    assert spread.shape == (32, 48) and spread[0, 47] == 5 and spread[31, 0] == 18

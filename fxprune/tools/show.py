@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import colorsys
 import dataclasses
-import math
 from pathlib import Path
 from typing import Any
 
@@ -97,28 +96,28 @@ def kept_counts(gm: fx.GraphModule, images: torch.Tensor) -> list[tuple[int, flo
     return counts
 
 
-def _tile(image: torch.Tensor, states: torch.Tensor | None, grid: int, scale: int) -> Image.Image:
+def _tile(image: torch.Tensor, states: torch.Tensor | None, grid: tuple[int, int], scale: int) -> Image.Image:
     """``image`` [3, H, W] in [0, 1]; dropped patches dimmed, merged ones tinted red, kept ones as they are."""
     pixels = image.clamp(0, 1).float().clone()
     if states is not None:
-        per_pixel = _per_pixel(states, grid, pixels.shape[-1])
+        per_pixel = _per_pixel(states, grid, pixels.shape[-2:])
         pixels = torch.where(per_pixel == 2, pixels, pixels * 0.2)
         pixels[0] = torch.where(per_pixel == 1, 0.35 + 0.65 * pixels[0], pixels[0])
     return _image(pixels, scale)
 
 
-def _cluster_tile(image: torch.Tensor, clusters: torch.Tensor, grid: int, scale: int) -> Image.Image:
+def _cluster_tile(image: torch.Tensor, clusters: torch.Tensor, grid: tuple[int, int], scale: int) -> Image.Image:
     """``image`` [3, H, W] in [0, 1] tinted by the cluster of each patch (one colour per cluster)."""
     pixels = image.clamp(0, 1).float()
     palette = torch.tensor([colorsys.hsv_to_rgb((0.618 * c) % 1.0, 0.85, 1.0) for c in range(int(clusters.max()) + 1)])
-    colours = palette[_per_pixel(clusters, grid, pixels.shape[-1])].permute(2, 0, 1)
+    colours = palette[_per_pixel(clusters, grid, pixels.shape[-2:])].permute(2, 0, 1)
     return _image(0.45 * pixels + 0.55 * colours, scale)
 
 
-def _per_pixel(values: torch.Tensor, grid: int, size: int) -> torch.Tensor:
-    """One value per patch ``[grid²]`` spread to ``[size, size]`` pixels."""
-    side = size // grid
-    return values.view(grid, grid).repeat_interleave(side, 0).repeat_interleave(side, 1)
+def _per_pixel(values: torch.Tensor, grid: tuple[int, int], size: torch.Size) -> torch.Tensor:
+    """One value per patch ``[rows · columns]`` (``grid``) spread to the pixels ``[H, W]`` (``size``) they cover."""
+    rows, columns = grid
+    return values.view(rows, columns).repeat_interleave(size[0] // rows, 0).repeat_interleave(size[1] // columns, 1)
 
 
 def _image(pixels: torch.Tensor, scale: int) -> Image.Image:
@@ -127,11 +126,15 @@ def _image(pixels: torch.Tensor, scale: int) -> Image.Image:
     return tile.resize((tile.width * scale, tile.height * scale), Image.NEAREST)
 
 
-def _grid(patches: int) -> int:
-    grid = math.isqrt(patches)
-    if grid * grid != patches:
-        raise FxPruneError(f"cannot lay out {patches} patch tokens as a square grid")
-    return grid
+def _grid(patches: int, images: torch.Tensor) -> tuple[int, int]:
+    """The grid (rows, columns) of ``patches`` square patches over ``images`` ``[M, 3, H, W]``, in the image's
+    proportions (a 32 × 48 image in 8-pixel patches: 4 × 6)."""
+    height, width = images.shape[-2:]
+    for rows in range(1, patches + 1):
+        if patches % rows == 0 and rows * width == (patches // rows) * height:
+            return rows, patches // rows
+    raise FxPruneError(f"cannot lay out {patches} patch tokens as a grid of square patches over {height} × {width} "
+                       "pixel images")
 
 
 def _save_panels(
@@ -167,7 +170,7 @@ def draw_kept_patches(
     """
     steps = token_sources(gm, images)
     prefix = gm.fxprune_plan.prefix_tokens
-    grid = _grid(steps[0].sources.shape[-1] - prefix)
+    grid = _grid(steps[0].sources.shape[-1] - prefix, images)
     tiles = [[_tile(img, None, grid, scale)] for img in images]
     for step in steps:
         for row, (img, state) in enumerate(zip(images, step.patch_states(prefix))):
@@ -214,7 +217,7 @@ def draw_clusters(
     """Write a PNG: one row per image, the image and then, per ClusTR block whose tokens are still the
     image's patches, the patches coloured by the cluster their keys fell in (first head group)."""
     patches = gm.fxprune_plan.rows[0].tokens_in - gm.fxprune_plan.prefix_tokens
-    grid = _grid(patches)
+    grid = _grid(patches, images)
     maps = [(block, clusters) for block, clusters in cluster_maps(gm, images) if clusters.shape[1] == patches]
     if not maps:
         raise FxPruneError("every ClusTR block sees merged or dropped tokens: no patch grid to colour")
@@ -276,7 +279,8 @@ def usage(gm: fx.GraphModule, images: torch.Tensor) -> list[BlockUsage]:
             for name in names]
 
 
-def _usage_tile(image: torch.Tensor, used: BlockUsage, row: int, prefix: int, grid: int, scale: int) -> Image.Image:
+def _usage_tile(image: torch.Tensor, used: BlockUsage, row: int, prefix: int, grid: tuple[int, int],
+                scale: int) -> Image.Image:
     """``image`` with the patches ``used`` does not use dimmed, over a strip of squares: its heads, then its
     attention and MLP (green: used, grey: not)."""
     tile = _tile(image, 2 * used.rows[row, prefix:].long(), grid, scale)
@@ -304,7 +308,7 @@ def draw_usage(
     if not blocks:
         raise FxPruneError("draw_usage draws the usage decisions of a model transformed with AdaViT")
     prefix = gm.fxprune_plan.prefix_tokens
-    grid = _grid(blocks[0].rows.shape[1] - prefix)
+    grid = _grid(blocks[0].rows.shape[1] - prefix, images)
     tiles = []
     for row, image in enumerate(images):
         panels = [_usage_tile(image, used, row, prefix, grid, scale) for used in blocks]
@@ -320,9 +324,9 @@ def draw_usage(
 _CLASS_COLOURS = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.2, 0.2], [0.2, 0.4, 1.0]])  # background, digit, distractor
 
 
-def _mask_tile(image: torch.Tensor, classes: torch.Tensor, grid: int, scale: int) -> Image.Image:
-    """``image`` [3, H, W] in [0, 1] under the colour of each patch's class ``classes`` ``[grid²]``."""
-    colours = _CLASS_COLOURS[_per_pixel(classes, grid, image.shape[-1])].permute(2, 0, 1)
+def _mask_tile(image: torch.Tensor, classes: torch.Tensor, grid: tuple[int, int], scale: int) -> Image.Image:
+    """``image`` [3, H, W] in [0, 1] under the colour of each patch's class ``classes`` ``[rows · columns]``."""
+    colours = _CLASS_COLOURS[_per_pixel(classes, grid, image.shape[-2:])].permute(2, 0, 1)
     return _image(0.4 * image.clamp(0, 1).float() + 0.6 * colours, scale)
 
 
@@ -333,7 +337,7 @@ def draw_patch_masks(
     """Write a PNG: one row per image of ``images`` ``[M, 3, S, S]``, the image and then one panel per entry of
     ``masks`` (title → each patch's class ``[M, P]``, as :data:`fxprune.tools.probe.CLASSES`): digit red,
     distractor blue, background dark."""
-    grid = _grid(next(iter(masks.values())).shape[-1])
+    grid = _grid(next(iter(masks.values())).shape[-1], images)
     tiles = [[_tile(img, None, grid, scale)] + [_mask_tile(img, mask[row], grid, scale) for mask in masks.values()]
              for row, img in enumerate(images)]
     legend = "red: digit ink   blue: distractor   dark: background"
