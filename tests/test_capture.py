@@ -194,6 +194,17 @@ def test_untraceable_submodule_becomes_a_leaf_and_the_reason_is_recorded():
     torch.testing.assert_close(gm(-x.abs() - 10), model(-x.abs() - 10))
 
 
+def _reduces_each_image_alone(model: nn.Module) -> nn.Module:
+    """``model`` with EViT at blocks 1 and 2, which gives each image of a batch what it gives it alone, and whose
+    identity setting gives the model's outputs; returned."""
+    fast = fxprune.transform(model, fxprune.EViT(0.5, (1, 2)))
+    x = image_batch(model, batch=3)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x)[1:], fast(x[1:]), atol=1e-5, rtol=0)
+    assert_same_outputs(fxprune.transform(model, fxprune.EViT(1.0, (1, 2))), model)
+    return fast
+
+
 class _CheckedBlock(nn.Module):
     """A block that checks its input's values before running the block it wraps: its code branches on tensor data."""
 
@@ -214,12 +225,7 @@ def test_a_block_kept_whole_as_it_branches_on_data_has_example_values_so_the_blo
     assert "kept as a leaf: blocks.1 (TraceError: control flow depends on tensor data" in str(program.trace)
     assert [block.name for block in program.blocks] == ["blocks.0", "blocks.2", "blocks.3"]
     assert program.class_token and program.unrecognised == []
-    fast = fxprune.transform(model, fxprune.EViT(0.5, (1, 2)))
-    assert "kept as a leaf during capture: blocks.1" in str(fast.fxprune_plan)
-    x = image_batch(model, batch=3)
-    with torch.no_grad():
-        torch.testing.assert_close(fast(x)[1:], fast(x[1:]), atol=1e-5, rtol=0)
-    assert_same_outputs(fxprune.transform(model, fxprune.EViT(1.0, (1, 2))), model)
+    assert "kept as a leaf during capture: blocks.1" in str(_reduces_each_image_alone(model).fxprune_plan)
 
 
 def test_a_torchscript_block_is_called_whole_and_the_plan_says_attention_inside_it_is_not_seen():
@@ -248,11 +254,7 @@ def test_torch_factories_given_traced_sizes_one_by_one_are_traced_and_follow_the
     model = zeros_bias_vit()
     gm = fxprune.trace(model)  # before: each attention a leaf ("zeros() takes 1 positional argument")
     assert gm.meta["fxprune_trace"].leaves == []
-    fast = fxprune.transform(model, fxprune.EViT(0.5, (1, 2)))
-    x = image_batch(model, batch=3)
-    with torch.no_grad():
-        torch.testing.assert_close(fast(x)[1:], fast(x[1:]), atol=1e-5, rtol=0)
-    assert_same_outputs(fxprune.transform(model, fxprune.EViT(1.0, (1, 2))), model)
+    _reduces_each_image_alone(model)
 
 
 def test_a_model_pruned_with_torch_nn_utils_prune_is_captured_and_its_pruned_weights_follow_their_parameters():
