@@ -334,7 +334,7 @@ def draw_patch_masks(
     images: torch.Tensor, masks: dict[str, torch.Tensor], path: str | Path, labels: list[str] | None = None,
     scale: int = 3,
 ) -> Path:
-    """Write a PNG: one row per image of ``images`` ``[M, 3, S, S]``, the image and then one panel per entry of
+    """Write a PNG: one row per image of ``images`` ``[M, 3, H, W]``, the image and then one panel per entry of
     ``masks`` (title → each patch's class ``[M, P]``, as :data:`fxprune.tools.probe.CLASSES`): digit red,
     distractor blue, background dark."""
     grid = _grid(next(iter(masks.values())).shape[-1], images)
