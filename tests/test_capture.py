@@ -45,6 +45,33 @@ def test_full_size_torchvision_vit_b_16_is_traced_with_attention_decomposed():
     torch.testing.assert_close(gm(x), model(x), atol=1e-5, rtol=0)
 
 
+class _CalledSelfAttention(nn.Module):
+    """Pre-norm self-attention with ``nn.MultiheadAttention``, called with its arguments by position (masks None,
+    need_weights False) or by name."""
+
+    def __init__(self, by_name: bool):
+        super().__init__()
+        self.by_name, self.norm = by_name, nn.LayerNorm(16)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, x):
+        y = self.norm(x)
+        out = self.attn(query=y, key=y, value=y, need_weights=False) if self.by_name else \
+            self.attn(y, y, y, None, False, None)
+        return x + out[0]
+
+
+@pytest.mark.parametrize("by_name", [False, True], ids=["by-position", "by-name"])
+def test_multihead_attention_called_with_its_arguments_by_position_or_name_is_decomposed(by_name):
+    model = nn.Sequential(_CalledSelfAttention(by_name), _CalledSelfAttention(by_name)).eval()
+    x = torch.randn(2, 5, 16)
+    gm = fxprune.trace(model, (x,))  # before: left whole "called with a mask", or an IndexError
+    assert gm.meta["fxprune_trace"].decomposed == ["0.attn", "1.attn"]
+    y = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(y), model(y), atol=1e-6, rtol=0)
+
+
 def test_hugging_face_output_type_is_kept():
     model = hf_vit()
     out = fxprune.trace(model)(image_batch(model))

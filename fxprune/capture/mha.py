@@ -40,13 +40,21 @@ def _mha_graph(num_heads: int, batch_first: bool, dropout_p: float) -> fx.Graph:
     return fx.Tracer().trace(self_attention)
 
 
+_MHA_ARGUMENTS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
+                  "is_causal")  # nn.MultiheadAttention.forward's, in order
+
+
+def _mha_call(node: fx.Node) -> dict[str, object]:
+    """The arguments of the call ``node`` of ``nn.MultiheadAttention``, by name (positional ones too)."""
+    return {**dict(zip(_MHA_ARGUMENTS, node.args)), **node.kwargs}
+
+
 def _mha_refusal(mha: nn.MultiheadAttention, node: fx.Node) -> str | None:
-    q, k, v = (node.args + (None, None, None))[:3]
-    extra_args = node.args[3:]
-    kw = dict(node.kwargs)
+    kw = _mha_call(node)
+    q, k, v = (kw.get(name) for name in _MHA_ARGUMENTS[:3])
     if not (q is k is v):
         return "it is not self-attention (query, key and value differ)"
-    if extra_args or kw.get("key_padding_mask") is not None or kw.get("attn_mask") is not None:
+    if kw.get("key_padding_mask") is not None or kw.get("attn_mask") is not None:
         return "it is called with a mask"
     if kw.get("is_causal", False):
         return "it is causal"
@@ -79,7 +87,7 @@ def decompose_multihead_attention(gm: fx.GraphModule, info: TraceInfo) -> None:
                 for p in ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
             ]
             placeholders = [n for n in sub.nodes if n.op == "placeholder"]
-            env = dict(zip(placeholders, [node.args[0], *attrs]))
+            env = dict(zip(placeholders, [_mha_call(node)["query"], *attrs]))
             out = gm.graph.graph_copy(sub, env)
         _inherit_scope(env, node)
         for user in list(node.users):
