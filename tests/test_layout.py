@@ -27,7 +27,7 @@ def test_tokens_the_model_lays_out_sequence_first_are_laid_out_batch_first_and_i
 
 
 class _ImageZeroRead(nn.Module):
-    """Sequence-first blocks whose tokens are read at image 0 between the swaps (``x[:, 0]``): an op that depends on
+    """Sequence-first blocks whose tokens are read at image 0 between the swaps (``x[:, :1]``): an op that depends on
     the layout."""
 
     image_size = SequenceFirst.image_size
