@@ -257,8 +257,8 @@ def _explicit_site(node: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, fx.Node,
     if scores is None or not _is_matmul(scores):
         return None
     probs_users = list(node.users)
-    while len(probs_users) == 1 and _passes_through(probs_users[0], gm):
-        probs_users = list(probs_users[0].users)
+    while len(probs_users) == 1 and not _is_matmul(probs_users[0]) and _passes_through(probs_users[0], gm):
+        probs_users = list(probs_users[0].users)  # (`@ v` keeps the shape where a head has as many channels as rows)
     for user in probs_users:
         if _is_matmul(user) and isinstance(user.args[1], fx.Node):
             return scores.args[0], scores.args[1], user.args[1], user
@@ -892,7 +892,7 @@ def _map_read(site: AttentionSite, wanted: set[fx.Node]) -> bool:
     if site.kind != "softmax":
         return False
     path, shape = ancestors([site.output]), _shape(site.node)
-    maps = [node for node in path & descendants(site.node) | {site.node} if _shape(node) == shape]
+    maps = [node for node in (path & descendants(site.node) | {site.node}) - {site.output} if _shape(node) == shape]
     return any(user in wanted and user not in path and not is_shape_read(user) for node in maps for user in node.users)
 
 

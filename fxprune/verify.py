@@ -16,7 +16,7 @@ from .analysis import TokenProgram, module_path
 from .capture import ValuePropagationError, propagate
 from .errors import FxPruneError, UnsupportedModelError
 from .ops import at_positions
-from .passes.common import reshape_sizes, stream_node, tag_of
+from .passes.common import graph_order, reshape_sizes, stream_node, tag_of
 from .planning import Plan, token_count
 from .readout import data_nodes
 
@@ -36,18 +36,25 @@ def _check_batch(gm: fx.GraphModule, values: dict[fx.Node, Any], batch: int) -> 
 
 
 def _check_selections(program: TokenProgram, plan: Plan, values: dict[fx.Node, Any]) -> None:
-    """Each block's new stream has exactly the tokens its policy's formula gives for the tokens it receives."""
+    """Each block's new stream has exactly the tokens its policy's formula gives for the tokens it receives: its
+    input's, or, where a block before it left its new stream after that input (a block with no MLP, whose residual
+    sum is the next block's input), that stream's."""
+    order, left = graph_order(program.gm), None
     for row in plan.rows:
+        entering = program.blocks[row.index].input
+        if left is not None and order(left) > order(entering):
+            entering = left
         stream = stream_node(program.gm, row.index) if row.policy is not None else None
         if stream is None:
             continue
-        got, received = token_count(values[stream]), token_count(values[program.blocks[row.index].input])
+        got, received = token_count(values[stream]), token_count(values[entering])
         expected = row.policy.tokens_out(received, program.prefix_tokens, row.index)
         if got != expected:
             raise FxPruneError(
                 f"internal error: block {row.index} keeps {got} of {received} tokens, {row.policy.describe()} "
                 f"should keep {expected}"
             )
+        left = stream
 
 
 def _check_position_terms(gm: fx.GraphModule, program: TokenProgram, values: dict[fx.Node, Any]) -> None:

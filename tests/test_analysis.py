@@ -10,6 +10,7 @@ from vits import (
     assert_same_outputs,
     hand_written_vit,
     hf_vit,
+    image_batch,
     timm_vit,
     torchvision_vit,
     with_explicit_softmax,
@@ -545,3 +546,50 @@ def test_an_output_that_also_reads_the_input_apart_from_the_tokens_keeps_its_tok
         out = fast(pixel_values=images, bool_masked_pos=masked).reconstruction
         torch.testing.assert_close(out[1:], fast(pixel_values=images[1:], bool_masked_pos=masked[1:]).reconstruction,
                                    atol=1e-5, rtol=0)
+
+
+class _LucidAttention(nn.Module):
+    """Attention written as vit-pytorch writes it: the shape star-unpacked, ``map`` over ``chunk``, ``torch.finfo``
+    of the scores' dtype, an explicit softmax."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads, self.norm, self.qkv, self.out = heads, nn.LayerNorm(width), nn.Linear(width, 3 * width), \
+            nn.Linear(width, width)
+
+    def forward(self, x):
+        b, n, _, h = *x.shape, self.heads
+        q, k, v = map(lambda t: t.reshape(b, n, h, -1).transpose(1, 2), self.qkv(self.norm(x)).chunk(3, dim=-1))
+        dots = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+        dots = dots.clamp(min=-torch.finfo(dots.dtype).max)
+        return x + self.out((dots.softmax(-1) @ v).transpose(1, 2).reshape(b, n, -1))
+
+
+class _LucidViT(nn.Module):
+    """Blocks of :class:`_LucidAttention` alone (no MLP), 16 patches averaged at the end, ``heads`` heads of 32
+    channels in all (2: as many channels per head as there are patches)."""
+
+    image_size = 32
+
+    def __init__(self, heads: int):
+        super().__init__()
+        self.patches = nn.Conv2d(3, 32, 8, stride=8)
+        self.blocks = nn.Sequential(*(_LucidAttention(32, heads) for _ in range(3)))
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, images):
+        return self.head(self.blocks(self.patches(images).flatten(2).transpose(1, 2)).mean(1))
+
+
+@pytest.mark.parametrize("heads", [4, 2])
+def test_attention_written_as_vit_pytorch_writes_it_is_found_and_reduced_image_by_image(heads):
+    torch.manual_seed(0)
+    model = _LucidViT(heads).eval()
+    program = fxprune.analyse(model)  # before: each block kept whole ("len" of x.shape; torch.finfo of a dtype)
+    assert program.trace.leaves == [] and [block.reducible for block in program.blocks] == [True] * 3
+    x = image_batch(model, batch=3)  # with 16 channels per head, "@ v" was taken for a step between q @ kᵀ and it
+    for policy in (fxprune.EViT(0.5, (1, 2)), fxprune.ToMe(2, (0, 1, 2))):
+        fast = fxprune.transform(model, policy)  # before: an internal error, the blocks having no MLP
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x)[1:], fast(x[1:]), atol=1e-5, rtol=0)
+    assert_same_outputs(fxprune.transform(model, fxprune.EViT(1.0, (1, 2))), model)

@@ -199,9 +199,10 @@ def _declared_channels(model: nn.Module) -> int:
 # The tracer
 
 
-class _ValueProxy(fx.Proxy):
-    """A proxy that knows its example value, so ``len()`` of a shape works during tracing, and ``int()`` or
-    ``float()`` of a size (an interpolation's output size, a grid side) takes its example value as a guard."""
+class _KnowsItsValue:
+    """What a proxy that knows its example value does: ``len()`` of a shape or a tuple (``[*x.shape, heads]``,
+    ``map`` over ``x.chunk(3)``), and ``int()`` or ``float()`` of a size (an interpolation's output size, a grid
+    side), which takes its example value as a guard."""
 
     def __len__(self) -> int:
         val = self.node.meta.get("val", _MISSING)
@@ -215,10 +216,22 @@ class _ValueProxy(fx.Proxy):
     def __float__(self) -> float:
         return self.tracer.to_number(self, float)
 
+
+class _ValueProxy(_KnowsItsValue, fx.Proxy):
+    """A proxy that knows its example value (:class:`_KnowsItsValue`), as do the attributes read from it
+    (``x.shape``)."""
+
+    def __getattr__(self, name: str) -> _ValueAttribute:
+        return _ValueAttribute(self, name)
+
     def __repr__(self) -> str:  # what a size formatted into a string (an input check's message) shows
         text = super().__repr__()
         self.tracer.formatted[text] = self.node
         return text
+
+
+class _ValueAttribute(_KnowsItsValue, fx.proxy.Attribute):
+    """An attribute read from a :class:`_ValueProxy` (made a node when used), which knows its example value."""
 
 
 class _Tracer(fx.Tracer):
@@ -502,18 +515,36 @@ def _sizes_packed(factory: Callable[..., torch.Tensor]) -> Callable[..., torch.T
     return packed
 
 
+def _dtype_resolved(info: type) -> Callable[..., Any]:
+    """``info`` (``torch.finfo`` or ``torch.iinfo``) that also takes a traced dtype (``torch.finfo(x.dtype).max``):
+    its example value, kept as a guard (a model cast to another dtype afterwards is refused, as for a branch on
+    its dtype), else as it is."""
+
+    @functools.wraps(info)
+    def resolved(*args: Any) -> Any:
+        if args and isinstance(args[0], fx.Proxy):
+            dtype = args[0].node.meta.get("val", _MISSING)
+            if not isinstance(dtype, torch.dtype) or not bool(args[0] == dtype):
+                raise TraceError(f"{info.__name__}() of {args[0].node.name}, which is not a dtype, cannot be traced")
+            return info(dtype)
+        return info(*args)
+
+    return resolved
+
+
 @contextlib.contextmanager
 def _factories_take_traced_sizes() -> Iterator[None]:
     """Within the block, torch's factories that take sizes one by one (:data:`_SIZED_FACTORIES`) take sizes read
-    from traced shapes too (:func:`_sizes_packed`): ``torch.zeros(B * heads, N, N)`` in a model's code."""
-    originals = {name: getattr(torch, name) for name in _SIZED_FACTORIES}
+    from traced shapes too (:func:`_sizes_packed`): ``torch.zeros(B * heads, N, N)`` in a model's code; and
+    ``torch.finfo``/``torch.iinfo`` take a traced dtype (:func:`_dtype_resolved`)."""
+    originals = {name: getattr(torch, name) for name in (*_SIZED_FACTORIES, "finfo", "iinfo")}
     try:
-        for name, factory in originals.items():
-            setattr(torch, name, _sizes_packed(factory))
+        for name, function in originals.items():
+            setattr(torch, name, _dtype_resolved(function) if name.endswith("info") else _sizes_packed(function))
         yield
     finally:
-        for name, factory in originals.items():
-            setattr(torch, name, factory)
+        for name, function in originals.items():
+            setattr(torch, name, function)
 
 
 def _positional_inputs(model: nn.Module, tensors: tuple[torch.Tensor, ...]) -> _Inputs:
