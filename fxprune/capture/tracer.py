@@ -533,7 +533,7 @@ def _dtype_resolved(info: type) -> Callable[..., Any]:
 
 
 @contextlib.contextmanager
-def _factories_take_traced_sizes() -> Iterator[None]:
+def _torch_takes_traced_values() -> Iterator[None]:
     """Within the block, torch's factories that take sizes one by one (:data:`_SIZED_FACTORIES`) take sizes read
     from traced shapes too (:func:`_sizes_packed`): ``torch.zeros(B * heads, N, N)`` in a model's code; and
     ``torch.finfo``/``torch.iinfo`` take a traced dtype (:func:`_dtype_resolved`)."""
@@ -753,7 +753,7 @@ def _trace_with_leaf_retries(root: nn.Module, inputs: _Inputs, info: TraceInfo) 
             tracer = _ValueTracer(leaf_types, leaf_names, autowrap)
             tracer.example_args = {n: fake_tensor(t) for n, t in zip(inputs.names, inputs.tensors)}
             try:
-                with _einops_kept_whole(getattr(cls.forward, "__globals__", None)), _factories_take_traced_sizes(), \
+                with _einops_kept_whole(getattr(cls.forward, "__globals__", None)), _torch_takes_traced_values(), \
                         fakes_not_kept(root):
                     graph = tracer.trace(root)
                 break
