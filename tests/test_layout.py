@@ -59,3 +59,9 @@ def test_a_batch_first_model_is_captured_as_it_is():
     torch.manual_seed(0)
     program = fxprune.analyse(Stack(norm_first=True).eval())
     assert not any("laid out batch first" in note for note in program.trace.notes)
+
+
+def test_a_deep_sequence_first_model_is_laid_out_batch_first():
+    torch.manual_seed(0)
+    program = fxprune.analyse(SequenceFirst(depth=48).eval())  # before: a RecursionError (a recursive unused-check)
+    assert len(program.blocks) == 48 and all(block.reducible for block in program.blocks)

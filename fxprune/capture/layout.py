@@ -46,11 +46,15 @@ def _reads_no_layout(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in _LAYOUT_FREE_CALLS and len(node.args) == 1
 
 
-def _unused(node: fx.Node, guarded: set[str]) -> bool:
-    """Whether ``node`` has no effect: it is pure, no guard reads it (``guarded``: their nodes' names), and nothing,
-    or only such nodes, read it (a size read left unused by the model's code)."""
-    return not node.is_impure() and node.op != "output" and node.name not in guarded and \
-        all(_unused(user, guarded) for user in node.users)
+def _unused(gm: fx.GraphModule, guarded: set[str]) -> set[fx.Node]:
+    """The nodes of ``gm`` that have no effect: pure, read by no guard (``guarded``: their nodes' names), and read by
+    nothing, or only by such nodes (a size read left unused by the model's code)."""
+    unused: set[fx.Node] = set()
+    for node in reversed(gm.graph.nodes):  # each node's users before it
+        if node.op != "output" and not node.is_impure() and node.name not in guarded \
+                and all(user in unused for user in node.users):
+            unused.add(node)
+    return unused
 
 
 def _row_index(node: fx.Node) -> int | slice | None:
@@ -129,12 +133,12 @@ def _swaps_behind(gm: fx.GraphModule, node: fx.Node, inside: set[fx.Node]) -> li
     return swaps
 
 
-def _region(gm: fx.GraphModule, entry: fx.Node, guarded: set[str]
+def _region(gm: fx.GraphModule, entry: fx.Node, unused: set[fx.Node]
             ) -> tuple[list[fx.Node], list[fx.Node], list[fx.Node]] | None:
     """The swaps into (``entry`` and those whose results meet its tokens) and out of the sequence-first region
     that ``entry`` starts, and the indexings of its rows (:func:`_row_index`), or None where a value in it is read
-    by an op that may depend on the layout (but for one whose result is unused and no guard reads, ``guarded``),
-    or meets a tensor laid out otherwise."""
+    by an op that may depend on the layout (but for one of the nodes ``unused``, :func:`_unused`), or meets a tensor
+    laid out otherwise."""
     entries, exits, rows, inside = [entry], [], [], {entry}
     met: list[fx.Node] = []  # the other operands of the ops inside: inside too in the end, or per row
     todo = [entry]
@@ -146,7 +150,7 @@ def _region(gm: fx.GraphModule, entry: fx.Node, guarded: set[str]
                 if _swapped(user) in inside:
                     exits.append(user)
                     continue
-                if _reads_no_layout(user) or _unused(user, guarded):
+                if _reads_no_layout(user) or user in unused:
                     continue
                 if user.args[0] in inside and _row_index(user) is not None:  # rows: batch first, x[:, i]
                     rows.append(user)
@@ -180,14 +184,13 @@ def batch_first_tokens(gm: fx.GraphModule, info: TraceInfo) -> None:
     refused: set[fx.Node] = set()
     guarded = {guard.node for guard in info.guards}
     changed = False
-    while True:
-        found = None
-        for node in gm.graph.nodes:
-            if node not in refused and _swapped(node) is not None:
-                found = _region(gm, node, guarded)
-                if found is not None:
-                    break
-                refused.add(node)
+    while candidates := [node for node in gm.graph.nodes if node not in refused and _swapped(node) is not None]:
+        found, unused = None, _unused(gm, guarded)
+        for node in candidates:
+            found = _region(gm, node, unused)
+            if found is not None:
+                break
+            refused.add(node)
         if found is None:
             break
         entries, exits, rows = found
