@@ -50,9 +50,9 @@ _PRODUCTS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::_scaled_dot_product_
              "aten::mkldnn_convolution")
 
 
-def _profile(gm: torch.nn.Module, images: torch.Tensor) -> tuple[float, float, list[tuple[str, int, float]]]:
-    """(share of the self CPU time in matrix products and convolutions, ATen ops per image, the ATen ops with the
-    most self CPU time: name, calls and milliseconds per image) of ``gm`` at batch 1."""
+def _profile(gm: torch.nn.Module, images: torch.Tensor) -> tuple[float, float, float, list[tuple[str, int, float]]]:
+    """(ATen self CPU time per image in milliseconds, its share in matrix products and convolutions, ATen ops per
+    image, the ATen ops with the most self CPU time: name, calls and milliseconds per image) of ``gm`` at batch 1."""
     with torch.inference_mode():
         _run(gm, images, True)
         with torch.profiler.profile() as profiler:
@@ -62,7 +62,7 @@ def _profile(gm: torch.nn.Module, images: torch.Tensor) -> tuple[float, float, l
     total = sum(e.self_cpu_time_total for e in events)
     products = sum(e.self_cpu_time_total for e in events if e.key in _PRODUCTS)
     top = [(e.key, round(e.count / len(images)), e.self_cpu_time_total / 1e3 / len(images)) for e in events[:10]]
-    return products / total, sum(e.count for e in events) / len(images), top
+    return total / 1e3 / len(images), products / total, sum(e.count for e in events) / len(images), top
 
 
 @dataclasses.dataclass(frozen=True)
@@ -445,7 +445,7 @@ def main(argv: list[str] | None = None) -> None:
             masked = fxprune.transform(model, fxprune.AdaViT(usage, skip=False, init_logit=0.0))
             masked.load_state_dict(skipping.state_dict())
             macs = per_image_macs(skipping, single)
-            cells = []
+            cells, speeds = [], {}
             models = {"dense": model, "skipped": skipping, "masked": masked}
             if args.compile:
                 models.update({"dense compiled": fxprune.lower(model), "masked compiled": fxprune.lower(masked),
@@ -458,7 +458,8 @@ def main(argv: list[str] | None = None) -> None:
                 if whole and batch == 1:
                     fns.update(_branch_free(model, skipping, images))
                 timing = interleaved(fns, repeats=args.repeats)
-                cells.append(f"{timing.ratio('dense', 'skipped'):.2f}× | {timing.ratio('dense', 'masked'):.2f}×")
+                speeds[batch] = timing.ratio('dense', 'skipped')
+                cells.append(f"{speeds[batch]:.2f}× | {timing.ratio('dense', 'masked'):.2f}×")
                 if args.compile:
                     cells += [f"{timing.ratio('dense compiled', name):.2f}×" for name in ("masked compiled",
                                                                                       "skipped compiled")]
@@ -475,11 +476,14 @@ def main(argv: list[str] | None = None) -> None:
             print(f"| {usage:g} | {part} | {100 * macs / dense_macs:.1f} | {dense_macs / macs:.2f}× | "
                   + " | ".join(cells) + " |")
             if args.profile:
-                profiles.append((usage, part, _profile(model, single), _profile(skipping, single)))
-    for usage, part, (dense_share, dense_ops, _), (share, ops, top) in profiles:
-        print(f"\nProfile at batch 1, usage {usage:g} of {part}: matrix products and convolutions take "
-              f"{100 * share:.0f}% of the skipping graph's ATen CPU time ({100 * dense_share:.0f}% in dense DeiT-S); "
-              f"{ops:.0f} ATen ops per image ({dense_ops:.0f} dense). Most self time, per image: "
+                profiles.append((usage, part, speeds.get(1, math.nan), _profile(model, single),
+                                 _profile(skipping, single)))
+    for usage, part, speed, (dense_aten, dense_share, dense_ops, _), (aten, share, ops, top) in profiles:
+        print(f"\nProfile at batch 1, usage {usage:g} of {part}: ATen's own CPU time is dense DeiT-S's divided by "
+              f"{dense_aten / aten:.2f}, the whole call's (the speed ratio above) by {speed:.2f}; matrix "
+              f"products and convolutions take {100 * share:.0f}% of the skipping graph's ATen CPU time "
+              f"({100 * dense_share:.0f}% in dense DeiT-S); {ops:.0f} ATen ops per image ({dense_ops:.0f} dense). "
+              "Most self time, per image: "
               + ", ".join(f"{name[6:]} {ms:.2f} ms ({calls})" for name, calls, ms in top) + ".")
 
 
