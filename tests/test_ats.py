@@ -82,7 +82,7 @@ def test_reductions_after_ats_reduce_each_image_from_its_own_tokens(name, explic
 
 
 def test_inductor_runs_a_padded_chain_as_each_image_alone():
-    chain = Compose([ATS(None, (0,)), ToMe(3, (1,)), EViT(0.5, (2,))])  # AFTER_ATS's first three: a shorter compile
+    chain = Compose(AFTER_ATS["chain"].policies()[:3])  # ATS, ToMe, EViT: a shorter compile than all six
     gm = fxprune.transform(digits_vit(depth=3), chain)
     x = digit_scenes(8)
     _, _, low, high = kept_counts(gm, x)[2]
