@@ -347,7 +347,7 @@ def test_skipping_graph_equals_the_masked_graph_batched_and_alone(build):
         torch.testing.assert_close(alone, expected, atol=1e-10, rtol=0)
 
 
-def test_under_torch_compile_each_sub_layer_compiles_once_and_each_image_gets_its_eager_output_batched_and_alone():
+def test_under_torch_compile_no_function_recompiles_for_each_sub_layer_and_each_image_gets_its_eager_output():
     model = timm_vit("vit_tiny_patch16_224", depth=3)  # blocks 1 and 2 decide everything: four sub-layer graphs
     skipping = fxprune.transform(model, AdaViT(0.5))
     x = image_batch(model, batch=4)

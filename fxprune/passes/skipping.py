@@ -129,8 +129,8 @@ def run_if_used(images: torch.Tensor | None, sublayer: fx.GraphModule, *inputs: 
     """The graph ``sublayer`` on ``inputs``, or None when no image uses the sub-layer (``images`` empty, as
     :func:`used_layout` gives with ``empty=True``). Its ``forward`` is called directly: a graph fxprune made has no
     hooks, and a module call costs more than a small sub-layer's bookkeeping. Under ``torch.compile`` this call is
-    not compiled but the sub-layer's graph is, once (compiled here, each sub-layer would be a recompilation of this
-    one function, and those past dynamo's limit would run uncompiled)."""
+    not compiled but the sub-layer's graph is, as a frame of its own (compiled here, each sub-layer would be a
+    recompilation of this one function, and those past dynamo's limit would run uncompiled)."""
     if images is not None and images.shape[0] == 0:
         return None
     return sublayer.forward(*inputs)
