@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 import operator
 from typing import TYPE_CHECKING
 
@@ -40,8 +41,7 @@ def _mha_graph(num_heads: int, batch_first: bool, dropout_p: float) -> fx.Graph:
     return fx.Tracer().trace(self_attention)
 
 
-_MHA_ARGUMENTS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
-                  "is_causal")  # nn.MultiheadAttention.forward's, in order
+_MHA_ARGUMENTS = tuple(inspect.signature(nn.MultiheadAttention.forward).parameters)[1:]  # in order, after self
 
 
 def _mha_call(node: fx.Node) -> dict[str, object]:
