@@ -4,6 +4,7 @@
     python benchmarks/adavit_speed.py --usages 0.5 --parts heads,sublayers,tokens,all --batches 1
     python benchmarks/adavit_speed.py --trained adavit_study     # the usage the trained digits models reach
     python benchmarks/adavit_speed.py --batches 1 --threads 1    # one torch thread, as a server of one per request
+    python benchmarks/adavit_speed.py --trained adavit_study --usages 0.35 --batches 1 --threads 1 --blocks  # per block
 
 DeiT-S has random weights; its decision heads are set by ``fxprune.methods.adavit.set_usage`` so that each block
 uses about the share ``--usages`` of what ``--parts`` names (heads and sub-layers: that share of all of them, at
@@ -22,16 +23,21 @@ and kept (what the per-call head slicing costs); ``ceiling_forward`` has its dec
 heads' weights gathered beforehand, no decision heads and no graph (how fast an eager program of these shapes can be
 on this machine). With ``--branch-free`` also, at batch 1, ``branch_free_forward``: what the skipping graph
 computes, written with no Python branch on a decision, eager and compiled as one graph whose sizes are read from the
-data (unbacked), against dense compiled alike (what a skip path without per-op dispatch reaches).
+data (unbacked), against dense compiled alike (what a skip path without per-op dispatch reaches). With ``--blocks``
+also, at batch 1, where the time goes: copies of the dense and skipping graphs with a clock read before each block's
+first node (``marked``), timed image by image, interleaved; per block its median time per image in each, and what its
+decisions use of the timing images (``fxprune.tools.show.usage``).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import functools
 import math
 import statistics
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,8 +48,10 @@ import torch.nn.functional as F
 import fxprune
 from fxprune.methods.adavit import DECIDED, HEAD_THRESHOLD, SUBLAYER_THRESHOLD, TOKEN_THRESHOLD, set_usage
 from fxprune.ops.gating import project_from_heads, project_head_channels, project_heads
+from fxprune.passes.common import tag_of
 from fxprune.passes.learned import LEARNED_PREFIX
 from fxprune.tools.bench import per_image_macs
+from fxprune.tools.show import usage as block_usage
 from fxprune.tools.speed import interleaved, machine
 
 _PRODUCTS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
@@ -377,6 +385,87 @@ def _branch_free(model: torch.nn.Module, skipping: torch.nn.Module, images: torc
     }
 
 
+_CLOCK: list[tuple[int, float]] = []  # (block, time) read by the marked graphs
+
+
+def _mark(block: int) -> None:
+    _CLOCK.append((block, time.perf_counter()))
+
+
+def _block_of(node: torch.fx.Node, names: list[str]) -> int | None:
+    """The index of the block (of those called ``names``) that ``node`` computes: fxprune's tag on a node it
+    inserted, else the module the node was traced in."""
+    tag = tag_of(node)
+    if tag is not None:
+        return tag.block
+    for path, _ in reversed(list((node.meta.get("nn_module_stack") or {}).values())):
+        for index, name in enumerate(names):
+            if path == name or path.startswith(name + "."):
+                return index
+    return None
+
+
+def marked(gm: torch.fx.GraphModule, names: list[str]) -> torch.fx.GraphModule:
+    """A copy of ``gm`` that calls ``_mark(i)`` before the first node that computes block ``i`` (of ``names``, in
+    order) and ``_mark(len(names))`` before the first node past the last block (or its output): the time from one
+    mark to the next is block ``i``'s (before the first mark: the embedding; after the last: the final norm and
+    head)."""
+    gm = copy.deepcopy(gm)
+    reached = -1
+    for node in list(gm.graph.nodes):
+        block = _block_of(node, names)
+        if node.op == "output" or (block is None and reached == len(names) - 1):  # past the last block
+            block = len(names)
+        if node.op in ("call_function", "call_method", "call_module", "output") and block is not None \
+                and block > reached:
+            with gm.graph.inserting_before(node):
+                gm.graph.call_function(_mark, (block,))
+            reached = block
+    gm.recompile()
+    return gm
+
+
+def block_times(dense: torch.fx.GraphModule, skipping: torch.fx.GraphModule, images: torch.Tensor, repeats: int
+                ) -> list[tuple[str, float, float]]:
+    """For the embedding, each block and the head: median milliseconds per image of ``dense`` and ``skipping`` at
+    batch 1 (each image alone, the two interleaved, ``repeats`` rounds after two untimed)."""
+    names = [row.name for row in skipping.fxprune_plan.rows]
+    models = {"dense": marked(dense, names), "skipped": marked(skipping, names)}
+    spans: dict[str, list[list[float]]] = {name: [[] for _ in range(len(names) + 2)] for name in models}
+    with torch.inference_mode():
+        for round_ in range(2 + repeats):
+            for name, gm in models.items():
+                for image in images:
+                    _CLOCK.clear()
+                    start = time.perf_counter()
+                    gm(image[None])
+                    end = time.perf_counter()
+                    if round_ < 2:
+                        continue
+                    assert [block for block, _ in _CLOCK] == list(range(len(names) + 1)), _CLOCK
+                    clock = [start, *(t for _, t in _CLOCK), end]
+                    for part, (before, after) in enumerate(zip(clock, clock[1:])):
+                        spans[name][part].append(1e3 * (after - before))
+    labels = ["embedding", *names, "norm and head"]
+    return [(label, statistics.median(spans["dense"][part]), statistics.median(spans["skipped"][part]))
+            for part, label in enumerate(labels)]
+
+
+def _blocks_table(model: torch.nn.Module, skipping: torch.nn.Module, images: torch.Tensor, repeats: int) -> str:
+    """:func:`block_times` as a markdown table, with what each block's decisions use of ``images``."""
+    used, prefix = {block.name: block for block in block_usage(skipping, images)}, skipping.fxprune_plan.prefix_tokens
+    lines = ["| part | dense, ms per image | skipped, ms per image | speed ratio | sub-layers used | heads used | "
+             "patch rows used |", "|---|---|---|---|---|---|---|"]
+    for label, dense, skipped in block_times(fxprune.trace(model, images[:1]), skipping, images, repeats):
+        block = used.get(label)
+        shares = ["", "", ""] if block is None else [
+            "" if values is None else f"{values.mean().item():.2f}"
+            for values in (block.sublayers, block.heads, block.rows[:, prefix:])]
+        lines.append(f"| {label} | {dense:.3f} | {skipped:.3f} | {dense / skipped:.2f}× | " + " | ".join(shares)
+                     + " |")
+    return "\n".join(lines)
+
+
 def _run(gm: torch.nn.Module, images: torch.Tensor, one_by_one: bool) -> object:
     return [gm(image[None]) for image in images] if one_by_one else gm(images)
 
@@ -403,6 +492,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="also time, at batch 1, a hand-written forward of what the skipping graph computes with "
                              "no branch on its decisions, eager and compiled as one graph with sizes read from the "
                              "data, against dense compiled alike (inductor's C++ wrapper)")
+    parser.add_argument("--blocks", action="store_true",
+                        help="also time, at batch 1, each block of the dense and skipping graphs (a clock read "
+                             "before each block's first node), with what each block's decisions use")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -416,7 +508,8 @@ def main(argv: list[str] | None = None) -> None:
                     if getattr(args, name) != parser.get_default(name))
     print(f"Command: `python benchmarks/adavit_speed.py --usages {args.usages}{trained} --batches {args.batches}"
           + (" --compile" if args.compile else "") + (" --profile" if args.profile else "")
-          + (" --ceiling" if args.ceiling else "") + (" --branch-free" if args.branch_free else "") + tuned + "`  ")
+          + (" --ceiling" if args.ceiling else "") + (" --branch-free" if args.branch_free else "")
+          + (" --blocks" if args.blocks else "") + tuned + "`  ")
     print(f"Machine: {machine()}  ")
     print(f"deit_small_patch16_224 (random weights), AdaViT at the official blocks with its decision heads set to "
           f"the usage shown; {args.images} images at batch 1, medians of {args.repeats} interleaved rounds.\n")
@@ -432,7 +525,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|" + ("---|" * (4 if args.compile else 2)) * len(batches) + ("---|" * 3 if ceiling else "")
           + ("---|" * 3 if whole else ""))
     dense_macs = per_image_macs(model, single)
-    profiles = []
+    profiles, block_tables = [], []
     for usage in (float(u) for u in args.usages.split(",")):
         shares = _reached(args.trained, usage) if args.trained else None
         for part in ["reached"] if shares else args.parts.split(","):
@@ -475,9 +568,15 @@ def main(argv: list[str] | None = None) -> None:
                 cells += whole_cells
             print(f"| {usage:g} | {part} | {100 * macs / dense_macs:.1f} | {dense_macs / macs:.2f}× | "
                   + " | ".join(cells) + " |")
+            if args.blocks:
+                block_tables.append((usage, part, _blocks_table(model, skipping, single, args.repeats)))
             if args.profile:
                 profiles.append((usage, part, speeds.get(1, math.nan), _profile(model, single),
                                  _profile(skipping, single)))
+    for usage, part, text in block_tables:
+        print(f"\nTime per block at batch 1, usage {usage:g} of {part} (a clock read before each block; what "
+              f"each block's decisions use, averaged over the images, also where its sub-layers are not run):"
+              f"\n\n{text}")
     for usage, part, speed, (dense_aten, dense_share, dense_ops, _), (aten, share, ops, top) in profiles:
         print(f"\nProfile at batch 1, usage {usage:g} of {part}: ATen's own CPU time is dense DeiT-S's divided by "
               f"{dense_aten / aten:.2f}, the whole call's (the speed ratio above) by {speed:.2f}; matrix "

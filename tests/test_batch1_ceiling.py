@@ -84,3 +84,20 @@ def test_adavit_branch_free_forward_computes_what_the_skipping_graph_does():
         for image in x:
             torch.testing.assert_close(script["branch_free_forward"](model, skipping, image[None]),
                                        skipping(image[None]), atol=1e-10, rtol=0)
+
+
+def test_adavit_block_clock_marks_every_block_in_order_and_leaves_the_outputs_as_they_are():
+    script, model, x, skipping = _skipping_deit({"heads": 0.3, "sublayers": 0.6, "tokens": 0.6})
+    names = [row.name for row in skipping.fxprune_plan.rows]
+    dense = fxprune.trace(model, x[:1])
+    clock = script["_CLOCK"]
+    with torch.no_grad():
+        for gm, reference in ((dense, model), (skipping, skipping)):
+            timed = script["marked"](gm, names)
+            for image in x:
+                clock.clear()
+                torch.testing.assert_close(timed(image[None]), reference(image[None]), atol=1e-10, rtol=0)
+                assert [block for block, _ in clock] == list(range(len(names) + 1))
+    parts = script["block_times"](dense, skipping, x[:2], 1)
+    assert [part[0] for part in parts] == ["embedding", *names, "norm and head"]
+    assert all(dense_ms > 0 and skipped_ms > 0 for _, dense_ms, skipped_ms in parts)
