@@ -2,6 +2,7 @@ import pytest
 import torch
 from reference import ats_step, ats_vit, evit_step, reduced_vit, tome_step
 from vits import (
+    FAITHFUL_MODELS,
     assert_each_image_gets_what_it_gets_alone,
     assert_same_outputs,
     digit_scenes,
@@ -20,12 +21,6 @@ from fxprune import ATS, ClusTR, Compose, EViT, PolicyError, ToMe, TopK
 from fxprune.ops import ats_index, ats_picks
 from fxprune.tools.show import kept_counts
 
-FAITHFUL_MODELS = [
-    "deit_small_patch16_224",  # DeiT-S-shaped
-    "deit3_small_patch16_224",  # LayerScale
-    "deit_small_distilled_patch16_224",  # two prefix tokens
-    "vit_small_patch14_reg4_dinov2",  # LayerScale and four register tokens
-]
 CAPS = {  # (max_tokens, layers): no cap (the paper's off-the-shelf setting); a count, no cap and a ratio per layer
     "no-cap": (None, (1, 2, 3)),
     "per-layer": ((9, None, 0.6), (0, 1, 3)),

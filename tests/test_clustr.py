@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from reference import clustr_beit, clustr_vit
 from vits import (
     ALL_MODELS,
+    FAITHFUL_MODELS,
     TokenMixer,
     assert_compiles_once,
     assert_same_outputs,
@@ -33,13 +34,6 @@ from fxprune.analysis import SDPA_TARGETS
 from fxprune.ops import clustered_attention, padded_cluster_keys_values
 from fxprune.ops.clustering import cluster_assignment
 from fxprune.tools.zoo import TINY_VIT
-
-FAITHFUL_MODELS = [
-    "deit_small_patch16_224",  # DeiT-S-shaped
-    "deit3_small_patch16_224",  # LayerScale
-    "deit_small_distilled_patch16_224",  # two prefix tokens
-    "vit_small_patch14_reg4_dinov2",  # LayerScale and four register tokens
-]
 
 
 def _assert_matches_reference(gm, reference, model, batch=3):

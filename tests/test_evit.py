@@ -4,6 +4,7 @@ import torch
 import torch.fx as fx
 from reference import cait_vit, evit_vit
 from vits import (
+    FAITHFUL_MODELS,
     PREFIX_TOKENS,
     hand_written_vit,
     hf_vit,
@@ -18,13 +19,6 @@ import fxprune
 from fxprune import EViT, TopK
 from fxprune.analysis import SDPA_TARGETS
 from fxprune.ops import evit_select
-
-FAITHFUL_MODELS = [
-    "deit_small_patch16_224",  # DeiT-S-shaped
-    "deit3_small_patch16_224",  # LayerScale, class token added after positions
-    "deit_small_distilled_patch16_224",  # two prefix tokens
-    "vit_small_patch14_reg4_dinov2",  # LayerScale and four register tokens
-]
 
 
 @pytest.mark.parametrize("name", FAITHFUL_MODELS)

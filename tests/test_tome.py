@@ -2,6 +2,7 @@ import pytest
 import torch
 from reference import tome_vit
 from vits import (
+    FAITHFUL_MODELS,
     hand_written_vit,
     hf_vit,
     image_batch,
@@ -15,13 +16,6 @@ import fxprune
 from fxprune import Compose, EViT, PolicyError, ToMe, TopK
 from fxprune.analysis import SDPA_TARGETS
 from fxprune.ops import size_bias, tome_merge
-
-FAITHFUL_MODELS = [
-    "deit_small_patch16_224",  # DeiT-S-shaped
-    "deit3_small_patch16_224",  # LayerScale
-    "deit_small_distilled_patch16_224",  # class and distillation token protected
-    "vit_small_patch14_reg4_dinov2",  # LayerScale and four register tokens
-]
 
 
 def _assert_matches(gm, expected_fn, model, atol=1e-6):

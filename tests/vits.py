@@ -28,6 +28,14 @@ PREFIX_TOKENS = {
 }
 
 
+FAITHFUL_MODELS = [  # the timm ViTs each method is compared on against its reference implementation
+    "deit_small_patch16_224",  # DeiT-S-shaped
+    "deit3_small_patch16_224",  # LayerScale, class token added after positions
+    "deit_small_distilled_patch16_224",  # two prefix tokens (class and distillation)
+    "vit_small_patch14_reg4_dinov2",  # LayerScale and four register tokens
+]
+
+
 def timm_vit(name: str, **overrides) -> nn.Module:
     torch.manual_seed(0)
     kwargs = {**TIMM_SMALL.get(name, {}), **overrides}
