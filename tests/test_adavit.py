@@ -1,16 +1,20 @@
 """AdaViT: the masked training and evaluation graphs against an eager float64 implementation of the official
 block, decisions per image, gradients, and the policy."""
 
+import collections
+import functools
 import math
 
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from reference import adavit_own_attention, adavit_vit
 from vits import hf_vit, image_batch, logits, timm_vit, with_explicit_softmax
 
 import fxprune
 from fxprune.methods.adavit import HEADS_KEY, SUBLAYERS_KEY, TOKEN_THRESHOLD, TOKENS_KEY, AdaViT, set_usage
+from fxprune.ops.gating import project_from_heads, project_head_channels, project_heads
 
 
 def _gates(gm, depth):
@@ -543,6 +547,32 @@ def test_a_sub_layer_that_uses_no_head_is_computed_on_one_row_and_added_to_every
     decisions = (tokens - 1) * dim + heads * dim + 5 * tokens * dim  # the row and head decision heads, the first norm
     assert 0 < both - neither <= decisions + 5 * dim + hidden * dim  # the second norm and the MLP's second layer
 
+
+
+def test_where_no_image_uses_a_head_a_one_row_sub_layer_runs_a_graph_of_its_biases_instead():
+    model = _model()
+    masked, skipping = _masked_and_skipping(model, init_logit=20.0)  # everything used, then block 1 changed
+    x = image_batch(model, batch=4, dtype=torch.float64)
+    with torch.no_grad():
+        for gm in (masked, skipping):  # block 1: no image uses a head; its rows differ from image to image
+            _set_heads(gm, "heads", -20.0)
+            _set_heads(gm, "tokens", seed=2)
+    parts = dict(skipping.fxprune_graphs.named_children())
+    for name in ("skipping_blocks_1_attention", "skipping_blocks_1_mlp"):  # no head product, no attention call
+        targets = {node.target for node in parts[f"{name}_without_heads"].graph.nodes}
+        assert not targets & {project_heads, project_from_heads, project_head_channels, F.scaled_dot_product_attention}
+    calls = collections.Counter()
+    for name, part in parts.items():
+        part.forward = functools.partial(lambda name, forward, *args: calls.update([name]) or forward(*args), name,
+                                         part.forward)
+    with torch.no_grad():
+        expected = masked(x)
+        torch.testing.assert_close(skipping(x), expected, atol=1e-10, rtol=0)
+        for i in range(len(x)):
+            torch.testing.assert_close(skipping(x[i : i + 1]), expected[i : i + 1], atol=1e-10, rtol=0)
+    assert calls["skipping_blocks_1_attention_without_heads"] == calls["skipping_blocks_1_mlp_without_heads"] == 5
+    assert calls["skipping_blocks_1_attention"] == calls["skipping_blocks_1_mlp"] == 0
+    assert calls["skipping_blocks_2_attention"] == 5 and calls["skipping_blocks_2_attention_without_heads"] == 0
 
 def test_fxprune_train_fine_tunes_adavit_and_reports_its_usage(capsys, tmp_path):
     from fxprune.tools.cli import main

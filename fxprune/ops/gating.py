@@ -490,3 +490,10 @@ def project_head_channels(
     channels = _head_channels(x.shape[2] // head_dim, head_dim)
     runs = _columns(channels, _head_set(heads, len(channels)))
     return _linear_on_columns(x, weight, bias, runs, [first for first, _ in runs], factor)
+
+
+@graph_op()
+def bias_row(weight: Tensor, bias: Tensor | None) -> Tensor:
+    """What a linear layer (``weight`` ``[out, in]``, ``bias``) gives a row whose inputs are all zero: ``[1, 1,
+    out]``, its bias (None: zeros), in memory of its own (a later in-place op must not change the bias)."""
+    return weight.new_zeros(1, 1, weight.shape[0]) if bias is None else bias.view(1, 1, -1).clone()

@@ -25,6 +25,8 @@ from ..ops.emitting import emit
 from ..ops.gating import (
     add_used_rows,
     batch_rows,
+    bias_row,
+    one_row_without_heads,
     project_from_heads,
     project_head_channels,
     project_heads,
@@ -35,7 +37,7 @@ from .heads import weight_and_bias
 
 __all__ = [
     "sublayer_nodes", "run_on_used", "run_if_used", "call_module", "move_apart", "erase_unused", "unpack",
-    "add_in_place",
+    "add_in_place", "without_heads_graphs",
 ]
 
 _SHAPED = ("reshape", "view", "expand")
@@ -125,15 +127,67 @@ def call_module(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
 
 @graph_op()
 @torch.compiler.disable(recursive=False)
-def run_if_used(images: torch.Tensor | None, sublayer: fx.GraphModule, *inputs: Any) -> Any:
+def run_if_used(images: torch.Tensor | None, sublayer: fx.GraphModule, *inputs: Any,
+                heads: torch.Tensor | None = None, without_heads: fx.GraphModule | None = None) -> Any:
     """The graph ``sublayer`` on ``inputs``, or None when no image uses the sub-layer (``images`` empty, as
-    :func:`used_layout` gives with ``empty=True``). Its ``forward`` is called directly: a graph fxprune made has no
-    hooks, and a module call costs more than a small sub-layer's bookkeeping. Under ``torch.compile`` this call is
-    not compiled but the sub-layer's graph is, as a frame of its own (compiled here, each sub-layer would be a
-    recompilation of this one function, and those past dynamo's limit would run uncompiled)."""
+    :func:`used_layout` gives with ``empty=True``); where no image uses a head (``heads``, the heads some image uses,
+    empty), the graph ``without_heads`` on them instead (:func:`without_heads_graphs`). Its ``forward`` is called
+    directly: a graph fxprune made has no hooks, and a module call costs more than a small sub-layer's bookkeeping.
+    Under ``torch.compile`` this call is not compiled but the sub-layer's graph is, as a frame of its own (compiled
+    here, each sub-layer would be a recompilation of this one function, and those past dynamo's limit would run
+    uncompiled)."""
     if images is not None and images.shape[0] == 0:
         return None
+    if without_heads is not None and heads is not None and heads.shape[0] == 0:
+        return without_heads.forward(*inputs)
     return sublayer.forward(*inputs)
+
+
+def _head_products_as_bias(part: fx.GraphModule) -> fx.Graph | None:
+    """A copy of the graph of ``part``, a sub-layer computed on one row when no image uses a head
+    (:func:`~fxprune.ops.gating.one_row_without_heads`), in which each product on the used heads
+    (:func:`~fxprune.ops.gating.project_from_heads`, :func:`~fxprune.ops.gating.project_head_channels`) gives its
+    bias row, and what only those products read (the heads' q, k, v and attention) is gone. None where ``part`` has
+    no such product."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(part.graph, {}))
+    products = [node for node in graph.nodes if node.target in (project_from_heads, project_head_channels)]
+    if not products:
+        return None
+    for product in products:
+        with graph.inserting_before(product):
+            row = graph.call_function(bias_row, tuple(weight_and_bias(product)))
+        product.replace_all_uses_with(row)
+        graph.erase_node(product)
+    graph.eliminate_dead_code()
+    return graph
+
+
+def without_heads_graphs(gm: fx.GraphModule) -> int:
+    """Give each sub-layer of ``gm`` computed on one row where no image uses a head (the images it runs on come
+    from :func:`~fxprune.ops.gating.one_row_without_heads`) a graph to run then, in which its products on the used
+    heads give their bias rows (:func:`_head_products_as_bias`), passed to :func:`run_if_used`: the head-sliced
+    products and the attention call on no heads, and what feeds them, are not run. Returns how many it gave one."""
+    given = 0
+    for run in gm.graph.find_nodes(op="call_function", target=run_if_used):
+        images, sublayer = run.args[:2]
+        layout = images.args[0] if isinstance(images, fx.Node) and images.target is operator.getitem else None
+        if not isinstance(layout, fx.Node) or layout.target is not one_row_without_heads or "heads" in run.kwargs:
+            continue
+        graph = _head_products_as_bias(gm.get_submodule(sublayer.target))
+        if graph is None:
+            continue
+        name = f"{sublayer.target.rpartition('.')[2]}_without_heads"
+        part = fx.GraphModule(torch.nn.Module(), graph, class_name=name)
+        part._tracer_cls = getattr(gm, "_tracer_cls", None)
+        gm.add_submodule(f"{PARTS}.{name}", part)
+        with gm.graph.inserting_before(run):
+            graph_node = gm.graph.get_attr(f"{PARTS}.{name}")
+        run.kwargs = {**run.kwargs, "heads": layout.args[0], "without_heads": graph_node}
+        given += 1
+    if given:
+        gm.recompile()
+    return given
 
 
 def _run_apart(gm: fx.GraphModule, block: Block, inner: list[fx.Node], exit: fx.Node, add: fx.Node,
