@@ -23,7 +23,10 @@ and kept (what the per-call head slicing costs); ``ceiling_forward`` has its dec
 heads' weights gathered beforehand, no decision heads and no graph (how fast an eager program of these shapes can be
 on this machine). With ``--branch-free`` also, at batch 1, ``branch_free_forward``: what the skipping graph
 computes, written with no Python branch on a decision, eager and compiled as one graph whose sizes are read from the
-data (unbacked), against dense compiled alike (what a skip path without per-op dispatch reaches). With ``--blocks``
+data (unbacked), against dense compiled alike (what a skip path without per-op dispatch reaches). With
+``--one-row-whole`` also, at batch 1, the skipping graph with its sub-layers that are computed on one row where no
+image uses a head run through their whole graphs (``whole_one_row``: what ``without_heads_graphs`` saves). With
+``--blocks``
 also, at batch 1, where the time goes: copies of the dense and skipping graphs with a clock read before each block's
 first node (``marked``), timed image by image, interleaved; per block its median time per image in each, and what its
 decisions use of the timing images (``fxprune.tools.show.usage``).
@@ -48,8 +51,9 @@ import torch.nn.functional as F
 import fxprune
 from fxprune.methods.adavit import DECIDED, HEAD_THRESHOLD, SUBLAYER_THRESHOLD, TOKEN_THRESHOLD, set_usage
 from fxprune.ops.gating import project_from_heads, project_head_channels, project_heads
-from fxprune.passes.common import tag_of
+from fxprune.passes.common import remove_dead_code, tag_of
 from fxprune.passes.learned import LEARNED_PREFIX
+from fxprune.passes.skipping import run_if_used
 from fxprune.tools.bench import per_image_macs
 from fxprune.tools.show import usage as block_usage
 from fxprune.tools.speed import interleaved, machine
@@ -466,6 +470,17 @@ def _blocks_table(model: torch.nn.Module, skipping: torch.nn.Module, images: tor
     return "\n".join(lines)
 
 
+def whole_one_row(skipping: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of ``skipping`` whose sub-layers computed on one row where no image uses a head run their whole graphs
+    (their head-sliced products on no heads), as before ``fxprune.passes.skipping.without_heads_graphs``."""
+    copied = copy.deepcopy(skipping)
+    for node in copied.graph.find_nodes(op="call_function", target=run_if_used):
+        node.kwargs = {key: value for key, value in node.kwargs.items() if key not in ("heads", "without_heads")}
+    remove_dead_code(copied.graph)
+    copied.recompile()
+    return copied
+
+
 def _run(gm: torch.nn.Module, images: torch.Tensor, one_by_one: bool) -> object:
     return [gm(image[None]) for image in images] if one_by_one else gm(images)
 
@@ -492,6 +507,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="also time, at batch 1, a hand-written forward of what the skipping graph computes with "
                              "no branch on its decisions, eager and compiled as one graph with sizes read from the "
                              "data, against dense compiled alike (inductor's C++ wrapper)")
+    parser.add_argument("--one-row-whole", action="store_true",
+                        help="also time, at batch 1, the skipping graph with its one-row sub-layers where no image "
+                             "uses a head run through their whole graphs (what without_heads_graphs saves)")
     parser.add_argument("--blocks", action="store_true",
                         help="also time, at batch 1, each block of the dense and skipping graphs (a clock read "
                              "before each block's first node), with what each block's decisions use")
@@ -509,7 +527,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Command: `python benchmarks/adavit_speed.py --usages {args.usages}{trained} --batches {args.batches}"
           + (" --compile" if args.compile else "") + (" --profile" if args.profile else "")
           + (" --ceiling" if args.ceiling else "") + (" --branch-free" if args.branch_free else "")
-          + (" --blocks" if args.blocks else "") + tuned + "`  ")
+          + (" --one-row-whole" if args.one_row_whole else "") + (" --blocks" if args.blocks else "") + tuned
+          + "`  ")
     print(f"Machine: {machine()}  ")
     print(f"deit_small_patch16_224 (random weights), AdaViT at the official blocks with its decision heads set to "
           f"the usage shown; {args.images} images at batch 1, medians of {args.repeats} interleaved rounds.\n")
@@ -518,12 +537,13 @@ def main(argv: list[str] | None = None) -> None:
         if args.ceiling and 1 in batches else ""
     whole = " | batch 1, branch-free | … compiled whole | … against dense compiled" \
         if args.branch_free and 1 in batches else ""
+    one_row = " | batch 1, one-row sub-layers whole" if args.one_row_whole and 1 in batches else ""
     header = "| usage | of | executed MACs (% of dense) | MAC ratio | " + " | ".join(
         f"speed ratio, batch {b}, skipped | batch {b}, masked" + compiled.format(b=b) for b in batches) \
-        + ceiling + whole + " |"
+        + ceiling + whole + one_row + " |"
     print(header)
     print("|---|---|---|---|" + ("---|" * (4 if args.compile else 2)) * len(batches) + ("---|" * 3 if ceiling else "")
-          + ("---|" * 3 if whole else ""))
+          + ("---|" * 3 if whole else "") + ("---|" if one_row else ""))
     dense_macs = per_image_macs(model, single)
     profiles, block_tables = [], []
     for usage in (float(u) for u in args.usages.split(",")):
@@ -550,6 +570,8 @@ def main(argv: list[str] | None = None) -> None:
                     fns.update(_references(model, skipping, images))
                 if whole and batch == 1:
                     fns.update(_branch_free(model, skipping, images))
+                if one_row and batch == 1:
+                    fns["one-row whole"] = functools.partial(_run, whole_one_row(skipping), images, True)
                 timing = interleaved(fns, repeats=args.repeats)
                 speeds[batch] = timing.ratio('dense', 'skipped')
                 cells.append(f"{speeds[batch]:.2f}× | {timing.ratio('dense', 'masked'):.2f}×")
@@ -559,6 +581,8 @@ def main(argv: list[str] | None = None) -> None:
                 if ceiling and batch == 1:
                     ceiling_cells = [f"{timing.ratio('dense', name):.2f}×"
                                      for name in ("decided", "decided, kept slices", "ceiling")]
+                if one_row and batch == 1:
+                    one_row_cell = f"{timing.ratio('dense', 'one-row whole'):.2f}×"
                 if whole and batch == 1:
                     whole_cells = [f"{timing.ratio('dense', name):.2f}×" for name in ("branch-free", "whole")] \
                         + [f"{timing.ratio('dense whole', 'whole'):.2f}×"]
@@ -566,6 +590,8 @@ def main(argv: list[str] | None = None) -> None:
                 cells += ceiling_cells
             if whole:
                 cells += whole_cells
+            if one_row:
+                cells.append(one_row_cell)
             print(f"| {usage:g} | {part} | {100 * macs / dense_macs:.1f} | {dense_macs / macs:.2f}× | "
                   + " | ".join(cells) + " |")
             if args.blocks:

@@ -7,6 +7,7 @@ from vits import image_batch, timm_vit
 
 import fxprune
 from fxprune.methods.adavit import set_usage
+from fxprune.passes.skipping import run_if_used
 from fxprune.tools.show import usage
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "batch1_ceiling.py"
@@ -101,3 +102,14 @@ def test_adavit_block_clock_marks_every_block_in_order_and_leaves_the_outputs_as
     parts = script["block_times"](dense, skipping, x[:2], 1)
     assert [part[0] for part in parts] == ["embedding", *names, "norm and head"]
     assert all(dense_ms > 0 and skipped_ms > 0 for _, dense_ms, skipped_ms in parts)
+
+
+def test_adavit_one_row_whole_runs_the_whole_sub_layer_graphs_and_computes_the_same():
+    script, model, x, skipping = _skipping_deit({"heads": 0.2, "sublayers": 0.6, "tokens": 0.6})
+    whole = script["whole_one_row"](skipping)
+    runs = [node for gm in (skipping, whole) for node in gm.graph.nodes if node.target is run_if_used]
+    assert any("without_heads" in node.kwargs for node in runs[: len(runs) // 2])
+    assert not any(node.kwargs for node in runs[len(runs) // 2:])
+    with torch.no_grad():
+        for image in x:
+            torch.testing.assert_close(whole(image[None]), skipping(image[None]), atol=1e-10, rtol=0)

@@ -32,7 +32,7 @@ from ..ops.gating import (
     project_heads,
     take_rows,
 )
-from .common import axis_read, between, computed_from_inputs, graph_order, insert_call, reachable
+from .common import axis_read, between, computed_from_inputs, graph_order, insert_call, reachable, remove_dead_code
 from .heads import weight_and_bias
 
 __all__ = [
@@ -159,7 +159,7 @@ def _head_products_as_bias(part: fx.GraphModule) -> fx.Graph | None:
             row = graph.call_function(bias_row, tuple(weight_and_bias(product)))
         product.replace_all_uses_with(row)
         graph.erase_node(product)
-    graph.eliminate_dead_code()
+    remove_dead_code(graph)
     return graph
 
 
