@@ -2,7 +2,6 @@
 block, decisions per image, gradients, and the policy."""
 
 import collections
-import functools
 import math
 
 import pytest
@@ -548,6 +547,14 @@ def test_a_sub_layer_that_uses_no_head_is_computed_on_one_row_and_added_to_every
     assert 0 < both - neither <= decisions + 5 * dim + hidden * dim  # the second norm and the MLP's second layer
 
 
+def _counting(calls, name, forward):
+    """``forward``, counting its calls in ``calls[name]``."""
+    def counted(*args):
+        calls[name] += 1
+        return forward(*args)
+
+    return counted
+
 
 def test_where_no_image_uses_a_head_a_one_row_sub_layer_runs_a_graph_of_its_biases_instead():
     model = _model()
@@ -563,8 +570,7 @@ def test_where_no_image_uses_a_head_a_one_row_sub_layer_runs_a_graph_of_its_bias
         assert not targets & {project_heads, project_from_heads, project_head_channels, F.scaled_dot_product_attention}
     calls = collections.Counter()
     for name, part in parts.items():
-        part.forward = functools.partial(lambda name, forward, *args: calls.update([name]) or forward(*args), name,
-                                         part.forward)
+        part.forward = _counting(calls, name, part.forward)
     with torch.no_grad():
         expected = masked(x)
         torch.testing.assert_close(skipping(x), expected, atol=1e-10, rtol=0)
@@ -573,6 +579,7 @@ def test_where_no_image_uses_a_head_a_one_row_sub_layer_runs_a_graph_of_its_bias
     assert calls["skipping_blocks_1_attention_without_heads"] == calls["skipping_blocks_1_mlp_without_heads"] == 5
     assert calls["skipping_blocks_1_attention"] == calls["skipping_blocks_1_mlp"] == 0
     assert calls["skipping_blocks_2_attention"] == 5 and calls["skipping_blocks_2_attention_without_heads"] == 0
+
 
 def test_fxprune_train_fine_tunes_adavit_and_reports_its_usage(capsys, tmp_path):
     from fxprune.tools.cli import main
