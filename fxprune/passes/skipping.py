@@ -167,7 +167,8 @@ def without_heads_graphs(gm: fx.GraphModule) -> int:
     """Give each sub-layer of ``gm`` computed on one row where no image uses a head (the images it runs on come
     from :func:`~fxprune.ops.gating.one_row_without_heads`) a graph to run then, in which its products on the used
     heads give their bias rows (:func:`_head_products_as_bias`), passed to :func:`run_if_used`: the head-sliced
-    products and the attention call on no heads, and what feeds them, are not run. Returns how many it gave one."""
+    products and the attention call on no heads, and what feeds them, are not run. Returns how many it gave one;
+    the caller recompiles ``gm`` (the pipeline's last step does)."""
     given = 0
     for run in gm.graph.find_nodes(op="call_function", target=run_if_used):
         images, sublayer = run.args[:2]
@@ -177,16 +178,9 @@ def without_heads_graphs(gm: fx.GraphModule) -> int:
         graph = _head_products_as_bias(gm.get_submodule(sublayer.target))
         if graph is None:
             continue
-        name = f"{sublayer.target.rpartition('.')[2]}_without_heads"
-        part = fx.GraphModule(torch.nn.Module(), graph, class_name=name)
-        part._tracer_cls = getattr(gm, "_tracer_cls", None)
-        gm.add_submodule(f"{PARTS}.{name}", part)
-        with gm.graph.inserting_before(run):
-            graph_node = gm.graph.get_attr(f"{PARTS}.{name}")
-        run.kwargs = {**run.kwargs, "heads": layout.args[0], "without_heads": graph_node}
+        part = _add_part(gm, graph, f"{sublayer.target.rpartition('.')[2]}_without_heads", run)
+        run.kwargs = {**run.kwargs, "heads": layout.args[0], "without_heads": part}
         given += 1
-    if given:
-        gm.recompile()
     return given
 
 
@@ -238,11 +232,17 @@ def move_apart(gm: fx.GraphModule, inner: list[fx.Node], outputs: list[fx.Node],
         else:
             env[node] = sub.create_node(node.op, node.target, args, kwargs, name=node.name)
     sub.output(env[outputs[0]] if len(outputs) == 1 else tuple(env[node] for node in outputs))
-    part = fx.GraphModule(torch.nn.Module(), sub, class_name=name)
+    return _add_part(gm, sub, name, before), inputs
+
+
+def _add_part(gm: fx.GraphModule, graph: fx.Graph, name: str, before: fx.Node) -> fx.Node:
+    """Hold the parameter-free ``graph`` as the submodule ``fxprune_graphs.<name>`` of ``gm`` and return the node
+    that reads it, inserted before ``before``."""
+    part = fx.GraphModule(torch.nn.Module(), graph, class_name=name)
     part._tracer_cls = getattr(gm, "_tracer_cls", None)  # torch.load re-traces its code as the model's
     gm.add_submodule(f"{PARTS}.{name}", part)
     with gm.graph.inserting_before(before):
-        return gm.graph.get_attr(f"{PARTS}.{name}"), inputs
+        return gm.graph.get_attr(f"{PARTS}.{name}")
 
 
 def erase_unused(gm: fx.GraphModule, starts: Iterable[fx.Node], stop: fx.Node | None = None) -> set[fx.Node]:
