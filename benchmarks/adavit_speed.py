@@ -5,17 +5,20 @@
     python benchmarks/adavit_speed.py --trained adavit_study     # the usage the trained digits models reach
     python benchmarks/adavit_speed.py --batches 1 --threads 1    # one torch thread, as a server of one per request
     python benchmarks/adavit_speed.py --trained adavit_study --usages 0.35 --batches 1 --threads 1 --blocks  # per block
+    python benchmarks/adavit_speed.py --trained adavit_study --batches 1 --threads 1 --runs 7  # run-to-run spread
 
 DeiT-S has random weights; its decision heads are set by ``fxprune.methods.adavit.set_usage`` so that each block
 uses about the share ``--usages`` of what ``--parts`` names (heads and sub-layers: that share of all of them, at
 random; rows: that share of the timing images' rows, through random token heads), the rest all used: the usage a
 trained policy reaches, without training.
-Executed MACs are counted per image, each image alone (``fxprune.tools.bench.per_image_macs``). Times: each
-callable runs the same images (``--images`` of them: one by one at batch 1, as one batch otherwise); dense,
-skipping (``skip=True``, eager) and masked (``skip=False``, the official semantics) interleaved, medians of
-``--repeats`` rounds, reported as ratios to dense. With ``--compile`` also, against dense compiled: the masked
-graph compiled by ``fxprune.lower``, and the skipping graph under ``torch.compile(dynamic=True)``, which breaks
-the graph around its data-dependent ops (it has no full graph); the warm-up rounds include their compilation.
+Executed MACs are counted per image, each image alone (``fxprune.tools.bench.per_image_macs``). Times: each callable
+runs the same images (``--images`` of them: one by one at batch 1, as one batch otherwise); dense, skipping
+(``skip=True``, eager) and masked (``skip=False``, the official semantics) interleaved, medians of ``--repeats``
+rounds, reported as ratios to dense; with ``--runs`` all of it that many times over, each cell the median of the
+runs' ratios, and each run's batch-1 ratio listed (how far one run strays on this machine). With ``--compile`` also,
+against dense compiled: the masked graph compiled by ``fxprune.lower``, and the skipping graph under
+``torch.compile(dynamic=True)``, which breaks the graph around its data-dependent ops (it has no full graph); the
+warm-up rounds include their compilation.
 With ``--ceiling`` also, at batch 1, hand-written forwards of what the skipping graph computes for each image,
 checked against it: ``decided_forward`` makes the same decisions with the same products (``fxprune.ops.gating``) but
 no graph (what the graph's own overhead costs), or with the used heads' weights gathered once per block and head set
@@ -56,7 +59,7 @@ from fxprune.passes.learned import LEARNED_PREFIX
 from fxprune.passes.skipping import run_if_used
 from fxprune.tools.bench import per_image_macs
 from fxprune.tools.show import usage as block_usage
-from fxprune.tools.speed import interleaved, machine
+from fxprune.tools.speed import Timing, interleaved, machine
 
 _PRODUCTS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
              "aten::mkldnn_convolution")
@@ -481,6 +484,27 @@ def whole_one_row(skipping: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return copied
 
 
+@dataclasses.dataclass(frozen=True)
+class Runs:
+    """Several interleaved timings of the same callables: a speed ratio is the median of each run's."""
+
+    timings: list[Timing]
+
+    def ratios(self, baseline: str, name: str) -> list[float]:
+        return [timing.ratio(baseline, name) for timing in self.timings]
+
+    def ratio(self, baseline: str, name: str) -> float:
+        return statistics.median(self.ratios(baseline, name))
+
+
+def _runs_line(usage: float, part: str, ratios: list[float], mac_ratio: float) -> str:
+    """Each run's batch-1 speed ratio at ``usage`` of ``part``, and its share of the executed-MAC ratio."""
+    shares = [ratio / mac_ratio for ratio in ratios]
+    return (f"* usage {usage:g} ({part}), batch 1, skipped, run by run: "
+            + ", ".join(f"{ratio:.2f}×" for ratio in ratios) + f" for a MAC ratio of {mac_ratio:.2f}×: "
+            f"{min(shares):.2f}–{max(shares):.2f} of it, median {statistics.median(shares):.2f}")
+
+
 def _run(gm: torch.nn.Module, images: torch.Tensor, one_by_one: bool) -> object:
     return [gm(image[None]) for image in images] if one_by_one else gm(images)
 
@@ -492,6 +516,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", default="1,32")
     parser.add_argument("--images", type=int, default=8, help="images timed one by one at batch 1")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--runs", type=int, default=1,
+                        help="time everything this many times over (each run interleaved anew); each cell is the "
+                             "median over the runs, and each run's batch-1 speed ratio is listed")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--compile", action="store_true",
                         help="also time the masked graph compiled by fxprune.lower and the skipping graph compiled "
@@ -522,7 +549,7 @@ def main(argv: list[str] | None = None) -> None:
     pool = torch.randn(max(batches + [args.images]), 3, 224, 224)
     single = pool[: args.images]
     trained = f" --trained {args.trained}" if args.trained else f" --parts {args.parts}"
-    tuned = "".join(f" --{name} {getattr(args, name)}" for name in ("images", "repeats", "threads")
+    tuned = "".join(f" --{name} {getattr(args, name)}" for name in ("images", "repeats", "runs", "threads")
                     if getattr(args, name) != parser.get_default(name))
     print(f"Command: `python benchmarks/adavit_speed.py --usages {args.usages}{trained} --batches {args.batches}"
           + (" --compile" if args.compile else "") + (" --profile" if args.profile else "")
@@ -530,8 +557,9 @@ def main(argv: list[str] | None = None) -> None:
           + (" --one-row-whole" if args.one_row_whole else "") + (" --blocks" if args.blocks else "") + tuned
           + "`  ")
     print(f"Machine: {machine()}  ")
+    runs = f"; each cell the median over {args.runs} runs" if args.runs > 1 else ""
     print(f"deit_small_patch16_224 (random weights), AdaViT at the official blocks with its decision heads set to "
-          f"the usage shown; {args.images} images at batch 1, medians of {args.repeats} interleaved rounds.\n")
+          f"the usage shown; {args.images} images at batch 1, medians of {args.repeats} interleaved rounds{runs}.\n")
     compiled = " | batch {b}, masked compiled | batch {b}, skipped compiled" if args.compile else ""
     ceiling = " | batch 1, hand-written with decisions | … and kept slices | batch 1, ceiling" \
         if args.ceiling and 1 in batches else ""
@@ -545,7 +573,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|" + ("---|" * (4 if args.compile else 2)) * len(batches) + ("---|" * 3 if ceiling else "")
           + ("---|" * 3 if whole else "") + ("---|" if one_row else ""))
     dense_macs = per_image_macs(model, single)
-    profiles, block_tables = [], []
+    profiles, block_tables, run_lines = [], [], []
     for usage in (float(u) for u in args.usages.split(",")):
         shares = _reached(args.trained, usage) if args.trained else None
         for part in ["reached"] if shares else args.parts.split(","):
@@ -572,8 +600,10 @@ def main(argv: list[str] | None = None) -> None:
                     fns.update(_branch_free(model, skipping, images))
                 if one_row and batch == 1:
                     fns["one-row whole"] = functools.partial(_run, whole_one_row(skipping), images, True)
-                timing = interleaved(fns, repeats=args.repeats)
+                timing = Runs([interleaved(fns, repeats=args.repeats) for _ in range(args.runs)])
                 speeds[batch] = timing.ratio('dense', 'skipped')
+                if batch == 1 and args.runs > 1:
+                    run_lines.append(_runs_line(usage, part, timing.ratios('dense', 'skipped'), dense_macs / macs))
                 cells.append(f"{speeds[batch]:.2f}× | {timing.ratio('dense', 'masked'):.2f}×")
                 if args.compile:
                     cells += [f"{timing.ratio('dense compiled', name):.2f}×" for name in ("masked compiled",
@@ -599,6 +629,8 @@ def main(argv: list[str] | None = None) -> None:
             if args.profile:
                 profiles.append((usage, part, speeds.get(1, math.nan), _profile(model, single),
                                  _profile(skipping, single)))
+    if run_lines:
+        print("\n" + "\n".join(run_lines))
     for usage, part, text in block_tables:
         print(f"\nTime per block at batch 1, usage {usage:g} of {part} (a clock read before each block; what "
               f"each block's decisions use, averaged over the images, also where its sub-layers are not run):"

@@ -9,6 +9,7 @@ import fxprune
 from fxprune.methods.adavit import set_usage
 from fxprune.passes.skipping import run_if_used
 from fxprune.tools.show import usage
+from fxprune.tools.speed import Timing
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "batch1_ceiling.py"
 
@@ -113,3 +114,13 @@ def test_adavit_one_row_whole_runs_the_whole_sub_layer_graphs_and_computes_the_s
     with torch.no_grad():
         for image in x:
             torch.testing.assert_close(whole(image[None]), skipping(image[None]), atol=1e-10, rtol=0)
+
+
+def test_adavit_speed_runs_give_the_median_of_their_ratios_and_list_each_runs_share_of_the_mac_ratio():
+    script = runpy.run_path(str(SCRIPT.parent / "adavit_speed.py"))
+    timings = [Timing({"dense": [8.0, 8.0, 8.0], "skipped": [skipped] * 3}) for skipped in (1.0, 2.0, 1.6)]
+    runs = script["Runs"](timings)
+    assert runs.ratios("dense", "skipped") == [8.0, 4.0, 5.0]
+    assert runs.ratio("dense", "skipped") == 5.0
+    line = script["_runs_line"](0.35, "all", runs.ratios("dense", "skipped"), 10.0)
+    assert "8.00×, 4.00×, 5.00×" in line and "0.40–0.80 of it, median 0.50" in line
