@@ -109,3 +109,47 @@ def test_a_model_pickled_before_emit_moved_still_loads():
     x = image_batch(model)
     with torch.no_grad():
         torch.testing.assert_close(load(body, *before)(x), fast(x), atol=0, rtol=0)
+
+
+def _targets(graph):
+    return [node.target for node in graph.nodes]
+
+
+def test_torch_fx_symbolic_trace_records_each_modes_graph_as_it_is():
+    model = timm_vit("deit_small_patch16_224")
+    x = image_batch(model)
+    for policy in (EViT(0.7, layers=(1, 2)), fxprune.AdaViT(0.5, init_logit=0.0)):
+        gm = fxprune.transform(model, policy)
+        assert list(inspect.signature(type(gm).forward).parameters) == ["self", "x"]  # the graph's inputs
+        for training in (False, True):
+            gm.train(training)
+            traced = torch.fx.symbolic_trace(gm).train(training)
+            graph = gm.train_graph if training and hasattr(gm, "train_graph") else gm.graph
+            assert _targets(traced.graph) == _targets(graph)  # fxprune's functions as single calls
+            torch.manual_seed(0)  # AdaViT's training graph draws Gumbel noise
+            expected = gm(x)
+            torch.manual_seed(0)
+            torch.testing.assert_close(traced(x), expected, atol=0, rtol=0)
+
+
+def test_fx_graph_mode_quantization_quantizes_a_transformed_model_as_the_dense_one():
+    import warnings
+
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    model = timm_vit("deit_small_patch16_224")
+    x = image_batch(model, batch=8)
+
+    def quantized(gm):
+        """``gm`` quantized to int8 after calibration on ``x``, and its largest error there."""
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # FX graph mode quantization is deprecated in favour of torchao's
+            prepared = prepare_fx(gm, get_default_qconfig_mapping("x86"), (x,))
+            prepared(x)
+            result = convert_fx(prepared)
+            return result, (result(x) - gm(x)).abs().max()
+
+    reduced, error = quantized(fxprune.transform(model, ToMe(2)))
+    assert any(isinstance(module, torch.ao.nn.quantized.Linear) for module in reduced.modules())
+    assert error < 2 * quantized(torch.fx.symbolic_trace(model))[1]

@@ -9,6 +9,10 @@ wherever ``nn.Module``'s own lookup would find each step there: the same values,
 parameter replaced later is what the next call uses). ``gm.code`` keeps fx's form. :class:`DirectGraphModule` runs
 such code after every ``recompile``, and so also as a copy (``copy.deepcopy``) and after ``torch.save`` and
 ``torch.load``.
+
+Traced by ``torch.fx`` (``torch.fx.symbolic_trace``, any ``fx.Tracer``), the forward records its graph's nodes as
+they are instead (:func:`fx_traceable`): fxprune's functions as single calls, which a tracer would otherwise run on
+its proxies and stop at their data-dependent branches.
 """
 
 from __future__ import annotations
@@ -32,8 +36,8 @@ from torch.package import sys_importer
 from .arguments import TakesCapturedArguments
 
 __all__ = [
-    "direct_path", "direct_forward", "pickled_code", "DirectGraphModule", "keep_attribute", "traceable_forward",
-    "node_records", "put_back_records",
+    "direct_path", "direct_forward", "fx_traceable", "pickled_code", "DirectGraphModule", "keep_attribute",
+    "traceable_forward", "node_records", "put_back_records",
 ]
 
 
@@ -76,6 +80,49 @@ def direct_forward(gm: fx.GraphModule, graph: fx.Graph, code: PythonCode) -> Cal
     return _forward_from_src(source, code.globals)
 
 
+def _proxies_in(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[fx.Proxy]:
+    return [value for value in (*args, *kwargs.values()) if isinstance(value, fx.Proxy)]
+
+
+def _recorded(gm: fx.GraphModule, graph: fx.Graph, tracer: fx.Tracer, args: tuple[Any, ...],
+              kwargs: dict[str, Any]) -> Any:
+    """The output of ``graph`` (``gm``'s) on ``args`` and ``kwargs``, some of them proxies of ``tracer``, with each
+    node recorded by ``tracer`` as it is: a call, an attribute read, a module call through the tracer's own
+    ``call_module`` (which decides whether to trace into it)."""
+    values: dict[fx.Node, Any] = {}
+    for position, node in enumerate(graph.find_nodes(op="placeholder")):
+        values[node] = args[position] if position < len(args) else kwargs.get(
+            node.target, node.args[0] if node.args else None)
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            continue
+        node_args, node_kwargs = fx.node.map_arg((node.args, node.kwargs), values.__getitem__)
+        if node.op == "output":
+            return node_args[0]
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            values[node] = tracer.call_module(module, module.forward, node_args, node_kwargs)
+        else:
+            values[node] = tracer.create_proxy(node.op, node.target, node_args, node_kwargs, name=node.name)
+    raise AssertionError("a graph without an output")
+
+
+def fx_traceable(forward: Callable[..., Any], signature_of: Callable[..., Any],
+                 graph_of: Callable[[fx.GraphModule], fx.Graph]) -> Callable[..., Any]:
+    """``forward`` (a module's, taking ``self``), which records the nodes of ``graph_of(self)`` as they are when a
+    ``torch.fx`` tracer calls it with its proxies (:func:`_recorded`); ``signature_of``'s signature, which a tracer
+    reads to make its placeholders."""
+
+    @functools.wraps(signature_of)
+    def traceable(self: fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
+        proxies = _proxies_in(args, kwargs)
+        if proxies:
+            return _recorded(self, graph_of(self), proxies[0].tracer, args, kwargs)
+        return forward(self, *args, **kwargs)
+
+    return traceable
+
+
 def pickled_code(graph: fx.Graph) -> tuple[str, str]:
     """``graph``'s code as fx pickles a ``GraphModule``'s: its Python source (``self`` the module) and the import
     block that source needs."""
@@ -112,7 +159,8 @@ class DirectGraphModule(TakesCapturedArguments, fx.GraphModule):
 
     def recompile(self) -> PythonCode:
         code = super().recompile()
-        type(self).forward = direct_forward(self, self.graph, code)
+        forward = direct_forward(self, self.graph, code)
+        type(self).forward = fx_traceable(forward, forward, lambda gm: gm.graph)
         return code
 
     def _deepcopy_init(self) -> Callable[[fx.GraphModule, nn.Module, fx.Graph], None]:

@@ -27,7 +27,7 @@ from torch.fx.graph_module import _copy_attr, reduce_graph_module
 
 from ..analysis import Block
 from ..capture.arguments import TakesCapturedArguments
-from ..capture.codegen import direct_forward, node_records, pickled_code, put_back_records
+from ..capture.codegen import direct_forward, fx_traceable, node_records, pickled_code, put_back_records
 from ..capture.tracer import fetch_attr
 from ..errors import PolicyError
 from ..ops.emitting import emit  # noqa: F401  (here before it moved: a model pickled then imports it from here)
@@ -106,7 +106,7 @@ class TrainEvalGraphModule(TakesCapturedArguments, fx.GraphModule):
         cls = type(self)
         cls._eval_forward = direct_forward(self, self.graph, code)
         cls._train_forward = direct_forward(self, self.train_graph, self.train_graph.python_code(root_module="self"))
-        cls.forward = _forward_by_mode
+        cls.forward = fx_traceable(_forward_by_mode, cls._eval_forward, _graph_of_mode)
         return code
 
     def __reduce__(self):
@@ -177,6 +177,10 @@ def _pass_through(part: fx.GraphModule, slot: fx.Node) -> bool:
         part.graph.erase_node(call)
     part.graph.erase_node(slot)
     return True
+
+
+def _graph_of_mode(gm: TrainEvalGraphModule) -> fx.Graph:
+    return gm.train_graph if gm.training else gm.graph
 
 
 def _forward_by_mode(self: TrainEvalGraphModule, *args: Any, **kwargs: Any) -> Any:
