@@ -132,6 +132,28 @@ def test_torch_fx_symbolic_trace_records_each_modes_graph_as_it_is():
             torch.testing.assert_close(traced(x), expected, atol=0, rtol=0)
 
 
+class _Scaled(nn.Module):
+    """A transformed model inside another module."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+        self.scale = nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, x):
+        return self.backbone(x) * self.scale
+
+
+def test_torch_fx_symbolic_trace_reads_a_transformed_submodules_attributes_at_its_path():
+    model = timm_vit("deit_small_patch16_224")
+    outer = _Scaled(fxprune.transform(model, EViT(0.7, layers=(1, 2))))
+    traced = torch.fx.symbolic_trace(outer)
+    reads = [node.target for node in traced.graph.nodes if node.op == "get_attr"]
+    assert "backbone.cls_token" in reads and all(read.startswith("backbone.") or read == "scale" for read in reads)
+    x = image_batch(model)
+    torch.testing.assert_close(traced(x), outer(x), atol=0, rtol=0)
+
+
 def test_fx_graph_mode_quantization_quantizes_a_transformed_model_as_the_dense_one():
     import warnings
 

@@ -87,8 +87,10 @@ def _proxies_in(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[fx.Proxy]
 def _recorded(gm: fx.GraphModule, graph: fx.Graph, tracer: fx.Tracer, args: tuple[Any, ...],
               kwargs: dict[str, Any]) -> Any:
     """The output of ``graph`` (``gm``'s) on ``args`` and ``kwargs``, some of them proxies of ``tracer``, with each
-    node recorded by ``tracer`` as it is: a call, an attribute read, a module call through the tracer's own
-    ``call_module`` (which decides whether to trace into it)."""
+    node recorded by ``tracer`` as it is: a call, an attribute read (at ``gm``'s path in the module the tracer traces,
+    which ``gm`` may be part of), a module call through the tracer's own ``call_module`` (which decides whether to
+    trace into it)."""
+    path = tracer.path_of_module(gm)
     values: dict[fx.Node, Any] = {}
     for position, node in enumerate(graph.find_nodes(op="placeholder")):
         values[node] = args[position] if position < len(args) else kwargs.get(
@@ -102,6 +104,8 @@ def _recorded(gm: fx.GraphModule, graph: fx.Graph, tracer: fx.Tracer, args: tupl
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
             values[node] = tracer.call_module(module, module.forward, node_args, node_kwargs)
+        elif node.op == "get_attr":
+            values[node] = tracer.create_proxy("get_attr", f"{path}.{node.target}" if path else node.target, (), {})
         else:
             values[node] = tracer.create_proxy(node.op, node.target, node_args, node_kwargs, name=node.name)
     raise AssertionError("a graph without an output")
