@@ -1,4 +1,5 @@
-"""The code a transformed model runs reads its modules, parameters and buffers from their owners' dictionaries."""
+"""The code a transformed model runs reads its modules, parameters and buffers from their owners' dictionaries; a
+torch.fx tracer records its graph as it is."""
 
 import copy
 import inspect
