@@ -29,10 +29,9 @@ computes, written with no Python branch on a decision, eager and compiled as one
 data (unbacked), against dense compiled alike (what a skip path without per-op dispatch reaches). With
 ``--one-row-whole`` also, at batch 1, the skipping graph with its sub-layers that are computed on one row where no
 image uses a head run through their whole graphs (``whole_one_row``: what ``without_heads_graphs`` saves). With
-``--blocks``
-also, at batch 1, where the time goes: copies of the dense and skipping graphs with a clock read before each block's
-first node (``marked``), timed image by image, interleaved; per block its median time per image in each, and what its
-decisions use of the timing images (``fxprune.tools.show.usage``).
+``--blocks`` also, at batch 1, where the time goes: copies of the dense and skipping graphs with a clock read before
+each block's first node (``marked``), timed image by image, interleaved; per block its median time per image in
+each, and what its decisions use of the timing images (``fxprune.tools.show.usage``).
 """
 
 from __future__ import annotations
@@ -509,6 +508,9 @@ def _run(gm: torch.nn.Module, images: torch.Tensor, one_by_one: bool) -> object:
     return [gm(image[None]) for image in images] if one_by_one else gm(images)
 
 
+_FLAGS = ("compile", "profile", "ceiling", "branch_free", "one_row_whole", "blocks")  # switches, in the order shown
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--usages", default="0.7,0.5")
@@ -551,11 +553,9 @@ def main(argv: list[str] | None = None) -> None:
     trained = f" --trained {args.trained}" if args.trained else f" --parts {args.parts}"
     tuned = "".join(f" --{name} {getattr(args, name)}" for name in ("images", "repeats", "runs", "threads")
                     if getattr(args, name) != parser.get_default(name))
+    flags = "".join(f" --{name.replace('_', '-')}" for name in _FLAGS if getattr(args, name))
     print(f"Command: `python benchmarks/adavit_speed.py --usages {args.usages}{trained} --batches {args.batches}"
-          + (" --compile" if args.compile else "") + (" --profile" if args.profile else "")
-          + (" --ceiling" if args.ceiling else "") + (" --branch-free" if args.branch_free else "")
-          + (" --one-row-whole" if args.one_row_whole else "") + (" --blocks" if args.blocks else "") + tuned
-          + "`  ")
+          f"{flags}{tuned}`  ")
     print(f"Machine: {machine()}  ")
     runs = f"; each cell the median over {args.runs} runs" if args.runs > 1 else ""
     print(f"deit_small_patch16_224 (random weights), AdaViT at the official blocks with its decision heads set to "
