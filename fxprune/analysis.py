@@ -96,11 +96,14 @@ class Block:
     """A transformer block on the token stream, anchored on its attention site.
 
     ``input`` is the stream node entering the block, ``mid`` the residual add after its attention (where a
-    selection goes), ``tokens`` the tokens entering it, ``position_terms`` the constant tables laid out per token
-    position that its attention logits read (relative position bias, rotary tables). ``refusal`` says why its
-    tokens cannot be reduced (None: they can); ``needs_all_tokens`` is set when the block would also compute wrong
-    numbers if an *earlier* block reduced tokens (windowed attention, position tables laid out for every token, a
-    stream that is not a token sequence), which the plan checks for every block after the first reducing one.
+    selection goes; in a parallel block, the add after both its branches), ``tokens`` the tokens entering it,
+    ``position_terms`` the constant tables laid out per token position that its attention logits read (relative
+    position bias, rotary tables). ``refusal`` says why its tokens cannot be reduced (None: they can);
+    ``needs_all_tokens`` is set when the block would also compute wrong numbers if an *earlier* block reduced tokens
+    (windowed attention, position tables laid out for every token, a stream that is not a token sequence), which
+    the plan checks for every block after the first reducing one. ``parallel`` starts a branch that reads the block
+    input beside the attention and meets it at ``mid`` (a parallel block: its MLP beside its attention; the branch's
+    first module call, else its first node), None in a block that runs them one after the other.
     """
 
     index: int
@@ -112,11 +115,18 @@ class Block:
     refusal: str | None = None
     needs_all_tokens: bool = False
     position_terms: tuple[PositionTerm, ...] = ()
+    parallel: fx.Node | None = None
 
     @property
     def reducible(self) -> bool:
         """Whether tokens can be selected in this block."""
         return self.refusal is None
+
+    @property
+    def beside(self) -> str:
+        """The module (else the node) that starts the branch beside the attention of a parallel block; ''."""
+        node = self.parallel
+        return "" if node is None else node.target if node.op == "call_module" else node.name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +163,7 @@ class TokenProgram:
                      "status")
         for b in self.blocks:
             status = "reducible" if b.reducible else f"not reducible: {b.refusal}"
+            status += " (parallel block: after both branches)" if b.reducible and b.parallel is not None else ""
             names = [str(t).split(" ")[0] for t in b.position_terms]
             terms = (names[0] + (f" +{len(names) - 1}" if len(names) > 1 else "")) if names else "none"
             lines.append(
@@ -789,6 +800,7 @@ def analyse(model: nn.Module, example_inputs: ExampleInputs = None) -> TokenProg
         _block(index, site, anchor, mid, batch, prefix, on_stream, data)
         for index, (site, (anchor, mid)) in enumerate(zip(sites, anchors))
     )
+    blocks = _side_by_side(blocks)
     towers = _stream_towers(sites)
     if len(towers) > 1:  # every block: no one token stream
         several = _several_streams(towers)
@@ -990,21 +1002,19 @@ def key_rows(program: TokenProgram, block: Block) -> slice | None:
     return rows if node is not None and len(range(program.tokens)[rows]) == block.attention.keys else None
 
 
-def _beside_attention(site: AttentionSite, anchor: fx.Node, mid: fx.Node) -> fx.Node | None:
-    """The first node of a path from the block input ``anchor`` to the residual branch added at ``mid`` that does
-    not pass through the attention's output (shape reads aside), or None when the branch is ``attention(x)``
-    alone."""
-    branch = [arg for arg in mid.all_input_nodes if arg is not anchor]
-    todo, seen = [(user, user) for user in anchor.users], set()
-    while todo:
-        node, first = todo.pop()
-        if node in seen or node is site.output or node is mid or is_shape_read(node):
-            continue
-        seen.add(node)
-        if node in branch:
-            return first
-        todo.extend((user, first) for user in node.users)
-    return None
+def _parallel_branch(site: AttentionSite, anchor: fx.Node, mid: fx.Node) -> fx.Node | None:
+    """The first module call (else the first node) of a branch beside the attention ``site`` in its block: computed
+    from the block input ``anchor`` and read by ``mid``, the stream node after the attention, without passing
+    through the attention (neither an input of it nor computed from its output; shape reads aside), as the MLP of a
+    parallel block (ViT-22B's ``x + attention(norm(x)) + mlp(norm(x))``). None when the block adds the attention's
+    branch alone."""
+    inside, after, feeds = ancestors([site.output]), descendants(site.output), ancestors([mid])
+    skip = {mid, site.output} | after
+    found = reachable(anchor.users, lambda node: () if node in skip or is_shape_read(node) else node.users)
+    beside = [node for node in found if node in feeds and node not in inside and node not in skip
+              and not is_shape_read(node)]
+    position = {node: i for i, node in enumerate(anchor.graph.nodes)}
+    return min(beside, key=lambda node: (node.op != "call_module", position[node]), default=None)
 
 
 def _residual_addition(site: AttentionSite) -> fx.Node | None:
@@ -1023,6 +1033,18 @@ def _residual_addition(site: AttentionSite) -> fx.Node | None:
     return None
 
 
+def _joins_by_additions(residual: fx.Node, mid: fx.Node) -> bool:
+    """Whether the residual addition ``residual`` reaches ``mid`` through additions alone, each its only reader
+    (``(x + attention(x)) + mlp(x)``: a parallel block's branches added one after the other)."""
+    node = residual
+    while node is not mid:
+        readers = [user for user in node.users if not is_shape_read(user)]
+        if len(readers) != 1 or not _is_add(readers[0]):
+            return False
+        node = readers[0]
+    return True
+
+
 def _block(
     index: int, site: AttentionSite, anchor: fx.Node, mid: fx.Node | None, batch: int, prefix: int,
     on_stream: set[fx.Node], data: set[fx.Node],
@@ -1034,8 +1056,28 @@ def _block(
     shape = _shape(anchor)
     tokens = shape[1] if shape is not None and len(shape) == 3 and shape[0] == batch else 0
     terms = tuple(_position_terms(site, on_stream, tokens, prefix, data)) if tokens else ()
+    parallel = _parallel_branch(site, anchor, mid) if mid is not None else None
     refusal, needs_all_tokens = _refusal(site, anchor, mid, shape, batch, terms)
-    return Block(index, name, site, anchor, mid, tokens, refusal, needs_all_tokens, terms)
+    return Block(index, name, site, anchor, mid, tokens, refusal, needs_all_tokens, terms, parallel)
+
+
+def _side_by_side(blocks: tuple[Block, ...]) -> tuple[Block, ...]:
+    """``blocks``, those whose attention's branch meets another attention's in one residual addition (parallel
+    attentions, as timm's ``ParallelThingsBlock``) refused: a method ranks a block's tokens by one attention."""
+    meeting: dict[fx.Node, list[Block]] = {}
+    for block in blocks:
+        if block.mid is not None:
+            meeting.setdefault(block.mid, []).append(block)
+
+    def refused(block: Block) -> Block:
+        others = [other.attention.module or other.attention.node.name for other in meeting[block.mid]
+                  if other is not block]
+        return dataclasses.replace(block, refusal=(
+            f"its attention runs beside {', '.join(others)} in one residual branch (parallel attentions); fxprune "
+            "reduces the tokens of a block with one attention"))
+
+    return tuple(refused(block) if block.mid is not None and len(meeting[block.mid]) > 1 and block.reducible
+                 else block for block in blocks)
 
 
 _JOINED = "joins them with a later block's as a token sequence (a sum of several blocks' outputs)"
@@ -1082,21 +1124,15 @@ def _refusal(
             f"the token stream leaves the tokens before its attention's output (after it, the stream {after}): the "
             f"model's output reads no token sequence after it, or reads an earlier block's tokens and {_JOINED}"
         ), True
-    if not _is_add(mid) or anchor not in mid.all_input_nodes:
-        residual = _residual_addition(site)
+    residual = _residual_addition(site)
+    in_turn = residual is not None and residual is not mid and _joins_by_additions(residual, mid)
+    if not in_turn and (not _is_add(mid) or anchor not in mid.all_input_nodes):
         if residual is not None:
             return (
                 f"its residual addition {residual.name} is not on the token stream: the model's output also reads "
                 f"this block's tokens and {_JOINED}"
             ), True
         return "no residual addition of the block input after attention", False
-    beside = _beside_attention(site, anchor, mid)
-    if beside is not None:
-        return (
-            f"its residual branch also reads the block input through {beside.name}, beside the attention "
-            "(parallel branches: an MLP or another attention); a selection there would leave that branch with "
-            "every token"
-        ), False
     unplaced = [str(term) for term in terms if not term.axes]
     if unplaced:
         return (

@@ -428,6 +428,11 @@ def make_plan(program: TokenProgram, policy: Policy | Compose, restore: bool = T
     notes += [f"{part.describe()} scores tokens by {SCORES[program.class_token]}"
               + ("" if program.class_token else f" (no class token: {program.readout})")
               for part in policy.policies() if method_of(part).scores_tokens]
+    parallel = [program.blocks[index] for index in reducing if program.blocks[index].parallel is not None]
+    if parallel:
+        notes.append(f"block(s) {', '.join(str(b.index) for b in parallel)} run a branch beside their attention "
+                     f"({parallel[0].beside}{', …' if len(parallel) > 1 else ''}: parallel blocks): their tokens are "
+                     "reduced after both branches, which run on every token")
     placed = [b.index for b in program.blocks[min(reducing) + 1:] if b.position_terms] if reducing else []
     if placed:
         notes.append(f"block(s) {', '.join(map(str, placed))} read position terms (relative position bias, rotary "

@@ -157,6 +157,28 @@ def _attention_with_sizes(attn: nn.Module, x: torch.Tensor, size: torch.Tensor |
     return attn.proj(attn.norm(out)), probs, k, v
 
 
+def _parallel_block(blk: nn.Module, x: torch.Tensor, size: torch.Tensor | None):
+    """timm ``ParallelScalingBlock`` (ViT-22B's parallel block: attention and MLP from one projection of the
+    normed input, both added to it) computed explicitly, with ToMe's ``+ log size`` on the logits when ``size`` is
+    given: (block output [B, N, C], probabilities, keys, values)."""
+    B, N, C = x.shape
+    hidden, q, k, v = blk.in_proj(blk.in_norm(x)).split(blk.in_split, dim=-1)
+    hidden = hidden if blk.mlp_bias is None else hidden + blk.mlp_bias
+    q, k, v = (t.reshape(B, N, blk.num_heads, blk.head_dim).transpose(1, 2) for t in (q, k, v))
+    q, k = blk.q_norm(q), blk.k_norm(k)
+    logits = (q * blk.scale) @ k.transpose(-2, -1)
+    if size is not None:
+        logits = logits + size.log()[:, None, None, :]
+    probs = logits.softmax(dim=-1)
+    attended = (probs @ v).transpose(1, 2).reshape(B, N, C)
+    hidden = blk.mlp_drop(blk.mlp_act(hidden))
+    if blk.out_proj is not None:
+        out = blk.out_proj(torch.cat((attended, hidden), dim=-1))
+    else:
+        out = blk.attn_out_proj(attended) + blk.mlp_out_proj(hidden)
+    return x + blk.drop_path(blk.ls(out)), probs, k, v
+
+
 def _evit_sizes(
     size: torch.Tensor, probs: torch.Tensor, keep_rate: float, prefix: int, fuse: bool, cls: bool = True
 ) -> torch.Tensor:
@@ -230,20 +252,25 @@ def reduced_vit(
     model: nn.Module, images: torch.Tensor, steps: dict, proportional_after: int | None = None
 ) -> torch.Tensor:
     """A timm ``VisionTransformer`` run one image at a time, with ``steps[i](x, size, probs, keys, values)``
-    ``-> (x, size)`` after the residual add of block ``i`` (sizes start as None; the attention of the blocks
-    after ``proportional_after``, ToMe's first block, adds ``log size``): logits. Each image keeps its own
-    number of tokens, so this is what each image gets alone."""
+    ``-> (x, size)`` after the residual add of block ``i``'s attention, or after a parallel block (sizes start as
+    None; the attention of the blocks after ``proportional_after``, ToMe's first block, adds ``log size``): logits.
+    Each image keeps its own number of tokens, so this is what each image gets alone."""
     outputs = []
     for image in images:
         x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(image[None]))))
         size = None
         for i, blk in enumerate(model.blocks):
             proportional = proportional_after is not None and i > proportional_after
-            out, probs, k, v = _attention_with_sizes(blk.attn, blk.norm1(x), size if proportional else None)
-            x = x + blk.drop_path1(blk.ls1(out))
+            parallel = hasattr(blk, "in_proj")
+            if parallel:
+                x, probs, k, v = _parallel_block(blk, x, size if proportional else None)
+            else:
+                out, probs, k, v = _attention_with_sizes(blk.attn, blk.norm1(x), size if proportional else None)
+                x = x + blk.drop_path1(blk.ls1(out))
             if i in steps:
                 x, size = steps[i](x, size, probs, k, v)
-            x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+            if not parallel:
+                x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
         outputs.append(pooled_head(model, model.norm(x), size))
     return torch.cat(outputs)
 

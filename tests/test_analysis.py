@@ -7,6 +7,7 @@ from vits import (
     ALL_MODELS,
     PREFIX_TOKENS,
     TIMM_SMALL,
+    assert_each_image_gets_what_it_gets_alone,
     assert_same_outputs,
     hand_written_vit,
     hf_vit,
@@ -20,6 +21,7 @@ from vits import (
 
 import fxprune
 from fxprune import EViT
+from fxprune.analysis import ancestors
 from fxprune.errors import UnsupportedModelError
 
 
@@ -439,9 +441,11 @@ def test_an_ensemble_is_refused_naming_each_tower():
         "model.a = fxprune.transform(model.a, policy)"}
 
 
-def test_parallel_branches_of_a_block_are_one_token_stream():
+def test_parallel_attentions_of_a_block_are_one_token_stream_and_refused_naming_each_other():
     program = fxprune.analyse(timm_vit("vit_small_patch16_18x2_224", img_size=32, patch_size=8, depth=2))
-    assert all("parallel branches" in block.refusal for block in program.blocks)
+    assert [block.refusal.split(" in one")[0] for block in program.blocks[:2]] == [
+        "its attention runs beside blocks.0.attns.1.attn", "its attention runs beside blocks.0.attns.0.attn"]
+    assert all("(parallel attentions)" in block.refusal for block in program.blocks)
 
 
 class _AttentionUnread(torch.nn.Module):
@@ -483,11 +487,44 @@ def _zoo(name: str) -> torch.nn.Module:
     return next(entry for entry in ZOO if entry.name == name).build()
 
 
-@pytest.mark.parametrize("name", ["vit_small_patch16_18x2_224", "vit_base_patch16_xp_224"],
-                         ids=["two-attentions", "attention-and-mlp"])
-def test_attention_in_parallel_with_another_branch_is_refused(name):
+@pytest.mark.parametrize("name, beside", [
+    ("vit_base_patch16_xp_224", "blocks.{}.mlp_act"),  # one projection makes q, k, v and the MLP's hidden units
+    ("hand-written: parallel blocks (x + attention(x) + mlp(x))", "looks.{}.b"),  # (x + attention) + mlp
+], ids=["timm-fused-projection", "hand-written"])
+def test_a_parallel_block_is_reducible_after_both_branches_and_names_the_branch_beside_its_attention(name, beside):
     program = fxprune.analyse(_zoo(name))
-    assert all("beside the attention (parallel branches" in b.refusal for b in program.blocks)
+    assert all(b.reducible and b.beside == beside.format(b.index) for b in program.blocks)
+    assert all({b.parallel, b.attention.output} <= ancestors([b.mid]) for b in program.blocks)  # after both
+    assert "reducible (parallel block: after both branches)" in str(program)
+
+
+class _SummedBranches(nn.Module):
+    """Blocks ``x + (attention(x) + mlp(x))``: the parallel branches summed before the residual addition."""
+
+    image_size = 32
+
+    def __init__(self):
+        super().__init__()
+        self.vit = hand_written_vit()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.vit.embed(images)
+        for stage in self.vit.stages:
+            x = x + (stage.mix(stage.pre_mix(x)) + stage.ffn(stage.pre_ffn(x)))
+        return self.vit.classifier(x[:, 0])
+
+
+def test_summed_parallel_branches_are_reduced_after_their_sum_and_adavit_refuses_them_saying_why():
+    torch.manual_seed(0)
+    model = _SummedBranches().eval()
+    program = fxprune.analyse(model)
+    assert [b.beside for b in program.blocks] == [f"vit.stages.{i}.pre_ffn" for i in range(len(program.blocks))]
+    gm = fxprune.transform(model, EViT(0.5, (1, 2)))
+    x = torch.randn(3, 3, 32, 32)
+    assert_each_image_gets_what_it_gets_alone(gm, x)
+    with pytest.raises(UnsupportedModelError, match=r"its MLP runs beside its attention from the block input \(a "
+                       r"parallel block, from vit.stages.1.pre_ffn\), where adavit gates"):
+        fxprune.transform(model, fxprune.AdaViT(0.5, (1,)))
 
 
 def test_rotary_tables_computed_from_the_patch_grid_are_position_terms():

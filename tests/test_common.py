@@ -1,12 +1,14 @@
 import pytest
 import torch
+from reference import ats_step, evit_step, reduced_vit, tome_step
 from vits import hf_vit, image_batch, logits, timm_vit, torchvision_vit, with_explicit_softmax
 
 import fxprune
-from fxprune import ATS, TopK
+from fxprune import ATS, EViT, ToMe, TopK
 from fxprune.analysis import SDPA_TARGETS
 from fxprune.methods import ats, evit
 from fxprune.ops import gather_queries
+from fxprune.tools.show import kept_counts
 
 
 @pytest.mark.parametrize("policy", [ATS(9, (1,)), TopK(0.5, (1,))], ids=["ats", "topk"])
@@ -47,3 +49,38 @@ def test_kept_queries_keep_the_batch_read_when_the_batch_equals_the_token_count(
     gm = fxprune.transform(model, policy, example_inputs=torch.randn(17, 3, 32, 32))  # before: refused at batch 18
     x = image_batch(model, batch=3)
     torch.testing.assert_close(gm(x)[1:2], gm(x[1:2]), atol=1e-5, rtol=0)
+
+
+PARALLEL = {  # policies on timm's parallel blocks (ViT-22B's), each block's steps as the reference takes them
+    "chain": (fxprune.Compose([ATS(None, (1,)), ToMe(3, (2,)), EViT(0.7, (3,))]),
+              lambda model: {1: ats_step(model, None), 2: tome_step(model, 3), 3: evit_step(model, 0.7)}, 2),
+    "topk": (TopK(0.6, (1, 2)), lambda model: {i: evit_step(model, 0.6, fuse=False) for i in (1, 2)}, None),
+}
+
+
+def _unlike_images() -> torch.Tensor:
+    """Four 40×40 images, float64, that ATS keeps different numbers of tokens of: noise, faint noise, a ramp, and
+    noise with its top half blank."""
+    x = torch.randn(4, 3, 40, 40, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x[1] *= 0.05
+    x[2] = torch.linspace(-2, 2, 40, dtype=torch.float64).expand(3, 40, 40)
+    x[3, :, :20] = 0
+    return x
+
+
+@pytest.mark.parametrize("name", sorted(PARALLEL))
+def test_a_parallel_block_is_reduced_after_both_branches_as_the_reference_does(name):
+    policy, steps, proportional_after = PARALLEL[name]
+    model = timm_vit("vit_base_patch16_xp_224", img_size=40, patch_size=8, depth=4, embed_dim=64,
+                     num_heads=2).double()
+    gm = fxprune.transform(model, policy)
+    assert not any(n.target is gather_queries for n in gm.graph.nodes)  # its MLP reads every query's row
+    assert "parallel blocks" in str(gm.fxprune_plan)
+    x = _unlike_images()
+    if name == "chain":
+        assert all(high - low >= 2 for _, _, low, high in kept_counts(gm, x))  # padded rows at every reduction
+    with torch.no_grad():
+        expected = reduced_vit(model, x, steps(model), proportional_after)  # one image at a time
+        torch.testing.assert_close(gm(x), expected, atol=1e-10, rtol=0)
+        torch.testing.assert_close(fxprune.lower(gm, backend="eager")(x), expected, atol=1e-10, rtol=0)
+    torch._dynamo.reset()

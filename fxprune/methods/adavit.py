@@ -197,6 +197,9 @@ def block_parts(gm: fx.GraphModule, program: TokenProgram, block: Block, what: s
     def refuse(reason: str) -> UnsupportedModelError:
         return UnsupportedModelError(f"{what} cannot rewrite {block.name}: {reason}; leave it out of layers=")
 
+    if block.parallel is not None:
+        raise refuse(f"its MLP runs beside its attention from the block input (a parallel block, from "
+                     f"{block.beside}), where {what} gates a block's attention and then its MLP")
     site = block.attention
     shapes = [getattr(node.meta.get("val"), "shape", None) if node is not None else None for node in (site.k, site.v)]
     if any(shape is None or len(shape) != 4 or shape[1] != site.num_heads for shape in shapes):

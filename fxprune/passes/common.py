@@ -206,9 +206,9 @@ def _mask_shape(mask: object) -> tuple[int, ...] | None:
 def can_select_queries(block: Block) -> bool:
     """Whether ``block``'s attention is an SDPA call whose mask (if any) is known, so that a selection known
     before it can attend with the kept queries only (a mask with per-query rows, such as a relative position
-    bias, then gives the kept queries' rows)."""
+    bias, then gives the kept queries' rows); not in a parallel block, whose other branch reads every row."""
     site = block.attention
-    if site.kind != "sdpa":
+    if site.kind != "sdpa" or block.parallel is not None:
         return False
     mask = sdpa_arguments(site.node)["attn_mask"]
     return mask is None or _mask_shape(mask) is not None

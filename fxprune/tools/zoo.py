@@ -130,13 +130,15 @@ def _depth_anything() -> nn.Module:
 class Glance(nn.Module):
     """A hand-written ViT with none of timm's names: a learned ``summary`` token, positions ``where``, fused
     attention; its output reads ``reads``: ``'summary'`` (``final(x)[:, 0]``), ``'mean'`` (every token averaged)
-    or ``'all'`` (every token: a dense output)."""
+    or ``'all'`` (every token: a dense output). ``parallel``: each block adds its attention and its MLP, both of
+    its input (``x + attention(x) + mlp(x)``, ViT-22B's parallel block), instead of one after the other."""
 
     image_size = 32
 
-    def __init__(self, reads: str, width: int = 48, heads: int = 3, depth: int = 3, patch: int = 8):
+    def __init__(self, reads: str, parallel: bool = False, width: int = 48, heads: int = 3, depth: int = 3,
+                 patch: int = 8):
         super().__init__()
-        self.reads, self.heads = reads, heads
+        self.reads, self.parallel, self.heads = reads, parallel, heads
         self.cut = nn.Conv2d(3, width, patch, stride=patch)
         self.summary = nn.Parameter(torch.randn(1, 1, width) * 0.02)
         self.where = nn.Parameter(torch.randn(1, (self.image_size // patch) ** 2 + 1, width) * 0.02)
@@ -153,8 +155,12 @@ class Glance(nn.Module):
         for look in self.looks:
             b, n, c = x.shape
             q, k, v = look["qkv"](look["a"](x)).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-            x = x + look["o"](F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
-            x = x + look["f"](look["b"](x))
+            attended = look["o"](F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+            if self.parallel:
+                x = x + attended + look["f"](look["b"](x))
+            else:
+                x = x + attended
+                x = x + look["f"](look["b"](x))
         x = self.final(x)
         if self.reads == "summary":
             return self.decide(x[:, 0])
@@ -354,6 +360,8 @@ ZOO: tuple[Entry, ...] = (
     Entry("hand-written: summary token read alone", "hand-written", _seeded(Glance, "summary")),
     Entry("hand-written: mean over every token", "hand-written", _seeded(Glance, "mean")),
     Entry("hand-written: dense output", "hand-written", _seeded(Glance, "all")),
+    Entry("hand-written: parallel blocks (x + attention(x) + mlp(x))", "hand-written",
+          _seeded(Glance, "summary", True)),
     Entry("hand-written: two ViTs summed (an ensemble)", "hand-written", _seeded(Towers, False)),
     Entry("hand-written: one ViT on the images and on their mirror images", "hand-written", _seeded(Towers, True)),
     Entry("hand-written on nn.TransformerEncoder (pre-norm)", "hand-written", _seeded(Stack, True)),
@@ -500,7 +508,8 @@ _SHORT = (  # the reasons of common refusals, said in a few words (the full reas
     (r"pools over all tokens", "pool cannot skip padding"),
     (r"needs every token", "a later block needs every token"),
     (r"no residual addition", "no residual add after attention"),
-    (r"parallel branches", "parallel branches in a block"),
+    (r"parallel attentions", "two attentions side by side in a block"),
+    (r"a parallel block", "attention and MLP side by side (parallel block)"),
     (r"talking-heads attention", "heads mixed (talking heads)"),
     (r"tells every later attention", "a later attention over other keys"),
     (r"assumes the original token count", "a later layer needs the original token count"),
