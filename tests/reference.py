@@ -540,6 +540,19 @@ def dynamicvit_vit(model: nn.Module, predictors, images: torch.Tensor, keep_rate
     return model.forward_head(model.norm(x))
 
 
+def dynamicvit_step(predictor: nn.Module, keep: int, prefix: int):
+    """A DynamicViT evaluation step for :func:`reduced_vit` (the selection before the next block): the ``keep``
+    patch tokens of the highest keep score, in the order of their scores, sizes carried along."""
+
+    def step(x, size, probs, k, v):
+        decision = torch.ones(1, x.shape[1] - prefix, 1, dtype=x.dtype)
+        order = torch.argsort(_predictor_lg(predictor, x[:, prefix:], decision)[0, :, 0], descending=True)[:keep]
+        rows = torch.cat([torch.arange(prefix), prefix + order])
+        return x[:, rows], None if size is None else size[:, rows]
+
+    return step
+
+
 def _usage_decision(logits: torch.Tensor, threshold: float, training: bool) -> torch.Tensor:
     """AdaViT's ``_gumbel_sigmoid`` (hard): Gumbel noise and τ = 5 in training (two Exp(1) draws, in order),
     neither at evaluation."""

@@ -1,10 +1,10 @@
 import pytest
 import torch
-from reference import ats_step, evit_step, reduced_vit, tome_step
+from reference import ats_step, dynamicvit_step, evit_step, reduced_vit, tome_step
 from vits import hf_vit, image_batch, logits, timm_vit, torchvision_vit, with_explicit_softmax
 
 import fxprune
-from fxprune import ATS, EViT, ToMe, TopK
+from fxprune import ATS, DynamicViT, EViT, ToMe, TopK
 from fxprune.analysis import SDPA_TARGETS
 from fxprune.methods import ats, evit
 from fxprune.ops import gather_queries
@@ -51,10 +51,25 @@ def test_kept_queries_keep_the_batch_read_when_the_batch_equals_the_token_count(
     torch.testing.assert_close(gm(x)[1:2], gm(x[1:2]), atol=1e-5, rtol=0)
 
 
+def _then(*steps):
+    """Steps of :func:`reduced_vit` one after the other."""
+
+    def step(x, size, probs, k, v):
+        for each in steps:
+            x, size = each(x, size, probs, k, v)
+        return x, size
+
+    return step
+
+
 PARALLEL = {  # policies on timm's parallel blocks (ViT-22B's), each block's steps as the reference takes them
     "chain": (fxprune.Compose([ATS(None, (1,)), ToMe(3, (2,)), EViT(0.7, (3,))]),
-              lambda model: {1: ats_step(model, None), 2: tome_step(model, 3), 3: evit_step(model, 0.7)}, 2),
-    "topk": (TopK(0.6, (1, 2)), lambda model: {i: evit_step(model, 0.6, fuse=False) for i in (1, 2)}, None),
+              lambda model, gm: {1: ats_step(model, None), 2: tome_step(model, 3), 3: evit_step(model, 0.7)}, 2),
+    "topk": (TopK(0.6, (1, 2)), lambda model, gm: {i: evit_step(model, 0.6, fuse=False) for i in (1, 2)}, None),
+    "dynamicvit": (  # at block 2's input: the tokens ToMe left at the end of block 1, where a parallel block ends
+        fxprune.Compose([ToMe(3, (1,)), DynamicViT(0.7, (2,))]),
+        lambda model, gm: {1: _then(tome_step(model, 3), dynamicvit_step(
+            gm.get_submodule("fxprune.blocks_2.predictor"), int(25 * 0.7), 1))}, 1),
 }
 
 
@@ -80,7 +95,7 @@ def test_a_parallel_block_is_reduced_after_both_branches_as_the_reference_does(n
     if name == "chain":
         assert all(high - low >= 2 for _, _, low, high in kept_counts(gm, x))  # padded rows at every reduction
     with torch.no_grad():
-        expected = reduced_vit(model, x, steps(model), proportional_after)  # one image at a time
+        expected = reduced_vit(model, x, steps(model, gm), proportional_after)  # one image at a time
         torch.testing.assert_close(gm(x), expected, atol=1e-10, rtol=0)
         torch.testing.assert_close(fxprune.lower(gm, backend="eager")(x), expected, atol=1e-10, rtol=0)
     torch._dynamo.reset()

@@ -4,15 +4,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch.fx as fx
 
-from ..analysis import TokenProgram
+from ..analysis import TokenProgram, ancestors
 from ..errors import FxPruneError
 from ..ops import op_of
-from .common import Rewrite, Role, tag
+from .common import Rewrite, Role, stream_tokens, tag
 from .positions import place_position_terms
 from .restore import restore_layout, restores_layout, restores_output
 from .state import thread_state
@@ -27,19 +28,25 @@ def rewrite_blocks(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[Pla
     """Run each planned block's rewrite on ``gm`` (the program's graph module) and tag the node that carries its
     new token stream; ``train``: the training rewrite of learned methods. Raises when an evaluation rewrite breaks
     the contract (a reducing method whose rewrite names no stream node, or one whose function declares no role)."""
+    carried: dict[fx.Node, fx.Node] = {}  # a rewritten block's stream node after its attention → its new tokens
     for row in rows:
         if row.method is None:
             continue
         rewrite = row.method.rewrite
         if train and row.method.learned is not None:
             rewrite = row.method.learned.train_rewrite
-        result = rewrite(gm, program, program.blocks[row.index], row.policy)
+        block = program.blocks[row.index]
+        if block.input in carried:  # after a parallel block, whose residual add is the next block's input
+            block = dataclasses.replace(block, input=carried[block.input])
+        result = rewrite(gm, program, block, row.policy)
         if not isinstance(result, Rewrite):
             raise FxPruneError(f"the rewrite of method {row.method.name!r} returned {result!r}, not a Rewrite")
         if not train:  # a training graph keeps every row (static shapes)
             _check_stream(row, result)
         if result.stream is not None:
             tag(result.stream, row.index, Role.STREAM)
+            if block.mid is not None and block.mid in ancestors([result.stream]):
+                carried[block.mid] = stream_tokens(result.stream)
 
 
 def _check_stream(row: PlanRow, result: Rewrite) -> None:

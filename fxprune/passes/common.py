@@ -100,6 +100,14 @@ def stream_node(gm: fx.GraphModule, index: int) -> fx.Node | None:
     return next(iter(inserted(gm, index, Role.STREAM)), None)
 
 
+def stream_tokens(stream: fx.Node) -> fx.Node:
+    """The tokens that the stream node ``stream`` (a block's rewrite) passes on: the node itself, or the item 0 it
+    is read at when its function is sized (``(tokens, sizes)``, see :func:`reroute_stream`)."""
+    if not getattr(op_of(stream.target), "sized", False):
+        return stream
+    return next(user for user in stream.users if user.target is operator.getitem and user.args[1] == 0)
+
+
 def insert_call(
     gm: fx.GraphModule,
     after: fx.Node,
