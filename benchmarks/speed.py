@@ -1,6 +1,9 @@
-"""Speed of token-reduced DeiT-S against dense DeiT-S, eager and compiled, and the time ``transform`` takes.
+"""Speed of a token-reduced ViT against the dense one, eager and compiled, and the time ``transform`` takes.
+
+The ViT is DeiT-S unless ``--model`` names another timm model (random weights).
 
     python benchmarks/speed.py                                  # CPU, float32, batches 1 and 32, EViT 0.7
+    python benchmarks/speed.py --model vit_base_patch16_xp_224  # ViT-B/16 with parallel blocks
     python benchmarks/speed.py --policy "tome:r=8" --policy "tome:r=13"
     python benchmarks/speed.py --device cuda --dtype bfloat16 --batches 1,256
     python benchmarks/speed.py --policy "clustr:m=49" --img-size 448 --batches 1,8
@@ -43,6 +46,7 @@ def _transform_seconds(policy, repeats: int) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policy", action="append", help=f"repeatable (default: {DEFAULT_POLICY!r})")
+    parser.add_argument("--model", default="deit_small_patch16_224", help="a timm model name (random weights)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--batches", default="1,32", help="comma-separated batch sizes")
@@ -61,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cudnn.benchmark = True  # let cuDNN pick its fastest patch-embedding convolution
 
     torch.manual_seed(0)
-    dense = timm.create_model("deit_small_patch16_224", pretrained=False, img_size=args.img_size).eval()
+    dense = timm.create_model(args.model, pretrained=False, img_size=args.img_size).eval()
     policies = {text: fxprune.parse_policy(text) for text in args.policy or [DEFAULT_POLICY]}
     models = {"dense": dense.to(args.device, dtype)}
     models.update({text: fxprune.transform(dense, p).to(args.device, dtype) for text, p in policies.items()})
@@ -90,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     command = "python benchmarks/speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
     resolution = "" if args.img_size == 224 else f" at {args.img_size}²"
     described = "; ".join(p.describe() for p in policies.values())
-    print(f"### DeiT-S{resolution}: {described} — {args.device}, {args.dtype}\n")
+    name = "DeiT-S" if args.model == "deit_small_patch16_224" else args.model
+    print(f"### {name}{resolution}: {described} — {args.device}, {args.dtype}\n")
     print(f"Command: `{command.strip()}`  ")
     print(f"Machine: {machine(args.device)}  ")
     mac_ratios = ", ".join(f"`{text}` {macs['dense'] / macs[text]:.2f}×" for text in policies)
