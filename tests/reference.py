@@ -142,6 +142,16 @@ def _tome_one_image(x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, r: 
     return torch.stack([t[1] for t in order]), torch.stack([t[2] for t in order])
 
 
+def _proportional(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, size: torch.Tensor | None):
+    """Attention of ``q``, ``k``, ``v`` [B, H, N, d] with ToMe's ``+ log size`` on the logits when ``size`` [B, N]
+    is given: (heads joined [B, N, H·d], probabilities [B, H, N, N])."""
+    logits = (q * scale) @ k.transpose(-2, -1)
+    if size is not None:
+        logits = logits + size.log()[:, None, None, :]
+    probs = logits.softmax(dim=-1)
+    return (probs @ v).transpose(1, 2).flatten(2), probs
+
+
 def _attention_with_sizes(attn: nn.Module, x: torch.Tensor, size: torch.Tensor | None):
     """timm ``Attention`` with ToMe's proportional attention (``+ log size`` on the logits): (output,
     probabilities, keys, values)."""
@@ -149,11 +159,7 @@ def _attention_with_sizes(attn: nn.Module, x: torch.Tensor, size: torch.Tensor |
     qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, C // attn.num_heads).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    logits = (q * attn.scale) @ k.transpose(-2, -1)
-    if size is not None:
-        logits = logits + size.log()[:, None, None, :]
-    probs = logits.softmax(dim=-1)
-    out = (probs @ v).transpose(1, 2).reshape(B, N, C)
+    out, probs = _proportional(q, k, v, attn.scale, size)
     return attn.proj(attn.norm(out)), probs, k, v
 
 
@@ -166,11 +172,7 @@ def _parallel_block(blk: nn.Module, x: torch.Tensor, size: torch.Tensor | None):
     hidden = hidden if blk.mlp_bias is None else hidden + blk.mlp_bias
     q, k, v = (t.reshape(B, N, blk.num_heads, blk.head_dim).transpose(1, 2) for t in (q, k, v))
     q, k = blk.q_norm(q), blk.k_norm(k)
-    logits = (q * blk.scale) @ k.transpose(-2, -1)
-    if size is not None:
-        logits = logits + size.log()[:, None, None, :]
-    probs = logits.softmax(dim=-1)
-    attended = (probs @ v).transpose(1, 2).reshape(B, N, C)
+    attended, probs = _proportional(q, k, v, blk.scale, size)
     hidden = blk.mlp_drop(blk.mlp_act(hidden))
     if blk.out_proj is not None:
         out = blk.out_proj(torch.cat((attended, hidden), dim=-1))
