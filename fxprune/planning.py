@@ -22,6 +22,7 @@ from .analysis import (
     TokenProgram,
     ancestors,
     bias_per_query,
+    final_tokens,
     key_rows,
     module_path,
     op_name,
@@ -31,7 +32,7 @@ from .analysis import (
 from .errors import PolicyError, UnsupportedModelError
 from .methods import Method, method_of
 from .passes.common import Role, graph_order, rewritten_blocks, stream_node, tag_of
-from .passes.restore import layout_restored, restores_output
+from .passes.restore import layout_restored, restore_point, restores_output
 from .policies import Compose, Policy
 
 __all__ = ["Plan", "PlanRow", "make_plan", "block_of", "macs_per_block", "measure_tokens", "token_count"]
@@ -359,11 +360,28 @@ def _check_restore(program: TokenProgram, reducing: Sequence[int], restore: bool
         )
 
 
+def _check_parallel_end(program: TokenProgram, reducing: Sequence[int]) -> None:
+    """Refuse a reduction at a parallel block whose output is the final tokens that the model's output reads in their
+    places: both its branches run on every token, and the layout would be put back right after it."""
+    if program.readout.patches not in ("dense", "ordered"):
+        return
+    ends = {final_tokens(program), restore_point(program)}
+    for index in reducing:
+        block = program.blocks[index]
+        if block.parallel is not None and block.mid in ends:
+            raise UnsupportedModelError(
+                f"block {index} ({block.name}) is a parallel block whose output is the final tokens, which "
+                f"{program.model_name}'s output reads in their places: both its branches run on every token, so a "
+                "reduction there would be undone at once and save nothing. Choose earlier blocks."
+            )
+
+
 def _read_apart(program: TokenProgram) -> str:
     """Which tokens the output reads apart from the stream, in words: "the tokens after the embeddings and blocks
-    1, 2" (each read value's block: the last whose residual add after its attention comes before it)."""
+    1, 2" (each read value's block: the last whose residual add after its attention, or after both branches of a
+    parallel block, is it or comes before it)."""
     order = graph_order(program.gm)
-    after = {max((b.index for b in program.blocks if b.mid is not None and order(b.mid) < order(value)), default=None)
+    after = {max((b.index for b in program.blocks if b.mid is not None and order(b.mid) <= order(value)), default=None)
              for value, _ in program.reads_apart}
     named = [str(index) for index in sorted(index for index in after if index is not None)]
     parts = (["the embeddings"] if None in after else []) + (
@@ -405,6 +423,7 @@ def make_plan(program: TokenProgram, policy: Policy | Compose, restore: bool = T
     _check_model(program, owner, restore)
     reducing = [index for index, part in owner.items() if method_of(part).reduces_tokens]
     _check_restore(program, reducing, restore)
+    _check_parallel_end(program, reducing)
     rows = []
     for block in program.blocks:
         part = owner.get(block.index)

@@ -8,7 +8,7 @@ import torch
 from vits import assert_compiles_once, lookout
 
 import fxprune
-from fxprune.passes.restore import _restore_point
+from fxprune.passes.restore import restore_point
 from fxprune.tools.show import token_sources
 
 POLICIES = {
@@ -123,7 +123,7 @@ def test_a_model_that_reads_its_class_token_is_not_restored():
 
 def test_the_layout_is_put_back_before_the_final_norm_and_compiles_as_one_graph():
     model = _backbone().float()
-    assert _restore_point(fxprune.analyse(model)).name != "norm"  # the last block's output, which the norm reads
+    assert restore_point(fxprune.analyse(model)).name != "norm"  # the last block's output, which the norm reads
     assert_compiles_once(fxprune.transform(model, fxprune.ATS(0.5, (1, 2))), model)
     assert_compiles_once(fxprune.transform(model, fxprune.ATS(0.5, (1, 2)), restore=False), model)  # same shapes
 
@@ -355,3 +355,23 @@ def test_a_mean_pool_over_the_restored_layout_takes_a_padded_batch():
             alone = reduced(x[i:i + 1])
             for key in ("pooler_output", "last_hidden_state"):
                 torch.testing.assert_close(together[key][i:i + 1], alone[key], atol=1e-10, rtol=0)
+
+
+def test_a_parallel_blocks_output_read_apart_is_read_as_computed_and_one_that_is_the_final_tokens_is_refused():
+    torch.manual_seed(0)  # ViT-22B's parallel blocks: each block's output is where a reduction after it goes
+    net = timm.create_model("vit_base_patch16_xp_224", pretrained=False, img_size=40, patch_size=8, depth=3,
+                            embed_dim=64, num_heads=2, features_only=True, out_indices=(0, 1, 2)).eval().double()
+    gm = fxprune.transform(net, fxprune.ToMe(4, (0, 1)))
+    assert any("reads the tokens after blocks 0, 1 apart" in note for note in gm.fxprune_plan.notes)
+    x = torch.randn(3, 3, 40, 40, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with torch.no_grad():
+        maps, expected = gm(x), net(x)
+        alone = [gm(x[i:i + 1]) for i in range(x.shape[0])]
+    torch.testing.assert_close(maps[0], expected[0], atol=1e-10, rtol=0)  # before: merged rows restored, not these
+    assert (maps[1] - expected[1]).abs().max() > 1e-2  # block 1 ran on the tokens block 0's merges left
+    for b, one in enumerate(alone):
+        for got, own in zip(maps, one):
+            torch.testing.assert_close(got[b:b + 1], own, atol=1e-10, rtol=0)
+    with pytest.raises(fxprune.UnsupportedModelError, match=r"block 2 \(model.blocks.2\) is a parallel block whose "
+                       r"output is the final tokens.*save nothing. Choose earlier blocks"):
+        fxprune.transform(net, fxprune.EViT(0.5, (2,)))

@@ -31,7 +31,7 @@ from .common import Role, graph_order, insert_call, stream_node, tag, tag_of
 if TYPE_CHECKING:
     from ..planning import PlanRow
 
-__all__ = ["restore_layout", "restores_layout", "restores_output", "return_positions"]
+__all__ = ["restore_layout", "restore_point", "restores_layout", "restores_output", "return_positions"]
 
 
 def restore_layout(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[PlanRow], restore: bool = True) -> None:
@@ -52,25 +52,27 @@ def restore_layout(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[Pla
         return
     states = _token_states(gm, program, steps)
     if restores_output(program):
-        end = _restore_point(program)
+        end = restore_point(program)
         _restore_at(gm, program.blocks[max(steps)], states[max(steps)], end, "restored_layout", list(end.users))
     order = graph_order(gm)
-    reads = [(reader, next(node for node in reader.all_input_nodes if _read_in_place_of(node, value)))
-             for value, reader in program.reads_apart]
-    for reader, read in reads:
-        done = [index for index, nodes in steps.items() if order(nodes[-1]) <= order(read)]
+    for value, reader in program.reads_apart:  # each reads the value as the model computes it there
+        read = next(node for node in reader.all_input_nodes if _read_in_place_of(node, value))
+        done = [index for index, nodes in steps.items() if order(nodes[-1]) < order(value)]
         if done:
-            _restore_at(gm, program.blocks[done[-1]], states[done[-1]], read, "read_apart_layout", [reader])
+            _restore_at(gm, program.blocks[done[-1]], states[done[-1]], value, "read_apart_layout", [reader], read)
+        else:
+            reader.replace_input_with(read, value)
 
 
 def _read_in_place_of(node: fx.Node, value: fx.Node) -> bool:
     """Whether a reader of ``value`` that now reads ``node`` reads it in place of ``value``: ``node`` is ``value``,
-    or a selection made at it (a stream function on ``value``, or its tokens: DynamicViT's at a block's input)."""
-    if node is value:
-        return True
+    or a selection made at it (stream functions from ``value`` on, or their tokens: DynamicViT's at a block's input,
+    any method's after a parallel block, whose output is ``value``)."""
     if node.target is operator.getitem:
         node = node.args[0]
-    return _moves_rows(node) and node.args[0] is value
+    while node is not value and _moves_rows(node):
+        node = node.args[0]
+    return node is value
 
 
 def _token_states(
@@ -109,13 +111,14 @@ def _destinations(gm: fx.GraphModule, node: fx.Node, block: Block) -> fx.Node:
 
 
 def _restore_at(gm: fx.GraphModule, block: Block, state: tuple[fx.Node, fx.Node], value: fx.Node, name: str,
-                readers: Sequence[fx.Node]) -> None:
-    """Make ``readers`` of the token rows ``value``, left by ``block`` and earlier reductions with ``state`` (their
-    recorded tokens and held rows), read the original token layout instead."""
+                readers: Sequence[fx.Node], read: fx.Node | None = None) -> None:
+    """Make ``readers`` of the token rows ``value`` (or of ``read``, which they read in its place), left by
+    ``block`` and earlier reductions with ``state`` (their recorded tokens and held rows), read the original token
+    layout instead."""
     recorded, held = state
     restored = _insert(gm, value, token_states, (recorded, value, held), block, name)
     for reader in readers:
-        reader.replace_input_with(value, restored)
+        reader.replace_input_with(value if read is None else read, restored)
 
 
 def restores_layout(program: TokenProgram, rows: Sequence[PlanRow]) -> bool:
@@ -130,7 +133,7 @@ def restores_output(program: TokenProgram) -> bool:
     """Whether the final tokens get the original layout back once reduced: the output reads every patch row in its
     place (a dense output, or convolutions over their grid). The blocks after the last one of self-attention (an
     attention pool) then read every original token once."""
-    return program.readout.patches in ("dense", "ordered") and _restore_point(program) is not None
+    return program.readout.patches in ("dense", "ordered") and restore_point(program) is not None
 
 
 def layout_restored(gm: fx.GraphModule) -> bool:
@@ -176,7 +179,7 @@ def _insert(gm: fx.GraphModule, after: fx.Node, fn, args: tuple, block, name: st
     return tag(insert_call(gm, after, fn, args, kwargs or {}, block, name), block, Role.STATE, ROWS)
 
 
-def _restore_point(program: TokenProgram) -> fx.Node | None:
+def restore_point(program: TokenProgram) -> fx.Node | None:
     """The stream's value leaving the last block of self-attention (before a final norm, which then normalises the
     restored rows alike), or the final tokens when no stream node is known inside that block."""
     final = final_tokens(program)
