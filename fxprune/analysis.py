@@ -1124,15 +1124,15 @@ def _refusal(
             f"the token stream leaves the tokens before its attention's output (after it, the stream {after}): the "
             f"model's output reads no token sequence after it, or reads an earlier block's tokens and {_JOINED}"
         ), True
-    residual = _residual_addition(site)
-    in_turn = residual is not None and residual is not mid and _joins_by_additions(residual, mid)
-    if not in_turn and (not _is_add(mid) or anchor not in mid.all_input_nodes):
-        if residual is not None:
+    if not _is_add(mid) or anchor not in mid.all_input_nodes:
+        residual = _residual_addition(site)
+        if residual is None:
+            return "no residual addition of the block input after attention", False
+        if residual is mid or not _joins_by_additions(residual, mid):  # else (x + attention) + mlp: parallel
             return (
                 f"its residual addition {residual.name} is not on the token stream: the model's output also reads "
                 f"this block's tokens and {_JOINED}"
             ), True
-        return "no residual addition of the block input after attention", False
     unplaced = [str(term) for term in terms if not term.axes]
     if unplaced:
         return (
