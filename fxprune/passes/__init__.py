@@ -29,6 +29,7 @@ def rewrite_blocks(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[Pla
     new token stream; ``train``: the training rewrite of learned methods. Raises when an evaluation rewrite breaks
     the contract (a reducing method whose rewrite names no stream node, or one whose function declares no role)."""
     carried: dict[fx.Node, fx.Node] = {}  # a rewritten block's stream node after its attention → its new tokens
+    inputs = {block.input for block in program.blocks}  # a parallel block's stream node after it is one of them
     for row in rows:
         if row.method is None:
             continue
@@ -45,7 +46,7 @@ def rewrite_blocks(gm: fx.GraphModule, program: TokenProgram, rows: Sequence[Pla
             _check_stream(row, result)
         if result.stream is not None:
             tag(result.stream, row.index, Role.STREAM)
-            if block.mid is not None and block.mid in ancestors([result.stream]):
+            if block.mid in inputs and block.mid in ancestors([result.stream]):
                 carried[block.mid] = stream_tokens(result.stream)
 
 
