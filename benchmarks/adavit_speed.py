@@ -17,7 +17,7 @@ runs the same images (``--images`` of them: one by one at batch 1, as one batch 
 rounds, reported as ratios to dense; with ``--runs`` all of it that many times over, each cell the median of the
 runs' ratios, and each run's batch-1 ratio listed (how far one run strays on this machine). With ``--compile`` also,
 against dense compiled: the masked graph compiled by ``fxprune.lower``, and the skipping graph under
-``torch.compile(dynamic=True)``, which breaks the graph around its data-dependent ops (it has no full graph); the
+``torch.compile(dynamic=True)``, as a user would compile it (fxprune then runs it eagerly: it has no full graph); the
 warm-up rounds include their compilation.
 With ``--ceiling`` also, at batch 1, hand-written forwards of what the skipping graph computes for each image,
 checked against it: ``decided_forward`` makes the same decisions with the same products (``fxprune.ops.gating``) but
@@ -524,7 +524,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--compile", action="store_true",
                         help="also time the masked graph compiled by fxprune.lower and the skipping graph compiled "
-                             "with graph breaks (torch.compile, dynamic shapes), against dense compiled")
+                             "as torch.compile(dynamic=True) runs it (eagerly), against dense compiled")
     parser.add_argument("--trained", help="force the usage the digits models trained in this folder reach instead")
     parser.add_argument("--profile", action="store_true",
                         help="also profile dense and skipped at batch 1: share of CPU time in matrix products, ops")

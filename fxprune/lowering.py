@@ -11,7 +11,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from .errors import FxPruneError
-from .ops.registry import op_of
+from .ops.registry import data_dependent
 
 __all__ = ["lower", "LoweredModule"]
 
@@ -70,9 +70,7 @@ def lower(
 
 def _refuse_data_dependent(model: nn.Module) -> None:
     """Raise when ``model``'s graph runs ops whose shapes depend on the data (they have no static graph)."""
-    graph = model.graph if isinstance(model, fx.GraphModule) else None
-    found = sorted({node.target.__name__ for node in graph.nodes if node.op == "call_function"
-                    and getattr(op_of(node.target), "worst_case", None) is not None}) if graph is not None else []
+    found = data_dependent(model.graph.nodes) if isinstance(model, fx.GraphModule) else []
     if found:
         raise FxPruneError(
             f"the model runs ops whose shapes depend on the data ({', '.join(found)}: it skips what each image "

@@ -512,13 +512,11 @@ def _decide_anyway(sublayers: Tensor, count: int, decide: fx.GraphModule, *input
 
 
 @graph_op(worst_case=_decide_anyway)
-@torch.compiler.disable(recursive=False)
 def decide_if_used(sublayers: Tensor, count: int, decide: fx.GraphModule, *inputs: Any) -> Any:
     """The graph ``decide`` on ``inputs``, a block's row and head decisions (``count`` values), where some image
     uses one of the block's sub-layers (``sublayers`` ``[B, 2]``) or a :func:`~fxprune.collect` context is open;
     else ``count`` Nones (None for one): a block no image uses needs no other decision. As
-    :func:`~fxprune.passes.skipping.run_if_used`, ``forward`` is called directly, and compiled on its own under
-    ``torch.compile``."""
+    :func:`~fxprune.passes.skipping.run_if_used`, ``forward`` is called directly."""
     refuse_jit_trace()
     if not collecting() and not bool(sublayers.any()):
         return None if count == 1 else (None,) * count

@@ -6,10 +6,9 @@ hard Gumbel-sigmoid sample in training (τ = 5, straight-through) and ``sigmoid(
 a head not used has its q, k, v and output channels zeroed; a token not used is no key for the others, attends
 only to itself, and gets no update from the block.
 
-The ops of the skipping graph whose results depend on the data (layouts, the heads some image uses, the row sums,
-the head-sliced products, whose slices are read from the data) run outside ``torch.compile``'s graphs
-(``torch.compiler.disable``): one graph break at each call, and no recompilation for each block, head set or
-decision; what runs between them (a sub-layer's norms, attention and MLP) compiles.
+The skipping graph's ops whose results depend on the data (layouts, the heads some image uses, the row sums, the
+head-sliced products, whose slices are read from the data) run in eager mode: under ``torch.compile`` the whole
+skipping graph does (:class:`~fxprune.passes.learned.TrainEvalGraphModule`).
 """
 
 from __future__ import annotations
@@ -77,7 +76,6 @@ def _always_varies(heads: Tensor, used: Tensor) -> Tensor:
 
 
 @graph_op(worst_case=_always_varies)
-@torch.compiler.disable
 def varying_heads(heads: Tensor, used: Tensor) -> Tensor | None:
     """Each image's decisions ``[B, h]`` on the heads ``used`` ``[h]`` that some image uses (``heads`` ``[B, H]``),
     or None when every image uses all of them (always at batch 1, read without data): then they need no factor."""
@@ -149,7 +147,6 @@ def _every_row(rows: Tensor | None, sublayers: Tensor | None, which: int, empty:
 
 
 @graph_op(worst_case=_every_row)
-@torch.compiler.disable
 def used_layout(
     rows: Tensor | None, sublayers: Tensor | None, which: int, empty: bool = False
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -210,7 +207,6 @@ def _as_laid_out(heads: Tensor | None, images: Tensor | None, index: Tensor | No
 
 
 @graph_op(worst_case=_as_laid_out)
-@torch.compiler.disable
 def one_row_without_heads(
     heads: Tensor | None, images: Tensor | None, index: Tensor | None, valid: Tensor | None
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -274,7 +270,6 @@ def _index_add(x: Tensor, index: Tensor, source: Tensor, in_place: bool) -> Tens
 
 
 @graph_op(worst_case=_same_as_residual)
-@torch.compiler.disable
 def add_used_rows(
     residual: Tensor, update: Tensor, images: Tensor | None, index: Tensor | None, valid: Tensor | None,
     in_place: bool = False,
@@ -314,7 +309,6 @@ def _all_heads(per_head: Tensor) -> Tensor:
 
 
 @graph_op(worst_case=_all_heads)
-@torch.compiler.disable
 def used_heads(per_head: Tensor) -> Tensor:
     """The heads any image uses (``per_head`` ``[b, H, 1, 1]``): indices ``[h]``."""
     refuse_jit_trace()
@@ -419,7 +413,6 @@ def _take(x: Tensor, dim: int, runs: tuple[tuple[int, int], ...]) -> Tensor:
 
 
 @graph_op()
-@torch.compiler.disable
 def project_heads(
     x: Tensor, weight: Tensor, bias: Tensor | None, tables: tuple[tuple[tuple[int, ...], ...], ...], heads: Tensor
 ) -> tuple[Tensor, ...]:
@@ -469,7 +462,6 @@ def _starts(runs: Sequence[tuple[int, int]]) -> list[int]:
 
 
 @graph_op()
-@torch.compiler.disable
 def project_from_heads(
     x: Tensor, weight: Tensor, bias: Tensor | None, columns: tuple[tuple[int, ...], ...], heads: Tensor
 ) -> Tensor:
@@ -481,7 +473,6 @@ def project_from_heads(
 
 
 @graph_op()
-@torch.compiler.disable
 def project_head_channels(
     x: Tensor, weight: Tensor, bias: Tensor | None, heads: Tensor, head_dim: int, factor: Tensor | None
 ) -> Tensor:

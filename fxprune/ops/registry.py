@@ -29,10 +29,11 @@ Every declared function is kept as one call when a saved graph is traced again (
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
-__all__ = ["GraphOp", "graph_op", "follows", "op_of", "graph_functions", "SIZES", "POSITIONS", "KEEP", "ROWS"]
+__all__ = ["GraphOp", "graph_op", "follows", "op_of", "graph_functions", "data_dependent", "SIZES", "POSITIONS", "KEEP",
+           "ROWS"]
 
 SIZES = "sizes"  # patches each row stands for; 0 marks padding
 POSITIONS = "positions"  # the index of each row in the first block's input; -1 for a row made of several
@@ -100,6 +101,13 @@ def op_of(fn: object) -> GraphOp | None:
         return _OPS.get(fn)  # type: ignore[arg-type]
     except TypeError:  # an unhashable node target
         return None
+
+
+def data_dependent(nodes: Iterable[Any]) -> list[str]:
+    """The names of the graph functions that ``nodes`` (a graph's ``torch.fx`` nodes) call whose result shapes
+    depend on the data (those declaring a ``worst_case``), sorted, each once: empty for a graph of static shapes."""
+    return sorted({node.target.__name__ for node in nodes if node.op == "call_function"
+                   and getattr(op_of(node.target), "worst_case", None) is not None})
 
 
 def graph_functions() -> tuple[Callable, ...]:

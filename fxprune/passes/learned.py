@@ -8,6 +8,10 @@ weights, and auxiliary values for losses.
   training (differentiable masks, static shapes) and for evaluation (tokens really removed). A
   :class:`TrainEvalGraphModule` holds both over the same parameters and submodules; ``.train()`` / ``.eval()``
   choose which one runs. Its ``graph`` and ``code`` are the evaluation graph's; ``train_graph`` is the other.
+  An evaluation graph whose shapes depend on the data (AdaViT's skipping) runs eagerly under ``torch.compile``
+  (``torch.compiler.disable``: one graph break where it is called): compiled, such a graph is cut at each of
+  those ops into pieces that each cost more to enter than they save (slower than eager at batch 1 and 32 on the
+  CPU, BENCHMARKS.md); the training graph, static, compiles.
 * **Auxiliary values** (keep ratios, predictor scores) reach a training loop without changing the model's
   outputs: the training graph calls :func:`~fxprune.ops.emitting.emit`, which hands them to the innermost
   :func:`~fxprune.ops.emitting.collect` context.
@@ -31,6 +35,7 @@ from ..capture.codegen import direct_forward, fx_traceable, node_records, pickle
 from ..capture.tracer import fetch_attr
 from ..errors import PolicyError
 from ..ops.emitting import emit  # noqa: F401  (here before it moved: a model pickled then imports it from here)
+from ..ops.registry import data_dependent
 from ..policies import Compose, Policy
 from .common import Role, attribute, insert_call, remove_dead_code
 from .skipping import call_module, run_if_used
@@ -104,7 +109,10 @@ class TrainEvalGraphModule(TakesCapturedArguments, fx.GraphModule):
         if "_incomplete" in self.__dict__:
             return code
         cls = type(self)
-        cls._eval_forward = direct_forward(self, self.graph, code)
+        evaluation = direct_forward(self, self.graph, code)
+        if data_dependent(self.graph.nodes):  # shapes from the data: no compiled code runs them faster
+            evaluation = torch.compiler.disable(evaluation)
+        cls._eval_forward = evaluation
         cls._train_forward = direct_forward(self, self.train_graph, self.train_graph.python_code(root_module="self"))
         cls.forward = fx_traceable(_forward_by_mode, cls._eval_forward, _graph_of_mode)
         return code

@@ -126,16 +126,12 @@ def call_module(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
 
 
 @graph_op()
-@torch.compiler.disable(recursive=False)
 def run_if_used(images: torch.Tensor | None, sublayer: fx.GraphModule, *inputs: Any,
                 heads: torch.Tensor | None = None, without_heads: fx.GraphModule | None = None) -> Any:
     """The graph ``sublayer`` on ``inputs``, or None when no image uses the sub-layer (``images`` empty, as
     :func:`used_layout` gives with ``empty=True``); where no image uses a head (``heads``, the heads some image uses,
     empty), the graph ``without_heads`` on them instead (:func:`without_heads_graphs`). Its ``forward`` is called
-    directly: a graph fxprune made has no hooks, and a module call costs more than a small sub-layer's bookkeeping.
-    Under ``torch.compile`` this call is not compiled but the sub-layer's graph is, as a frame of its own (compiled
-    here, each sub-layer would be a recompilation of this one function, and those past dynamo's limit would run
-    uncompiled)."""
+    directly: a graph fxprune made has no hooks, and a module call costs more than a small sub-layer's bookkeeping."""
     if images is not None and images.shape[0] == 0:
         return None
     if without_heads is not None and heads is not None and heads.shape[0] == 0:
