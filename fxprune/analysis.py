@@ -1062,18 +1062,25 @@ def _block(
 
 
 def _side_by_side(blocks: tuple[Block, ...]) -> tuple[Block, ...]:
-    """``blocks``, those whose attention's branch meets another attention's in one residual addition (parallel
-    attentions, as timm's ``ParallelThingsBlock``) refused: a method ranks a block's tokens by one attention."""
+    """``blocks``, those whose attention's branch meets another attention's in one residual addition refused: a
+    method ranks a block's tokens by one attention map per head. The attentions are parallel ones (timm's
+    ``ParallelThingsBlock``), or maps one module computes and combines (differential attention)."""
     meeting: dict[fx.Node, list[Block]] = {}
     for block in blocks:
         if block.mid is not None:
             meeting.setdefault(block.mid, []).append(block)
 
     def refused(block: Block) -> Block:
-        others = [other.attention.module or other.attention.node.name for other in meeting[block.mid]
-                  if other is not block]
+        others = [other for other in meeting[block.mid] if other is not block]
+        module = block.attention.module
+        if module is not None and all(other.attention.module == module for other in others):
+            return dataclasses.replace(block, refusal=(
+                f"its module {module} computes {len(others) + 1} attention maps over the tokens and combines them "
+                "(differential attention, as the Diff Transformer's); fxprune reduces the tokens of a block whose "
+                "attention has one map per head"))
+        names = [other.attention.module or other.attention.node.name for other in others]
         return dataclasses.replace(block, refusal=(
-            f"its attention runs beside {', '.join(others)} in one residual branch (parallel attentions); fxprune "
+            f"its attention runs beside {', '.join(names)} in one residual branch (parallel attentions); fxprune "
             "reduces the tokens of a block with one attention"))
 
     return tuple(refused(block) if block.mid is not None and len(meeting[block.mid]) > 1 and block.reducible

@@ -448,6 +448,14 @@ def test_parallel_attentions_of_a_block_are_one_token_stream_and_refused_naming_
     assert all("(parallel attentions)" in block.refusal for block in program.blocks)
 
 
+def test_differential_attention_is_refused_as_two_maps_one_module_combines_not_as_parallel_attentions():
+    program = fxprune.analyse(timm_vit("vit_dwee_patch16_reg1_gap_256", img_size=32, patch_size=8, depth=2))
+    assert [block.attention.module for block in program.blocks] == ["blocks.0.attn"] * 2 + ["blocks.1.attn"] * 2
+    assert {block.refusal.split(" (")[0] for block in program.blocks} == {
+        f"its module blocks.{i}.attn computes 2 attention maps over the tokens and combines them" for i in (0, 1)}
+    assert all("one map per head" in block.refusal for block in program.blocks)
+
+
 class _AttentionUnread(torch.nn.Module):
     """Attention over the patches ``[B, 1, 4, 8]`` whose result the output never reads (it is the patches' mean)."""
 

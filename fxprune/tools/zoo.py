@@ -509,6 +509,7 @@ _SHORT = (  # the reasons of common refusals, said in a few words (the full reas
     (r"needs every token", "a later block needs every token"),
     (r"no residual addition", "no residual add after attention"),
     (r"parallel attentions", "two attentions side by side in a block"),
+    (r"differential attention", "two attention maps combined (differential attention)"),
     (r"a parallel block", "attention and MLP side by side (parallel block)"),
     (r"talking-heads attention", "heads mixed (talking heads)"),
     (r"tells every later attention", "a later attention over other keys"),
