@@ -110,7 +110,7 @@ class TrainEvalGraphModule(TakesCapturedArguments, fx.GraphModule):
             return code
         cls = type(self)
         evaluation = direct_forward(self, self.graph, code)
-        if data_dependent(self.graph.nodes):  # shapes from the data: no compiled code runs them faster
+        if data_dependent(self.graph.nodes):  # shapes from the data: compiled in pieces, it ran slower than eager
             evaluation = torch.compiler.disable(evaluation)
         cls._eval_forward = evaluation
         cls._train_forward = direct_forward(self, self.train_graph, self.train_graph.python_code(root_module="self"))
