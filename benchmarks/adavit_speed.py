@@ -29,6 +29,8 @@ computes, written with no Python branch on a decision, eager and compiled as one
 data (unbacked), against dense compiled alike (what a skip path without per-op dispatch reaches). With
 ``--one-row-whole`` also, at batch 1, the skipping graph with its sub-layers that are computed on one row where no
 image uses a head run through their whole graphs (``whole_one_row``: what ``without_heads_graphs`` saves). With
+``--rows-each-call`` also, at batch 1, the skipping graph computing those sub-layers' rows from biases at each call
+(``rows_each_call``: what keeping them for their parameters saves). With
 ``--blocks`` also, at batch 1, where the time goes: copies of the dense and skipping graphs with a clock read before
 each block's first node (``marked``), timed image by image, interleaved; per block its median time per image in
 each, and what its decisions use of the timing images (``fxprune.tools.show.usage``).
@@ -472,15 +474,26 @@ def _blocks_table(model: torch.nn.Module, skipping: torch.nn.Module, images: tor
     return "\n".join(lines)
 
 
-def whole_one_row(skipping: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A copy of ``skipping`` whose sub-layers computed on one row where no image uses a head run their whole graphs
-    (their head-sliced products on no heads), as before ``fxprune.passes.skipping.without_heads_graphs``."""
+def _without(skipping: torch.fx.GraphModule, keywords: tuple[str, ...]) -> torch.fx.GraphModule:
+    """A copy of ``skipping`` whose calls of ``run_if_used`` do not receive ``keywords``."""
     copied = copy.deepcopy(skipping)
     for node in copied.graph.find_nodes(op="call_function", target=run_if_used):
-        node.kwargs = {key: value for key, value in node.kwargs.items() if key not in ("heads", "without_heads")}
+        node.kwargs = {key: value for key, value in node.kwargs.items() if key not in keywords}
     remove_dead_code(copied.graph)
     copied.recompile()
     return copied
+
+
+def whole_one_row(skipping: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of ``skipping`` whose sub-layers computed on one row where no image uses a head run their whole graphs
+    (their head-sliced products on no heads), as before ``fxprune.passes.skipping.without_heads_graphs``."""
+    return _without(skipping, ("heads", "without_heads", "fixed"))
+
+
+def rows_each_call(skipping: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of ``skipping`` whose rows from biases (a sub-layer no image uses a head of) are computed at each call,
+    not kept for their parameters (``fxprune.passes.skipping.parameters_row``)."""
+    return _without(skipping, ("fixed",))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -508,7 +521,8 @@ def _run(gm: torch.nn.Module, images: torch.Tensor, one_by_one: bool) -> object:
     return [gm(image[None]) for image in images] if one_by_one else gm(images)
 
 
-_FLAGS = ("compile", "profile", "ceiling", "branch_free", "one_row_whole", "blocks")  # switches, in the order shown
+_FLAGS = ("compile", "profile", "ceiling", "branch_free", "one_row_whole", "rows_each_call",
+          "blocks")  # switches, in the order shown
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -539,6 +553,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--one-row-whole", action="store_true",
                         help="also time, at batch 1, the skipping graph with its one-row sub-layers where no image "
                              "uses a head run through their whole graphs (what without_heads_graphs saves)")
+    parser.add_argument("--rows-each-call", action="store_true",
+                        help="also time, at batch 1, the skipping graph computing the rows from biases of sub-layers "
+                             "no image uses a head of at each call (what keeping them for their parameters saves)")
     parser.add_argument("--blocks", action="store_true",
                         help="also time, at batch 1, each block of the dense and skipping graphs (a clock read "
                              "before each block's first node), with what each block's decisions use")
@@ -565,13 +582,15 @@ def main(argv: list[str] | None = None) -> None:
         if args.ceiling and 1 in batches else ""
     whole = " | batch 1, branch-free | … compiled whole | … against dense compiled" \
         if args.branch_free and 1 in batches else ""
-    one_row = " | batch 1, one-row sub-layers whole" if args.one_row_whole and 1 in batches else ""
+    variants = {label: build for label, build, wanted in (
+        ("one-row sub-layers whole", whole_one_row, args.one_row_whole),
+        ("rows from biases each call", rows_each_call, args.rows_each_call)) if wanted and 1 in batches}
     header = "| usage | of | executed MACs (% of dense) | MAC ratio | " + " | ".join(
         f"speed ratio, batch {b}, skipped | batch {b}, masked" + compiled.format(b=b) for b in batches) \
-        + ceiling + whole + one_row + " |"
+        + ceiling + whole + "".join(f" | batch 1, {label}" for label in variants) + " |"
     print(header)
     print("|---|---|---|---|" + ("---|" * (4 if args.compile else 2)) * len(batches) + ("---|" * 3 if ceiling else "")
-          + ("---|" * 3 if whole else "") + ("---|" if one_row else ""))
+          + ("---|" * 3 if whole else "") + "---|" * len(variants))
     dense_macs = per_image_macs(model, single)
     profiles, block_tables, run_lines = [], [], []
     for usage in (float(u) for u in args.usages.split(",")):
@@ -598,8 +617,9 @@ def main(argv: list[str] | None = None) -> None:
                     fns.update(_references(model, skipping, images))
                 if whole and batch == 1:
                     fns.update(_branch_free(model, skipping, images))
-                if one_row and batch == 1:
-                    fns["one-row whole"] = functools.partial(_run, whole_one_row(skipping), images, True)
+                if batch == 1:
+                    fns.update({label: functools.partial(_run, build(skipping), images, True)
+                                for label, build in variants.items()})
                 timing = Runs([interleaved(fns, repeats=args.repeats) for _ in range(args.runs)])
                 speeds[batch] = timing.ratio('dense', 'skipped')
                 if batch == 1 and args.runs > 1:
@@ -611,8 +631,8 @@ def main(argv: list[str] | None = None) -> None:
                 if ceiling and batch == 1:
                     ceiling_cells = [f"{timing.ratio('dense', name):.2f}×"
                                      for name in ("decided", "decided, kept slices", "ceiling")]
-                if one_row and batch == 1:
-                    one_row_cell = f"{timing.ratio('dense', 'one-row whole'):.2f}×"
+                if batch == 1:
+                    variant_cells = [f"{timing.ratio('dense', label):.2f}×" for label in variants]
                 if whole and batch == 1:
                     whole_cells = [f"{timing.ratio('dense', name):.2f}×" for name in ("branch-free", "whole")] \
                         + [f"{timing.ratio('dense whole', 'whole'):.2f}×"]
@@ -620,8 +640,8 @@ def main(argv: list[str] | None = None) -> None:
                 cells += ceiling_cells
             if whole:
                 cells += whole_cells
-            if one_row:
-                cells.append(one_row_cell)
+            if 1 in batches:
+                cells += variant_cells
             print(f"| {usage:g} | {part} | {100 * macs / dense_macs:.1f} | {dense_macs / macs:.2f}× | "
                   + " | ".join(cells) + " |")
             if args.blocks:

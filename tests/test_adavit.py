@@ -566,7 +566,7 @@ def _counting(calls, name, forward):
     return counted
 
 
-def test_where_no_image_uses_a_head_a_one_row_sub_layer_runs_a_graph_of_its_biases_instead():
+def test_where_no_image_uses_a_head_a_one_row_sub_layer_runs_a_graph_of_its_biases_once_for_its_parameters():
     model = _model()
     masked, skipping = _masked_and_skipping(model, init_logit=20.0)  # everything used, then block 1 changed
     x = image_batch(model, batch=4, dtype=torch.float64)
@@ -586,9 +586,26 @@ def test_where_no_image_uses_a_head_a_one_row_sub_layer_runs_a_graph_of_its_bias
         torch.testing.assert_close(skipping(x), expected, atol=1e-10, rtol=0)
         for i in range(len(x)):
             torch.testing.assert_close(skipping(x[i : i + 1]), expected[i : i + 1], atol=1e-10, rtol=0)
-    assert calls["skipping_blocks_1_attention_without_heads"] == calls["skipping_blocks_1_mlp_without_heads"] == 5
+    assert calls["skipping_blocks_1_attention_without_heads"] == calls["skipping_blocks_1_mlp_without_heads"] == 1
     assert calls["skipping_blocks_1_attention"] == calls["skipping_blocks_1_mlp"] == 0
     assert calls["skipping_blocks_2_attention"] == 5 and calls["skipping_blocks_2_attention_without_heads"] == 0
+    mlp, attention = model.blocks[1].mlp, model.blocks[1].attn  # shared with both graphs
+    changes = {  # in place (a new version) in a module, new memory, in place in a parameter the graph reads
+        "mlp": lambda: mlp.fc2.bias.add_(1.0), "attention": lambda: setattr(attention.proj.bias, "data",
+                                                                             attention.proj.bias + 1),
+        "mlp ": lambda: mlp.fc1.bias.mul_(2.0)}
+    for changed, change in changes.items():
+        calls.clear()
+        with torch.no_grad():
+            change()
+            torch.testing.assert_close(skipping(x), masked(x), atol=1e-10, rtol=0)
+            skipping(x)
+        kept = {name: calls[f"skipping_blocks_1_{name}_without_heads"] for name in ("attention", "mlp")}
+        assert kept == {name: int(name == changed.strip()) for name in kept}  # the changed one computed again, once
+    calls.clear()
+    skipping(x)  # autograd on: computed at each call
+    skipping(x)
+    assert calls["skipping_blocks_1_mlp_without_heads"] == 2
 
 
 def test_fxprune_train_fine_tunes_adavit_and_reports_its_usage(capsys, tmp_path):

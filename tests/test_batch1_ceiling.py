@@ -116,6 +116,18 @@ def test_adavit_one_row_whole_runs_the_whole_sub_layer_graphs_and_computes_the_s
             torch.testing.assert_close(whole(image[None]), skipping(image[None]), atol=1e-10, rtol=0)
 
 
+def test_adavit_rows_each_call_keeps_no_row_from_biases_and_computes_the_same():
+    script, model, x, skipping = _skipping_deit({"heads": 0.2, "sublayers": 0.6, "tokens": 0.6})
+    each = script["rows_each_call"](skipping)
+    kept, computed = ([node for node in gm.graph.nodes if node.target is run_if_used] for gm in (skipping, each))
+    assert any("fixed" in node.kwargs for node in kept) and not any("fixed" in node.kwargs for node in computed)
+    assert sum("without_heads" in node.kwargs for node in kept) == sum("without_heads" in node.kwargs
+                                                                        for node in computed)
+    with torch.no_grad():
+        for image in x:
+            torch.testing.assert_close(each(image[None]), skipping(image[None]), atol=1e-10, rtol=0)
+
+
 def test_adavit_speed_runs_give_the_median_of_their_ratios_and_list_each_runs_share_of_the_mac_ratio():
     script = runpy.run_path(str(SCRIPT.parent / "adavit_speed.py"))
     timings = [Timing({"dense": [8.0, 8.0, 8.0], "skipped": [skipped] * 3}) for skipped in (1.0, 2.0, 1.6)]

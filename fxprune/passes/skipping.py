@@ -10,6 +10,7 @@ data, so the graph runs in eager mode only.
 from __future__ import annotations
 
 import operator
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -17,6 +18,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..analysis import Block
 from ..errors import UnsupportedModelError
@@ -37,7 +39,7 @@ from .heads import weight_and_bias
 
 __all__ = [
     "sublayer_nodes", "run_on_used", "run_if_used", "call_module", "move_apart", "erase_unused", "unpack",
-    "add_in_place", "without_heads_graphs",
+    "add_in_place", "without_heads_graphs", "parameters_row",
 ]
 
 _SHAPED = ("reshape", "view", "expand")
@@ -127,16 +129,57 @@ def call_module(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
 
 @graph_op()
 def run_if_used(images: torch.Tensor | None, sublayer: fx.GraphModule, *inputs: Any,
-                heads: torch.Tensor | None = None, without_heads: fx.GraphModule | None = None) -> Any:
+                heads: torch.Tensor | None = None, without_heads: fx.GraphModule | None = None,
+                fixed: tuple[int, ...] | None = None) -> Any:
     """The graph ``sublayer`` on ``inputs``, or None when no image uses the sub-layer (``images`` empty, as
     :func:`used_layout` gives with ``empty=True``); where no image uses a head (``heads``, the heads some image uses,
-    empty), the graph ``without_heads`` on them instead (:func:`without_heads_graphs`). Its ``forward`` is called
-    directly: a graph fxprune made has no hooks, and a module call costs more than a small sub-layer's bookkeeping."""
+    empty), the graph ``without_heads`` on them instead (:func:`without_heads_graphs`), whose result, where it reads
+    parameters alone (the inputs at the positions ``fixed``), is computed once for them (:func:`parameters_row`).
+    Its ``forward`` is called directly: a graph fxprune made has no hooks, and a module call costs more than a small
+    sub-layer's bookkeeping."""
     if images is not None and images.shape[0] == 0:
         return None
     if without_heads is not None and heads is not None and heads.shape[0] == 0:
+        if fixed is not None:
+            return parameters_row(without_heads, inputs, fixed)
         return without_heads.forward(*inputs)
     return sublayer.forward(*inputs)
+
+
+_ROWS: weakref.WeakKeyDictionary[fx.GraphModule, tuple[tuple[Any, ...], Any]] = weakref.WeakKeyDictionary()
+
+
+def _parameters_state(inputs: Iterable[Any]) -> tuple[Any, ...]:
+    """What a result computed from ``inputs`` (parameters, and modules that hold them) alone depends on: the autocast
+    state, and each tensor (the inputs, the modules' parameters and buffers) with its version, memory, dtype and
+    device (a tensor changed in place has a new version; one moved or converted, new memory)."""
+    inputs = list(inputs)
+    tensors = [value for value in inputs if isinstance(value, torch.Tensor)]
+    tensors += [tensor for value in inputs if isinstance(value, torch.nn.Module)
+                for tensor in (*value.parameters(), *value.buffers())]
+    autocast = tuple((torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind)) for kind in ("cpu", "cuda"))
+    return (autocast, *((tensor, tensor._version, tensor.data_ptr(), tensor.dtype, tensor.device)
+                        for tensor in tensors))
+
+
+def _same_state(first: tuple[Any, ...], second: tuple[Any, ...]) -> bool:
+    """Whether two :func:`_parameters_state` are the same: the same tensors, each as it was."""
+    return len(first) == len(second) and first[0] == second[0] and all(
+        a[0] is b[0] and a[1:] == b[1:] for a, b in zip(first[1:], second[1:]))
+
+
+def parameters_row(part: fx.GraphModule, inputs: tuple[Any, ...], fixed: tuple[int, ...]) -> Any:
+    """``part.forward(*inputs)``, a graph that reads only the inputs at the positions ``fixed``, parameters and
+    modules (a sub-layer that no image uses a head of: a row from its biases), computed once and given again while
+    they are as they were (:func:`_parameters_state`). Outside autograd only, and outside dispatch modes: a MAC
+    counter sees it computed at each call, as a call that does not keep it computes it."""
+    if torch.is_grad_enabled() or _get_current_dispatch_mode() is not None:
+        return part.forward(*inputs)
+    state = _parameters_state(inputs[i] for i in fixed)
+    kept = _ROWS.get(part)
+    if kept is None or not _same_state(kept[0], state):
+        kept = _ROWS[part] = (state, part.forward(*inputs))
+    return kept[1]
 
 
 def _head_products_as_bias(part: fx.GraphModule) -> fx.Graph | None:
@@ -175,9 +218,18 @@ def without_heads_graphs(gm: fx.GraphModule) -> int:
         if graph is None:
             continue
         part = _add_part(gm, graph, f"{sublayer.target.rpartition('.')[2]}_without_heads", run)
-        run.kwargs = {**run.kwargs, "heads": layout.args[0], "without_heads": part}
+        run.kwargs = {**run.kwargs, "heads": layout.args[0], "without_heads": part, **_fixed(graph, run.args[2:])}
         given += 1
     return given
+
+
+def _fixed(graph: fx.Graph, inputs: tuple[Any, ...]) -> dict[str, tuple[int, ...]]:
+    """``{"fixed": positions}`` of the inputs that ``graph``, called on ``inputs``, reads, where each is an
+    attribute of the model (a parameter or module): its result is then the same for every input
+    (:func:`parameters_row`); else nothing."""
+    read = tuple(i for i, slot in enumerate(graph.find_nodes(op="placeholder")) if slot.users)
+    fixed = all(isinstance(inputs[i], fx.Node) and inputs[i].op == "get_attr" for i in read)
+    return {"fixed": read} if fixed else {}
 
 
 def _run_apart(gm: fx.GraphModule, block: Block, inner: list[fx.Node], exit: fx.Node, add: fx.Node,
