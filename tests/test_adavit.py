@@ -590,9 +590,10 @@ def test_where_no_image_uses_a_head_a_one_row_sub_layer_runs_a_graph_of_its_bias
     assert calls["skipping_blocks_1_attention"] == calls["skipping_blocks_1_mlp"] == 0
     assert calls["skipping_blocks_2_attention"] == 5 and calls["skipping_blocks_2_attention_without_heads"] == 0
     mlp, attention = model.blocks[1].mlp, model.blocks[1].attn  # shared with both graphs
+    shift = torch.linspace(-1.0, 1.0, model.embed_dim, dtype=torch.float64)  # not the same for every channel
     changes = {  # in place (a new version) in a module, new memory, in place in a parameter the graph reads
-        "mlp": lambda: mlp.fc2.bias.add_(1.0), "attention": lambda: setattr(attention.proj.bias, "data",
-                                                                             attention.proj.bias + 1),
+        "mlp": lambda: mlp.fc2.bias.add_(shift), "attention": lambda: setattr(attention.proj.bias, "data",
+                                                                               attention.proj.bias + shift),
         "mlp ": lambda: mlp.fc1.bias.mul_(2.0)}
     for changed, change in changes.items():
         calls.clear()
@@ -606,6 +607,20 @@ def test_where_no_image_uses_a_head_a_one_row_sub_layer_runs_a_graph_of_its_bias
     skipping(x)  # autograd on: computed at each call
     skipping(x)
     assert calls["skipping_blocks_1_mlp_without_heads"] == 2
+
+
+def test_a_row_from_biases_of_parameters_made_in_inference_mode_is_computed_at_each_call():
+    with torch.inference_mode():  # such tensors keep no version: a change in place could not be seen
+        model = timm_vit("vit_tiny_patch16_224", depth=3)
+        skipping = fxprune.transform(model, AdaViT(0.5, init_logit=20.0))
+        _set_heads(skipping, "heads", -20.0)
+        x = image_batch(model, batch=2)
+        before = skipping(x)
+        model.blocks[1].mlp.fc2.bias.add_(torch.linspace(-1.0, 1.0, model.embed_dim))
+        after = skipping(x)
+        model.blocks[1].mlp.fc2.bias.sub_(torch.linspace(-1.0, 1.0, model.embed_dim))
+        torch.testing.assert_close(skipping(x), before, atol=1e-5, rtol=0)
+    assert (after - before).abs().amax() > 1e-2
 
 
 def test_fxprune_train_fine_tunes_adavit_and_reports_its_usage(capsys, tmp_path):

@@ -149,14 +149,17 @@ def run_if_used(images: torch.Tensor | None, sublayer: fx.GraphModule, *inputs: 
 _ROWS: weakref.WeakKeyDictionary[fx.GraphModule, tuple[tuple[Any, ...], Any]] = weakref.WeakKeyDictionary()
 
 
-def _parameters_state(inputs: Iterable[Any]) -> tuple[Any, ...]:
+def _parameters_state(inputs: Iterable[Any]) -> tuple[Any, ...] | None:
     """What a result computed from ``inputs`` (parameters, and modules that hold them) alone depends on: the autocast
     state, and each tensor (the inputs, the modules' parameters and buffers) with its version, memory, dtype and
-    device (a tensor changed in place has a new version; one moved or converted, new memory)."""
+    device (a tensor changed in place has a new version; one moved or converted, new memory). None where a tensor
+    keeps no version (made in ``torch.inference_mode``): a change in place would not be seen."""
     inputs = list(inputs)
     tensors = [value for value in inputs if isinstance(value, torch.Tensor)]
     tensors += [tensor for value in inputs if isinstance(value, torch.nn.Module)
                 for tensor in (*value.parameters(), *value.buffers())]
+    if any(tensor.is_inference() for tensor in tensors):
+        return None
     autocast = tuple((torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind)) for kind in ("cpu", "cuda"))
     return (autocast, *((tensor, tensor._version, tensor.data_ptr(), tensor.dtype, tensor.device)
                         for tensor in tensors))
@@ -172,10 +175,12 @@ def parameters_row(part: fx.GraphModule, inputs: tuple[Any, ...], fixed: tuple[i
     """``part.forward(*inputs)``, a graph that reads only the inputs at the positions ``fixed``, parameters and
     modules (a sub-layer that no image uses a head of: a row from its biases), computed once and given again while
     they are as they were (:func:`_parameters_state`). Outside autograd only, and outside dispatch modes: a MAC
-    counter sees it computed at each call, as a call that does not keep it computes it."""
-    if torch.is_grad_enabled() or _get_current_dispatch_mode() is not None:
+    counter sees it computed at each call, as a call that does not keep it computes it. Parameters made in
+    ``torch.inference_mode`` keep no version: computed at each call."""
+    state = None if torch.is_grad_enabled() or _get_current_dispatch_mode() is not None else \
+        _parameters_state(inputs[i] for i in fixed)
+    if state is None:
         return part.forward(*inputs)
-    state = _parameters_state(inputs[i] for i in fixed)
     kept = _ROWS.get(part)
     if kept is None or not _same_state(kept[0], state):
         kept = _ROWS[part] = (state, part.forward(*inputs))
