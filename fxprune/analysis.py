@@ -797,7 +797,7 @@ def analyse(model: nn.Module, example_inputs: ExampleInputs = None) -> TokenProg
     data = data_nodes(gm)
     prefix = _prefix_tokens(first, info, data)
     blocks = tuple(
-        _block(index, site, anchor, mid, batch, prefix, on_stream, data)
+        _block(index, site, anchor, mid, batch, prefix, on_stream, data, position)
         for index, (site, (anchor, mid)) in enumerate(zip(sites, anchors))
     )
     blocks = _side_by_side(blocks)
@@ -1002,18 +1002,18 @@ def key_rows(program: TokenProgram, block: Block) -> slice | None:
     return rows if node is not None and len(range(program.tokens)[rows]) == block.attention.keys else None
 
 
-def _parallel_branch(site: AttentionSite, anchor: fx.Node, mid: fx.Node) -> fx.Node | None:
+def _parallel_branch(site: AttentionSite, anchor: fx.Node, mid: fx.Node, position: dict[fx.Node, int]
+                     ) -> fx.Node | None:
     """The first module call (else the first node) of a branch beside the attention ``site`` in its block: computed
     from the block input ``anchor`` and read by ``mid``, the stream node after the attention, without passing
     through the attention (neither an input of it nor computed from its output; shape reads aside), as the MLP of a
     parallel block (ViT-22B's ``x + attention(norm(x)) + mlp(norm(x))``). None when the block adds the attention's
-    branch alone."""
+    branch alone. ``position``: each node's place in the graph."""
     inside, after, feeds = ancestors([site.output]), descendants(site.output), ancestors([mid])
     skip = {mid, site.output} | after
     found = reachable(anchor.users, lambda node: () if node in skip or is_shape_read(node) else node.users)
     beside = [node for node in found if node in feeds and node not in inside and node not in skip
               and not is_shape_read(node)]
-    position = {node: i for i, node in enumerate(anchor.graph.nodes)}
     return min(beside, key=lambda node: (node.op != "call_module", position[node]), default=None)
 
 
@@ -1047,16 +1047,17 @@ def _joins_by_additions(residual: fx.Node, mid: fx.Node) -> bool:
 
 def _block(
     index: int, site: AttentionSite, anchor: fx.Node, mid: fx.Node | None, batch: int, prefix: int,
-    on_stream: set[fx.Node], data: set[fx.Node],
+    on_stream: set[fx.Node], data: set[fx.Node], position: dict[fx.Node, int],
 ) -> Block:
-    """Block ``index``: its attention ``site``, the stream node ``anchor`` entering it and the residual add ``mid``."""
+    """Block ``index``: its attention ``site``, the stream node ``anchor`` entering it and the residual add ``mid``
+    (``position``: each node's place in the graph)."""
     name = site.module or f"attention{index}"
     if mid is not None:
         name = _common_module(site.node, mid) or name
     shape = _shape(anchor)
     tokens = shape[1] if shape is not None and len(shape) == 3 and shape[0] == batch else 0
     terms = tuple(_position_terms(site, on_stream, tokens, prefix, data)) if tokens else ()
-    parallel = _parallel_branch(site, anchor, mid) if mid is not None else None
+    parallel = _parallel_branch(site, anchor, mid, position) if mid is not None else None
     refusal, needs_all_tokens = _refusal(site, anchor, mid, shape, batch, terms)
     return Block(index, name, site, anchor, mid, tokens, refusal, needs_all_tokens, terms, parallel)
 

@@ -591,18 +591,18 @@ def test_where_no_image_uses_a_head_a_one_row_sub_layer_runs_a_graph_of_its_bias
     assert calls["skipping_blocks_2_attention"] == 5 and calls["skipping_blocks_2_attention_without_heads"] == 0
     mlp, attention = model.blocks[1].mlp, model.blocks[1].attn  # shared with both graphs
     shift = torch.linspace(-1.0, 1.0, model.embed_dim, dtype=torch.float64)  # not the same for every channel
-    changes = {  # in place (a new version) in a module, new memory, in place in a parameter the graph reads
-        "mlp": lambda: mlp.fc2.bias.add_(shift), "attention": lambda: setattr(attention.proj.bias, "data",
-                                                                               attention.proj.bias + shift),
-        "mlp ": lambda: mlp.fc1.bias.mul_(2.0)}
-    for changed, change in changes.items():
+    changes = [  # in place (a new version) in a module, new memory, in place in a parameter the graph reads
+        ("mlp", lambda: mlp.fc2.bias.add_(shift)),
+        ("attention", lambda: setattr(attention.proj.bias, "data", attention.proj.bias + shift)),
+        ("mlp", lambda: mlp.fc1.bias.mul_(2.0))]
+    for changed, change in changes:
         calls.clear()
         with torch.no_grad():
             change()
             torch.testing.assert_close(skipping(x), masked(x), atol=1e-10, rtol=0)
             skipping(x)
         kept = {name: calls[f"skipping_blocks_1_{name}_without_heads"] for name in ("attention", "mlp")}
-        assert kept == {name: int(name == changed.strip()) for name in kept}  # the changed one computed again, once
+        assert kept == {name: int(name == changed) for name in kept}  # the changed one computed again, once
     calls.clear()
     skipping(x)  # autograd on: computed at each call
     skipping(x)
