@@ -77,12 +77,14 @@ def test_reductions_after_ats_reduce_each_image_from_its_own_tokens(name, explic
 
 
 def test_inductor_runs_a_padded_chain_as_each_image_alone():
+    # fxprune.lower with inductor, its default backend, and its check_inputs (the suite's other lowerings use
+    # dynamo's eager backends; AOTInductor: test_exporting.py)
     chain = Compose(AFTER_ATS["chain"].policies()[:3])  # ATS, ToMe, EViT: a shorter compile than all six
     gm = fxprune.transform(digits_vit(depth=3), chain)
     x = digit_scenes(8)
     _, _, low, high = kept_counts(gm, x)[2]
     assert high - low >= 2  # the images still differ at the last reducing block
-    lowered = fxprune.lower(gm)  # inductor: the static layout, compiled
+    lowered = fxprune.lower(gm, check_inputs=(x[:3],))  # inductor: the static layout, compiled, checked on 3 images
     with torch.no_grad():
         alone = torch.cat([gm(x[i : i + 1]) for i in range(len(x))])
         torch.testing.assert_close(lowered(x), alone, atol=1e-4, rtol=0)

@@ -1,6 +1,6 @@
 """Every method on the zoo (tiny timm, torchvision, Hugging Face and hand-written ViTs): rewritten and checked, or
 refused with a reason; never a crash or a silent wrong output. Budget: about a minute alone (two worker processes),
-100–150 s in the suite, beside the other pytest worker (146 s on a slow day, 2026-12-07)."""
+100–150 s in the suite, beside the other pytest worker (125 s on 2026-12-07)."""
 
 import functools
 from pathlib import Path

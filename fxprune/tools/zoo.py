@@ -2,7 +2,8 @@
 
 Tiny random-weight models (32–64 px, two to four blocks, a few channels) of 30+ timm architectures, torchvision's
 and Hugging Face's ViT and hand-written ViTs whose names share nothing with timm's, each tried with every
-registered method as a new user would: ``fxprune.transform(model, method.example((1, 2)))``. Each try ends one way:
+registered method as a new user would: ``fxprune.transform(model, method.example((1, 2)))``, its shapes checked at the
+captured batch size (the zoo runs it on two more for real). Each try ends one way:
 
 * **rewritten**: the rewrite reduces MACs (an adaptive method: per image), each image of a batch gets what it
   gets alone (≤ 1e-4), and the method's identity setting (keep rate 1, r = 0) reproduces the model (≤ 1e-5;
@@ -423,9 +424,9 @@ def _largest_gap(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _checked_once(model: nn.Module, policy: Policy) -> nn.Module:
-    """``transform(model, policy)`` with its shapes checked at the captured batch size only: the identity setting
-    is a rewrite of the same kind as the example setting, whose second batch size is checked, and it runs on the
-    zoo's three images, another batch size, for real."""
+    """``transform(model, policy)`` with its shapes checked at the captured batch size only: the zoo then runs it on
+    three images and on each image alone, two more batch sizes, for real: a size taken from the captured batch
+    raises there (a crash, which the zoo test reports) or gives other numbers (failed checks)."""
     from ..pipeline import rewrite
 
     return rewrite(model, policy, None, copy_weights=False, second_batch=False)[0]
@@ -433,10 +434,8 @@ def _checked_once(model: nn.Module, policy: Policy) -> nn.Module:
 
 def try_method(model: nn.Module, name: str, method: Method, layers: Sequence[int] = LAYERS) -> Outcome:
     """``method``'s example setting at ``layers`` on ``model`` (called ``name``): see the module docstring."""
-    from ..pipeline import transform
-
     try:
-        gm = transform(model, method.example(tuple(layers)))
+        gm = _checked_once(model, method.example(tuple(layers)))
         dense = any("the original token layout" in note for note in gm.fxprune_plan.notes)
         identity = None if method.identity is None else _checked_once(model, method.identity(tuple(layers)))
     except FxPruneError as error:
