@@ -3,11 +3,15 @@ refused with a reason; never a crash or a silent wrong output. Budget: about a m
 100–150 s in the suite, beside the other pytest worker (125 s on 2026-12-07)."""
 
 import functools
+import re
 from pathlib import Path
 
 import pytest
+import torch
+from vits import HandWrittenViT, Stage
 
-from fxprune.tools.zoo import MARKERS, ZOO, Outcome, short_reason, table, try_all, with_table
+from fxprune.methods import get_method
+from fxprune.tools.zoo import MARKERS, ZOO, Outcome, short_reason, table, try_all, try_method, with_table
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -53,3 +57,18 @@ def test_the_readme_shows_the_table_the_command_prints():
     readme = README.read_text()
     assert with_table(readme, text) == readme, "the README's zoo table is stale: run `fxprune zoo --write README.md`"
     assert readme.count(MARKERS[0]) == 1
+
+
+class _ReshapesToTheCapturedBatch(Stage):
+    def forward(self, tokens):
+        return super().forward(tokens.reshape(2, tokens.shape[1], -1))  # the batch size, written as a literal
+
+
+def test_a_rewrite_that_fails_at_another_batch_size_gets_the_refusal_transform_gives():
+    # the zoo checks each rewrite's shapes at the captured batch size only; running it on three images fails here,
+    # and transform's check at a second batch size gives the reason
+    torch.manual_seed(0)
+    model = HandWrittenViT().eval()
+    model.stages[3] = _ReshapesToTheCapturedBatch(48, 3)
+    outcome = try_method(model, "a batch size written as a literal", get_method("evit"))
+    assert not outcome.rewritten and re.search(r"in stages\.3\.\w+ fails on a batch of 3", outcome.refusal)

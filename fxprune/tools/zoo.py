@@ -2,8 +2,8 @@
 
 Tiny random-weight models (32–64 px, two to four blocks, a few channels) of 30+ timm architectures, torchvision's
 and Hugging Face's ViT and hand-written ViTs whose names share nothing with timm's, each tried with every
-registered method as a new user would: ``fxprune.transform(model, method.example((1, 2)))``, its shapes checked at the
-captured batch size (the zoo runs it on two more for real). Each try ends one way:
+registered method as a new user would: ``fxprune.transform(model, method.example((1, 2)))`` (its shapes checked at
+the captured batch size, then run for real on two more: :func:`try_method`). Each try ends one way:
 
 * **rewritten**: the rewrite reduces MACs (an adaptive method: per image), each image of a batch gets what it
   gets alone (≤ 1e-4), and the method's identity setting (keep rate 1, r = 0) reproduces the model (≤ 1e-5;
@@ -424,31 +424,50 @@ def _largest_gap(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _checked_once(model: nn.Module, policy: Policy) -> nn.Module:
-    """``transform(model, policy)`` with its shapes checked at the captured batch size only: the zoo then runs it on
-    three images and on each image alone, two more batch sizes, for real: a size taken from the captured batch
-    raises there (a crash, which the zoo test reports) or gives other numbers (failed checks)."""
+    """``transform(model, policy)`` with its shapes checked at the captured batch size only (:func:`try_method` runs
+    it on two more batch sizes for real)."""
     from ..pipeline import rewrite
 
     return rewrite(model, policy, None, copy_weights=False, second_batch=False)[0]
 
 
-def try_method(model: nn.Module, name: str, method: Method, layers: Sequence[int] = LAYERS) -> Outcome:
-    """``method``'s example setting at ``layers`` on ``model`` (called ``name``): see the module docstring."""
-    try:
-        gm = _checked_once(model, method.example(tuple(layers)))
-        dense = any("the original token layout" in note for note in gm.fxprune_plan.notes)
-        identity = None if method.identity is None else _checked_once(model, method.identity(tuple(layers)))
-    except FxPruneError as error:
-        return Outcome(name, method.name, refusal=str(error))
+def _measured(model: nn.Module, name: str, method: Method, gm: nn.Module, identity: nn.Module | None) -> Outcome:
+    """The outcome of the rewrite ``gm`` (and of the identity setting's, ``identity``) on the zoo's three images."""
     x = _images(model)
     with torch.no_grad():
         together, original = _tensor(gm(x)), _tensor(model(x))
         batch_error = max(_largest_gap(together[i:i + 1], _tensor(gm(x[i:i + 1]))) for i in range(x.shape[0]))
         identity_error = None if identity is None else _largest_gap(_tensor(identity(x)), original)
     spread = max(_largest_gap(original[i:i + 1], original[:1]) for i in range(1, x.shape[0]))
+    dense = any("the original token layout" in note for note in gm.fxprune_plan.notes)
     plan = gm.fxprune_plan
     ratio = None if method.adaptive else plan.macs_before / plan.macs_after
     return Outcome(name, method.name, None, ratio, batch_error, identity_error, dense, spread)
+
+
+def try_method(model: nn.Module, name: str, method: Method, layers: Sequence[int] = LAYERS) -> Outcome:
+    """``method``'s example setting at ``layers`` on ``model`` (called ``name``): see the module docstring. Each
+    rewrite is checked at the captured batch size, then run on three images and on each alone; where that fails
+    (an error, or failed checks), ``transform``'s check at a second batch size decides: its refusal (a size taken
+    from the captured batch) is the outcome, else the failure stands."""
+    from ..pipeline import transform
+
+    policies = [method.example(tuple(layers)), *([] if method.identity is None else [method.identity(tuple(layers))])]
+    outcome, failure = None, None
+    try:
+        gm, *identity = [_checked_once(model, policy) for policy in policies]
+        try:
+            outcome = _measured(model, name, method, gm, next(iter(identity), None))
+        except Exception as error:
+            failure = error
+        if outcome is None or not outcome.sound:
+            for policy in policies:
+                transform(model, policy)  # refuses a size taken from the captured batch, saying where
+    except FxPruneError as error:
+        return Outcome(name, method.name, refusal=str(error))
+    if failure is not None:
+        raise failure
+    return outcome
 
 
 def try_entry(entry: Entry, names: Sequence[str] | None = None) -> list[Outcome]:
