@@ -439,8 +439,8 @@ def _measured(model: nn.Module, name: str, method: Method, gm: nn.Module, identi
         batch_error = max(_largest_gap(together[i:i + 1], _tensor(gm(x[i:i + 1]))) for i in range(x.shape[0]))
         identity_error = None if identity is None else _largest_gap(_tensor(identity(x)), original)
     spread = max(_largest_gap(original[i:i + 1], original[:1]) for i in range(1, x.shape[0]))
-    dense = any("the original token layout" in note for note in gm.fxprune_plan.notes)
     plan = gm.fxprune_plan
+    dense = any("the original token layout" in note for note in plan.notes)
     ratio = None if method.adaptive else plan.macs_before / plan.macs_after
     return Outcome(name, method.name, None, ratio, batch_error, identity_error, dense, spread)
 
