@@ -457,7 +457,7 @@ def try_method(model: nn.Module, name: str, method: Method, layers: Sequence[int
     try:
         gm, *identity = [_checked_once(model, policy) for policy in policies]
         try:
-            outcome = _measured(model, name, method, gm, next(iter(identity), None))
+            outcome = _measured(model, name, method, gm, identity[0] if identity else None)
         except Exception as error:
             failure = error
         if outcome is None or not outcome.sound:
