@@ -23,12 +23,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
 
 from .errors import FxPruneError
-from .ops.registry import data_dependent
+from .lowering import refuse_data_dependent
 
 __all__ = ["FORMATS", "OPSET", "PLAN_KEY", "ExportError", "Exported", "export", "load", "run"]
 
@@ -70,21 +69,6 @@ def _format(path: Path, format: str | None) -> str:
 def _plan_text(gm: nn.Module) -> str:
     plan = getattr(gm, "fxprune_plan", None)
     return "" if plan is None else str(plan)
-
-
-def _refuse_data_dependent(gm: nn.Module) -> None:
-    """Raise where ``gm``'s (evaluation) graph runs ops whose shapes depend on the data, as AdaViT's skipping graph
-    does: no static program exists for it (the test ``fxprune.lower`` makes, :func:`~fxprune.ops.registry.
-    data_dependent`)."""
-    found = data_dependent(gm.graph.nodes) if isinstance(gm, fx.GraphModule) else []
-    if not found:
-        return
-    plan = getattr(gm, "fxprune_plan", None)
-    skipping = [part.describe() for part in plan.policy.policies() if getattr(part, "skip", False)] if plan else []
-    what = f"{plan.model_name} with {', '.join(skipping)}" if skipping else f"the model ({', '.join(found)})"
-    raise ExportError(f"{what} skips what each image does not use, with shapes that depend on the data, which no "
-                      "exported program has. Transform with skip=False (the masked form: the same outputs, static "
-                      "shapes) and export that")
 
 
 def _batched(example_inputs: Sequence[torch.Tensor], batch: int) -> tuple[torch.Tensor, ...]:
@@ -234,7 +218,7 @@ def export(
     """
     path = Path(path)
     format = _format(path, format)
-    _refuse_data_dependent(gm)
+    refuse_data_dependent(gm, ExportError, "no exported program has", "export")
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     module = gm
     if dtype is not None:

@@ -60,7 +60,7 @@ def lower(
     """
     if compile_kwargs.pop("fullgraph", True) is not True:
         raise FxPruneError("fxprune.lower always compiles with fullgraph=True")
-    _refuse_data_dependent(model)
+    refuse_data_dependent(model, FxPruneError, "torch.compile(fullgraph=True) cannot compile", "lower")
     compiled = torch.compile(model, fullgraph=True, **compile_kwargs)
     lowered = LoweredModule(model, compiled, dynamic_batch)
     if check_inputs is not None:
@@ -68,15 +68,19 @@ def lower(
     return lowered
 
 
-def _refuse_data_dependent(model: nn.Module) -> None:
-    """Raise when ``model``'s graph runs ops whose shapes depend on the data (they have no static graph)."""
+def refuse_data_dependent(model: nn.Module, error: type[FxPruneError], cannot: str, then: str) -> None:
+    """Raise ``error`` where ``model``'s (evaluation) graph runs ops whose shapes depend on the data, as AdaViT's
+    skipping graph does (:func:`~fxprune.ops.registry.data_dependent`), naming the model, the methods that skip and
+    those ops: ``cannot`` says what has no program for them, ``then`` what to do with the masked form instead."""
     found = data_dependent(model.graph.nodes) if isinstance(model, fx.GraphModule) else []
-    if found:
-        raise FxPruneError(
-            f"the model runs ops whose shapes depend on the data ({', '.join(found)}: it skips what each image "
-            "does not use), which torch.compile(fullgraph=True) cannot compile; transform it with the method's "
-            "static setting for compiling and export (AdaViT: skip=False, which masks instead)"
-        )
+    if not found:
+        return
+    plan = getattr(model, "fxprune_plan", None)
+    skipping = [part.describe() for part in plan.policy.policies() if getattr(part, "skip", False)] if plan else []
+    what = f"{plan.model_name} with {', '.join(skipping)}" if skipping else "the model"
+    raise error(f"{what} skips what each image does not use ({', '.join(found)}), with shapes that depend on the "
+                f"data, which {cannot}. Transform with skip=False (the masked form: the same outputs, static shapes) "
+                f"and {then} that")
 
 
 def _check(model: nn.Module, lowered: Any, inputs: tuple, atol: float) -> None:
