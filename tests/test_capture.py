@@ -253,6 +253,24 @@ def test_a_block_kept_whole_as_it_branches_on_data_has_example_values_so_the_blo
     assert [block.name for block in program.blocks] == ["blocks.0", "blocks.2", "blocks.3"]
     assert program.class_token and program.unrecognised == []
     assert "kept as a leaf during capture: blocks.1" in str(_reduces_each_image_alone(model).fxprune_plan)
+    assert "shapes depend" not in str(program.trace)
+
+
+class _RowsByValue(_CheckedBlock):
+    """A checked block that returns only as many rows as its input has positive first channels: output shapes that
+    depend on the input's values."""
+
+    def forward(self, x):
+        return super().forward(x)[:, : max(int((x[0, :, 0] > 0).sum()), 1)]
+
+
+def test_a_leaf_whose_output_shapes_depend_on_its_input_values_is_named_in_the_plan():
+    model = timm_vit("vit_tiny_patch16_224")
+    model.blocks[3] = _RowsByValue(model.blocks[3])
+    expected = ("blocks.3, a leaf run on random stand-ins of its inputs, gives outputs whose shapes depend on their "
+                "values: the plan and any rewrite after it assume the shapes of that run")
+    assert expected in str(fxprune.analyse(model).trace)  # before: its shapes from one run, and no word of it
+    assert expected in str(fxprune.plan(model, fxprune.EViT(0.5, (1, 2))))
 
 
 def test_a_torchscript_block_is_called_whole_and_the_plan_says_attention_inside_it_is_not_seen():

@@ -38,6 +38,7 @@ from .values import (
     on_stand_ins,
     one_at_a_time,
     propagate,
+    shapes_from_values,
 )
 
 ExampleInputs = Sequence[torch.Tensor] | torch.Tensor | Mapping[str, Any] | None
@@ -268,6 +269,7 @@ class _ValueTracer(_Tracer):
         self.failed_scope: list[str] | None = None
         self.failed_value: str | None = None
         self.formatted: dict[str, fx.Node] = {}  # the text of each proxy formatted into a string, and its node
+        self.sized_by_values: list[str] = []  # the leaves run on stand-ins whose output shapes depend on the values
 
     # -- leaves and scopes
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
@@ -336,7 +338,10 @@ class _ValueTracer(_Tracer):
                     except InputRejected:
                         raise
                     except Exception:  # noqa: BLE001 - code that cannot run on fake tensors runs on stand-ins
-                        return on_stand_ins(module, a, kw)
+                        value = on_stand_ins(module, a, kw)
+                        if shapes_from_values(module, a, kw, value):
+                            self.sized_by_values.append(target)
+                        return value
         except InputRejected:
             raise
         except Exception as err:
@@ -714,6 +719,9 @@ def _capture(model: nn.Module, inputs: _Inputs, copy_weights: bool, training: bo
     decompose_multihead_attention(gm, info)
     batch_first_tokens(gm, info)
     canonicalise_einsum(gm)
+    info.notes.extend(f"{name}, a leaf run on random stand-ins of its inputs, gives outputs whose shapes depend on "
+                      "their values: the plan and any rewrite after it assume the shapes of that run, which other "
+                      "inputs need not have" for name in dict.fromkeys(tracer.sized_by_values))
     info.notes.extend(_hook_notes(model, gm))
     info.notes.extend(f"the model does not read its input {node.target}: nothing it computes depends on it"
                       for node in gm.graph.find_nodes(op="placeholder") if not node.users)

@@ -171,20 +171,31 @@ def _stand_in(value: Any, generator: torch.Generator) -> Any:
     return torch.zeros(value.shape, dtype=value.dtype, device=value.device)
 
 
-def on_stand_ins(module: nn.Module, args: tuple, kwargs: dict, weights: Mapping[str, torch.Tensor] | None = None
-                 ) -> Any:
+def on_stand_ins(module: nn.Module, args: tuple, kwargs: dict, weights: Mapping[str, torch.Tensor] | None = None,
+                 seed: int = 0) -> Any:
     """The example value of a call of ``module``, a module the graph calls whole, whose code does not run on fake
     tensors (it branches on tensor data, or is TorchScript): ``module(*args, **kwargs)`` run for real on stand-ins
-    of the fake tensors among the arguments (:func:`_stand_in`), with its parameters and buffers ``weights`` (by
-    name; None: its own), without gradients and keeping the global random state; its tensors as fake tensors. Its
-    shapes are those the code gives for the stand-ins: the right ones unless they depend on the values."""
-    generator = torch.Generator().manual_seed(0)
+    of the fake tensors among the arguments (:func:`_stand_in`, drawn from ``seed``), with its parameters and
+    buffers ``weights`` (by name; None: its own), without gradients and keeping the global random state; its tensors
+    as fake tensors. Its shapes are those the code gives for the stand-ins: the right ones unless they depend on the
+    values (:func:`shapes_from_values` tells)."""
+    generator = torch.Generator().manual_seed(seed)
     with unset_fake_temporarily(), torch.random.fork_rng(devices=[]), torch.no_grad(), contextlib.ExitStack() as stack:
         if weights is not None:
             stack.enter_context(_reparametrize_module(module, dict(weights)))
         real_args, real_kwargs = pytree.tree_map(lambda value: _stand_in(value, generator), (args, kwargs))
         value = module(*real_args, **real_kwargs)
     return pytree.tree_map_only(torch.Tensor, fake_tensor, value)
+
+
+def _shapes(value: Any) -> list[tuple[int, ...]]:
+    return [tuple(leaf.shape) for leaf in pytree.tree_leaves(value) if isinstance(leaf, torch.Tensor)]
+
+
+def shapes_from_values(module: nn.Module, args: tuple, kwargs: dict, value: Any) -> bool:
+    """Whether the shapes of ``value``, :func:`on_stand_ins` of ``module`` on ``args`` and ``kwargs``, depend on the
+    values of its inputs: other stand-ins give other shapes."""
+    return _shapes(value) != _shapes(on_stand_ins(module, args, kwargs, seed=1))
 
 
 # --------------------------------------------------------------------------------------------------
