@@ -26,3 +26,9 @@ class CapturedShapeError(FxPruneError, ValueError):
 class CapturedArgumentError(FxPruneError, TypeError):
     """A captured or transformed model was called with an argument its graph does not take, or with one of the
     model's other arguments at a value for which the model runs other code than the graph has."""
+
+
+def qualified_name(cls: type) -> str:
+    """``cls``'s module and name, as an error names a class that a short name would not tell apart (a quantized
+    ``Linear`` from ``nn.Linear``)."""
+    return f"{cls.__module__}.{cls.__name__}"

@@ -155,6 +155,21 @@ def test_a_quantized_projection_is_refused_naming_its_layer_while_parameter_free
                                    atol=1e-5, rtol=0)
 
 
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")  # torch's own deprecation
+def test_a_skipping_graph_quantized_after_the_transform_is_refused_naming_the_layer_and_the_masked_form_runs():
+    model = timm_vit("deit_small_patch16_224", depth=3)
+    x = image_batch(model)
+    skipping = _dynamically_quantized(fxprune.transform(model, AdaViT(0.5, layers=(1,), init_logit=0.0)))
+    with pytest.raises(fxprune.UnsupportedModelError, match=r"reads blocks\.1\.attn\.\w+\.\w+ as the parameter it was "
+                       r"when it was transformed, and blocks\.1\.attn\.\w+ is now a torch\.ao\.nn\.quantized\.dynamic"
+                       r".*Linear whose \w+ is not .* skip=False"):  # before: KeyError 'bias'
+        skipping(x)
+    masked = fxprune.transform(model, AdaViT(0.5, layers=(1,), init_logit=0.0, skip=False))
+    with torch.no_grad():
+        expected = masked(x)
+        torch.testing.assert_close(_dynamically_quantized(masked)(x), expected, atol=0.1, rtol=0)
+
+
 class _Adapted(torch.nn.Module):
     """A linear layer with a low-rank adapter beside it, as LoRA adds one: ``base(x) + up(down(x))``."""
 

@@ -4,7 +4,9 @@ torch.fx tracer records its graph as it is."""
 import copy
 import inspect
 
+import pytest
 import torch
+import torch.nn.utils.parametrize
 from torch import nn
 from vits import image_batch, saved_and_loaded, timm_vit
 
@@ -49,6 +51,26 @@ def test_direct_reads_keep_a_compiled_graph_whole():
     x = image_batch(model)
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(fast, backend="eager", fullgraph=True)(x), fast(x), atol=1e-6, rtol=0)
+
+
+class _Doubled(nn.Module):
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return 2 * weight
+
+
+def test_a_parameter_parametrized_after_the_transform_is_refused_naming_it_and_one_parametrized_before_is_read():
+    model = timm_vit("deit_small_patch16_224", depth=3)
+    x = image_batch(model)
+    fast = fxprune.transform(model, EViT(keep_rate=0.7, layers=(1,)))
+    torch.nn.utils.parametrize.register_parametrization(fast.get_submodule("blocks.2.norm1"), "weight", _Doubled())
+    with pytest.raises(fxprune.UnsupportedModelError, match=r"reads blocks\.2\.norm1\.weight as the parameter it was "
+                       r"when it was transformed, and blocks\.2\.norm1 is now a .*\.Parametrized\w+ whose weight "
+                       r"is not \(.*\): make such changes before fxprune.transform"):  # before: KeyError 'weight'
+        fast(x)
+    torch.nn.utils.parametrize.register_parametrization(model.blocks[2].norm1, "weight", _Doubled())
+    with torch.no_grad():
+        torch.testing.assert_close(fxprune.transform(model, EViT(keep_rate=1.0, layers=(1,)))(x), model(x),
+                                   atol=1e-5, rtol=0)
 
 
 def test_a_step_that_is_not_a_registered_module_or_parameter_is_read_as_an_attribute():

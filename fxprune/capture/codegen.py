@@ -6,7 +6,8 @@ into a submodule or parameter is a call of ``nn.Module.__getattr__``, a Python f
 dozens per block. At batch 1 their cost is a measurable share of a small model's time. The code fxprune runs reads
 the same path as ``self._modules['blocks']._modules['3']._modules['attn']._modules['qkv']._parameters['weight']``
 wherever ``nn.Module``'s own lookup would find each step there: the same values, read at each call (a module or
-parameter replaced later is what the next call uses). ``gm.code`` keeps fx's form. :class:`DirectGraphModule` runs
+parameter replaced later is what the next call uses; one no longer there, as after ``quantize_dynamic`` swapped its
+module, is named by :func:`refuse_moved`). ``gm.code`` keeps fx's form. :class:`DirectGraphModule` runs
 such code after every ``recompile``, and so also as a copy (``copy.deepcopy``) and after ``torch.save`` and
 ``torch.load``.
 
@@ -33,11 +34,12 @@ from torch.fx.graph_module import (
 )
 from torch.package import sys_importer
 
+from ..errors import UnsupportedModelError, qualified_name
 from .arguments import TakesCapturedArguments
 
 __all__ = [
-    "direct_path", "direct_forward", "fx_traceable", "pickled_code", "DirectGraphModule", "keep_attribute",
-    "traceable_forward", "node_records", "put_back_records",
+    "direct_path", "direct_forward", "refuse_moved", "fx_traceable", "pickled_code", "DirectGraphModule",
+    "keep_attribute", "traceable_forward", "node_records", "put_back_records",
 ]
 
 
@@ -69,15 +71,53 @@ def direct_path(root: nn.Module, target: str) -> str:
 
 def direct_forward(gm: fx.GraphModule, graph: fx.Graph, code: PythonCode) -> Callable[..., Any]:
     """The forward of ``code``, ``graph``'s Python code for ``gm``, with each module, parameter and buffer its nodes
-    read (``get_attr``, ``call_module``) found by :func:`direct_path`."""
+    read (``get_attr``, ``call_module``) found by :func:`direct_path`; where a lookup fails as one of them is no
+    longer where it was found, :func:`refuse_moved` says which."""
     targets = {node.target for node in graph.nodes if node.op in ("get_attr", "call_module")}
-    direct = {_format_target("self", target): direct_path(gm, target) for target in targets}
+    paths = {target: direct_path(gm, target) for target in targets}
+    direct = {_format_target("self", target): path for target, path in paths.items()}
     direct = {plain: path for plain, path in direct.items() if plain != path}
     source = code.src
-    if direct:  # one pass; a longer path first, as a shorter one may begin it
-        pattern = "|".join(re.escape(plain) for plain in sorted(direct, key=len, reverse=True))
-        source = re.sub(rf"(?<![\w.])(?:{pattern})(?![\w.])", lambda match: direct[match.group(0)], source)
-    return _forward_from_src(source, code.globals)
+    if not direct:
+        return _forward_from_src(source, code.globals)
+    pattern = "|".join(re.escape(plain) for plain in sorted(direct, key=len, reverse=True))  # a longer path first
+    source = re.sub(rf"(?<![\w.])(?:{pattern})(?![\w.])", lambda match: direct[match.group(0)], source)
+    forward = _forward_from_src(source, code.globals)
+
+    @functools.wraps(forward)
+    def checked(self: fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return forward(self, *args, **kwargs)
+        except KeyError:
+            refuse_moved(self, paths)
+            raise
+
+    return checked
+
+
+def refuse_moved(gm: nn.Module, paths: dict[str, str]) -> None:
+    """Raise :class:`~fxprune.UnsupportedModelError` where a module, parameter or buffer ``gm``'s code reads at
+    ``paths`` (target → :func:`direct_path` when the code was written) is no longer found there, as after a module
+    of ``gm`` was swapped for another kind (``torch.ao.quantization.quantize_dynamic``) or a parameter parametrized
+    (``torch.nn.utils.parametrize``): naming it and what its owner is now."""
+    for target, path in sorted(paths.items()):
+        if direct_path(gm, target) == path:
+            continue
+        *owner_path, name = target.split(".")
+        try:
+            owner = gm.get_submodule(".".join(owner_path))
+        except AttributeError:
+            now = f"{'.'.join(owner_path)} is no longer a module of it"
+        else:
+            now = f"{'.'.join(owner_path) or 'the model'} is now a {qualified_name(type(owner))} whose {name} is not"
+        kind = re.search(r"\._(parameter|buffer|module)s\[[^]]*\]$", path)
+        raise UnsupportedModelError(
+            f"the transformed model reads {target} as the {kind.group(1) if kind else 'attribute'} it was when it "
+            f"was transformed, and {now} (a module swapped or a parameter parametrized after the transform, as "
+            "quantize_dynamic and torch.nn.utils.parametrize do): make such changes before fxprune.transform, or "
+            "transform again after them (a method that slices a layer's weights, as AdaViT's skipping graph does, "
+            "needs it float: quantize its static form, skip=False)"
+        )
 
 
 def _proxies_in(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[fx.Proxy]:

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from ..analysis import Block, TokenProgram, sdpa_arguments
 from ..capture.values import worst_case_run
-from ..errors import PolicyError, UnsupportedModelError
+from ..errors import PolicyError, UnsupportedModelError, qualified_name
 from ..ops import POSITIONS, graph_op, op_of
 from ..ops.emitting import collect, collecting, emit
 from ..ops.gating import (
@@ -180,10 +180,6 @@ def _branch(add: fx.Node, residual: fx.Node) -> fx.Node | None:
     return others[0] if len(others) == 1 and isinstance(others[0], fx.Node) else None
 
 
-def _qualified(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
 def _named_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Whether ``node`` calls a module whose class is named a linear layer (a quantized or low-rank one, as
     ``DynamicQuantizedLinear``)."""
@@ -208,7 +204,7 @@ def block_parts(gm: fx.GraphModule, program: TokenProgram, block: Block, what: s
     if q_linear is None:
         other = producer(gm, site.q, _named_linear)
         raise refuse("no linear layer makes its queries" if other is None else (
-            f"its queries come from {other.target}, a {_qualified(type(gm.get_submodule(other.target)))}, not an "
+            f"its queries come from {other.target}, a {qualified_name(type(gm.get_submodule(other.target)))}, not an "
             "nn.Linear or F.linear whose heads it can mask and slice (a quantized layer: AdaViT needs the float "
             "model)"))
     attention_branch = _branch(block.mid, block.input) if block.mid is not None else None
