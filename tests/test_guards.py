@@ -63,6 +63,14 @@ def test_an_input_that_changes_a_size_made_a_python_number_raises_saying_so():
             reduced(torch.randn(3, 3, 40, 40))
 
 
+def test_one_image_without_its_batch_axis_raises_saying_how_to_pass_it():
+    reduced = fxprune.transform(_resampling_vit(), fxprune.EViT(0.5, (1, 2)))
+    expected = (r"VisionTransformer was transformed for x of 4 dimensions \(captured as \[2, 3, 32, 32\]\), and this x "
+                r"has 3: \[3, 32, 32\]\. Pass it as captured \(one image: x\[None\]")
+    with torch.no_grad(), pytest.raises(CapturedShapeError, match=expected):  # before: an IndexError
+        reduced(torch.randn(3, 32, 32))
+
+
 def test_the_checks_compile_into_one_graph():
     model = _resampling_vit()
     assert_compiles_once(fxprune.transform(model, fxprune.EViT(0.5, (1, 2))), model)
@@ -77,4 +85,6 @@ def test_compiled_an_input_of_another_size_raises_with_the_same_reason():
         with pytest.raises(CapturedShapeError, match=r"took a branch on a shape when captured on inputs \[2, 3, 32, "
                            r"32\]"):  # before: dynamo's Unsupported, and before that "BooleanAtom not allowed …"
             lowered(torch.randn(2, 3, 48, 48))
+        with pytest.raises(CapturedShapeError, match=r"transformed for x of 4 dimensions"):
+            lowered(torch.randn(3, 32, 32))
     torch._dynamo.reset()

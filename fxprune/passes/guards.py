@@ -19,7 +19,7 @@ from ..capture import TraceInfo
 from ..errors import CapturedShapeError
 from ..ops.registry import graph_op
 
-__all__ = ["check_guard", "check_guards_at_run"]
+__all__ = ["check_guard", "check_rank", "check_guards_at_run"]
 
 
 @graph_op()
@@ -35,13 +35,35 @@ def check_guard(value: Any, expected: bool | int | float, captured: str) -> None
         )
 
 
+@graph_op()
+def check_rank(x: Any, dims: int, name: str, model: str, captured: str) -> None:
+    """Raise :class:`~fxprune.errors.CapturedShapeError` where ``x``, the input ``name`` of ``model`` (captured
+    ``captured``), is a tensor of other than ``dims`` dimensions, before the graph reads its shape axis by axis (one
+    image without its batch axis would fail there with an ``IndexError``)."""
+    if isinstance(x, torch.Tensor) and x.dim() != dims:
+        one = " (one image: x[None], a batch of one)" if x.dim() == dims - 1 else ""
+        raise CapturedShapeError(
+            f"{model} was transformed for {name} of {dims} dimensions ({captured}), and this {name} has {x.dim()}: "
+            f"{list(x.shape)}. Pass it as captured{one}, or transform the model again with example_inputs of this "
+            "shape"
+        )
+
+
 has_side_effect(check_guard)  # kept by dead-code elimination, which would drop a call whose result is unused
+has_side_effect(check_rank)
 
 
 def check_guards_at_run(gm: fx.GraphModule, trace: TraceInfo) -> None:
-    """Make ``gm`` check each guard of its capture ``trace`` right after its node, where the output is computed
-    from the tensors whose shapes it reads (a guard in code whose result nothing reads is left out: checking it
-    would run that code)."""
+    """Make ``gm`` check its inputs' numbers of dimensions first (:func:`check_rank`), and each guard of its capture
+    ``trace`` right after its node, where the output is computed from the tensors whose shapes it reads (a guard in
+    code whose result nothing reads is left out: checking it would run that code)."""
+    for node in gm.graph.find_nodes(op="placeholder"):
+        value = node.meta.get("val")
+        if isinstance(value, torch.Tensor) and node.users and all(user.target is not check_rank for user in node.users):
+            with gm.graph.inserting_after(node):
+                check = gm.graph.call_function(check_rank, (node, value.dim(), node.target, trace.model_class,
+                                                            f"captured as {list(value.shape)}"))
+            check.meta["val"] = None  # its example value, as the passes after this one read every node's
     live = ancestors(gm.graph.find_nodes(op="output"))
     nodes = {node.name: node for node in gm.graph.nodes}
     when = "when captured on inputs " + ", ".join(str(list(shape)) for shape in trace.example_shapes)
@@ -49,7 +71,8 @@ def check_guards_at_run(gm: fx.GraphModule, trace: TraceInfo) -> None:
         node = nodes.get(guard.node)
         if node is not None and not _reads_dead_tensors(node, live):
             with gm.graph.inserting_after(node):
-                gm.graph.call_function(check_guard, (node, guard.value, guard.resolved(when)))
+                check = gm.graph.call_function(check_guard, (node, guard.value, guard.resolved(when)))
+            check.meta["val"] = None
 
 
 def _reads_dead_tensors(node: fx.Node, live: set[fx.Node]) -> bool:
