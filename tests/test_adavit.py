@@ -409,6 +409,21 @@ def test_skipping_adds_each_sub_layer_into_the_stream_in_place_and_leaves_its_in
                                          for key, value in skipping.state_dict().items())
 
 
+def test_a_model_whose_capture_has_guards_also_sums_in_place():
+    import timm
+
+    from fxprune.ops.gating import add_used_rows
+    from fxprune.passes.guards import check_guard
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=3,
+                              num_classes=5, dynamic_img_size=True).eval()  # resamples positions: guards
+    skipping = fxprune.transform(model, AdaViT(0.5, init_logit=0.0))
+    assert skipping.graph.find_nodes(op="call_function", target=check_guard)
+    sums = skipping.graph.find_nodes(op="call_function", target=add_used_rows)
+    assert sums and all(node.kwargs.get("in_place") for node in sums)  # before: none, as a guard had no example
+
+
 def test_skipping_graph_survives_deepcopy_and_save_load_and_adds_no_state_dict_keys(tmp_path):
     import copy
 
