@@ -41,7 +41,7 @@ def check_rank(x: Any, dims: int, name: str, model: str, captured: str) -> None:
     ``captured``), is a tensor of other than ``dims`` dimensions, before the graph reads its shape axis by axis (one
     image without its batch axis would fail there with an ``IndexError``)."""
     if isinstance(x, torch.Tensor) and x.dim() != dims:
-        one = " (one image: x[None], a batch of one)" if x.dim() == dims - 1 else ""
+        one = f" (one image: {name}[None], a batch of one)" if x.dim() == dims - 1 else ""
         raise CapturedShapeError(
             f"{model} was transformed for {name} of {dims} dimensions ({captured}), and this {name} has {x.dim()}: "
             f"{list(x.shape)}. Pass it as captured{one}, or transform the model again with example_inputs of this "
