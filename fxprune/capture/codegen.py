@@ -75,11 +75,11 @@ def direct_forward(gm: fx.GraphModule, graph: fx.Graph, code: PythonCode) -> Cal
     longer where it was found, :func:`refuse_moved` says which."""
     targets = {node.target for node in graph.nodes if node.op in ("get_attr", "call_module")}
     paths = {target: direct_path(gm, target) for target in targets}
-    direct = {_format_target("self", target): path for target, path in paths.items()}
-    direct = {plain: path for plain, path in direct.items() if plain != path}
+    paths = {target: path for target, path in paths.items() if path != _format_target("self", target)}
     source = code.src
-    if not direct:
+    if not paths:
         return _forward_from_src(source, code.globals)
+    direct = {_format_target("self", target): path for target, path in paths.items()}
     pattern = "|".join(re.escape(plain) for plain in sorted(direct, key=len, reverse=True))  # a longer path first
     source = re.sub(rf"(?<![\w.])(?:{pattern})(?![\w.])", lambda match: direct[match.group(0)], source)
     forward = _forward_from_src(source, code.globals)

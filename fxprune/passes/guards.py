@@ -8,6 +8,7 @@ raises this error as in eager mode; under a bare ``torch.compile``, dynamo's own
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -60,19 +61,22 @@ def check_guards_at_run(gm: fx.GraphModule, trace: TraceInfo) -> None:
     for node in gm.graph.find_nodes(op="placeholder"):
         value = node.meta.get("val")
         if isinstance(value, torch.Tensor) and node.users and all(user.target is not check_rank for user in node.users):
-            with gm.graph.inserting_after(node):
-                check = gm.graph.call_function(check_rank, (node, value.dim(), node.target, trace.model_class,
-                                                            f"captured as {list(value.shape)}"))
-            check.meta["val"] = None  # its example value, as the passes after this one read every node's
+            _check_after(gm, node, check_rank, (node, value.dim(), node.target, trace.model_class,
+                                                 f"captured as {list(value.shape)}"))
     live = ancestors(gm.graph.find_nodes(op="output"))
     nodes = {node.name: node for node in gm.graph.nodes}
     when = "when captured on inputs " + ", ".join(str(list(shape)) for shape in trace.example_shapes)
     for guard in trace.guards:
         node = nodes.get(guard.node)
         if node is not None and not _reads_dead_tensors(node, live):
-            with gm.graph.inserting_after(node):
-                check = gm.graph.call_function(check_guard, (node, guard.value, guard.resolved(when)))
-            check.meta["val"] = None
+            _check_after(gm, node, check_guard, (node, guard.value, guard.resolved(when)))
+
+
+def _check_after(gm: fx.GraphModule, node: fx.Node, check: Callable[..., None], args: tuple) -> None:
+    """Call the check ``check`` on ``args`` right after ``node``, with its example value (None), as the passes after
+    this one read every node's."""
+    with gm.graph.inserting_after(node):
+        gm.graph.call_function(check, args).meta["val"] = None
 
 
 def _reads_dead_tensors(node: fx.Node, live: set[fx.Node]) -> bool:
