@@ -31,7 +31,7 @@ from .passes.learned import (
     module_path_for,
     read_weights,
 )
-from .passes.skipping import add_in_place, without_heads_graphs
+from .passes.skipping import add_in_place, skip_unused_blocks, without_heads_graphs
 from .planning import ONE_TRANSFORM, Plan, PlanRow, macs_per_block, make_plan, measure_tokens
 from .policies import Compose, Policy
 from .verify import verify, verify_training
@@ -105,6 +105,7 @@ def rewrite(
         drop_eval_identities(gm)
     without_heads_graphs(gm)
     add_in_place(gm)
+    skip_unused_blocks(gm)
     _finalize(gm, measured)
     keep_attribute(gm, ARGUMENTS, getattr(program.gm, ARGUMENTS, None))  # the capture's record
     _keep_descriptions(gm, model)

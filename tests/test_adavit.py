@@ -735,7 +735,7 @@ def test_set_usage_cuts_the_token_decisions_midway_between_the_rows_it_separates
         torch.testing.assert_close(margin[margin > 0].min(), -margin[margin <= 0].max())
 
 
-def test_a_block_whose_sub_layers_no_image_uses_makes_no_other_decision_unless_collected():
+def test_a_block_whose_sub_layers_no_image_uses_runs_nothing_else_unless_collected():
     model = timm_vit("deit_small_patch16_224", depth=4).double()
     x = image_batch(model, batch=3, dtype=torch.float64)
     masked = fxprune.transform(model, AdaViT(0.5, init_logit=0.0, skip=False))
@@ -746,16 +746,27 @@ def test_a_block_whose_sub_layers_no_image_uses_makes_no_other_decision_unless_c
     unused = [key[len(SUBLAYERS_KEY):] for key, value in decided.items()
               if key.startswith(SUBLAYERS_KEY) and not value.any()]
     assert unused and len(unused) < 3  # some blocks use neither sub-layer, others do
-    called = []
+    called, run = [], []
     for name, head in skipping.named_modules():
         if name.endswith((".heads", ".tokens")):
             head.register_forward_hook(lambda module, args, out, name=name: called.append(name))
+
+    def recorded(forward, block):
+        def record(*inputs):
+            run.append(block)
+            return forward(*inputs)
+        return record
+
+    for name, part in skipping.fxprune_graphs.named_children():  # the rest of each block deciding its sub-layers
+        if name.startswith("block_"):  # called by its forward, not as a module: recorded on the instance
+            part.forward = recorded(part.forward, name[len("block_"):].replace("blocks_", "blocks."))
     with torch.no_grad():
         for batch in (x, x[:1]):
-            called.clear()
+            called.clear(), run.clear()
             torch.testing.assert_close(skipping(batch), masked(batch), atol=1e-10, rtol=0)
             deciding = {name.split(".")[1].replace("blocks_", "blocks.") for name in called}
             assert deciding == {f"blocks.{i}" for i in range(4)} - set(unused)  # block 0 decides rows only
+            assert set(run) == {f"blocks.{i}" for i in range(1, 4)} - set(unused)  # layouts, row sums: not run
     collected = _usage(skipping, x)  # a collect() context: every block decides, as the masked graph
     assert collected.keys() == decided.keys()
     for key, value in collected.items():

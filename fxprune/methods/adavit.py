@@ -38,12 +38,10 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from ..analysis import Block, TokenProgram, sdpa_arguments
-from ..capture.values import worst_case_run
 from ..errors import PolicyError, UnsupportedModelError, qualified_name
-from ..ops import POSITIONS, graph_op, op_of
-from ..ops.emitting import collect, collecting, emit
+from ..ops import POSITIONS, op_of
+from ..ops.emitting import collect, emit
 from ..ops.gating import (
-    add_used_rows,
     apply_factor,
     batch_rows,
     channel_gate,
@@ -58,7 +56,6 @@ from ..ops.gating import (
     project_from_heads,
     project_head_channels,
     project_heads,
-    refuse_jit_trace,
     select_heads,
     sublayer_gate,
     take_rows,
@@ -75,7 +72,7 @@ from ..passes.common import Rewrite, Role, ancestors, graph_order, insert_call, 
 from ..passes.heads import HeadLayout, has_parameters, head_layout, is_linear, linear_parameters, producer
 from ..passes.learned import LEARNED_PREFIX, insert_module
 from ..passes.positions import place_terms
-from ..passes.skipping import erase_unused, move_apart, run_if_used, run_on_used, sublayer_nodes, unpack
+from ..passes.skipping import mark_skippable, run_on_used, sublayer_nodes, unpack
 from ..passes.state import read_state
 from ..policies import Policy, check_flag, check_layers, option, parse_flag, parse_layers, parse_number, parse_text
 from ..tools.weights import SHIPPED, shipped
@@ -500,60 +497,7 @@ def skip_unused(gm: fx.GraphModule, program: TokenProgram, block: Block, policy:
     run_on_used(gm, block, nodes, mid, parts.mlp_add, *layout, head_inputs, ready | set(computed[1:]),
                 program.batch, "mlp", computed)
     if "sublayers" in policy.decided_in(block.index):
-        decide_only_where_used(gm, block, decisions, parts.mlp_add)
-
-
-def _decide_anyway(sublayers: Tensor, count: int, decide: fx.GraphModule, *inputs: Any) -> Any:
-    return worst_case_run(decide, *inputs)
-
-
-@graph_op(worst_case=_decide_anyway)
-def decide_if_used(sublayers: Tensor, count: int, decide: fx.GraphModule, *inputs: Any) -> Any:
-    """The graph ``decide`` on ``inputs``, a block's row and head decisions (``count`` values), where some image
-    uses one of the block's sub-layers (``sublayers`` ``[B, 2]``) or a :func:`~fxprune.collect` context is open;
-    else ``count`` Nones (None for one): a block no image uses needs no other decision. As
-    :func:`~fxprune.passes.skipping.run_if_used`, ``forward`` is called directly."""
-    refuse_jit_trace()
-    if not collecting() and not bool(sublayers.any()):
-        return None if count == 1 else (None,) * count
-    return decide.forward(*inputs)
-
-
-def decide_only_where_used(gm: fx.GraphModule, block: Block, decisions: Decisions, end: fx.Node) -> None:
-    """Make ``block``'s row and head decisions, and the nodes only they and the sub-layers read (its first norm),
-    run in a graph of their own that :func:`decide_if_used` calls, after its sub-layer decisions: a block whose
-    sub-layers no image uses then costs those decisions alone. ``end``: the block's last node (its output). Left in
-    place unless every value of them read outside is read by a layout or a skipped sub-layer of this block."""
-    def boundary(node: fx.Node) -> bool:  # where the block's decisions are read, or the stream goes on
-        return node.op == "output" or node.target in (used_layout, one_row_without_heads, run_if_used, add_used_rows)
-
-    condition = ancestors([decisions.sublayers])
-    order = graph_order(gm)
-    reached = reachable(block.input.users, lambda node: () if boundary(node) else node.users)
-    members = {node for node in reached if not boundary(node) and node not in condition}
-    members -= erase_unused(gm, [*members, *(user for node in members for user in node.users)], stop=end)
-    outside = [user for node in members for user in node.users if user not in members]
-    if not members or any(user.target not in (used_layout, one_row_without_heads, run_if_used)
-                          or order(user) > order(end)
-                          for user in outside):
-        return
-    before = min(outside, key=order)
-    inputs = {value for node in members for value in node.all_input_nodes if value not in members}
-    for value in inputs:
-        if value.op == "get_attr" and order(value) > order(before):
-            before.prepend(value)
-    if any(order(value) > order(before) for value in inputs):
-        return
-    inner = sorted(members, key=order)
-    outputs = [node for node in inner if any(user not in members for user in node.users)]
-    part, values = move_apart(gm, inner, outputs, before, f"deciding_{block.name.replace('.', '_')}")
-    run = insert_call(gm, part, decide_if_used, (decisions.sublayers, len(outputs), part, *values), {}, block,
-                      "decisions_if_used")
-    decided = [run] if len(outputs) == 1 else unpack(gm, run, block, tuple(f"decided_{node.name}" for node in outputs))
-    for output, value in zip(outputs, decided):
-        output.replace_all_uses_with(value, delete_user_cb=lambda user: user not in members)
-    for node in reversed(inner):
-        gm.graph.erase_node(node)
+        mark_skippable(block, decisions.sublayers, parts.mlp_add)
 
 
 def gate_block(gm: fx.GraphModule, program: TokenProgram, block: Block, policy: AdaViT, train: bool) -> Rewrite:

@@ -5,6 +5,10 @@ the residual stream. :func:`run_on_used` takes every per-image value it reads in
 the used images, each image's used rows padded to the most any uses), makes the shape arguments fixed before it
 follow that layout, and adds its result back into the ``[B, N, C]`` stream row by row. The shapes depend on the
 data, so the graph runs in eager mode only.
+
+A block whose sub-layers are each decided per image (AdaViT) is marked by its rewrite (:func:`mark_skippable`); once the
+graph is otherwise final, :func:`skip_unused_blocks` moves what the block computes after those decisions into a graph
+of its own that :func:`run_block_if_used` calls: a block no image of the batch uses costs its decisions alone.
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from ..analysis import Block
+from ..analysis import Block, ancestors
+from ..capture.values import worst_case_run
 from ..errors import UnsupportedModelError
 from ..ops import graph_op
-from ..ops.emitting import emit
+from ..ops.emitting import collecting, emit
 from ..ops.gating import (
     add_used_rows,
     batch_rows,
@@ -32,6 +37,7 @@ from ..ops.gating import (
     project_from_heads,
     project_head_channels,
     project_heads,
+    refuse_jit_trace,
     take_rows,
 )
 from .common import axis_read, between, computed_from_inputs, graph_order, insert_call, reachable, remove_dead_code
@@ -39,11 +45,13 @@ from .heads import weight_and_bias
 
 __all__ = [
     "sublayer_nodes", "run_on_used", "run_if_used", "call_module", "move_apart", "erase_unused", "unpack",
-    "add_in_place", "without_heads_graphs", "parameters_row",
+    "add_in_place", "without_heads_graphs", "parameters_row", "mark_skippable", "skip_unused_blocks",
+    "run_block_if_used",
 ]
 
 _SHAPED = ("reshape", "view", "expand")
 PARTS = "fxprune_graphs"  # the plain module holding the graphs moved apart (see move_apart)
+_GATED = "fxprune_gated"  # meta of a block's last node: (block name, the node name of its sub-layer decisions)
 
 
 def sublayer_nodes(gm: fx.GraphModule, entry: fx.Node, exit: fx.Node, outside: set[fx.Node]) -> list[fx.Node]:
@@ -401,3 +409,73 @@ def add_in_place(gm: fx.GraphModule) -> int:
         add.kwargs = {**add.kwargs, "in_place": True}
         changed += 1
     return changed
+
+
+def mark_skippable(block: Block, sublayers: fx.Node, end: fx.Node) -> None:
+    """Mark ``block``, whose last node is ``end`` (its output stream) and whose sub-layer decisions ``sublayers``
+    ``[B, S]`` (True: used) it computes first, to run only where an image uses one of its sub-layers
+    (:func:`skip_unused_blocks`)."""
+    end.meta[_GATED] = (block.name, sublayers.name)
+
+
+def _run_anyway(used: torch.Tensor, stream: torch.Tensor, block: fx.GraphModule, *inputs: Any) -> Any:
+    return worst_case_run(block, *inputs)
+
+
+@graph_op(worst_case=_run_anyway)
+def run_block_if_used(used: torch.Tensor, stream: torch.Tensor, block: fx.GraphModule, *inputs: Any) -> Any:
+    """The graph ``block`` on ``inputs`` (a block after its sub-layer decisions ``used`` ``[B, S]``), or the block's
+    input ``stream`` ``[B, N, C]`` as it is where no image uses any of its sub-layers, unless a
+    :func:`~fxprune.collect` context is open (every block then reports its decisions, as the masked graph does). As
+    :func:`run_if_used`, ``forward`` is called directly."""
+    refuse_jit_trace()
+    if not collecting() and not bool(used.any()):
+        return stream
+    return block.forward(*inputs)
+
+
+def _stream_into(end: fx.Node, later: set[fx.Node]) -> fx.Node:
+    """The stream that a block whose last node is ``end`` adds its sub-layers' results to: where the row sums
+    (:func:`~fxprune.ops.gating.add_used_rows`) ending in ``end`` start from, among the nodes ``later``."""
+    while end in later and end.target is add_used_rows:
+        end = end.args[0]
+    return end
+
+
+def skip_unused_blocks(gm: fx.GraphModule) -> int:
+    """For each block :func:`mark_skippable` marked, move its nodes but its sub-layer decisions (and what they are
+    computed from) and attribute reads into a graph of their own that :func:`run_block_if_used` calls: where no image
+    uses either sub-layer, the block's row and head decisions, layouts and row sums are not run (at batch 1 their
+    many small calls cost more than the sub-layer decisions do). Left as it is where a value the block computes is
+    read after it, other than its output. Returns how many blocks it moved; the caller recompiles ``gm``."""
+    names = {node.name: node for node in gm.graph.nodes}
+    moved = 0
+    for end in [node for node in gm.graph.nodes if _GATED in node.meta]:
+        block, decided = end.meta.pop(_GATED)
+        sublayers = names.get(decided)
+        later = set(_span(sublayers, end)) if sublayers is not None else set()
+        stream = _stream_into(end, later)
+        condition = ancestors([sublayers]) if later else set()
+        inner = [node for node in _span(stream, end) if node.op != "get_attr" and node not in condition]
+        members = set(inner)
+        if end not in later or any(user not in members for node in inner if node is not end for user in node.users):
+            continue
+        part, inputs = move_apart(gm, inner, [end], end, f"block_{block.replace('.', '_')}")
+        with gm.graph.inserting_before(end):
+            run = gm.graph.create_node("call_function", run_block_if_used, (sublayers, stream, part, *inputs),
+                                       name=f"{block.replace('.', '_')}_if_used")
+        run.meta.update({key: sublayers.meta[key] for key in ("fxprune", "nn_module_stack") if key in sublayers.meta})
+        end.replace_all_uses_with(run)
+        for node in reversed(inner):
+            gm.graph.erase_node(node)
+        moved += 1
+    return moved
+
+
+def _span(first: fx.Node, last: fx.Node) -> list[fx.Node]:
+    """The nodes after ``first`` up to ``last``, in graph order (empty where ``last`` does not follow ``first``)."""
+    span, node = [], first
+    while node is not last and node.next.op != "root":
+        node = node.next
+        span.append(node)
+    return span if node is last else []
