@@ -57,7 +57,7 @@ from fxprune.methods.adavit import DECIDED, HEAD_THRESHOLD, SUBLAYER_THRESHOLD, 
 from fxprune.ops.gating import project_from_heads, project_head_channels, project_heads
 from fxprune.passes.common import remove_dead_code, tag_of
 from fxprune.passes.learned import LEARNED_PREFIX
-from fxprune.passes.skipping import run_if_used
+from fxprune.passes.skipping import graphs_of, run_if_used
 from fxprune.tools.bench import per_image_macs
 from fxprune.tools.show import usage as block_usage
 from fxprune.tools.speed import Timing, interleaved, machine
@@ -477,10 +477,11 @@ def _blocks_table(model: torch.nn.Module, skipping: torch.nn.Module, images: tor
 def _without(skipping: torch.fx.GraphModule, keywords: tuple[str, ...]) -> torch.fx.GraphModule:
     """A copy of ``skipping`` whose calls of ``run_if_used`` do not receive ``keywords``."""
     copied = copy.deepcopy(skipping)
-    for node in copied.graph.find_nodes(op="call_function", target=run_if_used):
-        node.kwargs = {key: value for key, value in node.kwargs.items() if key not in keywords}
-    remove_dead_code(copied.graph)
-    copied.recompile()
+    for gm in graphs_of(copied):  # the top graph and those moved apart (a block's nodes after its decisions)
+        for node in gm.graph.find_nodes(op="call_function", target=run_if_used):
+            node.kwargs = {key: value for key, value in node.kwargs.items() if key not in keywords}
+        remove_dead_code(gm.graph)
+        gm.recompile()
     return copied
 
 

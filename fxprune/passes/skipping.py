@@ -46,7 +46,7 @@ from .heads import weight_and_bias
 __all__ = [
     "sublayer_nodes", "run_on_used", "run_if_used", "call_module", "move_apart", "erase_unused", "unpack",
     "add_in_place", "without_heads_graphs", "parameters_row", "mark_skippable", "skip_unused_blocks",
-    "run_block_if_used",
+    "run_block_if_used", "graphs_of",
 ]
 
 _SHAPED = ("reshape", "view", "expand")
@@ -294,6 +294,12 @@ def move_apart(gm: fx.GraphModule, inner: list[fx.Node], outputs: list[fx.Node],
             env[node] = sub.create_node(node.op, node.target, args, kwargs, name=node.name)
     sub.output(env[outputs[0]] if len(outputs) == 1 else tuple(env[node] for node in outputs))
     return _add_part(gm, sub, name, before), inputs
+
+
+def graphs_of(gm: fx.GraphModule) -> list[fx.GraphModule]:
+    """``gm`` and the graphs moved apart from it (:func:`move_apart`), which hold the nodes they run."""
+    parts = getattr(gm, PARTS, None)
+    return [gm, *(() if parts is None else parts.children())]
 
 
 def _add_part(gm: fx.GraphModule, graph: fx.Graph, name: str, before: fx.Node) -> fx.Node:
