@@ -1,5 +1,6 @@
 """Row sums made in place (``fxprune.passes.skipping.add_in_place``): only where nothing reads the residual's memory
-afterwards, and then with the same results; shape reads from before a sub-layer follow its used layout."""
+afterwards, and then with the same results; shape reads from before a sub-layer follow its used layout; a block no
+image uses runs its sub-layer decisions alone (``skip_unused_blocks``)."""
 
 import operator
 
@@ -12,7 +13,7 @@ import fxprune
 from fxprune.capture.values import fake_mode
 from fxprune.methods.adavit import set_usage
 from fxprune.ops.gating import add_used_rows
-from fxprune.passes.skipping import add_in_place
+from fxprune.passes.skipping import add_in_place, mark_skippable, skip_unused_blocks
 
 
 def _graph(read_after: bool, residual_is_input: bool = False, update_is_residual: bool = False) -> fx.GraphModule:
@@ -116,3 +117,39 @@ def test_a_shape_read_before_a_skipped_sub_layer_follows_its_axis_when_the_batch
     with torch.no_grad():
         torch.testing.assert_close(skipping(x), masked(x), atol=1e-5, rtol=0)
         torch.testing.assert_close(skipping(x[1:2]), masked(x[1:2]), atol=1e-5, rtol=0)
+
+
+def _block(read_after: bool) -> fx.GraphModule:
+    """A block on ``x`` ``[B, N, C]``: its sub-layers used where its class token's first two channels are positive,
+    two row sums (``2u``, then ``u``) into ``x``; ``2u`` is also returned (``read_after``)."""
+    graph = fx.Graph()
+    x, u = graph.placeholder("x"), graph.placeholder("u")
+    token = graph.call_function(operator.getitem, (x, (slice(None), 0, slice(0, 2))))
+    used = graph.call_function(operator.gt, (token, 0.0))
+    doubled = graph.call_function(operator.mul, (u, 2.0))
+    mid = graph.call_function(add_used_rows, (x, doubled, None, None, None))
+    end = graph.call_function(add_used_rows, (mid, u, None, None, None))
+    graph.output((end, doubled) if read_after else end)
+    mark_skippable("blocks.0", used, end)
+    return fx.GraphModule(torch.nn.Module(), graph)
+
+
+def test_a_block_no_image_uses_returns_its_input_and_one_some_image_uses_is_computed_whole():
+    gm = _block(read_after=False)
+    assert skip_unused_blocks(gm) == 1
+    gm.recompile()
+    assert [node.op for node in gm.graph.nodes] == ["placeholder", "placeholder", "call_function", "call_function",
+                                                    "get_attr", "call_function", "output"]
+    x, u = torch.randn(2, 5, 4), torch.randn(2, 5, 4)
+    x[:, 0, :2] = -1.0  # no image uses a sub-layer
+    assert gm(x, u) is x
+    with fxprune.collect():  # every block decides while decisions are collected
+        torch.testing.assert_close(gm(x, u), x + 3 * u)
+    x[1, 0, 1] = 1.0  # one image uses one: the block runs on the batch
+    torch.testing.assert_close(gm(x, u), x + 3 * u)
+
+
+def test_a_block_whose_values_are_read_after_it_is_left_in_place():
+    gm = _block(read_after=True)
+    assert skip_unused_blocks(gm) == 0
+    assert not gm.graph.find_nodes(op="get_attr")

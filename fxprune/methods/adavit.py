@@ -497,7 +497,7 @@ def skip_unused(gm: fx.GraphModule, program: TokenProgram, block: Block, policy:
     run_on_used(gm, block, nodes, mid, parts.mlp_add, *layout, head_inputs, ready | set(computed[1:]),
                 program.batch, "mlp", computed)
     if "sublayers" in policy.decided_in(block.index):
-        mark_skippable(block, decisions.sublayers, parts.mlp_add)
+        mark_skippable(block.name, decisions.sublayers, parts.mlp_add)
 
 
 def gate_block(gm: fx.GraphModule, program: TokenProgram, block: Block, policy: AdaViT, train: bool) -> Rewrite:

@@ -417,11 +417,11 @@ def add_in_place(gm: fx.GraphModule) -> int:
     return changed
 
 
-def mark_skippable(block: Block, sublayers: fx.Node, end: fx.Node) -> None:
-    """Mark ``block``, whose last node is ``end`` (its output stream) and whose sub-layer decisions ``sublayers``
-    ``[B, S]`` (True: used) it computes first, to run only where an image uses one of its sub-layers
+def mark_skippable(block: str, sublayers: fx.Node, end: fx.Node) -> None:
+    """Mark the block named ``block``, whose last node is ``end`` (its output stream) and whose sub-layer decisions
+    ``sublayers`` ``[B, S]`` (True: used) it computes first, to run only where an image uses one of its sub-layers
     (:func:`skip_unused_blocks`)."""
-    end.meta[_GATED] = (block.name, sublayers.name)
+    end.meta[_GATED] = (block, sublayers.name)
 
 
 def _run_anyway(used: torch.Tensor, stream: torch.Tensor, block: fx.GraphModule, *inputs: Any) -> Any:
@@ -450,7 +450,7 @@ def _stream_into(end: fx.Node, later: set[fx.Node]) -> fx.Node:
 
 def skip_unused_blocks(gm: fx.GraphModule) -> int:
     """For each block :func:`mark_skippable` marked, move its nodes but its sub-layer decisions (and what they are
-    computed from) and attribute reads into a graph of their own that :func:`run_block_if_used` calls: where no image
+    computed from), inputs and attribute reads into a graph of their own that :func:`run_block_if_used` calls: where no image
     uses either sub-layer, the block's row and head decisions, layouts and row sums are not run (at batch 1 their
     many small calls cost more than the sub-layer decisions do). Left as it is where a value the block computes is
     read after it, other than its output. Returns how many blocks it moved; the caller recompiles ``gm``."""
@@ -462,9 +462,11 @@ def skip_unused_blocks(gm: fx.GraphModule) -> int:
         later = set(_span(sublayers, end)) if sublayers is not None else set()
         stream = _stream_into(end, later)
         condition = ancestors([sublayers]) if later else set()
-        inner = [node for node in _span(stream, end) if node.op != "get_attr" and node not in condition]
+        inner = [node for node in _span(stream, end) if node.op not in ("placeholder", "get_attr")
+                 and node not in condition]
         members = set(inner)
-        if end not in later or any(user not in members for node in inner if node is not end for user in node.users):
+        if end not in later or stream in later or any(
+                user not in members for node in inner if node is not end for user in node.users):
             continue
         part, inputs = move_apart(gm, inner, [end], end, f"block_{block.replace('.', '_')}")
         with gm.graph.inserting_before(end):
