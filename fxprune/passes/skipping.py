@@ -450,10 +450,11 @@ def _stream_into(end: fx.Node, later: set[fx.Node]) -> fx.Node:
 
 def skip_unused_blocks(gm: fx.GraphModule) -> int:
     """For each block :func:`mark_skippable` marked, move its nodes but its sub-layer decisions (and what they are
-    computed from), inputs and attribute reads into a graph of their own that :func:`run_block_if_used` calls: where no image
-    uses either sub-layer, the block's row and head decisions, layouts and row sums are not run (at batch 1 their
-    many small calls cost more than the sub-layer decisions do). Left as it is where a value the block computes is
-    read after it, other than its output. Returns how many blocks it moved; the caller recompiles ``gm``."""
+    computed from), inputs and attribute reads into a graph of their own that :func:`run_block_if_used` calls:
+    where no image uses either sub-layer, the block's row and head decisions, layouts and row sums are not run (at
+    batch 1 their many small calls cost more than the sub-layer decisions do). Left as it is where a value the block
+    computes is read after it, other than its output. Returns how many blocks it moved; the caller recompiles
+    ``gm``."""
     names = {node.name: node for node in gm.graph.nodes}
     moved = 0
     for end in [node for node in gm.graph.nodes if _GATED in node.meta]:
