@@ -765,7 +765,8 @@ def test_a_block_whose_sub_layers_no_image_uses_runs_nothing_else_unless_collect
             part.forward = recorded(part.forward, name[len("block_"):].replace("blocks_", "blocks."))
     with torch.no_grad():
         for batch in (x, x[:1]):
-            called.clear(), run.clear()
+            called.clear()
+            run.clear()
             torch.testing.assert_close(skipping(batch), masked(batch), atol=1e-10, rtol=0)
             deciding = {name.split(".")[1].replace("blocks_", "blocks.") for name in called}
             assert deciding == {f"blocks.{i}" for i in range(4)} - set(unused)  # block 0 decides rows only
