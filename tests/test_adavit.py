@@ -14,7 +14,7 @@ from vits import hf_vit, image_batch, logits, timm_vit, with_explicit_softmax
 import fxprune
 from fxprune.methods.adavit import HEADS_KEY, SUBLAYERS_KEY, TOKEN_THRESHOLD, TOKENS_KEY, AdaViT, set_usage
 from fxprune.ops.gating import project_from_heads, project_head_channels, project_heads
-from fxprune.passes.skipping import graphs_of
+from fxprune.passes.skipping import calls_of
 
 
 def _gates(gm, depth):
@@ -398,8 +398,7 @@ def test_skipping_adds_each_sub_layer_into_the_stream_in_place_and_leaves_its_in
 
     model = _model()
     masked, skipping = _masked_and_skipping(model)
-    sums = [node for gm in graphs_of(skipping) for node in gm.graph.find_nodes(op="call_function",
-                                                                                target=add_used_rows)]
+    sums = calls_of(skipping, add_used_rows)
     assert len(sums) == 2 * len(model.blocks) and all(node.kwargs.get("in_place") for node in sums)
     x = image_batch(model, batch=4, dtype=torch.float64)
     given, weights = x.clone(), {key: value.clone() for key, value in skipping.state_dict().items()}
@@ -422,8 +421,7 @@ def test_a_model_whose_capture_has_guards_also_sums_in_place():
                               num_classes=5, dynamic_img_size=True).eval()  # resamples positions: guards
     skipping = fxprune.transform(model, AdaViT(0.5, init_logit=0.0))
     assert skipping.graph.find_nodes(op="call_function", target=check_guard)
-    sums = [node for gm in graphs_of(skipping) for node in gm.graph.find_nodes(op="call_function",
-                                                                                target=add_used_rows)]
+    sums = calls_of(skipping, add_used_rows)
     assert len(sums) == 6 and all(node.kwargs.get("in_place") for node in sums)  # before: none (a guard had no example)
 
 

@@ -7,7 +7,7 @@ from vits import image_batch, timm_vit
 
 import fxprune
 from fxprune.methods.adavit import set_usage
-from fxprune.passes.skipping import graphs_of, run_if_used
+from fxprune.passes.skipping import calls_of, run_if_used
 from fxprune.tools.show import usage
 from fxprune.tools.speed import Timing
 
@@ -108,8 +108,7 @@ def test_adavit_block_clock_marks_every_block_in_order_and_leaves_the_outputs_as
 def test_adavit_one_row_whole_runs_the_whole_sub_layer_graphs_and_computes_the_same():
     script, model, x, skipping = _skipping_deit({"heads": 0.2, "sublayers": 0.6, "tokens": 0.6})
     whole = script["whole_one_row"](skipping)
-    runs = [[node for part in graphs_of(gm) for node in part.graph.nodes if node.target is run_if_used]
-            for gm in (skipping, whole)]
+    runs = [calls_of(gm, run_if_used) for gm in (skipping, whole)]
     assert any("without_heads" in node.kwargs for node in runs[0]) and not any(node.kwargs for node in runs[1])
     with torch.no_grad():
         for image in x:
@@ -119,8 +118,7 @@ def test_adavit_one_row_whole_runs_the_whole_sub_layer_graphs_and_computes_the_s
 def test_adavit_rows_each_call_keeps_no_row_from_biases_and_computes_the_same():
     script, model, x, skipping = _skipping_deit({"heads": 0.2, "sublayers": 0.6, "tokens": 0.6})
     each = script["rows_each_call"](skipping)
-    kept, computed = ([node for part in graphs_of(gm) for node in part.graph.nodes if node.target is run_if_used]
-                      for gm in (skipping, each))
+    kept, computed = (calls_of(gm, run_if_used) for gm in (skipping, each))
     assert any("fixed" in node.kwargs for node in kept) and not any("fixed" in node.kwargs for node in computed)
     assert sum("without_heads" in node.kwargs for node in kept) == sum("without_heads" in node.kwargs
                                                                         for node in computed)

@@ -46,7 +46,7 @@ from .heads import weight_and_bias
 __all__ = [
     "sublayer_nodes", "run_on_used", "run_if_used", "call_module", "move_apart", "erase_unused", "unpack",
     "add_in_place", "without_heads_graphs", "parameters_row", "mark_skippable", "skip_unused_blocks",
-    "run_block_if_used", "graphs_of",
+    "run_block_if_used", "graphs_of", "calls_of",
 ]
 
 _SHAPED = ("reshape", "view", "expand")
@@ -300,6 +300,12 @@ def graphs_of(gm: fx.GraphModule) -> list[fx.GraphModule]:
     """``gm`` and the graphs moved apart from it (:func:`move_apart`), which hold the nodes they run."""
     parts = getattr(gm, PARTS, None)
     return [gm, *(() if parts is None else parts.children())]
+
+
+def calls_of(gm: fx.GraphModule, target: Any) -> list[fx.Node]:
+    """The nodes of ``gm`` and of the graphs moved apart from it (:func:`graphs_of`) that call the function
+    ``target``."""
+    return [node for part in graphs_of(gm) for node in part.graph.find_nodes(op="call_function", target=target)]
 
 
 def _add_part(gm: fx.GraphModule, graph: fx.Graph, name: str, before: fx.Node) -> fx.Node:
