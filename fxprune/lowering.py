@@ -12,6 +12,7 @@ from torch import nn
 
 from .errors import FxPruneError
 from .ops.registry import data_dependent
+from .passes.skipping import graphs_of
 
 __all__ = ["lower", "LoweredModule"]
 
@@ -71,8 +72,10 @@ def lower(
 def refuse_data_dependent(model: nn.Module, error: type[FxPruneError], cannot: str, then: str) -> None:
     """Raise ``error`` where ``model``'s (evaluation) graph runs ops whose shapes depend on the data, as AdaViT's
     skipping graph does (:func:`~fxprune.ops.registry.data_dependent`), naming the model, the methods that skip and
-    those ops: ``cannot`` says what has no program for them, ``then`` what to do with the masked form instead."""
-    found = data_dependent(model.graph.nodes) if isinstance(model, fx.GraphModule) else []
+    those ops, also those of the graphs moved apart from it (:func:`~fxprune.passes.skipping.graphs_of`): ``cannot``
+    says what has no program for them, ``then`` what to do with the masked form instead."""
+    found = data_dependent(node for part in graphs_of(model) for node in part.graph.nodes) \
+        if isinstance(model, fx.GraphModule) else []
     if not found:
         return
     plan = getattr(model, "fxprune_plan", None)

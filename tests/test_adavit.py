@@ -458,13 +458,18 @@ def test_skipping_saves_the_macs_of_what_an_image_does_not_use():
     assert fxprune.flops(dense_skipping, x[:1]) == fxprune.flops(dense_masked, x[:1])
 
 
-def test_skipping_after_merged_tokens_is_refused_and_lower_asks_for_the_masked_graph():
+def test_skipping_after_merged_tokens_is_refused_and_lower_asks_for_the_masked_graph_naming_every_data_dependent_op():
+    from fxprune.ops.gating import used_heads
+
     model = timm_vit("deit_small_patch16_224")
     with pytest.raises(fxprune.UnsupportedModelError, match="skip=False"):
         fxprune.transform(model, fxprune.Compose([fxprune.ToMe(2, layers=(0,)), AdaViT(0.5, layers=(2, 3))]))
-    with pytest.raises(fxprune.FxPruneError, match=r"VisionTransformer with adavit usage 0\.5 .*\(.*used_layout\).* "
-                                                    r"cannot compile\. Transform with skip=False .* and lower that"):
-        fxprune.lower(fxprune.transform(model, AdaViT(0.5)))
+    skipping = fxprune.transform(model, AdaViT(0.5))
+    assert not skipping.graph.find_nodes(op="call_function", target=used_heads)  # only the blocks' own graphs run it
+    with pytest.raises(fxprune.FxPruneError, match=r"VisionTransformer with adavit usage 0\.5 .*\(.*used_heads, "
+                                                    r"used_layout.*\).* cannot compile\. Transform with skip=False .* "
+                                                    r"and lower that"):
+        fxprune.lower(skipping)
 
 
 def _official_checkpoint(model, heads: int) -> dict:
