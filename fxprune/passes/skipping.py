@@ -467,13 +467,14 @@ def skip_unused_blocks(gm: fx.GraphModule) -> int:
         block, decided = end.meta.pop(_GATED)
         sublayers = names.get(decided)
         later = set(_span(sublayers, end)) if sublayers is not None else set()
+        if end not in later:  # its sub-layer decisions are gone, or do not come before it
+            continue
         stream = _stream_into(end, later)
-        condition = ancestors([sublayers]) if later else set()
+        condition = ancestors([sublayers])
         inner = [node for node in _span(stream, end) if node.op not in ("placeholder", "get_attr")
                  and node not in condition]
         members = set(inner)
-        if end not in later or stream in later or any(
-                user not in members for node in inner if node is not end for user in node.users):
+        if stream in later or any(user not in members for node in inner if node is not end for user in node.users):
             continue
         part, inputs = move_apart(gm, inner, [end], end, f"block_{block.replace('.', '_')}")
         with gm.graph.inserting_before(end):
