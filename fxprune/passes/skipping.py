@@ -476,10 +476,11 @@ def skip_unused_blocks(gm: fx.GraphModule) -> int:
         members = set(inner)
         if stream in later or any(user not in members for node in inner if node is not end for user in node.users):
             continue
-        part, inputs = move_apart(gm, inner, [end], end, f"block_{block.replace('.', '_')}")
+        prefix = block.replace(".", "_")
+        part, inputs = move_apart(gm, inner, [end], end, f"block_{prefix}")
         with gm.graph.inserting_before(end):
             run = gm.graph.create_node("call_function", run_block_if_used, (sublayers, stream, part, *inputs),
-                                       name=f"{block.replace('.', '_')}_if_used")
+                                       name=f"{prefix}_if_used")
         run.meta.update({key: sublayers.meta[key] for key in ("fxprune", "nn_module_stack") if key in sublayers.meta})
         end.replace_all_uses_with(run)
         for node in reversed(inner):
